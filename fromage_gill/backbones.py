@@ -1,0 +1,229 @@
+"""The frozen components: causal LM + tokenizer, vision encoder, Stable Diffusion.
+
+Each comes from a Hub id or local directory through the library's own ``from_pretrained`` (with dtype,
+``device_map`` and bitsandbytes quantization for the LM), or, for ``source == "random"``, is built from an
+inline config with seeded random weights so that tests and the offline presets never need the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from importlib import resources
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .config import RANDOM, DiffusionSpec, LMSpec, VisionSpec
+from .hub import from_hub_or_path
+from .images import CLIP_MEAN, CLIP_STD, ImageProcessor
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["8bit", "4bit"] | None
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def load_tokenizer(spec: LMSpec):
+    """The LM's tokenizer. For a random LM: a byte-level BPE trained on the shipped corpus (deterministic)."""
+    from transformers import AutoTokenizer
+
+    if spec.source == RANDOM and spec.tokenizer is None:
+        return train_tiny_tokenizer(int(spec.config.get("vocab_size", 512)))
+    source = spec.tokenizer or spec.source
+    tok = from_hub_or_path("tokenizer", source, lambda s: AutoTokenizer.from_pretrained(s, revision=spec.revision))
+    if tok.pad_token is None:
+        # Many LMs (LLaMA, Mistral, GPT-2) ship no pad token. Padding positions are masked out everywhere,
+        # so reusing EOS is safe and, unlike adding a token, leaves the vocabulary (and the LM) unchanged.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (resources.files("fromage_gill") / "presets" / "tiny_corpus.txt").read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+# ------------------------------------------------------------------------------------------ language model
+
+
+def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device | str,
+            device_map: str | dict | None = None, quantization: Quantization = None, seed: int = 0,
+            skeleton: bool = False):
+    """A frozen causal LM in eval mode. ``device_map`` (e.g. "auto") spreads it with accelerate.
+    ``skeleton``: only the architecture, on the meta device (no weights read): enough to check and convert
+    checkpoints of the trained layers without the memory a 7B LM needs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if skeleton:
+        if spec.source == RANDOM:
+            config = AutoConfig.for_model(**dict(spec.config))
+        else:
+            config = from_hub_or_path("language model config", spec.source,
+                                      lambda s: AutoConfig.from_pretrained(s, revision=spec.revision))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
+        kwargs["device_map"] = device_map or {"": str(device)}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+
+    if spec.source == RANDOM:
+        cfg = dict(spec.config)
+        cfg.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+        config = AutoConfig.for_model(**cfg)
+        torch.manual_seed(seed)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if kwargs.keys() - {"dtype"}:
+            # Quantization and device maps are applied by from_pretrained; send the random model through the
+            # very same loader the published weights take.
+            with tempfile.TemporaryDirectory() as tmp:
+                lm.save_pretrained(tmp)
+                lm = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+        else:
+            lm = lm.to(device=device, dtype=dtype)
+    else:
+        lm = from_hub_or_path(
+            "language model", spec.source,
+            lambda s: AutoModelForCausalLM.from_pretrained(s, revision=spec.revision, **kwargs),
+        )
+        if "device_map" not in kwargs:
+            lm = lm.to(device)
+    lm.eval().requires_grad_(False)
+    return lm
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    raise ValueError(f"quantization must be '8bit', '4bit' or None, got {quantization!r}")
+
+
+# ------------------------------------------------------------------------------------------ vision
+
+
+class VisionEncoder(nn.Module):
+    """A frozen image encoder with one feature vector per image, and the preprocessing that goes with it."""
+
+    def __init__(self, backbone: nn.Module, backend: str, out_dim: int, processor: ImageProcessor):
+        super().__init__()
+        self.backbone = backbone
+        self.backend = backend
+        self.out_dim = out_dim
+        self.processor = processor
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, out_dim)
+        param = next(self.backbone.parameters())
+        pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
+        if self.backend == "hf_clip":
+            return self.backbone(pixel_values=pixel_values).pooler_output  # post-layernorm CLS, as published
+        return self.backbone(pixel_values)  # open_clip visual tower: projected image embedding
+
+
+def load_vision(spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                skeleton: bool = False) -> VisionEncoder:
+    if spec.backend == "hf_clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if skeleton:
+            config = CLIPVisionConfig(**spec.config) if spec.source == RANDOM else from_hub_or_path(
+                "vision encoder config", spec.source,
+                lambda s: CLIPVisionConfig.from_pretrained(s, revision=spec.revision))
+            with torch.device("meta"):
+                model = CLIPVisionModel(config)
+            processor = ImageProcessor(size=config.image_size)
+            return VisionEncoder(model.eval().requires_grad_(False), "hf_clip", config.hidden_size, processor)
+        if spec.source == RANDOM:
+            torch.manual_seed(seed + 1)
+            model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
+        else:
+            model = from_hub_or_path(
+                "vision encoder", spec.source,
+                lambda s: CLIPVisionModel.from_pretrained(s, revision=spec.revision, dtype=dtype),
+            )
+        processor = ImageProcessor(size=model.config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
+        out_dim = model.config.hidden_size
+    elif spec.backend == "open_clip":
+        import open_clip
+
+        if spec.source == RANDOM:
+            torch.manual_seed(seed + 1)
+            cfg = dict(spec.config)
+            full = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+        else:
+            full = from_hub_or_path(
+                "open_clip model", spec.source,
+                lambda s: open_clip.create_model(s, pretrained=spec.pretrained),
+            )
+        model = full.visual
+        size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
+        pp = getattr(model, "preprocess_cfg", {}) or {}
+        processor = ImageProcessor(size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD)))
+        out_dim = model.output_dim
+    else:  # validated by the config; kept for a clear message if a caller builds a spec by hand
+        raise ValueError(f"vision.backend must be 'hf_clip' or 'open_clip', got {spec.backend!r}")
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return VisionEncoder(model, spec.backend, out_dim, processor)
+
+
+# ------------------------------------------------------------------------------------------ diffusion
+
+
+def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+    """A diffusers StableDiffusionPipeline (frozen). ``tokenizer`` is used only for a random text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    if spec.source == RANDOM:
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        torch.manual_seed(seed + 2)
+        cfg = spec.config
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        sd_tok = train_tiny_tokenizer(int(cfg["text_encoder"].get("vocab_size", 512)),
+                                      model_max_length=int(cfg["text_encoder"].get("max_position_embeddings", 77)))
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=sd_tok, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        extra = {} if spec.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = from_hub_or_path(
+            "Stable Diffusion pipeline", spec.source,
+            lambda s: StableDiffusionPipeline.from_pretrained(s, revision=spec.revision, dtype=dtype, **extra),
+        )
+    pipe = pipe.to(device=device, dtype=dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

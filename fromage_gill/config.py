@@ -1,0 +1,261 @@
+"""Model variants as data: one JSON preset per variant, loaded into frozen, validated dataclasses.
+
+A preset names each frozen component (language model, vision encoder, diffusion pipeline) by hub id
+or local path, or asks for a randomly initialised one built from an inline transformers/diffusers
+config (``"source": "random"``) so that tests and the offline demo never touch the network.
+Nothing here downloads or builds anything: see ``backbones.py`` and ``pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+RANDOM = "random"  # component source meaning "build from the inline config with seeded random weights"
+
+
+class ConfigError(ValueError):
+    """A preset or config file that cannot describe a model; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class LMSpec:
+    """The frozen causal language model and its tokenizer."""
+
+    source: str  # hub id, local directory, or "random"
+    config: Mapping[str, Any] | None = None  # transformers config kwargs incl. model_type, for source="random"
+    tokenizer: str | None = None  # hub id or directory; defaults to `source`. For "random": a BPE trained offline
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == RANDOM and not (self.config and "model_type" in self.config):
+            raise ConfigError("lm.config must be a transformers config with a 'model_type' when lm.source is 'random'")
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The frozen vision encoder. ``hf_clip``: transformers CLIPVisionModel, pooler output (as published).
+    ``open_clip``: an open_clip model's image embedding (``source`` is the architecture name)."""
+
+    backend: Literal["hf_clip", "open_clip"]
+    source: str  # hub id / directory (hf_clip), architecture name (open_clip), or "random"
+    pretrained: str | None = None  # open_clip pretrained tag or checkpoint file
+    config: Mapping[str, Any] | None = None  # CLIPVisionConfig kwargs (hf_clip) or open_clip vision_cfg, for "random"
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == RANDOM and not self.config:
+            raise ConfigError("vision.config is required when vision.source is 'random'")
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """The frozen Stable Diffusion pipeline GILL conditions on (its text-encoder width = mapper.out_dim)."""
+
+    source: str  # hub id, local directory, or "random"
+    config: Mapping[str, Any] | None = None  # {"unet": {...}, "vae": {...}, "text_encoder": {...}} for "random"
+    revision: str | None = None
+    safety_checker: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source == RANDOM and not (self.config and {"unet", "vae", "text_encoder"} <= set(self.config)):
+            raise ConfigError("diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is 'random'")
+
+
+@dataclass(frozen=True)
+class MapperSpec:
+    """GILLMapper: LM hidden states of the r [IMG] tokens -> (num_queries, out_dim) diffusion conditioning."""
+
+    d_model: int = 512
+    num_heads: int = 4
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dim_feedforward: int = 2048
+    num_queries: int = 77
+    out_dim: int = 768
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads ({self.num_heads})")
+
+
+@dataclass(frozen=True)
+class DialogueSpec:
+    """How chat turns become LM text. The published demos use ``Q: ...\\nA:``."""
+
+    user_prefix: str = "Q: "
+    assistant_prefix: str = "\nA:"
+    turn_separator: str = "\n"
+    stop_strings: tuple[str, ...] = ("\nQ:",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    kind: Literal["fromage", "gill"]
+    lm: LMSpec
+    vision: VisionSpec
+    n_visual_tokens: int
+    image_tokens: tuple[str, ...]  # ("[RET]",) for FROMAGe; ("[IMG0]", ..., "[IMG7]") for GILL
+    retrieval_dim: int = 256
+    diffusion: DiffusionSpec | None = None
+    mapper: MapperSpec | None = None
+    decision_head: bool = False
+    weights: str | None = None  # trained layers: hub repo id or directory; None = seeded random init
+    weights_format: Literal["native", "published"] = "native"
+    seed: int = 0
+    dialogue: DialogueSpec = field(default_factory=DialogueSpec)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fromage", "gill"):
+            raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
+        for name in ("n_visual_tokens", "retrieval_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
+            raise ConfigError(f"image_tokens must be a non-empty list of distinct strings, got {list(self.image_tokens)}")
+        if self.kind == "gill":
+            missing = [n for n in ("diffusion", "mapper") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(f"a 'gill' config needs {' and '.join(missing)}; add the section(s) or use kind 'fromage'")
+        elif self.mapper is not None or self.decision_head:
+            raise ConfigError("'mapper' and 'decision_head' are GILL parts; set kind to 'gill' or remove them")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return len(self.image_tokens)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.diffusion is not None and self.mapper is not None
+
+    @property
+    def is_random(self) -> bool:
+        """True when every frozen component is built from config (the offline tiny presets)."""
+        parts = [self.lm.source, self.vision.source] + ([self.diffusion.source] if self.diffusion else [])
+        return all(p == RANDOM for p in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        return _build(cls, data, path="")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def _preset_dir() -> resources.abc.Traversable:
+    return resources.files("fromage_gill") / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in _preset_dir().iterdir() if p.name.endswith(".json"))
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name (``list_presets()``), a config JSON file, or a directory holding ``config.json``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.is_file():
+        return _read_config(path.read_text(), str(path))
+    name = str(name_or_path)
+    preset = _preset_dir() / f"{name}.json"
+    if preset.is_file():
+        return _read_config(preset.read_text(), f"preset {name!r}")
+    raise ConfigError(
+        f"unknown model {name!r}: not a preset and not a config file or directory. "
+        f"Known presets: {', '.join(list_presets())}"
+    )
+
+
+def _read_config(text: str, where: str) -> ModelConfig:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a JSON object, got {type(data).__name__}")
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# ------------------------------------------------------------------------------- typed dict -> dataclass
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required field {path + name!r}")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], path + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path!r} has the wrong type: {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path!r} must be a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path!r} must be an object, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int in Python; a config saying `"n_visual_tokens": true` is a mistake, not a 1.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,95 @@
+"""Reading and preprocessing images: safe decoding (size and pixel limits) and CLIP's 224-px preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # a photograph is a few MB; anything bigger is a mistake or an attack
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: bigger images are refused (decompression bombs)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message names the input and the problem."""
+
+
+def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None) -> Image.Image:
+    """Decode an image from a path, bytes or a PIL image into RGB, refusing empty, corrupt and oversized input."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source, max_pixels, name or "image")
+        return source.convert("RGB") if source.mode != "RGB" else source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageError(f"{name}: {size} bytes is more than the {max_bytes}-byte limit for an image")
+        data = path.read_bytes()
+    else:
+        data, name = bytes(source), name or "image"
+    if not data:
+        raise ImageError(f"{name}: the file is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError(f"{name}: {len(data)} bytes is more than the {max_bytes}-byte limit for an image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        _check_pixels(img, max_pixels, name)  # checked from the header, before decoding the pixels
+        img.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: not a readable image ({e})") from None
+    return img.convert("RGB")
+
+
+def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} pixels is more than the limit of {max_pixels:,} pixels; resize it first")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+
+
+def image_hash(img: Image.Image) -> str:
+    """Content hash of the decoded pixels: the key of the vision-feature cache."""
+    h = hashlib.sha256()
+    h.update(f"{img.mode}{img.size}".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """CLIP preprocessing: resize the short side to ``size`` (bicubic), centre-crop, scale to [0, 1], normalise."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self._one(img) for img in images])  # (N, 3, size, size)
+
+    def _one(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = self.size / min(w, h)
+        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
