@@ -67,7 +67,7 @@ def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
 
 def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device | str,
             device_map: str | dict | None = None, quantization: Quantization = None, seed: int = 0,
-            skeleton: bool = False):
+            skeleton: bool = False, max_memory: dict | None = None, offload_folder: str | None = None):
     """A frozen causal LM in eval mode. ``device_map`` (e.g. "auto") spreads it with accelerate.
     ``skeleton``: only the architecture, on the meta device (no weights read): enough to check and convert
     checkpoints of the trained layers without the memory a 7B LM needs."""
@@ -88,6 +88,10 @@ def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device
         kwargs["device_map"] = device_map or {"": str(device)}
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None or offload_folder is not None:
+        if "device_map" not in kwargs:
+            raise ValueError("max_memory / offload_folder need a device_map (e.g. device_map='auto')")
+        kwargs.update(max_memory=max_memory, offload_folder=offload_folder)
 
     if spec.source == RANDOM:
         cfg = dict(spec.config)
@@ -99,9 +103,11 @@ def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device
         if kwargs.keys() - {"dtype"}:
             # Quantization and device maps are applied by from_pretrained; send the random model through the
             # very same loader the published weights take.
-            with tempfile.TemporaryDirectory() as tmp:
-                lm.save_pretrained(tmp)
-                lm = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+            # The directory lives as long as the model: accelerate may offload weights by pointing into its files.
+            tmp = tempfile.TemporaryDirectory(prefix="fromage_gill_random_lm_")
+            lm.save_pretrained(tmp.name)
+            lm = AutoModelForCausalLM.from_pretrained(tmp.name, **kwargs)
+            lm._fromage_gill_weights_dir = tmp
         else:
             lm = lm.to(device=device, dtype=dtype)
     else:

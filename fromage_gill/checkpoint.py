@@ -38,7 +38,8 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------ strict loading
 
 
-def load_trained_layers(model, state_dict: dict[str, torch.Tensor], *, source: str, names: dict[str, str] | None = None):
+def load_trained_layers(model, state_dict: dict[str, torch.Tensor], *, source: str,
+                        names: dict[str, str] | None = None) -> None:
     """Copy ``state_dict`` into the model's trained layers, refusing any missing, unexpected or mis-shaped tensor.
     ``names`` maps our key -> the key as the file spells it, for messages about published checkpoints."""
     names = names or {}
@@ -176,7 +177,9 @@ def read_published(directory: Path, model) -> tuple[dict[str, torch.Tensor], dic
     kind = model.config.kind
     ckpt = safe_torch_load(directory / PUBLISHED_CKPT)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{directory / PUBLISHED_CKPT} has no 'state_dict' dict; is it a FROMAGe/GILL checkpoint?")
+        raise CheckpointError(
+            f"{directory / PUBLISHED_CKPT} has no 'state_dict' dict; is it a FROMAGe/GILL checkpoint?"
+        )
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     mapped, names = map_published(state, kind)
     names = {**published_names(model, kind), **names}

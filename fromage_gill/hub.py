@@ -18,12 +18,15 @@ class HubUnavailableError(OSError):
     """A component could not be found locally nor fetched from the Hub."""
 
 
-def _advice(what: str, source: str) -> str:
+def _advice(what: str, repo: str, filename: str | None = None) -> str:
+    offline = "HF_HUB_OFFLINE=1 is set" if os.environ.get("HF_HUB_OFFLINE") == "1" else "no network or no access?"
+    shown = f"{repo}/{filename}" if filename else repo
     return (
-        f"could not load {what} {source!r}: it is not a local directory and could not be fetched from the "
-        f"Hugging Face Hub ({'HF_HUB_OFFLINE=1 is set' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'no network?'}). "
-        f"Download it on a machine with access (e.g. `hf download {source} --local-dir DIR`) and pass the "
-        f"directory instead, or run offline with a tiny preset: `fromage-gill serve --model tiny-gill`."
+        f"could not load {what} {shown!r}: it is not a local path and could not be fetched from the Hugging Face "
+        f"Hub ({offline}). Download it where the Hub is reachable (`hf download {repo}"
+        f"{' ' + filename if filename else ''} --local-dir DIR`) and pass DIR instead (e.g. --weights/--lm/--vision/"
+        f"--diffusion DIR, or load_pipeline(..., weights=DIR)), or run offline with a tiny preset: "
+        f"`fromage-gill serve --model tiny-gill`."
     )
 
 
@@ -52,4 +55,4 @@ def fetch_file(repo_id_or_dir: str, filename: str, *, what: str, revision: str |
     try:
         return Path(hf_hub_download(repo_id_or_dir, filename, revision=revision))
     except Exception as e:  # huggingface_hub raises a family of errors for offline / missing / gated
-        raise HubUnavailableError(_advice(what, f"{repo_id_or_dir}/{filename}") + f"\nUnderlying error: {e}") from e
+        raise HubUnavailableError(_advice(what, repo_id_or_dir, filename) + f"\nUnderlying error: {e}") from e

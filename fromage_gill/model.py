@@ -31,6 +31,15 @@ DECISION_GENERATE, DECISION_RETRIEVE = 0, 1  # output order of the published dec
 FROZEN = ("lm", "vision")
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: its weights', or accelerate's execution device when it offloads them."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        dev = hook.execution_device
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return next(module.parameters()).device
+
+
 @dataclass
 class LMOutput:
     logits: torch.Tensor | None  # (B, T', n_base + r) float32; T' = T, or 1 with last_only
@@ -62,11 +71,11 @@ class GroundedLM(nn.Module):
 
         # New rows start at the mean of the existing ones (plus a little noise so they differ): their logits then
         # begin near the average token's, neither dominating nor unreachable.
-        if emb.weight.is_meta:  # a skeleton LM (checkpoint conversion): the values are overwritten by the load
-            mean, std = torch.zeros(d), 1.0
+        if emb.weight.is_meta and not hasattr(emb, "_hf_hook"):
+            mean, std = torch.zeros(d), 1.0  # a skeleton LM (checkpoint conversion): the load overwrites these
         else:
-            with torch.no_grad():
-                base = emb.weight[: self.n_base].float()
+            with torch.no_grad():  # through the module, so weights offloaded by accelerate are fetched
+                base = emb(torch.arange(self.n_base, device=execution_device(emb))).float()
                 mean, std = base.mean(0).cpu(), base.std().item()
         self.image_token_embeddings = nn.Parameter(mean.repeat(r, 1) + 0.02 * std * torch.randn(r, d))
         self.image_token_output = None if self.tied else nn.Parameter(self.image_token_embeddings.detach().clone())
@@ -90,7 +99,7 @@ class GroundedLM(nn.Module):
         for name, child in self.named_children():
             if name not in FROZEN:
                 child.to(device=device, dtype=dtype)
-        for name, p in self.named_parameters(recurse=False):
+        for p in self.parameters(recurse=False):
             p.data = p.data.to(device=device, dtype=dtype)
         return self
 
@@ -114,7 +123,8 @@ class GroundedLM(nn.Module):
 
     @property
     def lm_device(self) -> torch.device:
-        return self.lm.get_input_embeddings().weight.device
+        """Where the LM takes its inputs (with accelerate offloading, the hook's execution device)."""
+        return execution_device(self.lm.get_input_embeddings())
 
     def retrieval_fingerprint(self) -> str:
         """Identifies the image side of the retrieval space: an index built by another model is refused."""
@@ -140,7 +150,7 @@ class GroundedLM(nn.Module):
             raise ValueError(f"token id {int(input_ids.max())} is beyond the vocabulary of {self.vocab_size}")
         emb = self.lm.get_input_embeddings()
         is_new = (input_ids >= self.n_base).to(self.device)
-        base = emb(input_ids.masked_fill(input_ids >= self.n_base, 0).to(emb.weight.device))
+        base = emb(input_ids.masked_fill(input_ids >= self.n_base, 0).to(self.lm_device))
         new = self.image_token_embeddings[(input_ids.to(self.device) - self.n_base).clamp(min=0)]
         return torch.where(is_new[..., None], new, base.to(device=self.device, dtype=self.dtype))
 
@@ -150,13 +160,13 @@ class GroundedLM(nn.Module):
                    position_ids: torch.Tensor | None = None, past_key_values: object | None = None,
                    use_cache: bool = False, logits: str = "all") -> LMOutput:
         """Run the frozen LM on embeddings. ``logits``: "all", "last" (decoding) or "none" (hidden states only)."""
-        emb_w = self.lm.get_input_embeddings().weight
+        device = self.lm_device
         kwargs = {}
         if position_ids is not None:
-            kwargs["position_ids"] = position_ids.to(emb_w.device)
+            kwargs["position_ids"] = position_ids.to(device)
         out = self.lm.base_model(
-            inputs_embeds=inputs_embeds.to(device=emb_w.device, dtype=self._lm_dtype()),
-            attention_mask=None if attention_mask is None else attention_mask.to(emb_w.device),
+            inputs_embeds=inputs_embeds.to(device=device, dtype=self._lm_dtype()),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
             past_key_values=past_key_values, use_cache=use_cache, **kwargs,
         )
         hidden = out.last_hidden_state
@@ -169,7 +179,7 @@ class GroundedLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, n_base + r) float32: the LM head's rows for real tokens, ours for the new ones."""
         head = self.lm.get_output_embeddings()
-        base = head(hidden.to(head.weight.device))[..., : self.n_base].float()
+        base = head(hidden.to(execution_device(head)))[..., : self.n_base].float()
         rows = self.image_token_embeddings if self.tied else self.image_token_output
         new = hidden.to(device=rows.device, dtype=rows.dtype) @ rows.T
         return torch.cat([base, new.float().to(base.device)], dim=-1)

@@ -9,6 +9,7 @@ Resolution of ``name_or_path``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -65,7 +66,8 @@ class Pipeline:
         m, c = self.model, self.config
         n_trained = sum(p.numel() for p in m.trained_parameters().values())
         lines = [
-            f"Pipeline({c.name!r}, kind={c.kind}, device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})",
+            f"Pipeline({c.name!r}, kind={c.kind}, device={self.device},"
+            f" dtype={str(self.dtype).removeprefix('torch.')})",
             f"  lm: {c.lm.source} ({type(m.lm).__name__}, hidden {m.hidden_size}, vocab {m.n_base}"
             f" + {len(m.image_token_ids)} image tokens, {'tied' if m.tied else 'untied'} embeddings)",
             f"  vision: {c.vision.backend} {c.vision.source} (features {m.vision.out_dim},"
@@ -150,6 +152,8 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     quantization: Quantization = None,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
     weights: str | None = None,
     preset: str | None = None,
     lm: str | None = None,
@@ -163,6 +167,8 @@ def load_pipeline(
     device / dtype: default CUDA + bfloat16 when available, else CPU + float32.
     quantization: "8bit" / "4bit" loads the LM through bitsandbytes. device_map: e.g. "auto" spreads the LM
     over several GPUs (and CPU) with accelerate; the trained layers and vision encoder stay on ``device``.
+    max_memory / offload_folder: passed to accelerate with a device_map, e.g. ``{0: "20GiB", 1: "20GiB", "cpu":
+    "60GiB"}``; what does not fit is offloaded to CPU, then to ``offload_folder`` on disk.
     weights: override where the trained layers come from (a directory, a Hub repo, or "random").
     preset: the base preset for a published checkpoint directory (default: guessed from its model_args.json).
     lm / vision / diffusion: override a component's source with a local directory (or another Hub id).
@@ -185,11 +191,13 @@ def load_pipeline(
     if diffusion and cfg.diffusion is not None:
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, source=diffusion, config=None))
     return build_pipeline(cfg, device=device, dtype=dtype, quantization=quantization, device_map=device_map,
+                          max_memory=max_memory, offload_folder=offload_folder,
                           load_diffusion_pipeline=load_diffusion_pipeline, skeleton=skeleton)
 
 
 def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, quantization: Quantization = None,
-                   device_map: str | dict | None = None, load_diffusion_pipeline: bool = True,
+                   device_map: str | dict | None = None, max_memory: dict | None = None,
+                   offload_folder: str | None = None, load_diffusion_pipeline: bool = True,
                    skeleton: bool = False) -> Pipeline:
     """``skeleton``: frozen LM and vision encoder as architecture only (meta device), no diffusion; the trained
     layers are real. For converting and inspecting checkpoints without loading billions of frozen weights."""
@@ -203,7 +211,7 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
     image_token_ids = add_image_tokens(tokenizer, cfg.image_tokens)
     logger.info("loading %s: language model %s", cfg.name, cfg.lm.source)
     lm = load_lm(cfg.lm, tokenizer, dtype=dtype, device=device, device_map=device_map, quantization=quantization,
-                 seed=cfg.seed, skeleton=skeleton)
+                 seed=cfg.seed, skeleton=skeleton, max_memory=max_memory, offload_folder=offload_folder)
     logger.info("loading %s: vision encoder %s", cfg.name, cfg.vision.source)
     vision = load_vision(cfg.vision, dtype=dtype, device=device, seed=cfg.seed, skeleton=skeleton)
     torch.manual_seed(cfg.seed + 3)  # the trained layers' initial values are reproducible
@@ -232,10 +240,8 @@ def load_weights(model: GroundedLM, cfg: ModelConfig) -> None:
         return
     directory = Path(fetch_file(cfg.weights, ckpt.PUBLISHED_CKPT, what="published checkpoint")).parent
     if cfg.decision_head:
-        try:
+        with contextlib.suppress(OSError):  # read_published warns and keeps the initial head
             fetch_file(cfg.weights, ckpt.PUBLISHED_DECISION, what="decision model")
-        except (OSError, FileNotFoundError):
-            pass  # read_published warns and keeps the initial head
     state, names = ckpt.read_published(directory, model)
     ckpt.load_trained_layers(model, state, source=str(directory / ckpt.PUBLISHED_CKPT), names=names)
 

@@ -14,7 +14,7 @@ def register(sub) -> None:
                                    "configs and tokenizer are read, never their weights.")
     p.add_argument("src", help="directory or Hub repo with the published files")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    p.add_argument("--preset", choices=["fromage", "fromage-vis4", "gill"],
+    p.add_argument("--preset",
                    help="base preset (default: guessed from model_args.json)")
     p.add_argument("--lm", help="local directory to record for the language model")
     p.add_argument("--vision", help="local directory to record for the vision encoder")
