@@ -154,6 +154,89 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+# ---------------------------------------------------------------------------------- MAGIC (plain LM + CLIP)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """A full CLIP (image and text towers) that scores image-text pairs during MAGIC decoding."""
+
+    source: str  # hub id, local directory, or "random"
+    config: Mapping[str, Any] | None = None  # CLIPConfig kwargs (text_config, vision_config, projection_dim) for random
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == RANDOM and not (self.config and {"text_config", "vision_config"} <= set(self.config)):
+            raise ConfigError("clip.config needs 'text_config' and 'vision_config' when clip.source is 'random'")
+
+
+@dataclass(frozen=True)
+class MagicDecoding:
+    """MAGIC's knobs: top-``k`` candidates scored ``(1 - alpha) p - alpha * degeneration + beta * CLIP``.
+    ``beta = 0`` is contrastive search; ``alpha = beta = 0`` is greedy decoding."""
+
+    k: int = 45
+    alpha: float = 0.1
+    beta: float = 2.0
+    max_new_tokens: int = 16
+    clip_text_max_tokens: int = 60  # CLIP reads the last this-many LM tokens of the continuation (as published)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"k (the number of candidates) must be an integer >= 1, got {self.k!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha (the degeneration penalty weight) must be in [0, 1], got {self.alpha!r}")
+        if not self.beta >= 0.0:
+            raise ConfigError(f"beta (the image guidance weight) must be >= 0 (0: contrastive search), got {self.beta}")
+        for name in ("max_new_tokens", "clip_text_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class MagicConfig:
+    """MAGIC (Su et al. 2022): an unmodified LM plus a full CLIP, no trained layers. See ``fromage_gill/magic.py``."""
+
+    name: str
+    kind: Literal["magic"]
+    lm: LMSpec
+    clip: ClipSpec
+    decoding: MagicDecoding = field(default_factory=MagicDecoding)
+    # The LM text before the continuation; "{prompt}" is replaced by the user's prompt (a story title, a caption
+    # start). The published caption LMs were trained on "<-start_of_text->caption<|endoftext|>".
+    prompt_template: str = "{prompt}"
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind != "magic":
+            raise ConfigError(f"kind must be 'magic' for a MagicConfig, got {self.kind!r}")
+        if self.prompt_template.count("{prompt}") > 1:
+            raise ConfigError("prompt_template may contain '{prompt}' at most once")
+
+    @property
+    def is_random(self) -> bool:
+        return self.lm.source == RANDOM and self.clip.source == RANDOM
+
+    def prompt(self, text: str = "") -> str:
+        return self.prompt_template.replace("{prompt}", text)
+
+    def reduced(self) -> MagicConfig:
+        """This preset's decoding settings and prompt on the offline ``tiny-magic`` backbones (for tests)."""
+        tiny = load_config("tiny-magic")
+        return dataclasses.replace(self, lm=tiny.lm, clip=tiny.clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MagicConfig:
+        return _build(cls, data, path="")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------- presets
 
 
@@ -165,8 +248,9 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in _preset_dir().iterdir() if p.name.endswith(".json"))
 
 
-def load_config(name_or_path: str | Path) -> ModelConfig:
-    """A preset name (``list_presets()``), a config JSON file, or a directory holding ``config.json``."""
+def load_config(name_or_path: str | Path) -> ModelConfig | MagicConfig:
+    """A preset name (``list_presets()``), a config JSON file, or a directory holding ``config.json``.
+    Kind "magic" gives a ``MagicConfig`` (a plain LM + CLIP), every other kind a ``ModelConfig``."""
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
@@ -182,7 +266,7 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
     )
 
 
-def _read_config(text: str, where: str) -> ModelConfig:
+def _read_config(text: str, where: str) -> ModelConfig | MagicConfig:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -190,7 +274,7 @@ def _read_config(text: str, where: str) -> ModelConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a JSON object, got {type(data).__name__}")
     try:
-        return ModelConfig.from_dict(data)
+        return (MagicConfig if data.get("kind") == "magic" else ModelConfig).from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
