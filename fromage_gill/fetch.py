@@ -1,0 +1,421 @@
+"""Fetching images for retrieval results: local files and http(s) URLs, with limits so a bad URL cannot hang or harm us.
+
+A URL is fetched only if
+- its scheme is http or https;
+- every address its host resolves to is public (``address_refusal``): loopback, private, link-local, CGNAT,
+  multicast, reserved and cloud-metadata addresses are refused by default. The connection goes to the address that
+  was checked (no second DNS lookup an attacker could answer differently), and every redirect hop is checked again.
+  ``FetchConfig(allow_private=True)`` allows private and loopback addresses (an intranet image server, a test's
+  local server); cloud-metadata addresses stay refused even then;
+- it answers within ``connect_timeout`` / ``read_timeout`` per step and ``total_timeout`` overall;
+- its body is at most ``max_bytes`` (announced or not: reading stops one byte past the cap);
+- the body is an image: not a text/HTML/JSON Content-Type, known image magic bytes, and it decodes under the
+  pixel limit of ``images.load_image``.
+Environment proxies are not used: the address policy is about where our own connection goes.
+
+``ImageFetcher.fetch_first`` fetches the top candidates concurrently and returns the first, in rank order, that
+worked; failures are logged, never raised, so a dead URL costs at most its timeout.
+Validated URL bodies go to a bounded on-disk cache (least recently used files evicted first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image
+
+from .images import MAX_IMAGE_PIXELS, ImageError, load_image
+from .sources import ImageItem, is_url, read_item_bytes
+
+logger = logging.getLogger(__name__)
+
+# Instance-metadata services hand out cloud credentials; never fetched, whatever the policy says.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
+    "169.254.170.2",  # AWS ECS task metadata
+    "100.100.100.200",  # Alibaba Cloud
+    "192.0.0.192",  # Oracle Cloud (legacy)
+    "fd00:ec2::254",  # AWS IPv6
+))
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class FetchError(ImageError):
+    """A URL that could not be fetched as an image; the message names the URL and the reason."""
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    connect_timeout: float = 3.0  # seconds to open the connection (per address tried)
+    read_timeout: float = 5.0  # seconds of silence allowed while waiting for headers or body
+    total_timeout: float = 15.0  # seconds for the whole fetch, redirects included (a slow drip cannot last)
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_redirects: int = 3
+    allow_private: bool = False
+    cache_dir: str | None = None  # None: no cache
+    cache_max_bytes: int = 512 * 1024 * 1024
+    max_workers: int = 4  # concurrent fetches (also the number of candidates fetched ahead)
+    user_agent: str = "fromage-gill/0.1 (image retrieval)"
+
+    def __post_init__(self):
+        for name in ("connect_timeout", "read_timeout", "total_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FetchConfig.{name} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("max_bytes", "max_pixels", "max_workers", "cache_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FetchConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_redirects < 0:
+            raise ValueError(f"FetchConfig.max_redirects must be >= 0, got {self.max_redirects}")
+
+
+# ------------------------------------------------------------------------------------------ address policy
+
+
+def address_refusal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *,
+                    allow_private: bool = False) -> str | None:
+    """Why we will not connect to ``address`` (a short reason), or None if we may."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:  # 2002:7f00:1::/48 tunnels to 127.0.0.1
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            ip = ip.teredo[1]
+        if ip.version == 6 and ip.scope_id:
+            ip = ipaddress.ip_address(str(ip).split("%", 1)[0])
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if allow_private:
+        return None
+    for attr, reason in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
+                         ("is_multicast", "a multicast address"), ("is_unspecified", "an unspecified address"),
+                         ("is_private", "a private address"), ("is_reserved", "a reserved address")):
+        if getattr(ip, attr):
+            return reason
+    if not ip.is_global:  # e.g. 100.64.0.0/10 (carrier-grade NAT), documentation and benchmarking ranges
+        return "not a public address"
+    return None
+
+
+def resolve_checked(host: str, port: int, *, allow_private: bool) -> list[str]:
+    """The addresses of ``host``, all of them allowed by the policy; refuses if any is not (a mixed answer is how
+    DNS tricks get in)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise FetchError(f"cannot resolve host {host!r}: {e}") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for a in addresses:
+        reason = address_refusal(a, allow_private=allow_private)
+        if reason is not None:
+            hint = "" if allow_private or reason == "a cloud metadata address" else \
+                " (allow private addresses with FetchConfig(allow_private=True) / --allow-private-urls)"
+            raise FetchError(f"refused: host {host!r} resolves to {a}, {reason}{hint}")
+    if not addresses:
+        raise FetchError(f"cannot resolve host {host!r}: no addresses")
+    return addresses
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to an address that was already checked, whatever ``host`` resolves to now."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the host
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+class DiskCache:
+    """Validated image bytes keyed by URL, at most ``max_bytes`` on disk; least recently used files go first."""
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def _path(self, url: str) -> Path:
+        return self.directory / hashlib.sha256(url.encode()).hexdigest()
+
+    def get(self, url: str) -> bytes | None:
+        p = self._path(url)
+        try:
+            data = p.read_bytes()
+            os.utime(p)  # recently used
+            return data
+        except OSError:
+            return None
+
+    def put(self, url: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        p = self._path(url)
+        tmp = p.with_name(f".{p.name}.{threading.get_ident()}.tmp")
+        with self._lock:
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, p)
+                self._evict()
+            except OSError as e:  # a full or read-only disk must not break retrieval
+                logger.warning("image cache %s: cannot write (%s)", self.directory, e)
+                tmp.unlink(missing_ok=True)
+
+    def size(self) -> int:
+        return sum(e.stat().st_size for e in os.scandir(self.directory) if e.is_file() and not e.name.startswith("."))
+
+    def _evict(self) -> None:
+        entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(self.directory)
+                   if e.is_file() and not e.name.startswith(".")]
+        total = sum(s for _, s, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            _unlink(path)
+            total -= size
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):  # another thread or process evicted it first
+        os.unlink(path)
+
+
+# ------------------------------------------------------------------------------------------ fetching
+
+
+class ImageFetcher:
+    """Loads the images of index records (local files, tar members, URLs) under one ``FetchConfig``.
+
+    ``base_dir``: where relative paths in records are resolved (an index's own folder).
+    """
+
+    def __init__(self, config: FetchConfig | None = None, *, base_dir: str | Path | None = None):
+        self.config = config or FetchConfig()
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.cache = DiskCache(self.config.cache_dir, self.config.cache_max_bytes) if self.config.cache_dir else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._ssl = ssl.create_default_context()
+
+    # -------------------------------------------------------------------------------- one image
+
+    def load(self, source: str | Path | dict | ImageItem) -> Image.Image:
+        """A record dict (``url`` or ``path`` [+ ``member``/``offset``/``size``]), an ImageItem, a URL or a path."""
+        if isinstance(source, dict):
+            url, path = source.get("url"), source.get("path")
+            if url:
+                return self.fetch_url(url)
+            if not path:
+                raise ImageError(f"record {source} has neither a url nor a path")
+            item = ImageItem(name=str(path), path=str(self._resolve(path)), member=source.get("member"),
+                             offset=source.get("offset"), size=source.get("size"))
+            return self.load(item)
+        if isinstance(source, ImageItem):
+            if source.url is not None:
+                return self.fetch_url(source.url)
+            if source.member is None:
+                return load_image(self._resolve(source.path), max_pixels=self.config.max_pixels,
+                                  max_bytes=self.config.max_bytes, name=source.name)
+            data = read_item_bytes(source, self.config.max_bytes)
+            return load_image(data, max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes,
+                              name=source.name)
+        if isinstance(source, str) and is_url(source):
+            return self.fetch_url(source)
+        return load_image(self._resolve(source), max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes)
+
+    def _resolve(self, path: str | Path) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
+
+    def fetch_url(self, url: str) -> Image.Image:
+        """Fetch and decode one image URL under the policy; raises FetchError (an ImageError) saying why not."""
+        data = self.fetch_bytes(url)
+        return load_image(data, max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes, name=url)
+
+    def fetch_bytes(self, url: str) -> bytes:
+        if self.cache is not None and (data := self.cache.get(url)) is not None:
+            return data
+        data = self._download(url)
+        try:  # decode once before caching so the cache only ever holds images
+            load_image(data, max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes, name=url)
+        except ImageError as e:
+            raise FetchError(str(e)) from None
+        if self.cache is not None:
+            self.cache.put(url, data)
+        return data
+
+    def _download(self, url: str) -> bytes:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.total_timeout
+        current = url
+        for _ in range(cfg.max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https"):
+                raise FetchError(f"{url}: only http and https URLs are fetched, not {parts.scheme or 'no scheme'!r}"
+                                 + ("" if current == url else f" (redirected to {current})"))
+            host = parts.hostname
+            if not host:
+                raise FetchError(f"{url}: no host in {current!r}")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                addresses = resolve_checked(host, port, allow_private=cfg.allow_private)
+            except FetchError as e:
+                raise FetchError(f"{url}: {e}" + ("" if current == url else f" (after a redirect to {current})")) \
+                    from None
+            conn = self._connect(parts.scheme, host, port, addresses, url, deadline)
+            try:
+                sock = conn.sock  # the response keeps reading from it after http.client lets go of it
+                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                conn.request("GET", target, headers={"User-Agent": cfg.user_agent, "Accept": "image/*",
+                                                     "Accept-Encoding": "identity", "Connection": "close"})
+                resp = conn.getresponse()
+                if resp.status in REDIRECTS:
+                    location = resp.getheader("Location")
+                    if not location:
+                        raise FetchError(f"{url}: HTTP {resp.status} redirect without a Location")
+                    current = urljoin(current, location)
+                    continue
+                if resp.status != 200:
+                    raise FetchError(f"{url}: HTTP {resp.status} {resp.reason}")
+                return self._read_body(resp, sock, url, deadline)
+            except TimeoutError:
+                raise FetchError(f"{url}: timed out (read timeout {cfg.read_timeout}s)") from None
+            except (OSError, http.client.HTTPException) as e:
+                raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
+            finally:
+                conn.close()
+        raise FetchError(f"{url}: more than {cfg.max_redirects} redirects")
+
+    def _connect(self, scheme: str, host: str, port: int, addresses: list[str], url: str,
+                 deadline: float) -> http.client.HTTPConnection:
+        cfg = self.config
+        last: Exception | None = None
+        for address in addresses:
+            timeout = min(cfg.connect_timeout, max(deadline - time.monotonic(), 0.001))
+            if scheme == "https":
+                conn = _PinnedHTTPSConnection(host, port, address, timeout, self._ssl)
+            else:
+                conn = _PinnedHTTPConnection(host, port, address, timeout)
+            try:
+                conn.connect()
+                conn.sock.settimeout(min(cfg.read_timeout, max(deadline - time.monotonic(), 0.001)))
+                return conn
+            except TimeoutError:
+                last = FetchError(f"{url}: connection to {address} timed out after {timeout:.1f}s")
+            except OSError as e:
+                last = FetchError(f"{url}: cannot connect to {address}: {e}")
+            conn.close()
+        raise last if last is not None else FetchError(f"{url}: no address to connect to")
+
+    def _read_body(self, resp: http.client.HTTPResponse, sock: socket.socket, url: str, deadline: float) -> bytes:
+        cfg = self.config
+        ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype.startswith(_NOT_IMAGE_TYPES):
+            raise FetchError(f"{url}: not an image (Content-Type {ctype})")
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_bytes:
+            raise FetchError(f"{url}: {int(length)} bytes announced, more than the {cfg.max_bytes}-byte limit")
+        chunks, total = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchError(f"{url}: took longer than the total timeout of {cfg.total_timeout}s")
+            sock.settimeout(min(cfg.read_timeout, remaining))
+            chunk = resp.read1(min(65536, cfg.max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cfg.max_bytes:
+                raise FetchError(f"{url}: body cut off at the {cfg.max_bytes}-byte limit")
+        data = b"".join(chunks)
+        if not data:
+            raise FetchError(f"{url}: empty body")
+        if not (data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")):
+            raise FetchError(f"{url}: not an image (content starts with {data[:16]!r})")
+        return data
+
+    # -------------------------------------------------------------------------------- candidates
+
+    def try_load(self, source) -> Image.Image | None:
+        """``load`` that logs the failure and returns None: for callers that move on to the next candidate."""
+        try:
+            return self.load(source)
+        except Exception as e:  # noqa: BLE001 -- a broken candidate must never break the conversation
+            logger.warning("skipping retrieval candidate %s: %s", _describe(source), e)
+            return None
+
+    def fetch_first(self, sources: Sequence, *, window: int | None = None) -> tuple[int, Image.Image] | None:
+        """(position in ``sources``, image) of the first candidate, in order, that loads; None if none does.
+
+        Up to ``window`` (default ``max_workers``) candidates are fetched at once, so a dead top-1 costs at most its
+        timeout while the next ones are already on their way."""
+        window = max(1, window or self.config.max_workers)
+        pool = self._executor()
+        futures: dict[int, Future] = {}
+
+        def submit_until(n: int) -> None:
+            for j in range(len(futures), min(n, len(sources))):
+                futures[j] = pool.submit(self.try_load, sources[j])
+
+        try:
+            for i in range(len(sources)):
+                submit_until(i + window)
+                img = futures[i].result()
+                if img is not None:
+                    return i, img
+            return None
+        finally:
+            for f in futures.values():
+                f.cancel()  # not started yet: never started; running ones end within their timeouts
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.config.max_workers, thread_name_prefix="fetch")
+            return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _describe(source) -> str:
+    if isinstance(source, dict):
+        return str(source.get("url") or source.get("path"))
+    if isinstance(source, ImageItem):
+        return source.name
+    return str(source)

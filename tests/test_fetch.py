@@ -1,0 +1,264 @@
+"""Image fetching: the address policy (pure, on addresses) and real fetches from a server on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fromage_gill.fetch import DiskCache, FetchConfig, FetchError, ImageFetcher, address_refusal, resolve_checked
+from fromage_gill.images import ImageError
+
+
+def _png(seed: int, size: int = 24) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png(0)
+BIG = _png(1, 400)  # ~480 KB of noise: over the 100 KB cap used below
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _send(self, body: bytes, ctype: str = "image/png", status: int = 200, length: bool = True, **headers):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
+            self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 -- http.server's API
+        self.hits.append(self.path)
+        path = self.path.split("?")[0]
+        if path.startswith("/img"):
+            self._send(_png(int(path[4:] or 0)) if path[4:].isdigit() else PNG)
+        elif path == "/slow":
+            time.sleep(2.0)
+            self._send(PNG)
+        elif path == "/big":
+            self._send(BIG)
+        elif path == "/big-unannounced":
+            self.close_connection = True
+            self._send(BIG, length=False)
+        elif path == "/html":
+            self._send(b"<html><body>not an image</body></html>", "text/html")
+        elif path == "/liar":
+            self._send(b"this is text pretending to be a png" * 10, "image/png")
+        elif path == "/redirect":
+            self._send(b"", status=302, Location="/img")
+        elif path == "/redirect-metadata":
+            self._send(b"", status=302, Location="http://169.254.169.254/latest/meta-data/")
+        elif path == "/redirect-ftp":
+            self._send(b"", status=302, Location="ftp://example.org/x.png")
+        elif path == "/loop":
+            self._send(b"", status=302, Location="/loop")
+        else:
+            self._send(b"not found", "text/plain", status=404)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def fetcher():
+    f = ImageFetcher(FetchConfig(allow_private=True, connect_timeout=1.0, read_timeout=0.3, total_timeout=3.0,
+                                 max_bytes=100_000))
+    yield f
+    f.close()
+
+
+# ------------------------------------------------------------------------------------------ policy (no traffic)
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.10", "private"), ("fd12:3456::1", "private"),
+    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"),
+    ("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"), ("100.100.100.200", "metadata"),
+    ("100.64.0.1", "not a public"), ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
+    ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"), ("2002:7f00:1::1", "loopback"),
+    ("192.0.2.1", "private"),  # documentation range (TEST-NET-1)
+])
+def test_policy_refuses_non_public_addresses(address, reason):
+    got = address_refusal(address)
+    assert got is not None and reason in got
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"])
+def test_policy_allows_public_addresses(address):
+    assert address_refusal(address) is None
+
+
+def test_allow_private_still_refuses_metadata():
+    assert address_refusal("10.0.0.1", allow_private=True) is None
+    assert address_refusal("127.0.0.1", allow_private=True) is None
+    assert "metadata" in address_refusal("169.254.169.254", allow_private=True)
+    assert "metadata" in address_refusal("::ffff:169.254.169.254", allow_private=True)
+
+
+def test_hostnames_are_checked_after_resolution():
+    with pytest.raises(FetchError, match="localhost.*loopback"):
+        resolve_checked("localhost", 80, allow_private=False)  # /etc/hosts, no traffic
+    assert resolve_checked("127.0.0.1", 80, allow_private=True) == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/a.png", "gopher://x/", "/just/a/path.png"])
+def test_only_http_and_https(url):
+    with pytest.raises(FetchError, match="only http and https"):
+        ImageFetcher().fetch_url(url)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="read_timeout"):
+        FetchConfig(read_timeout=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        FetchConfig(max_bytes=0)
+
+
+# ------------------------------------------------------------------------------------------ fetching (loopback)
+
+
+def test_fetches_an_image(server, fetcher):
+    img = fetcher.fetch_url(f"{server}/img")
+    assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(PNG)).convert("RGB")))
+
+
+def test_default_policy_refuses_loopback_without_sending_anything(server):
+    before = len(_Handler.hits)
+    with pytest.raises(FetchError, match="127.0.0.1, a loopback address"):
+        ImageFetcher().fetch_url(f"{server}/img")
+    assert len(_Handler.hits) == before
+
+
+def test_slow_response_times_out(server, fetcher):
+    with pytest.raises(FetchError, match="timed out"):
+        fetcher.fetch_url(f"{server}/slow")
+
+
+def test_oversize_bodies_are_cut_off(server, fetcher):
+    with pytest.raises(FetchError, match="announced, more than the 100000-byte limit"):
+        fetcher.fetch_url(f"{server}/big")
+    with pytest.raises(FetchError, match="cut off at the 100000-byte limit"):
+        fetcher.fetch_url(f"{server}/big-unannounced")
+
+
+def test_non_images_are_rejected(server, fetcher):
+    with pytest.raises(FetchError, match=r"not an image \(Content-Type text/html\)"):
+        fetcher.fetch_url(f"{server}/html")
+    with pytest.raises(FetchError, match="not an image"):
+        fetcher.fetch_url(f"{server}/liar")  # says image/png, is text
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetcher.fetch_url(f"{server}/missing")
+
+
+def test_redirects_are_followed_and_checked(server, fetcher):
+    assert fetcher.fetch_url(f"{server}/redirect").size == (24, 24)
+    with pytest.raises(FetchError, match="169.254.169.254, a cloud metadata address.*after a redirect"):
+        fetcher.fetch_url(f"{server}/redirect-metadata")
+    with pytest.raises(FetchError, match="only http and https"):
+        fetcher.fetch_url(f"{server}/redirect-ftp")
+    with pytest.raises(FetchError, match="more than 3 redirects"):
+        fetcher.fetch_url(f"{server}/loop")
+
+
+def test_fetch_error_is_an_image_error(server, fetcher):
+    with pytest.raises(ImageError):
+        fetcher.fetch_url(f"{server}/html")
+
+
+def test_failing_top1_falls_through_to_top2(server, fetcher, caplog):
+    found = fetcher.fetch_first([f"{server}/slow", f"{server}/img7"])
+    assert found is not None and found[0] == 1
+    assert np.array_equal(np.asarray(found[1]), np.asarray(Image.open(io.BytesIO(_png(7))).convert("RGB")))
+    found = fetcher.fetch_first([f"{server}/missing", f"{server}/html", {"url": f"{server}/big"},
+                                 {"path": "/no/such/file.png"}, f"{server}/img3"], window=2)
+    assert found is not None and found[0] == 4
+    assert fetcher.fetch_first([f"{server}/missing", "ftp://x/y.png"]) is None  # never raises
+    assert "skipping retrieval candidate" in caplog.text
+
+
+def test_candidates_are_fetched_concurrently(server):
+    f = ImageFetcher(FetchConfig(allow_private=True, read_timeout=5.0, total_timeout=6.0, max_workers=4))
+    try:
+        before = len(_Handler.hits)
+        done = threading.Event()
+        result = {}
+
+        def run():
+            result["found"] = f.fetch_first([f"{server}/slow", f"{server}/img1"])
+            done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        # the second candidate is requested while the first is still waiting on /slow
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "/img1" not in _Handler.hits[before:]:
+            time.sleep(0.02)
+        assert "/slow" in _Handler.hits[before:] and "/img1" in _Handler.hits[before:]
+        assert done.wait(10) and result["found"][0] == 0  # rank order wins: /slow does answer within 5 s
+    finally:
+        f.close()
+
+
+def test_disk_cache_serves_repeats_and_stays_bounded(server, tmp_path):
+    cfg = FetchConfig(allow_private=True, cache_dir=str(tmp_path / "cache"), cache_max_bytes=3 * len(PNG))
+    f = ImageFetcher(cfg)
+    try:
+        before = len(_Handler.hits)
+        a = f.fetch_url(f"{server}/img11")
+        b = f.fetch_url(f"{server}/img11")
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert _Handler.hits[before:].count("/img11") == 1
+        for i in range(20, 30):
+            f.fetch_url(f"{server}/img{i}")
+        assert f.cache.size() <= cfg.cache_max_bytes
+        assert f.cache.get(f"{server}/img29") is not None  # the most recent stays
+        with pytest.raises(FetchError):
+            f.fetch_url(f"{server}/html")
+        assert f.cache.get(f"{server}/html") is None  # only images are cached
+    finally:
+        f.close()
+
+
+def test_disk_cache_evicts_least_recently_used(tmp_path):
+    c = DiskCache(tmp_path, max_bytes=250)
+    c.put("a", b"x" * 100)
+    time.sleep(0.01)
+    c.put("b", b"y" * 100)
+    time.sleep(0.01)
+    assert c.get("a") == b"x" * 100  # a is now more recent than b
+    time.sleep(0.01)
+    c.put("c", b"z" * 100)
+    assert c.get("b") is None and c.get("a") is not None and c.get("c") is not None
+
+
+def test_local_paths_use_the_pixel_limit(tmp_path):
+    p = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(p)
+    with pytest.raises(ImageError, match="pixels"):
+        ImageFetcher().load(str(p))
+    assert ImageFetcher().fetch_first([str(p)]) is None
