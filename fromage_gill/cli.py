@@ -16,6 +16,8 @@ COMMANDS = [
     "presets",
     "convert",
     "index",
+    "train",
+    "precompute",
 ]
 
 

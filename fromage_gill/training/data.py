@@ -1,0 +1,214 @@
+"""Image-caption data: where examples come from, and how they become batches.
+
+The image sets themselves are read by ``fromage_gill.sources.iter_image_caption_items`` (shared with the retrieval
+index builder): CC3M-style ``caption<TAB>image`` TSV/CSV files with an image root, folders, and img2dataset /
+webdataset tar shards (``KEY.jpg`` + ``KEY.txt`` or ``KEY.json`` with a ``caption``). Training adds what it needs:
+a caption for every image (in a folder, from a sidecar ``cat.jpg`` + ``cat.txt``), local images only, and a clear
+error when the data cannot train anything.
+
+An example whose image is missing or unreadable is skipped and counted in a ``SkipLog`` (with reasons and a few
+examples for the log), never replaced by another one: a silent substitution would skew what the model learns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..images import MAX_IMAGE_BYTES, ImageError, load_image
+from ..sources import ImageItem, iter_image_caption_items, read_item_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: its caption and where its image is (a local file or a tar member)."""
+
+    key: str  # stable identity (path or shard:member), used by precomputed features and skip reports
+    caption: str
+    item: ImageItem
+
+
+@dataclass
+class SkipLog:
+    """Examples left out, by reason; a few of each are kept for the message."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, key: str) -> None:
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < 3:
+            shown.append(key)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no example skipped"
+        parts = [f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.counts.most_common()]
+        return f"{self.total} example(s) skipped: " + "; ".join(parts)
+
+
+@dataclass
+class Records:
+    items: list[Record]
+    skipped: SkipLog
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_records(data: str | Path, image_root: str | Path | None = None) -> Records:
+    """Every usable record of ``data``. Raises ``DataError`` / ``FileNotFoundError`` for anything unusable: a
+    table without a caption column, an image root that does not exist, a dataset left empty after skipping."""
+    path = Path(data)
+    if not path.exists() and "{" not in str(data):
+        raise FileNotFoundError(f"--data {data} does not exist")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"--image-root {image_root} is not a directory; pass the folder the image paths "
+                                f"in {path.name} are relative to")
+    try:
+        items = list(iter_image_caption_items(data, image_root))
+    except ValueError as e:
+        raise DataError(f"--data {data}: {e}") from None
+    is_table = path.suffix.lower() in (".tsv", ".csv", ".txt")
+    if is_table and items and all(it.caption is None for it in items):
+        raise DataError(f"--data {data} has no caption column: the first line must name the columns, e.g. "
+                        f"'caption<TAB>image' (a caption column is one of caption, text, title, alt)")
+    skipped = SkipLog()
+    records = []
+    for it in items:
+        caption = it.caption
+        if caption is None and it.path is not None and it.member is None:
+            sidecar = Path(it.path).with_suffix(".txt")
+            if sidecar.is_file():
+                caption = sidecar.read_text(encoding="utf-8").strip() or None
+        if it.url is not None:
+            skipped.add("URL (download the images first, e.g. with img2dataset)", it.name)
+        elif not caption:
+            skipped.add("no caption", it.name)
+        elif it.member is None and not Path(it.path).is_file():
+            skipped.add("missing image", it.name)
+        else:
+            if it.member is None:  # the size joins the data fingerprint: a replaced image invalidates features
+                it = ImageItem(name=it.name, path=it.path, size=Path(it.path).stat().st_size, caption=caption)
+            records.append(Record(key=it.name, caption=caption.strip(), item=it))
+    if not records:
+        raise DataError(f"--data {data} holds no usable image-caption example ({skipped.summary()})")
+    if skipped.total:
+        logger.warning("%s: %s", data, skipped.summary())
+    return Records(records, skipped, str(data))
+
+
+def load_record_image(record: Record) -> Image.Image:
+    """Decode a record's image (``ImageError`` if it cannot be)."""
+    return load_image(read_item_bytes(record.item, MAX_IMAGE_BYTES), name=record.key)
+
+
+def records_fingerprint(records: Sequence[Record]) -> str:
+    """Identifies a record list (keys, captions and image sizes, in order): precomputed features must match it."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.key}\0{r.caption}\0{r.item.size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses each image on demand; an unreadable one comes back as ``pixels=None`` with the
+    reason, for the collate function to drop and count."""
+
+    def __init__(self, records: Sequence[Record], processor):
+        self.records = list(records)
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        try:
+            pixels = self.processor([load_record_image(r)])[0]
+        except ImageError as e:
+            return {"index": i, "caption": r.caption, "pixels": None, "error": str(e), "key": r.key}
+        return {"index": i, "caption": r.caption, "pixels": pixels, "key": r.key}
+
+
+class PrecomputedDataset(torch.utils.data.Dataset):
+    """Reads frozen features (and diffusion text-encoder outputs) written by ``precompute``; a record with no
+    row there (its image was unreadable at precompute time) comes back as ``features=None``."""
+
+    def __init__(self, records: Sequence[Record], store):
+        self.records = list(records)
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        row = self.store.get(i)
+        if row is None:
+            return {"index": i, "caption": r.caption, "features": None, "error": "unreadable at precompute",
+                    "key": r.key}
+        return {"index": i, "caption": r.caption, "key": r.key, **row}
+
+
+@dataclass
+class Batch:
+    indices: list[int]
+    captions: list[str]
+    pixels: torch.Tensor | None = None  # (B, 3, S, S)
+    features: torch.Tensor | None = None  # (B, vision_dim), precomputed
+    text_cond: torch.Tensor | None = None  # (B, Q, D) diffusion text-encoder outputs, precomputed
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) dropped from this batch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(items: list[dict]) -> Batch:
+    """Stack the usable items; the unreadable ones are dropped and reported in ``Batch.skipped``."""
+    good = [it for it in items if it.get("pixels") is not None or it.get("features") is not None]
+    bad = [(it["key"], it.get("error", "unreadable")) for it in items if it not in good]
+    batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good], skipped=bad)
+    if good and good[0].get("pixels") is not None:
+        batch.pixels = torch.stack([it["pixels"] for it in good])
+    if good and good[0].get("features") is not None:
+        batch.features = torch.stack([it["features"] for it in good])
+        if good[0].get("text_cond") is not None:
+            batch.text_cond = torch.stack([it["text_cond"] for it in good])
+    return batch
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed held-out slice (same on every process and on resume)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"{n} example(s) are too few to hold out {n_val} for validation; lower --val-fraction")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])

@@ -1,0 +1,221 @@
+"""The training loop on the tiny presets: frozen parts untouched, checkpoints loadable and resumable, errors early."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from fromage_gill import load_pipeline
+from fromage_gill.checkpoint import read_native
+from fromage_gill.training.data import DataError, read_records
+from fromage_gill.training.loop import CHECKPOINTS, TrainConfig, train
+from fromage_gill.training.precompute import PrecomputedStore, precompute, shard_path
+from fromage_gill.training.synthetic import make_shapes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CI machine has 2 shared cores: tiny matrices run faster on one thread than fighting over two.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), 40, fmt="tsv")
+
+
+def run(data, out, **kw) -> object:
+    kw.setdefault("model", "tiny-fromage")
+    kw.setdefault("max_steps", 4)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("warmup", 0)
+    kw.setdefault("val_fraction", 0.2)
+    kw.setdefault("progress", False)
+    kw.setdefault("tensorboard", False)
+    return train(TrainConfig(data=str(data), out=str(out), **kw))
+
+
+def digest(module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_trains_only_the_trained_layers_and_writes_a_loadable_run(shapes, tmp_path):
+    before = load_pipeline("tiny-fromage", device="cpu", dtype="fp32").model
+    res = run(shapes, tmp_path / "run", max_steps=4, save_every=2, tensorboard=True)
+    m = res.model
+    assert digest(m.lm) == digest(before.lm) and digest(m.vision) == digest(before.vision)  # bit-identical
+    changed = [k for k, v in m.trained_state_dict().items() if not torch.equal(v, before.trained_state_dict()[k])]
+    assert set(changed) == {"visual_embeddings.weight", "visual_embeddings.bias", "visual_fc.weight",
+                            "visual_fc.bias", "text_fc.weight", "text_fc.bias", "logit_scale",
+                            "image_token_embeddings"}
+    # OUT/ loads like any model; its trained layers are those of the last step
+    loaded = load_pipeline(tmp_path / "run", device="cpu", dtype="fp32").model
+    for k, v in m.trained_state_dict().items():
+        assert torch.equal(loaded.trained_state_dict()[k], v), k
+    ckpts = sorted(p.name for p in (tmp_path / "run" / CHECKPOINTS).iterdir())
+    assert ckpts == ["step-0000002", "step-0000004"]  # no temporary directory left behind
+    assert list((tmp_path / "run" / "logs").iterdir())  # TensorBoard events
+    assert [v["step"] for v in res.validation] == [0, 4]
+    assert {"caption", "retrieval_lm", "contrastive", "caption_acc", "R@1", "R@5", "R@10"} <= set(res.validation[-1])
+    assert all(torch.isfinite(torch.tensor(h["total"])) for h in res.history)
+
+
+def test_resume_continues_the_same_curve(shapes, tmp_path):
+    straight = run(shapes, tmp_path / "a", max_steps=6, save_every=3, model="tiny-gill", batch_size=4, lr=3e-3)
+    first = run(shapes, tmp_path / "b", max_steps=3, save_every=3, model="tiny-gill", batch_size=4, lr=3e-3)
+    second = run(shapes, tmp_path / "b", max_steps=6, save_every=3, model="tiny-gill", batch_size=4, lr=3e-3,
+                 resume=str(tmp_path / "b"))
+    curve = [h["total"] for h in first.history + second.history]
+    assert curve == pytest.approx([h["total"] for h in straight.history], rel=1e-5, abs=1e-6)
+    assert len(set(curve)) > 1  # it moved: the comparison is not between constants
+    a = read_native(tmp_path / "a" / "model.safetensors")
+    b = read_native(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lm_type", ["llama", "opt"])
+def test_other_lms_untied_embeddings_missing_pad_and_chat_template(tmp_path, shapes, lm_type):
+    from fromage_gill.backbones import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(512)
+    tok.pad_token = None  # like LLaMA / Mistral: no pad token
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    tok.save_pretrained(tmp_path / "tok")
+    lm = ({"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 256, "tie_word_embeddings": False}
+          if lm_type == "llama" else
+          {"model_type": "opt", "vocab_size": 512, "hidden_size": 64, "word_embed_proj_dim": 64,
+           "num_hidden_layers": 2, "ffn_dim": 128, "num_attention_heads": 4, "max_position_embeddings": 256,
+           "dropout": 0.0, "tie_word_embeddings": False})
+    base = json.loads(_preset_path("tiny-fromage").read_text())
+    base.update(name=f"tiny-{lm_type}", lm={"source": "random", "config": lm, "tokenizer": str(tmp_path / "tok")})
+    (tmp_path / "cfg.json").write_text(json.dumps(base))
+    res = run(shapes, tmp_path / "run", model=str(tmp_path / "cfg.json"), max_steps=3, lr=3e-3)
+    m = res.model
+    assert not m.tied and m.image_token_output is not None
+    assert all(torch.isfinite(torch.tensor(h["total"])) for h in res.history)
+    fresh = load_pipeline(str(tmp_path / "cfg.json"), device="cpu", dtype="fp32", weights="random").model
+    # the untied output row of [RET] is trained (it decides when the LM emits [RET])
+    assert not torch.equal(m.image_token_output, fresh.image_token_output)
+    assert res.history[-1]["retrieval_lm"] < res.history[0]["retrieval_lm"]
+
+
+def _preset_path(name: str):
+    from importlib import resources
+
+    return resources.files("fromage_gill") / "presets" / f"{name}.json"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _assert_nothing_written(out):
+    assert not out.exists(), f"a failed run left {sorted(p.name for p in out.iterdir())}"
+
+
+def test_bad_input_fails_before_writing(shapes, tmp_path):
+    out = tmp_path / "out"
+    no_caption = tmp_path / "nocap.tsv"
+    no_caption.write_text("image\nimages/00000.png\n")
+    with pytest.raises(DataError, match="no caption column"):
+        run(no_caption, out)
+    _assert_nothing_written(out)
+    with pytest.raises(FileNotFoundError, match="--image-root"):
+        run(shapes, out, image_root=str(tmp_path / "does-not-exist"))
+    _assert_nothing_written(out)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("caption\timage\n")
+    with pytest.raises(DataError, match="no usable"):
+        run(empty, out)
+    _assert_nothing_written(out)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        run(shapes, out, batch_size=64)
+    _assert_nothing_written(out)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(shapes, tmp_path):
+    from fromage_gill.backbones import train_tiny_tokenizer
+
+    train_tiny_tokenizer(512).save_pretrained(tmp_path / "tok")  # 512 tokens for an LM with 300 rows
+    base = json.loads(_preset_path("tiny-fromage").read_text())
+    base["lm"] = {"source": "random", "tokenizer": str(tmp_path / "tok"),
+                  "config": {**base["lm"]["config"], "vocab_size": 300}}
+    (tmp_path / "cfg.json").write_text(json.dumps(base))
+    with pytest.raises(ValueError, match="tokenizer has 512 tokens but the LM's embedding matrix only 300"):
+        run(shapes, tmp_path / "out", model=str(tmp_path / "cfg.json"))
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_resume_from_another_model_is_refused(shapes, tmp_path):
+    run(shapes, tmp_path / "fromage", max_steps=1)
+    out = tmp_path / "gill"
+    with pytest.raises(ValueError, match="written by another model .*tiny-fromage"):
+        run(shapes, out, model="tiny-gill", resume=str(tmp_path / "fromage"))
+    _assert_nothing_written(out)
+    with pytest.raises(FileExistsError, match="--resume"):  # an existing run is never overwritten silently
+        run(shapes, tmp_path / "fromage", max_steps=1)
+
+
+def test_cli_errors_are_user_errors(tmp_path):
+    import argparse
+
+    from fromage_gill.commands import train as train_command
+
+    # Only this sub-command is registered: the full CLI imports every helper's commands.
+    parser = argparse.ArgumentParser()
+    train_command.register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--model", "tiny-fromage", "--data", str(tmp_path / "none.tsv"),
+                              "--out", str(tmp_path / "o"), "--no-progress"])
+    with pytest.raises(FileNotFoundError, match="--data .*none.tsv does not exist"):  # cli.main prints it as one line
+        args.func(args)
+    _assert_nothing_written(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------------------ precompute
+
+
+def test_precompute_matches_on_the_fly_and_resumes(tmp_path):
+    data = make_shapes(tmp_path / "d", 24, fmt="tsv")
+    (tmp_path / "d" / "images" / "00005.png").write_bytes(b"broken")
+    recs = read_records(data)
+    pipe = load_pipeline("tiny-gill", device="cpu", dtype="fp32")
+    res = precompute(pipe, recs, tmp_path / "pre", batch_size=5, shard_size=10, progress=False)
+    assert (res.n_records, res.n_written, res.n_skipped, res.shards_computed) == (24, 23, 1, 3)
+    store = PrecomputedStore(tmp_path / "pre")
+    assert store.get(5) is None  # the unreadable image has no row
+    from fromage_gill.training.data import load_record_image
+    from fromage_gill.training.precompute import encode_captions_for_diffusion
+
+    row = store.get(7)
+    with torch.no_grad():
+        feats = pipe.model.encode_images(pipe.image_processor([load_record_image(recs.items[7])]))
+    torch.testing.assert_close(row["features"], feats[0])
+    torch.testing.assert_close(row["text_cond"], encode_captions_for_diffusion(pipe.diffusion,
+                                                                               [recs.items[7].caption])[0])
+    # resumable: only the missing shard is computed again
+    shard_path(tmp_path / "pre", 1).unlink()
+    again = precompute(pipe, recs, tmp_path / "pre", batch_size=5, shard_size=10, progress=False)
+    assert again.shards_computed == 1 and again.n_written == 23
+
+    # training from precomputed features follows the same curve as encoding on the fly
+    kw = dict(model="tiny-gill", max_steps=3, batch_size=4, lr=3e-3, val_fraction=0.2)
+    fly = run(data, tmp_path / "fly", **kw)
+    pre = run(data, tmp_path / "prec", precomputed=str(tmp_path / "pre"), **kw)
+    assert [h["total"] for h in pre.history] == pytest.approx([h["total"] for h in fly.history], rel=1e-4)
+    # ... and refuses features of other data
+    other = make_shapes(tmp_path / "other", 30, fmt="tsv")
+    with pytest.raises(DataError, match="other data"):
+        run(other, tmp_path / "x", precomputed=str(tmp_path / "pre"), **kw)
+    _assert_nothing_written(tmp_path / "x")
