@@ -49,7 +49,9 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
         img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # PIL refuses > 2x its own limit while reading the header, before we look
+        raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} pixels; resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({e})") from None
     return img.convert("RGB")
 
