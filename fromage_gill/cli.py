@@ -18,6 +18,8 @@ COMMANDS = [
     "index",
     "train",
     "precompute",
+    "caption",
+    "train_lm",
 ]
 
 

@@ -320,3 +320,30 @@ def test_on_a_fromage_pipeline_guided_by_its_images(make_pipeline, images, beta)
                                 vocab_limit=model.n_base)
     assert got == expected and len(got) > 0
     assert all(t < model.n_base for t in got)  # text tokens only: never [RET]
+
+
+# ------------------------------------------------------------------------------ the caption command
+
+
+def test_caption_cli_offline_end_to_end(tmp_path, images, capsys):
+    from fromage_gill.cli import main
+
+    paths = []
+    for i, img in enumerate(images[:2]):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        img.save(paths[-1])
+    assert main(["caption", *paths, "--model", "tiny-magic", "--k", "4", "--max-new-tokens", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+    m = load_magic("tiny-magic", device="cpu", dtype="fp32")
+    for path, line in zip(paths, lines, strict=True):
+        assert line.split("\t", 1)[1] == m.generate([path], k=4, max_new_tokens=5).text
+    assert main(["caption", paths[0], "--model", "tiny-magic", "--decoding", "greedy", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.split("\t", 1)[1].rstrip("\n") == m.generate(
+        decoding="greedy", max_new_tokens=5).text
+    for bad, message in [(["--k", "0"], "k (the number of candidates)"), (["--alpha", "1.5"], "alpha"),
+                         (["--model", "tiny-fromage"], "caption needs a MAGIC preset")]:
+        assert main(["caption", paths[0], "--model", "tiny-magic", *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["caption", str(tmp_path / "missing.png"), "--model", "tiny-magic"]) == 2
+    assert "no such file" in capsys.readouterr().err
