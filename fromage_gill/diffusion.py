@@ -1,0 +1,129 @@
+"""Stable Diffusion conditioned on GILLMapper output: ``prompt_embeds`` in, images out.
+
+What differs from the published GILL code: the negative (unconditional) embeddings of the empty prompt are
+computed once per diffusion pipeline and passed explicitly, so classifier-free guidance contrasts the request with
+the same baseline the text-to-image model was trained with; the caller decides whether to run it at all (the
+generation loop only calls it on the "generate" path); the generator is seeded per image; the safety checker can
+be switched off per generator; and a running generation can be interrupted between denoising steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+_NEGATIVE: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+_NEGATIVE_LOCK = threading.Lock()
+
+
+@torch.no_grad()
+def negative_prompt_embeds(sd_pipe) -> torch.Tensor:
+    """``(1, L, D)`` text-encoder output of the empty prompt, computed once per pipeline object."""
+    with _NEGATIVE_LOCK:
+        cached = _NEGATIVE.get(sd_pipe)
+        if cached is None:
+            device = sd_pipe.text_encoder.device
+            cached, _ = sd_pipe.encode_prompt("", device, 1, False)
+            _NEGATIVE[sd_pipe] = cached
+        return cached
+
+
+@dataclass
+class GeneratedImages:
+    images: list[Image.Image]
+    nsfw: list[bool]  # True where the safety checker blanked the image
+    interrupted: bool = False
+
+
+class ImageGenerator:
+    """Runs a diffusers ``StableDiffusionPipeline`` from ready-made ``prompt_embeds``.
+
+    ``safety_checker``: run the pipeline's safety checker when it has one (a pipeline loaded without one cannot
+    be checked; see ``DiffusionSpec.safety_checker``). Calls are serialised: one pipeline, one generation at a time.
+    """
+
+    def __init__(self, sd_pipe, *, safety_checker: bool = True):
+        self.pipe = sd_pipe
+        self.safety_checker = safety_checker
+        self.n_calls = 0
+        self._lock = threading.Lock()
+
+    @torch.no_grad()
+    def __call__(self, prompt_embeds: torch.Tensor, *, guidance_scale: float = 7.5, num_inference_steps: int = 50,
+                 seed: int = 0, interrupt=None) -> GeneratedImages:
+        """``prompt_embeds``: ``(N, Q, D)``. ``interrupt``: a callable checked after every denoising step; when it
+        returns True the generation stops and ``interrupted`` is set (no images)."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        pipe = self.pipe
+        unet_param = next(pipe.unet.parameters())
+        pe = prompt_embeds.to(device=unet_param.device, dtype=unet_param.dtype)
+        n = pe.shape[0]
+        neg = None
+        if guidance_scale > 1:  # diffusers only runs the unconditional branch above 1
+            neg = negative_prompt_embeds(pipe).to(device=pe.device, dtype=pe.dtype)
+            if pe.shape[1] < neg.shape[1]:
+                # The published code pads a shorter conditioning with zeros to the text encoder's length.
+                pe = torch.cat([pe, pe.new_zeros(n, neg.shape[1] - pe.shape[1], pe.shape[2])], dim=1)
+            elif pe.shape[1] > neg.shape[1]:
+                raise ValueError(f"prompt_embeds has {pe.shape[1]} tokens, more than the text encoder's {neg.shape[1]}")
+            neg = neg.expand(n, -1, -1)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        stopped = False
+
+        def on_step_end(p, step, timestep, tensors):
+            nonlocal stopped
+            if interrupt is not None and interrupt():
+                stopped = True
+                p._interrupt = True  # diffusers' documented way to end the denoising loop early
+            return tensors
+
+        with self._lock:
+            self.n_calls += 1
+            latents = pipe(
+                prompt_embeds=pe, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+                callback_on_step_end=on_step_end,
+            ).images
+            if stopped:
+                return GeneratedImages([], [], interrupted=True)
+            # Decoding here rather than inside the pipeline lets us skip the safety checker without reloading.
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            nsfw = [False] * n
+            if self.safety_checker and pipe.safety_checker is not None:
+                image, flags = pipe.run_safety_checker(image, pe.device, pe.dtype)
+                nsfw = [bool(f) for f in flags]
+            images = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[not f for f in nsfw])
+        if any(nsfw):
+            logger.info("the safety checker blanked %d of %d generated image(s)", sum(nsfw), n)
+        return GeneratedImages(images, nsfw)
+
+
+_GENERATORS: weakref.WeakKeyDictionary[Any, ImageGenerator] = weakref.WeakKeyDictionary()
+
+
+def image_generator(pipeline) -> ImageGenerator:
+    """The ``ImageGenerator`` of a ``Pipeline`` (one per diffusion pipeline, so its counters and lock are shared).
+    Raises ``ValueError`` when the pipeline has no diffusion model."""
+    if pipeline.diffusion is None:
+        if not pipeline.config.can_generate:
+            raise ValueError(f"{pipeline.config.name} is a {pipeline.config.kind} model: it retrieves images but "
+                             f"cannot generate them")
+        raise ValueError(f"{pipeline.config.name} was loaded without its Stable Diffusion pipeline "
+                         f"(load_diffusion_pipeline=False): reload it with the pipeline to generate images")
+    gen = _GENERATORS.get(pipeline.diffusion)
+    if gen is None:
+        spec = pipeline.config.diffusion
+        gen = ImageGenerator(pipeline.diffusion, safety_checker=spec.safety_checker if spec else True)
+        _GENERATORS[pipeline.diffusion] = gen
+    return gen

@@ -1,0 +1,282 @@
+"""Prompts: interleaved text and images -> LM positions, the dialogue template, and the vision-feature cache.
+
+A prompt is flattened into *parts*: runs of token ids and images; an image takes ``n_visual_tokens`` positions
+(the input mapping of its vision features). Every position also gets a *key* (its token id, or the image's content
+hash and index), so the generation loop can compare a new prompt with what its KV cache already holds and run
+the LM only on the positions after the longest common prefix.
+
+Text: each run of consecutive strings is tokenized on its own without special tokens, and BOS is put once, before
+the first text (the published code does the same: a prompt that starts with an image gets BOS after it, which is
+also how the training captions looked).
+
+Dialogue template (``ModelConfig.dialogue``; the published demos use ``Q: ...\\nA:``). A user turn becomes
+``[leading images] user_prefix <rest of the message> assistant_prefix``: images sent before any text go before
+``Q:``, as the published demo placed an uploaded picture ahead of the question. An assistant turn becomes exactly
+the tokens it put in the context (its text tokens and the image tokens it emitted; the picture itself is not
+fed back, as in the published demo). Turns are joined by ``turn_separator``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from .config import DialogueSpec
+from .images import image_hash, load_image
+
+ImageSource = Literal["user", "retrieved", "generated"]
+SOURCES = ("user", "retrieved", "generated")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSegment:
+    """An image in a conversation, with where it came from. ``key`` is the content hash (computed if not given)."""
+
+    image: Image.Image
+    source: ImageSource = "user"
+    score: float | None = None  # retrieval score, or a generated image's similarity to the request
+    caption: str | None = None
+    url: str | None = None  # index record's url or path
+    index_id: int | None = None
+    decision: tuple[float, float] | None = None  # (p_generate, p_retrieve) from GILL's decision head
+    seed: int | None = None  # diffusion seed of a generated image
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"image source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if not self.key:
+            object.__setattr__(self, "key", image_hash(self.image))
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Token ids used verbatim (an assistant turn's own tokens, image tokens)."""
+
+    ids: tuple[int, ...]
+
+
+Piece = str | ImageSegment | TokenIds
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation. ``tokens`` (assistant turns): exactly the LM tokens the turn put in the
+    context, text and image tokens, so that encoding the history again reproduces the cached positions; None
+    means "encode from the segments"."""
+
+    role: Literal["user", "assistant"]
+    segments: list[str | ImageSegment]
+    tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ("user", "assistant"):
+            raise ValueError(f"turn role must be 'user' or 'assistant', got {self.role!r}")
+
+    @property
+    def text(self) -> str:
+        return "".join(s for s in self.segments if isinstance(s, str))
+
+    @property
+    def images(self) -> list[ImageSegment]:
+        return [s for s in self.segments if isinstance(s, ImageSegment)]
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+def normalize_message(message: Sequence[object], *, name: str = "message") -> list[str | ImageSegment]:
+    """Check a user message (a list of str and images, in order) and load its images.
+
+    Images may be PIL images, ``ImageSegment``s, ``bytes`` or ``pathlib.Path`` (a ``str`` is always text); each
+    goes through ``images.load_image`` (corrupt, empty and oversized images raise ``ImageError``). Raises
+    ``ValueError`` for an empty message.
+    """
+    if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
+        message = [message]
+    out: list[str | ImageSegment] = []
+    for i, item in enumerate(message):
+        if isinstance(item, str):
+            if item:
+                out.append(item)
+        elif isinstance(item, ImageSegment):
+            out.append(item)
+        elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
+            what = str(item) if isinstance(item, Path) else f"{name} item {i}"
+            out.append(ImageSegment(load_image(bytes(item) if isinstance(item, bytearray) else item, name=what)))
+        else:
+            raise ValueError(
+                f"{name} item {i} is a {type(item).__name__}; a message is a list of str (text) and "
+                f"PIL images (or image bytes / pathlib.Path)"
+            )
+    if not any(isinstance(s, ImageSegment) or s.strip() for s in out):
+        raise ValueError(f"the {name} is empty: give some text or an image")
+    return out
+
+
+def dialogue_pieces(turns: Sequence[Turn], dialogue: DialogueSpec, image_token_ids: Sequence[int]) -> list[Piece]:
+    """The dialogue template applied to ``turns`` (see the module docstring); the last turn is usually the user's,
+    so the pieces end with ``assistant_prefix`` and the model continues with the answer."""
+    pieces: list[Piece] = []
+    for i, turn in enumerate(turns):
+        if turn.role == "user":
+            segs = list(turn.segments)
+            n_lead = next((j for j, s in enumerate(segs) if isinstance(s, str)), len(segs))
+            if i > 0:
+                pieces.append(dialogue.turn_separator)
+            pieces += segs[:n_lead]
+            pieces.append(dialogue.user_prefix)
+            pieces += segs[n_lead:]
+            pieces.append(dialogue.assistant_prefix)
+        elif turn.tokens is not None:
+            pieces.append(TokenIds(tuple(turn.tokens)))
+        else:
+            for s in turn.segments:
+                pieces.append(s if isinstance(s, str) else TokenIds(tuple(image_token_ids)))
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Prompt:
+    """A flattened LM input: ``parts`` are token-id tuples and images (``n_visual`` positions each);
+    ``keys[t]`` identifies position t (a token id, or ``(image key, j)``) for prefix matching."""
+
+    parts: list[tuple[int, ...] | ImageSegment]
+    n_visual: int
+    keys: list[Hashable] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            for part in self.parts:
+                if isinstance(part, ImageSegment):
+                    self.keys += [(part.key, j) for j in range(self.n_visual)]
+                else:
+                    self.keys += list(part)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def common_prefix(self, keys: Sequence[Hashable]) -> int:
+        n = 0
+        for a, b in zip(self.keys, keys, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def images(self, start: int = 0) -> list[ImageSegment]:
+        """The images with at least one position at or after ``start``."""
+        out, pos = [], 0
+        for part in self.parts:
+            n = self.n_visual if isinstance(part, ImageSegment) else len(part)
+            if isinstance(part, ImageSegment) and pos + n > start:
+                out.append(part)
+            pos += n
+        return out
+
+    def embed(self, model, vision_cache: VisionCache, start: int = 0) -> torch.Tensor:
+        """``(len - start, d)`` input embeddings of positions ``start..``; images through ``vision_cache``."""
+        images = self.images(start)
+        visual = iter(())
+        if images:
+            feats = vision_cache.features(model, images)  # (N, vision_dim)
+            visual = iter(model.visual_tokens(feats))  # N x (n_visual, d)
+        chunks, pos = [], 0
+        for part in self.parts:
+            is_img = isinstance(part, ImageSegment)
+            n = self.n_visual if is_img else len(part)
+            lo = max(start - pos, 0)
+            if pos + n > start and n:
+                if is_img:
+                    chunks.append(next(visual)[lo:])
+                else:
+                    ids = torch.tensor(part[lo:], dtype=torch.long, device=model.device)
+                    chunks.append(model.embed_tokens(ids[None])[0])
+            pos += n
+        if not chunks:
+            return torch.zeros(0, model.hidden_size, device=model.device, dtype=model.dtype)
+        return torch.cat(chunks, dim=0)
+
+
+def encode_pieces(tokenizer, pieces: Sequence[Piece], n_visual: int, *, bos: bool = True) -> Prompt:
+    """Tokenize text pieces (consecutive strings joined first) and put BOS before the first text."""
+    parts: list[tuple[int, ...] | ImageSegment] = []
+    bos_id = tokenizer.bos_token_id if bos else None
+    need_bos = bos_id is not None
+    text: list[str] = []
+
+    def flush() -> None:
+        nonlocal need_bos
+        if not text:
+            return
+        s = "".join(text)
+        text.clear()
+        ids = tuple(tokenizer(s, add_special_tokens=False).input_ids) if s else ()
+        if need_bos:
+            ids, need_bos = (bos_id, *ids), False
+        if ids:
+            parts.append(ids)
+
+    for piece in pieces:
+        if isinstance(piece, str):
+            text.append(piece)
+            continue
+        flush()
+        if isinstance(piece, TokenIds):
+            ids = piece.ids
+            if need_bos:
+                ids, need_bos = (bos_id, *ids), False
+            parts.append(tuple(ids))
+        else:
+            parts.append(piece)
+    flush()
+    return Prompt(parts, n_visual)
+
+
+# ---------------------------------------------------------------------------------------------- vision features
+
+
+class VisionCache:
+    """Frozen vision features by image content hash: an image is encoded once per conversation, not once per turn.
+    ``n_encoded`` counts the images that went through the vision encoder. Least recently used entries beyond
+    ``max_items`` are dropped."""
+
+    def __init__(self, max_items: int = 256):
+        self.max_items = max_items
+        self.n_encoded = 0
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._features
+
+    @torch.no_grad()
+    def features(self, model, images: Sequence[ImageSegment]) -> torch.Tensor:
+        """``(N, vision_dim)`` features of ``images`` (missing ones encoded in one batch)."""
+        with self._lock:
+            missing = list({img.key: img for img in images if img.key not in self._features}.values())
+            if missing:
+                pixels = model.vision.processor([m.image for m in missing])
+                feats = model.encode_images(pixels)
+                self.n_encoded += len(missing)
+                for m, f in zip(missing, feats, strict=True):
+                    self._features[m.key] = f
+            for img in images:
+                self._features.move_to_end(img.key)
+            out = torch.stack([self._features[img.key] for img in images])
+            while len(self._features) > self.max_items:
+                self._features.popitem(last=False)
+            return out
