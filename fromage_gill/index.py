@@ -60,7 +60,11 @@ TENSOR = "embeddings"
 SCORE = "cosine similarity (dot product of L2-normalised vectors); retrieval logit = exp(logit_scale) x score"
 _ST_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
 _NORM_TOLERANCE = 1e-2  # float16 storage rounds norms by ~1e-3
-BLOCK_ROWS = 32768  # rows per matmul block: 32 MB of float32 at D=256, the (Q, block) scores stay in cache
+BLOCK_ROWS = 32768  # rows per chunk when streaming vectors to disk or FAISS
+# Exact search scores a block of rows per matmul; the (Q, block) scores are bounded by this many floats (64 MB).
+# Few, large blocks matter: every BLAS call wakes its threads, which costs a scheduler slice on a busy machine.
+SCORE_BUDGET = 1 << 24
+MAX_CONVERTED_ROWS = 1 << 17  # float16 blocks are converted to float32 copies: at most 128 MB at D=256
 
 
 class FingerprintMismatchError(ValueError):
@@ -190,10 +194,16 @@ def _as_queries(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
 
 
 def exact_search(vectors: np.ndarray, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None,
-                 *, block_rows: int = BLOCK_ROWS) -> SearchResult:
-    """Top-k by dot product over all rows, block by block: one pass over the vectors, memory O(Q x block)."""
+                 *, block_rows: int | None = None) -> SearchResult:
+    """Top-k by dot product over all rows, block by block: one pass over the vectors, memory O(Q x block).
+
+    ``exclude``: sorted unique int64 row ids to leave out."""
     n = vectors.shape[0]
     nq = queries.shape[0]
+    if block_rows is None:
+        block_rows = max(4096, SCORE_BUDGET // max(nq, 1))
+        if vectors.dtype != np.float32:
+            block_rows = min(block_rows, MAX_CONVERTED_ROWS)
     kk = min(k, n)
     best_s = torch.full((nq, kk), -torch.inf)
     best_i = torch.full((nq, kk), -1, dtype=torch.int64)

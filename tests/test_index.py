@@ -66,18 +66,19 @@ def _embed(pipeline, images: list[Image.Image]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n, k, block", [(1000, 10, 128), (1000, 10, 1 << 20), (50, 60, 16), (7, 3, 2)])
-def test_exact_search_matches_brute_force(n, k, block, monkeypatch):
+def test_exact_search_matches_brute_force(n, k, block):
     import fromage_gill.index as index_mod
 
-    monkeypatch.setattr(index_mod, "BLOCK_ROWS", block)
     vecs, queries = _unit(n, 32, 0), _unit(5, 32, 1)
     index = ImageIndex.from_embeddings(vecs, _records(n), "test:0")
-    res = index_mod.exact_search(index.vectors, torch.from_numpy(queries), k, block_rows=block)
-    ref_ids, ref_scores = _reference(vecs, queries, min(k, n))
-    assert np.array_equal(res.ids[:, : min(k, n)], ref_ids)
-    np.testing.assert_allclose(res.scores[:, : min(k, n)], ref_scores, rtol=0, atol=1e-5)
-    if k > n:  # more asked than there are: padded with -1 / -inf
-        assert (res.ids[:, n:] == -1).all() and np.isneginf(res.scores[:, n:]).all()
+    exclude = np.unique([1, n // 2, n - 1]).astype(np.int64)  # in several blocks
+    res = index_mod.exact_search(index.vectors, torch.from_numpy(queries), k, exclude, block_rows=block)
+    m = min(k, n - len(exclude))
+    ref_ids, ref_scores = _reference(vecs, queries, m, exclude=exclude.tolist())
+    assert np.array_equal(res.ids[:, :m], ref_ids)
+    np.testing.assert_allclose(res.scores[:, :m], ref_scores, rtol=0, atol=1e-5)
+    if k > m:  # more asked than there are: padded with -1 / -inf
+        assert (res.ids[:, m:] == -1).all() and np.isneginf(res.scores[:, m:]).all()
     assert res.ids.dtype == np.int64 and res.scores.dtype == np.float32
 
 
