@@ -128,6 +128,7 @@ class TrainResult:
     validation: list[dict[str, float]]  # one entry per validation: step, losses, caption_acc, R@1/5/10
     skipped: int  # examples skipped (missing at read time + unreadable during training)
     model: object = None  # the GroundedLM, trained layers as left by the last step
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (data + compute)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -450,8 +451,10 @@ def train(tc: TrainConfig) -> TrainResult:
         run_validation()
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=not (main and tc.progress))
     wrapped.train()
-    t0, seen = time.perf_counter(), 0
+    seen = 0
+    step_seconds: list[float] = []
     while step < tc.max_steps:
+        t_step = time.perf_counter()
         sums: dict[str, float] = {}
         for micro in range(tc.grad_accum):
             batch: Batch = next(batches)
@@ -473,11 +476,12 @@ def train(tc: TrainConfig) -> TrainResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        step_seconds.append(time.perf_counter() - t_step)
         record = _global_means(sums, tc.grad_accum, accelerator)
         record["lr"] = scheduler.get_last_lr()[0]
         history.append(record)
         if main:
-            elapsed = time.perf_counter() - t0
+            elapsed = sum(step_seconds)  # training time only: validation and checkpoints excluded
             bar.set_postfix(loss=f"{record['total']:.3f}", ex_s=f"{seen * world / max(elapsed, 1e-9):.1f}")
             bar.update(1)
             if writer is not None and (step % tc.log_every == 0 or step == tc.max_steps):
@@ -493,7 +497,8 @@ def train(tc: TrainConfig) -> TrainResult:
         writer.close()
     total_skipped = int(accelerator.reduce(torch.tensor(skipped_during, device=accelerator.device), "sum"))
     return TrainResult(out=out, step=step, history=history, validation=validation,
-                       skipped=records.skipped.total + total_skipped, model=model)
+                       skipped=records.skipped.total + total_skipped, model=model,
+                       step_seconds=step_seconds)
 
 
 def _features(model, batch: Batch, device) -> torch.Tensor:
