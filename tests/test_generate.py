@@ -469,3 +469,28 @@ def test_export_import_round_trip(tiny_gill, images):
     for d, match in bad:
         with pytest.raises(ValueError, match=match):
             Chat.from_dict(tiny_gill, d)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_json_and_errors(tmp_path, images, capsys):
+    from fromage_gill.cli import main
+
+    path = tmp_path / "in.png"
+    images[0].save(path)
+    code = main(["generate", "--model", "tiny-gill", "--image", str(path), "--text", "what is it?", "--json",
+                 "--mode", "generate", "--image-logit-bias", "inf", "--max-images", "1", "--steps", "1",
+                 "--max-new-tokens", "4", "--seed", "7", "--out", str(tmp_path / "out")])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "tiny-gill" and doc["seed"] == 7 and doc["reason"] == "max_new_tokens"
+    img = doc["segments"][0]
+    assert img["type"] == "image" and img["source"] == "generated" and img["seed"] == 8
+    assert (tmp_path / "out" / "answer-image1.png").is_file() and set(img["decision"]) == {"p_generate", "p_retrieve"}
+    assert doc["segments"][1]["type"] == "text"
+
+    assert main(["generate", "--model", "tiny-fromage", "--text", "hi", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-fromage", "--text", "hi", "--image", str(tmp_path / "nope.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
