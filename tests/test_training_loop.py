@@ -84,6 +84,30 @@ def test_resume_continues_the_same_curve(shapes, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_killed_while_saving_leaves_the_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **kw):
+        if "step-0000004" in str(path) and str(path).endswith("trainer_state.pt"):
+            raise KeyboardInterrupt("killed while writing the step-4 checkpoint")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(shapes, tmp_path / "run", max_steps=4, save_every=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpts = tmp_path / "run" / CHECKPOINTS
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-0000004", "step-0000002"]
+    good = read_native(ckpts / "step-0000002" / "model.safetensors")
+    for where in (ckpts / "step-0000002", tmp_path / "run"):  # both load, and hold the step-2 weights
+        model = load_pipeline(where, device="cpu", dtype="fp32").model
+        for k, v in good.items():
+            assert torch.equal(model.trained_state_dict()[k], v), (where, k)
+    res = run(shapes, tmp_path / "run", max_steps=4, save_every=2, resume=str(tmp_path / "run"))
+    assert res.step == 4 and len(res.history) == 2  # continued from step 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004"]
+
+
 @pytest.mark.parametrize("lm_type", ["llama", "opt"])
 def test_other_lms_untied_embeddings_missing_pad_and_chat_template(tmp_path, shapes, lm_type):
     from fromage_gill.backbones import train_tiny_tokenizer
@@ -219,3 +243,41 @@ def test_precompute_matches_on_the_fly_and_resumes(tmp_path):
     with pytest.raises(DataError, match="other data"):
         run(other, tmp_path / "x", precomputed=str(tmp_path / "pre"), **kw)
     _assert_nothing_written(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------ decision head
+
+
+def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
+    import argparse
+
+    from fromage_gill.commands import train as train_command
+    from fromage_gill.training.decision import read_decision_data
+
+    subjects = ["cat", "dog", "house", "tree", "boat", "car", "bird", "flower"]
+    lines = ["prompt\tlabel"]
+    lines += [f"show me a photo of a {s}\tretrieve" for s in subjects]
+    lines += [f"imagine and draw a {s} made of glass\tgenerate" for s in subjects]
+    (tmp_path / "d.tsv").write_text("\n".join(lines) + "\n")
+    prompts, labels = read_decision_data(tmp_path / "d.tsv")
+    assert labels == [1] * 8 + [0] * 8 and prompts[0] == "show me a photo of a cat"
+
+    parser = argparse.ArgumentParser()
+    train_command.register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--model", "tiny-gill", "--decision-data", str(tmp_path / "d.tsv"),
+                              "--out", str(tmp_path / "out"), "--max-steps", "150", "--lr", "1e-2", "--cpu"])
+    assert args.func(args) == 0
+    before = load_pipeline("tiny-gill", device="cpu", dtype="fp32").model.trained_state_dict()
+    after = read_native(tmp_path / "out" / "model.safetensors")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"decision.1.weight", "decision.1.bias"}
+    model = load_pipeline(tmp_path / "out", device="cpu", dtype="fp32", load_diffusion_pipeline=False)
+    from fromage_gill.training.decision import img0_hidden
+
+    probs = model.model.decide(img0_hidden(model.model, model.tokenizer, prompts))
+    assert (probs.argmax(-1) == torch.tensor(labels)).float().mean() == 1.0  # separable by wording
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("prompt\tlabel\na cat\tmaybe\n")
+    with pytest.raises(DataError, match="line 2.*maybe"):
+        read_decision_data(bad)

@@ -15,8 +15,10 @@ def register(sub) -> None:
                                    "1e-3 with 2000 warm-up steps (GILL). Run under `accelerate launch` for several "
                                    "processes.")
     p.add_argument("--model", required=True, help="preset, config JSON, or model directory to start from")
-    p.add_argument("--data", required=True, help="caption<TAB>image .tsv/.csv, folder of images + .txt captions, or "
-                                                 ".tar shard(s) (webdataset / img2dataset)")
+    p.add_argument("--data", help="caption<TAB>image .tsv/.csv, folder of images + .txt captions, or .tar shard(s) "
+                                  "(webdataset / img2dataset)")
+    p.add_argument("--decision-data", help="GILL: train only the decision head, on a prompt<TAB>label file (labels "
+                                           "generate / retrieve), starting from --model's trained layers")
     p.add_argument("--image-root", help="folder the image paths in a .tsv/.csv are relative to (default: its folder)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final trained layers)")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
@@ -48,6 +50,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.decision_data:
+        return run_decision(args)
+    if not args.data:
+        raise ValueError("--data is required (or --decision-data to train GILL's decision head)")
     from ..training.loop import TrainConfig, train
 
     tc = TrainConfig(
@@ -61,8 +67,27 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     result = train(tc)
+    if not result.is_main_process:
+        return 0
     last = result.validation[-1] if result.validation else {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
     print(f"trained {result.step} steps -> {result.out} ({result.skipped} example(s) skipped)"
           + (f"; validation: {summary}" if summary else ""))
+    return 0
+
+
+def run_decision(args) -> int:
+    from ..checkpoint import save_native
+    from ..pipeline import load_pipeline
+    from ..training.decision import read_decision_data, train_decision_head
+
+    prompts, labels = read_decision_data(args.decision_data)
+    pipe = load_pipeline(args.model, device="cpu" if args.cpu else None, dtype="fp32", load_diffusion_pipeline=False)
+    if pipe.model.decision is None:
+        raise ValueError(f"--model {args.model} has no decision head (a GILL config with decision_head: true)")
+    res = train_decision_head(pipe.model, pipe.tokenizer, prompts, labels, steps=args.max_steps,
+                              lr=args.lr if args.lr is not None else 1e-3, batch_size=args.batch_size, seed=args.seed)
+    save_native(pipe.model, args.out, pipe.config)
+    print(f"decision head trained on {res.n_examples} prompts: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
+          f"accuracy {res.accuracy:.3f} -> {args.out}")
     return 0

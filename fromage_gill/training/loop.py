@@ -129,6 +129,7 @@ class TrainResult:
     skipped: int  # examples skipped (missing at read time + unreadable during training)
     model: object = None  # the GroundedLM, trained layers as left by the last step
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (data + compute)
+    is_main_process: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -343,8 +344,15 @@ def train(tc: TrainConfig) -> TrainResult:
 
     from ..pipeline import build_pipeline, parse_dtype, resolve_config
 
-    accelerator = Accelerator(cpu=tc.cpu, mixed_precision={"fp32": "no"}.get(tc.precision, tc.precision),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    mixed = {"fp32": "no"}.get(tc.precision, tc.precision)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    try:
+        accelerator = Accelerator(cpu=tc.cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+    except ValueError:  # an earlier train() in this process fixed another precision: that part of the state resets
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(cpu=tc.cpu, mixed_precision=mixed, kwargs_handlers=handlers)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     out = Path(tc.out)
@@ -498,7 +506,7 @@ def train(tc: TrainConfig) -> TrainResult:
     total_skipped = int(accelerator.reduce(torch.tensor(skipped_during, device=accelerator.device), "sum"))
     return TrainResult(out=out, step=step, history=history, validation=validation,
                        skipped=records.skipped.total + total_skipped, model=model,
-                       step_seconds=step_seconds)
+                       step_seconds=step_seconds, is_main_process=main)
 
 
 def _features(model, batch: Batch, device) -> torch.Tensor:
