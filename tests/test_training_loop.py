@@ -281,3 +281,95 @@ def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
     bad.write_text("prompt\tlabel\na cat\tmaybe\n")
     with pytest.raises(DataError, match="line 2.*maybe"):
         read_decision_data(bad)
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+
+
+def _objective(pipe, accelerator):
+    from fromage_gill.training.loop import Objective
+    from fromage_gill.training.losses import LossWeights
+
+    return Objective(pipe.model, pipe.tokenizer, weights=LossWeights(), max_caption_tokens=32,
+                     accelerator=accelerator, diffusion=pipe.diffusion)
+
+
+class _OneProcess:
+    num_processes, process_index = 1, 0
+
+
+def test_caption_loss_is_cross_entropy_on_caption_tokens_only(tiny_fromage):
+    """Parity with a direct computation: one example, [visual; BOS; caption], targets = the caption tokens."""
+    import torch.nn.functional as F
+
+    m, tok = tiny_fromage.model, tiny_fromage.tokenizer
+    obj = _objective(tiny_fromage, _OneProcess())
+    feats = torch.randn(2, m.vision.out_dim, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle on a table", "blue"]  # different lengths: the second row is padded
+    with torch.no_grad():
+        parts = obj.local_parts(feats, captions, None, concat=False)
+        losses, n_tokens = [], 0
+        for i, cap in enumerate(captions):
+            ids = tok(cap, add_special_tokens=False)["input_ids"]
+            emb = torch.cat([m.visual_tokens(feats[i:i + 1])[0],
+                             m.embed_tokens(torch.tensor([tok.bos_token_id] + ids))])
+            logits = m.forward_lm(emb[None]).logits[0]
+            # position n_visual (BOS) predicts ids[0], ...; the visual and BOS targets are not predicted
+            pred = logits[m.config.n_visual_tokens:-1]
+            losses.append(F.cross_entropy(pred, torch.tensor(ids), reduction="sum"))
+            n_tokens += len(ids)
+    assert parts["caption"].item() == pytest.approx((sum(losses) / n_tokens).item(), rel=1e-5)
+    assert parts["caption_counted"].item() == n_tokens
+
+
+class _TwoProcesses:
+    """Process 0 of 2; the other process holds ``other`` rows. Mimics accelerate's gather (concatenate in rank
+    order, equal shapes required)."""
+
+    num_processes, process_index = 2, 0
+
+    def __init__(self, other_text, other_image):
+        self.pending = [other_text, other_image]
+
+    def gather(self, t):
+        if t.dtype == torch.long:  # the row counts
+            return torch.tensor([t.item(), self.pending[0].shape[0]])
+        other = self.pending.pop(0)
+        pad = torch.zeros(t.shape[0] - other.shape[0], *t.shape[1:])
+        return torch.cat([t, torch.cat([other, pad])])
+
+
+def test_objective_contrasts_against_other_processes_rows(tiny_fromage):
+    import torch.nn.functional as F
+
+    from fromage_gill.training.losses import contrastive_loss
+
+    m = tiny_fromage.model
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(3, m.vision.out_dim, generator=g)
+    other_text = F.normalize(torch.randn(2, m.config.retrieval_dim, generator=g), dim=-1)
+    other_image = F.normalize(torch.randn(2, m.config.retrieval_dim, generator=g), dim=-1)
+    captions = ["a red circle", "a blue square", "a green triangle"]
+    with torch.no_grad():
+        local = _objective(tiny_fromage, _OneProcess()).local_parts(feats, captions, None, concat=False)
+        out = _objective(tiny_fromage, _TwoProcesses(other_text, other_image))(feats, captions, None, False)
+    expected = contrastive_loss(torch.cat([local["text_emb"], other_text]),
+                                torch.cat([local["image_emb"], other_image]), m.logit_scale)
+    alone = contrastive_loss(local["text_emb"], local["image_emb"], m.logit_scale)
+    assert out["contrastive"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(out["contrastive"].item() - alone.item()) > 1e-3
+
+
+def test_precompute_command(tmp_path):
+    import argparse
+
+    from fromage_gill.commands import precompute as precompute_command
+
+    data = make_shapes(tmp_path / "d", 6, fmt="folder")
+    parser = argparse.ArgumentParser()
+    precompute_command.register(parser.add_subparsers())
+    args = parser.parse_args(["precompute", "--model", "tiny-fromage", "--data", str(data), "--out",
+                              str(tmp_path / "pre"), "--device", "cpu", "--dtype", "fp32", "--no-progress"])
+    assert args.func(args) == 0
+    store = PrecomputedStore(tmp_path / "pre")
+    assert len(store) == 6 and store.meta["text"] is False
