@@ -373,3 +373,15 @@ def test_precompute_command(tmp_path):
     assert args.func(args) == 0
     store = PrecomputedStore(tmp_path / "pre")
     assert len(store) == 6 and store.meta["text"] is False
+
+
+def test_precomputed_store_survives_pickling_for_worker_processes(tmp_path):
+    import pickle
+
+    data = make_shapes(tmp_path / "d", 5, fmt="tsv")
+    pipe = load_pipeline("tiny-fromage", device="cpu", dtype="fp32")
+    precompute(pipe, read_records(data), tmp_path / "pre", shard_size=2, progress=False)
+    store = PrecomputedStore(tmp_path / "pre")
+    copy = pickle.loads(pickle.dumps(store))
+    for i in range(5):
+        assert torch.equal(copy.get(i)["features"], store.get(i)["features"])

@@ -410,13 +410,13 @@ def train(tc: TrainConfig) -> TrainResult:
 
     step = 0
     if resume is not None:
-        state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         rng_file = resume / f"rng-{rank}.pt"
         if rng_file.is_file():
-            _set_rng(torch.load(rng_file, map_location="cpu", weights_only=False))
+            _set_rng(torch.load(rng_file, map_location="cpu", weights_only=False))  # numpy state: our own file
         logger.info("resumed from %s at step %d", resume, step)
 
     # 3. Data.

@@ -188,6 +188,16 @@ class PrecomputedStore:
     def __len__(self) -> int:
         return len(self._where)
 
+    def __getstate__(self) -> dict:  # for DataLoader workers started with "spawn": file handles are reopened
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def _file(self, k: int):
+        if k not in self._files:
+            self._files[k] = safe_open(str(shard_path(self.dir, k)), "pt")
+        return self._files[k]
+
     def check(self, config, records: Records, *, need_text: bool) -> None:
         """Refuse features computed for other data or another vision encoder / text encoder."""
         if self.meta.get("records") != records_fingerprint(records.items):
@@ -206,7 +216,7 @@ class PrecomputedStore:
         if where is None:
             return None
         k, row = where
-        f = self._files[k]
+        f = self._file(k)
         out = {"features": f.get_slice("features")[row:row + 1][0]}
         if self.meta.get("text"):
             out["text_cond"] = f.get_slice("text_cond")[row:row + 1][0]
