@@ -920,3 +920,9 @@ __all__ = [
     "Notice", "StepState", "TextDelta", "TokenIds", "Turn", "TurnEnd", "check_settings", "context_length",
     "decoding_strategies", "generate_batch", "register_decoding",
 ]
+
+# MAGIC and contrastive search (magic.py) register themselves as decoding strategies, so that
+# GenerationSettings(decoding="magic" | "contrastive") is valid wherever the engine is imported.
+from .magic import register_with_engine as _register_magic  # noqa: E402
+
+_register_magic()

@@ -347,3 +347,70 @@ def test_caption_cli_offline_end_to_end(tmp_path, images, capsys):
         assert message in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "missing.png"), "--model", "tiny-magic"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ as a strategy of the generation engine
+
+
+def engine_reference(pipe, message, s, guide=None):
+    """The direct rule on the exact prompt the engine encodes for ``message`` (visual tokens included)."""
+    from fromage_gill.prompt import VisionCache, encode_pieces, normalize_message
+
+    model = pipe.model
+    prompt = encode_pieces(pipe.tokenizer, normalize_message(message, allow_token_ids=True),
+                           pipe.config.n_visual_tokens)
+    with torch.no_grad():
+        prefix = prompt.embed(model, VisionCache(), 0)[None]
+
+    def forward(ids):
+        emb = prefix if not ids else torch.cat([prefix, model.embed_tokens(torch.tensor([ids]))], dim=1)
+        out = model.forward_lm(emb, logits="all")
+        return out.logits[0, -1].float(), out.hidden[0].float()
+
+    images = [m for m in message if hasattr(m, "convert")]  # the PIL images
+    clip = guide.logits_fn(images) if guide is not None and s.beta > 0 else None
+    got, _ = direct_search(forward, [], s, clip=clip,
+                           decode=lambda ids: pipe.tokenizer.decode(ids, skip_special_tokens=True),
+                           stop=[pipe.tokenizer.eos_token_id], vocab_limit=model.n_base)
+    return got
+
+
+@pytest.mark.parametrize("decoding", ["contrastive", "magic"])
+def test_engine_strategy_equals_the_direct_rule(make_pipeline, images, decoding):
+    from fromage_gill.generate import GenerationSettings, generate_batch
+    from fromage_gill.prompt import TokenIds
+
+    pipe = make_pipeline("tiny-fromage")
+    guide = magic.attach_clip(pipe, "tiny-magic")
+    ids = pipe.tokenizer("Q: describe it.\nA:", add_special_tokens=False)["input_ids"]
+    messages = [[images[0], TokenIds(tuple(ids))], [images[1], TokenIds(tuple(ids))]]
+    options = {"k": 5, "alpha": 0.5, "beta": 3.0}
+    settings = GenerationSettings(decoding=decoding, mode="text", max_new_tokens=8, decoding_options=options,
+                                  stop_strings=("<never>",))
+    outs = generate_batch(pipe, messages, settings)  # two rows decoded together, each guided by its own image
+    s = magic.resolve_decoding(decoding, MagicDecoding(max_new_tokens=8, **options))
+    for message, out in zip(messages, outs, strict=True):
+        assert out.tokens == engine_reference(pipe, message, s, guide)
+        assert len(out.tokens) > 0
+
+
+def test_engine_strategy_errors(make_pipeline, images):
+    from fromage_gill.generate import Chat, GenerationSettings
+
+    pipe = make_pipeline("tiny-fromage")
+    with pytest.raises(ValueError, match="no CLIP text tower"):
+        list(Chat(pipe).send([images[0], "hi"], GenerationSettings(decoding="magic")))
+    magic.attach_clip(pipe, "tiny-magic")
+    with pytest.raises(ValueError, match="needs an image in the conversation"):
+        list(Chat(pipe).send(["hi"], GenerationSettings(decoding="magic")))
+    with pytest.raises(ValueError, match=r"alpha .* must be in \[0, 1\]"):
+        list(Chat(pipe).send([images[0], "hi"], GenerationSettings(decoding="magic", decoding_options={"alpha": 2})))
+    with pytest.raises(ValueError, match=r"k \(the number of candidates\)"):
+        list(Chat(pipe).send(["hi"], GenerationSettings(decoding="contrastive", decoding_options={"k": 0})))
+    with pytest.raises(ValueError, match="not magic options"):
+        list(Chat(pipe).send([images[0], "hi"], GenerationSettings(decoding="magic", decoding_options={"kk": 2})))
+    # contrastive search needs neither CLIP nor an image, and keeps a multi-turn chat going
+    chat = Chat(make_pipeline("tiny-fromage"))
+    for text in ("hi", "and then?"):
+        events = list(chat.send([text], GenerationSettings(decoding="contrastive", max_new_tokens=4)))
+        assert events[-1].reason in ("max_new_tokens", "eos", "turn_boundary")
