@@ -34,7 +34,6 @@ logger = logging.getLogger("fromage_gill.app")
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
-DEFAULT_MODEL = "gill"
 NO_INDEX = "none"
 WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
 STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
@@ -474,6 +473,11 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     return demo
 
 
+def launch_style() -> dict[str, Any]:
+    """``launch()`` arguments for the look (Gradio 6 takes theme and CSS at launch) and the example photos."""
+    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS)], max_file_size="50mb")
+
+
 def _text_of(value: Any) -> str:
     if isinstance(value, list):
         return " ".join(_text_of(v) for v in value)
@@ -510,21 +514,6 @@ def example_messages() -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from fromage_gill.commands.common import add_model_args
-
-    add_model_args(p, default=os.environ.get("FROMAGE_GILL_MODEL", DEFAULT_MODEL))
-    p.add_argument("--index", action="append", metavar="[NAME=]DIR",
-                   help="image index directory to retrieve from; repeat to offer a choice (default: the model's "
-                        "own, or the shipped index of a tiny preset)")
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   help="address to listen on (0.0.0.0 to accept other machines)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    p.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model (default 16)")
-    p.add_argument("--concurrency", type=int, default=1, help="turns using the model at once (default 1)")
-
-
 def load_indexes(specs: list[str] | None, pipeline) -> dict[str, Any]:
     """``--index`` values (``DIR`` or ``NAME=DIR``) -> {name: ImageIndex}; with none, the tiny presets' shipped
     index."""
@@ -545,6 +534,8 @@ def load_indexes(specs: list[str] | None, pipeline) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fromage_gill.commands.serve import add_serve_args
+
     parser = argparse.ArgumentParser(prog="app.py", description="Chat with a FROMAGe / GILL model in the browser.")
     add_serve_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -582,8 +573,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     print(f"fromage_gill: {args.model} loaded in {time.monotonic() - t0:.0f} s; starting the app", file=sys.stderr)
     demo = build_demo(pipeline, options)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(), css=CSS,
-                allowed_paths=[str(ASSETS)])
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_style())
     return 0
 
 

@@ -304,7 +304,10 @@ class ChatSession:
                 turns.append(None)
                 k += 1
             turn = history[i]
-            out.append({"role": turn.role, "content": self._content(turn.segments) or [" "]})
+            content = self._content(turn.segments)
+            if turn.role == "assistant" and self.reasons.get(i) == "stopped":
+                content.append("*(stopped)*")
+            out.append({"role": turn.role, "content": content or [" "]})
             turns.append(i)
         while k < len(notes) and notes[k].after_turns <= shown:
             out.append(self._note_message(notes[k]))

@@ -20,6 +20,7 @@ COMMANDS = [
     "precompute",
     "caption",
     "train_lm",
+    "serve",
     "generate",
 ]
 

@@ -1,0 +1,265 @@
+"""The chat app in a real browser: Playwright drives Debian's Chromium against the app on 127.0.0.1 with tiny-gill,
+as a person would use it. Elements are found by their ``elem_id``. Saves the screenshots in docs/screenshots/.
+
+The tests share one page and run in file order (one conversation that grows, then is exported, cleared and loaded
+back); each test still asserts only its own step.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ROOT / "docs" / "screenshots"
+CAT, ROCKET = ROOT / "assets" / "images" / "chelsea.jpg", ROOT / "assets" / "images" / "rocket.jpg"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                                                       "(apt-get install -y chromium; .ci/run installs it)"),
+]
+
+sys.path.insert(0, str(ROOT))
+
+
+LM_DELAY_S = {"value": 0.0}  # per LM forward; the Stop test slows the tiny model so Stop surely lands mid-answer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gill):
+    import time
+
+    import app
+
+    model = tiny_gill.model
+    forward = model.forward_lm
+
+    def slowed(*args, **kwargs):
+        time.sleep(LM_DELAY_S["value"])
+        return forward(*args, **kwargs)
+
+    model.forward_lm = slowed  # instance attribute, removed below: the shared pipeline is otherwise untouched
+
+    indexes = app.load_indexes(None, tiny_gill)
+    options = app.AppOptions(indexes=indexes, defaults=dict(max_new_tokens=12, num_inference_steps=2,
+                                                            image_logit_bias=20.0, mode="retrieve"))
+    demo = app.build_demo(tiny_gill, options)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_style())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    del model.forward_lm
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(server)
+        pg.wait_for_selector("#message textarea")
+        yield pg
+        browser.close()
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+
+def bot_messages(page):
+    return page.locator("#chatbot .message-row.bot-row")
+
+
+def user_messages(page):
+    return page.locator("#chatbot .message-row.user-row")
+
+
+def chat_text(page) -> str:
+    return page.locator("#chatbot").inner_text()
+
+
+def send(page, text: str, files=()):
+    if files:
+        page.locator("#message input[type=file]").set_input_files([str(f) for f in files])
+        page.wait_for_function("n => document.querySelectorAll('#message .thumbnail-item, #message img').length >= n",
+                               arg=len(files))
+    page.locator("#message textarea").fill(text)
+    page.locator("#message textarea").press("Enter")
+
+
+def wait_idle(page):
+    """Until no event is running (gradio marks pending outputs with a visible status tracker)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function(
+        "() => !document.querySelector('#chatbot .generating, #chatbot [data-testid=\"status-tracker\"]:not(.hide)')"
+        " && !document.querySelector('#stop.generating')")
+    page.wait_for_timeout(300)
+
+
+def record_chat_changes(page):
+    page.evaluate("""() => {
+        window.__chat = [];
+        const root = document.querySelector('#chatbot');
+        const rec = () => { const rows = root.querySelectorAll('.message-row.bot-row');
+                            if (rows.length) window.__chat.push(rows[rows.length - 1].innerText); };
+        window.__obs && window.__obs.disconnect();
+        window.__obs = new MutationObserver(rec);
+        window.__obs.observe(root, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def set_slider(page, elem_id: str, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")  # the slider takes the typed value on blur
+    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input[type=range]`).value == v",
+                           arg=[elem_id, str(value)])
+
+
+def choose(page, elem_id: str, label: str):
+    page.locator(f"#{elem_id} label").filter(has_text=label).first.click()
+
+
+def download(page, button: str, into: Path) -> Path:
+    if not page.locator(f"#{button}").is_visible():
+        page.locator("#export").get_by_text("Export / load").first.click()
+    page.locator(f"#{button}").click()
+    name = "conversation.html" if "html" in button else "conversation.json"
+    href = page.wait_for_function(
+        "n => { const a = [...document.querySelectorAll('#export_file a')].find(a => a.href.includes(n));"
+        " return a && a.href; }", arg=name).json_value()
+    resp = page.request.get(href)
+    assert resp.ok, href
+    path = into / name
+    path.write_bytes(resp.body())
+    return path
+
+
+# -- the tests, in the order a person would go -----------------------------------------------------------------
+
+
+def test_empty_page(page):
+    assert page.locator("#chatbot").is_visible() and page.locator("#message textarea").is_visible()
+    for elem_id in ("stop", "regenerate", "undo", "clear", "settings", "export"):
+        assert page.locator(f"#{elem_id}").is_visible(), elem_id
+    assert "tiny-gill" in page.locator("#header").inner_text()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "empty.png"))
+
+
+def test_two_images_and_a_message_stream_a_labelled_image(page):
+    record_chat_changes(page)
+    send(page, "How are these two pictures different?", [CAT, ROCKET])
+    page.get_by_text("Retrieved (score").first.wait_for()
+    wait_idle(page)
+    user = user_messages(page)
+    assert user.count() == 1 and user.first.locator("img").count() == 2
+    assert "How are these two pictures different?" in user.first.inner_text()
+    bot = bot_messages(page).last
+    assert bot.locator("img").count() >= 1
+    assert "decision: p(generate) =" in bot.inner_text()
+    snapshots = [s for s in page.evaluate("window.__chat") if s.strip()]
+    assert len(set(snapshots)) >= 2, "the answer appears step by step, not all at once"
+
+
+def test_change_settings_and_generate(page):
+    page.locator("#settings").get_by_text("Settings").first.click()
+    choose(page, "set_mode", "generate")
+    set_slider(page, "set_max_new_tokens", 10)
+    page.locator("#set_mode").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "settings.png"), full_page=True)
+    send(page, "Now draw me a picture of it.")
+    page.get_by_text("Generated (seed").first.wait_for()
+    wait_idle(page)
+    assert bot_messages(page).count() == 2
+    assert "Generated (seed" in bot_messages(page).last.inner_text()
+    page.locator("#settings").get_by_text("Settings").first.click()  # close it again
+    page.locator("#chatbot").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "conversation.png"))
+
+
+def test_regenerate_gives_a_new_seed(page):
+    before = bot_messages(page).last.inner_text()
+    page.locator("#regenerate").click()
+    page.wait_for_function("old => { const r = document.querySelectorAll('#chatbot .message-row.bot-row');"
+                           " const t = r[r.length - 1].innerText; return t !== old && t.includes('Generated (seed'); }",
+                           arg=before)
+    wait_idle(page)
+    assert bot_messages(page).count() == 2 and user_messages(page).count() == 2
+    seed = [line for line in bot_messages(page).last.inner_text().splitlines() if "Generated (seed" in line]
+    assert seed and seed[0] not in before
+
+
+def test_undo_removes_the_last_exchange(page):
+    page.locator("#undo").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row.user-row').length === 1")
+    assert bot_messages(page).count() == 1
+    assert "Generated (seed" not in chat_text(page)
+
+
+def test_stop_mid_stream_keeps_the_text(page):
+    page.locator("#settings").get_by_text("Settings").first.click()
+    choose(page, "set_mode", "text")
+    set_slider(page, "set_max_new_tokens", 400)
+    page.locator("#settings").get_by_text("Settings").first.click()
+    LM_DELAY_S["value"] = 0.05  # 400 tokens would take > 20 s
+    send(page, "hello")
+    page.wait_for_function("() => { const r = document.querySelectorAll('#chatbot .message-row.bot-row');"
+                           " return r.length === 2 && r[1].innerText.trim().length > 3 && !r[1].innerText.includes('…')"
+                           " }")
+    page.locator("#stop").click()
+    try:
+        page.get_by_text("(stopped)").first.wait_for(timeout=20_000)
+    except playwright_api.TimeoutError:
+        page.screenshot(path="/tmp/stop_failed.png", full_page=True)
+        raise AssertionError(f"no '(stopped)' mark; the chat shows: {chat_text(page)[-600:]}") from None
+    LM_DELAY_S["value"] = 0.0
+    wait_idle(page)
+    assert bot_messages(page).count() == 2
+    assert len(bot_messages(page).last.inner_text().replace("(stopped)", "").strip()) > 3
+
+
+def test_bad_file_is_explained_in_the_chat(page, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("not an image")
+    send(page, "what is in this file?", [f])
+    page.get_by_text("not a readable image").first.wait_for()
+    assert user_messages(page).count() == 2 and bot_messages(page).count() >= 2  # the conversation is intact
+    assert "notes.txt" in bot_messages(page).last.inner_text()
+
+
+def test_export_html_and_json_then_load_back(page, tmp_path):
+    html_file = download(page, "export_html", tmp_path)
+    html = html_file.read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "Retrieved" in html
+
+    json_file = download(page, "export_json", tmp_path)
+    data = json.loads(json_file.read_text())
+    assert [t["role"] for t in data["turns"]] == ["user", "assistant"] * 2
+
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 0")
+    with page.expect_file_chooser() as chooser:
+        page.locator("#load_json").click()
+    chooser.value.set_files(str(json_file))
+    page.get_by_text("Loaded a conversation of 4 turns").first.wait_for()
+    wait_idle(page)
+    assert user_messages(page).count() == 2
+    assert "How are these two pictures different?" in chat_text(page)
+    assert page.locator("#chatbot img").count() >= 3
