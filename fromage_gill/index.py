@@ -64,6 +64,7 @@ BLOCK_ROWS = 32768  # rows per chunk when streaming vectors to disk or FAISS
 # Exact search scores a block of rows per matmul; the (Q, block) scores are bounded by this many floats (64 MB).
 # Few, large blocks matter: every BLAS call wakes its threads, which costs a scheduler slice on a busy machine.
 SCORE_BUDGET = 1 << 24
+LARGE_INDEX = 10_000_000  # above this, loading suggests a FAISS index (exact search stays available)
 MAX_CONVERTED_ROWS = 1 << 17  # float16 blocks are converted to float32 copies: at most 128 MB at D=256
 
 
@@ -334,6 +335,10 @@ class ImageIndex:
                 faiss_index = None
             if faiss_index is not None:
                 _apply_faiss_settings(faiss_index, settings)
+        if faiss_index is None and vectors.shape[0] > LARGE_INDEX:
+            logger.info("%s holds %d vectors: exact search reads all %.1f GB per query batch; for faster, approximate "
+                        "search build a FAISS index: fromage-gill index faiss %s --kind hnsw", d, vectors.shape[0],
+                        vectors.nbytes / 1e9, d)
         return cls(vectors, records, fingerprint, model=meta.get("model"), directory=d, faiss_index=faiss_index,
                    faiss_settings=settings if faiss_index is not None else None, fetch_config=fetch_config)
 
