@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import subprocess
 import sys
 import time
 import zlib
@@ -324,12 +323,13 @@ def test_nonsense_export_json(chatting, tmp_path, content):
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def test_no_weights_offline_says_how_to_start_the_tiny_demo(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.run([sys.executable, str(ROOT / "app.py")], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "tiny-gill" in line]
-    assert len(errors) == 1 and "python app.py --model tiny-gill" in errors[0], proc.stderr
+@pytest.mark.parametrize("entry", ["app.py", "fromage-gill serve"])
+def test_no_weights_offline_says_how_to_start_the_tiny_demo(entry, capsys):
+    """No flags, no published weights on disk, no network (HF_HUB_OFFLINE=1): one line with the way out."""
+    from fromage_gill import cli
+
+    rc = app.main([]) if entry == "app.py" else cli.main(["serve"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "tiny-gill" in line]
+    assert len(lines) == 1 and "python app.py --model tiny-gill" in lines[0], err

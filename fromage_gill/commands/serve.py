@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from .common import add_model_args
@@ -51,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
     path = find_app()
     spec = importlib.util.spec_from_file_location("fromage_gill_app", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module.serve(args)
