@@ -78,6 +78,10 @@ def test_resume_continues_the_same_curve(shapes, tmp_path):
     curve = [h["total"] for h in first.history + second.history]
     assert curve == pytest.approx([h["total"] for h in straight.history], rel=1e-5, abs=1e-6)
     assert len(set(curve)) > 1  # it moved: the comparison is not between constants
+    # the published renormalisation: every [IMG] row keeps the mean norm of the LM's own embedding rows
+    m = straight.model
+    base = m.lm.get_input_embeddings().weight[: m.n_base].norm(dim=-1).mean()
+    torch.testing.assert_close(m.image_token_embeddings.norm(dim=-1), base.expand(8), rtol=1e-5, atol=1e-6)
     a = read_native(tmp_path / "a" / "model.safetensors")
     b = read_native(tmp_path / "b" / "model.safetensors")
     for k in a:
@@ -134,6 +138,11 @@ def test_other_lms_untied_embeddings_missing_pad_and_chat_template(tmp_path, sha
     # the untied output row of [RET] is trained (it decides when the LM emits [RET])
     assert not torch.equal(m.image_token_output, fresh.image_token_output)
     assert res.history[-1]["retrieval_lm"] < res.history[0]["retrieval_lm"]
+    # the untied output row is kept at the mean norm of the LM's output rows, the input row at the input rows'
+    out_norm = m.lm.get_output_embeddings().weight[: m.n_base].norm(dim=-1).mean()
+    in_norm = m.lm.get_input_embeddings().weight[: m.n_base].norm(dim=-1).mean()
+    torch.testing.assert_close(m.image_token_output.norm(dim=-1), out_norm.expand(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.image_token_embeddings.norm(dim=-1), in_norm.expand(1), rtol=1e-5, atol=1e-6)
 
 
 def _preset_path(name: str):

@@ -399,6 +399,10 @@ def train(tc: TrainConfig) -> TrainResult:
     warmup = tc.warmup if tc.warmup is not None else DEFAULT_WARMUP[cfg.kind]
     optimizer = torch.optim.AdamW(list(trained.values()), lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, tc.lr_decay_steps))
+    # The published code (FROMAGe and GILL) rescales the trained [RET]/[IMG] rows after every step to the mean norm
+    # of the LM's own embedding rows, so the new tokens stay on the scale the frozen LM expects; untied output rows
+    # get the same treatment against the LM's output rows.
+    token_norm = mean_embedding_norm(model)
     objective = Objective(model, tokenizer, weights=tc.loss_weights, max_caption_tokens=tc.max_caption_tokens,
                           accelerator=accelerator, diffusion=pipe.diffusion)
     if world > 1:
@@ -481,6 +485,7 @@ def train(tc: TrainConfig) -> TrainResult:
             seen += len(batch)
         accelerator.clip_grad_norm_(list(trained.values()), tc.grad_clip)
         optimizer.step()
+        renormalize_image_tokens(model, token_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -507,6 +512,25 @@ def train(tc: TrainConfig) -> TrainResult:
     return TrainResult(out=out, step=step, history=history, validation=validation,
                        skipped=records.skipped.total + total_skipped, model=model,
                        step_seconds=step_seconds, is_main_process=main)
+
+
+@torch.no_grad()
+def mean_embedding_norm(model) -> tuple[float, float | None]:
+    """Mean L2 norm of the LM's input embedding rows (and of its output rows when untied)."""
+    def mean_norm(weight: torch.Tensor) -> float:
+        return float(weight[: model.n_base].float().norm(dim=-1).mean())
+
+    out = None if model.tied else mean_norm(model.lm.get_output_embeddings().weight)
+    return mean_norm(model.lm.get_input_embeddings().weight), out
+
+
+@torch.no_grad()
+def renormalize_image_tokens(model, norms: tuple[float, float | None]) -> None:
+    rows = [(model.image_token_embeddings, norms[0])]
+    if model.image_token_output is not None:
+        rows.append((model.image_token_output, norms[1]))
+    for param, norm in rows:
+        param.mul_(norm / param.float().norm(dim=-1, keepdim=True).clamp(min=1e-12))
 
 
 def _features(model, batch: Batch, device) -> torch.Tensor:
