@@ -176,6 +176,9 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
     cfg, _ = resolve_config(name_or_path, preset=preset)
+    if not isinstance(cfg, ModelConfig):  # kind "magic": a plain LM + CLIP, no grounded model to build
+        raise ConfigError(f"{cfg.name!r} is a {cfg.kind!r} preset (a plain LM + CLIP): load it with "
+                          f"fromage_gill.magic.load_magic, or run `fromage-gill caption IMAGE --model {cfg.name}`")
     if weights is not None:
         fmt = cfg.weights_format
         if weights != RANDOM_WEIGHTS and Path(weights).is_dir():

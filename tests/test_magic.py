@@ -233,6 +233,13 @@ def test_unknown_decoding_and_non_magic_model(tiny):
         load_magic("tiny-fromage", device="cpu")
 
 
+def test_load_pipeline_points_magic_presets_to_load_magic():
+    from fromage_gill import load_pipeline
+
+    with pytest.raises(ConfigError, match="load_magic"):
+        load_pipeline("tiny-magic", device="cpu")
+
+
 def test_a_model_with_no_clip_text_tower_cannot_use_magic(make_pipeline):
     pipe = make_pipeline("tiny-fromage")
     with pytest.raises(ValueError, match="a model with no CLIP text tower cannot use magic decoding; .*attach_clip"):
