@@ -71,10 +71,12 @@ def test_trains_only_the_trained_layers_and_writes_a_loadable_run(shapes, tmp_pa
 
 
 def test_resume_continues_the_same_curve(shapes, tmp_path):
-    straight = run(shapes, tmp_path / "a", max_steps=6, save_every=3, model="tiny-gill", batch_size=4, lr=3e-3)
-    first = run(shapes, tmp_path / "b", max_steps=3, save_every=3, model="tiny-gill", batch_size=4, lr=3e-3)
-    second = run(shapes, tmp_path / "b", max_steps=6, save_every=3, model="tiny-gill", batch_size=4, lr=3e-3,
-                 resume=str(tmp_path / "b"))
+    # warm-up and gradient accumulation included: the scheduler and the data position must resume too
+    kw = dict(save_every=3, model="tiny-gill", batch_size=4, lr=3e-3, warmup=4, grad_accum=2)
+    straight = run(shapes, tmp_path / "a", max_steps=6, **kw)
+    first = run(shapes, tmp_path / "b", max_steps=3, **kw)
+    second = run(shapes, tmp_path / "b", max_steps=6, resume=str(tmp_path / "b"), **kw)
+    assert [h["lr"] for h in straight.history] == pytest.approx([3e-3 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
     curve = [h["total"] for h in first.history + second.history]
     assert curve == pytest.approx([h["total"] for h in straight.history], rel=1e-5, abs=1e-6)
     assert len(set(curve)) > 1  # it moved: the comparison is not between constants

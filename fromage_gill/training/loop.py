@@ -484,6 +484,7 @@ def train(tc: TrainConfig) -> TrainResult:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             seen += len(batch)
         accelerator.clip_grad_norm_(list(trained.values()), tc.grad_clip)
+        lr_used = scheduler.get_last_lr()[0]
         optimizer.step()
         renormalize_image_tokens(model, token_norm)
         scheduler.step()
@@ -491,7 +492,7 @@ def train(tc: TrainConfig) -> TrainResult:
         step += 1
         step_seconds.append(time.perf_counter() - t_step)
         record = _global_means(sums, tc.grad_accum, accelerator)
-        record["lr"] = scheduler.get_last_lr()[0]
+        record["lr"] = lr_used
         history.append(record)
         if main:
             elapsed = sum(step_seconds)  # training time only: validation and checkpoints excluded
