@@ -43,7 +43,8 @@ WORKER = textwrap.dedent('''
     loss = contrastive_loss(all_text, all_image, torch.tensor(0.5))
     loss.backward()
     torch.save({"text": text.detach(), "image": image.detach(), "loss": loss.detach(), "grad_text": text.grad,
-                "grad_image": image.grad, "history": res.history, "world": acc.num_processes},
+                "grad_image": image.grad, "history": res.history, "world": acc.num_processes,
+                "skipped": res.skipped},
                f"{out}/rank{rank}.pt")
 ''')
 
@@ -57,6 +58,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_train_identically_and_share_negatives(tmp_path):
     data = make_shapes(tmp_path / "data", 30, fmt="tsv")
+    for i in (3, 11, 17):  # unreadable: the processes' batches then differ in size, which the gather must handle
+        (tmp_path / "data" / "images" / f"{i:05d}.png").write_bytes(b"broken")
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -80,6 +83,7 @@ def test_two_processes_train_identically_and_share_negatives(tmp_path):
     # process's gradient equal to the full loss's gradient for its own rows.
     r0, r1 = torch.load(out / "rank0.pt", weights_only=False), torch.load(out / "rank1.pt", weights_only=False)
     assert r0["world"] == 2
+    assert r0["skipped"] == r1["skipped"] == 3  # all three broken images are in the training split: met once each
     text = torch.cat([r0["text"], r1["text"]]).requires_grad_()
     image = torch.cat([r0["image"], r1["image"]]).requires_grad_()
     ref = contrastive_loss(text, image, torch.tensor(0.5))

@@ -114,6 +114,16 @@ def test_a_run_killed_while_saving_leaves_the_last_good_checkpoint(shapes, tmp_p
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004"]
 
 
+def test_unreadable_images_are_skipped_and_counted_even_whole_batches(tmp_path):
+    data = make_shapes(tmp_path / "d", 8, fmt="tsv")
+    for i in range(2, 8):  # 6 of 8 broken: with batches of 2, at least two micro-batches have no usable image
+        (tmp_path / "d" / "images" / f"{i:05d}.png").write_bytes(b"broken")
+    res = run(data, tmp_path / "run", max_steps=4, batch_size=2, val_fraction=0.0)
+    assert res.step == 4 and res.skipped == 6  # one epoch: every broken image met once, none replaced
+    assert all(torch.isfinite(torch.tensor(h["total"])) for h in res.history)
+    assert sum("caption" in h for h in res.history) <= 2  # steps without a usable image train nothing
+
+
 @pytest.mark.parametrize("lm_type", ["llama", "opt"])
 def test_other_lms_untied_embeddings_missing_pad_and_chat_template(tmp_path, shapes, lm_type):
     from fromage_gill.backbones import train_tiny_tokenizer

@@ -191,8 +191,9 @@ class Batch:
 
 def collate(items: list[dict]) -> Batch:
     """Stack the usable items; the unreadable ones are dropped and reported in ``Batch.skipped``."""
-    good = [it for it in items if it.get("pixels") is not None or it.get("features") is not None]
-    bad = [(it["key"], it.get("error", "unreadable")) for it in items if it not in good]
+    usable = [it.get("pixels") is not None or it.get("features") is not None for it in items]
+    good = [it for it, ok in zip(items, usable, strict=True) if ok]
+    bad = [(it["key"], it.get("error", "unreadable")) for it, ok in zip(items, usable, strict=True) if not ok]
     batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good], skipped=bad)
     if good and good[0].get("pixels") is not None:
         batch.pixels = torch.stack([it["pixels"] for it in good])

@@ -65,6 +65,7 @@ TRAINER_STATE = "trainer_state.pt"
 DEFAULT_LR = {"fromage": 3e-4, "gill": 1e-3}
 DEFAULT_WARMUP = {"fromage": 0, "gill": 2000}
 LOSS_NAMES = ("caption", "retrieval_lm", "contrastive", "generation")
+METRIC_KEYS = ("total", *LOSS_NAMES, "caption_correct", "caption_counted")
 
 
 @dataclass(frozen=True)
@@ -468,6 +469,7 @@ def train(tc: TrainConfig) -> TrainResult:
     while step < tc.max_steps:
         t_step = time.perf_counter()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for micro in range(tc.grad_accum):
             batch: Batch = next(batches)
             skipped_during += len(batch.skipped)
@@ -482,6 +484,7 @@ def train(tc: TrainConfig) -> TrainResult:
                 accelerator.backward(parts["total"] / tc.grad_accum)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+                counts[k] = counts.get(k, 0) + 1
             seen += len(batch)
         accelerator.clip_grad_norm_(list(trained.values()), tc.grad_clip)
         lr_used = scheduler.get_last_lr()[0]
@@ -491,7 +494,7 @@ def train(tc: TrainConfig) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         step_seconds.append(time.perf_counter() - t_step)
-        record = _global_means(sums, tc.grad_accum, accelerator)
+        record = _global_means(sums, counts, accelerator)
         record["lr"] = lr_used
         history.append(record)
         if main:
@@ -542,15 +545,17 @@ def _features(model, batch: Batch, device) -> torch.Tensor:
     return model.encode_images(batch.pixels.to(device))
 
 
-def _global_means(sums: dict[str, float], accum: int, accelerator) -> dict[str, float]:
-    keys = [k for k in ("total", *LOSS_NAMES) if k in sums]
-    t = torch.tensor([sums[k] / accum for k in keys], device=accelerator.device, dtype=torch.float64)
-    t = accelerator.reduce(t, "mean")
-    record = dict(zip(keys, t.tolist(), strict=True))
-    if "caption_counted" in sums:
-        c = accelerator.reduce(torch.tensor([sums["caption_correct"], sums["caption_counted"]],
-                                            device=accelerator.device, dtype=torch.float64), "sum")
-        record["caption_acc"] = float(c[0] / c[1].clamp(min=1))
+def _global_means(sums: dict[str, float], counts: dict[str, int], accelerator) -> dict[str, float]:
+    """Means over every micro-batch of every process. One reduction of a fixed-length vector, so that a process
+    whose micro-batch was empty (all images unreadable) still matches the others."""
+    n = len(METRIC_KEYS)
+    vec = torch.tensor([sums.get(k, 0.0) for k in METRIC_KEYS] + [float(counts.get(k, 0)) for k in METRIC_KEYS],
+                       device=accelerator.device, dtype=torch.float64)
+    vec = accelerator.reduce(vec, "sum").tolist()
+    total, count = dict(zip(METRIC_KEYS, vec[:n], strict=True)), dict(zip(METRIC_KEYS, vec[n:], strict=True))
+    record = {k: total[k] / count[k] for k in ("total", *LOSS_NAMES) if count[k]}
+    if total["caption_counted"]:
+        record["caption_acc"] = total["caption_correct"] / total["caption_counted"]
     return record
 
 
