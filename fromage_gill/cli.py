@@ -15,6 +15,7 @@ import sys
 COMMANDS = [
     "presets",
     "convert",
+    "toy",
     "index",
     "train",
     "precompute",

@@ -209,6 +209,7 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
             f"{cfg.name!r} names no trained weights. {cfg.description} "
             f"Pass weights=DIR (or --weights DIR), or weights='random' to start training from scratch."
         )
+    config, cfg = cfg, in_checkout(cfg)  # the Pipeline keeps the portable "repo:" paths; loading uses real ones
     logger.info("loading %s: tokenizer", cfg.name)
     tokenizer = load_tokenizer(cfg.lm)
     image_token_ids = add_image_tokens(tokenizer, cfg.image_tokens)
@@ -233,7 +234,34 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
                 f"mapper.out_dim is {cfg.mapper.out_dim} but the diffusion text encoder is {enc_width} wide; "
                 f"set mapper.out_dim to {enc_width} or use a matching diffusion model"
             )
-    return Pipeline(config=cfg, model=model, tokenizer=tokenizer, diffusion=sd, device=device, dtype=dtype)
+    return Pipeline(config=config, model=model, tokenizer=tokenizer, diffusion=sd, device=device, dtype=dtype)
+
+
+CHECKOUT_PREFIX = "repo:"  # "repo:checkpoints/toy/lm": a path inside the repository checkout holding this package
+
+
+def checkout_path(source: str | None) -> str | None:
+    """``repo:REL`` -> the absolute path of REL in the repository checkout (the folder above ``fromage_gill/``);
+    anything else unchanged. Lets a shipped preset name checkpoints that live in the repository (the toy world's)
+    whatever the working directory."""
+    if source is None or not source.startswith(CHECKOUT_PREFIX):
+        return source
+    root = Path(__file__).resolve().parent.parent
+    path = root / source[len(CHECKOUT_PREFIX):]
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{source!r} means {path}, which does not exist. It is built inside the repository checkout; for the "
+            f"toy presets run `fromage-gill toy build` from the repository root (see its README section)"
+        )
+    return str(path)
+
+
+def in_checkout(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with every ``repo:`` source (LM, tokenizer, vision, diffusion, weights) made an absolute path."""
+    lm = dataclasses.replace(cfg.lm, source=checkout_path(cfg.lm.source), tokenizer=checkout_path(cfg.lm.tokenizer))
+    vision = dataclasses.replace(cfg.vision, source=checkout_path(cfg.vision.source))
+    diffusion = cfg.diffusion and dataclasses.replace(cfg.diffusion, source=checkout_path(cfg.diffusion.source))
+    return dataclasses.replace(cfg, lm=lm, vision=vision, diffusion=diffusion, weights=checkout_path(cfg.weights))
 
 
 def load_weights(model: GroundedLM, cfg: ModelConfig) -> None:

@@ -1,0 +1,93 @@
+"""The toy build machinery: every stage runs (a few steps each) and writes directories that fromage_gill's own
+loaders read; "repo:" paths in presets resolve inside the checkout. Quality is measured by the real build."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fromage_gill.backbones import load_diffusion, load_lm, load_tokenizer, load_vision
+from fromage_gill.config import DiffusionSpec, LMSpec, VisionSpec
+from fromage_gill.pipeline import checkout_path
+from fromage_gill.toy import pretrain
+from fromage_gill.toy import world as W
+from fromage_gill.toy.build import REPORT, build
+
+
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    threads = torch.get_num_threads()
+    try:
+        report = build(out, stages=list(pretrain.STAGES), recipe=pretrain.Recipe.smoke(), threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    return out, report
+
+
+def test_every_stage_reports_time_and_quality(smoke_build):
+    out, report = smoke_build
+    assert json.loads((out / REPORT).read_text()) == json.loads(json.dumps(report))
+    stages = report["stages"]
+    assert list(stages) == ["tokenizer", "clip", "lm", "vae", "unet"]
+    assert all(s["seconds"] > 0 for s in stages.values())
+    assert 0 <= stages["clip"]["retrieval_R@1"] <= stages["clip"]["retrieval_R@10"] <= 1
+    assert stages["lm"]["test_perplexity"] > 1
+    assert (out / "diffusion_samples.png").is_file() and (out / "vae_recon.png").is_file()
+
+
+def test_backbones_load_with_the_project_loaders(smoke_build):
+    out, _ = smoke_build
+    tok = load_tokenizer(LMSpec(source=str(out / "lm")))
+    ids = tok("a red circle").input_ids
+    assert ids[0] == tok.bos_token_id == tok.convert_tokens_to_ids("</s>")  # OPT convention: BOS first
+    assert tok.decode(ids[1:]) == "a red circle"
+    lm = load_lm(LMSpec(source=str(out / "lm")), tok, dtype=torch.float32, device="cpu")
+    assert lm.config.vocab_size == len(tok)
+
+    vision = load_vision(VisionSpec(backend="hf_clip", source=str(out / "clip")), dtype=torch.float32, device="cpu")
+    image = W.scenes(1, split="test", seed=0)[0].render()
+    expected = pretrain.clip_pixels(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])
+    assert torch.equal(vision.processor([image]), expected)  # the CLIP was trained on what the loader feeds it
+
+    sd = load_diffusion(DiffusionSpec(source=str(out / "diffusion"), safety_checker=False), tok,
+                        dtype=torch.float32, device="cpu")
+    assert sd.tokenizer("a red circle").input_ids[-1] == sd.tokenizer.eos_token_id  # CLIP pools at EOS
+    assert sd.tokenizer.model_max_length == pretrain.Recipe.smoke().text_length
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(out / "clip")
+    encoder = sd.text_encoder.state_dict()
+    for name, value in clip.text_model.state_dict().items():  # the diffusion is conditioned on the CLIP's text tower
+        assert torch.equal(encoder.get(name, encoder.get(f"text_model.{name}")), value), name
+
+
+def test_a_stage_without_its_inputs_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--stage tokenizer --stage clip --stage vae"):
+        build(tmp_path, stages=["unet"], recipe=pretrain.Recipe.smoke())
+    with pytest.raises(ValueError, match="unknown --stage"):
+        build(tmp_path, stages=["bogus"], recipe=pretrain.Recipe.smoke())
+
+
+def test_repo_paths_resolve_inside_the_checkout():
+    import fromage_gill
+
+    assert checkout_path("repo:fromage_gill") == str(__import__("pathlib").Path(fromage_gill.__file__).resolve().parent)
+    assert checkout_path("facebook/opt-6.7b") == "facebook/opt-6.7b"
+    assert checkout_path(None) is None
+    with pytest.raises(FileNotFoundError, match="fromage-gill toy build"):
+        checkout_path("repo:checkpoints/no-such-thing")
+
+
+def test_data_stage_alone_exports_training_data_only(tmp_path):
+    report = build(tmp_path / "toy", stages=["data"], recipe=pretrain.Recipe.smoke(), n_data=6)
+    assert list(report["stages"]) == ["data"]
+    assert not (tmp_path / "toy" / "clip").exists()  # no pretraining stage ran
+    rows = (tmp_path / "toy-data" / "train" / "captions.tsv").read_text().splitlines()
+    assert rows[0] == "caption\timage" and len(rows) == 7
+    decisions = (tmp_path / "toy-data" / "decision_train.tsv").read_text().splitlines()
+    labels = {line.split("\t")[1] for line in decisions[1:]}
+    assert labels == {"retrieve", "generate"}
