@@ -454,7 +454,8 @@ def train(tc: TrainConfig) -> TrainResult:
         metrics["step"] = step
         validation.append(metrics)
         if main:
-            logger.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            logger.info("step %d validation: %s", step,
+                        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
             if writer is not None:
                 for k, v in metrics.items():
                     if k != "step":
