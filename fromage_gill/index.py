@@ -632,7 +632,7 @@ def build_index(pipeline, images_source: str | Path, out_dir: str | Path, *, bat
                     emb = model.image_embedding(model.encode_images(pixels))  # (B, D) normalised float32
                 vec_f.write(np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32).tobytes())
                 for item, _, data in good:
-                    rec = _record_for(item, data, out, relative_paths)
+                    rec = _record_for(item, data, out, relative_paths, source)
                     rec_f.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
             for f in (vec_f, rec_f, skip_f):
                 f.flush()
@@ -675,8 +675,10 @@ def _tsv(s: str) -> str:
     return s.replace("\t", " ").replace("\n", " ")
 
 
-def _record_for(item: ImageItem, data: bytes, out: Path, relative_paths: bool) -> dict:
+def _record_for(item: ImageItem, data: bytes, out: Path, relative_paths: bool, source: str) -> dict:
     rec = item.record()
+    rec.setdefault("source", source)  # the image set it came from, unless the list names a better source
+    rec.setdefault("license", "unknown")  # never guessed: lists can carry a license column
     if item.path is not None:
         p = Path(item.path).resolve()
         rec["path"] = os.path.relpath(p, out.resolve()) if relative_paths else str(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -311,7 +312,9 @@ def test_build_skips_bad_images_by_name_and_finds_each_good_one(tiny_fromage, me
     res = index.search(queries, 2)
     assert (res.ids[:, 0] == np.arange(len(index))).all()
     assert np.allclose(res.scores[:, 0], 1, atol=1e-5) and (res.scores[:, 1] < res.scores[:, 0]).all()
-    assert all(len(index.record(i)["sha256"]) == 64 for i in range(3))
+    rec = index.record(0)
+    assert len(rec["sha256"]) == 64 and rec["license"] == "unknown" and rec["source"] == str(root)
+    assert rec["sha256"] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
     with pytest.raises(FileExistsError, match="--overwrite"):
         build_index(tiny_fromage, root, tmp_path / "ix", progress=False)
 
