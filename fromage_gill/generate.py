@@ -614,8 +614,9 @@ def generate_batch(pipeline, prompts: Sequence[Sequence[str | Image.Image]], set
                    *, dialogue: bool = False) -> list[GenerationOutput]:
     """Decode several prompts together (left padding, attention mask, per-row positions).
 
-    ``prompts``: each a list of str and images in order (no template unless ``dialogue``: then each prompt is one
-    user turn of the model's dialogue template). Under greedy decoding each output equals the unbatched one.
+    ``prompts``: each a list of str and images in order, and ``TokenIds`` for exact token prompts (no template unless
+    ``dialogue``: then each prompt is one user turn of the model's dialogue template). Under greedy decoding each
+    output equals the unbatched one.
     """
     settings = settings or GenerationSettings()
     check_settings(pipeline, settings)
@@ -627,7 +628,7 @@ def generate_batch(pipeline, prompts: Sequence[Sequence[str | Image.Image]], set
     rows: list[_Row] = []
     budget = context_length(pipeline) - settings.max_new_tokens - _image_positions(pipeline, settings)
     for i, p in enumerate(prompts):
-        segs = normalize_message(p, name=f"prompts[{i}]")
+        segs = normalize_message(p, name=f"prompts[{i}]", allow_token_ids=True)
         pieces = dialogue_pieces([Turn("user", segs)], cfg.dialogue, m.image_token_ids) if dialogue else segs
         prompt = encode_pieces(pipeline.tokenizer, pieces, cfg.n_visual_tokens)
         if len(prompt) > budget:
@@ -792,7 +793,11 @@ class Chat:
         return gen
 
     def _close_active(self) -> None:
-        gen, self._active = self._active, None
+        gen = self._active
+        if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_RUNNING:
+            raise ValueError("a turn of this chat is still running in another thread: call stop() and let it end "
+                             "before changing the conversation")
+        self._active = None
         if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_SUSPENDED:
             gen.close()  # the abandoned turn ends as "stopped", keeping what it produced
 

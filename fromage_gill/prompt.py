@@ -92,12 +92,14 @@ class Turn:
 # ---------------------------------------------------------------------------------------------- messages
 
 
-def normalize_message(message: Sequence[object], *, name: str = "message") -> list[str | ImageSegment]:
+def normalize_message(message: Sequence[object], *, name: str = "message",
+                      allow_token_ids: bool = False) -> list[str | ImageSegment]:
     """Check a user message (a list of str and images, in order) and load its images.
 
     Images may be PIL images, ``ImageSegment``s, ``bytes`` or ``pathlib.Path`` (a ``str`` is always text); each
     goes through ``images.load_image`` (corrupt, empty and oversized images raise ``ImageError``). Raises
-    ``ValueError`` for an empty message.
+    ``ValueError`` for an empty message. ``allow_token_ids``: also accept ``TokenIds`` (ids used verbatim, for
+    evaluation scripts and benchmarks that need exact prompts).
     """
     if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
         message = [message]
@@ -106,7 +108,7 @@ def normalize_message(message: Sequence[object], *, name: str = "message") -> li
         if isinstance(item, str):
             if item:
                 out.append(item)
-        elif isinstance(item, ImageSegment):
+        elif isinstance(item, ImageSegment) or (allow_token_ids and isinstance(item, TokenIds) and item.ids):
             out.append(item)
         elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
             what = str(item) if isinstance(item, Path) else f"{name} item {i}"
@@ -116,7 +118,7 @@ def normalize_message(message: Sequence[object], *, name: str = "message") -> li
                 f"{name} item {i} is a {type(item).__name__}; a message is a list of str (text) and "
                 f"PIL images (or image bytes / pathlib.Path)"
             )
-    if not any(isinstance(s, ImageSegment) or s.strip() for s in out):
+    if not any(not isinstance(s, str) or s.strip() for s in out):
         raise ValueError(f"the {name} is empty: give some text or an image")
     return out
 
