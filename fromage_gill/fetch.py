@@ -239,7 +239,9 @@ class ImageFetcher:
                 return self.fetch_url(url)
             if not path:
                 raise ImageError(f"record {source} has neither a url nor a path")
-            item = ImageItem(name=str(path), path=str(self._resolve(path)), member=source.get("member"),
+            resolved = str(self._resolve(path))
+            item = ImageItem(name=resolved if source.get("member") is None else f"{resolved}:{source['member']}",
+                             path=resolved, member=source.get("member"),
                              offset=source.get("offset"), size=source.get("size"))
             return self.load(item)
         if isinstance(source, ImageItem):
