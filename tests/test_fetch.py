@@ -262,3 +262,20 @@ def test_local_paths_use_the_pixel_limit(tmp_path):
     with pytest.raises(ImageError, match="pixels"):
         ImageFetcher().load(str(p))
     assert ImageFetcher().fetch_first([str(p)]) is None
+
+
+def test_build_index_from_a_url_list(server, tiny_fromage, tmp_path):
+    from fromage_gill.index import ImageIndex, build_index
+
+    (tmp_path / "urls.tsv").write_text(f"a noise square\t{server}/img5\nbroken\t{server}/html\n"
+                                       f"gone\t{server}/missing\nanother\t{server}/img6\n")
+    with pytest.raises(ValueError, match="no image"):  # the default policy refuses the loopback server
+        build_index(tiny_fromage, tmp_path / "urls.tsv", tmp_path / "refused", progress=False)
+    report = build_index(tiny_fromage, tmp_path / "urls.tsv", tmp_path / "ix", progress=False,
+                         fetch_config=FetchConfig(allow_private=True))
+    assert report.count == 2 and [n for n, _ in report.skipped] == [f"{server}/html", f"{server}/missing"]
+    index = ImageIndex.load(tmp_path / "ix")
+    assert [index.record(i)["caption"] for i in range(2)] == ["a noise square", "another"]
+    index.set_fetch_config(FetchConfig(allow_private=True))
+    found = index.fetch_first([0])
+    assert found is not None and np.array_equal(np.asarray(found[1]), np.asarray(Image.open(io.BytesIO(_png(5)))))

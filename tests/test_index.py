@@ -319,6 +319,16 @@ def test_build_skips_bad_images_by_name_and_finds_each_good_one(tiny_fromage, me
         build_index(tiny_fromage, root, tmp_path / "ix", progress=False)
 
 
+def test_cli_build_lists_skipped_images_by_name(messy_folder, tmp_path, capsys):
+    root, good, bad_names = messy_folder
+    assert cli_main(["index", "build", "--model", "tiny-fromage", "--device", "cpu", "--images", str(root),
+                     "--out", str(tmp_path / "ix"), "--no-progress", "--storage-dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(good)} images indexed, {len(bad_names)} skipped" in out
+    assert all(f"skipped {root / name}:" in out for name in bad_names)
+    assert ImageIndex.load(tmp_path / "ix").dtype == "float16"
+
+
 def test_interrupted_build_resumes_without_redoing_batches(make_pipeline, tmp_path):
     pipeline = make_pipeline("tiny-fromage")
     folder = tmp_path / "imgs"
