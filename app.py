@@ -282,8 +282,10 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         session.settings = settings
         yield from run_turn(session, lambda: session.chat.regenerate(settings), None, gr.update())
 
-    def edit(session: ChatSession | None, turn_index: float | None, text: str | None, **ui):
-        """Branch from a past user message: keep its images, replace its text, answer again."""
+    def edit(session: ChatSession | None, turn_index: float | None, text: str | None, part: int | None = None,
+             **ui):
+        """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
+        drop what came after it, and answer again."""
         session = session or new_session(ui.get("index"))
         session.clear_errors()
         history = session.chat.history
@@ -296,11 +298,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 raise ValueError("Still answering: wait for it or press Stop before editing.")
             use_index(session, ui.get("index"))
             settings = make_settings(defaults, ui)
-            images = [s for s in history[i].segments if not isinstance(s, str)]
-            images = [getattr(s, "image", s) for s in images]
-            segments = [*images, text.strip()] if text and text.strip() else images
-            if not segments:
-                raise ValueError("The edited message is empty: type some text.")
+            segments = chat_ui.edited_message(history[i].segments, text or "", part)
         except ValueError as e:
             session.note(str(e), kind="error")
             yield session, session.messages(), gr.update()
@@ -413,7 +411,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=close_session)
         gr.Markdown(header_markdown(pipeline, index_names), elem_id="header")
         chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=560, editable="user",
-                             group_consecutive_messages=True, buttons=["copy", "copy_all"],
+                             group_consecutive_messages=False, buttons=["copy", "copy_all"],
                              placeholder="Attach one or more images and ask about them, or ask for a picture.")
         # No file_types filter: any file reaches the app, which explains in the chat why it cannot use it.
         message = gr.MultimodalTextbox(elem_id="message", file_count="multiple",
@@ -453,9 +451,10 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
         def ui_edit(session: ChatSession | None, data: gr.EditData, **ui):
             i = data.index if isinstance(data.index, int) else data.index[0]
-            turn = session.turn_of_message(i) if session is not None else None
+            where = session.turn_of_message(i) if session is not None else None
             value = data.value if isinstance(data.value, str) else _text_of(data.value)
-            yield from edit(session, turn, value, **ui)
+            turn, part = where if where is not None else (-1, None)
+            yield from edit(session, turn, value, part, **ui)
 
         chatbot.edit(ui_edit, inputs=[state], api_visibility="private", **io)
 

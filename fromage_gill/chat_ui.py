@@ -156,6 +156,26 @@ def build_message(text: str | None, files: Sequence[Any] | None, *,
     return segments
 
 
+def edited_message(segments: Sequence[Any], text: str, part: int | None = None) -> list[Any]:
+    """A past user message with new text: ``part`` = the index of the text segment to replace (None: all its text
+    becomes ``text``, where the first text was). Images stay where they were. ValueError if nothing is left."""
+    segments = list(segments)
+    text = text.strip()
+    if part is not None:
+        if not (0 <= part < len(segments)) or not isinstance(segments[part], str):
+            raise ValueError(f"Part {part} of that message is not text.")
+        out = segments[:part] + ([text] if text else []) + segments[part + 1:]
+    else:
+        first = next((k for k, s in enumerate(segments) if isinstance(s, str)), len(segments))
+        out = [s for k, s in enumerate(segments) if not isinstance(s, str) or k == first]
+        out = [text if isinstance(s, str) else s for s in out if not isinstance(s, str) or text]
+        if first == len(segments) and text:
+            out.append(text)
+    if not any(not isinstance(s, str) or s.strip() for s in out):
+        raise ValueError("The edited message is empty: type some text.")
+    return out
+
+
 def _open_attachment(f: Any) -> Image.Image:
     """A gradio file (path string, ``{"path": ...}`` dict or object with ``.path``) or a PIL image, decoded safely."""
     if isinstance(f, Image.Image):
@@ -231,7 +251,7 @@ class ChatSession:
     image_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fromage_gill_chat_")))
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     _shown_turns: int | None = None  # while streaming: how many history turns precede the live exchange
-    _message_turns: list[int | None] = field(default_factory=list)  # chatbot message index -> turn index
+    _message_turns: list[tuple[int, int] | None] = field(default_factory=list)  # message -> (turn, segment)
     _turn_end: Any = None  # the TurnEnd event, until the answer is in the history
 
     @property
@@ -284,50 +304,68 @@ class ChatSession:
             img.save(path)
         return str(path)
 
-    def turn_of_message(self, message_index: int) -> int | None:
-        """The history turn shown as chatbot message ``message_index`` (None for notes)."""
+    def turn_of_message(self, message_index: int) -> tuple[int, int] | None:
+        """(turn index, segment index) of the user text shown as chatbot message ``message_index``, else None."""
         if 0 <= message_index < len(self._message_turns):
             return self._message_turns[message_index]
         return None
 
     def messages(self) -> list[dict[str, Any]]:
-        """What ``gr.Chatbot`` shows: one message per turn, the notes where they happened, the live exchange."""
+        """What ``gr.Chatbot`` shows: the turns, the notes where they happened, the live exchange.
+
+        A user turn is shown as one chatbot message per segment (grouped into one bubble by the Chatbot), so that
+        each text can be edited on its own: Gradio's message editor only handles single-part messages. An
+        answer is one message of text, images and their labels, in order.
+        """
         out: list[dict[str, Any]] = []
-        turns: list[int | None] = []
+        where: list[tuple[int, int] | None] = []
         history = self.chat.history
         shown = len(history) if self._shown_turns is None else min(self._shown_turns, len(history))
+        # Notes about turns that are gone (undone, edited away) go with them.
+        self.notes = [n for n in self.notes if n.after_turns <= shown]
         notes = sorted(self.notes, key=lambda n: n.after_turns)
         k = 0
+
+        def add(role: str, content: list[Any], at: tuple[int, int] | None = None) -> None:
+            out.append({"role": role, "content": content})
+            where.append(at)
+
+        def add_user(segments: Sequence[Any], i: int | None) -> None:
+            for j, seg in enumerate(segments):
+                content = self._content([seg])
+                if content:
+                    add("user", content, (i, j) if i is not None and isinstance(seg, str) else None)
+
         for i in range(shown):
             while k < len(notes) and notes[k].after_turns <= i:
-                out.append(self._note_message(notes[k]))
-                turns.append(None)
+                add("assistant", self._note_content(notes[k]))
                 k += 1
             turn = history[i]
+            if turn.role == "user":
+                add_user(turn.segments, i)
+                continue
             content = self._content(turn.segments)
-            if turn.role == "assistant" and self.reasons.get(i) == "stopped":
-                content.append("*(stopped)*")
-            out.append({"role": turn.role, "content": content or [" "]})
-            turns.append(i)
+            if self.reasons.get(i) == "stopped":
+                if content and isinstance(content[-1], str):
+                    content[-1] += " *(stopped)*"
+                else:
+                    content.append("*(stopped)*")
+            add("assistant", content or [" "])
         while k < len(notes) and notes[k].after_turns <= shown:
-            out.append(self._note_message(notes[k]))
-            turns.append(None)
+            add("assistant", self._note_content(notes[k]))
             k += 1
         if self.pending_user is not None:
-            out.append({"role": "user", "content": self._content(self.pending_user)})
-            turns.append(None)
+            add_user(self.pending_user, None)
         if self.live is not None:
-            out.append({"role": "assistant", "content": self._content(self.live) or ["…"]})
-            turns.append(None)
+            add("assistant", self._content(self.live) or ["…"])
         for note in notes[k:]:
-            out.append(self._note_message(note))
-            turns.append(None)
-        self._message_turns = turns
+            add("assistant", self._note_content(note))
+        self._message_turns = where
         return out
 
-    def _note_message(self, note: Note) -> dict[str, Any]:
+    def _note_content(self, note: Note) -> list[str]:
         prefix = "**Error:** " if note.kind == "error" else "*Note:* "
-        return {"role": "assistant", "content": [prefix + note.text]}
+        return [prefix + note.text]
 
     def _content(self, segments: Sequence[Any]) -> list[Any]:
         content: list[Any] = []

@@ -57,6 +57,17 @@ def files(message: dict) -> list[str]:
     return [c["file"] for c in message["content"] if c.get("type") == "file"]
 
 
+def grouped(chat: list[dict]) -> list[dict]:
+    """Consecutive messages of one role as one (the app shows each part of a user turn as its own message)."""
+    out: list[dict] = []
+    for m in chat:
+        if out and out[-1]["role"] == m["role"] == "user":
+            out[-1] = {**out[-1], "content": out[-1]["content"] + m["content"]}
+        else:
+            out.append(m)
+    return out
+
+
 def history(client: Client) -> dict:
     return client.predict(api_name="/history")
 
@@ -64,7 +75,7 @@ def history(client: Client) -> dict:
 def send(client: Client, text: str, images=(), **settings):
     msg = {"text": text, "files": [handle_file(str(p)) for p in images]}
     chat, _box = client.predict(message=msg, api_name="/send", **settings)
-    return chat
+    return grouped(chat)
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -119,14 +130,14 @@ def test_answer_streams(client):
 def test_regenerate_undo_clear(client):
     send(client, "hello", mode="text", max_new_tokens=6)
     first = history(client)
-    chat, _ = client.predict(mode="text", max_new_tokens=6, temperature=1.0, api_name="/regenerate")
+    chat = grouped(client.predict(mode="text", max_new_tokens=6, temperature=1.0, api_name="/regenerate")[0])
     second = history(client)
     assert len(second["turns"]) == 2 and [m["role"] for m in chat] == ["user", "assistant"]
     assert second["seeds"]["1"] != first["seeds"]["1"], "Regenerate uses a new seed"
 
     send(client, "and again", mode="text", max_new_tokens=6)
     assert len(history(client)["turns"]) == 4
-    chat = client.predict(api_name="/undo")
+    chat = grouped(client.predict(api_name="/undo"))
     assert len(chat) == 2 and len(history(client)["turns"]) == 2
 
     chat, _box = client.predict(api_name="/clear")
@@ -164,6 +175,7 @@ def test_edit_past_message_branches(client):
     send(client, "second question", mode="text", max_new_tokens=4)
     chat, _ = client.predict(turn_index=0, text="a better first question", mode="text", max_new_tokens=4,
                              api_name="/edit")
+    chat = grouped(chat)
     h = history(client)
     assert len(h["turns"]) == 2
     assert h["turns"][0]["segments"] == [{"image": "image", "source": "user"}, {"text": "a better first question"}]
@@ -224,7 +236,7 @@ def test_export_json_loads_back_and_continues(server, client):
 
     other = Client(server, verbose=False)
     out = other.predict(file=handle_file(exported), api_name="/load_json")
-    chat, settings_mode = out[0], out[1]
+    chat, settings_mode = grouped(out[0]), out[1]
     assert settings_mode == "text"  # the settings come back too
     after = history(other)
     assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
@@ -244,6 +256,7 @@ def chatting(client):
 
 
 def assert_refused(client, chat, turns_before, *needles):
+    chat = grouped(chat)
     last = texts(chat[-1])
     assert last.startswith("**Error:**"), last
     for needle in needles:

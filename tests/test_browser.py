@@ -87,7 +87,17 @@ def bot_messages(page):
 
 
 def user_messages(page):
+    """The chat shows each part of a message (an image, a text) as its own row."""
     return page.locator("#chatbot .message-row.user-row")
+
+
+def user_texts(page) -> list[str]:
+    rows = user_messages(page)
+    return [rows.nth(i).inner_text().strip() for i in range(rows.count()) if not rows.nth(i).locator("img").count()]
+
+
+def answers_text(page) -> str:
+    return "\n".join(bot_messages(page).all_inner_texts())
 
 
 def chat_text(page) -> str:
@@ -163,17 +173,18 @@ def test_empty_page(page):
     page.screenshot(path=str(SHOTS / "empty.png"))
 
 
+QUESTION = "How are these two pictures different?"
+
+
 def test_two_images_and_a_message_stream_a_labelled_image(page):
     record_chat_changes(page)
-    send(page, "How are these two pictures different?", [CAT, ROCKET])
+    send(page, QUESTION, [CAT, ROCKET])
     page.get_by_text("Retrieved (score").first.wait_for()
     wait_idle(page)
-    user = user_messages(page)
-    assert user.count() == 1 and user.first.locator("img").count() == 2
-    assert "How are these two pictures different?" in user.first.inner_text()
-    bot = bot_messages(page).last
-    assert bot.locator("img").count() >= 1
-    assert "decision: p(generate) =" in bot.inner_text()
+    assert user_texts(page) == [QUESTION]
+    assert user_messages(page).locator("img").count() == 2
+    assert bot_messages(page).locator("img").count() >= 1
+    assert "decision: p(generate) =" in answers_text(page)
     snapshots = [s for s in page.evaluate("window.__chat") if s.strip()]
     assert len(set(snapshots)) >= 2, "the answer appears step by step, not all at once"
 
@@ -187,30 +198,35 @@ def test_change_settings_and_generate(page):
     send(page, "Now draw me a picture of it.")
     page.get_by_text("Generated (seed").first.wait_for()
     wait_idle(page)
-    assert bot_messages(page).count() == 2
-    assert "Generated (seed" in bot_messages(page).last.inner_text()
+    assert user_texts(page) == [QUESTION, "Now draw me a picture of it."]
+    assert "Retrieved (score" in answers_text(page) and "Generated (seed" in answers_text(page)
     page.locator("#settings").get_by_text("Settings").first.click()  # close it again
     page.locator("#chatbot").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "conversation.png"))
 
 
+def generated_seeds(page) -> list[str]:
+    return [line for line in answers_text(page).splitlines() if "Generated (seed" in line]
+
+
 def test_regenerate_gives_a_new_seed(page):
-    before = bot_messages(page).last.inner_text()
+    before = generated_seeds(page)
+    assert before
     page.locator("#regenerate").click()
-    page.wait_for_function("old => { const r = document.querySelectorAll('#chatbot .message-row.bot-row');"
-                           " const t = r[r.length - 1].innerText; return t !== old && t.includes('Generated (seed'); }",
+    page.wait_for_function("old => [...document.querySelectorAll('#chatbot .message-row.bot-row')].some(r =>"
+                           " r.innerText.includes('Generated (seed') && !old.some(o => r.innerText.includes(o)))",
                            arg=before)
     wait_idle(page)
-    assert bot_messages(page).count() == 2 and user_messages(page).count() == 2
-    seed = [line for line in bot_messages(page).last.inner_text().splitlines() if "Generated (seed" in line]
-    assert seed and seed[0] not in before
+    assert user_texts(page) == [QUESTION, "Now draw me a picture of it."]
+    after = generated_seeds(page)
+    assert after and not set(after) & set(before)
 
 
 def test_undo_removes_the_last_exchange(page):
     page.locator("#undo").click()
-    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row.user-row').length === 1")
-    assert bot_messages(page).count() == 1
-    assert "Generated (seed" not in chat_text(page)
+    page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('Now draw me')")
+    assert user_texts(page) == [QUESTION]
+    assert "Generated (seed" not in chat_text(page) and "Retrieved (score" in chat_text(page)
 
 
 def test_stop_mid_stream_keeps_the_text(page):
@@ -220,9 +236,10 @@ def test_stop_mid_stream_keeps_the_text(page):
     page.locator("#settings").get_by_text("Settings").first.click()
     LM_DELAY_S["value"] = 0.05  # 400 tokens would take > 20 s
     send(page, "hello")
-    page.wait_for_function("() => { const r = document.querySelectorAll('#chatbot .message-row.bot-row');"
-                           " return r.length === 2 && r[1].innerText.trim().length > 3 && !r[1].innerText.includes('…')"
-                           " }")
+    page.wait_for_function("() => { const r = [...document.querySelectorAll('#chatbot .message-row')];"
+                           " const last = r[r.length - 1]; return last.classList.contains('bot-row')"
+                           " && r[r.length - 2].innerText.includes('hello')"
+                           " && last.innerText.trim().length > 3 && !last.innerText.includes('…'); }")
     page.locator("#stop").click()
     try:
         page.get_by_text("(stopped)").first.wait_for(timeout=20_000)
@@ -231,8 +248,9 @@ def test_stop_mid_stream_keeps_the_text(page):
         raise AssertionError(f"no '(stopped)' mark; the chat shows: {chat_text(page)[-600:]}") from None
     LM_DELAY_S["value"] = 0.0
     wait_idle(page)
-    assert bot_messages(page).count() == 2
-    assert len(bot_messages(page).last.inner_text().replace("(stopped)", "").strip()) > 3
+    assert user_texts(page) == [QUESTION, "hello"]
+    last = bot_messages(page).last.inner_text()
+    assert "(stopped)" in last and len(last.replace("(stopped)", "").strip()) > 3
 
 
 def test_bad_file_is_explained_in_the_chat(page, tmp_path):
@@ -240,7 +258,7 @@ def test_bad_file_is_explained_in_the_chat(page, tmp_path):
     f.write_text("not an image")
     send(page, "what is in this file?", [f])
     page.get_by_text("not a readable image").first.wait_for()
-    assert user_messages(page).count() == 2 and bot_messages(page).count() >= 2  # the conversation is intact
+    assert user_texts(page) == [QUESTION, "hello"]  # the conversation is intact
     assert "notes.txt" in bot_messages(page).last.inner_text()
 
 
@@ -260,6 +278,20 @@ def test_export_html_and_json_then_load_back(page, tmp_path):
     chooser.value.set_files(str(json_file))
     page.get_by_text("Loaded a conversation of 4 turns").first.wait_for()
     wait_idle(page)
-    assert user_messages(page).count() == 2
-    assert "How are these two pictures different?" in chat_text(page)
+    assert user_texts(page) == [QUESTION, "hello"]
     assert page.locator("#chatbot img").count() >= 3
+
+
+def test_edit_a_past_message_branches_from_it(page):
+    k = user_texts(page).index(QUESTION)
+    page.locator("#chatbot button[aria-label='Edit']").nth(k).click()  # one edit button per text you sent
+    editor = page.locator("#chatbot textarea").first
+    assert editor.input_value() == QUESTION
+    editor.fill("Which one is the cat?")
+    page.locator("#chatbot button[aria-label='Submit']").first.click()
+    page.get_by_text("Which one is the cat?").first.wait_for()
+    page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('hello')")
+    wait_idle(page)
+    assert user_texts(page) == ["Which one is the cat?"]
+    assert user_messages(page).locator("img").count() == 2  # its images stay
+    assert "Loaded a conversation" not in chat_text(page)

@@ -1,0 +1,108 @@
+"""The app's gradio-free logic: the model gate, building and editing messages, labels, reading exports."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from PIL import Image
+
+from fromage_gill import chat_ui
+from fromage_gill.chat_ui import ChatExportError, ModelGate, build_message, edited_message, image_label, read_export
+from fromage_gill.images import ImageError
+
+
+def test_gate_admits_in_arrival_order_and_counts_who_is_ahead():
+    gate = ModelGate(slots=1)
+    a, b, c = gate.join(), gate.join(), gate.join()
+    assert gate.wait(a, 0) and not gate.wait(b, 0.01)
+    assert [gate.ahead(t) for t in (a, b, c)] == [0, 1, 2]
+    gate.leave(b)  # b gave up while waiting (Stop, closed tab): c moves up
+    assert gate.ahead(c) == 1
+    gate.leave(a)
+    assert gate.wait(c, 0) and gate.ahead(c) == 0 and gate.busy == 1
+    gate.leave(c)
+    assert gate.busy == 0
+
+
+def test_gate_wakes_the_next_waiter():
+    gate = ModelGate(slots=2)
+    tickets = [gate.join() for _ in range(3)]
+    assert gate.wait(tickets[1], 0) and gate.ahead(tickets[2]) == 2
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(gate.wait(tickets[2], 10)))
+    waiter.start()
+    gate.leave(tickets[0])
+    waiter.join(10)
+    assert got == [True]
+    with pytest.raises(ValueError, match="slots"):
+        ModelGate(0)
+
+
+def test_build_message_orders_images_and_text(tmp_path, images):
+    paths = []
+    for i, img in enumerate(images[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    segs = build_message("look: <image> and <image> what?", [str(p) for p in paths])
+    kinds = ["img" if isinstance(s, Image.Image) else s for s in segs]
+    assert kinds == ["img", "look:", "img", "and", "img", "what?"]  # the unmarked first image leads
+    assert segs[0].size == images[0].size and segs[4].size == images[2].size
+    assert build_message("hi", [{"path": str(paths[0]), "orig_name": "cat.png"}])[1] == "hi"
+
+
+def test_build_message_refusals(tmp_path, images):
+    with pytest.raises(ValueError, match="empty"):
+        build_message("  ", [])
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(ImageError, match="notes.txt: not a readable image"):
+        build_message("hi", [str(bad)])
+    with pytest.raises(ValueError, match=f"limit of {chat_ui.MAX_IMAGES_PER_MESSAGE}"):
+        build_message("hi", [str(bad)] * (chat_ui.MAX_IMAGES_PER_MESSAGE + 1))
+
+
+def test_edited_message(images):
+    img = images[0]
+    segs = [img, "first", img, "second"]
+    assert edited_message(segs, "new", part=3) == [img, "first", img, "new"]
+    assert edited_message(segs, "", part=1) == [img, img, "second"]
+    assert edited_message(segs, "all new") == [img, "all new", img]
+    assert edited_message([img], "added") == [img, "added"]
+    with pytest.raises(ValueError, match="not text"):
+        edited_message(segs, "x", part=0)
+    with pytest.raises(ValueError, match="empty"):
+        edited_message(["only text"], " ")
+
+
+def test_image_label():
+    class Seg:
+        source, score, caption, url, decision, seed = "retrieved", 0.4567, "a *cat*", "https://x.org/c.jpg", None, None
+
+    assert image_label(Seg()) == r"**Retrieved** (score 0.457) · a \*cat\* · [source](https://x.org/c.jpg)"
+    Seg.url = "../../images/cat.jpg"  # a local path is not a link
+    assert "[source]" not in image_label(Seg())
+    Seg.source, Seg.seed, Seg.decision = "generated", 12, (0.7, 0.3)
+    assert image_label(Seg()) == ("**Generated** (seed 12)  \n<small>decision: p(generate) = 0.70, "
+                                  "p(retrieve) = 0.30</small>")
+    Seg.source = "user"
+    assert image_label(Seg()) == ""
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"{oops", "not valid JSON"),
+    (b"[1, 2]", "not a fromage_gill chat export"),
+    (b'{"format": "fromage_gill.chat", "version": 2}', "unsupported export version 2"),
+    (b'{"format": "fromage_gill.chat", "version": 1, "settings": []}', "'settings' must be a JSON object"),
+    (b'{"format": "fromage_gill.chat", "version": 1, "seeds": {"x": 1}}', "'seeds' must map turn numbers"),
+])
+def test_read_export_refusals(tmp_path, content, match):
+    f = tmp_path / "e.json"
+    f.write_bytes(content)
+    with pytest.raises(ChatExportError, match=match):
+        read_export(f)
+
+
+def test_read_export_defaults_and_seed_keys():
+    data = read_export(b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "seeds": {"1": 5}}')
+    assert data["seeds"] == {1: 5} and data["settings"] == {}
