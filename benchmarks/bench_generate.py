@@ -45,16 +45,6 @@ NEW = 64
 clock = time.process_time  # see the module docstring; main() switches to perf_counter with --wall
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = clock()
-        fn()
-        times.append(clock() - t)
-    return statistics.median(times)
-
-
 def bench_pipeline():
     base = load_config("tiny-fromage")
     cfg = dataclasses.replace(base, name="bench-opt-4x256", lm=LMSpec(source="random", config=LM))
@@ -101,11 +91,18 @@ def section_decode(pipe, repeats: int) -> None:
     ids = prompt_ids(pipe, 64)
     a, b = ours(pipe, ids, NEW), hf(pipe, ids, NEW)
     assert a == b, "our greedy tokens differ from transformers generate"
-    rows = []
-    for name, fn in (("ours (KV cache)", ours), ("transformers generate(use_cache=True)", hf)):
-        t_full = median_time(lambda fn=fn: fn(pipe, ids, NEW + 1), repeats)
-        t_one = median_time(lambda fn=fn: fn(pipe, ids, 1), repeats)
-        rows.append((name, (t_full - t_one) / NEW * 1000))
+    # Interleaved runs: both loops see the same load on a shared machine.
+    fns = {"ours (KV cache)": ours, "transformers generate(use_cache=True)": hf}
+    times: dict[tuple[str, int], list[float]] = {(k, n): [] for k in fns for n in (1, NEW + 1)}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            for n in (1, NEW + 1):
+                t = clock()
+                fn(pipe, ids, n)
+                if r:  # the first round is a warm-up
+                    times[name, n].append(clock() - t)
+    rows = [(name, (statistics.median(times[name, NEW + 1]) - statistics.median(times[name, 1])) / NEW * 1000)
+            for name in fns]
     print(f"\n## 1. decode ms/token, 64-token prompt, {NEW} new tokens (same tokens: {a == b})")
     print("| loop | ms/token |\n|---|---|")
     for name, ms in rows:
@@ -119,8 +116,14 @@ def section_reference(pipe, repeats: int) -> None:
     for n in (64, 256, 1024):
         ids = prompt_ids(pipe, n)
         assert ours(pipe, ids, 8) == reference(pipe, ids, 8)
-        t_ours = median_time(lambda ids=ids: ours(pipe, ids, NEW), repeats)
-        t_ref = median_time(lambda ids=ids: reference(pipe, ids, NEW), max(1, repeats // 2))
+        t_ours, t_ref = [], []
+        ours(pipe, ids, NEW)  # warm-up
+        for _ in range(repeats):  # interleaved, so that both loops see the same load
+            for fn, acc in ((ours, t_ours), (reference, t_ref)):
+                t = clock()
+                fn(pipe, ids, NEW)
+                acc.append(clock() - t)
+        t_ours, t_ref = statistics.median(t_ours), statistics.median(t_ref)
         print(f"| {n} | {t_ours:.3f} | {t_ref:.3f} | {t_ref / t_ours:.1f}x |")
 
 
@@ -155,7 +158,7 @@ def section_ttft(pipe, repeats: int) -> None:
     s = GenerationSettings(max_new_tokens=32, mode="text", stop_at_eos=False, stop_strings=())
     msgs = [[f"question number {i}: what is in the picture of the dog and the ball?"] for i in range(10)]
     t1, t10, cold = [], [], []
-    for _ in range(max(1, repeats // 2 + 1)):
+    for _ in range(repeats):
         chat = Chat(pipe)
         times = [first_token_time(chat, m, s) for m in msgs]
         t1.append(times[0])

@@ -416,6 +416,12 @@ class _DecodeLoop:
         self.n_cached += embeds.shape[1]
         return out
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if int(ids.max()) < self.m.n_base:  # the common case, text tokens only: the LM's own rows, no masking
+            emb = self.m.lm.get_input_embeddings()
+            return emb(ids.to(emb.weight.device)).to(device=self.m.device, dtype=self.m.dtype)
+        return self.m.embed_tokens(ids.to(self.m.device))
+
     def _drop_finished(self) -> None:
         keep = [j for j, b in enumerate(self.active) if self.rows[b].reason is None]
         if len(keep) == len(self.active):
@@ -488,7 +494,7 @@ class _DecodeLoop:
                 ids[j, width - len(f):] = torch.tensor(f)
                 mask[j, width - len(f):] = 1
                 self.rows[b].fed += f
-            out = self._forward(self.m.embed_tokens(ids.to(self.m.device)), mask)
+            out = self._forward(self._embed(ids), mask)
             last_mask = mask
 
             for j, b in enumerate(self.active):

@@ -494,3 +494,24 @@ def test_cli_generate_json_and_errors(tmp_path, images, capsys):
     assert "top_p" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny-fromage", "--text", "hi", "--image", str(tmp_path / "nope.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_llama_style_lm_positions_with_left_padding(tiny_fromage, images):
+    """Rotary LMs take positions from position_ids alone: batching and the cache must still match."""
+    from fromage_gill.config import LMSpec
+    from fromage_gill.pipeline import build_pipeline
+
+    lm = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+          "tie_word_embeddings": False}
+    cfg = dataclasses.replace(tiny_fromage.config, name="tiny-llama", lm=LMSpec(source="random", config=lm))
+    pipe = build_pipeline(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    prompts = [["a photo of", images[0], "a dog on the grass"], ["hi"]]
+    s = dataclasses.replace(GREEDY_TEXT, max_new_tokens=6)
+    batched = generate_batch(pipe, prompts, s)
+    assert [b.tokens for b in batched] == [generate_batch(pipe, [p], s)[0].tokens for p in prompts]
+    chat = Chat(pipe)
+    for msg in (prompts[0], ["and?"]):
+        embeds = chat._encode([*chat.history, Turn("user", normalize_message(msg))]).embed(pipe.model, VisionCache())
+        run(chat, msg, s)
+        assert list(chat.history[-1].tokens) == reference_greedy(pipe, embeds, 6)
