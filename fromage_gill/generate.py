@@ -858,19 +858,22 @@ class Chat:
             self._cache_keys = list(prompt.keys)  # from the first forward on, the cache holds the prompt
             yield from notices
             for _, ev in loop.run(embeds, torch.ones(1, embeds.shape[1], dtype=torch.long)):
+                if isinstance(ev, TurnEnd):  # the answer is in the history by the time TurnEnd is seen
+                    self._record(loop, prompt)
                 yield ev
         except GeneratorExit:
-            if loop is not None:  # the consumer went away mid-turn: keep the answer so far
+            if loop is None:
+                rollback()
+            elif loop.rows[0].reason is None:  # the consumer went away mid-turn: keep the answer so far
                 loop.finish_silently(0, "stopped")
                 self._record(loop, prompt)
-            else:
-                rollback()
             raise
         except BaseException:
             self._reset_cache()
+            if loop is not None and loop.rows[0].reason is not None:  # failed after recording the answer
+                self.history.pop()
             rollback()
             raise
-        self._record(loop, prompt)
 
     def _row(self, settings: GenerationSettings, prompt: Prompt) -> _Row:
         stops = settings.stop_strings if settings.stop_strings is not None else self.dialogue.stop_strings

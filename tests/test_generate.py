@@ -210,6 +210,8 @@ def test_stop_mid_stream_keeps_what_streamed(tiny_gill):
         seen.append(ev)
         if sum(isinstance(e, TextDelta) for e in seen) == 3:
             chat.stop()
+        if isinstance(ev, TurnEnd):  # the answer is in the history as soon as TurnEnd arrives
+            assert chat.history[-1].role == "assistant" and chat.history[-1].text == text_of(seen)
     assert seen[-1].reason == "stopped"
     assert chat.history[-1].text == text_of(seen) and len(chat.history[-1].tokens) == 3
     # a consumer that walks away mid-turn: the next call closes the turn, keeping its text
