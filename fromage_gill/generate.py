@@ -20,6 +20,7 @@ several prompts together with left padding and equals the unbatched output under
 from __future__ import annotations
 
 import base64
+import dataclasses
 import inspect
 import io
 import logging
@@ -422,16 +423,18 @@ class _DecodeLoop:
             return emb(ids.to(emb.weight.device)).to(device=self.m.device, dtype=self.m.dtype)
         return self.m.embed_tokens(ids.to(self.m.device))
 
-    def _drop_finished(self) -> None:
+    def _drop_finished(self) -> list[int] | None:
+        """Remove finished rows from the batch (and the cache); returns the kept batch positions, None if all."""
         keep = [j for j, b in enumerate(self.active) if self.rows[b].reason is None]
         if len(keep) == len(self.active):
-            return
+            return None
         self.active = [self.active[j] for j in keep]
         if keep and self.cache is not None:
             idx = torch.tensor(keep, dtype=torch.long)
             self.cache.batch_select_indices(idx.to(self.m.lm_device))
             if self.mask is not None:
                 self.mask = self.mask[idx]
+        return keep
 
     # -- one turn -----------------------------------------------------------------------------------------------
 
@@ -509,7 +512,10 @@ class _DecodeLoop:
                         yield from self._finish(b, "stopped")
                     elif row.n_sampled >= self.s.max_new_tokens:
                         yield from self._finish(b, "max_new_tokens")
-            self._drop_finished()
+            keep = self._drop_finished()
+            if keep and len(keep) < out.logits.shape[0]:  # the next step reads the kept rows' logits
+                out = dataclasses.replace(out, logits=out.logits[keep], hidden=out.hidden[keep])
+                last_mask = last_mask[keep]
 
     def _choose(self, logits: torch.Tensor, out, last_mask: torch.Tensor) -> torch.Tensor:
         if self.choose is None:
