@@ -42,6 +42,7 @@ API_ENDPOINTS = ("send", "regenerate", "undo", "clear", "stop", "edit", "export_
                  "history")
 
 CSS = """
+#chatbot .message-row img { max-height: 240px; width: auto; object-fit: contain; }
 #chatbot .message figcaption, #chatbot small { opacity: .8; }
 #buttons button { min-width: 0; }
 .setting-help { font-size: .85em; opacity: .75; margin-top: -6px; }
@@ -117,7 +118,6 @@ def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decod
                                           elem_id="set_gen_scale")
         c["image_logit_bias"] = gr.Slider(-20.0, 20.0, value=defaults["image_logit_bias"], step=0.5,
                                           label="Image bias", info=help_("image_logit_bias"), elem_id="set_image_bias")
-    with gr.Row():
         c["max_images"] = gr.Slider(0, 8, value=defaults["max_images"], step=1, label="Max images per answer",
                                     info=help_("max_images"), elem_id="set_max_images")
     with gr.Row():
@@ -410,7 +410,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     with gr.Blocks(title=f"fromage_gill · {cfg.name}", delete_cache=(1800, 3600)) as demo:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=close_session)
         gr.Markdown(header_markdown(pipeline, index_names), elem_id="header")
-        chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=560, editable="user",
+        chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height="68vh", min_height=420, editable="user",
                              group_consecutive_messages=False, buttons=["copy", "copy_all"],
                              placeholder="Attach one or more images and ask about them, or ask for a picture.")
         # No file_types filter: any file reaches the app, which explains in the chat why it cannot use it.

@@ -37,6 +37,7 @@ EXPORT_FORMAT = "fromage_gill.chat"
 EXPORT_VERSION = 1
 MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more than this is almost surely a mistake
 MAX_EXPORT_BYTES = 200 * 1024 * 1024
+MIN_SHOWN_PX = 192  # smaller images are shown enlarged (pixelated); exports keep the original
 IMAGE_PLACEHOLDER = "<image>"  # in a message's text: where the next attached image goes
 
 # One line per setting, shown under its control in the app.
@@ -301,6 +302,9 @@ class ChatSession:
         path = self.image_dir / f"{image_hash(img)}.png"
         if not path.exists():
             self.image_dir.mkdir(parents=True, exist_ok=True)
+            if max(img.size) < MIN_SHOWN_PX:  # a tiny model's 64-px image would be a speck in the chat
+                scale = MIN_SHOWN_PX // max(img.size) + 1
+                img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
             img.save(path)
         return str(path)
 

@@ -201,8 +201,12 @@ def test_change_settings_and_generate(page):
     assert user_texts(page) == [QUESTION, "Now draw me a picture of it."]
     assert "Retrieved (score" in answers_text(page) and "Generated (seed" in answers_text(page)
     page.locator("#settings").get_by_text("Settings").first.click()  # close it again
-    page.locator("#chatbot").scroll_into_view_if_needed()
+    page.set_viewport_size({"width": 1280, "height": 1500})  # a tall window: both kinds of image in view
+    page.locator("#chatbot .message-row.user-row").last.evaluate("e => e.scrollIntoView({block: 'center'})")
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
     page.screenshot(path=str(SHOTS / "conversation.png"))
+    page.set_viewport_size({"width": 1280, "height": 1000})
 
 
 def generated_seeds(page) -> list[str]:
