@@ -19,7 +19,6 @@ from fromage_gill.generate import (
     TextDelta,
     TurnEnd,
     generate_batch,
-    register_decoding,
 )
 from fromage_gill.images import ImageError
 from fromage_gill.index import ImageIndex
@@ -88,7 +87,12 @@ def scripted(pipeline, settings, images):
     return choose
 
 
-register_decoding("test-script", scripted)
+@pytest.fixture(autouse=True)
+def _scripted_decoding(monkeypatch):
+    """Registered for this module's tests only: the app lists the registered strategies."""
+    from fromage_gill import generate
+
+    monkeypatch.setitem(generate._DECODINGS, "test-script", scripted)
 
 
 def script(script, **kw) -> GenerationSettings:
