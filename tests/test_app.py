@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
 from fromage_gill import chat_ui  # noqa: E402
+from fromage_gill.index import ImageIndex  # noqa: E402
 
 ASSETS = ROOT / "assets" / "images"
 CAT, ROCKET = ASSETS / "chelsea.jpg", ASSETS / "rocket.jpg"
@@ -35,7 +36,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_gill):
-    indexes = app.load_indexes(None, tiny_gill)  # the shipped tiny-gill index of assets/images
+    photos = app.load_indexes(None, tiny_gill)["assets"]  # the shipped tiny-gill index of assets/images
+    astronaut = ImageIndex(photos.vectors[:1], [photos.record(0)], photos.fingerprint, directory=photos.directory)
+    indexes = {"photos": photos, "astronaut only": astronaut}  # two indexes: the app offers the choice
     demo = app.build_demo(tiny_gill, app.AppOptions(indexes=indexes, max_queue=8,
                                                       defaults=dict(max_new_tokens=8, num_inference_steps=2)))
     port = free_port()
@@ -212,6 +215,23 @@ def test_busy_message_says_how_many_are_ahead(server):
     waiting.result()
     assert "Busy: 1 ahead of you" in seen
     assert len(history(b)["turns"]) == 2, "the queued message runs once the model is free"
+
+
+def test_index_choice_decides_where_images_come_from(client):
+    chat = send(client, "show me", mode="retrieve", max_images=1, index="astronaut only", **IMAGES)
+    assert "**Retrieved** (score" in texts(chat[-1]) and "astronaut Eileen Collins" in texts(chat[-1])
+    # switching index mid-conversation keeps the conversation
+    chat = send(client, "and another", mode="retrieve", max_images=1, index="photos", **IMAGES)
+    assert len(history(client)["turns"]) == 4 and "**Retrieved** (score" in texts(chat[-1])
+
+
+def test_long_conversation_leaves_out_old_turns_with_a_note(client):
+    for k in range(5):
+        send(client, f"turn {k}: " + "tell me more about the picture " * 25, mode="text", max_new_tokens=8)
+    h = history(client)
+    assert len(h["turns"]) == 10, "every turn stays in the visible chat"
+    notes = [n for n in h["notes"] if "left out of the prompt" in n]
+    assert notes, h["notes"]
 
 
 # ---------------------------------------------------------------------------------------------- export / import
