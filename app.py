@@ -462,6 +462,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         stop_btn.click(stop, inputs=[state], outputs=[state], api_name="stop", **quick)
         undo_btn.click(undo, inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
         clear_btn.click(clear, inputs=[state], outputs=[state, chatbot, message], api_name="clear", **quick)
+        chatbot.clear(clear, inputs=[state], outputs=[state, chatbot, message], api_visibility="private", **quick)
         html_btn.click(export_html, inputs=[state], outputs=[export_file], api_name="export_html", **quick)
         json_btn.click(export_json, inputs=[state], outputs=[export_file], api_name="export_json", **quick)
         load_btn.upload(load_json, inputs=[state, load_btn], outputs=[state, chatbot, *controls.values()],
