@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -106,3 +109,21 @@ def test_read_export_refusals(tmp_path, content, match):
 def test_read_export_defaults_and_seed_keys():
     data = read_export(b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "seeds": {"1": 5}}')
     assert data["seeds"] == {1: 5} and data["settings"] == {}
+
+
+def test_session_files_are_removed_on_close(images):
+    class NoChat:
+        history: list = []
+
+    session = chat_ui.ChatSession(NoChat())
+    small = Path(session.image_path(images[0]))
+    assert small.is_file() and Image.open(small).size[0] >= chat_ui.MIN_SHOWN_PX  # shown enlarged
+    assert session.image_path(images[0]) == str(small)  # written once per content
+    session.close()
+    assert not session.image_dir.exists()
+
+
+def test_library_side_imports_without_gradio():
+    code = ("import sys; sys.modules['gradio'] = None; import fromage_gill.chat_ui, fromage_gill.commands.serve, "
+            "fromage_gill.cli; fromage_gill.cli.build_parser().parse_args(['serve', '--model', 'tiny-gill'])")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
