@@ -240,14 +240,19 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             session.end_streaming()
         yield session, session.messages(), gr.update(value=None)
 
+    def refused(session: ChatSession):
+        def still_answering():
+            session.note("Still answering: wait for the answer or press Stop.", kind="error")
+            yield session, session.messages(), gr.update()
+        return still_answering
+
     def send(session: ChatSession | None, message: dict | None, **ui):
         session = session or new_session(ui.get("index"))
+        yield from session.exclusive(lambda: _send(session, message, ui), refused(session))
+
+    def _send(session: ChatSession, message: dict | None, ui: dict):
         session.clear_errors()
         message = message or {}
-        if session.running:
-            session.note("Still answering the previous message: wait for it or press Stop.", kind="error")
-            yield session, session.messages(), gr.update()
-            return
         try:
             use_index(session, ui.get("index"))
             settings = make_settings(defaults, ui)
@@ -262,11 +267,10 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
     def regenerate(session: ChatSession | None, **ui):
         session = session or new_session(ui.get("index"))
+        yield from session.exclusive(lambda: _regenerate(session, ui), refused(session))
+
+    def _regenerate(session: ChatSession, ui: dict):
         session.clear_errors()
-        if session.running:
-            session.note("Still answering: wait for it or press Stop.", kind="error")
-            yield session, session.messages(), gr.update()
-            return
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
             yield session, session.messages(), gr.update()
@@ -287,6 +291,9 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
         drop what came after it, and answer again."""
         session = session or new_session(ui.get("index"))
+        yield from session.exclusive(lambda: _edit(session, turn_index, text, part, ui), refused(session))
+
+    def _edit(session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict):
         session.clear_errors()
         history = session.chat.history
         try:
@@ -294,8 +301,6 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             if not (0 <= i < len(history)) or history[i].role != "user":
                 users = [k for k, t in enumerate(history) if t.role == "user"]
                 raise ValueError(f"Turn {turn_index} is not one of your messages (yours are turns {users}).")
-            if session.running:
-                raise ValueError("Still answering: wait for it or press Stop before editing.")
             use_index(session, ui.get("index"))
             settings = make_settings(defaults, ui)
             segments = chat_ui.edited_message(history[i].segments, text or "", part)

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,9 +255,22 @@ class ChatSession:
     _message_turns: list[tuple[int, int] | None] = field(default_factory=list)  # message -> (turn, segment)
     _turn_end: Any = None  # the TurnEnd event, until the answer is in the history
 
+    _turn_lock: threading.Lock = field(default_factory=threading.Lock)  # one turn at a time per session
+
     @property
     def running(self) -> bool:
-        return self._shown_turns is not None
+        return self._shown_turns is not None or self._turn_lock.locked()
+
+    def exclusive(self, turn: Callable[[], Iterator[Any]], refused: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        """Run the generator ``turn()`` unless another turn of this session runs (e.g. a double submit): then
+        ``refused()``. The claim is released when the generator ends or is closed."""
+        if not self._turn_lock.acquire(blocking=False):
+            yield from refused()
+            return
+        try:
+            yield from turn()
+        finally:
+            self._turn_lock.release()
 
     def start_streaming(self, pending_user: list[Any] | None, shown_turns: int | None = None) -> None:
         """Show the first ``shown_turns`` turns of history (default: all), then ``pending_user`` (None: regenerating
@@ -327,7 +340,8 @@ class ChatSession:
         shown = len(history) if self._shown_turns is None else min(self._shown_turns, len(history))
         # Notes about turns that are gone (undone, edited away) go with them.
         self.notes = [n for n in self.notes if n.after_turns <= shown]
-        notes = sorted(self.notes, key=lambda n: n.after_turns)
+        notes = sorted((n for n in self.notes if n.kind != "error"), key=lambda n: n.after_turns)
+        errors = [n for n in self.notes if n.kind == "error"]  # the answer to the last action: shown last
         k = 0
 
         def add(role: str, content: list[Any], at: tuple[int, int] | None = None) -> None:
@@ -362,7 +376,7 @@ class ChatSession:
             add_user(self.pending_user, None)
         if self.live is not None:
             add("assistant", self._content(self.live) or ["…"])
-        for note in notes[k:]:
+        for note in notes[k:] + errors:
             add("assistant", self._note_content(note))
         self._message_turns = where
         return out

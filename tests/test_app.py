@@ -173,6 +173,19 @@ def test_stop_mid_stream_keeps_what_streamed(client):
     assert len(history(client)["turns"]) == 4
 
 
+def test_second_message_while_answering_is_refused(client):
+    job = client.submit(message={"text": "long", "files": []}, mode="text", max_new_tokens=400, api_name="/send")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (job.outputs() and job.outputs()[-1][0]):
+        time.sleep(0.05)
+    chat = send(client, "me too", mode="text", max_new_tokens=3)
+    assert "Still answering" in texts(chat[-1])
+    client.predict(api_name="/stop")
+    job.result()
+    h = history(client)
+    assert [t["segments"][0]["text"] for t in h["turns"] if t["role"] == "user"] == ["long"]
+
+
 def test_edit_past_message_branches(client):
     send(client, "first question", [CAT], mode="text", max_new_tokens=4)
     send(client, "second question", mode="text", max_new_tokens=4)
