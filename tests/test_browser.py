@@ -1,5 +1,7 @@
 """The chat app in a real browser: Playwright drives Debian's Chromium against the app on 127.0.0.1 with tiny-gill,
-as a person would use it. Elements are found by their ``elem_id``. Saves the screenshots in docs/screenshots/.
+as a person would use it. Elements are found by their ``elem_id``. Screenshots go to a temporary folder, or to
+$FROMAGE_GILL_SCREENSHOTS (``FROMAGE_GILL_SCREENSHOTS=docs/screenshots pytest tests/test_browser.py`` refreshes
+the README's).
 
 The tests share one page and run in file order (one conversation that grows, then is exported, cleared and loaded
 back); each test still asserts only its own step.
@@ -8,8 +10,10 @@ back); each test still asserts only its own step.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("FROMAGE_GILL_SCREENSHOTS") or tempfile.mkdtemp(prefix="fromage_gill_shots_"))
 CAT, ROCKET = ROOT / "assets" / "images" / "chelsea.jpg", ROOT / "assets" / "images" / "rocket.jpg"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
