@@ -228,7 +228,8 @@ def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device
             "Stable Diffusion pipeline", spec.source,
             lambda s: StableDiffusionPipeline.from_pretrained(s, revision=spec.revision, dtype=dtype, **extra),
         )
-    pipe = pipe.to(device=device, dtype=dtype)
+    # from_pretrained already loaded in `dtype`; casting again makes diffusers warn about fp32-only modules.
+    pipe = pipe.to(device=device) if spec.source != RANDOM or dtype == torch.float32 else pipe.to(device, dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)

@@ -51,8 +51,10 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
         raise
     except Image.DecompressionBombError:  # PIL refuses > 2x its own limit while reading the header, before we look
         raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} pixels; resize it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: not a readable image ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (not PNG, JPEG, GIF, WebP or another known format)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a known format whose data is damaged, e.g. a truncated JPEG
+        raise ImageError(f"{name}: not a readable image (damaged or truncated: {e})") from None
     return img.convert("RGB")
 
 
