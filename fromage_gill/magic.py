@@ -140,7 +140,7 @@ def _search(step: StepFn, start: LMStep, settings: MagicDecoding, decode: Callab
             texts = [decode(continuation_ids(generated, v, settings.clip_text_max_tokens)) for v in top_ids.tolist()]
             guide = clip_logits(texts)
         scores = magic_scores(probs, penalty, guide, settings.alpha, settings.beta)
-        best = int(scores.masked_fill(~torch.isfinite(top_logits), -torch.inf).argmax())  # forbidden stays so
+        best = int(scores.masked_fill(~torch.isfinite(top_logits), -torch.inf).argmax())  # -inf: never chosen
 
         token = int(top_ids[best])
         cache = out.past_key_values
