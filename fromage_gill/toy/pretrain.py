@@ -52,11 +52,11 @@ class Recipe:
     clip_batch: int = 96
     clip_lr: float = 1e-3
     lm_width: int = 128
-    lm_layers: int = 4
+    lm_layers: int = 2
     lm_steps: int = 3000
     lm_batch: int = 16
     lm_context: int = 128
-    lm_lr: float = 2e-3
+    lm_lr: float = 1e-3
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_steps: int = 2000
     vae_batch: int = 16
