@@ -538,6 +538,17 @@ def load_indexes(specs: list[str] | None, pipeline) -> dict[str, Any]:
     return out
 
 
+def attach_clip_from_args(pipeline, source: str) -> None:
+    """``--clip``: the full CLIP that 'magic' decoding scores with; unreachable weights name the flag, not the model."""
+    from fromage_gill.hub import HubUnavailableError
+    from fromage_gill.magic import attach_clip
+
+    try:
+        attach_clip(pipeline, source)
+    except HubUnavailableError as e:
+        raise ValueError(f"--clip {source}: {e}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     from fromage_gill.commands.serve import add_serve_args
 
@@ -563,6 +574,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         pipeline = load_from_args(args)
         indexes = load_indexes(args.index, pipeline)
+        if getattr(args, "clip", None):
+            attach_clip_from_args(pipeline, args.clip)
         options = AppOptions(max_queue=args.max_queue, concurrency=args.concurrency, indexes=indexes or None)
     except HubUnavailableError:
         if getattr(args, "verbose", False):

@@ -66,7 +66,8 @@ class DiffusionSpec:
 
     def __post_init__(self) -> None:
         if self.source == RANDOM and not (self.config and {"unet", "vae", "text_encoder"} <= set(self.config)):
-            raise ConfigError("diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is 'random'")
+            raise ConfigError("diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is "
+                              "'random'")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class MapperSpec:
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
-            raise ConfigError(f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads ({self.num_heads})")
+            raise ConfigError(f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads "
+                              f"({self.num_heads})")
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,13 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
-            raise ConfigError(f"image_tokens must be a non-empty list of distinct strings, got {list(self.image_tokens)}")
+            raise ConfigError(f"image_tokens must be a non-empty list of distinct strings, "
+                              f"got {list(self.image_tokens)}")
         if self.kind == "gill":
             missing = [n for n in ("diffusion", "mapper") if getattr(self, n) is None]
             if missing:
-                raise ConfigError(f"a 'gill' config needs {' and '.join(missing)}; add the section(s) or use kind 'fromage'")
+                raise ConfigError(f"a 'gill' config needs {' and '.join(missing)}; add the section(s) or use "
+                                  f"kind 'fromage'")
         elif self.mapper is not None or self.decision_head:
             raise ConfigError("'mapper' and 'decision_head' are GILL parts; set kind to 'gill' or remove them")
 

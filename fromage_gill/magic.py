@@ -406,8 +406,8 @@ def _no_text_tower(pipeline: Any) -> str:
     hint = "openai/clip-vit-large-patch14" if src == RANDOM else src
     return (f"a model with no CLIP text tower cannot use magic decoding; {pipeline.config.name!r} has only CLIP's "
             f"vision encoder ({src}). Pass a full CLIP: fromage_gill.magic.attach_clip(pipeline, {hint!r}) "
-            f"(a Hub id or directory of a transformers CLIPModel, or 'tiny-magic' offline), or use "
-            f"decoding='contrastive', which needs no CLIP")
+            f"(a Hub id or directory of a transformers CLIPModel, or 'tiny-magic' offline; in the app: --clip SOURCE), "
+            f"or use decoding='contrastive', which needs no CLIP")
 
 
 def pipeline_search(pipeline: Any, start: LMStep, settings: MagicDecoding, images: Sequence[Image.Image],

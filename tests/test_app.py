@@ -379,3 +379,29 @@ def test_no_weights_offline_says_how_to_start_the_tiny_demo(entry, capsys):
     assert rc == 2 and "Traceback" not in err
     lines = [line for line in err.splitlines() if "tiny-gill" in line]
     assert len(lines) == 1 and "python app.py --model tiny-gill" in lines[0], err
+
+
+def test_clip_flag_attaches_magic_clip(monkeypatch):
+    """--clip gives the app's 'magic' decoding its CLIP; an unknown one is one clear line, not a traceback."""
+    from fromage_gill import magic
+
+    seen = {}
+
+    class Demo:  # stands in for the Blocks: records that serve() got as far as launching
+        def launch(self, **kwargs):
+            seen["launched"] = kwargs
+
+    def build_demo(pipeline, options):
+        seen["pipeline"] = pipeline
+        return Demo()
+
+    monkeypatch.setattr(app, "build_demo", build_demo)
+    assert app.main(["--model", "tiny-gill", "--clip", "tiny-magic", "--port", "7999"]) == 0
+    assert seen["launched"]["server_port"] == 7999
+    assert magic.attached_clip(seen["pipeline"]) is not None
+
+
+def test_clip_flag_unknown_source(tmp_path, capsys):
+    rc = app.main(["--model", "tiny-gill", "--clip", str(tmp_path / "no-such-clip")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "--clip" in err, err

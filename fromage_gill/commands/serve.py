@@ -31,6 +31,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for the model; more are refused with 'queue is full' (default 16)")
     p.add_argument("--concurrency", type=int, default=1, help="turns using the model at the same time (default 1)")
+    p.add_argument("--clip", metavar="SOURCE",
+                   help="full CLIP (vision and text) for the 'magic' decoding: a Hub id or directory of a "
+                        "transformers CLIPModel, or a MAGIC preset such as tiny-magic (default: none; 'magic' then "
+                        "says in the chat how to add one)")
 
 
 def register(sub) -> None:
