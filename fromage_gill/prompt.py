@@ -99,7 +99,8 @@ def normalize_message(message: Sequence[object], *, name: str = "message",
     Images may be PIL images, ``ImageSegment``s, ``bytes`` or ``pathlib.Path`` (a ``str`` is always text); each
     goes through ``images.load_image`` (corrupt, empty and oversized images raise ``ImageError``). Raises
     ``ValueError`` for an empty message. ``allow_token_ids``: also accept ``TokenIds`` (ids used verbatim, for
-    evaluation scripts and benchmarks that need exact prompts).
+    evaluation scripts and benchmarks that need exact prompts; BOS still goes before the first text or ids, so
+    ``[image, TokenIds(())]`` is the captioning layout ``[image][BOS]``).
     """
     if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
         message = [message]
@@ -108,7 +109,7 @@ def normalize_message(message: Sequence[object], *, name: str = "message",
         if isinstance(item, str):
             if item:
                 out.append(item)
-        elif isinstance(item, ImageSegment) or (allow_token_ids and isinstance(item, TokenIds) and item.ids):
+        elif isinstance(item, ImageSegment) or (allow_token_ids and isinstance(item, TokenIds)):
             out.append(item)
         elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
             what = str(item) if isinstance(item, Path) else f"{name} item {i}"
@@ -238,7 +239,8 @@ def encode_pieces(tokenizer, pieces: Sequence[Piece], n_visual: int, *, bos: boo
             ids = piece.ids
             if need_bos:
                 ids, need_bos = (bos_id, *ids), False
-            parts.append(tuple(ids))
+            if ids:
+                parts.append(tuple(ids))
         else:
             parts.append(piece)
     flush()

@@ -22,7 +22,7 @@ def smoke_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     threads = torch.get_num_threads()
     try:
-        report = build(out, stages=list(pretrain.STAGES), recipe=pretrain.Recipe.smoke(), threads=1)
+        report = build(out, recipe=pretrain.Recipe.smoke(), threads=1, n_data=48)  # every stage, method included
     finally:
         torch.set_num_threads(threads)
     return out, report
@@ -32,8 +32,10 @@ def test_every_stage_reports_time_and_quality(smoke_build):
     out, report = smoke_build
     assert json.loads((out / REPORT).read_text()) == json.loads(json.dumps(report))
     stages = report["stages"]
-    assert list(stages) == ["tokenizer", "clip", "lm", "vae", "unet"]
+    assert list(stages) == ["tokenizer", "clip", "lm", "vae", "unet", "data", "fromage", "gill"]
     assert all(s["seconds"] > 0 for s in stages.values())
+    assert stages["fromage"]["train_steps"] == stages["gill"]["train_steps"] == pretrain.Recipe.smoke().method_steps
+    assert 0 <= stages["gill"]["decision_train_accuracy"] <= 1
     assert 0 <= stages["clip"]["retrieval_R@1"] <= stages["clip"]["retrieval_R@10"] <= 1
     assert stages["lm"]["test_perplexity"] > 1
     assert (out / "diffusion_samples.png").is_file() and (out / "vae_recon.png").is_file()
@@ -91,3 +93,25 @@ def test_data_stage_alone_exports_training_data_only(tmp_path):
     decisions = (tmp_path / "toy-data" / "decision_train.tsv").read_text().splitlines()
     labels = {line.split("\t")[1] for line in decisions[1:]}
     assert labels == {"retrieve", "generate"}
+
+
+def test_method_stage_writes_loadable_models_and_their_gallery_indexes(smoke_build):
+    """toy-fromage / toy-gill trained by `fromage-gill train` load with load_pipeline, and each gallery index was
+    embedded by its own model (the app refuses an index of another model)."""
+    from fromage_gill.index import ImageIndex
+    from fromage_gill.pipeline import load_pipeline
+
+    out, _ = smoke_build
+    for name in ("toy-fromage", "toy-gill"):
+        pipe = load_pipeline(out.parent / name, device="cpu", dtype="fp32", load_diffusion_pipeline=False)
+        assert pipe.config.name == name and pipe.config.lm.source == str(out / "lm")
+        index = ImageIndex.load(out.parent / "indexes" / name, expected_fingerprint=pipe.model.retrieval_fingerprint())
+        assert len(index) == pretrain.Recipe.smoke().gallery_images
+        assert index.load_image(0).size == (W.IMAGE_SIZE, W.IMAGE_SIZE)
+    assert (out.parent / "toy-data" / "runs" / "toy-gill.json").is_file()  # the --model the run was trained with
+
+
+def test_method_stage_without_data_says_what_to_run(tmp_path):
+    (tmp_path / "toy" / "clip").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="needs the output of tokenizer, clip, lm, data"):
+        build(tmp_path / "toy", stages=["fromage"], recipe=pretrain.Recipe.smoke())

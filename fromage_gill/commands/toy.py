@@ -1,4 +1,5 @@
-"""``fromage-gill toy build``: pretrain the toy world's frozen backbones (and export its training data)."""
+"""``fromage-gill toy build``: the toy world's backbones, training data and trained models; ``toy eval``: their
+measured quality."""
 
 from __future__ import annotations
 
@@ -8,14 +9,24 @@ import json
 def register(sub) -> None:
     p = sub.add_parser("toy", help="the toy world: a CPU-sized world in which the whole method really learns")
     toy = p.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
-    b = toy.add_parser("build", help="pretrain the toy backbones (CLIP, LM, VAE, UNet) and export the training data")
+    b = toy.add_parser("build", help="pretrain the toy backbones (CLIP, LM, VAE, UNet), export the training data, "
+                                     "train toy-fromage and toy-gill and their gallery indexes")
     b.add_argument("--out", default="checkpoints/toy", help="output directory (default: checkpoints/toy)")
     b.add_argument("--stage", action="append", dest="stages", metavar="STAGE",
-                   help="run only this stage (repeatable): tokenizer, clip, lm, vae, unet, data. Default: all")
+                   help="run only this stage (repeatable): tokenizer, clip, lm, vae, unet, data, fromage, gill. "
+                        "Default: all")
     b.add_argument("--data-dir", help="where the 'data' stage writes the training set (default: OUT/../toy-data)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the machinery, not quality")
     b.set_defaults(func=run_build)
+    e = toy.add_parser("eval", help="measure toy-fromage / toy-gill on held-out world images and prompts")
+    e.add_argument("--model", action="append", dest="models", metavar="MODEL",
+                   help="toy-fromage, toy-gill or a model directory (repeatable; default: both presets)")
+    e.add_argument("--n", type=int, default=60, help="examples per measure (default 60)")
+    e.add_argument("--gallery", type=int, default=300, help="held-out gallery size for retrieval (default 300)")
+    e.add_argument("--steps", type=int, default=25, help="denoising steps for the generation measure (default 25)")
+    e.add_argument("--json", action="store_true", help="print the full results (with samples) as JSON")
+    e.set_defaults(func=run_eval)
 
 
 def run_build(args) -> int:
@@ -25,4 +36,37 @@ def run_build(args) -> int:
     recipe = Recipe.smoke() if args.smoke else Recipe()
     report = build(args.out, stages=args.stages, recipe=recipe, data_dir=args.data_dir, threads=args.threads)
     print(json.dumps(report["stages"], indent=2))
+    return 0
+
+
+def run_eval(args) -> int:
+    from ..pipeline import load_pipeline
+    from ..toy.evaluate import evaluate
+
+    if args.n < 2 or args.gallery < 10:
+        raise ValueError(f"--n must be >= 2 and --gallery >= 10, got {args.n} and {args.gallery}")
+    results = []
+    for name in args.models or ["toy-fromage", "toy-gill"]:
+        pipe = load_pipeline(name, device="cpu", dtype="fp32")
+        results.append(evaluate(pipe, n=args.n, gallery=args.gallery, steps=args.steps).to_dict())
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print("| measure | " + " | ".join(r["model"] for r in results) + " |")
+    print("|---|" + "---|" * len(results))
+    rows = [("captioning: colour correct", lambda r: r["caption_colour"]),
+            ("captioning: shape correct", lambda r: r["caption_shape"]),
+            ("captioning: both correct", lambda r: r["caption_both"]),
+            ("retrieval R@1", lambda r: r["retrieval"]["R@1"]), ("retrieval R@5", lambda r: r["retrieval"]["R@5"]),
+            ("retrieval R@10", lambda r: r["retrieval"]["R@10"]),
+            ("retrieval chance R@1", lambda r: r["retrieval"]["chance_R@1"]),
+            ("chat: colour question", lambda r: r["chat_colour"]),
+            ("chat: two-image comparison", lambda r: r["compare"]),
+            ("decision: show vs draw", lambda r: r["decision"]),
+            ("generation: colour (GILL)", lambda r: r["generation"].get("gill_colour")),
+            ("generation: shape (GILL)", lambda r: r["generation"].get("gill_shape")),
+            ("generation: colour (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_colour")),
+            ("generation: shape (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_shape"))]
+    for label, get in rows:
+        print(f"| {label} | " + " | ".join("-" if get(r) is None else f"{get(r):.3f}" for r in results) + " |")
     return 0

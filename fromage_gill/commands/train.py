@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--concat-prob", type=float, default=0.5,
                    help="share of steps whose captioning batch concatenates two examples (default 0.5)")
     p.add_argument("--resume", help="run or checkpoint directory to continue from (same --model)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="start the trained layers from seeded random values instead of --model's weights")
     p.add_argument("--precomputed", help="directory written by `fromage-gill precompute` for this --data and model "
                                          "(default: run the frozen encoders on the fly)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
@@ -63,6 +65,7 @@ def run(args) -> int:
         precision=args.precision, val_fraction=args.val_fraction, val_every=args.val_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         max_caption_tokens=args.max_caption_tokens, concat_prob=args.concat_prob, resume=args.resume,
+        from_scratch=args.from_scratch,
         precomputed=args.precomputed, workers=args.workers, seed=args.seed, cpu=args.cpu,
         progress=not args.no_progress,
     )

@@ -9,7 +9,8 @@ Layout of ``out``::
     *.png          sample grids written by the evaluations (VAE reconstructions, diffusion samples)
 
 Stages: tokenizer, clip, lm, vae, unet (``pretrain.STAGES``), then ``data`` (the CC3M-style training set for
-``fromage-gill train``). The FROMAGe/GILL training itself is not part of this build yet (see the toy README).
+``fromage-gill train``), then the method: ``fromage`` and ``gill`` train the toy-fromage / toy-gill layers on the
+frozen backbones and build their gallery indexes (``method.py``; written next to ``out``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import pretrain
+from . import method, pretrain
 from . import world as W
 
 logger = logging.getLogger(__name__)
 
 REPORT = "build_report.json"
 DATA_STAGE = "data"
-STAGES = (*pretrain.STAGES, DATA_STAGE)
+STAGES = (*pretrain.STAGES, DATA_STAGE, *method.KINDS)
 
 
 def build(out: str | Path, *, stages: list[str] | None = None, recipe: pretrain.Recipe | None = None,
@@ -46,18 +47,22 @@ def build(out: str | Path, *, stages: list[str] | None = None, recipe: pretrain.
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown --stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    _check_inputs(out, wanted)
+    data_dir = Path(data_dir) if data_dir else out.parent / "toy-data"
+    _check_inputs(out, wanted, data_dir)
     report: dict = {}
-    for name, fn in pretrain.iter_stages([s for s in wanted if s != DATA_STAGE]):
+    for name, fn in pretrain.iter_stages([s for s in wanted if s in pretrain.STAGES]):
         logger.info("toy build: stage %s", name)
         stage = fn(out, recipe)
         report = _record(out, recipe, name, {"seconds": round(stage.seconds, 1), "threads": torch.get_num_threads(),
                                              **stage.metrics})
     if DATA_STAGE in wanted:
         t0 = time.time()
-        data_dir = Path(data_dir) if data_dir else out.parent / "toy-data"
         info = export_training_data(data_dir, n=n_data, seed=recipe.seed)
         report = _record(out, recipe, DATA_STAGE, {"seconds": round(time.time() - t0, 1), **info})
+    for kind in method.KINDS:
+        if kind in wanted:
+            logger.info("toy build: stage %s (toy-%s)", kind, kind)
+            report = _record(out, recipe, kind, method.train_method(kind, out, data_dir, recipe))
     return report
 
 
@@ -74,11 +79,16 @@ def _record(out: Path, recipe: pretrain.Recipe, stage: str, entry: dict) -> dict
     return report
 
 
-def _check_inputs(out: Path, wanted: list[str]) -> None:
-    needs = {"clip": ["tokenizer"], "lm": ["tokenizer"], "unet": ["tokenizer", "clip", "vae"]}
+def _check_inputs(out: Path, wanted: list[str], data_dir: Path) -> None:
+    backbones = ["tokenizer", "clip", "lm"]
+    needs = {"clip": ["tokenizer"], "lm": ["tokenizer"], "unet": ["tokenizer", "clip", "vae"],
+             "fromage": [*backbones, "data"], "gill": [*backbones, "unet", "data"]}
     present = {"tokenizer": (out / "clip" / "tokenizer.json").is_file(),
                "clip": (out / "clip" / "model.safetensors").is_file(),
-               "vae": (out / "diffusion" / "vae").is_dir()}
+               "lm": (out / "lm" / "model.safetensors").is_file(),
+               "vae": (out / "diffusion" / "vae").is_dir(),
+               "unet": (out / "diffusion" / "unet").is_dir(),
+               "data": (data_dir / "train" / "captions.tsv").is_file()}
     for stage in wanted:
         missing = [d for d in needs.get(stage, []) if d not in wanted and not present[d]]
         if missing:

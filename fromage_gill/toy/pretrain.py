@@ -69,6 +69,13 @@ class Recipe:
     eval_images: int = 300
     eval_prompts: int = 60  # LM in-context questions and diffusion prompts
     eval_sampling_steps: int = 25
+    # The method stage (toy-fromage / toy-gill layers on the frozen backbones, `fromage-gill train` defaults else)
+    method_steps: int = 3000
+    method_batch: int = 32
+    method_lr: float = 1e-3
+    method_warmup: int = 100
+    decision_steps: int = 300
+    gallery_images: int = 300
 
     def __post_init__(self) -> None:
         for name in ("n_images", "vocab_size", "text_length", "clip_steps", "lm_steps", "vae_steps", "unet_steps"):
@@ -80,7 +87,8 @@ class Recipe:
         return cls(n_images=256, clip_steps=3, clip_batch=16, lm_steps=3, lm_batch=4, vae_steps=3, vae_batch=4,
                    unet_steps=3, unet_batch=4, eval_images=24, clip_width=32, clip_layers=1, lm_width=32, lm_layers=1,
                    vae_channels=(8, 8, 8), unet_channels=(16, 16), clip_patch=16, vae_crop=16,
-                   eval_prompts=4, eval_sampling_steps=2)
+                   eval_prompts=4, eval_sampling_steps=2, method_steps=4, method_batch=4, method_warmup=1,
+                   decision_steps=4, gallery_images=8)
 
 
 @dataclass

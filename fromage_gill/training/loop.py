@@ -94,6 +94,7 @@ class TrainConfig:
     concat_prob: float = 0.5
     loss_weights: LossWeights = field(default_factory=LossWeights)
     resume: str | None = None
+    from_scratch: bool = False  # seeded random trained layers instead of the model's own weights
     precomputed: str | None = None
     workers: int = 0
     seed: int = 0
@@ -360,8 +361,8 @@ def train(tc: TrainConfig) -> TrainResult:
 
     # 1. Check every input before writing anything.
     cfg, _ = resolve_config(tc.model)
-    if cfg.weights is None:
-        cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights: start from scratch
+    if cfg.weights is None or tc.from_scratch:
+        cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights, or asked: start from scratch
     records = read_records(tc.data, tc.image_root)
     store = None
     if tc.precomputed:
