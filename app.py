@@ -428,7 +428,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             regen_btn = gr.Button("Regenerate", elem_id="regenerate", size="sm")
             undo_btn = gr.Button("Undo", elem_id="undo", size="sm")
             clear_btn = gr.Button("Clear", elem_id="clear", size="sm")
-        examples = example_messages()
+        examples = example_messages(pipeline)
         if examples:
             gr.Examples(examples=[[e] for e in examples], inputs=[message], label="Examples (click, then send)",
                         elem_id="examples")
@@ -480,7 +480,8 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
 def launch_style() -> dict[str, Any]:
     """``launch()`` arguments for the look (Gradio 6 takes theme and CSS at launch) and the example photos."""
-    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS)], max_file_size="50mb")
+    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS), str(ROOT / "checkpoints" / "indexes")],
+                max_file_size="50mb")
 
 
 def _text_of(value: Any) -> str:
@@ -498,13 +499,23 @@ def header_markdown(pipeline, index_names: list[str]) -> str:
     if cfg.is_random:
         lines.append("*Offline demo model with random weights: it runs anywhere in seconds, and its answers are "
                      "gibberish. Start the published model with `python app.py --model gill`.*")
+    elif cfg.name.startswith("toy-"):
+        lines.append("*Toy-world model trained on a CPU: it knows only its synthetic world of coloured shapes (six "
+                     "shapes, six colours, plain backgrounds). Try the examples below.*")
     if pipeline.index is None and not index_names:
         lines.append("*No image index is loaded, so images can only be generated (pass `--index DIR`).*")
     return "\n\n".join(lines)
 
 
-def example_messages() -> list[dict[str, Any]]:
-    """Example messages built from the photos shipped in ``assets/`` (none when there are no photos)."""
+def example_messages(pipeline=None) -> list[dict[str, Any]]:
+    """Example messages from the photos shipped in ``assets/`` (none when there are no photos); for a toy-world
+    model, from its gallery of world images."""
+    gallery = ROOT / "checkpoints" / "indexes" / "toy-gallery" / "images"
+    if pipeline is not None and pipeline.config.name.startswith("toy-") and gallery.is_dir():
+        world = sorted(str(p) for p in gallery.glob("*.png"))[:3]
+        wanted = [("What colour is the shape?", world[:1]), ("Are these the same colour?", world[1:3]),
+                  ("Show me a photo of a red circle.", []), ("Draw a blue square on a white background.", [])]
+        return [{"text": text, "files": files} for text, files in wanted if len(world) == 3]
     photos = {p.stem: p for p in (ASSETS / "images").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
     wanted = [("What is in this picture?", ["chelsea"]),
               ("How are these two pictures different?", ["astronaut", "rocket"]),
@@ -522,12 +533,12 @@ def example_messages() -> list[dict[str, Any]]:
 def load_indexes(specs: list[str] | None, pipeline) -> dict[str, Any]:
     """``--index`` values (``DIR`` or ``NAME=DIR``) -> {name: ImageIndex}; with none, the tiny presets' shipped
     index."""
-    from fromage_gill.index import ImageIndex
+    from fromage_gill.index import ImageIndex, shipped_index_dir
 
     fingerprint = pipeline.model.retrieval_fingerprint()
     if not specs:
-        shipped = ASSETS / "indexes" / pipeline.config.name
-        if pipeline.index is None and shipped.is_dir():
+        shipped = shipped_index_dir(pipeline.config.name)
+        if pipeline.index is None and shipped is not None:
             return {"assets": ImageIndex.load(shipped, expected_fingerprint=fingerprint)}
         return {}
     out = {}

@@ -73,8 +73,8 @@ def save_native(model, directory: str | Path, config: ModelConfig | None = None)
     directory.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config or model.config, weights=".", weights_format="native")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trained_state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
     return directory
 
 
@@ -85,11 +85,19 @@ def read_native(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _atomic_write(path: Path, write) -> None:
+_UMASK = os.umask(0o022)  # read once, at import (reading it means setting it; later threads must not race that)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``: a reader never sees a
+    half-written file and a crash leaves the old one. The file gets the usual umask permissions (mkstemp's are
+    owner-only, which would hide shared checkpoints from other users)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

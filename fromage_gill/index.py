@@ -883,6 +883,10 @@ class _LazyRecords:
 
 
 def shipped_index_dir(model_name: str) -> Path | None:
-    """The prebuilt index under ``assets/indexes/<name>`` of a source checkout, if there is one."""
-    d = Path(__file__).resolve().parent.parent / "assets" / "indexes" / model_name
-    return d if (d / META_FILE).is_file() else None
+    """The prebuilt index of a source checkout for a shipped preset, if there is one: ``assets/indexes/<name>``
+    (the tiny presets' photos) or ``checkpoints/indexes/<name>`` (the toy world's gallery, built with the model)."""
+    root = Path(__file__).resolve().parent.parent
+    for d in (root / "assets" / "indexes" / model_name, root / "checkpoints" / "indexes" / model_name):
+        if (d / META_FILE).is_file():
+            return d
+    return None

@@ -90,9 +90,10 @@ def test_data_stage_alone_exports_training_data_only(tmp_path):
     assert not (tmp_path / "toy" / "clip").exists()  # no pretraining stage ran
     rows = (tmp_path / "toy-data" / "train" / "captions.tsv").read_text().splitlines()
     assert rows[0] == "caption\timage" and len(rows) == 7
-    decisions = (tmp_path / "toy-data" / "decision_train.tsv").read_text().splitlines()
-    labels = {line.split("\t")[1] for line in decisions[1:]}
-    assert labels == {"retrieve", "generate"}
+    from fromage_gill.training.decision import read_decision_data
+
+    prompts, labels = read_decision_data(tmp_path / "toy-data" / "decision_train.tsv")
+    assert set(labels) == {0, 1} and len(prompts) == 2000 and all("\nA: " in p for p in prompts)
 
 
 def test_method_stage_writes_loadable_models_and_their_gallery_indexes(smoke_build):

@@ -153,7 +153,8 @@ def test_decision_prompts_are_labelled_by_what_they_ask():
     prompts = W.decision_prompts(100, split="train", seed=0)
     assert {label for _, label in prompts} == {"retrieve", "generate"}
     for text, label in prompts:
-        asks_to_draw = text.lower().startswith(("draw", "can you draw", "make me"))
+        assert text.startswith("Q: ") and "\nA: here is a " in text  # as the chat engine lays the exchange out
+        asks_to_draw = text[3:].lower().startswith(("draw", "can you draw", "make me"))
         assert (label == "generate") == asks_to_draw, text
 
 

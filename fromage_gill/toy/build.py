@@ -15,6 +15,7 @@ frozen backbones and build their gallery indexes (``method.py``; written next to
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -104,8 +105,8 @@ def export_training_data(directory: Path, *, n: int, seed: int) -> dict:
     train = W.export_captions(directory / "train", W.scenes(n, split="train", seed=seed + 70), seed=seed,
                               progress=lambda it: tqdm(it, total=n, desc="export train images"))
     val = W.export_captions(directory / "val", W.scenes(max(100, n // 10), split="test", seed=seed + 71), seed=seed + 1)
-    with open(directory / "decision_train.tsv", "w") as f:
-        f.write("prompt\tlabel\n")
-        for prompt, label in W.decision_prompts(2000, split="train", seed=seed):
-            f.write(f"{prompt}\t{label}\n")
+    with open(directory / "decision_train.tsv", "w", newline="") as f:  # prompts hold newlines: csv quotes them
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["prompt", "label"])
+        writer.writerows(W.decision_prompts(2000, split="train", seed=seed))
     return {"train_tsv": str(train), "val_tsv": str(val), "train_images": n}

@@ -233,12 +233,12 @@ def captions(scene: Scene, rng: np.random.Generator, k: int = 1) -> list[str]:
     for _ in range(k):
         body = describe(scene, size=bool(rng.random() < 0.7), where=bool(rng.random() < 0.7),
                         background=bool(rng.random() < 0.5))
-        template = _CAPTION_TEMPLATES[rng.integers(len(_CAPTION_TEMPLATES))]
+        template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
         out.append(template.format(body))
     return out
 
 
-_CAPTION_TEMPLATES = ("{}", "{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}",
+CAPTION_TEMPLATES = ("{}", "{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}",
                       "there is {}")
 
 
@@ -381,11 +381,13 @@ def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int,
 
 
 def decision_prompts(n: int, *, split: Split, seed: int) -> list[tuple[str, Output]]:
-    """Labelled prompts for GILL's retrieve-or-generate decision head: (user text, 'retrieve' | 'generate')."""
+    """Labelled prompts for GILL's retrieve-or-generate decision head: (text, 'retrieve' | 'generate'). The text
+    is the exchange as the chat engine lays it out up to the image (``Q: ...\nA: here is ...``): the decision
+    head reads the hidden state at [IMG0], which in a chat comes after the answer's words."""
     rng = np.random.default_rng([seed, 5 if split == "train" else 6])
     pool = scenes(n, split=split, seed=seed + 2)
     out: list[tuple[str, Output]] = []
     for i, scene in enumerate(pool):
         d = show_dialogue(scene, rng) if i % 2 == 0 else draw_dialogue(scene, rng)
-        out.append((d.turns[0].text, d.turns[1].output))
+        out.append((d.text(image=lambda _: ""), d.turns[1].output))
     return out

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import atomic_write
 from ..images import ImageError
 from .data import DataError, Records, load_record_image, records_fingerprint
 
@@ -117,7 +117,7 @@ def precompute(pipeline, records: Records, out: str | Path, *, batch_size: int =
             tensors["features"] = torch.cat(feats)
             if text:
                 tensors["text_cond"] = torch.cat(conds)
-        _atomic_save(tensors, shard_path(out, k), {"skipped": json.dumps(skipped)})
+        atomic_write(shard_path(out, k), partial(save_file, tensors, metadata={"skipped": json.dumps(skipped)}))
         if skipped:
             logger.warning("shard %d: %d unreadable image(s) skipped, e.g. %s", k, len(skipped), next(iter(skipped)))
     bar.close()
@@ -143,17 +143,6 @@ def _check_or_write_meta(out: Path, meta: dict) -> None:
         raise DataError(f"{out} exists and is not a precompute directory (no {META_NAME}); choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class PrecomputedStore:
