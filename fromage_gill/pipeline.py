@@ -240,7 +240,7 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
 CHECKOUT_PREFIX = "repo:"  # "repo:checkpoints/toy/lm": a path inside the repository checkout holding this package
 
 
-def checkout_path(source: str | None) -> str | None:
+def checkout_path(source: str | None, *, must_exist: bool = True) -> str | None:
     """``repo:REL`` -> the absolute path of REL in the repository checkout (the folder above ``fromage_gill/``);
     anything else unchanged. Lets a shipped preset name checkpoints that live in the repository (the toy world's)
     whatever the working directory."""
@@ -248,7 +248,7 @@ def checkout_path(source: str | None) -> str | None:
         return source
     root = Path(__file__).resolve().parent.parent
     path = root / source[len(CHECKOUT_PREFIX):]
-    if not path.exists():
+    if must_exist and not path.exists():
         raise FileNotFoundError(
             f"{source!r} means {path}, which does not exist. It is built inside the repository checkout; for the "
             f"toy presets run `fromage-gill toy build` from the repository root (see its README section)"

@@ -37,7 +37,7 @@ def method_config(kind: str, out: Path) -> ModelConfig:
     """The ``toy-<kind>`` preset; for backbones elsewhere than the shipped ones (a smoke build, another recipe),
     the same preset pointed at ``out`` with the mapper sized to its diffusion text encoder."""
     cfg = load_config(f"toy-{kind}")
-    if out.resolve() == Path(checkout_path(DEFAULT_OUT)).resolve():
+    if out.resolve() == Path(checkout_path(DEFAULT_OUT, must_exist=False)).resolve():
         return cfg
     text = json.loads((out / "clip" / "config.json").read_text())["text_config"]
     lm = dataclasses.replace(cfg.lm, source=str(out / "lm"))
