@@ -211,7 +211,14 @@ def test_sessions_are_isolated(server):
     assert [t["segments"][0]["text"] for t in hb["turns"] if t["role"] == "user"] == ["I am B"]
 
 
-def test_busy_message_says_how_many_are_ahead(server):
+def test_busy_message_says_how_many_are_ahead(server, tiny_gill, monkeypatch):
+    forward = tiny_gill.model.forward_lm
+
+    def slow_forward(*args, **kwargs):  # >= 4 s for the long answer, however fast the machine: b must find it busy
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_gill.model, "forward_lm", slow_forward)
     a, b = Client(server, verbose=False), Client(server, verbose=False)
     long_job = a.submit(message={"text": "long", "files": []}, mode="text", max_new_tokens=400, api_name="/send")
     deadline = time.monotonic() + 60
