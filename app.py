@@ -34,6 +34,7 @@ logger = logging.getLogger("fromage_gill.app")
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
+TOY_INDEXES = ROOT / "checkpoints" / "indexes"  # the toy world's gallery and indexes, once built
 NO_INDEX = "none"
 WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
 STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
@@ -480,8 +481,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
 def launch_style() -> dict[str, Any]:
     """``launch()`` arguments for the look (Gradio 6 takes theme and CSS at launch) and the example photos."""
-    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS), str(ROOT / "checkpoints" / "indexes")],
-                max_file_size="50mb")
+    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS), str(TOY_INDEXES)], max_file_size="50mb")
 
 
 def _text_of(value: Any) -> str:
@@ -510,7 +510,7 @@ def header_markdown(pipeline, index_names: list[str]) -> str:
 def example_messages(pipeline=None) -> list[dict[str, Any]]:
     """Example messages from the photos shipped in ``assets/`` (none when there are no photos); for a toy-world
     model, from its gallery of world images."""
-    gallery = ROOT / "checkpoints" / "indexes" / "toy-gallery" / "images"
+    gallery = TOY_INDEXES / "toy-gallery" / "images"
     if pipeline is not None and pipeline.config.name.startswith("toy-") and gallery.is_dir():
         world = sorted(str(p) for p in gallery.glob("*.png"))[:3]
         wanted = [("What colour is the shape?", world[:1]), ("Are these the same colour?", world[1:3]),
