@@ -114,9 +114,20 @@ class ModelConfig:
     weights_format: Literal["native", "published"] = "native"
     seed: int = 0
     dialogue: DialogueSpec = field(default_factory=DialogueSpec)
+    # This model's defaults for GenerationSettings fields (e.g. {"image_logit_bias": 4.0}): what its demo should
+    # start from, as the published demos set their own ret_scale_factor. Whatever a user sets still wins.
+    generation: Mapping[str, Any] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.generation:
+            from .generate import GenerationSettings  # here, not at the top: generate.py imports this module
+
+            try:
+                GenerationSettings(**self.generation)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"generation: {e} (its keys are GenerationSettings fields, e.g. "
+                                  f"image_logit_bias, max_new_tokens)") from None
         if self.kind not in ("fromage", "gill"):
             raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
         for name in ("n_visual_tokens", "retrieval_dim"):

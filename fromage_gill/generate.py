@@ -108,6 +108,12 @@ class GenerationSettings:
     image_logit_bias: float = 0.0  # well-behaved alternative: added to the image token's logit
     min_word_tokens: int = 0  # no image before this many tokens of the turn
     max_images: int = 2  # per turn; afterwards image tokens are suppressed
+    text_after_images: bool = True  # False: the answer ends with its image (no text is generated after it)
+    # Which [RET]/[IMG] hidden states pick the image: "dialogue" (as published) the ones computed in the whole
+    # conversation; "answer" the same tokens after the answer's own words alone (BOS + text since the last image),
+    # the layout the layers were trained on (captions): for small LMs whose states drift in a long context.
+    # The decision head always reads the dialogue's state (it is trained on whole exchanges).
+    image_query: Literal["dialogue", "answer"] = "dialogue"
     retrieval_candidates: int = 3  # top-k candidates; the first that loads is shown
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
@@ -115,6 +121,11 @@ class GenerationSettings:
     stop_at_eos: bool = True
     stop_strings: tuple[str, ...] | None = None  # None = the model's dialogue stop strings
     decoding_options: Mapping[str, Any] | None = None  # passed through to a registered decoding strategy
+
+    @classmethod
+    def for_model(cls, config, **overrides: Any) -> GenerationSettings:
+        """The model's defaults (``ModelConfig.generation``) with ``overrides`` on top."""
+        return cls(**{**(getattr(config, "generation", None) or {}), **overrides})
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
@@ -147,6 +158,10 @@ class GenerationSettings:
         for name in ("min_word_tokens", "max_images"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0")
+        if not isinstance(self.text_after_images, bool):
+            raise bad("text_after_images", "must be true or false")
+        if self.image_query not in ("dialogue", "answer"):
+            raise bad("image_query", "must be 'dialogue' (as published) or 'answer'")
         if not is_int(self.retrieval_candidates) or self.retrieval_candidates < 1:
             raise bad("retrieval_candidates", "must be an integer >= 1")
         if not is_num(self.guidance_scale) or not 0 <= self.guidance_scale < math.inf:
@@ -198,7 +213,7 @@ class Notice:
 
 @dataclass(frozen=True)
 class TurnEnd:
-    reason: Literal["eos", "turn_boundary", "max_new_tokens", "stopped"]
+    reason: Literal["eos", "turn_boundary", "max_new_tokens", "stopped", "image"]
     seed: int
 
 
@@ -510,6 +525,8 @@ class _DecodeLoop:
                     row.n_images += 1
                     if self.stop_event.is_set():
                         yield from self._finish(b, "stopped")
+                    elif not self.s.text_after_images:
+                        yield from self._finish(b, "image")
                     elif row.n_sampled >= self.s.max_new_tokens:
                         yield from self._finish(b, "max_new_tokens")
             keep = self._drop_finished()
@@ -568,6 +585,8 @@ class _DecodeLoop:
             path = "retrieve" if decision[1] > decision[0] else "generate"
         else:
             path = "retrieve" if self.can_ret else "generate"
+        if s.image_query == "answer":
+            hidden = self._answer_states(row, hidden)
         if path == "retrieve":
             result = self._retrieve(row, hidden, slot, decision)
         else:
@@ -582,6 +601,18 @@ class _DecodeLoop:
         yield b, image_result
         if notice is not None:
             yield b, notice
+
+    def _answer_states(self, row: _Row, hidden: torch.Tensor) -> torch.Tensor:
+        """The image tokens' states after the answer's words since the previous image alone (``image_query``)."""
+        words = []
+        for seg in reversed(row.segments):
+            if not isinstance(seg, str):
+                break
+            words.insert(0, seg)
+        text = "".join(words).strip()
+        if not text:  # the image comes first: there is nothing but the dialogue to read it from
+            return hidden
+        return image_token_states(self.p, [text])[0].to(hidden.device, hidden.dtype)
 
     def _retrieve(self, row: _Row, hidden: torch.Tensor, slot: int, decision):
         index = self.p.index
@@ -619,6 +650,26 @@ class _DecodeLoop:
         return result, notice
 
 
+# ---------------------------------------------------------------------------------------------- image-token states
+
+
+@torch.no_grad()
+def image_token_states(pipeline, texts: Sequence[str]) -> torch.Tensor:
+    """(N, r, d) last-layer LM hidden states at the r image tokens ([RET] or [IMG0..r-1]) appended to each text,
+    laid out as training lays out a caption (``BOS text [IMG0..r-1]``): what ``text_embedding`` (retrieval) and
+    ``map_to_diffusion`` (generation) read."""
+    from .training.sequences import embed_layout, layout, retrieval_rows
+
+    m, tok = pipeline.model, pipeline.tokenizer
+    ids = tok(list(texts), add_special_tokens=False).input_ids
+    rows, first = retrieval_rows(ids, bos_id=tok.bos_token_id, image_token_ids=m.image_token_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lay = layout(rows, n_visual=m.config.n_visual_tokens, pad_id=pad, ignore_ids=frozenset())
+    hidden = m.forward_lm(embed_layout(m, lay, None), lay.attention_mask, logits="none").hidden
+    r = len(m.image_token_ids)
+    return torch.stack([hidden[i, f:f + r] for i, f in enumerate(first)])
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 
@@ -630,7 +681,7 @@ def generate_batch(pipeline, prompts: Sequence[Sequence[str | Image.Image]], set
     ``dialogue``: then each prompt is one user turn of the model's dialogue template). Under greedy decoding each
     output equals the unbatched one.
     """
-    settings = settings or GenerationSettings()
+    settings = settings or GenerationSettings.for_model(pipeline.config)
     check_settings(pipeline, settings)
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
@@ -692,7 +743,7 @@ class Chat:
 
     def send(self, message: Sequence[str | Image.Image], settings: GenerationSettings | None = None) -> Iterator[Event]:
         """Add a user message (str and images, in order) and stream the answer's events."""
-        settings = settings or GenerationSettings()
+        settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
         check_settings(self.pipeline, settings)
         user = Turn("user", normalize_message(message))
@@ -701,7 +752,7 @@ class Chat:
 
     def regenerate(self, settings: GenerationSettings | None = None) -> Iterator[Event]:
         """Run the last answer again (a new seed unless ``settings.seed`` is set)."""
-        settings = settings or GenerationSettings()
+        settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
         check_settings(self.pipeline, settings)
         if not self.history or self.history[-1].role != "assistant":

@@ -106,3 +106,15 @@ def test_every_shipped_preset_builds(name):
     assert (pipe.diffusion is not None) == cfg.can_generate
     if cfg.mapper is not None:
         assert m.mapper.query_embs.shape[1] == cfg.mapper.num_queries
+
+
+def test_generation_defaults_are_checked_when_the_preset_loads(tmp_path):
+    data = load_config("tiny-gill").to_dict()
+    data["generation"] = {"image_logit_bias": 4.0, "max_images": 1}
+    assert load_config(_write(tmp_path, data)).generation == {"image_logit_bias": 4.0, "max_images": 1}
+    data["generation"] = {"image_bias": 4.0}
+    with pytest.raises(ConfigError, match="generation: .*image_bias"):
+        load_config(_write(tmp_path, data))
+    data["generation"] = {"max_images": -1}
+    with pytest.raises(ConfigError, match="generation: .*max_images"):
+        load_config(_write(tmp_path, data))

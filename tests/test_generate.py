@@ -19,6 +19,7 @@ from fromage_gill.generate import (
     TextDelta,
     TurnEnd,
     generate_batch,
+    image_token_states,
 )
 from fromage_gill.images import ImageError
 from fromage_gill.index import ImageIndex
@@ -521,3 +522,45 @@ def test_llama_style_lm_positions_with_left_padding(tiny_fromage, images):
         embeds = chat._encode([*chat.history, Turn("user", normalize_message(msg))]).embed(pipe.model, VisionCache())
         run(chat, msg, s)
         assert list(chat.history[-1].tokens) == reference_greedy(pipe, embeds, 6)
+
+
+def test_a_models_generation_defaults_apply_unless_the_caller_sets_them(tiny_gill, images, index_over):
+    cfg = dataclasses.replace(tiny_gill.config, generation={"image_logit_bias": float("inf"), "max_images": 1,
+                                                            "mode": "retrieve", "max_new_tokens": 3})
+    pipe = dataclasses.replace(tiny_gill, config=cfg, index=index_over(tiny_gill, images))
+    assert GenerationSettings.for_model(cfg).max_images == 1
+    assert GenerationSettings.for_model(cfg, max_images=2).max_images == 2
+    events = list(Chat(pipe).send(["x"]))  # no settings: the model's defaults, which force one retrieved image
+    assert [e.source for e in events if isinstance(e, ImageResult)] == ["retrieved"]
+    events = run(Chat(pipe), ["x"], GenerationSettings(max_new_tokens=3, mode="text"))
+    assert not any(isinstance(e, ImageResult) for e in events)
+
+
+def test_text_after_images_false_ends_the_answer_with_its_image(tiny_gill, images, index_over):
+    pipe = dataclasses.replace(tiny_gill, index=index_over(tiny_gill, images))
+    base = dict(max_new_tokens=20, image_logit_bias=float("inf"), mode="retrieve", min_word_tokens=2)
+    events = run(Chat(pipe), ["x"], GenerationSettings(text_after_images=False, **base))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[-2:] == ["ImageResult", "TurnEnd"] and events[-1].reason == "image", kinds
+    assert kinds.count("ImageResult") == 1
+    events = run(Chat(pipe), ["x"], GenerationSettings(**base))
+    assert [type(e).__name__ for e in events].count("ImageResult") == 2  # max_images: text, then a second image
+
+
+def test_image_query_answer_reads_the_image_tokens_after_the_answer_alone(tiny_gill, images, index_over,
+                                                                           monkeypatch):
+    pipe = dataclasses.replace(tiny_gill, index=index_over(tiny_gill, images))
+    queries = []
+    search = pipe.index.search
+    monkeypatch.setattr(pipe.index, "search", lambda q, *a, **k: (queries.append(q), search(q, *a, **k))[1])
+    base = dict(max_new_tokens=12, image_logit_bias=float("inf"), mode="retrieve", min_word_tokens=3, max_images=1,
+                text_after_images=False, seed=0)
+    for how in ("dialogue", "answer"):
+        events = run(Chat(pipe), ["describe a cat"], GenerationSettings(image_query=how, **base))
+    answer = text_of(events).strip()
+    assert answer and len(queries) == 2
+    expected = pipe.model.text_embedding(image_token_states(pipe, [answer])[:, 0])
+    torch.testing.assert_close(queries[1], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(queries[0], queries[1], atol=1e-3)  # the whole dialogue gives another state
+    with pytest.raises(ValueError, match="image_query"):
+        GenerationSettings(image_query="prompt")

@@ -22,18 +22,19 @@ def register(sub) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an input image (repeatable; "
                    "images come before the text, in the order given)")
     p.add_argument("--text", required=True, help="the message")
-    p.add_argument("--mode", choices=["auto", "retrieve", "generate", "text"], default="auto",
-                   help="auto: the model decides (GILL's decision head); text: no images")
+    p.add_argument("--mode", choices=["auto", "retrieve", "generate", "text"],
+                   help="auto (default): the model decides (GILL's decision head); text: no images")
     p.add_argument("--seed", type=int, help="makes sampling and generated images reproducible")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=2, help="images per answer at most")
-    p.add_argument("--image-logit-bias", type=float, default=0.0,
-                   help="added to the image token's logit: > 0 makes images likelier")
-    p.add_argument("--steps", type=int, default=50, help="Stable Diffusion denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    # Unset options take the model's defaults (its preset's "generation"), else GenerationSettings' own.
+    p.add_argument("--max-new-tokens", type=int, help="default 64")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, help="default 1.0")
+    p.add_argument("--top-k", type=int, help="default 0 (off)")
+    p.add_argument("--max-images", type=int, help="images per answer at most (default 2)")
+    p.add_argument("--image-logit-bias", type=float,
+                   help="added to the image token's logit: > 0 makes images likelier (default 0, or the model's)")
+    p.add_argument("--steps", type=int, help="Stable Diffusion denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, help="default 7.5")
     p.add_argument("--index", metavar="DIR", help="image index to retrieve from (default: the shipped index of a "
                    "tiny preset, if any)")
     p.add_argument("--out", default=".", metavar="DIR", help="where images are written (default: current folder)")
@@ -46,17 +47,19 @@ def run(args) -> int:
     from ..images import load_image
 
     # Everything the user typed is checked before the model loads.
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, mode=args.mode, image_logit_bias=args.image_logit_bias, max_images=args.max_images,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-    )
+    given = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, seed=args.seed, mode=args.mode, image_logit_bias=args.image_logit_bias,
+                 max_images=args.max_images, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    given = {k: v for k, v in given.items() if v is not None}
+    GenerationSettings(**given)  # a bad value fails here, naming its option
+
     images = [load_image(Path(path)) for path in args.image]
     if args.index is not None and not Path(args.index).is_dir():
         raise FileNotFoundError(f"--index {args.index}: no such directory")
     out_dir = Path(args.out)
 
-    pipeline = load_from_args(args, load_diffusion_pipeline=args.mode in ("auto", "generate"))
+    pipeline = load_from_args(args, load_diffusion_pipeline=args.mode in (None, "auto", "generate"))
+    settings = GenerationSettings.for_model(pipeline.config, **given)
     pipeline.index = _load_index(args.index, pipeline)
     chat = Chat(pipeline)
     segments: list[dict] = []
