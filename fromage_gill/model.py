@@ -84,7 +84,8 @@ class GroundedLM(nn.Module):
         self.text_fc = nn.Linear(d, config.retrieval_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.mapper = GILLMapper(d, config.mapper) if config.mapper is not None else None
-        self.decision = nn.Sequential(nn.Dropout(0.5), nn.Linear(d, 2)) if config.decision_head else None
+        self.decision = (nn.Sequential(nn.Dropout(config.decision_dropout), nn.Linear(d, 2)) if config.decision_head
+                         else None)
 
     # ------------------------------------------------------------------------------------ housekeeping
 

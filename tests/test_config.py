@@ -72,6 +72,8 @@ def test_semantic_validation_says_how_to_fix():
         dataclasses.replace(cfg.mapper, num_heads=3)
     with pytest.raises(ConfigError, match="GILL parts"):
         dataclasses.replace(load_config("tiny-fromage"), decision_head=True)
+    with pytest.raises(ConfigError, match=r"decision_dropout must be in \[0, 1\)"):
+        dataclasses.replace(cfg, decision_dropout=1.0)
 
 
 def test_invalid_json_is_reported(tmp_path):
