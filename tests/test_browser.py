@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -21,13 +20,23 @@ import pytest
 pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
+from browser_helpers import (  # noqa: E402 (after the skips)
+    ARGS,
+    CHROMIUM,
+    TIMEOUT_MS,
+    answers_text,
+    bot_messages,
+    chat_text,
+    free_port,
+    send,
+    user_messages,
+    user_texts,
+    wait_idle,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(os.environ.get("FROMAGE_GILL_SCREENSHOTS") or tempfile.mkdtemp(prefix="fromage_gill_shots_"))
 CAT, ROCKET = ROOT / "assets" / "images" / "chelsea.jpg", ROOT / "assets" / "images" / "rocket.jpg"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000
 
 pytestmark = [
     pytest.mark.browser,
@@ -60,9 +69,7 @@ def server(tiny_gill):
     options = app.AppOptions(indexes=indexes, defaults=dict(max_new_tokens=12, num_inference_steps=2,
                                                             image_logit_bias=20.0, mode="retrieve"))
     demo = app.build_demo(tiny_gill, options)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **app.launch_style())
     yield f"http://127.0.0.1:{port}/"
@@ -84,46 +91,6 @@ def page(server):
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-
-
-def bot_messages(page):
-    return page.locator("#chatbot .message-row.bot-row")
-
-
-def user_messages(page):
-    """The chat shows each part of a message (an image, a text) as its own row."""
-    return page.locator("#chatbot .message-row.user-row")
-
-
-def user_texts(page) -> list[str]:
-    rows = user_messages(page)
-    return [rows.nth(i).inner_text().strip() for i in range(rows.count()) if not rows.nth(i).locator("img").count()]
-
-
-def answers_text(page) -> str:
-    return "\n".join(bot_messages(page).all_inner_texts())
-
-
-def chat_text(page) -> str:
-    return page.locator("#chatbot").inner_text()
-
-
-def send(page, text: str, files=()):
-    if files:
-        page.locator("#message input[type=file]").set_input_files([str(f) for f in files])
-        page.wait_for_function("n => document.querySelectorAll('#message .thumbnail-item, #message img').length >= n",
-                               arg=len(files))
-    page.locator("#message textarea").fill(text)
-    page.locator("#message textarea").press("Enter")
-
-
-def wait_idle(page):
-    """Until no event is running (gradio marks pending outputs with a visible status tracker)."""
-    page.wait_for_timeout(300)
-    page.wait_for_function(
-        "() => !document.querySelector('#chatbot .generating, #chatbot [data-testid=\"status-tracker\"]:not(.hide)')"
-        " && !document.querySelector('#stop.generating')")
-    page.wait_for_timeout(300)
 
 
 def record_chat_changes(page):
