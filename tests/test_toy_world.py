@@ -145,8 +145,14 @@ def test_dialogues_use_their_images_correctly():
         else:
             assert answer.output == "generate" and user.text.lower().startswith(("draw", "can you draw", "make"))
             assert all(t.colour in user.text and t.shape in user.text for t in answer.target.things)
-    text = dialogues[0].text(image=lambda s: "<img>", output=lambda o: "[RET]")
-    assert text.startswith("Q: <img>") and "\nA: " in text
+    # Laid out as the chat engine lays a conversation out: a first turn's images before BOS and "Q:".
+    text = dialogues[0].text(image=lambda s: "<img>", output=lambda o: "[RET]", bos="<s>")
+    assert text.startswith("<img><s>Q: ") and "\nA: " in text
+    compare = next(d for d in dialogues if d.kind == "compare")
+    assert compare.text(image=lambda s: "<img>").startswith("<img><img>Q: ")
+    show = next(d for d in dialogues if d.kind == "show")
+    assert show.text(image=lambda s: "<img>", output=lambda o: "[RET]", bos="<s>").startswith("<s>Q: ")
+    assert show.text(image=lambda s: "<img>", output=lambda o: "[RET]").endswith(".[RET]")
 
 
 def test_decision_prompts_are_labelled_by_what_they_ask():
@@ -168,3 +174,18 @@ def test_exported_captions_describe_their_images(tmp_path):
         img = Image.open(tmp_path / row["image"])
         assert img.size == (64, 64)
         assert W.dominant_colour(img) in row["caption"]
+
+
+def test_lm_corpus_is_laid_out_as_the_chat_engine_lays_out_a_conversation():
+    from fromage_gill.toy.pretrain import corpus
+
+    texts = corpus(300, split="train", seed=0, bos="<s>")
+    assert all(t.count("<s>") == 1 for t in texts)  # once, before the first text
+    multi = [t for t in texts if t.count("Q: ") > 1]
+    assert multi and all("\nA: " in t for t in multi)
+    # a later turn's images come after the turn separator and before "Q:", as prompt.dialogue_pieces puts them
+    later = [t for t in multi if ")Q: " in t.split("\n", 2)[-1]]
+    assert later and all(("\n(" in t) for t in later)
+    shown_first = [t for t in texts if t.startswith("(") and "Q: " in t]
+    assert shown_first and all(t.index("<s>") < t.index("Q: ") and t.index(")") < t.index("<s>")
+                               for t in shown_first)

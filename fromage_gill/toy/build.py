@@ -58,7 +58,7 @@ def build(out: str | Path, *, stages: list[str] | None = None, recipe: pretrain.
                                              **stage.metrics})
     if DATA_STAGE in wanted:
         t0 = time.time()
-        info = export_training_data(data_dir, n=n_data, seed=recipe.seed)
+        info = export_training_data(data_dir, n=n_data, seed=recipe.seed, answer_share=recipe.answer_caption_share)
         report = _record(out, recipe, DATA_STAGE, {"seconds": round(time.time() - t0, 1), **info})
     for kind in method.KINDS:
         if kind in wanted:
@@ -99,10 +99,11 @@ def _check_inputs(out: Path, wanted: list[str], data_dir: Path) -> None:
             )
 
 
-def export_training_data(directory: Path, *, n: int, seed: int) -> dict:
+def export_training_data(directory: Path, *, n: int, seed: int, answer_share: float = 0.0) -> dict:
     """The training set for the method stage: ``train/captions.tsv`` (CC3M-style ``caption<TAB>image``),
     ``val/captions.tsv`` from held-out scenes, and GILL's labelled decision prompts (``decision_train.tsv``)."""
     train = W.export_captions(directory / "train", W.scenes(n, split="train", seed=seed + 70), seed=seed,
+                              answer_share=answer_share,
                               progress=lambda it: tqdm(it, total=n, desc="export train images"))
     val = W.export_captions(directory / "val", W.scenes(max(100, n // 10), split="test", seed=seed + 71), seed=seed + 1)
     with open(directory / "decision_train.tsv", "w", newline="") as f:  # prompts hold newlines: csv quotes them

@@ -5,9 +5,9 @@ run is the same on every machine. Measured, as the toy-world issue asks:
 
 - captioning: the image alone, greedy decoding; correct when the first colour word and the first shape word of
   the caption are the scene's (single-shape images);
-- retrieval: caption -> image over the held-out gallery (the shipped index's images), R@1/5/10 and chance, and
-  match@k: an image with every attribute the caption names is in the top k (several gallery images often fit a
-  caption equally, so R@1 has a ceiling below 1, reported too);
+- retrieval: caption -> image over the held-out gallery (the shipped index's images, all different scenes):
+  R@1/5/10 for complete captions, and match@k for partial ones (an image with every attribute the caption names
+  is in the top k), with their chance levels;
 - generation (GILL): caption -> [IMG] tokens -> GILLMapper -> the toy diffusion stack; the dominant colour of the
   image and the small CLIP's choice among the six shapes, next to the same diffusion stack driven by its own text
   encoder (GILL's comparison with Stable Diffusion alone);
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..generate import image_token_states
 from ..prompt import TokenIds
 from . import world as W
 from .method import gallery_scenes
@@ -45,7 +46,9 @@ class ToyEval:
     retrieval: dict[str, float] = field(default_factory=dict)  # R@1/5/10 and chance_R@1
     generation: dict[str, float] = field(default_factory=dict)  # ours and the diffusion stack alone
     decision: float | None = None
+    requests: dict[str, float] = field(default_factory=dict)  # "show me" / "draw" asked in a chat, answered
     compare: float = 0.0
+    compare_from_descriptions: float = 0.0  # the frozen LM told the images' descriptions instead of shown them
     chat_colour: float = 0.0
     samples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -61,45 +64,103 @@ def first_match(pattern: re.Pattern, text: str) -> str | None:
 def evaluate(pipe, *, n: int = 60, gallery: int = 300, steps: int = 25, guidance: float = 4.0,
              clip_dir: str | Path | None = None, seed: int = 0) -> ToyEval:
     """Every measure for ``pipe`` (a toy-fromage or toy-gill pipeline); ``n`` examples per measure."""
+    res = ToyEval(model=pipe.config.name)
+    (res.caption_colour, res.caption_shape, res.caption_both), res.samples["captions"] = captioning(pipe, n,
+                                                                                                    seed=seed)
+    res.retrieval = retrieval(pipe, gallery_scenes(gallery, seed), seed=seed)
+    res.chat_colour, res.samples["chat_colour"] = colour_question(pipe, n, seed=seed)
+    res.compare, res.samples["compare"] = comparison(pipe, n, seed=seed)
+    res.compare_from_descriptions = comparison_from_descriptions(pipe, n, seed=seed)
+    res.n = {"caption": n, "gallery": gallery, "dialogue": n}
+    if pipe.config.kind == "gill":
+        res.decision = decision(pipe, n, seed=seed)
+        res.requests, res.samples["requests"] = requests(pipe, n, steps=steps, guidance=guidance, clip_dir=clip_dir,
+                                                         seed=seed)
+        res.generation = generation(pipe, n, steps=steps, guidance=guidance, clip_dir=clip_dir, seed=seed)
+        res.n.update(decision=n, generation=n, requests=n)
+    return res
+
+
+GREEDY = dict(max_new_tokens=20, temperature=0.0, mode="text", seed=0)
+
+
+def held_out_singles(n: int, seed: int = 0) -> list[W.Scene]:
+    return W.scenes(n, split="test", seed=seed + EVAL_SEED, two=False)
+
+
+@torch.no_grad()
+def captioning(pipe, n: int, *, seed: int = 0) -> tuple[tuple[float, float, float], list[str]]:
+    """[image][BOS] -> text, as trained: (colour, shape, both) correct on ``n`` single-shape held-out images."""
     from ..generate import GenerationSettings, generate_batch
 
-    res = ToyEval(model=pipe.config.name)
-    greedy = GenerationSettings(max_new_tokens=20, temperature=0.0, mode="text", seed=0)
-    singles = W.scenes(n, split="test", seed=seed + EVAL_SEED, two=False)
-    images = [s.render() for s in singles]
-
-    # Captioning: [image][BOS] -> text, as trained.
-    outs = generate_batch(pipe, [[im, TokenIds(())] for im in images], greedy)
+    singles = held_out_singles(n, seed)
+    outs = generate_batch(pipe, [[s.render(), TokenIds(())] for s in singles], GenerationSettings(**GREEDY))
     texts = [o.text.strip() for o in outs]
     colour = [first_match(_COLOUR_RE, t) == s.things[0].colour for t, s in zip(texts, singles, strict=True)]
     shape = [first_match(_SHAPE_RE, t) == s.things[0].shape for t, s in zip(texts, singles, strict=True)]
-    res.caption_colour, res.caption_shape = _mean(colour), _mean(shape)
-    res.caption_both = _mean([c and s for c, s in zip(colour, shape, strict=True)])
-    res.samples["captions"] = [f"{s.caption} -> {t}" for s, t in zip(singles[:6], texts[:6], strict=True)]
+    both = [c and s for c, s in zip(colour, shape, strict=True)]
+    samples = [f"{s.caption} -> {t}" for s, t in zip(singles[:6], texts[:6], strict=True)]
+    return (_mean(colour), _mean(shape), _mean(both)), samples
 
-    res.retrieval = retrieval(pipe, gallery_scenes(gallery, seed), seed=seed)
 
-    # Dialogue, through the chat template: one image and a colour question; two images and a comparison.
-    outs = generate_batch(pipe, [[im, "What colour is the shape?"] for im in images], greedy, dialogue=True)
+@torch.no_grad()
+def colour_question(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
+    """One shown image and "What colour is the shape?", through the chat template."""
+    from ..generate import GenerationSettings, generate_batch
+
+    singles = held_out_singles(n, seed)
+    outs = generate_batch(pipe, [[s.render(), "What colour is the shape?"] for s in singles],
+                          GenerationSettings(**GREEDY), dialogue=True)
     answers = [o.text.strip() for o in outs]
-    res.chat_colour = _mean([first_match(_COLOUR_RE, a) == s.things[0].colour for a, s in zip(answers, singles,
-                                                                                                strict=True)])
-    res.samples["chat_colour"] = answers[:6]
-    rng = np.random.default_rng([seed, EVAL_SEED])
-    pairs = [W.compare_dialogue(singles[i], singles[(i + 1 + int(rng.integers(n - 1))) % n], rng) for i in range(n)]
-    prompts = [[*(s.render() for s in d.turns[0].images), d.turns[0].text] for d in pairs]
-    outs = generate_batch(pipe, prompts, greedy, dialogue=True)
-    answers = [o.text.strip().lower() for o in outs]
-    res.compare = _mean([a.split(" ")[0].rstrip(",.") == d.turns[1].text.split(",")[0].split(" ")[0].rstrip(",.")
-                         for a, d in zip(answers, pairs, strict=True)])
-    res.samples["compare"] = [f"{d.turns[0].text} -> {a}" for d, a in zip(pairs[:6], answers[:6], strict=True)]
-    res.n = {"caption": n, "gallery": gallery, "dialogue": n}
+    return _mean([first_match(_COLOUR_RE, a) == s.things[0].colour for a, s in zip(answers, singles, strict=True)]
+                 ), answers[:6]
 
-    if pipe.config.kind == "gill":
-        res.decision = decision(pipe, n, seed=seed)
-        res.generation = generation(pipe, n, steps=steps, guidance=guidance, clip_dir=clip_dir, seed=seed)
-        res.n.update(decision=n, generation=n)
-    return res
+
+def comparison_dialogues(n: int, *, seed: int = 0) -> list[W.Dialogue]:
+    """``n`` two-image yes/no questions over held-out scenes, balanced: the three kinds in turn, and "yes" the right
+    answer for every other one (so always answering "no" scores 0.5)."""
+    rng = np.random.default_rng([seed, EVAL_SEED])
+    pool = held_out_singles(max(4 * n, 40), seed)
+    out = []
+    for i in range(n):
+        kind, want = W.COMPARISONS[i % 3], i % 2 == 0
+        while True:
+            a, b = (pool[int(j)] for j in rng.choice(len(pool), 2, replace=False))
+            if W.compare_answer(kind, a, b) == want:
+                break
+        out.append(W.compare_dialogue(a, b, rng, kind=kind))
+    return out
+
+
+@torch.no_grad()
+def comparison(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
+    """Two shown images and a yes/no comparison, through the chat template: the answer's first word is right."""
+    from ..generate import GenerationSettings, generate_batch
+
+    pairs = comparison_dialogues(n, seed=seed)
+    prompts = [[*(s.render() for s in d.turns[0].images), d.turns[0].text] for d in pairs]
+    outs = generate_batch(pipe, prompts, GenerationSettings(**GREEDY), dialogue=True)
+    answers = [o.text.strip().lower() for o in outs]
+    return _mean(_yes_no_right(answers, pairs)), [f"{d.turns[0].text} -> {a}" for d, a in zip(pairs[:6], answers[:6],
+                                                                                         strict=True)]
+
+
+def _yes_no_right(answers: list[str], pairs: list[W.Dialogue]) -> list[bool]:
+    return [a.split(" ")[0].rstrip(",.") == d.turns[1].text.split(",")[0].split(" ")[0].rstrip(",.")
+            for a, d in zip(answers, pairs, strict=True)]
+
+
+@torch.no_grad()
+def comparison_from_descriptions(pipe, n: int, *, seed: int = 0) -> float:
+    """The same questions with each image written as its description, as the LM was pretrained (``(a red circle)
+    (a blue square)<bos>Q: ...``): what the frozen LM can do when it is told what the images show."""
+    from .pretrain import described, generate_text
+
+    pairs = comparison_dialogues(n, seed=seed)
+    tok = pipe.tokenizer
+    answers = [generate_text(pipe.model.lm, tok, d.text(image=described, bos=tok.bos_token).split("\nA:")[0] + "\nA:",
+                             max_new_tokens=8).strip().lower() for d in pairs]
+    return _mean(_yes_no_right(answers, pairs))
 
 
 def _mean(xs) -> float:
@@ -107,40 +168,31 @@ def _mean(xs) -> float:
 
 
 @torch.no_grad()
-def image_token_hidden(pipe, texts: list[str]) -> torch.Tensor:
-    """(N, r, d) last-layer hidden states at [RET] / [IMG0..r-1] after each text, laid out as in training."""
-    from ..training.sequences import embed_layout, layout, retrieval_rows
-
-    m, tok = pipe.model, pipe.tokenizer
-    ids = tok(texts, add_special_tokens=False).input_ids
-    rows, first = retrieval_rows(ids, bos_id=tok.bos_token_id, image_token_ids=m.image_token_ids)
-    lay = layout(rows, n_visual=m.config.n_visual_tokens, pad_id=tok.pad_token_id, ignore_ids=frozenset())
-    hidden = m.forward_lm(embed_layout(m, lay, None), lay.attention_mask, logits="none").hidden
-    r = len(m.image_token_ids)
-    return torch.stack([hidden[i, f:f + r] for i, f in enumerate(first)])
-
-
-@torch.no_grad()
 def retrieval(pipe, scenes: list[W.Scene], *, seed: int = 0) -> dict[str, float]:
-    """Caption -> image over ``scenes``. ``R@k``: the captioned image itself is in the top k (the usual measure;
-    in this world several gallery images often fit a caption equally, which caps it: ``R@1_ceiling``).
-    ``match@k``: the top k hold an image with every attribute the caption names (what a user asking for it sees)."""
+    """Caption -> image over ``scenes`` (a gallery whose scenes all differ). ``R@k``: queried with an image's
+    complete caption, the image itself is in the top k (the usual measure). ``match@k``: queried with a partial
+    caption (size, position or background often left out, as a user asks), the top k hold an image with every
+    attribute it names; several gallery images may fit one."""
     m = pipe.model
     rng = np.random.default_rng([seed, EVAL_SEED, 1])
     flags = [dict(size=bool(rng.random() < 0.7), where=bool(rng.random() < 0.7), background=bool(rng.random() < 0.5))
              for _ in scenes]
     bodies = [W.describe(s, **f) for s, f in zip(scenes, flags, strict=True)]
-    captions = [W.CAPTION_TEMPLATES[int(rng.integers(len(W.CAPTION_TEMPLATES)))].format(b) for b in bodies]
-    text = m.text_embedding(image_token_hidden(pipe, captions)[:, 0])
+
+    def phrase(body: str) -> str:
+        return W.CAPTION_TEMPLATES[int(rng.integers(len(W.CAPTION_TEMPLATES)))].format(body)
+
+    partial = [phrase(b) for b in bodies]
+    complete = [phrase(W.describe(s)) for s in scenes]
+    text = m.text_embedding(image_token_states(pipe, complete + partial)[:, 0])
     pixels = m.vision.processor([s.render() for s in scenes]).to(m.device)
     image = m.image_embedding(m.encode_images(pixels))
     ranks = (text @ image.T).argsort(dim=1, descending=True).cpu()
-    hit = ranks == torch.arange(len(scenes))[:, None]
+    hit = ranks[:len(scenes)] == torch.arange(len(scenes))[:, None]
     fits = torch.tensor([[W.describe(o, **f) == b for o in scenes] for f, b in zip(flags, bodies, strict=True)])
-    match = torch.gather(fits, 1, ranks)
+    match = torch.gather(fits, 1, ranks[len(scenes):])
     out = {f"R@{k}": round(float(hit[:, :k].any(1).float().mean()), 3) for k in (1, 5, 10)}
     out.update({f"match@{k}": round(float(match[:, :k].any(1).float().mean()), 3) for k in (1, 5, 10)})
-    out["R@1_ceiling"] = round(float((1 / fits.sum(1).float()).mean()), 3)
     out["chance_R@1"] = round(1 / len(scenes), 4)
     out["chance_match@1"] = round(float(fits.float().mean()), 4)
     return out
@@ -151,9 +203,87 @@ def decision(pipe, n: int, *, seed: int = 0) -> float:
     from ..training.decision import LABELS
 
     prompts = W.decision_prompts(n, split="test", seed=seed + EVAL_SEED)
-    hidden = image_token_hidden(pipe, [p for p, _ in prompts])[:, 0]
+    hidden = image_token_states(pipe, [p for p, _ in prompts])[:, 0]
     pred = pipe.model.decide(hidden).argmax(-1).tolist()
     return _mean([p == LABELS[label] for p, (_, label) in zip(pred, prompts, strict=True)])
+
+
+@torch.no_grad()
+def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path | None, seed: int = 0
+             ) -> tuple[dict[str, float], list[str]]:
+    """What a user of the chat sees: ``n`` held-out "show me ..." and "draw ..." messages (half each) sent through
+    ``Chat`` with the model's own default settings (mode auto) and its shipped gallery index. Per kind: the answer
+    holds an image (``*_image``), from the right source: the gallery for "show", diffusion for "draw"
+    (``*_routed``), whose dominant colour and CLIP-judged shape are the requested ones (``*_match``). Also ``n/2``
+    shown held-out images with "What is in this image?": answered without an image (``describe_no_image``), naming
+    colour and shape (``describe_right``)."""
+    from ..generate import Chat, GenerationSettings, ImageResult, TextDelta
+
+    if pipe.index is None:
+        from ..index import ImageIndex, shipped_index_dir
+
+        shipped = shipped_index_dir(pipe.config.name)
+        if shipped is None:
+            raise FileNotFoundError(f"no gallery index for {pipe.config.name}: build it (fromage-gill toy build)")
+        pipe.index = ImageIndex.load(shipped, expected_fingerprint=pipe.model.retrieval_fingerprint())
+    rng = np.random.default_rng([seed, EVAL_SEED, 3])
+    gallery = {s.key: s for s in gallery_scenes(len(pipe.index), seed)}
+    targets = [s for s in gallery.values() if len(s.things) == 1]
+    asks = [W.show_dialogue(targets[int(rng.integers(len(targets)))], rng) if i % 2 == 0 else
+            W.draw_dialogue(W.scenes(n, split="test", seed=seed + EVAL_SEED + 2, two=False)[i], rng)
+            for i in range(n)]
+    settings = GenerationSettings.for_model(pipe.config, seed=seed, num_inference_steps=steps,
+                                            guidance_scale=guidance, max_new_tokens=24)
+    shown: list[tuple[W.Dialogue, ImageResult | None]] = []
+    samples = []
+    for d in asks:
+        events = list(Chat(pipe).send([d.turns[0].text], settings))
+        image = next((e for e in events if isinstance(e, ImageResult)), None)
+        shown.append((d, image))
+        if len(samples) < 6:
+            text = "".join(e.text for e in events if isinstance(e, TextDelta))
+            samples.append(f"{d.turns[0].text} -> {text.strip()!r} + {image.source if image else 'no image'}")
+    # And an image not asked for: "What is in this image?" about a shown image should be answered in words only.
+    described = []
+    for scene in held_out_singles(n // 2, seed):
+        events = list(Chat(pipe).send([scene.render(), "What is in this image?"], settings))
+        text = "".join(e.text for e in events if isinstance(e, TextDelta)).lower()
+        described.append((not any(isinstance(e, ImageResult) for e in events),
+                          scene.things[0].colour in text and scene.things[0].shape in text))
+    shape_of = _shape_judge(pipe, clip_dir, [im.image for _, im in shown if im is not None])
+    out = {}
+    for kind, source in (("show", "retrieved"), ("draw", "generated")):
+        rows = [(d, im) for d, im in shown if d.kind == kind]
+        out[f"{kind}_image"] = _mean([im is not None for _, im in rows])
+        out[f"{kind}_routed"] = _mean([im is not None and im.source == source for _, im in rows])
+        out[f"{kind}_match"] = _mean([im is not None and im.source == source
+                                      and W.dominant_colour(im.image) == d.turns[1].target.things[0].colour
+                                      and shape_of[id(im.image)] == d.turns[1].target.things[0].shape
+                                      for d, im in rows])
+        out[f"{kind}_n"] = len(rows)
+    out["describe_no_image"] = _mean([quiet for quiet, _ in described])
+    out["describe_right"] = _mean([right for _, right in described])
+    out["describe_n"] = len(described)
+    return out, samples
+
+
+def _shape_judge(pipe, clip_dir: str | Path | None, images: list) -> dict[int, str]:
+    """The small CLIP's pick among the world's shapes for each image (keyed by ``id(image)``)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from ..pipeline import checkout_path
+    from .pretrain import clip_embed_images, clip_embed_texts
+
+    if not images:
+        return {}
+    clip_dir = Path(clip_dir or checkout_path(pipe.config.vision.source))
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    tok = AutoTokenizer.from_pretrained(clip_dir)
+    shapes = clip_embed_texts(clip, tok, [f"a {s}" for s in W.SHAPES])
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((W.IMAGE_SIZE, W.IMAGE_SIZE)))
+                                        for im in images])).permute(0, 3, 1, 2)
+    pred = (clip_embed_images(clip, pixels) @ shapes.T).argmax(1).tolist()
+    return {id(im): W.SHAPES[p] for im, p in zip(images, pred, strict=True)}
 
 
 @torch.no_grad()
@@ -174,7 +304,7 @@ def generation(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Pat
     sd.set_progress_bar_config(disable=True)
     for lo in range(0, n, 12):
         batch = prompts[lo:lo + 12]
-        embeds = pipe.model.map_to_diffusion(image_token_hidden(pipe, batch))
+        embeds = pipe.model.map_to_diffusion(image_token_states(pipe, batch))
         ours += gen(embeds, guidance_scale=guidance, num_inference_steps=steps, seed=seed + lo).images
         alone += sd(batch, num_inference_steps=steps, guidance_scale=guidance,
                     generator=torch.Generator().manual_seed(seed + lo), height=W.IMAGE_SIZE,

@@ -49,8 +49,15 @@ def method_config(kind: str, out: Path) -> ModelConfig:
 
 
 def gallery_scenes(n: int, seed: int = 0) -> list[W.Scene]:
-    """The held-out scenes the gallery index holds (the "show me" answers come from these)."""
-    return W.scenes(n, split="test", seed=seed + GALLERY_SEED)
+    """The held-out scenes the gallery index holds (the "show me" answers come from these): ``n`` scenes with
+    ``n`` different complete captions, so a complete caption names exactly one gallery image."""
+    pool = W.scenes(4 * n, split="test", seed=seed + GALLERY_SEED)
+    seen: set[str] = set()
+    unique = [s for s in pool if not (s.key in seen or seen.add(s.key))]  # first occurrence of each key, in order
+    if len(unique) < n:
+        raise ValueError(f"the held-out split has only {len(unique)} different scenes in {len(pool)} draws; "
+                         f"ask for a gallery of at most that many")
+    return unique[:n]
 
 
 def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
@@ -86,7 +93,7 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
     if kind == "gill":
         prompts, labels = read_decision_data(data_dir / "decision_train.tsv")
         res = train_decision_head(pipe.model, pipe.tokenizer, prompts, labels, steps=recipe.decision_steps,
-                                  seed=recipe.seed)
+                                  lr=recipe.decision_lr, seed=recipe.seed)
         metrics["decision_train_accuracy"] = round(res.accuracy, 3)
     save_native(pipe.model, out.parent / cfg.name, cfg)
     metrics["gallery"] = build_gallery(pipe, out.parent / "indexes", cfg.name, recipe.gallery_images, seed=recipe.seed)

@@ -54,8 +54,9 @@ class Recipe:
     lm_width: int = 128
     lm_layers: int = 2
     lm_steps: int = 3000
-    lm_batch: int = 16
-    lm_context: int = 128
+    lm_batch: int = 64  # documents per step (each from position 0, as a chat prompt)
+    lm_described_captions: float = 0.5  # share of the LM's captions written after their image's description
+    lm_max_turns: int = 3  # exchanges per pretraining conversation (1 to this many)
     lm_lr: float = 1e-3
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_steps: int = 2000
@@ -63,7 +64,7 @@ class Recipe:
     vae_crop: int = 32  # trained on random crops: convolutions do not care, and a crop costs a quarter
     vae_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (32, 64)
-    unet_steps: int = 1500
+    unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     eval_images: int = 300
@@ -74,7 +75,11 @@ class Recipe:
     method_batch: int = 32
     method_lr: float = 1e-3
     method_warmup: int = 100
-    decision_steps: int = 300
+    # Share of the method's training captions worded as the chat's answers ("here is a photo of ..."): in a chat
+    # the [RET]/[IMG] tokens follow such an answer, not a bare caption
+    answer_caption_share: float = 0.0
+    decision_steps: int = 1000
+    decision_lr: float = 1e-2
     gallery_images: int = 300
 
     def __post_init__(self) -> None:
@@ -101,18 +106,58 @@ class StageReport:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def corpus(n: int, *, split: W.Split, seed: int, caption_share: float = 0.2) -> list[str]:
+def corpus(n: int, *, split: W.Split, seed: int, bos: str, caption_share: float = 0.2,
+           described_captions: float = 0.5, max_turns: int = 3) -> list[str]:
     """The LM's pretraining text: captions, and dialogues in which a shown image appears as its description in
     parentheses (a text-only LM cannot see; this teaches it to answer from what the context says about an
-    image, which the trained visual tokens later supply instead)."""
+    image, which the trained visual tokens later supply instead). Everything is laid out as the chat engine lays
+    it out, BOS (``bos``) included: the images of a first turn come before BOS and ``Q:``
+    (``(a red circle) <bos>Q: ...``), as the trained visual tokens will. A share ``described_captions`` of the
+    captions is written the same way after their image's description (``(description) <bos>caption``): the
+    captioning layout the method trains the visual tokens in (``[image] <bos> caption``)."""
     rng = np.random.default_rng([seed, 10 if split == "train" else 11])
     # Mostly dialogues: answering from the context is the skill the method needs, and plain captions (whose
     # attributes are random, hence most of the loss) would drown its signal.
-    out = [c for s in W.scenes(int(n * caption_share), split=split, seed=seed + 3) for c in W.captions(s, rng)]
-    for d in W.dialogues(n - len(out), split=split, seed=seed + 4):
-        out.append(d.text(image=lambda s: f"({W.describe(s)}) "))
+    out = []
+    for i, s in enumerate(W.scenes(int(n * caption_share), split=split, seed=seed + 3)):
+        # every other caption for 0.5 (the shipped LM), none for 0, all for 1
+        lead = f"({W.describe(s)}) " if (i * described_captions) % 1 >= 1 - described_captions else ""
+        out += [f"{lead}{bos}{c}" for c in W.captions(s, rng)]
+    # Conversations of 1 to max_turns exchanges: in a chat, a question follows earlier ones (and their images),
+    # and the answer must be about the new question.
+    turns = np.random.default_rng([seed, 12 if split == "train" else 13])
+    dialogues = W.dialogues(n - len(out), split=split, seed=seed + 4)
+    i = 0
+    while i < len(dialogues):
+        k = int(turns.integers(1, max_turns + 1))
+        group = dialogues[i:i + k]
+        out.append(W.Dialogue(group[0].kind, tuple(t for d in group for t in d.turns)).text(image=described, bos=bos))
+        i += k
     order = rng.permutation(len(out))
     return [out[i] for i in order]
+
+
+def tokenizer_text(n: int, *, split: W.Split, seed: int, caption_share: float = 0.2) -> list[str]:
+    """The text the BPE is trained on: the world's captions and dialogues, each image written inside its question
+    (``Q: (description) ...``). Only the words matter to a BPE; this layout is the one the shipped tokenizer (and
+    so the CLIP and UNet trained with it) was built from, kept so a rebuild reproduces them."""
+    rng = np.random.default_rng([seed, 10 if split == "train" else 11])
+    out = [c for s in W.scenes(int(n * caption_share), split=split, seed=seed + 3) for c in W.captions(s, rng)]
+    for d in W.dialogues(n - len(out), split=split, seed=seed + 4):
+        lines = []
+        for turn in d.turns:
+            if turn.role == "user":
+                lines.append("Q: " + "".join(f"({W.describe(s)}) " for s in turn.images) + turn.text)
+            else:
+                lines.append(f"\nA: {turn.text}")
+        out.append("\n".join(lines).replace("\n\nA:", "\nA:"))
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def described(scene: W.Scene) -> str:
+    """A shown image as the text-only LM reads it in pretraining."""
+    return f"({W.describe(scene)})"
 
 
 def image_pool(n: int, *, split: W.Split, seed: int, progress: bool = True) -> tuple[list[W.Scene], torch.Tensor]:
@@ -171,7 +216,7 @@ def train_tokenizers(out: Path, recipe: Recipe) -> StageReport:
     from transformers import PreTrainedTokenizerFast
 
     t0 = time.time()
-    lines = corpus(4000, split="train", seed=recipe.seed, caption_share=0.5)
+    lines = tokenizer_text(4000, split="train", seed=recipe.seed, caption_share=0.5)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -189,7 +234,7 @@ def train_tokenizers(out: Path, recipe: Recipe) -> StageReport:
                                                        special_tokens=[("</s>", eos)])
     clip_tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=recipe.text_length, **common)
     clip_tok.save_pretrained(out / "clip")
-    lengths = [len(clip_tok(t).input_ids) for t in corpus(400, split="test", seed=recipe.seed) if "\n" not in t]
+    lengths = [len(clip_tok(t).input_ids) for t in tokenizer_text(400, split="test", seed=recipe.seed) if "\n" not in t]
     words = sum(len(t.split()) for t in lines)
     tokens = sum(len(tok.encode(t).ids) for t in lines)
     return StageReport("tokenizer", time.time() - t0, {
@@ -300,7 +345,9 @@ def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, Any]:
 
 
 def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
-    """An OPT-style causal LM on packed world text (captions and dialogues), next-token cross-entropy."""
+    """An OPT-style causal LM on world text (captions and dialogues), next-token cross-entropy. Each example is one
+    document starting at position 0, as a chat prompt does (not windows of a packed stream): a description written
+    before BOS must be read across it, as the chat engine's images before BOS are."""
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
     t0 = time.time()
@@ -312,15 +359,15 @@ def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(recipe.seed)
     model = OPTForCausalLM(config)
-    stream = _token_stream(tok, corpus(recipe.n_images * 2, split="train", seed=recipe.seed))
+    texts = corpus(recipe.n_images * 2, split="train", seed=recipe.seed, bos=tok.bos_token,
+                   described_captions=recipe.lm_described_captions, max_turns=recipe.lm_max_turns)
+    docs = [_doc_ids(tok, t) for t in texts]
     rng = np.random.default_rng([recipe.seed, 30])
-    n_windows = len(stream) - recipe.lm_context - 1
     model.train()
 
     def step(_: int) -> torch.Tensor:
-        starts = rng.integers(0, n_windows, recipe.lm_batch)
-        ids = torch.stack([stream[s:s + recipe.lm_context] for s in starts])
-        return model(input_ids=ids, labels=ids).loss
+        ids, mask, labels = _batch(tok, [docs[i] for i in rng.integers(0, len(docs), recipe.lm_batch)])
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     losses = _loop("pretrain lm", recipe.lm_steps, model.parameters(), recipe.lm_lr, step)
     model.eval()
@@ -331,33 +378,42 @@ def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
     return StageReport("lm", time.time() - t0, metrics)
 
 
-def _token_stream(tok, texts: list[str]) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tok(t).input_ids)  # "</s> text": the tokenizer's BOS also ends the previous text, as in OPT
-    return torch.tensor(ids)
+def _doc_ids(tok, text: str, *, end: bool = True) -> list[int]:
+    """A document's ids: its text carries BOS where the chat engine puts it (first, or after a first turn's
+    images); ``end`` adds EOS, so the LM learns where an answer stops."""
+    ids = tok(text, add_special_tokens=False).input_ids or [tok.bos_token_id]
+    return [*ids, tok.eos_token_id] if end else ids
+
+
+def _batch(tok, docs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, attention_mask, labels)``; padding is masked out of the loss."""
+    n = max(len(d) for d in docs)
+    ids = torch.full((len(docs), n), tok.pad_token_id)
+    mask = torch.zeros((len(docs), n), dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, :len(d)] = torch.tensor(d)
+        mask[i, :len(d)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
 @torch.no_grad()
 def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
     """Held-out perplexity, and in-context answers: given an image's description in the context (as in the
     corpus), does greedy decoding name its colour and shape?"""
-    stream = _token_stream(tok, corpus(400, split="test", seed=recipe.seed))
+    docs = [_doc_ids(tok, t) for t in corpus(400, split="test", seed=recipe.seed, bos=tok.bos_token)]
     nll, count = 0.0, 0
-    for i in range(0, len(stream) - 1, recipe.lm_context):
-        ids = stream[i:i + recipe.lm_context + 1].unsqueeze(0)
-        if ids.shape[1] < 2:
-            break
-        loss = model(input_ids=ids, labels=ids).loss
-        nll += float(loss) * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
+    for i in range(0, len(docs), 64):
+        ids, mask, labels = _batch(tok, docs[i:i + 64])
+        n = int((labels[:, 1:] != -100).sum())
+        nll += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
+        count += n
     rng = np.random.default_rng([recipe.seed, 31])
     singles = W.scenes(recipe.eval_prompts, split="test", seed=recipe.seed + 32, two=False)
     colour_ok = shape_ok = 0
     samples = []
     for i, s in enumerate(singles):
         q = "What colour is the shape?" if i % 2 == 0 else "What shape is this?"
-        prompt = f"Q: ({W.describe(s)}) {q}\nA:"
+        prompt = f"{described(s)}{tok.bos_token}Q: {q}\nA:"  # the chat engine's layout, as in the corpus
         answer = generate_text(model, tok, prompt, max_new_tokens=12)
         if i % 2 == 0:
             colour_ok += s.things[0].colour in answer.split(".")[0]
@@ -375,7 +431,7 @@ def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
 @torch.no_grad()
 def generate_text(model, tok, prompt: str, *, max_new_tokens: int, sample: bool = False,
                   rng: np.random.Generator | None = None) -> str:
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = torch.tensor([_doc_ids(tok, prompt, end=False)])
     out = []
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids).logits[0, -1]

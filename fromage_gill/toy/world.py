@@ -265,22 +265,21 @@ class Dialogue:
     turns: tuple[Turn, ...] = field(default_factory=tuple)
 
     def text(self, image: Callable[[Scene], str], output: Callable[[Output], str] = lambda o: "", *,
-             user_prefix: str = "Q: ", assistant_prefix: str = "\nA:", turn_separator: str = "\n") -> str:
-        """The dialogue as LM text in the ``DialogueSpec`` layout (``Q: ...\\nA: ...``). ``image`` renders a
-        shown image (e.g. as visual-token placeholders, or as its caption for a text-only LM); ``output``
-        renders the image the assistant answers with (e.g. ``[RET]``)."""
-        parts = []
-        for turn in self.turns:
+             user_prefix: str = "Q: ", assistant_prefix: str = "\nA:", turn_separator: str = "\n",
+             bos: str = "") -> str:
+        """The dialogue as LM text, laid out as the chat engine lays it out (``prompt.dialogue_pieces``): a user
+        turn's images go *before* ``user_prefix`` (``[images] Q: ...\nA: ...``) and ``bos`` is put once, before
+        the first text, so a first turn that shows images reads ``[images] <bos>Q: ...``. ``image`` renders a
+        shown image (visual-token placeholders, or its description for a text-only LM); ``output`` renders the
+        image the assistant answers with (e.g. ``[RET]``)."""
+        text = ""
+        for i, turn in enumerate(self.turns):
             if turn.role == "user":
                 shown = "".join(image(s) for s in turn.images)
-                parts.append(f"{user_prefix}{shown}{turn.text}")
+                text += (turn_separator if i else "") + shown + (bos if not text else "") + user_prefix + turn.text
             else:
-                tail = output(turn.output) if turn.output else ""
-                parts.append(f"{assistant_prefix} {turn.text}{tail}")
-        text = ""
-        for i, part in enumerate(parts):
-            sep = turn_separator if i and self.turns[i].role == "user" else ""
-            text += sep + part
+                text += (bos if not text else "") + f"{assistant_prefix} {turn.text}"
+                text += output(turn.output) if turn.output else ""
         return text
 
 
@@ -297,10 +296,21 @@ def describe_dialogue(scene: Scene, rng: np.random.Generator) -> Dialogue:
     return Dialogue("describe", (Turn("user", question, (scene,)), Turn("assistant", answer)))
 
 
-def compare_dialogue(a: Scene, b: Scene, rng: np.random.Generator) -> Dialogue:
-    """Two one-shape images and a yes/no question about them; the answer starts with "yes" or "no"."""
+COMPARISONS = ("colour", "shape", "bigger")
+
+
+def compare_answer(kind: str, a: Scene, b: Scene) -> bool:
+    """The true answer to comparison ``kind`` (one of ``COMPARISONS``) about one-shape scenes ``a`` and ``b``."""
     ta, tb = a.things[0], b.things[0]
-    kind = int(rng.integers(3))
+    return {"colour": ta.colour == tb.colour, "shape": ta.shape == tb.shape,
+            "bigger": ta.size == "large" and tb.size == "small"}[kind]
+
+
+def compare_dialogue(a: Scene, b: Scene, rng: np.random.Generator, kind: str | None = None) -> Dialogue:
+    """Two one-shape images and a yes/no question about them (``kind``, else drawn from ``rng``); the answer starts
+    with "yes" or "no"."""
+    ta, tb = a.things[0], b.things[0]
+    kind = COMPARISONS.index(kind) if kind is not None else int(rng.integers(3))
     if kind == 0:
         same = ta.colour == tb.colour
         q = "Are these the same colour?"
@@ -316,17 +326,21 @@ def compare_dialogue(a: Scene, b: Scene, rng: np.random.Generator) -> Dialogue:
     return Dialogue("compare", (Turn("user", q, (a, b)), Turn("assistant", a_)))
 
 
-def show_dialogue(target: Scene, rng: np.random.Generator) -> Dialogue:
-    """Ask for a photo: the answer is an image that exists (retrieved from the gallery)."""
-    wanted = describe(target, size=bool(rng.random() < 0.5), where=False, background=bool(rng.random() < 0.5))
+def show_dialogue(target: Scene, rng: np.random.Generator, detail: dict[str, bool] | None = None) -> Dialogue:
+    """Ask for a photo: the answer is an image that exists (retrieved from the gallery). ``detail``: which
+    attributes the request names (``describe``'s flags; default: drawn from ``rng``, position never)."""
+    wanted = describe(target, **detail) if detail is not None else describe(
+        target, size=bool(rng.random() < 0.5), where=False, background=bool(rng.random() < 0.5))
     ask = _SHOW_TEMPLATES[rng.integers(len(_SHOW_TEMPLATES))].format(wanted)
     return Dialogue("show", (Turn("user", ask), Turn("assistant", f"here is a photo of {wanted}.", output="retrieve",
                                                        target=target)))
 
 
-def draw_dialogue(target: Scene, rng: np.random.Generator) -> Dialogue:
-    """Ask for a new picture: the answer is generated, not retrieved."""
-    wanted = describe(target, size=bool(rng.random() < 0.5), where=bool(rng.random() < 0.5), background=True)
+def draw_dialogue(target: Scene, rng: np.random.Generator, detail: dict[str, bool] | None = None) -> Dialogue:
+    """Ask for a new picture: the answer is generated, not retrieved. ``detail`` as for ``show_dialogue`` (default:
+    drawn from ``rng``, background always)."""
+    wanted = describe(target, **detail) if detail is not None else describe(
+        target, size=bool(rng.random() < 0.5), where=bool(rng.random() < 0.5), background=True)
     ask = _DRAW_TEMPLATES[rng.integers(len(_DRAW_TEMPLATES))].format(wanted)
     return Dialogue("draw", (Turn("user", ask), Turn("assistant", f"here is a drawing of {wanted}.", output="generate",
                                                        target=target)))
@@ -361,13 +375,21 @@ def dialogues(n: int, *, split: Split, seed: int, gallery: Sequence[Scene] | Non
 # ------------------------------------------------------------------------------------------------ files
 
 
+def answer_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption worded as the chat's answer to "show me" / "draw" (``here is a photo of ...``)."""
+    d = show_dialogue(scene, rng) if rng.random() < 0.5 else draw_dialogue(scene, rng)
+    return d.turns[1].text
+
+
 def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int, captions_per_image: int = 1,
-                    progress: Callable[[Iterator], Iterator] = iter) -> Path:
+                    answer_share: float = 0.0, progress: Callable[[Iterator], Iterator] = iter) -> Path:
     """Write ``items`` as PNGs plus a CC3M-style ``captions.tsv`` (``caption<TAB>image``, image relative to
-    ``directory``): the format ``fromage-gill train --data`` reads. Returns the TSV path."""
+    ``directory``): the format ``fromage-gill train --data`` reads. A share ``answer_share`` of the images is
+    captioned as a chat answer instead (``answer_caption``). Returns the TSV path."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 4])
+    answers = np.random.default_rng([seed, 7])  # its own stream: answer_share=0 writes what it always wrote
     tsv = directory / "captions.tsv"
     with open(tsv, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -376,6 +398,8 @@ def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int,
             name = f"images/{i:06d}.png"
             scene.render().save(directory / name)
             for caption in captions(scene, rng, captions_per_image):
+                if answer_share and answers.random() < answer_share:
+                    caption = answer_caption(scene, answers)
                 writer.writerow([caption, name])
     return tsv
 
@@ -388,6 +412,11 @@ def decision_prompts(n: int, *, split: Split, seed: int) -> list[tuple[str, Outp
     pool = scenes(n, split=split, seed=seed + 2)
     out: list[tuple[str, Output]] = []
     for i, scene in enumerate(pool):
-        d = show_dialogue(scene, rng) if i % 2 == 0 else draw_dialogue(scene, rng)
-        out.append((d.text(image=lambda _: ""), d.turns[1].output))
+        # Both kinds name the same attributes equally often: only the request tells them apart (in the dialogues a
+        # drawing always names its background, which a head would otherwise learn instead of "draw")
+        detail = {k: bool(rng.random() < 0.5) for k in ("size", "where", "background")}
+        d = show_dialogue(scene, rng, detail) if i % 2 == 0 else draw_dialogue(scene, rng, detail)
+        text = d.text(image=lambda _: "")
+        # In a chat the model may emit [IMG0] before its closing full stop as well as after it: train on both.
+        out.append((text[:-1] if rng.random() < 0.5 else text, d.turns[1].output))
     return out
