@@ -47,3 +47,14 @@ def images():
         arr = (torch.rand(48 + 8 * i, 40 + 4 * i, 3, generator=g) * 255).to(torch.uint8).numpy()
         out.append(Image.fromarray(arr, "RGB"))
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_gill():
+    """The shipped toy-world GILL (checkpoints/), as `python app.py --model toy-gill` loads it."""
+    return load_pipeline("toy-gill", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def toy_fromage():
+    return load_pipeline("toy-fromage", device="cpu", dtype="fp32")

@@ -1,0 +1,130 @@
+"""The offline demo as a new user meets it: ``python app.py --model toy-gill`` on the shipped toy checkpoints, in
+headless Chromium: describe an uploaded world image, show a photo from the gallery, draw a new picture (each in a
+new conversation). Screenshots go to a temporary folder, or to $FROMAGE_GILL_SCREENSHOTS
+(``FROMAGE_GILL_SCREENSHOTS=docs/screenshots pytest tests/test_browser_toy.py`` refreshes the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+from browser_helpers import (  # noqa: E402 (after the skips)
+    ARGS,
+    CHROMIUM,
+    TIMEOUT_MS,
+    answers_text,
+    bot_messages,
+    free_port,
+    send,
+    wait_idle,
+)
+
+from fromage_gill.toy import world as W  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = Path(os.environ.get("FROMAGE_GILL_SCREENSHOTS") or tempfile.mkdtemp(prefix="fromage_gill_shots_"))
+# A held-out scene (its combination of attributes never occurs in training), kept as a PNG the user uploads.
+SCENE = W.Scene((W.Thing("ring", "blue", "large"),), "white", position="center")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                                                       "(apt-get install -y chromium; .ci/run installs it)"),
+]
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def server(toy_gill):
+    import app
+
+    # What `python app.py --model toy-gill` builds: the model's own settings, its gallery as the index.
+    options = app.AppOptions(indexes=app.load_indexes(None, toy_gill))
+    demo = app.build_demo(toy_gill, options)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_style())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        pg = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(server)
+        pg.wait_for_selector("#message textarea")
+        yield pg
+        browser.close()
+
+
+ANSWER_JS = """([text, mark]) => {
+    const rows = [...document.querySelectorAll('#chatbot .message-row')];
+    const asked = rows.map(r => r.classList.contains('user-row') && r.innerText.trim() === text).lastIndexOf(true);
+    if (asked < 0) return null;
+    const answer = rows.slice(asked + 1).filter(r => r.classList.contains('bot-row')).map(r => r.innerText).join('\\n');
+    return answer.includes(mark) ? answer : null;
+}"""
+
+
+def exchange(page, text: str, files=(), *, wait_for: str = "") -> str:
+    """Send a message and return the text of the rows that answer it (the chat shows an answer's text and its
+    image as separate rows) once ``wait_for`` (default: any text) is among them and the answer is complete."""
+    send(page, text, files)
+    page.wait_for_function(ANSWER_JS, arg=[text, wait_for or " "])
+    wait_idle(page)
+    return page.evaluate(ANSWER_JS, [text, wait_for])
+
+
+def test_scene_is_held_out():
+    assert SCENE.split == "test"
+
+
+def new_conversation(page):
+    """The toy model answers the first request of a conversation best (its LM never saw an answer's image tokens
+    inside a dialogue; docs/toy.md), so each request starts a new one, as a user would with Clear."""
+    page.locator("#clear").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot .message-row')")
+
+
+def shoot(page, name: str):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.screenshot(path=str(SHOTS / name), clip={"x": 0, "y": 0, "width": 1280, "height": 760})
+
+
+def test_describes_an_uploaded_world_image(page, tmp_path):
+    assert "toy-gill" in page.locator("#header").inner_text()
+    path = tmp_path / "shape.png"
+    SCENE.render().save(path)
+    answer = exchange(page, "What is in this image?", [path]).lower()
+    assert "blue" in answer and "ring" in answer, answer
+    shoot(page, "toy-describe.png")
+
+
+def test_shows_a_photo_from_the_gallery(page):
+    new_conversation(page)
+    answer = exchange(page, "Show me a photo of a green triangle.", wait_for="Retrieved (score")
+    assert "green triangle" in answer and "Retrieved (score" in answer, answer
+    assert "green" in answer.split("Retrieved (score")[1], answer  # the gallery image's own caption
+    assert bot_messages(page).locator("img").first.is_visible()
+    shoot(page, "toy-show.png")
+
+
+def test_draws_what_is_asked(page):
+    new_conversation(page)
+    answer = exchange(page, "Draw a red circle.", wait_for="Generated (seed")
+    assert "red circle" in answer and "Generated (seed" in answer, answer
+    assert "Retrieved (score" not in answers_text(page)
+    shoot(page, "toy-draw.png")

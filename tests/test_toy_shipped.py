@@ -1,0 +1,78 @@
+"""The shipped toy-world checkpoints (``checkpoints/``) keep what docs/toy.md reports.
+
+The measures of ``fromage-gill toy eval`` (``fromage_gill/toy/evaluate.py``) on a smaller fixed held-out set, each
+with a floor a little under the figure measured on that set (in the comments): greedy decoding and seeded diffusion
+make the figures exact on one machine, and the margin absorbs another CPU's rounding. A regression anywhere in the
+stack (backbones, loaders, prompt layout, decoding loop, index, decision head, diffusion) fails here. Where a
+target of the toy-world issue is not met, the floor guards the figure reached, and docs/toy.md says what limits it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from fromage_gill.toy import evaluate as E
+from fromage_gill.toy.method import gallery_scenes
+from fromage_gill.toy.pretrain import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "checkpoints"
+SHIPPED = ["toy/lm", "toy/clip", "toy/diffusion", "toy-fromage", "toy-gill", "indexes/toy-gallery",
+           "indexes/toy-fromage", "indexes/toy-gill"]
+N = 20
+
+
+def test_the_shipped_checkpoints_are_the_recipes_and_fit_the_budget():
+    report = json.loads((CHECKPOINTS / "toy" / "build_report.json").read_text())
+    assert report["recipe"] == json.loads(json.dumps(asdict(Recipe())))  # rebuilt after every recipe change
+    assert set(report["stages"]) >= {"tokenizer", "clip", "lm", "vae", "unet", "data", "fromage", "gill"}
+    size = sum(f.stat().st_size for d in SHIPPED for f in (CHECKPOINTS / d).rglob("*") if f.is_file())
+    assert size < 30 * 2**20, f"the shipped toy world is {size / 2**20:.1f} MB (budget 30 MB)"
+
+
+# measured on these 20: toy-gill colour 1.0, both 0.85; toy-fromage colour 1.0, both 0.1 (its one visual token
+# carries the colour, rarely the shape)
+@pytest.mark.parametrize(("model", "floor"), [("toy_gill", 0.75), ("toy_fromage", 0.0)])
+def test_captions_name_colour_and_shape(model, floor, request):
+    (colour, shape, both), samples = E.captioning(request.getfixturevalue(model), N)
+    assert colour >= 0.9 and both >= floor, samples
+
+
+# measured: toy-gill R@1 0.427, R@10 0.887; toy-fromage 0.477, 0.913 (chance R@1 0.0033)
+@pytest.mark.parametrize(("model", "r1", "r10"), [("toy_gill", 0.35, 0.8), ("toy_fromage", 0.4, 0.85)])
+def test_caption_to_image_retrieval_over_the_gallery(model, r1, r10, request):
+    res = E.retrieval(request.getfixturevalue(model), gallery_scenes(300))
+    assert res["R@1"] >= r1 and res["R@10"] >= r10, res
+
+
+def test_decision_routes_show_to_retrieval_and_draw_to_generation(toy_gill):
+    assert E.decision(toy_gill, 2 * N) >= 0.9  # measured 1.0 (the target)
+
+
+def test_chat_answers_show_and_draw_requests_with_the_right_kind_of_image(toy_gill):
+    # measured: show 1.0 / draw 0.9 answered with an image of the right kind; descriptions right 0.7
+    res, samples = E.requests(toy_gill, N, steps=10, guidance=4.0, clip_dir=None)
+    assert res["show_image"] >= 0.9 and res["draw_image"] >= 0.8, samples
+    assert res["show_routed"] >= 0.9 and res["draw_routed"] >= 0.8, samples
+    assert res["describe_right"] >= 0.6, samples
+
+
+def test_generated_images_have_the_requested_colour(toy_gill):
+    res = E.generation(toy_gill, 12, steps=10, guidance=4.0, clip_dir=None)
+    assert res["gill_colour"] >= 0.5 and res["diffusion_alone_colour"] >= 0.4, res  # measured 0.583 and 0.5
+
+
+@pytest.mark.parametrize("model", ["toy_gill", "toy_fromage"])
+def test_a_question_about_a_shown_image(model, request):
+    colour, samples = E.colour_question(request.getfixturevalue(model), N)
+    assert colour >= 0.8, samples  # measured 0.9 (toy-gill), 0.95 (toy-fromage)
+
+
+def test_two_shown_images(toy_gill):
+    # Two shown images: the frozen LM answers from the images' descriptions; from the visual tokens it does not yet
+    # (docs/toy.md): the floor guards the LM's part.
+    assert E.comparison_from_descriptions(toy_gill, N) >= 0.55  # measured 0.65
