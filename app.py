@@ -1,7 +1,8 @@
 """fromage_gill chat: a Gradio app to talk with a FROMAGe / GILL model about images, and get images back.
 
     python app.py                              # the published GILL model (GPU; downloads weights on first use)
-    python app.py --model tiny-gill            # offline demo: tiny random model, seconds on a CPU
+    python app.py --model toy-gill             # offline demo: the toy world's GILL, trained on a CPU (checkpoints/)
+    python app.py --model tiny-gill            # offline plumbing check: tiny random model, gibberish answers
     fromage-gill serve --model gill --load-8bit --port 7860
 
 ``build_demo(pipeline)`` builds the UI; the conversation logic (sessions, the model queue, export) lives in
@@ -76,7 +77,7 @@ class AppOptions:
 def default_settings(pipeline, overrides: Mapping[str, Any]) -> dict[str, Any]:
     from fromage_gill.generate import GenerationSettings
 
-    values = dataclasses.asdict(GenerationSettings())
+    values = dataclasses.asdict(GenerationSettings.for_model(pipeline.config))
     if pipeline.config.is_random:  # the tiny offline demo: short answers and few diffusion steps keep it snappy
         values.update(max_new_tokens=24, num_inference_steps=4)
     values.update(overrides)
@@ -512,10 +513,13 @@ def example_messages(pipeline=None) -> list[dict[str, Any]]:
     model, from its gallery of world images."""
     gallery = TOY_INDEXES / "toy-gallery" / "images"
     if pipeline is not None and pipeline.config.name.startswith("toy-") and gallery.is_dir():
-        world = sorted(str(p) for p in gallery.glob("*.png"))[:3]
-        wanted = [("What colour is the shape?", world[:1]), ("Are these the same colour?", world[1:3]),
-                  ("Show me a photo of a red circle.", []), ("Draw a blue square on a white background.", [])]
-        return [{"text": text, "files": files} for text, files in wanted if len(world) == 3]
+        from fromage_gill.toy.method import gallery_scenes
+
+        files = sorted(gallery.glob("*.png"))
+        singles = [str(f) for f, s in zip(files, gallery_scenes(len(files)), strict=False) if len(s.things) == 1]
+        wanted = [("What is in this image?", singles[:1]), ("Show me a photo of a red circle.", []),
+                  ("Draw a blue square on a white background.", []), ("What shape is this?", singles[1:2])]
+        return [{"text": text, "files": files} for text, files in wanted if len(singles) >= 2]
     photos = {p.stem: p for p in (ASSETS / "images").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
     wanted = [("What is in this picture?", ["chelsea"]),
               ("How are these two pictures different?", ["astronaut", "rocket"]),
@@ -592,7 +596,7 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, "verbose", False):
             raise
         print(f"fromage_gill: the {args.model!r} weights are not on this machine and the Hugging Face Hub is "
-              f"unreachable; for the offline demo run: python app.py --model tiny-gill  (details: add -v)",
+              f"unreachable; for the offline demo run: python app.py --model toy-gill  (details: add -v)",
               file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:

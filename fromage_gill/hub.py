@@ -25,8 +25,8 @@ def _advice(what: str, repo: str, filename: str | None = None) -> str:
         f"could not load {what} {shown!r}: it is not a local path and could not be fetched from the Hugging Face "
         f"Hub ({offline}). Download it where the Hub is reachable (`hf download {repo}"
         f"{' ' + filename if filename else ''} --local-dir DIR`) and pass DIR instead (e.g. --weights/--lm/--vision/"
-        f"--diffusion DIR, or load_pipeline(..., weights=DIR)), or run offline with a tiny preset: "
-        f"`fromage-gill serve --model tiny-gill`."
+        f"--diffusion DIR, or load_pipeline(..., weights=DIR)), or run the offline demo: "
+        f"`fromage-gill serve --model toy-gill`."
     )
 
 

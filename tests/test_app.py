@@ -377,15 +377,15 @@ def test_nonsense_export_json(chatting, tmp_path, content):
 
 
 @pytest.mark.parametrize("entry", ["app.py", "fromage-gill serve"])
-def test_no_weights_offline_says_how_to_start_the_tiny_demo(entry, capsys):
+def test_no_weights_offline_says_how_to_start_the_offline_demo(entry, capsys):
     """No flags, no published weights on disk, no network (HF_HUB_OFFLINE=1): one line with the way out."""
     from fromage_gill import cli
 
     rc = app.main([]) if entry == "app.py" else cli.main(["serve"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if "tiny-gill" in line]
-    assert len(lines) == 1 and "python app.py --model tiny-gill" in lines[0], err
+    lines = [line for line in err.splitlines() if "toy-gill" in line]
+    assert len(lines) == 1 and "python app.py --model toy-gill" in lines[0], err
 
 
 def test_clip_flag_attaches_magic_clip(monkeypatch):

@@ -51,7 +51,7 @@ def test_unreachable_hub_gives_one_clear_error():
         load_pipeline("gill", device="cpu")
     message = str(e.value)
     assert "jykoh/gill" in message and "model_args.json" in message
-    assert "--weights" in message and "tiny-gill" in message
+    assert "--weights" in message and "serve --model toy-gill" in message
 
 
 def test_unreachable_backbone_names_it(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .common import add_model_args
 
-DEFAULT_MODEL = "gill"  # the published GILL model; offline, use --model tiny-gill
+DEFAULT_MODEL = "gill"  # the published GILL model; offline, use --model toy-gill
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
