@@ -4,12 +4,37 @@ browser tests. Elements are found by their ``elem_id``."""
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
+MARKS = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                                                       "(apt-get install -y chromium; .ci/run installs it)"),
+]
+
+
+@contextmanager
+def open_page(url: str, *, height: int = 1000, **context_options):
+    """A Chromium page on the app at ``url``, once its message box is there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_context(viewport={"width": 1280, "height": height}, **context_options).new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_selector("#message textarea")
+        try:
+            yield page
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

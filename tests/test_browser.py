@@ -21,13 +21,12 @@ pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 from browser_helpers import (  # noqa: E402 (after the skips)
-    ARGS,
-    CHROMIUM,
-    TIMEOUT_MS,
+    MARKS,
     answers_text,
     bot_messages,
     chat_text,
     free_port,
+    open_page,
     send,
     user_messages,
     user_texts,
@@ -38,11 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("FROMAGE_GILL_SCREENSHOTS") or tempfile.mkdtemp(prefix="fromage_gill_shots_"))
 CAT, ROCKET = ROOT / "assets" / "images" / "chelsea.jpg", ROOT / "assets" / "images" / "rocket.jpg"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
-                                                       "(apt-get install -y chromium; .ci/run installs it)"),
-]
+pytestmark = MARKS
 
 sys.path.insert(0, str(ROOT))
 
@@ -79,15 +74,8 @@ def server(tiny_gill):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
-        pg = context.new_page()
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(server)
-        pg.wait_for_selector("#message textarea")
+    with open_page(server, accept_downloads=True) as pg:
         yield pg
-        browser.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------

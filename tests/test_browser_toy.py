@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("gradio")
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 from browser_helpers import (  # noqa: E402 (after the skips)
-    ARGS,
-    CHROMIUM,
-    TIMEOUT_MS,
+    MARKS,
     answers_text,
     bot_messages,
     free_port,
+    open_page,
     send,
     wait_idle,
 )
@@ -34,11 +33,7 @@ SHOTS = Path(os.environ.get("FROMAGE_GILL_SCREENSHOTS") or tempfile.mkdtemp(pref
 # A held-out scene (its combination of attributes never occurs in training), kept as a PNG the user uploads.
 SCENE = W.Scene((W.Thing("ring", "blue", "large"),), "white", position="center")
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
-                                                       "(apt-get install -y chromium; .ci/run installs it)"),
-]
+pytestmark = MARKS
 
 sys.path.insert(0, str(ROOT))
 
@@ -59,14 +54,8 @@ def server(toy_gill):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        pg = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(server)
-        pg.wait_for_selector("#message textarea")
+    with open_page(server, height=1400) as pg:
         yield pg
-        browser.close()
 
 
 ANSWER_JS = """([text, mark]) => {
