@@ -129,7 +129,11 @@ class GroundedLM(nn.Module):
 
     def retrieval_fingerprint(self) -> str:
         """Identifies the image side of the retrieval space: an index built by another model is refused."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict()["vision"], sort_keys=True).encode())
+        from .pipeline import portable_source  # here: pipeline.py imports this module
+
+        vision = self.config.to_dict()["vision"]
+        vision["source"] = portable_source(vision["source"])  # the checkout's place must not change the space
+        h = hashlib.sha256(json.dumps(vision, sort_keys=True).encode())
         for t in (self.visual_fc.weight, self.visual_fc.bias):
             h.update(t.detach().float().cpu().numpy().tobytes())
         return f"{self.config.name}:{h.hexdigest()[:16]}"

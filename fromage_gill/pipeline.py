@@ -240,6 +240,18 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
 CHECKOUT_PREFIX = "repo:"  # "repo:checkpoints/toy/lm": a path inside the repository checkout holding this package
 
 
+def portable_source(source: str | None) -> str | None:
+    """The inverse of ``checkout_path``: a path inside the repository checkout -> ``repo:REL``, so what depends on
+    it (an index's model fingerprint) is the same in every clone; anything else unchanged."""
+    if source is None or source.startswith(CHECKOUT_PREFIX) or not Path(source).is_absolute():
+        return source  # hub ids, "random", relative paths
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return CHECKOUT_PREFIX + Path(source).resolve().relative_to(root).as_posix()
+    except (ValueError, OSError):
+        return source
+
+
 def checkout_path(source: str | None, *, must_exist: bool = True) -> str | None:
     """``repo:REL`` -> the absolute path of REL in the repository checkout (the folder above ``fromage_gill/``);
     anything else unchanged. Lets a shipped preset name checkpoints that live in the repository (the toy world's)

@@ -82,6 +82,12 @@ def test_repo_paths_resolve_inside_the_checkout():
     assert checkout_path(None) is None
     with pytest.raises(FileNotFoundError, match="fromage-gill toy build"):
         checkout_path("repo:checkpoints/no-such-thing")
+    # and back: what identifies a model (its index fingerprint) is the same in every clone
+    from fromage_gill.pipeline import portable_source
+
+    assert portable_source(checkout_path("repo:checkpoints/toy/clip", must_exist=False)) == "repo:checkpoints/toy/clip"
+    assert portable_source("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
+    assert portable_source("random") == "random" and portable_source("/elsewhere/clip") == "/elsewhere/clip"
 
 
 def test_data_stage_alone_exports_training_data_only(tmp_path):
