@@ -516,9 +516,9 @@ def example_messages(pipeline=None) -> list[dict[str, Any]]:
         from fromage_gill.toy.method import gallery_scenes
 
         files = sorted(gallery.glob("*.png"))
-        singles = [str(f) for f, s in zip(files, gallery_scenes(len(files)), strict=False) if len(s.things) == 1]
-        wanted = [("What is in this image?", singles[:1]), ("Show me a photo of a red circle.", []),
-                  ("Draw a blue square on a white background.", []), ("What shape is this?", singles[1:2])]
+        singles = [str(f) for f, s in zip(files, gallery_scenes(len(files)), strict=True) if len(s.things) == 1]
+        wanted = [("What is in this image?", singles[:1]), ("Show me a photo of a green triangle.", []),
+                  ("Draw a red circle.", []), ("What shape is this?", singles[1:2])]
         return [{"text": text, "files": files} for text, files in wanted if len(singles) >= 2]
     photos = {p.stem: p for p in (ASSETS / "images").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
     wanted = [("What is in this picture?", ["chelsea"]),
