@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..generate import image_token_states
+from ..generate import Chat, GenerationSettings, ImageResult, TextDelta, generate_batch, image_token_states
 from ..prompt import TokenIds
 from . import world as W
 from .method import gallery_scenes
@@ -91,8 +91,6 @@ def held_out_singles(n: int, seed: int = 0) -> list[W.Scene]:
 @torch.no_grad()
 def captioning(pipe, n: int, *, seed: int = 0) -> tuple[tuple[float, float, float], list[str]]:
     """[image][BOS] -> text, as trained: (colour, shape, both) correct on ``n`` single-shape held-out images."""
-    from ..generate import GenerationSettings, generate_batch
-
     singles = held_out_singles(n, seed)
     outs = generate_batch(pipe, [[s.render(), TokenIds(())] for s in singles], GenerationSettings(**GREEDY))
     texts = [o.text.strip() for o in outs]
@@ -106,8 +104,6 @@ def captioning(pipe, n: int, *, seed: int = 0) -> tuple[tuple[float, float, floa
 @torch.no_grad()
 def colour_question(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
     """One shown image and "What colour is the shape?", through the chat template."""
-    from ..generate import GenerationSettings, generate_batch
-
     singles = held_out_singles(n, seed)
     outs = generate_batch(pipe, [[s.render(), "What colour is the shape?"] for s in singles],
                           GenerationSettings(**GREEDY), dialogue=True)
@@ -135,8 +131,6 @@ def comparison_dialogues(n: int, *, seed: int = 0) -> list[W.Dialogue]:
 @torch.no_grad()
 def comparison(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
     """Two shown images and a yes/no comparison, through the chat template: the answer's first word is right."""
-    from ..generate import GenerationSettings, generate_batch
-
     pairs = comparison_dialogues(n, seed=seed)
     prompts = [[*(s.render() for s in d.turns[0].images), d.turns[0].text] for d in pairs]
     outs = generate_batch(pipe, prompts, GenerationSettings(**GREEDY), dialogue=True)
@@ -217,8 +211,6 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     (``*_routed``), whose dominant colour and CLIP-judged shape are the requested ones (``*_match``). Also ``n/2``
     shown held-out images with "What is in this image?": answered without an image (``describe_no_image``), naming
     colour and shape (``describe_right``)."""
-    from ..generate import Chat, GenerationSettings, ImageResult, TextDelta
-
     if pipe.index is None:
         from ..index import ImageIndex, shipped_index_dir
 
@@ -227,11 +219,10 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
             raise FileNotFoundError(f"no gallery index for {pipe.config.name}: build it (fromage-gill toy build)")
         pipe.index = ImageIndex.load(shipped, expected_fingerprint=pipe.model.retrieval_fingerprint())
     rng = np.random.default_rng([seed, EVAL_SEED, 3])
-    gallery = {s.key: s for s in gallery_scenes(len(pipe.index), seed)}
-    targets = [s for s in gallery.values() if len(s.things) == 1]
+    targets = [s for s in gallery_scenes(len(pipe.index), seed) if len(s.things) == 1]
+    fresh = W.scenes(n, split="test", seed=seed + EVAL_SEED + 2, two=False)
     asks = [W.show_dialogue(targets[int(rng.integers(len(targets)))], rng) if i % 2 == 0 else
-            W.draw_dialogue(W.scenes(n, split="test", seed=seed + EVAL_SEED + 2, two=False)[i], rng)
-            for i in range(n)]
+            W.draw_dialogue(fresh[i], rng) for i in range(n)]
     settings = GenerationSettings.for_model(pipe.config, seed=seed, num_inference_steps=steps,
                                             guidance_scale=guidance, max_new_tokens=24)
     shown: list[tuple[W.Dialogue, ImageResult | None]] = []
@@ -290,11 +281,7 @@ def _shape_judge(pipe, clip_dir: str | Path | None, images: list) -> dict[int, s
 def generation(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path | None, seed: int = 0
                ) -> dict[str, float]:
     """Dominant colour and CLIP shape accuracy of GILL's images and of the diffusion stack's own text path."""
-    from transformers import AutoTokenizer, CLIPModel
-
     from ..diffusion import image_generator
-    from ..pipeline import checkout_path
-    from .pretrain import clip_embed_images, clip_embed_texts
 
     targets = W.scenes(n, split="test", seed=seed + EVAL_SEED + 1, two=False)
     prompts = [W.describe(s, where=False) for s in targets]
@@ -309,15 +296,10 @@ def generation(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Pat
         alone += sd(batch, num_inference_steps=steps, guidance_scale=guidance,
                     generator=torch.Generator().manual_seed(seed + lo), height=W.IMAGE_SIZE,
                     width=W.IMAGE_SIZE).images
-    clip_dir = Path(clip_dir or checkout_path(pipe.config.vision.source))
-    clip = CLIPModel.from_pretrained(clip_dir).eval()
-    tok = AutoTokenizer.from_pretrained(clip_dir)
-    shapes = clip_embed_texts(clip, tok, [f"a {s}" for s in W.SHAPES])
+    shape_of = _shape_judge(pipe, clip_dir, ours + alone)
     out = {}
     for name, images in (("gill", ours), ("diffusion_alone", alone)):
         colour = [W.dominant_colour(im) == s.things[0].colour for im, s in zip(images, targets, strict=True)]
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
-        pred = (clip_embed_images(clip, pixels) @ shapes.T).argmax(1).tolist()
-        shape = [W.SHAPES[p] == s.things[0].shape for p, s in zip(pred, targets, strict=True)]
+        shape = [shape_of[id(im)] == s.things[0].shape for im, s in zip(images, targets, strict=True)]
         out[f"{name}_colour"], out[f"{name}_shape"] = _mean(colour), _mean(shape)
     return out
