@@ -277,13 +277,21 @@ def load_config(name_or_path: str | Path) -> ModelConfig | MagicConfig:
     if path.suffix == ".json" and path.is_file():
         return _read_config(path.read_text(), str(path))
     name = str(name_or_path)
-    preset = _preset_dir() / f"{name}.json"
-    if preset.is_file():
-        return _read_config(preset.read_text(), f"preset {name!r}")
+    if (_preset_dir() / f"{name}.json").is_file():
+        return load_preset(name)
     raise ConfigError(
         f"unknown model {name!r}: not a preset and not a config file or directory. "
         f"Known presets: {', '.join(list_presets())}"
     )
+
+
+def load_preset(name: str) -> ModelConfig | MagicConfig:
+    """The shipped preset ``name`` itself, even where a folder of that name in the working directory would win in
+    ``load_config`` (code that means the preset, such as the toy build, reads it here)."""
+    preset = _preset_dir() / f"{name}.json"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+    return _read_config(preset.read_text(), f"preset {name!r}")
 
 
 def _read_config(text: str, where: str) -> ModelConfig | MagicConfig:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fromage_gill.config import ConfigError, ModelConfig, list_presets, load_config
+from fromage_gill.config import ConfigError, ModelConfig, list_presets, load_config, load_preset
 from fromage_gill.pipeline import build_pipeline
 
 
@@ -13,6 +13,35 @@ def test_unknown_preset_lists_the_known_ones():
         load_config("gil")
     for name in ("fromage", "gill", "tiny-gill"):
         assert name in str(e.value)
+
+
+def test_a_folder_named_like_a_preset_wins_in_load_config_but_not_in_load_preset(tmp_path, monkeypatch):
+    # A trained model saved as ./toy-gill is what a user means by "toy-gill" there; code that means the shipped
+    # preset (the toy build) must still get the preset.
+    other = dataclasses.replace(load_config("toy-gill"), generation=None, decision_dropout=0.5)
+    (tmp_path / "toy-gill").mkdir()
+    other.save(tmp_path / "toy-gill" / "config.json")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("toy-gill").generation is None
+    preset = load_preset("toy-gill")
+    assert preset.generation["image_query"] == "answer" and preset.decision_dropout == 0.0
+    with pytest.raises(ConfigError, match="known presets"):
+        load_preset("toy-gil")
+
+
+def test_toy_method_config_reads_the_preset_not_a_folder_in_the_working_directory(tmp_path, monkeypatch):
+    from fromage_gill.toy.method import method_config
+
+    backbones = tmp_path / "elsewhere" / "toy"
+    (backbones / "clip").mkdir(parents=True)
+    (backbones / "clip" / "config.json").write_text(json.dumps(
+        {"text_config": {"hidden_size": 64, "max_position_embeddings": 24}}))
+    (tmp_path / "toy-gill").mkdir()
+    dataclasses.replace(load_config("toy-gill"), generation=None).save(tmp_path / "toy-gill" / "config.json")
+    monkeypatch.chdir(tmp_path)
+    cfg = method_config("gill", backbones)
+    assert cfg.generation == load_preset("toy-gill").generation
+    assert cfg.lm.source == str(backbones / "lm") and cfg.mapper.out_dim == 64 and cfg.mapper.num_queries == 24
 
 
 def test_config_round_trips_through_json(tmp_path):

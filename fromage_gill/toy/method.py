@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import MapperSpec, ModelConfig, load_config
+from ..config import MapperSpec, ModelConfig, load_preset
 from ..pipeline import checkout_path
 from . import world as W
 from .pretrain import Recipe
@@ -36,7 +36,7 @@ GALLERY_SEED = 90  # offset from the recipe seed: the gallery's held-out scenes
 def method_config(kind: str, out: Path) -> ModelConfig:
     """The ``toy-<kind>`` preset; for backbones elsewhere than the shipped ones (a smoke build, another recipe),
     the same preset pointed at ``out`` with the mapper sized to its diffusion text encoder."""
-    cfg = load_config(f"toy-{kind}")
+    cfg = load_preset(f"toy-{kind}")  # not load_config: a ./toy-gill folder would shadow the preset
     if out.resolve() == Path(checkout_path(DEFAULT_OUT, must_exist=False)).resolve():
         return cfg
     text = json.loads((out / "clip" / "config.json").read_text())["text_config"]
