@@ -19,7 +19,7 @@ from fromage_gill.toy.build import REPORT, build
 
 @pytest.fixture(scope="module")
 def smoke_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
+    out = tmp_path_factory.mktemp("smoke") / "toy"  # the method stage writes next to out: keep its parent private
     threads = torch.get_num_threads()
     try:
         report = build(out, recipe=pretrain.Recipe.smoke(), threads=1, n_data=48)  # every stage, method included
@@ -39,6 +39,34 @@ def test_every_stage_reports_time_and_quality(smoke_build):
     assert 0 <= stages["clip"]["retrieval_R@1"] <= stages["clip"]["retrieval_R@10"] <= 1
     assert stages["lm"]["test_perplexity"] > 1
     assert (out / "diffusion_samples.png").is_file() and (out / "vae_recon.png").is_file()
+
+
+def _weights(root) -> dict:
+    from safetensors.torch import load_file
+
+    return {str(f.relative_to(root)): load_file(f) for f in sorted(root.rglob("*.safetensors"))}
+
+
+def test_a_parallel_build_gives_the_weights_of_a_sequential_one(smoke_build, tmp_path):
+    """--jobs 2 runs independent stages in two processes; each stage seeds itself, so with one thread per stage
+    every weight file (backbones, trained layers, gallery embeddings) is the one-job build's, bit for bit."""
+    out, report = smoke_build
+    parallel = build(tmp_path / "toy", recipe=pretrain.Recipe.smoke(), threads=1, n_data=48, jobs=2)
+    assert list(parallel["stages"]) == list(report["stages"])  # listed in build order, whatever finished first
+    assert all(s["threads"] == 1 for s in parallel["stages"].values())
+    ours, theirs = _weights(out.parent), _weights(tmp_path)
+    assert set(ours) == set(theirs) and len(ours) >= 8
+    for name, tensors in ours.items():
+        assert tensors.keys() == theirs[name].keys(), name
+        assert all(torch.equal(t, theirs[name][k]) for k, t in tensors.items()), name
+    assert sorted(p.name for p in (tmp_path / "toy" / "logs").iterdir()) == sorted(f"{s}.log" for s in report["stages"])
+
+
+def test_a_failed_stage_in_a_parallel_build_names_itself_and_its_log(tmp_path):
+    (tmp_path / "toy" / "clip").mkdir(parents=True)
+    (tmp_path / "toy" / "clip" / "tokenizer.json").write_text("not a tokenizer")
+    with pytest.raises(RuntimeError, match=r"stage clip failed \(exit code 1\); the end of .*clip\.log:\n(.|\n)*Error"):
+        build(tmp_path / "toy", stages=["clip"], recipe=pretrain.Recipe.smoke(), jobs=2, threads=1)
 
 
 def test_backbones_load_with_the_project_loaders(smoke_build):

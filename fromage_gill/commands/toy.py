@@ -4,6 +4,7 @@ measured quality."""
 from __future__ import annotations
 
 import json
+import os
 
 
 def register(sub) -> None:
@@ -16,7 +17,11 @@ def register(sub) -> None:
                    help="run only this stage (repeatable): tokenizer, clip, lm, vae, unet, data, fromage, gill. "
                         "Default: all")
     b.add_argument("--data-dir", help="where the 'data' stage writes the training set (default: OUT/../toy-data)")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--threads", type=int, help="torch CPU threads per stage (default: torch's choice; with --jobs, "
+                   "the CPUs shared out). The shipped checkpoints were built with one thread per stage")
+    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="stages run at once, each in its own process (default: 2, or 1 on a one-CPU machine); "
+                        "their progress goes to OUT/logs/STAGE.log")
     b.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the machinery, not quality")
     b.set_defaults(func=run_build)
     e = toy.add_parser("eval", help="measure toy-fromage / toy-gill on held-out world images and prompts")
@@ -34,7 +39,8 @@ def run_build(args) -> int:
     from ..toy.pretrain import Recipe
 
     recipe = Recipe.smoke() if args.smoke else Recipe()
-    report = build(args.out, stages=args.stages, recipe=recipe, data_dir=args.data_dir, threads=args.threads)
+    report = build(args.out, stages=args.stages, recipe=recipe, data_dir=args.data_dir, threads=args.threads,
+                   jobs=args.jobs)
     print(json.dumps(report["stages"], indent=2))
     return 0
 

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -72,7 +71,6 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
     data = data_dir / "train" / "captions.tsv"
     if not data.is_file():
         raise FileNotFoundError(f"{data} not found: run the 'data' stage first (fromage-gill toy build --stage data)")
-    t0 = time.time()
     cfg = method_config(kind, out)
     runs = data_dir / "runs"
     run = runs / cfg.name
@@ -97,7 +95,6 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
         metrics["decision_train_accuracy"] = round(res.accuracy, 3)
     save_native(pipe.model, out.parent / cfg.name, cfg)
     metrics["gallery"] = build_gallery(pipe, out.parent / "indexes", cfg.name, recipe.gallery_images, seed=recipe.seed)
-    metrics["seconds"] = round(time.time() - t0, 1)
     return metrics
 
 
