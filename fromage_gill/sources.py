@@ -31,6 +31,7 @@ from pathlib import Path
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 IMAGE_COLUMNS = ("image", "url", "path", "filepath", "file", "filename", "image_url", "image_path", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "alt")
+QUERY_COLUMNS = ("query",)  # training only: the text the image tokens follow (default: the caption)
 LICENSE_COLUMNS = ("license", "licence")
 SOURCE_COLUMNS = ("source",)
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -49,6 +50,7 @@ class ImageItem:
     caption: str | None = None
     license: str | None = None
     source: str | None = None
+    query: str | None = None  # a table's optional query column (training's [RET]/[IMG] text)
 
     def __post_init__(self):
         if (self.path is None) == (self.url is None):
@@ -193,7 +195,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
         col_img = _pick(header, IMAGE_COLUMNS)
         if col_img is None:
             if delimiter == "\t" and len(header) == 2:  # CC3M: caption<TAB>url, no header row
-                col_img, col_cap, col_lic, col_src = 1, 0, None, None
+                col_img, col_cap, col_lic, col_src, col_query = 1, 0, None, None, None
                 rows = _chain([header], rows)
             else:
                 raise ValueError(
@@ -204,6 +206,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
             col_cap = _pick(header, CAPTION_COLUMNS)
             col_lic = _pick(header, LICENSE_COLUMNS)
             col_src = _pick(header, SOURCE_COLUMNS)
+            col_query = _pick(header, QUERY_COLUMNS)
         for row in rows:
             if not row or col_img >= len(row) or not row[col_img].strip():
                 continue
@@ -211,7 +214,8 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
             def get(col: int | None, row=row) -> str | None:
                 return row[col].strip() or None if col is not None and col < len(row) else None
 
-            yield _item_for(row[col_img], root, caption=get(col_cap), license=get(col_lic), source=get(col_src))
+            yield _item_for(row[col_img], root, caption=get(col_cap), license=get(col_lic), source=get(col_src),
+                            query=get(col_query))
 
 
 def _chain(first, rest):

@@ -83,6 +83,30 @@ def test_no_caption_column_message_is_specific(tmp_path):
     assert "no caption column" in str(e.value) and "caption" in str(e.value)
 
 
+def test_a_query_column_is_what_the_image_tokens_follow_and_the_caption_stays(tmp_path):
+    """An optional ``query`` column (empty = the caption) reaches every batch as ``queries``; the captions are
+    unchanged, and data without queries keeps the fingerprint precomputed features were made with."""
+    from fromage_gill.training.data import records_fingerprint
+
+    data = make_shapes(tmp_path / "d", 3, fmt="tsv")
+    rows = data.read_text().splitlines()
+    plain = read_records(data)
+    with_query = tmp_path / "d" / "query.tsv"
+    with_query.write_text("\n".join([rows[0] + "\tquery", rows[1] + "\there is a photo of a shape.", rows[2] + "\t",
+                                     rows[3] + "\t  "]) + "\n")
+    recs = read_records(with_query)
+    assert [r.caption for r in recs.items] == [r.caption for r in plain.items]
+    assert [r.query for r in recs.items] == ["here is a photo of a shape.", None, None]
+    assert [r.image_query for r in recs.items] == ["here is a photo of a shape.", *[r.caption for r in plain.items[1:]]]
+    batch = collate([ImageCaptionDataset(recs.items, ImageProcessor(32))[i] for i in range(3)])
+    assert batch.captions == [r.caption for r in plain.items]
+    assert batch.queries == ["here is a photo of a shape.", *batch.captions[1:]]
+    assert records_fingerprint(recs.items) != records_fingerprint(plain.items)
+    without = tmp_path / "d" / "noquery.tsv"
+    without.write_text("\n".join([rows[0] + "\tquery", *(r + "\t" for r in rows[1:])]) + "\n")
+    assert records_fingerprint(read_records(without).items) == records_fingerprint(plain.items)
+
+
 def test_empty_dataset_is_an_error(tmp_path):
     empty = tmp_path / "empty.tsv"
     empty.write_text("caption\timage\n")

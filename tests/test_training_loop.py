@@ -343,6 +343,28 @@ def test_caption_loss_is_cross_entropy_on_caption_tokens_only(tiny_fromage):
     assert parts["caption_counted"].item() == n_tokens
 
 
+def test_queries_replace_the_caption_only_where_the_image_tokens_read_it(tiny_gill):
+    """With queries, the retrieval parts (image-token LM loss, [IMG0] embedding) are those of the queries as
+    captions, the captioning loss is the captions', and the generation target stays the captions' encoding."""
+    from fromage_gill.training.precompute import encode_captions_for_diffusion
+
+    m = tiny_gill.model
+    obj = _objective(tiny_gill, _OneProcess())
+    feats = torch.randn(2, m.vision.out_dim, generator=torch.Generator().manual_seed(3))
+    captions, queries = ["a red circle", "a blue square on a table"], ["here is a red circle.", "a blue square"]
+    with torch.no_grad():
+        plain = obj.local_parts(feats, captions, None, False)
+        same = obj.local_parts(feats, captions, None, False, queries=list(captions))
+        asked = obj.local_parts(feats, captions, None, False, queries=queries)
+        as_captions = obj.local_parts(feats, queries, encode_captions_for_diffusion(tiny_gill.diffusion, captions),
+                                      False)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert torch.equal(asked["caption"], plain["caption"])
+    for k in ("retrieval_lm", "text_emb", "generation"):
+        assert torch.allclose(asked[k], as_captions[k], atol=1e-6), k
+        assert not torch.allclose(asked[k], plain[k], atol=1e-4), k
+
+
 class _TwoProcesses:
     """Process 0 of 2; the other process holds ``other`` rows. Mimics accelerate's gather (concatenate in rank
     order, equal shapes required)."""

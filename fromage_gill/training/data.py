@@ -39,6 +39,14 @@ class Record:
     key: str  # stable identity (path or shard:member), used by precomputed features and skip reports
     caption: str
     item: ImageItem
+    # The text the [RET]/[IMG] tokens follow in the retrieval and generation losses when it is not the caption
+    # (a table's ``query`` column, e.g. the caption worded as a chat answer); captioning and the diffusion target
+    # keep the caption
+    query: str | None = None
+
+    @property
+    def image_query(self) -> str:
+        return self.query or self.caption
 
 
 @dataclass
@@ -111,8 +119,10 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
             skipped.add("missing image", it.name)
         else:
             if it.member is None:  # the size joins the data fingerprint: a replaced image invalidates features
-                it = ImageItem(name=it.name, path=it.path, size=Path(it.path).stat().st_size, caption=caption)
-            records.append(Record(key=it.name, caption=caption.strip(), item=it))
+                it = ImageItem(name=it.name, path=it.path, size=Path(it.path).stat().st_size, caption=caption,
+                               query=it.query)
+            records.append(Record(key=it.name, caption=caption.strip(), item=it,
+                                  query=it.query.strip() if it.query and it.query.strip() else None))
     if not records:
         raise DataError(f"--data {data} holds no usable image-caption example ({skipped.summary()})")
     if skipped.total:
@@ -129,7 +139,8 @@ def records_fingerprint(records: Sequence[Record]) -> str:
     """Identifies a record list (keys, captions and image sizes, in order): precomputed features must match it."""
     h = hashlib.sha256()
     for r in records:
-        h.update(f"{r.key}\0{r.caption}\0{r.item.size}\n".encode())
+        query = f"\0{r.query}" if r.query else ""  # absent for data without queries: their fingerprint is unchanged
+        h.update(f"{r.key}\0{r.caption}\0{r.item.size}{query}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -153,7 +164,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             pixels = self.processor([load_record_image(r)])[0]
         except ImageError as e:
             return {"index": i, "caption": r.caption, "pixels": None, "error": str(e), "key": r.key}
-        return {"index": i, "caption": r.caption, "pixels": pixels, "key": r.key}
+        return {"index": i, "caption": r.caption, "query": r.image_query, "pixels": pixels, "key": r.key}
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
@@ -173,13 +184,14 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         if row is None:
             return {"index": i, "caption": r.caption, "features": None, "error": "unreadable at precompute",
                     "key": r.key}
-        return {"index": i, "caption": r.caption, "key": r.key, **row}
+        return {"index": i, "caption": r.caption, "query": r.image_query, "key": r.key, **row}
 
 
 @dataclass
 class Batch:
     indices: list[int]
     captions: list[str]
+    queries: list[str] = field(default_factory=list)  # what the image tokens follow (the caption unless given)
     pixels: torch.Tensor | None = None  # (B, 3, S, S)
     features: torch.Tensor | None = None  # (B, vision_dim), precomputed
     text_cond: torch.Tensor | None = None  # (B, Q, D) diffusion text-encoder outputs, precomputed
@@ -194,7 +206,8 @@ def collate(items: list[dict]) -> Batch:
     usable = [it.get("pixels") is not None or it.get("features") is not None for it in items]
     good = [it for it, ok in zip(items, usable, strict=True) if ok]
     bad = [(it["key"], it.get("error", "unreadable")) for it, ok in zip(items, usable, strict=True) if not ok]
-    batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good], skipped=bad)
+    batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good],
+                  queries=[it.get("query") or it["caption"] for it in good], skipped=bad)
     if good and good[0].get("pixels") is not None:
         batch.pixels = torch.stack([it["pixels"] for it in good])
     if good and good[0].get("features") is not None:

@@ -186,9 +186,11 @@ class Objective(nn.Module):
                               max_length=self.max_caption_tokens)["input_ids"]
 
     def local_parts(self, features: torch.Tensor, captions: list[str], text_cond: torch.Tensor | None,
-                    concat: bool) -> dict[str, torch.Tensor]:
+                    concat: bool, queries: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The per-process losses of a non-empty batch, and the [RET]/[IMG0] text and image embeddings for the
-        contrastive loss. features (B, vision_dim) frozen image features."""
+        contrastive loss. features (B, vision_dim) frozen image features. ``queries``: the text the image tokens
+        follow in the retrieval and generation parts (default: the captions); captioning and the diffusion target
+        always use the captions."""
         m = self.model
         cfg = m.config
         ids = self.tokenize(captions)
@@ -204,8 +206,9 @@ class Objective(nn.Module):
         out["caption_correct"] = torch.tensor(float(correct))
         out["caption_counted"] = torch.tensor(float(counted))
 
-        # 2. Retrieval LM: [BOS; caption; [RET] | [IMG0..r-1]] -- teaches emitting the image tokens.
-        rows, first = retrieval_rows(ids, bos_id=self.bos_id, image_token_ids=m.image_token_ids)
+        # 2. Retrieval LM: [BOS; caption (or query); [RET] | [IMG0..r-1]] -- teaches emitting the image tokens.
+        query_ids = ids if queries is None or queries == captions else self.tokenize(queries)
+        rows, first = retrieval_rows(query_ids, bos_id=self.bos_id, image_token_ids=m.image_token_ids)
         lay = layout(rows, n_visual=cfg.n_visual_tokens, pad_id=self.pad_id, ignore_ids=self.ignore_ids)
         lm_out = m.forward_lm(embed_layout(m, lay, None), lay.attention_mask)
         out["retrieval_lm"] = next_token_loss(lm_out.logits, lay.labels.to(lm_out.logits.device))
@@ -224,7 +227,7 @@ class Objective(nn.Module):
         return out
 
     def forward(self, features: torch.Tensor, captions: list[str], text_cond: torch.Tensor | None,
-                concat: bool) -> dict[str, torch.Tensor]:
+                concat: bool, queries: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The weighted ``total`` and each loss for this process's batch. B may be 0 on a process whose images
         were all unreadable: it still takes part in the gather of the contrastive loss."""
         m, w = self.model, self.weights
@@ -232,7 +235,7 @@ class Objective(nn.Module):
         total = sum(p.sum() for p in m.parameters() if p.requires_grad) * 0.0
         out: dict[str, torch.Tensor] = {}
         if features.shape[0]:
-            out = self.local_parts(features, captions, text_cond, concat)
+            out = self.local_parts(features, captions, text_cond, concat, queries)
             text_emb, image_emb = out.pop("text_emb"), out.pop("image_emb")
             total = total + w.caption * out["caption"] + w.retrieval_lm * out["retrieval_lm"]
             if "generation" in out:
@@ -482,7 +485,7 @@ def train(tc: TrainConfig) -> TrainResult:
             features = _features(model, batch, accelerator.device)
             sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(wrapped)
             with sync:
-                parts = wrapped(features, batch.captions, batch.text_cond, concat)
+                parts = wrapped(features, batch.captions, batch.text_cond, concat, batch.queries)
                 accelerator.backward(parts["total"] / tc.grad_accum)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -578,7 +581,7 @@ def validate(objective: Objective, dataset, val_idx: list[int], *, batch_size: i
         if n == 0:
             continue
         with accelerator.autocast():
-            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False)
+            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False, batch.queries)
         sums[0] += float(parts["caption"]) * n
         sums[1] += float(parts["retrieval_lm"]) * n
         sums[2] += float(parts.get("generation", torch.tensor(0.0))) * n
