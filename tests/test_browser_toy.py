@@ -6,12 +6,15 @@ new conversation). Screenshots go to a temporary folder, or to $FROMAGE_GILL_SCR
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("gradio")
 pytest.importorskip("playwright.sync_api")
@@ -106,14 +109,26 @@ def test_shows_a_photo_from_the_gallery(page):
     new_conversation(page)
     answer = exchange(page, "Show me a photo of a green triangle.", wait_for="Retrieved (score")
     assert "green triangle" in answer and "Retrieved (score" in answer, answer
-    assert "green" in answer.split("Retrieved (score")[1], answer  # the gallery image's own caption
+    assert "green triangle" in answer.split("Retrieved (score")[1], answer  # the gallery image's own caption
     assert bot_messages(page).locator("img").first.is_visible()
+    assert W.dominant_colour(shown_image(page)) == "green"
     shoot(page, "toy-show.png")
+
+
+def shown_image(page) -> Image.Image:
+    """The answer's last image as the browser received it."""
+    src = bot_messages(page).locator("img").last.get_attribute("src")
+    return Image.open(io.BytesIO(page.request.get(urljoin(page.url, src)).body())).convert("RGB")
 
 
 def test_draws_what_is_asked(page):
     new_conversation(page)
+    # A fixed seed in Settings, as a user would set one to get the same picture again (the default is random)
+    page.locator("#settings").get_by_text("Settings").first.click()
+    page.locator("#set_seed textarea, #set_seed input").first.fill("0")
+    page.locator("#settings").get_by_text("Settings").first.click()
     answer = exchange(page, "Draw a red circle.", wait_for="Generated (seed")
     assert "red circle" in answer and "Generated (seed" in answer, answer
     assert "Retrieved (score" not in answers_text(page)
+    assert W.dominant_colour(shown_image(page)) == "red"
     shoot(page, "toy-draw.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -174,6 +175,19 @@ def test_exported_captions_describe_their_images(tmp_path):
         img = Image.open(tmp_path / row["image"])
         assert img.size == (64, 64)
         assert W.dominant_colour(img) in row["caption"]
+    assert "query" not in rows[0]
+    W.export_captions(tmp_path / "q", scenes, seed=0, captions_per_image=2, answer_share=0.5)
+    with open(tmp_path / "q" / "captions.tsv") as f:
+        asked = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["caption"] for r in asked] == [r["caption"] for r in rows]  # the captions do not change
+    queries = [r["query"] for r in asked if r["query"]]
+    assert 0 < len(queries) < len(asked)
+    assert all(q.startswith(("here is a photo of ", "here is a drawing of ")) for q in queries)
+    for row in asked:
+        if row["query"]:
+            shape = re.search(r"\b(" + "|".join(W.SHAPES) + r")\b", row["caption"]).group(1)
+            colour = W.dominant_colour(Image.open(tmp_path / "q" / row["image"]))
+            assert shape in row["query"] and colour in row["query"], row
 
 
 def test_lm_corpus_is_laid_out_as_the_chat_engine_lays_out_a_conversation():

@@ -384,8 +384,9 @@ def answer_caption(scene: Scene, rng: np.random.Generator) -> str:
 def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int, captions_per_image: int = 1,
                     answer_share: float = 0.0, progress: Callable[[Iterator], Iterator] = iter) -> Path:
     """Write ``items`` as PNGs plus a CC3M-style ``captions.tsv`` (``caption<TAB>image``, image relative to
-    ``directory``): the format ``fromage-gill train --data`` reads. A share ``answer_share`` of the images is
-    captioned as a chat answer instead (``answer_caption``). Returns the TSV path."""
+    ``directory``): the format ``fromage-gill train --data`` reads. With ``answer_share``, that share of the images
+    also gets a ``query`` column worded as a chat answer (``answer_caption``): the text their [RET]/[IMG] tokens
+    follow in training, while captioning keeps the caption. Returns the TSV path."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 4])
@@ -393,14 +394,16 @@ def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int,
     tsv = directory / "captions.tsv"
     with open(tsv, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["caption", "image"])
+        writer.writerow(["caption", "image", "query"] if answer_share else ["caption", "image"])
         for i, scene in progress(enumerate(items)):
             name = f"images/{i:06d}.png"
             scene.render().save(directory / name)
             for caption in captions(scene, rng, captions_per_image):
-                if answer_share and answers.random() < answer_share:
-                    caption = answer_caption(scene, answers)
-                writer.writerow([caption, name])
+                if not answer_share:
+                    writer.writerow([caption, name])
+                else:  # an empty query: the caption is the query
+                    query = answer_caption(scene, answers) if answers.random() < answer_share else ""
+                    writer.writerow([caption, name, query])
     return tsv
 
 
