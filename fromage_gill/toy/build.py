@@ -93,7 +93,6 @@ def run_stage(name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_d
         entry = export_training_data(data_dir, n=n_data, seed=recipe.seed, answer_share=recipe.answer_caption_share)
     else:
         entry = method.train_method(name, out, data_dir, recipe)
-    entry.pop("seconds", None)
     return {"seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), **entry}
 
 

@@ -8,7 +8,7 @@ format so that ``fromage_gill.backbones`` loads it as a local directory:
 - ``pretrain_vae`` and ``pretrain_unet``: a diffusers ``AutoencoderKL`` and a ``UNet2DConditionModel``
   conditioned on the CLIP's (frozen) text tower -> ``diffusion/`` as a ``StableDiffusionPipeline``.
 
-Each returns a ``StageReport`` with the wall time and the quality it reached on held-out world data. Everything is
+Each returns a ``StageReport`` with the quality it reached on held-out world data. Everything is
 seeded; on the same machine and torch version a rebuild gives the same weights.
 """
 
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,6 @@ class Recipe:
 @dataclass
 class StageReport:
     stage: str
-    seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -219,7 +217,6 @@ def train_tokenizers(out: Path, recipe: Recipe) -> StageReport:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    t0 = time.time()
     lines = tokenizer_text(4000, split="train", seed=recipe.seed, caption_share=0.5)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -241,7 +238,7 @@ def train_tokenizers(out: Path, recipe: Recipe) -> StageReport:
     lengths = [len(clip_tok(t).input_ids) for t in tokenizer_text(400, split="test", seed=recipe.seed) if "\n" not in t]
     words = sum(len(t.split()) for t in lines)
     tokens = sum(len(tok.encode(t).ids) for t in lines)
-    return StageReport("tokenizer", time.time() - t0, {
+    return StageReport("tokenizer", {
         "vocab_size": tok.get_vocab_size(), "tokens_per_word": round(tokens / words, 3),
         "max_caption_tokens": max(lengths), "text_length": recipe.text_length,
     })
@@ -275,7 +272,6 @@ def pretrain_clip(out: Path, recipe: Recipe) -> StageReport:
     positives (many images share "a red circle"): the target is spread evenly over them."""
     from transformers import CLIPModel
 
-    t0 = time.time()
     tok = load_clip_tokenizer(out)
     torch.manual_seed(recipe.seed)
     model = CLIPModel(clip_config(recipe, len(tok)))
@@ -300,7 +296,7 @@ def pretrain_clip(out: Path, recipe: Recipe) -> StageReport:
     model.save_pretrained(out / "clip")
     metrics = evaluate_clip(model, tok, recipe)
     metrics["final_loss"] = round(float(np.mean(losses[-50:])), 4)
-    return StageReport("clip", time.time() - t0, metrics)
+    return StageReport("clip", metrics)
 
 
 @torch.no_grad()
@@ -354,7 +350,6 @@ def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
     before BOS must be read across it, as the chat engine's images before BOS are."""
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-    t0 = time.time()
     tok = AutoTokenizer.from_pretrained(out / "lm")
     w = recipe.lm_width
     config = OPTConfig(vocab_size=len(tok), hidden_size=w, word_embed_proj_dim=w, num_hidden_layers=recipe.lm_layers,
@@ -379,7 +374,7 @@ def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
     metrics = evaluate_lm(model, tok, recipe)
     metrics["final_loss"] = round(float(np.mean(losses[-50:])), 4)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    return StageReport("lm", time.time() - t0, metrics)
+    return StageReport("lm", metrics)
 
 
 def _doc_ids(tok, text: str, *, end: bool = True) -> list[int]:
@@ -468,7 +463,6 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     sets ``scaling_factor`` so that scaled latents have unit variance, as Stable Diffusion's VAE does."""
     from diffusers import AutoencoderKL
 
-    t0 = time.time()
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(**vae_config(recipe))
     _, pixels = image_pool(recipe.n_images, split="train", seed=recipe.seed + 40)
@@ -498,7 +492,7 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     colour_ok = [W.dominant_colour(im) == s.things[0].colour
                  for im, s in zip(images, scenes, strict=True) if len(s.things) == 1]
     _grid([_to_pil(vae_pixels(test[:16]))[i] for i in range(16)] + images[:16], 16).save(out / "vae_recon.png")
-    return StageReport("vae", time.time() - t0, {
+    return StageReport("vae", {
         "test_mse": round(float(F.mse_loss(recon, vae_pixels(test))), 5),
         "scaling_factor": round(1 / float(latents.std()), 4),
         "recon_dominant_colour_acc": round(float(np.mean(colour_ok)), 3),
@@ -524,7 +518,6 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    t0 = time.time()
     tok = load_clip_tokenizer(out)
     text_encoder = CLIPTextModel.from_pretrained(out / "clip").eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(out / "diffusion" / "vae").eval().requires_grad_(False)
@@ -567,7 +560,7 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
     pipe.save_pretrained(out / "diffusion")
     metrics = evaluate_diffusion(pipe, out, recipe)
     metrics["final_loss"] = round(float(np.mean(losses[-50:])), 4)
-    return StageReport("unet", time.time() - t0, metrics)
+    return StageReport("unet", metrics)
 
 
 @torch.no_grad()
@@ -621,13 +614,3 @@ STAGES: dict[str, Callable[[Path, Recipe], StageReport]] = {
     "vae": pretrain_vae,
     "unet": pretrain_unet,
 }
-
-
-def iter_stages(names: list[str] | None) -> Iterator[tuple[str, Callable[[Path, Recipe], StageReport]]]:
-    names = list(STAGES) if names is None else names  # an empty list means none (e.g. only the data stage)
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    for name in STAGES:  # dependency order, whatever order they were asked in
-        if name in names:
-            yield name, STAGES[name]

@@ -207,7 +207,7 @@ def collate(items: list[dict]) -> Batch:
     good = [it for it, ok in zip(items, usable, strict=True) if ok]
     bad = [(it["key"], it.get("error", "unreadable")) for it, ok in zip(items, usable, strict=True) if not ok]
     batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good],
-                  queries=[it.get("query") or it["caption"] for it in good], skipped=bad)
+                  queries=[it["query"] for it in good], skipped=bad)
     if good and good[0].get("pixels") is not None:
         batch.pixels = torch.stack([it["pixels"] for it in good])
     if good and good[0].get("features") is not None:
