@@ -32,9 +32,26 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", 
 IMAGE_COLUMNS = ("image", "url", "path", "filepath", "file", "filename", "image_url", "image_path", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "alt")
 QUERY_COLUMNS = ("query",)  # training only: the text the image tokens follow (default: the caption)
+PROMPT_COLUMNS = ("prompt",)  # training only: unsupervised text between the image and its caption
+_ESCAPES = (("\\n", "\n"), ("\\t", "\t"))
 LICENSE_COLUMNS = ("license", "licence")
 SOURCE_COLUMNS = ("source",)
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def unescape_text(text: str) -> str:
+    """``\\n`` and ``\\t`` typed as backslash escapes (in a shell argument, or a TSV cell, which cannot hold a
+    newline) read as the characters they name."""
+    for escaped, char in _ESCAPES:
+        text = text.replace(escaped, char)
+    return text
+
+
+def escape_text(text: str) -> str:
+    """The inverse of ``unescape_text``: a newline or tab written as its escape, for a TSV cell."""
+    for escaped, char in _ESCAPES:
+        text = text.replace(char, escaped)
+    return text
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,7 @@ class ImageItem:
     license: str | None = None
     source: str | None = None
     query: str | None = None  # a table's optional query column (training's [RET]/[IMG] text)
+    prompt: str | None = None  # a table's optional prompt column (training's captioning context)
 
     def __post_init__(self):
         if (self.path is None) == (self.url is None):
@@ -195,7 +213,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
         col_img = _pick(header, IMAGE_COLUMNS)
         if col_img is None:
             if delimiter == "\t" and len(header) == 2:  # CC3M: caption<TAB>url, no header row
-                col_img, col_cap, col_lic, col_src, col_query = 1, 0, None, None, None
+                col_img, col_cap, col_lic, col_src, col_query, col_prompt = 1, 0, None, None, None, None
                 rows = _chain([header], rows)
             else:
                 raise ValueError(
@@ -207,6 +225,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
             col_lic = _pick(header, LICENSE_COLUMNS)
             col_src = _pick(header, SOURCE_COLUMNS)
             col_query = _pick(header, QUERY_COLUMNS)
+            col_prompt = _pick(header, PROMPT_COLUMNS)
         for row in rows:
             if not row or col_img >= len(row) or not row[col_img].strip():
                 continue
@@ -215,7 +234,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
                 return row[col].strip() or None if col is not None and col < len(row) else None
 
             yield _item_for(row[col_img], root, caption=get(col_cap), license=get(col_lic), source=get(col_src),
-                            query=get(col_query))
+                            query=get(col_query), prompt=get(col_prompt))
 
 
 def _chain(first, rest):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,6 +189,28 @@ def test_exported_captions_describe_their_images(tmp_path):
             shape = re.search(r"\b(" + "|".join(W.SHAPES) + r")\b", row["caption"]).group(1)
             colour = W.dominant_colour(Image.open(tmp_path / "q" / row["image"]))
             assert shape in row["query"] and colour in row["query"], row
+
+
+def test_exported_prompts_ask_about_the_image_and_its_caption_answers(tmp_path):
+    """With prompt_share, a share of the images is captioned as the answer to a chat question about it (the prompt
+    column, escaped to stay one TSV line); `fromage-gill train` reads it back as the chat's layout."""
+    from fromage_gill.training.data import read_records
+
+    scenes = W.scenes(16, split="train", seed=12, two=False)
+    plain = W.export_captions(tmp_path / "p", scenes, seed=0)
+    tsv = W.export_captions(tmp_path / "q", scenes, seed=0, prompt_share=0.5)
+    lines = tsv.read_text().splitlines()
+    assert lines[0] == "caption\timage\tprompt" and len(lines) == 17
+    recs = read_records(tsv).items
+    asked = [r for r in recs if r.prompt]
+    assert 0 < len(asked) < len(recs)
+    for r, p in zip(recs, read_records(plain).items, strict=True):
+        if r.prompt is None:
+            assert r.caption == p.caption  # the other captions do not change
+            continue
+        assert r.prompt in ("Q: What is in this image?\nA:", "Q: Describe the picture.\nA:")
+        scene = scenes[int(Path(r.key).stem)]
+        assert r.caption == W.describe(scene, background="Describe" in r.prompt) + "."
 
 
 def test_lm_corpus_is_laid_out_as_the_chat_engine_lays_out_a_conversation():

@@ -107,6 +107,28 @@ def test_a_query_column_is_what_the_image_tokens_follow_and_the_caption_stays(tm
     assert records_fingerprint(read_records(without).items) == records_fingerprint(plain.items)
 
 
+def test_a_prompt_column_reaches_the_batch_unescaped(tmp_path):
+    """An optional ``prompt`` column (its \\n escapes read as newlines; empty = none) reaches every batch as
+    ``prompts``; the captions and queries do not change, and the fingerprint follows the prompts."""
+    from fromage_gill.training.data import records_fingerprint
+
+    data = make_shapes(tmp_path / "d", 3, fmt="tsv")
+    rows = data.read_text().splitlines()
+    plain = read_records(data)
+    with_prompt = tmp_path / "d" / "prompt.tsv"
+    with_prompt.write_text("\n".join([rows[0] + "\tprompt", rows[1] + "\tQ: What is in this image?\\nA:",
+                                      rows[2] + "\t", rows[3] + "\t "]) + "\n")
+    recs = read_records(with_prompt)
+    assert [r.prompt for r in recs.items] == ["Q: What is in this image?\nA:", None, None]
+    batch = collate([ImageCaptionDataset(recs.items, ImageProcessor(32))[i] for i in range(3)])
+    assert batch.captions == batch.queries == [r.caption for r in plain.items]
+    assert batch.prompts == ["Q: What is in this image?\nA:", "", ""]
+    assert records_fingerprint(recs.items) != records_fingerprint(plain.items)
+    without = tmp_path / "d" / "noprompt.tsv"
+    without.write_text("\n".join([rows[0] + "\tprompt", *(r + "\t" for r in rows[1:])]) + "\n")
+    assert records_fingerprint(read_records(without).items) == records_fingerprint(plain.items)
+
+
 def test_empty_dataset_is_an_error(tmp_path):
     empty = tmp_path / "empty.tsv"
     empty.write_text("caption\timage\n")

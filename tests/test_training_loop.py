@@ -228,6 +228,19 @@ def test_cli_errors_are_user_errors(tmp_path):
     _assert_nothing_written(tmp_path / "o")
 
 
+def test_cli_caption_end_reads_escapes_as_typed_in_a_shell():
+    import argparse
+
+    from fromage_gill.commands import train as train_command
+
+    parser = argparse.ArgumentParser()
+    train_command.register(parser.add_subparsers())
+    base = ["train", "--model", "tiny-fromage", "--data", "d.tsv", "--out", "o"]
+    assert parser.parse_args(base).caption_end == ""
+    assert parser.parse_args([*base, "--caption-end", "\\n"]).caption_end == "\n"  # what '\n' in a shell passes
+    assert parser.parse_args([*base, "--caption-end", "</turn>\\t"]).caption_end == "</turn>\t"
+
+
 # ------------------------------------------------------------------------------------------------ precompute
 
 
@@ -307,40 +320,100 @@ def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
 # ------------------------------------------------------------------------------------------------ the objective
 
 
-def _objective(pipe, accelerator):
+def _objective(pipe, accelerator, **kw):
     from fromage_gill.training.loop import Objective
     from fromage_gill.training.losses import LossWeights
 
     return Objective(pipe.model, pipe.tokenizer, weights=LossWeights(), max_caption_tokens=32,
-                     accelerator=accelerator, diffusion=pipe.diffusion)
+                     accelerator=accelerator, diffusion=pipe.diffusion, **kw)
 
 
 class _OneProcess:
     num_processes, process_index = 1, 0
 
 
-def test_caption_loss_is_cross_entropy_on_caption_tokens_only(tiny_fromage):
-    """Parity with a direct computation: one example, [visual; BOS; caption], targets = the caption tokens."""
+def _direct_caption_loss(pipe, feats: torch.Tensor, targets: list[list[int]]) -> tuple[float, int]:
+    """Mean cross-entropy of each row [visual; BOS; targets] over its target tokens, one example at a time."""
     import torch.nn.functional as F
 
+    m, tok = pipe.model, pipe.tokenizer
+    losses, n_tokens = [], 0
+    for i, ids in enumerate(targets):
+        emb = torch.cat([m.visual_tokens(feats[i:i + 1])[0], m.embed_tokens(torch.tensor([tok.bos_token_id] + ids))])
+        logits = m.forward_lm(emb[None]).logits[0]
+        # position n_visual (BOS) predicts ids[0], ...; the visual and BOS targets are not predicted
+        losses.append(F.cross_entropy(logits[m.config.n_visual_tokens:-1], torch.tensor(ids), reduction="sum"))
+        n_tokens += len(ids)
+    return (sum(losses) / n_tokens).item(), n_tokens
+
+
+def test_caption_loss_is_cross_entropy_on_caption_tokens_only(tiny_fromage):
+    """Parity with a direct computation: one example, [visual; BOS; caption], targets = the caption tokens."""
     m, tok = tiny_fromage.model, tiny_fromage.tokenizer
     obj = _objective(tiny_fromage, _OneProcess())
     feats = torch.randn(2, m.vision.out_dim, generator=torch.Generator().manual_seed(0))
     captions = ["a red circle on a table", "blue"]  # different lengths: the second row is padded
     with torch.no_grad():
         parts = obj.local_parts(feats, captions, None, concat=False)
-        losses, n_tokens = [], 0
-        for i, cap in enumerate(captions):
-            ids = tok(cap, add_special_tokens=False)["input_ids"]
-            emb = torch.cat([m.visual_tokens(feats[i:i + 1])[0],
-                             m.embed_tokens(torch.tensor([tok.bos_token_id] + ids))])
-            logits = m.forward_lm(emb[None]).logits[0]
-            # position n_visual (BOS) predicts ids[0], ...; the visual and BOS targets are not predicted
-            pred = logits[m.config.n_visual_tokens:-1]
-            losses.append(F.cross_entropy(pred, torch.tensor(ids), reduction="sum"))
-            n_tokens += len(ids)
-    assert parts["caption"].item() == pytest.approx((sum(losses) / n_tokens).item(), rel=1e-5)
+        loss, n_tokens = _direct_caption_loss(tiny_fromage, feats,
+                                              [tok(c, add_special_tokens=False)["input_ids"] for c in captions])
+    assert parts["caption"].item() == pytest.approx(loss, rel=1e-5)
     assert parts["caption_counted"].item() == n_tokens
+
+
+def test_caption_end_is_a_target_after_every_caption_and_nowhere_else(tiny_gill):
+    """--caption-end: the captioning targets are each caption's tokens then the end's (direct computation); the
+    retrieval and generation parts do not change."""
+    m, tok = tiny_gill.model, tiny_gill.tokenizer
+    plain, ended = _objective(tiny_gill, _OneProcess()), _objective(tiny_gill, _OneProcess(), caption_end="\n")
+    end = tok("\n", add_special_tokens=False)["input_ids"]
+    assert ended.caption_end_ids == end and end
+    feats = torch.randn(2, m.vision.out_dim, generator=torch.Generator().manual_seed(1))
+    captions = ["a red circle on a table", "blue"]
+    with torch.no_grad():
+        before, after = plain.local_parts(feats, captions, None, False), ended.local_parts(feats, captions, None, False)
+        loss, n_tokens = _direct_caption_loss(tiny_gill, feats,
+                                              [tok(c, add_special_tokens=False)["input_ids"] + end for c in captions])
+    assert after["caption"].item() == pytest.approx(loss, rel=1e-5)
+    assert after["caption_counted"].item() == n_tokens == before["caption_counted"].item() + 2 * len(end)
+    for k in ("retrieval_lm", "text_emb", "image_emb", "generation"):
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_a_prompt_is_read_before_the_caption_but_never_a_target(tiny_gill):
+    """With a prompt, the captioning targets are the caption's tokens as they follow the prompt in one text
+    (direct computation: [visual; BOS; prompt; caption], loss on the caption only); rows without a prompt and the
+    retrieval and generation parts are unchanged."""
+    import torch.nn.functional as F
+
+    m, tok = tiny_gill.model, tiny_gill.tokenizer
+    obj = _objective(tiny_gill, _OneProcess())
+    feats = torch.randn(2, m.vision.out_dim, generator=torch.Generator().manual_seed(2))
+    captions, prompt = ["a red circle", "a blue square on a table"], "Q: What is in this image?\nA:"
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    whole = tok(prompt + " " + captions[0], add_special_tokens=False)["input_ids"]
+    assert whole[:len(head)] == head and obj.prompted(prompt, captions[0]) == (head, whole[len(head):])
+    with torch.no_grad():
+        plain = obj.local_parts(feats, captions, None, False)
+        asked = obj.local_parts(feats, captions, None, False, prompts=[prompt, ""])
+        emb = torch.cat([m.visual_tokens(feats[:1])[0], m.embed_tokens(torch.tensor([tok.bos_token_id] + whole))])
+        logits = m.forward_lm(emb[None]).logits[0]
+        start = m.config.n_visual_tokens + len(head)  # the last prompt token predicts the caption's first
+        first = F.cross_entropy(logits[start:-1], torch.tensor(whole[len(head):]), reduction="sum")
+        second, n_second = _direct_caption_loss(tiny_gill, feats[1:],
+                                                [tok(captions[1], add_special_tokens=False)["input_ids"]])
+    n_first = len(whole) - len(head)
+    assert asked["caption_counted"].item() == n_first + n_second
+    assert asked["caption"].item() == pytest.approx((first.item() + second * n_second) / (n_first + n_second),
+                                                    rel=1e-5)
+    for k in ("retrieval_lm", "text_emb", "image_emb", "generation"):
+        assert torch.equal(asked[k], plain[k]), k
+
+
+def test_caption_end_that_the_loss_cannot_supervise_is_refused(tiny_gill):
+    eos = tiny_gill.tokenizer.eos_token
+    with pytest.raises(ValueError, match="--caption-end.*cannot supervise"):
+        _objective(tiny_gill, _OneProcess(), caption_end=eos)
 
 
 def test_queries_replace_the_caption_only_where_the_image_tokens_read_it(tiny_gill):

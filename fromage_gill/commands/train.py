@@ -6,6 +6,8 @@ Many GPUs / nodes: ``accelerate launch [--num_processes N] -m fromage_gill.cli t
 
 from __future__ import annotations
 
+from ..sources import unescape_text
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train the grounding layers (input mapping, retrieval, GILL mapper) on "
@@ -39,6 +41,10 @@ def register(sub) -> None:
     p.add_argument("--max-caption-tokens", type=int, default=32, help="captions are cut to this many tokens")
     p.add_argument("--concat-prob", type=float, default=0.5,
                    help="share of steps whose captioning batch concatenates two examples (default 0.5)")
+    p.add_argument("--caption-end", default="", type=unescape_text,
+                   help="text the captioning loss supervises after every caption, e.g. '\\n' (escapes \\n \\t "
+                        "understood): the chat's end of turn, so a shown image's description ends in words rather "
+                        "than with an image token (default: nothing, as in the papers)")
     p.add_argument("--resume", help="run or checkpoint directory to continue from (same --model)")
     p.add_argument("--from-scratch", action="store_true",
                    help="start the trained layers from seeded random values instead of --model's weights")
@@ -64,7 +70,8 @@ def run(args) -> int:
         weight_decay=args.weight_decay, lr_decay_steps=args.lr_decay_steps, grad_clip=args.grad_clip,
         precision=args.precision, val_fraction=args.val_fraction, val_every=args.val_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        max_caption_tokens=args.max_caption_tokens, concat_prob=args.concat_prob, resume=args.resume,
+        max_caption_tokens=args.max_caption_tokens, concat_prob=args.concat_prob, caption_end=args.caption_end,
+        resume=args.resume,
         from_scratch=args.from_scratch,
         precomputed=args.precomputed, workers=args.workers, seed=args.seed, cpu=args.cpu,
         progress=not args.no_progress,

@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from ..sources import escape_text
+
 IMAGE_SIZE = 64
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -381,29 +383,48 @@ def answer_caption(scene: Scene, rng: np.random.Generator) -> str:
     return d.turns[1].text
 
 
+def described_prompt(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """A chat question about a shown image whose answer is a description, laid out as the chat engine lays out a
+    user turn up to the answer (``Q: ...\\nA:``), and that answer: a captioning prompt and its caption."""
+    question, answer = [("What is in this image?", describe(scene, background=False)),
+                        ("Describe the picture.", describe(scene))][int(rng.integers(2))]
+    return f"Q: {question}\nA:", f"{answer}."
+
+
 def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int, captions_per_image: int = 1,
-                    answer_share: float = 0.0, progress: Callable[[Iterator], Iterator] = iter) -> Path:
+                    answer_share: float = 0.0, prompt_share: float = 0.0,
+                    progress: Callable[[Iterator], Iterator] = iter) -> Path:
     """Write ``items`` as PNGs plus a CC3M-style ``captions.tsv`` (``caption<TAB>image``, image relative to
     ``directory``): the format ``fromage-gill train --data`` reads. With ``answer_share``, that share of the images
     also gets a ``query`` column worded as a chat answer (``answer_caption``): the text their [RET]/[IMG] tokens
-    follow in training, while captioning keeps the caption. Returns the TSV path."""
+    follow in training, while captioning keeps the caption. With ``prompt_share``, that share of the images is
+    captioned as the answer to a chat question about it (``described_prompt``): a ``prompt`` column holds the
+    question, read before the caption in the captioning loss, so the visual tokens also learn in a chat's layout.
+    Returns the TSV path."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 4])
-    answers = np.random.default_rng([seed, 7])  # its own stream: answer_share=0 writes what it always wrote
+    # Their own streams: with a share of 0 a column is absent and the rest is what it always was
+    answers = np.random.default_rng([seed, 7])
+    prompts = np.random.default_rng([seed, 8])
     tsv = directory / "captions.tsv"
     with open(tsv, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["caption", "image", "query"] if answer_share else ["caption", "image"])
+        writer.writerow(["caption", "image"] + ["query"] * bool(answer_share) + ["prompt"] * bool(prompt_share))
         for i, scene in progress(enumerate(items)):
             name = f"images/{i:06d}.png"
             scene.render().save(directory / name)
             for caption in captions(scene, rng, captions_per_image):
-                if not answer_share:
-                    writer.writerow([caption, name])
-                else:  # an empty query: the caption is the query
-                    query = answer_caption(scene, answers) if answers.random() < answer_share else ""
-                    writer.writerow([caption, name, query])
+                row = [caption, name]
+                if answer_share:  # an empty query: the caption is the query
+                    row.append(answer_caption(scene, answers) if answers.random() < answer_share else "")
+                if prompt_share:
+                    prompt = ""
+                    if prompts.random() < prompt_share:
+                        prompt, row[0] = described_prompt(scene, prompts)
+                        prompt = escape_text(prompt)  # a TSV row holds no newline: the reader unescapes it
+                    row.append(prompt)
+                writer.writerow(row)
     return tsv
 
 

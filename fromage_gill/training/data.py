@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..images import MAX_IMAGE_BYTES, ImageError, load_image
-from ..sources import ImageItem, iter_image_caption_items, read_item_bytes
+from ..sources import ImageItem, iter_image_caption_items, read_item_bytes, unescape_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class Record:
     # (a table's ``query`` column, e.g. the caption worded as a chat answer); captioning and the diffusion target
     # keep the caption
     query: str | None = None
+    # Text put between the image and its caption in the captioning loss, not itself a target (a table's ``prompt``
+    # column, e.g. a chat's question: the caption is then the answer)
+    prompt: str | None = None
 
     @property
     def image_query(self) -> str:
@@ -120,9 +123,10 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
         else:
             if it.member is None:  # the size joins the data fingerprint: a replaced image invalidates features
                 it = ImageItem(name=it.name, path=it.path, size=Path(it.path).stat().st_size, caption=caption,
-                               query=it.query)
+                               query=it.query, prompt=it.prompt)
             records.append(Record(key=it.name, caption=caption.strip(), item=it,
-                                  query=it.query.strip() if it.query and it.query.strip() else None))
+                                  query=it.query.strip() if it.query and it.query.strip() else None,
+                                  prompt=unescape_text(it.prompt) if it.prompt and it.prompt.strip() else None))
     if not records:
         raise DataError(f"--data {data} holds no usable image-caption example ({skipped.summary()})")
     if skipped.total:
@@ -139,8 +143,10 @@ def records_fingerprint(records: Sequence[Record]) -> str:
     """Identifies a record list (keys, captions and image sizes, in order): precomputed features must match it."""
     h = hashlib.sha256()
     for r in records:
-        query = f"\0{r.query}" if r.query else ""  # absent for data without queries: their fingerprint is unchanged
-        h.update(f"{r.key}\0{r.caption}\0{r.item.size}{query}\n".encode())
+        # absent for data without queries or prompts: their fingerprint is unchanged
+        query = f"\0{r.query}" if r.query else ""
+        prompt = f"\0\1{r.prompt}" if r.prompt else ""
+        h.update(f"{r.key}\0{r.caption}\0{r.item.size}{query}{prompt}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -164,7 +170,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             pixels = self.processor([load_record_image(r)])[0]
         except ImageError as e:
             return {"index": i, "caption": r.caption, "pixels": None, "error": str(e), "key": r.key}
-        return {"index": i, "caption": r.caption, "query": r.image_query, "pixels": pixels, "key": r.key}
+        return {"index": i, "caption": r.caption, "query": r.image_query, "prompt": r.prompt or "", "pixels": pixels,
+                "key": r.key}
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
@@ -184,7 +191,8 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         if row is None:
             return {"index": i, "caption": r.caption, "features": None, "error": "unreadable at precompute",
                     "key": r.key}
-        return {"index": i, "caption": r.caption, "query": r.image_query, "key": r.key, **row}
+        return {"index": i, "caption": r.caption, "query": r.image_query, "prompt": r.prompt or "", "key": r.key,
+                **row}
 
 
 @dataclass
@@ -192,6 +200,7 @@ class Batch:
     indices: list[int]
     captions: list[str]
     queries: list[str] = field(default_factory=list)  # what the image tokens follow (the caption unless given)
+    prompts: list[str] = field(default_factory=list)  # captioning context before each caption ("" for none)
     pixels: torch.Tensor | None = None  # (B, 3, S, S)
     features: torch.Tensor | None = None  # (B, vision_dim), precomputed
     text_cond: torch.Tensor | None = None  # (B, Q, D) diffusion text-encoder outputs, precomputed
@@ -207,7 +216,7 @@ def collate(items: list[dict]) -> Batch:
     good = [it for it, ok in zip(items, usable, strict=True) if ok]
     bad = [(it["key"], it.get("error", "unreadable")) for it, ok in zip(items, usable, strict=True) if not ok]
     batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good],
-                  queries=[it["query"] for it in good], skipped=bad)
+                  queries=[it["query"] for it in good], prompts=[it["prompt"] for it in good], skipped=bad)
     if good and good[0].get("pixels") is not None:
         batch.pixels = torch.stack([it["pixels"] for it in good])
     if good and good[0].get("features") is not None:

@@ -92,6 +92,9 @@ class TrainConfig:
     log_every: int = 10
     max_caption_tokens: int = 32
     concat_prob: float = 0.5
+    # Text supervised after every caption in the captioning loss: the chat's end of turn (e.g. "\n"), so the model
+    # learns that words about a shown image end there rather than with an image token. "" (the papers): nothing.
+    caption_end: str = ""
     loss_weights: LossWeights = field(default_factory=LossWeights)
     resume: str | None = None
     from_scratch: bool = False  # seeded random trained layers instead of the model's own weights
@@ -168,7 +171,7 @@ class Objective(nn.Module):
     """All published losses for one batch; a module so that accelerate can wrap it (DDP) for many processes."""
 
     def __init__(self, model, tokenizer, *, weights: LossWeights, max_caption_tokens: int, accelerator,
-                 diffusion=None):
+                 diffusion=None, caption_end: str = ""):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -180,25 +183,52 @@ class Objective(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.ignore_ids = frozenset(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id, tokenizer.unk_token_id) if i is not None)
+        self.caption_end_ids = tokenizer(caption_end, add_special_tokens=False)["input_ids"] if caption_end else []
+        if caption_end and (not self.caption_end_ids or set(self.caption_end_ids) & self.ignore_ids):
+            raise ValueError(f"--caption-end {caption_end!r} tokenizes to {self.caption_end_ids}, which the loss "
+                             "cannot supervise (empty, or a BOS/EOS/pad/unk id it masks): pass the text that ends "
+                             "a chat turn, e.g. '\\n'")
 
     def tokenize(self, captions: list[str]) -> list[list[int]]:
         return self.tokenizer(captions, add_special_tokens=False, truncation=True,
                               max_length=self.max_caption_tokens)["input_ids"]
 
+    def prompted(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
+        """The ids of a captioning prompt and of the caption after it, tokenized as one text (the caption after a
+        space unless the prompt ends in whitespace: ``Q: ...\\nA:`` + `` a cat``, as a chat lays out an answer), so
+        the caption's first token is the one it is in a chat. Both are cut to ``max_caption_tokens`` (the prompt
+        keeping its end)."""
+        sep = "" if prompt[-1:].isspace() else " "
+        head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        whole = self.tokenizer(prompt + sep + caption, add_special_tokens=False)["input_ids"]
+        if whole[:len(head)] == head:
+            tail = whole[len(head):]
+        else:  # a merge across the seam: tokenize the caption on its own
+            tail = self.tokenizer(sep + caption, add_special_tokens=False)["input_ids"]
+        return head[-self.max_caption_tokens:], tail[:self.max_caption_tokens]
+
     def local_parts(self, features: torch.Tensor, captions: list[str], text_cond: torch.Tensor | None,
-                    concat: bool, queries: list[str] | None = None) -> dict[str, torch.Tensor]:
+                    concat: bool, queries: list[str] | None = None, prompts: list[str] | None = None
+                    ) -> dict[str, torch.Tensor]:
         """The per-process losses of a non-empty batch, and the [RET]/[IMG0] text and image embeddings for the
         contrastive loss. features (B, vision_dim) frozen image features. ``queries``: the text the image tokens
         follow in the retrieval and generation parts (default: the captions); captioning and the diffusion target
-        always use the captions."""
+        always use the captions. ``prompts``: text read between each image and its caption in the captioning
+        part ("" or None: none)."""
         m = self.model
         cfg = m.config
         ids = self.tokenize(captions)
         out: dict[str, torch.Tensor] = {}
 
-        # 1. Captioning: [visual tokens; BOS; caption] (+ the next example's, to teach interleaving).
-        lay = layout(caption_rows(ids, bos_id=self.bos_id, concat=concat), n_visual=cfg.n_visual_tokens,
-                     pad_id=self.pad_id, ignore_ids=self.ignore_ids)
+        # 1. Captioning: [visual tokens; BOS; prompt; caption; end] (+ the next example's, to teach interleaving).
+        heads: list[list[int]] = [[] for _ in captions]
+        targets = list(ids)
+        for i, prompt in enumerate(prompts or []):
+            if prompt:
+                heads[i], targets[i] = self.prompted(prompt, captions[i])
+        ended = [cap + self.caption_end_ids for cap in targets] if self.caption_end_ids else targets
+        lay = layout(caption_rows(ended, bos_id=self.bos_id, concat=concat, prompts=heads),
+                     n_visual=cfg.n_visual_tokens, pad_id=self.pad_id, ignore_ids=self.ignore_ids)
         lm_out = m.forward_lm(embed_layout(m, lay, m.visual_tokens(features)), lay.attention_mask)
         labels = lay.labels.to(lm_out.logits.device)
         out["caption"] = next_token_loss(lm_out.logits, labels)
@@ -227,7 +257,8 @@ class Objective(nn.Module):
         return out
 
     def forward(self, features: torch.Tensor, captions: list[str], text_cond: torch.Tensor | None,
-                concat: bool, queries: list[str] | None = None) -> dict[str, torch.Tensor]:
+                concat: bool, queries: list[str] | None = None, prompts: list[str] | None = None
+                ) -> dict[str, torch.Tensor]:
         """The weighted ``total`` and each loss for this process's batch. B may be 0 on a process whose images
         were all unreadable: it still takes part in the gather of the contrastive loss."""
         m, w = self.model, self.weights
@@ -235,7 +266,7 @@ class Objective(nn.Module):
         total = sum(p.sum() for p in m.parameters() if p.requires_grad) * 0.0
         out: dict[str, torch.Tensor] = {}
         if features.shape[0]:
-            out = self.local_parts(features, captions, text_cond, concat, queries)
+            out = self.local_parts(features, captions, text_cond, concat, queries, prompts)
             text_emb, image_emb = out.pop("text_emb"), out.pop("image_emb")
             total = total + w.caption * out["caption"] + w.retrieval_lm * out["retrieval_lm"]
             if "generation" in out:
@@ -409,6 +440,7 @@ def train(tc: TrainConfig) -> TrainResult:
     # get the same treatment against the LM's output rows.
     token_norm = mean_embedding_norm(model)
     objective = Objective(model, tokenizer, weights=tc.loss_weights, max_caption_tokens=tc.max_caption_tokens,
+                          caption_end=tc.caption_end,
                           accelerator=accelerator, diffusion=pipe.diffusion)
     if world > 1:
         # The frozen backbones are identical everywhere by construction: DDP need not broadcast or watch them.
@@ -485,7 +517,7 @@ def train(tc: TrainConfig) -> TrainResult:
             features = _features(model, batch, accelerator.device)
             sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(wrapped)
             with sync:
-                parts = wrapped(features, batch.captions, batch.text_cond, concat, batch.queries)
+                parts = wrapped(features, batch.captions, batch.text_cond, concat, batch.queries, batch.prompts)
                 accelerator.backward(parts["total"] / tc.grad_accum)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -581,7 +613,8 @@ def validate(objective: Objective, dataset, val_idx: list[int], *, batch_size: i
         if n == 0:
             continue
         with accelerator.autocast():
-            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False, batch.queries)
+            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False, batch.queries,
+                                          batch.prompts)
         sums[0] += float(parts["caption"]) * n
         sums[1] += float(parts["retrieval_lm"]) * n
         sums[2] += float(parts.get("generation", torch.tensor(0.0))) * n

@@ -1,9 +1,10 @@
 """Laying out training sequences: captions, visual tokens and image tokens in one padded batch.
 
-A row is a list of pieces: token ids (ints) and ``Visual(i)`` markers that stand for the ``n_visual_tokens``
-embeddings of image ``i``. ``layout`` turns rows into right-padded ids, the attention mask, the labels (visual,
-pad and special positions masked) and where each visual slot takes its embedding from; ``embed_layout`` builds the
-LM input embeddings from that. Right padding keeps every row's positions 0..len-1, as at inference.
+A row is a list of pieces: token ids (ints), ``Context(ids)`` (tokens read but never targets) and ``Visual(i)``
+markers that stand for the ``n_visual_tokens`` embeddings of image ``i``. ``layout`` turns rows into right-padded
+ids, the attention mask, the labels (visual, context, pad and special positions masked) and where each visual slot
+takes its embedding from; ``embed_layout`` builds the LM input embeddings from that. Right padding keeps every
+row's positions 0..len-1, as at inference.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ class Visual:
     image: int  # index into the batch's images
 
 
+@dataclass(frozen=True)
+class Context:
+    ids: tuple[int, ...]  # token ids the LM reads but is not trained to predict (a captioning prompt)
+
+
 @dataclass
 class Layout:
     input_ids: torch.Tensor  # (B, T); 0 at visual slots, pad id after the end
@@ -28,11 +34,19 @@ class Layout:
     visual_slot: torch.Tensor  # (B, T) index into the flattened (N * n_visual, d) visual embeddings, or -1
 
 
-def layout(rows: list[list[int | Visual]], *, n_visual: int, pad_id: int, ignore_ids: frozenset[int]) -> Layout:
-    length = max(sum(n_visual if isinstance(p, Visual) else 1 for p in row) for row in rows)
+Piece = int | Visual | Context
+
+
+def _width(piece: Piece, n_visual: int) -> int:
+    return n_visual if isinstance(piece, Visual) else len(piece.ids) if isinstance(piece, Context) else 1
+
+
+def layout(rows: list[list[Piece]], *, n_visual: int, pad_id: int, ignore_ids: frozenset[int]) -> Layout:
+    length = max(sum(_width(p, n_visual) for p in row) for row in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     slot = torch.full((len(rows), length), -1, dtype=torch.long)
+    unsupervised = torch.zeros((len(rows), length), dtype=torch.bool)
     for b, row in enumerate(rows):
         t = 0
         for piece in row:
@@ -40,11 +54,15 @@ def layout(rows: list[list[int | Visual]], *, n_visual: int, pad_id: int, ignore
                 slot[b, t:t + n_visual] = torch.arange(piece.image * n_visual, (piece.image + 1) * n_visual)
                 ids[b, t:t + n_visual] = 0
                 t += n_visual
+            elif isinstance(piece, Context):
+                ids[b, t:t + len(piece.ids)] = torch.tensor(piece.ids, dtype=torch.long)
+                unsupervised[b, t:t + len(piece.ids)] = True
+                t += len(piece.ids)
             else:
                 ids[b, t] = piece
                 t += 1
         mask[b, :t] = 1
-    labels = mask_labels(ids, mask, ignore_ids, keep=slot >= 0)
+    labels = mask_labels(ids, mask, ignore_ids, keep=(slot >= 0) | unsupervised)
     return Layout(ids, mask, labels, slot)
 
 
@@ -59,11 +77,15 @@ def embed_layout(model, lay: Layout, visual: torch.Tensor | None) -> torch.Tenso
     return torch.where(is_vis[..., None], picked, embeds)
 
 
-def caption_rows(captions: list[list[int]], *, bos_id: int | None, concat: bool) -> list[list[int | Visual]]:
-    """[Visual(i); BOS; caption_i]; with ``concat`` (FROMAGe/GILL's interleaving, 50% of steps) each row is followed
-    by the next example's image and caption: [Visual(i); BOS; caption_i; Visual(j); BOS; caption_j]."""
+def caption_rows(captions: list[list[int]], *, bos_id: int | None, concat: bool,
+                 prompts: list[list[int]] | None = None) -> list[list[Piece]]:
+    """[Visual(i); BOS; prompt_i; caption_i] (the prompt read, not predicted; most data has none); with ``concat``
+    (FROMAGe/GILL's interleaving, 50% of steps) each row is followed by the next example's image, prompt and
+    caption: [Visual(i); BOS; prompt_i; caption_i; Visual(j); BOS; prompt_j; caption_j]."""
     bos = [bos_id] if bos_id is not None else []
-    rows: list[list[int | Visual]] = [[Visual(i), *bos, *cap] for i, cap in enumerate(captions)]
+    prompts = prompts or [[] for _ in captions]
+    rows: list[list[Piece]] = [[Visual(i), *bos, *([Context(tuple(p))] if p else []), *cap]
+                               for i, (cap, p) in enumerate(zip(captions, prompts, strict=True))]
     if concat and len(rows) > 1:
         rows = [rows[i] + rows[(i + 1) % len(rows)] for i in range(len(rows))]
     return rows
