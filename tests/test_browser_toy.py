@@ -102,6 +102,9 @@ def test_describes_an_uploaded_world_image(page, tmp_path):
     SCENE.render().save(path)
     answer = exchange(page, "What is in this image?", [path]).lower()
     assert "blue" in answer and "ring" in answer, answer
+    # Asked what it sees, not for a picture: the answer is words only
+    assert "Retrieved (score" not in answer and "Generated (seed" not in answer, answer
+    assert bot_messages(page).locator("img").count() == 0
     shoot(page, "toy-describe.png")
 
 

@@ -123,7 +123,8 @@ def test_data_stage_alone_exports_training_data_only(tmp_path):
     assert list(report["stages"]) == ["data"]
     assert not (tmp_path / "toy" / "clip").exists()  # no pretraining stage ran
     rows = (tmp_path / "toy-data" / "train" / "captions.tsv").read_text().splitlines()
-    assert rows[0] == "caption\timage\tquery" and len(rows) == 7  # half the images get a chat-worded query
+    # half the images get a chat-worded query, half are captioned as the answer to a chat question (the prompt)
+    assert rows[0] == "caption\timage\tquery\tprompt" and len(rows) == 7
     from fromage_gill.training.decision import read_decision_data
 
     prompts, labels = read_decision_data(tmp_path / "toy-data" / "decision_train.tsv")

@@ -90,7 +90,8 @@ def run_stage(name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_d
     if name in pretrain.STAGES:
         entry = pretrain.STAGES[name](out, recipe).metrics
     elif name == DATA_STAGE:
-        entry = export_training_data(data_dir, n=n_data, seed=recipe.seed, answer_share=recipe.answer_caption_share)
+        entry = export_training_data(data_dir, n=n_data, seed=recipe.seed, answer_share=recipe.answer_caption_share,
+                                     prompt_share=recipe.prompt_caption_share)
     else:
         entry = method.train_method(name, out, data_dir, recipe)
     return {"seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), **entry}
@@ -187,11 +188,12 @@ def _check_inputs(out: Path, wanted: list[str], data_dir: Path) -> None:
             )
 
 
-def export_training_data(directory: Path, *, n: int, seed: int, answer_share: float = 0.0) -> dict:
+def export_training_data(directory: Path, *, n: int, seed: int, answer_share: float = 0.0,
+                         prompt_share: float = 0.0) -> dict:
     """The training set for the method stage: ``train/captions.tsv`` (CC3M-style ``caption<TAB>image``),
     ``val/captions.tsv`` from held-out scenes, and GILL's labelled decision prompts (``decision_train.tsv``)."""
     train = W.export_captions(directory / "train", W.scenes(n, split="train", seed=seed + 70), seed=seed,
-                              answer_share=answer_share,
+                              answer_share=answer_share, prompt_share=prompt_share,
                               progress=lambda it: tqdm(it, total=n, desc="export train images"))
     val = W.export_captions(directory / "val", W.scenes(max(100, n // 10), split="test", seed=seed + 71), seed=seed + 1)
     with open(directory / "decision_train.tsv", "w", newline="") as f:  # prompts hold newlines: csv quotes them

@@ -83,6 +83,7 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
                                max_steps=recipe.method_steps, batch_size=recipe.method_batch, lr=recipe.method_lr,
                                warmup=recipe.method_warmup, val_every=max(1, recipe.method_steps // 3),
                                save_every=recipe.method_steps, keep_checkpoints=1, seed=recipe.seed, cpu=True,
+                               caption_end=recipe.gill_caption_end if kind == "gill" else "",
                                tensorboard=False))
     metrics: dict = {"train_steps": result.step,
                      "validation": {k: round(v, 4) for k, v in (result.validation[-1] if result.validation else {}
