@@ -96,6 +96,10 @@ class DialogueSpec:
     assistant_prefix: str = "\nA:"
     turn_separator: str = "\n"
     stop_strings: tuple[str, ...] = ("\nQ:",)
+    # How an earlier answer's images appear in the history the LM reads on the next turns: the image tokens it
+    # emitted ("tokens", the published demos), or nothing ("omit": only the answer's words; for an LM that never
+    # saw image tokens inside a conversation, such as the toy world's, which otherwise repeats its last answer)
+    answer_images: Literal["tokens", "omit"] = "tokens"
 
 
 @dataclass(frozen=True)

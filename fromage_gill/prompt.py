@@ -13,7 +13,8 @@ Dialogue template (``ModelConfig.dialogue``; the published demos use ``Q: ...\\n
 ``[leading images] user_prefix <rest of the message> assistant_prefix``: images sent before any text go before
 ``Q:``, as the published demo placed an uploaded picture ahead of the question. An assistant turn becomes exactly
 the tokens it put in the context (its text tokens and the image tokens it emitted; the picture itself is not
-fed back, as in the published demo). Turns are joined by ``turn_separator``.
+fed back, as in the published demo), or with ``answer_images="omit"`` its text tokens only. Turns are joined by
+``turn_separator``.
 """
 
 from __future__ import annotations
@@ -139,10 +140,14 @@ def dialogue_pieces(turns: Sequence[Turn], dialogue: DialogueSpec, image_token_i
             pieces += segs[n_lead:]
             pieces.append(dialogue.assistant_prefix)
         elif turn.tokens is not None:
-            pieces.append(TokenIds(tuple(turn.tokens)))
+            omitted = set(image_token_ids) if dialogue.answer_images == "omit" else set()
+            pieces.append(TokenIds(tuple(t for t in turn.tokens if t not in omitted)))
         else:
             for s in turn.segments:
-                pieces.append(s if isinstance(s, str) else TokenIds(tuple(image_token_ids)))
+                if isinstance(s, str):
+                    pieces.append(s)
+                elif dialogue.answer_images == "tokens":
+                    pieces.append(TokenIds(tuple(image_token_ids)))
     return pieces
 
 

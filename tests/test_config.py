@@ -91,6 +91,10 @@ def test_nested_and_unknown_fields_are_named(tmp_path):
     data["n_visual_token"] = 2
     with pytest.raises(ConfigError, match="unknown field.*n_visual_token"):
         load_config(_write(tmp_path, data))
+    data = load_config("tiny-gill").to_dict()
+    data["dialogue"]["answer_images"] = "drop"
+    with pytest.raises(ConfigError, match="'dialogue.answer_images' must be one of 'tokens', 'omit'"):
+        load_config(_write(tmp_path, data))
 
 
 def test_semantic_validation_says_how_to_fix():

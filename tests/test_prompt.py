@@ -55,6 +55,20 @@ def test_assistant_turn_without_tokens_uses_text_and_image_tokens(images):
     assert pieces[-3:] == ["look", TokenIds((7, 8)), "there"]
 
 
+def test_answer_images_omit_leaves_an_answers_image_tokens_out_of_the_history(images):
+    """answer_images="omit": an earlier answer reads as its words only, whether replayed from its tokens or built
+    from its segments; the user's images stay."""
+    omit = DialogueSpec(answer_images="omit")
+    img = ImageSegment(images[0])
+    turns = [Turn("user", [img, "show me"]), Turn("assistant", [" here", ImageSegment(images[1], "retrieved")],
+                                                 tokens=(5, 7, 8, 6)), Turn("user", ["again"])]
+    assert dialogue_pieces(turns, omit, [7, 8]) == [img, "Q: ", "show me", "\nA:", TokenIds((5, 6)), "\n", "Q: ",
+                                                    "again", "\nA:"]
+    assert dialogue_pieces(turns, DialogueSpec(), [7, 8])[4] == TokenIds((5, 7, 8, 6))  # the default keeps them
+    untokenized = [Turn("user", ["hi"]), Turn("assistant", ["look", ImageSegment(images[1], "retrieved"), "there"])]
+    assert dialogue_pieces(untokenized, omit, [7, 8])[-2:] == ["look", "there"]
+
+
 def test_keys_and_common_prefix(images):
     a, b = ImageSegment(images[0]), ImageSegment(images[1])
     p = Prompt([(1, 2), a, (3,)], n_visual=2)
