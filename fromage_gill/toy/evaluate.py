@@ -210,7 +210,8 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     holds an image (``*_image``), from the right source: the gallery for "show", diffusion for "draw"
     (``*_routed``), whose dominant colour and CLIP-judged shape are the requested ones (``*_match``). Also ``n/2``
     shown held-out images with "What is in this image?": answered without an image (``describe_no_image``), naming
-    colour and shape (``describe_right``)."""
+    colour and shape (``describe_right``). And ``n/6`` conversations of three such requests in a row: the second
+    and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
     if pipe.index is None:
         from ..index import ImageIndex, shipped_index_dir
 
@@ -241,6 +242,17 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         text = "".join(e.text for e in events if isinstance(e, TextDelta)).lower()
         described.append((not any(isinstance(e, ImageResult) for e in events),
                           scene.things[0].colour in text and scene.things[0].shape in text))
+    # Requests later in a conversation: the earlier exchanges (their words and images) precede them
+    later = []
+    for c in range(max(1, n // 6)):
+        chat = Chat(pipe)
+        for turn in range(3):
+            d = asks[(3 * c + turn) % len(asks)]  # alternately "show" and "draw"
+            events = list(chat.send([d.turns[0].text], settings))
+            image = next((e for e in events if isinstance(e, ImageResult)), None)
+            if turn:
+                later.append(image is not None and image.source == ("retrieved" if d.kind == "show" else "generated")
+                             and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour)
     shape_of = _shape_judge(pipe, clip_dir, [im.image for _, im in shown if im is not None])
     out = {}
     for kind, source in (("show", "retrieved"), ("draw", "generated")):
@@ -255,6 +267,8 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     out["describe_no_image"] = _mean([quiet for quiet, _ in described])
     out["describe_right"] = _mean([right for _, right in described])
     out["describe_n"] = len(described)
+    out["later_right"] = _mean(later)
+    out["later_n"] = len(later)
     return out, samples
 
 
