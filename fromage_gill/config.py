@@ -100,6 +100,13 @@ class DialogueSpec:
     # emitted ("tokens", the published demos), or nothing ("omit": only the answer's words; for an LM that never
     # saw image tokens inside a conversation, such as the toy world's, which otherwise repeats its last answer)
     answer_images: Literal["tokens", "omit"] = "tokens"
+    # Earlier exchanges the prompt keeps: None = all that fit the LM's context (the published demos); 0 = every
+    # message is read alone (for an LM pretrained on independent exchanges). The chat still shows and saves them all.
+    max_exchanges: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_exchanges is not None and self.max_exchanges < 0:
+            raise ConfigError(f"dialogue.max_exchanges must be >= 0 or null (all), got {self.max_exchanges}")
 
 
 @dataclass(frozen=True)

@@ -875,10 +875,15 @@ class Chat:
         first = min(self._first, last)
         while first > 0 and turns[first].role != "user":
             first -= 1
-        prompt = self._encode(turns[first:])
-        while len(prompt) > budget and first < last:
-            first = next((i for i in range(first + 1, last + 1) if turns[i].role == "user"), last)
-            prompt = self._encode(turns[first:])
+        # A window of max_exchanges earlier exchanges is a choice of the model's dialogue, not a loss: only turns
+        # left out to fit the context move ``first`` (and get a Notice)
+        users = [i for i, t in enumerate(turns) if t.role == "user"]
+        k = self.dialogue.max_exchanges
+        start = max(first, users[-(k + 1)] if k is not None and len(users) > k else 0)
+        prompt = self._encode(turns[start:])
+        while len(prompt) > budget and start < last:
+            start = first = next((i for i in range(start + 1, last + 1) if turns[i].role == "user"), last)
+            prompt = self._encode(turns[start:])
         if len(prompt) > budget:
             raise _too_long(self.pipeline, settings, len(prompt), "the message")
         return prompt, first

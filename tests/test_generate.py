@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fromage_gill.config import ConfigError
 from fromage_gill.generate import (
     Chat,
     GenerationSettings,
@@ -426,6 +427,32 @@ def test_long_history_drops_oldest_turns_with_a_notice(tiny_fromage):
     assert "the 2 oldest turn(s) were left out" in notices[2][0] and "512 tokens" in notices[2][0]
     assert len(chat.history) == 8  # the visible conversation keeps everything
     assert chat._first == 4 and chat.cached_tokens <= 52
+
+
+def test_max_exchanges_reads_only_the_latest_exchanges_without_a_notice(tiny_gill):
+    """dialogue.max_exchanges: the prompt keeps that many earlier exchanges (0: each message alone), the answers
+    equal those of a chat that only ever had them, no "left out" notice is given, and the history keeps all."""
+    from fromage_gill.config import DialogueSpec
+
+    alone = Chat(tiny_gill, dialogue=DialogueSpec(max_exchanges=0))
+    window = Chat(tiny_gill, dialogue=DialogueSpec(max_exchanges=1))
+    for chat in (alone, window):
+        events = [e for msg in ("one", "two", "three") for e in run(chat, [msg], GREEDY_TEXT)]
+        assert not [e for e in events if isinstance(e, Notice)] and len(chat.history) == 6
+    fresh = Chat(tiny_gill)
+    run(fresh, ["three"], GREEDY_TEXT)
+    assert alone.history[-1].tokens == fresh.history[-1].tokens
+    last_two = Chat(tiny_gill)
+    run(last_two, ["two"], GREEDY_TEXT)
+    run(last_two, ["three"], GREEDY_TEXT)
+    assert window.history[-1].tokens == last_two.history[-1].tokens
+    # the prompts themselves: the last message alone / the last two exchanges, where the default reads all three
+    assert alone._plan(alone.history[:-1], GREEDY_TEXT)[0].keys == fresh._encode(fresh.history[:-1]).keys
+    assert window._plan(window.history[:-1], GREEDY_TEXT)[0].keys == last_two._encode(last_two.history[:-1]).keys
+    everything = Chat(tiny_gill)
+    assert everything._plan(window.history[:-1], GREEDY_TEXT)[0].keys == window._encode(window.history[:-1]).keys
+    with pytest.raises(ConfigError, match="max_exchanges must be >= 0"):
+        DialogueSpec(max_exchanges=-1)
 
 
 # ---------------------------------------------------------------------------------------------- chat editing

@@ -79,6 +79,7 @@ def run_eval(args) -> int:
             ("chat 'draw ...': it has the colour and shape asked for", lambda r: r["requests"].get("draw_match")),
             ("chat 'What is in this image?': colour and shape named", lambda r: r["requests"].get("describe_right")),
             ("chat 'What is in this image?': no image in the answer", lambda r: r["requests"].get("describe_no_image")),
+            ("chat: colour question about the last message's image", lambda r: r["requests"].get("follow_up_colour")),
             ("chat: later requests in a conversation: right kind, colour", lambda r: r["requests"].get("later_right")),
             ("generation: colour (GILL)", lambda r: r["generation"].get("gill_colour")),
             ("generation: shape (GILL)", lambda r: r["generation"].get("gill_shape")),

@@ -210,7 +210,8 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     holds an image (``*_image``), from the right source: the gallery for "show", diffusion for "draw"
     (``*_routed``), whose dominant colour and CLIP-judged shape are the requested ones (``*_match``). Also ``n/2``
     shown held-out images with "What is in this image?": answered without an image (``describe_no_image``), naming
-    colour and shape (``describe_right``). And ``n/6`` conversations of three such requests in a row: the second
+    colour and shape (``describe_right``), then asked "What colour is the shape?" in the same conversation
+    (``follow_up_colour``). And ``n/6`` conversations of three such requests in a row: the second
     and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
     if pipe.index is None:
         from ..index import ImageIndex, shipped_index_dir
@@ -236,12 +237,17 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
             text = "".join(e.text for e in events if isinstance(e, TextDelta))
             samples.append(f"{d.turns[0].text} -> {text.strip()!r} + {image.source if image else 'no image'}")
     # And an image not asked for: "What is in this image?" about a shown image should be answered in words only.
-    described = []
+    # Then, in the same conversation, "What colour is the shape?" about the image shown one message earlier
+    described, followed = [], []
     for scene in held_out_singles(n // 2, seed):
-        events = list(Chat(pipe).send([scene.render(), "What is in this image?"], settings))
+        chat = Chat(pipe)
+        events = list(chat.send([scene.render(), "What is in this image?"], settings))
         text = "".join(e.text for e in events if isinstance(e, TextDelta)).lower()
         described.append((not any(isinstance(e, ImageResult) for e in events),
                           scene.things[0].colour in text and scene.things[0].shape in text))
+        events = list(chat.send(["What colour is the shape?"], settings))
+        followed.append(first_match(_COLOUR_RE, "".join(e.text for e in events if isinstance(e, TextDelta)).lower())
+                        == scene.things[0].colour)
     # Requests later in a conversation: the earlier exchanges (their words and images) precede them
     later = []
     for c in range(max(1, n // 6)):
@@ -267,6 +273,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     out["describe_no_image"] = _mean([quiet for quiet, _ in described])
     out["describe_right"] = _mean([right for _, right in described])
     out["describe_n"] = len(described)
+    out["follow_up_colour"] = _mean(followed)
     out["later_right"] = _mean(later)
     out["later_n"] = len(later)
     return out, samples
