@@ -96,10 +96,14 @@ def test_backbones_load_with_the_project_loaders(smoke_build):
 
 
 def test_a_stage_without_its_inputs_says_what_to_run(tmp_path):
+    out = tmp_path / "toy"
     with pytest.raises(FileNotFoundError, match="--stage tokenizer --stage clip --stage vae"):
-        build(tmp_path, stages=["unet"], recipe=pretrain.Recipe.smoke())
+        build(out, stages=["unet"], recipe=pretrain.Recipe.smoke())
     with pytest.raises(ValueError, match="unknown --stage"):
-        build(tmp_path, stages=["bogus"], recipe=pretrain.Recipe.smoke())
+        build(out, stages=["bogus"], recipe=pretrain.Recipe.smoke())
+    with pytest.raises(ValueError, match="--jobs must be >= 1, got 0"):
+        build(out, jobs=0, recipe=pretrain.Recipe.smoke())
+    assert not out.exists()  # a refused build writes nothing
 
 
 def test_repo_paths_resolve_inside_the_checkout():

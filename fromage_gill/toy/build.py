@@ -60,15 +60,15 @@ def build(out: str | Path, *, stages: list[str] | None = None, recipe: pretrain.
     one-job build with ``threads=1`` gives. Each stage's progress bars then go to ``out/logs/<stage>.log``."""
     recipe = recipe or pretrain.Recipe()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     wanted = list(stages) if stages else list(STAGES)
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown --stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     data_dir = Path(data_dir) if data_dir else out.parent / "toy-data"
     _check_inputs(out, wanted, data_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only once the request is known to be good: a bad one leaves nothing
     t0 = time.time()
     if jobs == 1:
         if threads is not None:
