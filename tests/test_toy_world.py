@@ -164,6 +164,18 @@ def test_decision_prompts_are_labelled_by_what_they_ask():
         assert text.startswith("Q: ") and "\nA: here is a " in text  # as the chat engine lays the exchange out
         asks_to_draw = text[3:].lower().startswith(("draw", "can you draw", "make me"))
         assert (label == "generate") == asks_to_draw, text
+    # After an earlier exchange (half of them): the label follows the last request, whatever the earlier one was
+    later = W.decision_prompts(100, split="train", seed=0, earlier_share=0.5)
+    two = [(t, label) for t, label in later if t.count("Q: ") == 2]
+    assert 25 < len(two) < 75
+    kinds = set()
+    for (text, label), (alone, alone_label) in zip(later, prompts, strict=True):
+        assert text.endswith(alone) and label == alone_label  # the same last exchange, with or without one before
+        if text != alone:
+            first, last = text.split("\nQ: ")
+            assert first.startswith("Q: ") and "\nA: here is a " in first
+            kinds.add(("draw" in first.split("\nA:")[1].split()[3], label))
+    assert len(kinds) == 4  # every earlier kind before every later one
 
 
 def test_exported_captions_describe_their_images(tmp_path):

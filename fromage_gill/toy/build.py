@@ -91,7 +91,8 @@ def run_stage(name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_d
         entry = pretrain.STAGES[name](out, recipe).metrics
     elif name == DATA_STAGE:
         entry = export_training_data(data_dir, n=n_data, seed=recipe.seed, answer_share=recipe.answer_caption_share,
-                                     prompt_share=recipe.prompt_caption_share)
+                                     prompt_share=recipe.prompt_caption_share,
+                                     decision_earlier_share=recipe.decision_earlier_share)
     else:
         entry = method.train_method(name, out, data_dir, recipe)
     return {"seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), **entry}
@@ -189,7 +190,7 @@ def _check_inputs(out: Path, wanted: list[str], data_dir: Path) -> None:
 
 
 def export_training_data(directory: Path, *, n: int, seed: int, answer_share: float = 0.0,
-                         prompt_share: float = 0.0) -> dict:
+                         prompt_share: float = 0.0, decision_earlier_share: float = 0.0) -> dict:
     """The training set for the method stage: ``train/captions.tsv`` (CC3M-style ``caption<TAB>image``),
     ``val/captions.tsv`` from held-out scenes, and GILL's labelled decision prompts (``decision_train.tsv``)."""
     train = W.export_captions(directory / "train", W.scenes(n, split="train", seed=seed + 70), seed=seed,
@@ -199,5 +200,5 @@ def export_training_data(directory: Path, *, n: int, seed: int, answer_share: fl
     with open(directory / "decision_train.tsv", "w", newline="") as f:  # prompts hold newlines: csv quotes them
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["prompt", "label"])
-        writer.writerows(W.decision_prompts(2000, split="train", seed=seed))
+        writer.writerows(W.decision_prompts(2000, split="train", seed=seed, earlier_share=decision_earlier_share))
     return {"train_tsv": str(train), "val_tsv": str(val), "train_images": n}

@@ -89,6 +89,9 @@ class Recipe:
     # without an image 0.00 -> 0.97). toy-fromage trains without it: with its one visual token the captioning
     # collapsed (colour and shape both right 0.35 -> 0.08)
     gill_caption_end: str = "\n"
+    # Share of the decision head's prompts that follow an earlier "show" / "draw" exchange: later in a chat the head
+    # reads the state after both, and trained on single exchanges it sent "show me" after a drawing to generation
+    decision_earlier_share: float = 0.5
     decision_steps: int = 1000
     decision_lr: float = 1e-2
     gallery_images: int = 300

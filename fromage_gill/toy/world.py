@@ -428,11 +428,14 @@ def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int,
     return tsv
 
 
-def decision_prompts(n: int, *, split: Split, seed: int) -> list[tuple[str, Output]]:
+def decision_prompts(n: int, *, split: Split, seed: int, earlier_share: float = 0.0) -> list[tuple[str, Output]]:
     """Labelled prompts for GILL's retrieve-or-generate decision head: (text, 'retrieve' | 'generate'). The text
     is the exchange as the chat engine lays it out up to the image (``Q: ...\nA: here is ...``): the decision
-    head reads the hidden state at [IMG0], which in a chat comes after the answer's words."""
+    head reads the hidden state at [IMG0], which in a chat comes after the answer's words. A share
+    ``earlier_share`` comes after an earlier "show" or "draw" exchange (its answer's words only, as the toy presets
+    keep it in the prompt): later in a chat the head reads the state after both, and must follow the last request."""
     rng = np.random.default_rng([seed, 5 if split == "train" else 6])
+    earlier = np.random.default_rng([seed, 9 if split == "train" else 10])  # its own stream: share 0 is unchanged
     pool = scenes(n, split=split, seed=seed + 2)
     out: list[tuple[str, Output]] = []
     for i, scene in enumerate(pool):
@@ -440,7 +443,12 @@ def decision_prompts(n: int, *, split: Split, seed: int) -> list[tuple[str, Outp
         # drawing always names its background, which a head would otherwise learn instead of "draw")
         detail = {k: bool(rng.random() < 0.5) for k in ("size", "where", "background")}
         d = show_dialogue(scene, rng, detail) if i % 2 == 0 else draw_dialogue(scene, rng, detail)
+        label = d.turns[1].output
+        if earlier_share and earlier.random() < earlier_share:
+            before = scenes(1, split=split, seed=int(earlier.integers(2**31)))[0]
+            first = show_dialogue(before, earlier) if earlier.random() < 0.5 else draw_dialogue(before, earlier)
+            d = Dialogue(d.kind, first.turns + d.turns)
         text = d.text(image=lambda _: "")
         # In a chat the model may emit [IMG0] before its closing full stop as well as after it: train on both.
-        out.append((text[:-1] if rng.random() < 0.5 else text, d.turns[1].output))
+        out.append((text[:-1] if rng.random() < 0.5 else text, label))
     return out
