@@ -153,6 +153,38 @@ class VisionEncoder(nn.Module):
         return self.backbone(pixel_values)  # open_clip visual tower: projected image embedding
 
 
+# A full CLIP checkpoint (the published ones, the toy's) also holds the text tower: not the vision model's, and not
+# worth the load report transformers prints about them at every start
+_CLIP_TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale", "visual_projection.")
+
+
+def _clip_vision_from_pretrained(source: str, *, revision: str | None, dtype: torch.dtype):
+    """CLIPVisionModel.from_pretrained without transformers' load report (``_check_clip_vision`` says what
+    matters), and what it loaded."""
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return CLIPVisionModel.from_pretrained(source, revision=revision, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _check_clip_vision(source: str, info: dict) -> None:
+    """Quiet about a full CLIP checkpoint's text tower, strict about the vision tower: a missing or mis-shaped
+    vision weight is an error naming it."""
+    missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise ValueError(f"vision encoder {source}: not a CLIP vision tower of this architecture: missing "
+                         f"{sorted(missing)[:8]}, shape-mismatched {sorted(map(str, mismatched))[:8]}; point "
+                         "vision.source at a CLIP checkpoint (a CLIPModel or CLIPVisionModel directory)")
+    other = sorted(k for k in info.get("unexpected_keys", []) if not k.startswith(_CLIP_TEXT_KEYS))
+    if other:
+        logger.warning("vision encoder %s: %d weight(s) not used: %s", source, len(other), other[:8])
+
+
 def load_vision(spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
                 skeleton: bool = False) -> VisionEncoder:
     if spec.backend == "hf_clip":
@@ -170,10 +202,10 @@ def load_vision(spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | 
             torch.manual_seed(seed + 1)
             model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
         else:
-            model = from_hub_or_path(
-                "vision encoder", spec.source,
-                lambda s: CLIPVisionModel.from_pretrained(s, revision=spec.revision, dtype=dtype),
-            )
+            model, info = from_hub_or_path(
+                "vision encoder", spec.source, lambda s: _clip_vision_from_pretrained(s, revision=spec.revision,
+                                                                                        dtype=dtype))
+            _check_clip_vision(spec.source, info)  # here, not in the loader: a hub error it is not
         processor = ImageProcessor(size=model.config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
         out_dim = model.config.hidden_size
     elif spec.backend == "open_clip":

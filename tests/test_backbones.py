@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from fromage_gill.backbones import load_lm, load_tokenizer, load_vision, train_tiny_tokenizer
@@ -36,6 +37,36 @@ def test_hf_clip_encoder_uses_the_pooler_output(images):
     ref = CLIPVisionModel(CLIPVisionConfig(**cfg.config)).eval()
     pixels = enc.processor(images[:2])
     torch.testing.assert_close(enc(pixels), ref(pixel_values=pixels).pooler_output)
+
+
+def test_a_full_clip_checkpoint_loads_its_vision_tower_quietly_and_strictly(tmp_path, capsys, caplog):
+    """A CLIPModel directory (text tower included, as the published and toy checkpoints are) loads as the vision
+    encoder with the same weights and no load report; one missing a vision weight is an error naming it."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = load_config("tiny-fromage").vision
+    torch.manual_seed(0)
+    full = CLIPModel(CLIPConfig(vision_config=dict(vision.config), text_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99),
+        projection_dim=8))
+    full.save_pretrained(tmp_path / "clip")
+    spec = dataclasses.replace(vision, source=str(tmp_path / "clip"), config={})
+    enc = load_vision(spec, dtype=torch.float32, device="cpu")
+    theirs = full.vision_model.state_dict()
+    mine = enc.backbone.state_dict()
+    assert len(theirs) == len(mine)
+    for name, value in theirs.items():  # transformers 5 keeps the vision tower's weights at its top level
+        assert torch.equal(value, mine.get(name, mine.get(f"vision_model.{name}"))), name
+    out = capsys.readouterr()
+    assert "LOAD REPORT" not in out.out + out.err and "UNEXPECTED" not in out.out + out.err + caplog.text
+    weights = load_file(tmp_path / "clip" / "model.safetensors")
+    del weights["vision_model.post_layernorm.weight"]
+    save_file(weights, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing .*post_layernorm\.weight"):
+        load_vision(spec, dtype=torch.float32, device="cpu")
 
 
 def test_local_tokenizer_without_pad_token_pads_with_eos(tmp_path):
