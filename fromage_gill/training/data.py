@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,11 +122,10 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
             skipped.add("missing image", it.name)
         else:
             if it.member is None:  # the size joins the data fingerprint: a replaced image invalidates features
-                it = ImageItem(name=it.name, path=it.path, size=Path(it.path).stat().st_size, caption=caption,
-                               query=it.query, prompt=it.prompt)
-            records.append(Record(key=it.name, caption=caption.strip(), item=it,
-                                  query=it.query.strip() if it.query and it.query.strip() else None,
-                                  prompt=unescape_text(it.prompt) if it.prompt and it.prompt.strip() else None))
+                it = replace(it, size=Path(it.path).stat().st_size, caption=caption)
+            # a table's cells come stripped, an empty one as None
+            records.append(Record(key=it.name, caption=caption.strip(), item=it, query=it.query,
+                                  prompt=unescape_text(it.prompt) if it.prompt else None))
     if not records:
         raise DataError(f"--data {data} holds no usable image-caption example ({skipped.summary()})")
     if skipped.total:
