@@ -121,6 +121,23 @@ def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device
     return lm
 
 
+def cache_argument(base: nn.Module) -> str:
+    """The name ``base.forward`` takes the KV cache by: ``cache`` from transformers 5.24 on, ``past_key_values``
+    before (5.24 still takes the old name but warns on every call, and 5.40 drops it). Outputs carry the cache
+    under the same name."""
+    import inspect
+
+    forward = type(base).forward
+    name = _CACHE_ARGUMENT.get(forward)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        _CACHE_ARGUMENT[forward] = name
+    return name
+
+
+_CACHE_ARGUMENT: dict[Any, str] = {}
+
+
 def _bnb_config(quantization: str, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 

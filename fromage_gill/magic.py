@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import load_lm, load_tokenizer, train_tiny_tokenizer
+from .backbones import cache_argument, load_lm, load_tokenizer, train_tiny_tokenizer
 from .config import RANDOM, ClipSpec, ConfigError, MagicConfig, MagicDecoding, load_config
 from .hub import from_hub_or_path
 from .images import CLIP_MEAN, CLIP_STD, ImageProcessor, load_image
@@ -167,14 +167,15 @@ def _cache_device(cache: Any) -> torch.device | None:
 def hf_step(lm: nn.Module) -> StepFn:
     """A plain transformers causal LM as a ``StepFn``: last-layer hidden states from its base model."""
     base, head = lm.base_model, lm.get_output_embeddings()
+    cache_name = cache_argument(base)
 
     def step(input_ids: torch.Tensor, cache: Any) -> LMStep:
         past = cache.get_seq_length() if cache is not None else 0
         # An explicit mask: a generated id may equal the pad id, which must not make the LM mask it out.
         mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
-        out = base(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = base(input_ids=input_ids, attention_mask=mask, use_cache=True, **{cache_name: cache})
         hidden = out.last_hidden_state  # (B, T, d)
-        return LMStep(logits=head(hidden[:, -1]).float(), hidden=hidden, past_key_values=out.past_key_values)
+        return LMStep(logits=head(hidden[:, -1]).float(), hidden=hidden, past_key_values=getattr(out, cache_name))
 
     return step
 

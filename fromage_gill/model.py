@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import VisionEncoder
+from .backbones import VisionEncoder, cache_argument
 from .config import ModelConfig
 from .mapper import GILLMapper
 
@@ -169,17 +169,20 @@ class GroundedLM(nn.Module):
         kwargs = {}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.to(device)
-        out = self.lm.base_model(
+        base = self.lm.base_model
+        cache_name = cache_argument(base)
+        kwargs[cache_name] = past_key_values
+        out = base(
             inputs_embeds=inputs_embeds.to(device=device, dtype=self._lm_dtype()),
             attention_mask=None if attention_mask is None else attention_mask.to(device),
-            past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+            use_cache=use_cache, **kwargs,
         )
         hidden = out.last_hidden_state
         result = None
         if logits != "none":
             h = hidden[:, -1:] if logits == "last" else hidden
             result = self.logits(h)
-        return LMOutput(logits=result, hidden=hidden.to(self.device), past_key_values=out.past_key_values)
+        return LMOutput(logits=result, hidden=hidden.to(self.device), past_key_values=getattr(out, cache_name))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, n_base + r) float32: the LM head's rows for real tokens, ours for the new ones."""

@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,21 @@ def test_new_token_logits_are_hidden_times_new_rows_for_a_tied_lm(tiny_gill, ima
     ref = m.lm(inputs_embeds=embeds).logits[..., : m.n_base]
     torch.testing.assert_close(out.logits[..., : m.n_base], ref)
     assert out.logits.shape[-1] == m.vocab_size
+
+
+def test_decoding_with_the_cache_matches_a_full_forward_without_deprecation_warnings(tiny_gill, images, caplog):
+    # transformers 5.24 renamed the LM's cache argument (and output) to `cache`; the old name still works there
+    # but warns at every call and goes in 5.40, so the model passes it by the name the installed LM takes.
+    m = tiny_gill.model
+    _, _, embeds = _prompt(tiny_gill, images)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        first = m.forward_lm(embeds[:, :-1], use_cache=True, logits="last")
+        step = m.forward_lm(embeds[:, -1:], past_key_values=first.past_key_values, use_cache=True, logits="last")
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert "past_key_values" not in caplog.text
+    assert first.past_key_values.get_seq_length() == embeds.shape[1]  # the cache was extended in place
+    torch.testing.assert_close(step.logits[:, -1], m.forward_lm(embeds).logits[:, -1], atol=1e-5, rtol=1e-4)
 
 
 def test_embed_tokens_uses_lm_rows_for_text_and_own_rows_for_image_tokens(tiny_fromage):
