@@ -13,8 +13,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fromage_gill.pipeline import checkout_path
 from fromage_gill.toy import evaluate as E
 from fromage_gill.toy.method import gallery_scenes
 from fromage_gill.toy.pretrain import Recipe
@@ -55,16 +57,24 @@ def test_decision_routes_show_to_retrieval_and_draw_to_generation(toy_gill):
 
 def test_chat_answers_show_and_draw_requests_with_the_right_kind_of_image(toy_gill):
     # measured: show 1.0 / draw 0.9 answered with an image of the right kind, which has the colour and shape asked
-    # for 0.7 / 0.4; descriptions answered without a picture 1.0, naming colour and shape 0.6, then the colour
-    # asked about that image 1.0 (0.1 if the prompt kept no earlier exchange); the 2nd and 3rd requests of a
-    # conversation with an image of the right kind and colour 0.333 (2 of 6; 0.0 with the answers' image tokens
-    # replayed in the prompt; over 80 such requests 0.55, docs/toy.md)
+    # for 0.6 / 0.3 (by the gallery's record / the dominant colour and the CLIP judge); descriptions answered
+    # without a picture 1.0, naming colour and shape 0.6, then the colour asked about that image 1.0 (0.1 if the
+    # prompt kept no earlier exchange); the 2nd and 3rd requests of a conversation with an image of the right kind
+    # and colour 0.333 (2 of 6; 0.0 with the answers' image tokens replayed in the prompt; over 80 such requests
+    # 0.55, docs/toy.md)
     res, samples = E.requests(toy_gill, N, steps=10, guidance=4.0, clip_dir=None)
     assert res["show_image"] >= 0.9 and res["draw_image"] >= 0.8, samples
     assert res["show_routed"] >= 0.9 and res["draw_routed"] >= 0.8, samples
-    assert res["show_match"] >= 0.6 and res["draw_match"] >= 0.3, (res, samples)
+    assert res["show_match"] >= 0.5 and res["draw_match"] >= 0.2, (res, samples)
     assert res["describe_no_image"] >= 0.8 and res["describe_right"] >= 0.5, (res, samples)
     assert res["follow_up_colour"] >= 0.8 and res["later_right"] >= 0.3, res
+
+
+def test_the_shape_judge_picks_the_shape_of_real_held_out_images():
+    # The generation figures' judge, checked where the answer is known: measured 0.867 (0.86 over 600)
+    scenes = E.held_out_singles(60)
+    picks = E.shape_judge(checkout_path("repo:checkpoints/toy/clip"), [s.render() for s in scenes], scenes)
+    assert np.mean([p == s.things[0].shape for p, s in zip(picks, scenes, strict=True)]) >= 0.8
 
 
 def test_generated_images_have_the_requested_colour_and_shape(toy_gill):
