@@ -225,6 +225,14 @@ def test_exported_prompts_ask_about_the_image_and_its_caption_answers(tmp_path):
         assert r.caption == W.describe(scene, background="Describe" in r.prompt) + "."
 
 
+def test_typed_requests_differ_from_the_written_ones_only_in_first_letter_case_and_closing_mark():
+    assert W.typed("Show me a photo of a red square.") == "show me a photo of a red square"
+    assert W.typed("Can you draw a blue ring?", unmarked=False) == "can you draw a blue ring?"
+    assert W.typed("Draw a red circle.", lower=False) == "Draw a red circle"
+    assert W.typed("Show me a red square") == "show me a red square"  # nothing to drop
+    assert W.typed("") == ""
+
+
 def test_lm_corpus_is_laid_out_as_the_chat_engine_lays_out_a_conversation():
     from fromage_gill.toy.pretrain import corpus
 

@@ -80,6 +80,8 @@ def run_eval(args) -> int:
             ("chat 'What is in this image?': colour and shape named", lambda r: r["requests"].get("describe_right")),
             ("chat 'What is in this image?': no image in the answer", lambda r: r["requests"].get("describe_no_image")),
             ("chat: colour question about the last message's image", lambda r: r["requests"].get("follow_up_colour")),
+            ("chat: requests typed in lower case, no full stop: right kind, colour",
+             lambda r: r["requests"].get("typed_right")),
             ("chat: later requests in a conversation: right kind, colour", lambda r: r["requests"].get("later_right")),
             ("generation: colour (GILL)", lambda r: r["generation"].get("gill_colour")),
             ("generation: shape (GILL)", lambda r: r["generation"].get("gill_shape")),

@@ -220,11 +220,13 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     ``Chat`` with the model's own default settings (mode auto) and its shipped gallery index. Per kind: the answer
     holds an image (``*_image``), from the right source: the gallery for "show", diffusion for "draw"
     (``*_routed``), showing the requested colour and shape (``*_match``: by the gallery's own record of the scene
-    for "show"; by the dominant colour and ``shape_judge`` for "draw"). Also ``n/2``
-    shown held-out images with "What is in this image?": answered without an image (``describe_no_image``), naming
-    colour and shape (``describe_right``), then asked "What colour is the shape?" in the same conversation
-    (``follow_up_colour``). And ``n/6`` conversations of three such requests in a row: the second
-    and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
+    for "show"; by the dominant colour and ``shape_judge`` for "draw"). Also ``n/2`` shown held-out images with
+    "What is in this image?": answered without an image (``describe_no_image``), naming colour and shape
+    (``describe_right``), then asked "What colour is the shape?" in the same conversation (``follow_up_colour``).
+    The first ``n/2`` requests again, typed with a lower-case first letter and without their closing full stop or
+    question mark, answered with an image of the right source and the asked dominant colour (``typed_right``;
+    ``plain_right`` the same for them as written). And ``n/6`` conversations of three such requests in a row: the
+    second and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
     if pipe.index is None:
         from ..index import ImageIndex, shipped_index_dir
 
@@ -260,6 +262,13 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         events = list(chat.send(["What colour is the shape?"], settings))
         followed.append(first_match(_COLOUR_RE, "".join(e.text for e in events if isinstance(e, TextDelta)).lower())
                         == scene.things[0].colour)
+    # The same requests typed as people often type them: lower-case first letter, no closing full stop or "?"
+    typed = []
+    for d in asks[:max(1, n // 2)]:
+        events = list(Chat(pipe).send([W.typed(d.turns[0].text)], settings))
+        image = next((e for e in events if isinstance(e, ImageResult)), None)
+        typed.append(image is not None and image.source == ("retrieved" if d.kind == "show" else "generated")
+                     and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour)
     # Requests later in a conversation: the earlier exchanges (their words and images) precede them
     later = []
     for c in range(max(1, n // 6)):
@@ -302,6 +311,11 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     out["describe_right"] = _mean([right for _, right in described])
     out["describe_n"] = len(described)
     out["follow_up_colour"] = _mean(followed)
+    out["typed_right"] = _mean(typed)
+    out["plain_right"] = _mean([im is not None and im.source == ("retrieved" if d.kind == "show" else "generated")
+                                and W.dominant_colour(im.image) == d.turns[1].target.things[0].colour
+                                for d, im in shown[:len(typed)]])  # the same requests as written
+    out["typed_n"] = len(typed)
     out["later_right"] = _mean(later)
     out["later_n"] = len(later)
     return out, samples

@@ -428,6 +428,16 @@ def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int,
     return tsv
 
 
+def typed(text: str, *, lower: bool = True, unmarked: bool = True) -> str:
+    """``text`` as people often type a chat message: with a lower-case first letter (``lower``), without its
+    closing full stop or question mark (``unmarked``). The world's own requests are always written out properly."""
+    if lower:
+        text = text[:1].lower() + text[1:]
+    if unmarked and text[-1:] in (".", "?"):
+        text = text[:-1]
+    return text
+
+
 def decision_prompts(n: int, *, split: Split, seed: int, earlier_share: float = 0.0) -> list[tuple[str, Output]]:
     """Labelled prompts for GILL's retrieve-or-generate decision head: (text, 'retrieve' | 'generate'). The text
     is the exchange as the chat engine lays it out up to the image (``Q: ...\nA: here is ...``): the decision
