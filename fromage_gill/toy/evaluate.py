@@ -266,9 +266,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     typed = []
     for d in asks[:max(1, n // 2)]:
         events = list(Chat(pipe).send([W.typed(d.turns[0].text)], settings))
-        image = next((e for e in events if isinstance(e, ImageResult)), None)
-        typed.append(image is not None and image.source == ("retrieved" if d.kind == "show" else "generated")
-                     and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour)
+        typed.append(_right_kind_and_colour(d, next((e for e in events if isinstance(e, ImageResult)), None)))
     # Requests later in a conversation: the earlier exchanges (their words and images) precede them
     later = []
     for c in range(max(1, n // 6)):
@@ -276,10 +274,8 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         for turn in range(3):
             d = asks[(3 * c + turn) % len(asks)]  # alternately "show" and "draw"
             events = list(chat.send([d.turns[0].text], settings))
-            image = next((e for e in events if isinstance(e, ImageResult)), None)
             if turn:
-                later.append(image is not None and image.source == ("retrieved" if d.kind == "show" else "generated")
-                             and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour)
+                later.append(_right_kind_and_colour(d, next((e for e in events if isinstance(e, ImageResult)), None)))
     # A gallery answer is right when the scene it shows is one shape of the asked colour and shape (the gallery's
     # own record, no judge); a drawing when its dominant colour is the asked one and the CLIP judge picks the shape
     gallery = gallery_scenes(len(pipe.index), seed)
@@ -288,7 +284,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         _judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [d.turns[1].target for d, _ in drawn]),
         strict=True))
 
-    def right(d: W.Dialogue, im: ImageResult | None) -> bool:
+    def matches(d: W.Dialogue, im: ImageResult | None) -> bool:
         want = d.turns[1].target.things[0]
         if im is None or im.source != ("retrieved" if d.kind == "show" else "generated"):
             return False
@@ -305,20 +301,24 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         rows = [(d, im) for d, im in shown if d.kind == kind]
         out[f"{kind}_image"] = _mean([im is not None for _, im in rows])
         out[f"{kind}_routed"] = _mean([im is not None and im.source == source for _, im in rows])
-        out[f"{kind}_match"] = _mean([right(d, im) for d, im in rows])
+        out[f"{kind}_match"] = _mean([matches(d, im) for d, im in rows])
         out[f"{kind}_n"] = len(rows)
     out["describe_no_image"] = _mean([quiet for quiet, _ in described])
     out["describe_right"] = _mean([right for _, right in described])
     out["describe_n"] = len(described)
     out["follow_up_colour"] = _mean(followed)
     out["typed_right"] = _mean(typed)
-    out["plain_right"] = _mean([im is not None and im.source == ("retrieved" if d.kind == "show" else "generated")
-                                and W.dominant_colour(im.image) == d.turns[1].target.things[0].colour
-                                for d, im in shown[:len(typed)]])  # the same requests as written
+    out["plain_right"] = _mean([_right_kind_and_colour(d, im) for d, im in shown[:len(typed)]])  # as written
     out["typed_n"] = len(typed)
     out["later_right"] = _mean(later)
     out["later_n"] = len(later)
     return out, samples
+
+
+def _right_kind_and_colour(d: W.Dialogue, image: ImageResult | None) -> bool:
+    """A "show" / "draw" request answered with an image from the right source, of the asked dominant colour."""
+    return (image is not None and image.source == ("retrieved" if d.kind == "show" else "generated")
+            and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour)
 
 
 def shape_judge(clip_dir: str | Path, images: list, requested: list[W.Scene]) -> list[str]:
