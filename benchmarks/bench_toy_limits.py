@@ -32,14 +32,15 @@ from fromage_gill.toy import evaluate as E
 from fromage_gill.toy import method
 from fromage_gill.toy import world as W
 
+CLIP_DIR = checkout_path("repo:checkpoints/toy/clip")
+
 
 def clip_alone(pipe, scenes: list[W.Scene]) -> dict[str, float]:
     """Complete caption -> image with the toy CLIP's own two towers (cosine similarity, as it was trained)."""
     from transformers import AutoTokenizer, CLIPModel
 
-    clip_dir = checkout_path("repo:checkpoints/toy/clip")
-    clip = CLIPModel.from_pretrained(clip_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    clip = CLIPModel.from_pretrained(CLIP_DIR).eval()
+    tokenizer = AutoTokenizer.from_pretrained(CLIP_DIR)
     complete, *_ = E.retrieval_queries(scenes)
     with torch.no_grad():
         text = clip.get_text_features(**tokenizer(complete, padding=True, return_tensors="pt"))
@@ -97,20 +98,19 @@ def judge_ceiling(n: int) -> dict[str, dict[str, float]]:
 
     from fromage_gill.toy.pretrain import _to_pil, clip_embed_images, clip_embed_texts, vae_pixels
 
-    clip_dir = checkout_path("repo:checkpoints/toy/clip")
     scenes = E.held_out_singles(n)
     real = [s.render() for s in scenes]
     vae = AutoencoderKL.from_pretrained(checkout_path("repo:checkpoints/toy/diffusion/vae")).eval()
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in real])).permute(0, 3, 1, 2)
     with torch.no_grad():
         round_trip = _to_pil(vae.decode(vae.encode(vae_pixels(pixels)).latent_dist.mode()).sample)
-        clip = CLIPModel.from_pretrained(clip_dir).eval()
-        bare = clip_embed_texts(clip, AutoTokenizer.from_pretrained(clip_dir), [f"a {s}" for s in W.SHAPES])
+        clip = CLIPModel.from_pretrained(CLIP_DIR).eval()
+        bare = clip_embed_texts(clip, AutoTokenizer.from_pretrained(CLIP_DIR), [f"a {s}" for s in W.SHAPES])
         bare_pick = [W.SHAPES[p] for p in (clip_embed_images(clip, pixels) @ bare.T).argmax(1).tolist()]
     small = torch.tensor([s.things[0].size == "small" for s in scenes])
     out = {}
-    for name, picks in (("real", E.shape_judge(clip_dir, real, scenes)),
-                        ("vae_round_trip", E.shape_judge(clip_dir, round_trip, scenes)),
+    for name, picks in (("real", E.shape_judge(CLIP_DIR, real, scenes)),
+                        ("vae_round_trip", E.shape_judge(CLIP_DIR, round_trip, scenes)),
                         ("real_bare_prompts", bare_pick)):
         right = torch.tensor([p == s.things[0].shape for p, s in zip(picks, scenes, strict=True)])
         out[name] = {part: round(float(right[mask].float().mean()), 3)
@@ -125,7 +125,7 @@ def drawing_sheet(path: str, n: int = 24, columns: int = 6, cell: int = 128) -> 
 
     pipe = load_pipeline("toy-gill", device="cpu", dtype="fp32")
     targets, ours, _ = E.drawings(pipe, n, steps=25, guidance=4.0)
-    picks = E.shape_judge(checkout_path("repo:checkpoints/toy/clip"), ours, targets)
+    picks = E.shape_judge(CLIP_DIR, ours, targets)
     rows = -(-n // columns)
     sheet = Image.new("RGB", (columns * cell, rows * (cell + 30)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -143,13 +143,6 @@ def drawing_sheet(path: str, n: int = 24, columns: int = 6, cell: int = 128) -> 
     return {"drawings": n, "colour_and_shape_judged_right": round(sum(both) / n, 3)}
 
 
-def training_scenes(n: int) -> list[W.Scene]:
-    """``n`` different training-split scenes (the gallery's held-out scenes all differ too)."""
-    pool = W.scenes(4 * n, split="train", seed=5)
-    seen: set[str] = set()
-    return [s for s in pool if not (s.key in seen or seen.add(s.key))][:n]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--probe-train", type=int, default=4000)
@@ -163,7 +156,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     gallery = method.gallery_scenes(args.gallery)
-    seen = training_scenes(args.gallery)
+    seen = W.distinct_scenes(args.gallery, split="train", seed=5)  # as many training-split scenes
     result: dict = {"gallery": len(gallery), "chance_R@1": round(1 / len(gallery), 4)}
     for name in ("toy-fromage", "toy-gill"):
         pipe = load_pipeline(name, device="cpu", dtype="fp32", load_diffusion_pipeline=False)

@@ -50,13 +50,7 @@ def method_config(kind: str, out: Path) -> ModelConfig:
 def gallery_scenes(n: int, seed: int = 0) -> list[W.Scene]:
     """The held-out scenes the gallery index holds (the "show me" answers come from these): ``n`` scenes with
     ``n`` different complete captions, so a complete caption names exactly one gallery image."""
-    pool = W.scenes(4 * n, split="test", seed=seed + GALLERY_SEED)
-    seen: set[str] = set()
-    unique = [s for s in pool if not (s.key in seen or seen.add(s.key))]  # first occurrence of each key, in order
-    if len(unique) < n:
-        raise ValueError(f"the held-out split has only {len(unique)} different scenes in {len(pool)} draws; "
-                         f"ask for a gallery of at most that many")
-    return unique[:n]
+    return W.distinct_scenes(n, split="test", seed=seed + GALLERY_SEED)
 
 
 def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:

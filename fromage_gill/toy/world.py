@@ -117,6 +117,18 @@ class Scene:
         return render(self)
 
 
+def distinct_scenes(n: int, *, split: Split, seed: int) -> list[Scene]:
+    """``n`` scenes of ``split`` with ``n`` different keys (so a complete caption names exactly one of them): the
+    first occurrence of each key among ``4 n`` seeded draws, in order."""
+    pool = scenes(4 * n, split=split, seed=seed)
+    seen: set[str] = set()
+    unique = [s for s in pool if not (s.key in seen or seen.add(s.key))]
+    if len(unique) < n:
+        raise ValueError(f"the {split} split has only {len(unique)} different scenes in {len(pool)} draws; "
+                         f"ask for at most that many")
+    return unique[:n]
+
+
 def describe(scene: Scene, *, size: bool = True, where: bool = True, background: bool = True) -> str:
     """A caption naming every attribute that is asked for; colour and shape are always named."""
     if len(scene.things) == 1:
