@@ -13,7 +13,6 @@ endpoint for ``gradio_client`` (see ``API_ENDPOINTS``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
@@ -28,8 +27,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from fromage_gill import chat_ui  # noqa: E402
-from fromage_gill.chat_ui import SETTINGS_HELP, ChatSession, ModelGate  # noqa: E402
+from fromage_gill.chat import session as chat_ui  # noqa: E402
+from fromage_gill.chat.session import SETTINGS_HELP, ChatSession, ModelGate  # noqa: E402
 
 logger = logging.getLogger("fromage_gill.app")
 
@@ -85,14 +84,10 @@ def default_settings(pipeline, overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def supports_decoding() -> list[str]:
-    """The decoding strategies the engine knows ("default", and MAGIC's once its module registers them)."""
-    import importlib
+    """The decoding strategies the engine knows."""
+    from fromage_gill.settings import DECODINGS
 
-    from fromage_gill.generate import decoding_strategies
-
-    with contextlib.suppress(ImportError):
-        importlib.import_module("fromage_gill.magic")  # registers its strategies, if it has any
-    return ["default", *[d for d in decoding_strategies() if d != "default"]]
+    return list(DECODINGS)
 
 
 def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decodings: list[str]) -> dict[str, Any]:
@@ -537,7 +532,7 @@ def example_messages(pipeline=None) -> list[dict[str, Any]]:
 def load_indexes(specs: list[str] | None, pipeline) -> dict[str, Any]:
     """``--index`` values (``DIR`` or ``NAME=DIR``) -> {name: ImageIndex}; with none, the tiny presets' shipped
     index."""
-    from fromage_gill.index import ImageIndex, shipped_index_dir
+    from fromage_gill.retrieve.index import ImageIndex, shipped_index_dir
 
     fingerprint = pipeline.model.retrieval_fingerprint()
     if not specs:

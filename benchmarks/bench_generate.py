@@ -35,8 +35,8 @@ from fromage_gill.generate import (  # noqa: E402
     generate_batch,
     register_decoding,
 )
+from fromage_gill.generate.prompt import TokenIds  # noqa: E402
 from fromage_gill.pipeline import build_pipeline, load_pipeline  # noqa: E402
-from fromage_gill.prompt import TokenIds  # noqa: E402
 
 LM = {"model_type": "opt", "vocab_size": 512, "hidden_size": 256, "word_embed_proj_dim": 256, "num_hidden_layers": 4,
       "ffn_dim": 1024, "num_attention_heads": 4, "max_position_embeddings": 2048, "dropout": 0.0,
@@ -177,7 +177,7 @@ def section_ttft(pipe, repeats: int) -> None:
 
 
 def section_unet() -> None:
-    from fromage_gill.index import ImageIndex, shipped_index_dir
+    from fromage_gill.retrieve.index import ImageIndex, shipped_index_dir
 
     pipe = load_pipeline("tiny-gill", device="cpu", dtype="fp32")
     shipped = shipped_index_dir("tiny-gill")

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fromage_gill.pipeline import checkout_path, load_pipeline
+from fromage_gill.paths import checkout_path
+from fromage_gill.pipeline import load_pipeline
 from fromage_gill.toy import evaluate as E
 from fromage_gill.toy import method
 from fromage_gill.toy import world as W

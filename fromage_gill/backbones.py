@@ -42,6 +42,15 @@ def load_tokenizer(spec: LMSpec):
     return tok
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id put at padded positions: the tokenizer's pad token, else EOS, else 0. Padded positions are always
+    masked out of attention and labels, so any id works; one rule keeps every batch built the same way."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
 def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from .settings import GenerationSettings
+
 RANDOM = "random"  # component source meaning "build from the inline config with seeded random weights"
 
 
@@ -135,8 +137,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.generation:
-            from .generate import GenerationSettings  # here, not at the top: generate.py imports this module
-
             try:
                 GenerationSettings(**self.generation)
             except (TypeError, ValueError) as e:

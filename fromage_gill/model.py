@@ -25,19 +25,13 @@ from torch import nn
 
 from .backbones import VisionEncoder, cache_argument
 from .config import ModelConfig
+from .devices import execution_device
+from .layout import splice_visual
 from .mapper import GILLMapper
+from .paths import portable_source
 
 DECISION_GENERATE, DECISION_RETRIEVE = 0, 1  # output order of the published decision head
 FROZEN = ("lm", "vision")
-
-
-def execution_device(module: nn.Module) -> torch.device:
-    """The device a module computes on: its weights', or accelerate's execution device when it offloads them."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        dev = hook.execution_device
-        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    return next(module.parameters()).device
 
 
 @dataclass
@@ -129,14 +123,31 @@ class GroundedLM(nn.Module):
 
     def retrieval_fingerprint(self) -> str:
         """Identifies the image side of the retrieval space: an index built by another model is refused."""
-        from .pipeline import portable_source  # here: pipeline.py imports this module
-
         vision = self.config.to_dict()["vision"]
         vision["source"] = portable_source(vision["source"])  # the checkout's place must not change the space
         h = hashlib.sha256(json.dumps(vision, sort_keys=True).encode())
         for t in (self.visual_fc.weight, self.visual_fc.bias):
             h.update(t.detach().float().cpu().numpy().tobytes())
         return f"{self.config.name}:{h.hexdigest()[:16]}"
+
+    # ------------------------------------------------------------------------------------ the model, top to bottom
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                features: torch.Tensor | None = None, visual_slot: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: object | None = None,
+                use_cache: bool = False, logits: str = "all") -> LMOutput:
+        """Token ids with image slots in; logits over the text and image tokens out.
+
+        ``input_ids`` (B, T): text tokens and the new image tokens ([RET] / [IMG0..r-1]); ``visual_slot`` (B, T): the
+        row of the flattened (N * n_visual, d) visual tokens each position shows, or -1 (``layout.layout`` lays both
+        out, for training and inference alike); ``features`` (N, vision_dim): the frozen vision features of those N
+        images (``encode_images``). ``logits``: "all", "last" (decoding) or "none" (hidden states only)."""
+        x = self.embed_tokens(input_ids)  # (B, T, d); image tokens take their own trained rows
+        if features is not None:
+            visual = self.visual_tokens(features)  # (N, n_visual, d): the input mapping
+            x = splice_visual(x, visual, visual_slot)  # each visual slot takes its image's embedding
+        return self.forward_lm(x, attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                               use_cache=use_cache, logits=logits)  # frozen LM, then [LM head ; image-token rows]
 
     # ------------------------------------------------------------------------------------ inputs
 

@@ -15,32 +15,54 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import checkpoint as ckpt
 from .backbones import Quantization, load_diffusion, load_lm, load_tokenizer, load_vision
-from .config import ConfigError, ModelConfig, list_presets, load_config
+from .config import RANDOM, ConfigError, ModelConfig, list_presets, load_config
+from .devices import default_device, default_dtype, parse_dtype
+from .generate.diffusion import ImageGenerator
 from .hub import fetch_file
 from .model import GroundedLM
+from .paths import checkout_path
+
+if TYPE_CHECKING:  # types only: loading them at import would pull in transformers and diffusers eagerly
+    from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedTokenizerBase
+
+    from .magic.decoding import ClipGuide
+    from .retrieve.index import ImageIndex
 
 logger = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS = "random"
-
-
 @dataclass
 class Pipeline:
-    """Everything one conversation needs: the model, its tokenizer, the diffusion pipeline and an image index."""
+    """Everything one conversation needs, as typed components (as a diffusers pipeline holds its own):
+
+    - ``model``: the grounded LM (frozen LM + vision encoder + trained layers) and ``tokenizer`` (image tokens added);
+    - ``diffusion``: GILL's Stable Diffusion pipeline, and ``image_generator``, which runs it from mapper output
+      (made from ``diffusion`` when not given: it holds the pipeline's lock and cached negative embeddings);
+    - ``index``: the image index retrieval searches, or None;
+    - ``clip``: a full CLIP for MAGIC-guided decoding (``fromage_gill.magic.attach_clip``), or None.
+    """
 
     config: ModelConfig
     model: GroundedLM
-    tokenizer: Any  # transformers PreTrainedTokenizerBase, with the image tokens added
-    diffusion: Any | None  # diffusers StableDiffusionPipeline (GILL) or None
+    tokenizer: PreTrainedTokenizerBase
+    diffusion: StableDiffusionPipeline | None
     device: torch.device
     dtype: torch.dtype
-    index: Any | None = None  # a retrieval index (fromage_gill.index.ImageIndex) or None
+    index: ImageIndex | None = None
+    clip: ClipGuide | None = None
+    image_generator: ImageGenerator | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_generator is None and self.diffusion is not None:
+            spec = self.config.diffusion
+            self.image_generator = ImageGenerator(self.diffusion,
+                                                  safety_checker=spec.safety_checker if spec else True)
 
     @property
     def image_processor(self):
@@ -79,26 +101,6 @@ class Pipeline:
         if self.index is not None:
             lines.append(f"  index: {self.index}")
         return "\n".join(lines)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 def resolve_config(name_or_path: str | Path, *, preset: str | None = None) -> tuple[ModelConfig, dict[str, Any]]:
@@ -181,10 +183,10 @@ def load_pipeline(
                           f"fromage_gill.magic.load_magic, or run `fromage-gill caption IMAGE --model {cfg.name}`")
     if weights is not None:
         fmt = cfg.weights_format
-        if weights != RANDOM_WEIGHTS and Path(weights).is_dir():
+        if weights != RANDOM and Path(weights).is_dir():
             fmt = "published" if (Path(weights) / ckpt.PUBLISHED_CKPT).is_file() else "native"
         cfg = dataclasses.replace(cfg, weights=weights, weights_format=fmt)
-    if cfg.weights is not None and cfg.weights != RANDOM_WEIGHTS and cfg.weights_format == "published":
+    if cfg.weights is not None and cfg.weights != RANDOM and cfg.weights_format == "published":
         args_file = fetch_file(cfg.weights, ckpt.PUBLISHED_ARGS, what="published model config")
         cfg = ckpt.config_from_published_args(json.loads(Path(args_file).read_text()), cfg)
     if lm:
@@ -220,7 +222,7 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
     vision = load_vision(cfg.vision, dtype=dtype, device=device, seed=cfg.seed, skeleton=skeleton)
     torch.manual_seed(cfg.seed + 3)  # the trained layers' initial values are reproducible
     model = GroundedLM(cfg, lm, vision, image_token_ids)
-    if cfg.weights != RANDOM_WEIGHTS:
+    if cfg.weights != RANDOM:
         logger.info("loading %s: trained layers from %s", cfg.name, cfg.weights)
         load_weights(model, cfg)
     model.trained_layers_to(device, dtype).eval()
@@ -235,37 +237,6 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
                 f"set mapper.out_dim to {enc_width} or use a matching diffusion model"
             )
     return Pipeline(config=config, model=model, tokenizer=tokenizer, diffusion=sd, device=device, dtype=dtype)
-
-
-CHECKOUT_PREFIX = "repo:"  # "repo:checkpoints/toy/lm": a path inside the repository checkout holding this package
-
-
-def portable_source(source: str | None) -> str | None:
-    """The inverse of ``checkout_path``: a path inside the repository checkout -> ``repo:REL``, so what depends on
-    it (an index's model fingerprint) is the same in every clone; anything else unchanged."""
-    if source is None or source.startswith(CHECKOUT_PREFIX) or not Path(source).is_absolute():
-        return source  # hub ids, "random", relative paths
-    root = Path(__file__).resolve().parent.parent
-    try:
-        return CHECKOUT_PREFIX + Path(source).resolve().relative_to(root).as_posix()
-    except (ValueError, OSError):
-        return source
-
-
-def checkout_path(source: str | None, *, must_exist: bool = True) -> str | None:
-    """``repo:REL`` -> the absolute path of REL in the repository checkout (the folder above ``fromage_gill/``);
-    anything else unchanged. Lets a shipped preset name checkpoints that live in the repository (the toy world's)
-    whatever the working directory."""
-    if source is None or not source.startswith(CHECKOUT_PREFIX):
-        return source
-    root = Path(__file__).resolve().parent.parent
-    path = root / source[len(CHECKOUT_PREFIX):]
-    if must_exist and not path.exists():
-        raise FileNotFoundError(
-            f"{source!r} means {path}, which does not exist. It is built inside the repository checkout; for the "
-            f"toy presets run `fromage-gill toy build` from the repository root (see its README section)"
-        )
-    return str(path)
 
 
 def in_checkout(cfg: ModelConfig) -> ModelConfig:

@@ -20,8 +20,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
-from fromage_gill import chat_ui  # noqa: E402
-from fromage_gill.index import ImageIndex  # noqa: E402
+from fromage_gill.chat import session as chat_ui  # noqa: E402
+from fromage_gill.retrieve.index import ImageIndex  # noqa: E402
 
 ASSETS = ROOT / "assets" / "images"
 CAT, ROCKET = ASSETS / "chelsea.jpg", ASSETS / "rocket.jpg"

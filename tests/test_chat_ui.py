@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fromage_gill import chat_ui
-from fromage_gill.chat_ui import ChatExportError, ModelGate, build_message, edited_message, image_label, read_export
+from fromage_gill.chat import session as chat_ui
+from fromage_gill.chat.session import (
+    ChatExportError,
+    ModelGate,
+    build_message,
+    edited_message,
+    image_label,
+    read_export,
+)
 from fromage_gill.images import ImageError
 
 
@@ -124,6 +131,6 @@ def test_session_files_are_removed_on_close(images):
 
 
 def test_library_side_imports_without_gradio():
-    code = ("import sys; sys.modules['gradio'] = None; import fromage_gill.chat_ui, fromage_gill.commands.serve, "
+    code = ("import sys; sys.modules['gradio'] = None; import fromage_gill.chat.session, fromage_gill.commands.serve, "
             "fromage_gill.cli; fromage_gill.cli.build_parser().parse_args(['serve', '--model', 'tiny-gill'])")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

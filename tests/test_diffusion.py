@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fromage_gill.diffusion import ImageGenerator, image_generator, negative_prompt_embeds
+from fromage_gill.generate.diffusion import ImageGenerator, image_generator
 
 
 @pytest.fixture
@@ -19,10 +19,11 @@ def embeds(tiny_gill):
 
 def test_negative_embeddings_are_the_empty_prompt_computed_once(tiny_gill, monkeypatch):
     pipe = tiny_gill.diffusion
-    neg = negative_prompt_embeds(pipe)
+    gen = ImageGenerator(pipe)
+    neg = gen.negative_prompt_embeds()
     calls = []
     monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: calls.append(a) or (None, None))
-    assert negative_prompt_embeds(pipe) is neg and calls == []  # cached per pipeline
+    assert gen.negative_prompt_embeds() is neg and calls == []  # cached per generator
     monkeypatch.undo()
     ref, _ = pipe.encode_prompt("", pipe.text_encoder.device, 1, False)
     torch.testing.assert_close(neg, ref)
@@ -44,7 +45,7 @@ def test_seeded_generation_is_reproducible_and_uses_the_negative_embeddings(tiny
 
     monkeypatch.setattr(tiny_gill.diffusion.__class__, "__call__", spy)
     gen(embeds, num_inference_steps=1, guidance_scale=7.5, seed=0)
-    torch.testing.assert_close(seen["negative_prompt_embeds"], negative_prompt_embeds(tiny_gill.diffusion))
+    torch.testing.assert_close(seen["negative_prompt_embeds"], gen.negative_prompt_embeds())
     assert seen["guidance_scale"] == 7.5 and seen["num_inference_steps"] == 1
     torch.testing.assert_close(seen["prompt_embeds"], embeds)
     gen(embeds, num_inference_steps=1, guidance_scale=1.0, seed=0)
@@ -88,7 +89,7 @@ def test_image_generator_errors(tiny_fromage, tiny_gill, embeds):
     with pytest.raises(ValueError, match="retrieves images but cannot generate"):
         image_generator(tiny_fromage)
     with pytest.raises(ValueError, match="load_diffusion_pipeline=False"):
-        image_generator(dataclasses.replace(tiny_gill, diffusion=None))
+        image_generator(dataclasses.replace(tiny_gill, diffusion=None, image_generator=None))
     assert image_generator(tiny_gill) is image_generator(tiny_gill)
     gen = image_generator(tiny_gill)
     with pytest.raises(ValueError, match="num_inference_steps"):

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fromage_gill.fetch import DiskCache, FetchConfig, FetchError, ImageFetcher, address_refusal, resolve_checked
 from fromage_gill.images import ImageError
+from fromage_gill.retrieve.fetch import (
+    DiskCache,
+    FetchConfig,
+    FetchError,
+    ImageFetcher,
+    address_refusal,
+    resolve_checked,
+)
 
 
 def _png(seed: int, size: int = 24) -> bytes:
@@ -265,7 +272,7 @@ def test_local_paths_use_the_pixel_limit(tmp_path):
 
 
 def test_build_index_from_a_url_list(server, tiny_fromage, tmp_path):
-    from fromage_gill.index import ImageIndex, build_index
+    from fromage_gill.retrieve.index import ImageIndex, build_index
 
     (tmp_path / "urls.tsv").write_text(f"a noise square\t{server}/img5\nbroken\t{server}/html\n"
                                        f"gone\t{server}/missing\nanother\t{server}/img6\n")

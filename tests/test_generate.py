@@ -22,9 +22,9 @@ from fromage_gill.generate import (
     generate_batch,
     image_token_states,
 )
+from fromage_gill.generate.prompt import ImageSegment, Turn, VisionCache, normalize_message
 from fromage_gill.images import ImageError
-from fromage_gill.index import ImageIndex
-from fromage_gill.prompt import ImageSegment, Turn, VisionCache, normalize_message
+from fromage_gill.retrieve.index import ImageIndex
 
 GREEDY_TEXT = GenerationSettings(max_new_tokens=10, mode="text", stop_at_eos=False, stop_strings=())
 
@@ -91,10 +91,12 @@ def scripted(pipeline, settings, images):
 
 @pytest.fixture(autouse=True)
 def _scripted_decoding(monkeypatch):
-    """Registered for this module's tests only: the app lists the registered strategies."""
-    from fromage_gill import generate
+    """Known to this module's tests only (the app lists the static strategies)."""
+    from fromage_gill import settings
+    from fromage_gill.generate import decoding
 
-    monkeypatch.setitem(generate._DECODINGS, "test-script", scripted)
+    monkeypatch.setattr(settings, "DECODINGS", (*settings.DECODINGS, "test-script"))
+    monkeypatch.setitem(decoding.STRATEGIES, "test-script", scripted)
 
 
 def script(script, **kw) -> GenerationSettings:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fromage_gill import cli
 from fromage_gill.images import load_image
-from fromage_gill.index import (
+from fromage_gill.retrieve.index import (
     EMBEDDINGS_FILE,
     FingerprintMismatchError,
     ImageIndex,
@@ -25,7 +25,7 @@ from fromage_gill.index import (
     import_published,
     shipped_index_dir,
 )
-from fromage_gill.sources import expand_braces, iter_image_caption_items
+from fromage_gill.retrieve.sources import expand_braces, iter_image_caption_items
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -68,7 +68,7 @@ def _embed(pipeline, images: list[Image.Image]) -> torch.Tensor:
 
 @pytest.mark.parametrize("n, k, block", [(1000, 10, 128), (1000, 10, 1 << 20), (50, 60, 16), (7, 3, 2)])
 def test_exact_search_matches_brute_force(n, k, block):
-    import fromage_gill.index as index_mod
+    import fromage_gill.retrieve.index as index_mod
 
     vecs, queries = _unit(n, 32, 0), _unit(5, 32, 1)
     index = ImageIndex.from_embeddings(vecs, _records(n), "test:0")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fromage_gill import magic
 from fromage_gill.config import ConfigError, MagicConfig, MagicDecoding, list_presets, load_config
 from fromage_gill.magic import continuation_ids, hf_step, load_magic, magic_search
+from fromage_gill.magic import decoding as magic_decoding
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +322,7 @@ def test_on_a_fromage_pipeline_guided_by_its_images(make_pipeline, images, beta)
                                logits="last")
     start = magic.LMStep(out.logits[:, -1], out.hidden, out.past_key_values)
     s = MagicDecoding(k=5, alpha=0.4, beta=beta, max_new_tokens=8)
-    got = list(magic.pipeline_search(pipe, start, s, images[:1], stop_ids=[pipe.tokenizer.eos_token_id]))
+    got = list(magic_decoding.pipeline_search(pipe, start, s, images[:1], stop_ids=[pipe.tokenizer.eos_token_id]))
     expected, _ = direct_search(grounded_full_forward(model, prefix), ids, s, clip=guide.logits_fn(images[:1]),
                                 decode=pipe.tokenizer.decode, stop=[pipe.tokenizer.eos_token_id],
                                 vocab_limit=model.n_base)
@@ -361,7 +362,7 @@ def test_caption_cli_offline_end_to_end(tmp_path, images, capsys):
 
 def engine_reference(pipe, message, s, guide=None):
     """The direct rule on the exact prompt the engine encodes for ``message`` (visual tokens included)."""
-    from fromage_gill.prompt import VisionCache, encode_pieces, normalize_message
+    from fromage_gill.generate.prompt import VisionCache, encode_pieces, normalize_message
 
     model = pipe.model
     prompt = encode_pieces(pipe.tokenizer, normalize_message(message, allow_token_ids=True),
@@ -385,7 +386,7 @@ def engine_reference(pipe, message, s, guide=None):
 @pytest.mark.parametrize("decoding", ["contrastive", "magic"])
 def test_engine_strategy_equals_the_direct_rule(make_pipeline, images, decoding):
     from fromage_gill.generate import GenerationSettings, generate_batch
-    from fromage_gill.prompt import TokenIds
+    from fromage_gill.generate.prompt import TokenIds
 
     pipe = make_pipeline("tiny-fromage")
     guide = magic.attach_clip(pipe, "tiny-magic")

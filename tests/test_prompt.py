@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from fromage_gill.config import DialogueSpec
-from fromage_gill.images import ImageError
-from fromage_gill.prompt import (
+from fromage_gill.generate.prompt import (
     ImageSegment,
     Prompt,
     TokenIds,
@@ -18,6 +17,7 @@ from fromage_gill.prompt import (
     encode_pieces,
     normalize_message,
 )
+from fromage_gill.images import ImageError
 
 
 def ids(tok, text):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fromage_gill.sampling import image_token_logits, sample, suppress, top_k_filter, top_p_filter
+from fromage_gill.generate.sampling import image_token_logits, sample, suppress, top_k_filter, top_p_filter
 
 INF = math.inf
 

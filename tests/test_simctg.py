@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fromage_gill.cli import main
-from fromage_gill.simctg import (
+from fromage_gill.magic.simctg import (
     CorpusError,
     SimCTGConfig,
     batch_indices,
@@ -103,7 +103,7 @@ def captions(tmp_path):
 
 
 def corpus_loss(lm, tokenizer, path):
-    from fromage_gill.simctg import encode_captions
+    from fromage_gill.magic.simctg import encode_captions
 
     start = tokenizer.convert_tokens_to_ids("<-start_of_text->")
     seqs = encode_captions(read_captions(path), tokenizer, start_id=start, eos_id=tokenizer.eos_token_id, max_len=64)

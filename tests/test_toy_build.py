@@ -11,7 +11,7 @@ import torch
 
 from fromage_gill.backbones import load_diffusion, load_lm, load_tokenizer, load_vision
 from fromage_gill.config import DiffusionSpec, LMSpec, VisionSpec
-from fromage_gill.pipeline import checkout_path
+from fromage_gill.paths import checkout_path
 from fromage_gill.toy import pretrain
 from fromage_gill.toy import world as W
 from fromage_gill.toy.build import REPORT, build
@@ -115,7 +115,7 @@ def test_repo_paths_resolve_inside_the_checkout():
     with pytest.raises(FileNotFoundError, match="fromage-gill toy build"):
         checkout_path("repo:checkpoints/no-such-thing")
     # and back: what identifies a model (its index fingerprint) is the same in every clone
-    from fromage_gill.pipeline import portable_source
+    from fromage_gill.paths import portable_source
 
     assert portable_source(checkout_path("repo:checkpoints/toy/clip", must_exist=False)) == "repo:checkpoints/toy/clip"
     assert portable_source("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
@@ -138,8 +138,8 @@ def test_data_stage_alone_exports_training_data_only(tmp_path):
 def test_method_stage_writes_loadable_models_and_their_gallery_indexes(smoke_build):
     """toy-fromage / toy-gill trained by `fromage-gill train` load with load_pipeline, and each gallery index was
     embedded by its own model (the app refuses an index of another model)."""
-    from fromage_gill.index import ImageIndex
     from fromage_gill.pipeline import load_pipeline
+    from fromage_gill.retrieve.index import ImageIndex
 
     out, _ = smoke_build
     for name in ("toy-fromage", "toy-gill"):

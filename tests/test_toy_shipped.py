@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fromage_gill.pipeline import checkout_path
+from fromage_gill.paths import checkout_path
 from fromage_gill.toy import evaluate as E
 from fromage_gill.toy.method import gallery_scenes
 from fromage_gill.toy.pretrain import Recipe

@@ -7,18 +7,16 @@ import math
 import pytest
 import torch
 
+from fromage_gill.layout import IGNORE_INDEX, Visual, caption_rows, layout, mask_labels, retrieval_rows, splice_visual
 from fromage_gill.training.losses import (
-    IGNORE_INDEX,
     LossWeights,
     contrastive_loss,
     decision_loss,
     l2_loss,
-    mask_labels,
     next_token_loss,
     recall_at_k,
     token_accuracy,
 )
-from fromage_gill.training.sequences import Visual, caption_rows, embed_layout, layout, retrieval_rows
 
 X = IGNORE_INDEX
 
@@ -105,11 +103,11 @@ def test_retrieval_rows_append_every_image_token():
     assert lay.labels.tolist() == [[X, 1, 2, 50, 51], [X, 3, 50, 51, X]]  # the image tokens are targets
 
 
-def test_embed_layout_takes_visual_rows_and_token_rows(tiny_fromage):
+def test_visual_slots_take_visual_rows_and_the_rest_token_rows(tiny_fromage):
     m = tiny_fromage.model
     lay = layout([[Visual(1), 5, 6], [Visual(0), 7]], n_visual=1, pad_id=0, ignore_ids=frozenset())
     visual = torch.randn(2, 1, m.hidden_size)
-    emb = embed_layout(m, lay, visual)
+    emb = splice_visual(m.embed_tokens(lay.input_ids), visual, lay.visual_slot)
     torch.testing.assert_close(emb[0, 0], visual[1, 0])
     torch.testing.assert_close(emb[1, 0], visual[0, 0])
     torch.testing.assert_close(emb[0, 1:], m.embed_tokens(torch.tensor([5, 6])))

@@ -6,7 +6,7 @@ Many GPUs / nodes: ``accelerate launch [--num_processes N] -m fromage_gill.cli t
 
 from __future__ import annotations
 
-from ..sources import unescape_text
+from ..retrieve.sources import unescape_text
 
 
 def register(sub) -> None:

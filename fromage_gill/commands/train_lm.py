@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..simctg import SimCTGConfig, train_lm
+    from ..magic.simctg import SimCTGConfig, train_lm
 
     tc = SimCTGConfig(model=args.model, data=args.data, out=args.out, max_steps=args.max_steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, margin=args.margin,

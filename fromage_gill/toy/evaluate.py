@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ..generate import Chat, GenerationSettings, ImageResult, TextDelta, generate_batch, image_token_states
-from ..prompt import TokenIds
+from ..generate.prompt import TokenIds
 from . import world as W
 from .method import gallery_scenes
 
@@ -228,7 +228,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     ``plain_right`` the same for them as written). And ``n/6`` conversations of three such requests in a row: the
     second and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
     if pipe.index is None:
-        from ..index import ImageIndex, shipped_index_dir
+        from ..retrieve.index import ImageIndex, shipped_index_dir
 
         shipped = shipped_index_dir(pipe.config.name)
         if shipped is None:
@@ -344,7 +344,7 @@ def shape_judge(clip_dir: str | Path, images: list, requested: list[W.Scene]) ->
 
 
 def _judge_dir(pipe, clip_dir: str | Path | None) -> Path:
-    from ..pipeline import checkout_path
+    from ..paths import checkout_path
 
     return Path(clip_dir or checkout_path(pipe.config.vision.source))
 
@@ -354,7 +354,7 @@ def drawings(pipe, n: int, *, steps: int, guidance: float, seed: int = 0
              ) -> tuple[list[W.Scene], list[Image.Image], list[Image.Image]]:
     """The generation measure's ``n`` held-out one-shape requests (``W.describe`` without position) and their
     images: GILL's ([IMG] tokens -> GILLMapper -> diffusion) and the diffusion stack's from its own text encoder."""
-    from ..diffusion import image_generator
+    from ..generate.diffusion import image_generator
 
     targets = W.scenes(n, split="test", seed=seed + EVAL_SEED + 1, two=False)
     prompts = [W.describe(s, where=False) for s in targets]

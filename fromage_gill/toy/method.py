@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import MapperSpec, ModelConfig, load_preset
-from ..pipeline import checkout_path
+from ..paths import checkout_path
 from . import world as W
 from .pretrain import Recipe
 
@@ -96,7 +96,7 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
 def build_gallery(pipe, indexes: Path, name: str, n: int, *, seed: int = 0) -> dict:
     """Render the gallery scenes once (shared by both models) and embed them with ``pipe`` through
     ``fromage-gill index build``'s code path: a caption TSV in, an index folder out."""
-    from ..index import build_index
+    from ..retrieve.index import build_index
 
     tsv = W.export_captions(indexes / "toy-gallery", gallery_scenes(n, seed), seed=seed + GALLERY_SEED)
     out = indexes / name

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from ..sources import escape_text
+from ..retrieve.sources import escape_text
 
 IMAGE_SIZE = 64
 

@@ -1,7 +1,7 @@
 """Image-caption data: where examples come from, and how they become batches.
 
-The image sets themselves are read by ``fromage_gill.sources.iter_image_caption_items`` (shared with the retrieval
-index builder): CC3M-style ``caption<TAB>image`` TSV/CSV files with an image root, folders, and img2dataset /
+The image sets themselves are read by ``fromage_gill.retrieve.sources.iter_image_caption_items`` (shared with the
+retrieval index builder): CC3M-style ``caption<TAB>image`` TSV/CSV files with an image root, folders, and img2dataset /
 webdataset tar shards (``KEY.jpg`` + ``KEY.txt`` or ``KEY.json`` with a ``caption``). Training adds what it needs:
 a caption for every image (in a folder, from a sidecar ``cat.jpg`` + ``cat.txt``), local images only, and a clear
 error when the data cannot train anything.
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..images import MAX_IMAGE_BYTES, ImageError, load_image
-from ..sources import ImageItem, iter_image_caption_items, read_item_bytes, unescape_text
+from ..retrieve.sources import ImageItem, iter_image_caption_items, read_item_bytes, unescape_text
 
 logger = logging.getLogger(__name__)
 

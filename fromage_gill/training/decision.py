@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..layout import layout, retrieval_rows
 from ..model import DECISION_GENERATE, DECISION_RETRIEVE
 from .data import DataError
 from .losses import decision_loss
-from .sequences import embed_layout, layout, retrieval_rows
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def img0_hidden(model, tokenizer, prompts: list[str], *, batch_size: int = 32, m
                         max_length=max_tokens)["input_ids"]
         rows, first = retrieval_rows(ids, bos_id=tokenizer.bos_token_id, image_token_ids=model.image_token_ids)
         lay = layout(rows, n_visual=model.config.n_visual_tokens, pad_id=pad, ignore_ids=frozenset())
-        hidden = model.forward_lm(embed_layout(model, lay, None), lay.attention_mask, logits="none").hidden
+        hidden = model(lay.input_ids, lay.attention_mask, logits="none").hidden
         out.append(hidden[torch.arange(len(first)), torch.tensor(first)])
     return torch.cat(out).float()
 

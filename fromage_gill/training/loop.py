@@ -37,6 +37,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import ModelConfig
+from ..layout import caption_rows, layout, retrieval_rows
 from .data import (
     Batch,
     DataError,
@@ -55,7 +56,6 @@ from .losses import (
     token_accuracy,
 )
 from .precompute import PrecomputedStore, encode_captions_for_diffusion
-from .sequences import caption_rows, embed_layout, layout, retrieval_rows
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Objective(nn.Module):
         ended = [cap + self.caption_end_ids for cap in targets] if self.caption_end_ids else targets
         lay = layout(caption_rows(ended, bos_id=self.bos_id, concat=concat, prompts=heads),
                      n_visual=cfg.n_visual_tokens, pad_id=self.pad_id, ignore_ids=self.ignore_ids)
-        lm_out = m.forward_lm(embed_layout(m, lay, m.visual_tokens(features)), lay.attention_mask)
+        lm_out = m(lay.input_ids, lay.attention_mask, features=features, visual_slot=lay.visual_slot)
         labels = lay.labels.to(lm_out.logits.device)
         out["caption"] = next_token_loss(lm_out.logits, labels)
         correct, counted = token_accuracy(lm_out.logits.detach(), labels)
@@ -240,7 +240,7 @@ class Objective(nn.Module):
         query_ids = ids if queries is None or queries == captions else self.tokenize(queries)
         rows, first = retrieval_rows(query_ids, bos_id=self.bos_id, image_token_ids=m.image_token_ids)
         lay = layout(rows, n_visual=cfg.n_visual_tokens, pad_id=self.pad_id, ignore_ids=self.ignore_ids)
-        lm_out = m.forward_lm(embed_layout(m, lay, None), lay.attention_mask)
+        lm_out = m(lay.input_ids, lay.attention_mask)
         out["retrieval_lm"] = next_token_loss(lm_out.logits, lay.labels.to(lm_out.logits.device))
         hidden = lm_out.hidden  # (B, T, d)
         pos = torch.tensor(first, device=hidden.device)[:, None] + torch.arange(len(m.image_token_ids),
@@ -378,7 +378,8 @@ def train(tc: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from ..pipeline import build_pipeline, parse_dtype, resolve_config
+    from ..devices import parse_dtype
+    from ..pipeline import build_pipeline, resolve_config
 
     mixed = {"fp32": "no"}.get(tc.precision, tc.precision)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..layout import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -33,19 +33,6 @@ class LossWeights:
         for name in ("caption", "retrieval_lm", "contrastive", "generation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
-
-
-def mask_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_ids: set[int] | frozenset[int],
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) ids -> labels with padding and the ``ignore_ids`` (BOS/EOS/pad) set to IGNORE_INDEX; ``keep`` (B, T)
-    bool marks positions that are never targets (visual tokens)."""
-    labels = input_ids.clone()
-    drop = attention_mask == 0
-    for i in ignore_ids:
-        drop |= input_ids == i
-    if keep is not None:
-        drop |= keep
-    return labels.masked_fill(drop, IGNORE_INDEX)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -134,10 +134,10 @@ def expand_braces(pattern: str) -> list[str]:
 
 def read_item_bytes(item: ImageItem, max_bytes: int) -> bytes:
     """The encoded image of a local item (file or tar member), refusing more than ``max_bytes``."""
-    from .images import ImageError
+    from ..images import ImageError
 
     if item.path is None:
-        raise ValueError(f"{item.name} is a URL: fetch it with fromage_gill.fetch")
+        raise ValueError(f"{item.name} is a URL: fetch it with fromage_gill.retrieve.fetch")
     if item.member is None:
         p = Path(item.path)
         if not p.is_file():

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from .config import DialogueSpec
-from .images import image_hash, load_image
+from ..config import DialogueSpec
+from ..images import image_hash, load_image
 
 ImageSource = Literal["user", "retrieved", "generated"]
 SOURCES = ("user", "retrieved", "generated")

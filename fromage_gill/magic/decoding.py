@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,10 +31,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import cache_argument, load_lm, load_tokenizer, train_tiny_tokenizer
-from .config import RANDOM, ClipSpec, ConfigError, MagicConfig, MagicDecoding, load_config
-from .hub import from_hub_or_path
-from .images import CLIP_MEAN, CLIP_STD, ImageProcessor, load_image
+from ..backbones import cache_argument, load_lm, load_tokenizer, train_tiny_tokenizer
+from ..config import RANDOM, ClipSpec, ConfigError, MagicConfig, MagicDecoding, load_config
+from ..devices import default_device, default_dtype, parse_dtype
+from ..hub import from_hub_or_path
+from ..images import CLIP_MEAN, CLIP_STD, ImageProcessor, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -340,8 +340,6 @@ def load_magic(name_or_path: str | MagicConfig = "magic-mscoco", *, device: str 
                clip: str | None = None) -> MagicModel:
     """A MAGIC preset / config file (kind "magic"), or a ``MagicConfig``. ``lm`` / ``clip``: override a component's
     source with a local directory or another Hub id. The published LMs and CLIP come from the Hub (cached)."""
-    from .pipeline import default_device, default_dtype, parse_dtype
-
     cfg = name_or_path if isinstance(name_or_path, MagicConfig) else load_config(name_or_path)
     if not isinstance(cfg, MagicConfig):
         raise ValueError(f"{name_or_path!r} is a {cfg.kind!r} model, not a MAGIC preset; use load_pipeline for it, "
@@ -361,11 +359,6 @@ def load_magic(name_or_path: str | MagicConfig = "magic-mscoco", *, device: str 
 
 
 # ------------------------------------------------------------------------------------------ FROMAGe / GILL
-
-# A FROMAGe/GILL pipeline holds only CLIP's vision tower; the full CLIP that MAGIC needs is attached to it here, keyed
-# weakly by the pipeline's model so that it goes away with the pipeline.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, ClipGuide] = weakref.WeakKeyDictionary()
-
 
 def attach_clip(pipeline: Any, source: str | ClipSpec | ClipGuide | None = None) -> ClipGuide:
     """Give a FROMAGe/GILL pipeline the full CLIP magic decoding scores with. ``source``: a Hub id or directory of
@@ -390,13 +383,13 @@ def attach_clip(pipeline: Any, source: str | ClipSpec | ClipGuide | None = None)
             if isinstance(preset, MagicConfig):
                 spec = preset.clip
         guide = load_clip(spec, device=pipeline.device, dtype=pipeline.dtype, seed=pipeline.config.seed)
-    _ATTACHED[pipeline.model] = guide
+    pipeline.clip = guide  # a FROMAGe/GILL pipeline holds only CLIP's vision tower; MAGIC needs the full CLIP
     return guide
 
 
 def attached_clip(pipeline: Any) -> ClipGuide:
     """The full CLIP attached to a pipeline, or a clear error saying how to attach one."""
-    guide = _ATTACHED.get(pipeline.model)
+    guide = pipeline.clip
     if guide is None:
         raise ValueError(_no_text_tower(pipeline))
     return guide
@@ -425,98 +418,3 @@ def pipeline_search(pipeline: Any, start: LMStep, settings: MagicDecoding, image
         clip_logits = guide.logits_fn(list(images))
     return magic_search(grounded_step(model), start, settings, decode=pipeline.tokenizer.decode,
                         clip_logits=clip_logits, stop_ids=stop_ids, vocab_limit=model.n_base if text_only else None)
-
-
-# ------------------------------------------------------------------------------------------ the generation engine
-
-# Defaults for a FROMAGe/GILL conversation: the published open-ended (story) setting, not the caption one.
-ENGINE_DEFAULTS = MagicDecoding(k=5, alpha=0.6, beta=0.15)
-
-
-def engine_settings(decoding: str, settings: Any) -> MagicDecoding:
-    """MagicDecoding for the engine's ``GenerationSettings``: ``decoding_options`` may set k, alpha, beta,
-    clip_text_max_tokens; ``max_new_tokens`` is the engine's own."""
-    options = dict(settings.decoding_options or {})
-    known = {"k", "alpha", "beta", "clip_text_max_tokens"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"decoding_options {unknown} are not {decoding} options; known: {', '.join(sorted(known))}")
-    base = dataclasses.replace(ENGINE_DEFAULTS, max_new_tokens=settings.max_new_tokens)
-    try:
-        base = dataclasses.replace(base, **options)
-    except (ConfigError, TypeError) as e:
-        raise ValueError(f"decoding_options: {e}") from None
-    return resolve_decoding(decoding, base)
-
-
-def engine_strategy(decoding: str) -> Callable:
-    """A decoding strategy for ``generate.register_decoding``: ``factory(pipeline, settings, images_per_row)``
-    returns ``choose(state) -> (B,) tokens``. Each step scores the k candidates of every row in one batched LM
-    forward (cache repeated k ways, then cropped back as the engine requires) and one CLIP batch per row.
-
-    The degeneration penalty compares with the hidden states the engine hands over during the turn: the positions
-    of this turn's prompt that were not already cached, and every token since. On a first turn that is the whole
-    prefix, as in the paper; in a follow-up turn the earlier turns, served from the KV cache, are not included."""
-
-    def factory(pipeline: Any, settings: Any, images_per_row: list[list[Image.Image]]) -> Callable:
-        s = engine_settings(decoding, settings)
-        model, tokenizer = pipeline.model, pipeline.tokenizer
-        guides: list[ClipLogitsFn | None] = [None] * len(images_per_row)
-        if s.beta > 0:
-            guide = attached_clip(pipeline)
-            for i, images in enumerate(images_per_row):
-                if not images:
-                    raise ValueError("magic decoding (beta > 0) needs an image in the conversation to steer "
-                                     "towards; add one, or use decoding='contrastive' for text only")
-                guides[i] = guide.logits_fn(images)
-        history: dict[int, torch.Tensor] = {}  # prompt row -> (T, d) hidden states seen so far
-
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=True)  # image tokens add no words for CLIP
-
-        @torch.no_grad()
-        def choose(state: Any) -> torch.Tensor:
-            b, k = state.logits.shape[0], min(s.k, state.logits.shape[-1])
-            for j, row in enumerate(state.rows):
-                new = state.hidden[j][state.new_mask[j].to(state.hidden.device) == 1].float()
-                history[row] = new if row not in history else torch.cat([history[row], new.to(history[row].device)])
-            logits = state.logits.float()
-            top_logits, top_ids = logits.topk(k, dim=-1)  # (B, k)
-            probs = (top_logits - logits.logsumexp(-1, keepdim=True)).exp()
-
-            cache = state.past_key_values
-            cache.batch_repeat_interleave(k)
-            mask = state.attention_mask
-            if mask is not None:
-                mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones(b * k, 1, dtype=mask.dtype)], dim=1)
-            positions = state.next_positions.repeat_interleave(k)[:, None]
-            out = model.forward_lm(model.embed_tokens(top_ids.reshape(b * k, 1).to(model.device)), mask,
-                                   position_ids=positions, past_key_values=cache, use_cache=True, logits="none")
-            cache.crop(-1)  # leave the cache as the engine gave it
-            cache.batch_select_indices(torch.arange(b, device=model.lm_device) * k)
-            cand_hidden = out.hidden[:, -1].view(b, k, -1)
-
-            chosen = []
-            for j, row in enumerate(state.rows):
-                penalty = degeneration_penalty(cand_hidden[j], history[row]) if s.alpha > 0 else torch.zeros(k)
-                clip = None
-                if s.beta > 0:
-                    texts = [decode(continuation_ids(state.generated[j], v, s.clip_text_max_tokens))
-                             for v in top_ids[j].tolist()]
-                    clip = guides[row](texts)
-                scores = magic_scores(probs[j], penalty.to(probs.device), clip, s.alpha, s.beta)
-                scores = scores.masked_fill(~torch.isfinite(top_logits[j]), -torch.inf)  # forbidden stays forbidden
-                chosen.append(top_ids[j, int(scores.argmax())])
-            return torch.stack(chosen)
-
-        return choose
-
-    return factory
-
-
-def register_with_engine() -> None:
-    """Make ``GenerationSettings(decoding="magic" | "contrastive")`` available (called by ``generate.py``)."""
-    from .generate import register_decoding
-
-    register_decoding("magic", engine_strategy("magic"))
-    register_decoding("contrastive", engine_strategy("contrastive"))

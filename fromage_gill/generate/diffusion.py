@@ -11,30 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from PIL import Image
 
 logger = logging.getLogger(__name__)
-
-_NEGATIVE: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
-_NEGATIVE_LOCK = threading.Lock()
-
-
-@torch.no_grad()
-def negative_prompt_embeds(sd_pipe) -> torch.Tensor:
-    """``(1, L, D)`` text-encoder output of the empty prompt, computed once per pipeline object."""
-    with _NEGATIVE_LOCK:
-        cached = _NEGATIVE.get(sd_pipe)
-        if cached is None:
-            device = sd_pipe.text_encoder.device
-            cached, _ = sd_pipe.encode_prompt("", device, 1, False)
-            _NEGATIVE[sd_pipe] = cached
-        return cached
-
 
 @dataclass
 class GeneratedImages:
@@ -48,13 +30,22 @@ class ImageGenerator:
 
     ``safety_checker``: run the pipeline's safety checker when it has one (a pipeline loaded without one cannot
     be checked; see ``DiffusionSpec.safety_checker``). Calls are serialised: one pipeline, one generation at a time.
+    A ``Pipeline`` makes one for its diffusion pipeline (``Pipeline.image_generator``).
     """
 
     def __init__(self, sd_pipe, *, safety_checker: bool = True):
         self.pipe = sd_pipe
         self.safety_checker = safety_checker
-        self.n_calls = 0
         self._lock = threading.Lock()
+        self._negative: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def negative_prompt_embeds(self) -> torch.Tensor:
+        """``(1, L, D)`` text-encoder output of the empty prompt, computed once."""
+        with self._lock:
+            if self._negative is None:
+                self._negative, _ = self.pipe.encode_prompt("", self.pipe.text_encoder.device, 1, False)
+            return self._negative
 
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor, *, guidance_scale: float = 7.5, num_inference_steps: int = 50,
@@ -71,7 +62,7 @@ class ImageGenerator:
         n = pe.shape[0]
         neg = None
         if guidance_scale > 1:  # diffusers only runs the unconditional branch above 1
-            neg = negative_prompt_embeds(pipe).to(device=pe.device, dtype=pe.dtype)
+            neg = self.negative_prompt_embeds().to(device=pe.device, dtype=pe.dtype)
             if pe.shape[1] < neg.shape[1]:
                 # The published code pads a shorter conditioning with zeros to the text encoder's length.
                 pe = torch.cat([pe, pe.new_zeros(n, neg.shape[1] - pe.shape[1], pe.shape[2])], dim=1)
@@ -89,7 +80,6 @@ class ImageGenerator:
             return tensors
 
         with self._lock:
-            self.n_calls += 1
             latents = pipe(
                 prompt_embeds=pe, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
@@ -109,21 +99,12 @@ class ImageGenerator:
         return GeneratedImages(images, nsfw)
 
 
-_GENERATORS: weakref.WeakKeyDictionary[Any, ImageGenerator] = weakref.WeakKeyDictionary()
-
-
 def image_generator(pipeline) -> ImageGenerator:
-    """The ``ImageGenerator`` of a ``Pipeline`` (one per diffusion pipeline, so its counters and lock are shared).
-    Raises ``ValueError`` when the pipeline has no diffusion model."""
-    if pipeline.diffusion is None:
+    """The ``ImageGenerator`` of a ``Pipeline``, or a ``ValueError`` saying why it has none."""
+    if pipeline.image_generator is None:
         if not pipeline.config.can_generate:
             raise ValueError(f"{pipeline.config.name} is a {pipeline.config.kind} model: it retrieves images but "
                              f"cannot generate them")
         raise ValueError(f"{pipeline.config.name} was loaded without its Stable Diffusion pipeline "
                          f"(load_diffusion_pipeline=False): reload it with the pipeline to generate images")
-    gen = _GENERATORS.get(pipeline.diffusion)
-    if gen is None:
-        spec = pipeline.config.diffusion
-        gen = ImageGenerator(pipeline.diffusion, safety_checker=spec.safety_checker if spec else True)
-        _GENERATORS[pipeline.diffusion] = gen
-    return gen
+    return pipeline.image_generator

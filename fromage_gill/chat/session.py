@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from .images import ImageError, image_hash, load_image
+from ..images import ImageError, image_hash, load_image
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..images import MAX_IMAGE_BYTES, ImageError, load_image
+from ..paths import CHECKOUT_ROOT
 from .fetch import FetchConfig, ImageFetcher
-from .images import MAX_IMAGE_BYTES, ImageError, load_image
 from .sources import ImageItem, is_url, iter_image_caption_items, read_item_bytes
 
 logger = logging.getLogger(__name__)
@@ -885,8 +886,8 @@ class _LazyRecords:
 def shipped_index_dir(model_name: str) -> Path | None:
     """The prebuilt index of a source checkout for a shipped preset, if there is one: ``assets/indexes/<name>``
     (the tiny presets' photos) or ``checkpoints/indexes/<name>`` (the toy world's gallery, built with the model)."""
-    root = Path(__file__).resolve().parent.parent
-    for d in (root / "assets" / "indexes" / model_name, root / "checkpoints" / "indexes" / model_name):
+    for d in (CHECKOUT_ROOT / "assets" / "indexes", CHECKOUT_ROOT / "checkpoints" / "indexes"):
+        d = d / model_name
         if (d / META_FILE).is_file():
             return d
     return None

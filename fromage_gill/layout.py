@@ -1,10 +1,11 @@
-"""Laying out training sequences: captions, visual tokens and image tokens in one padded batch.
+"""The sequence layout: where image embeddings and the new image tokens go among text tokens, for training and
+inference alike.
 
 A row is a list of pieces: token ids (ints), ``Context(ids)`` (tokens read but never targets) and ``Visual(i)``
 markers that stand for the ``n_visual_tokens`` embeddings of image ``i``. ``layout`` turns rows into right-padded
 ids, the attention mask, the labels (visual, context, pad and special positions masked) and where each visual slot
-takes its embedding from; ``embed_layout`` builds the LM input embeddings from that. Right padding keeps every
-row's positions 0..len-1, as at inference.
+takes its embedding from; ``splice_visual`` puts the image embeddings there (``GroundedLM.forward`` calls it, and
+so does a chat prompt's ``Prompt.embed``). Right padding keeps every row's positions 0..len-1, as at inference.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import mask_labels
+IGNORE_INDEX = -100  # a label the losses skip (torch's cross_entropy default)
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,27 @@ def layout(rows: list[list[Piece]], *, n_visual: int, pad_id: int, ignore_ids: f
     return Layout(ids, mask, labels, slot)
 
 
-def embed_layout(model, lay: Layout, visual: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, d) input embeddings: token embeddings, with the visual slots taken from ``visual`` (N, n, d)."""
-    embeds = model.embed_tokens(lay.input_ids)
-    if visual is None or not (lay.visual_slot >= 0).any():
+def mask_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_ids: set[int] | frozenset[int],
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) ids -> labels with padding and the ``ignore_ids`` (BOS/EOS/pad) set to IGNORE_INDEX; ``keep`` (B, T)
+    bool marks positions that are never targets (visual tokens)."""
+    labels = input_ids.clone()
+    drop = attention_mask == 0
+    for i in ignore_ids:
+        drop |= input_ids == i
+    if keep is not None:
+        drop |= keep
+    return labels.masked_fill(drop, IGNORE_INDEX)
+
+
+def splice_visual(embeds: torch.Tensor, visual: torch.Tensor | None, visual_slot: torch.Tensor | None) -> torch.Tensor:
+    """The one place image embeddings enter the token sequence: (B, T, d) token embeddings with every visual slot
+    (``visual_slot >= 0``) replaced by its row of the flattened ``visual`` (N, n_visual, d)."""
+    if visual is None or visual_slot is None or not (visual_slot >= 0).any():
         return embeds
-    flat = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
-    is_vis = (lay.visual_slot >= 0).to(embeds.device)
-    picked = flat[lay.visual_slot.clamp(min=0).to(flat.device)]  # (B, T, d)
+    flat = visual.reshape(-1, visual.shape[-1]).to(device=embeds.device, dtype=embeds.dtype)  # (N * n_visual, d)
+    is_vis = (visual_slot >= 0).to(embeds.device)
+    picked = flat[visual_slot.clamp(min=0).to(flat.device)]  # (B, T, d)
     return torch.where(is_vis[..., None], picked, embeds)
 
 

@@ -38,7 +38,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from .images import MAX_IMAGE_PIXELS, ImageError, load_image
+from ..images import MAX_IMAGE_PIXELS, ImageError, load_image
 from .sources import ImageItem, is_url, read_item_bytes
 
 logger = logging.getLogger(__name__)

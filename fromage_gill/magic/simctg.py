@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backbones import load_lm, load_tokenizer
-from .config import ConfigError, LMSpec, MagicConfig, load_config
+from ..backbones import load_lm, load_tokenizer
+from ..config import ConfigError, LMSpec, MagicConfig, load_config
 
 logger = logging.getLogger(__name__)
 

@@ -24,17 +24,19 @@ import dataclasses
 import inspect
 import io
 import logging
-import math
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 
-from .images import load_image
+from ..images import load_image
+from ..layout import layout, retrieval_rows
+from ..settings import MAX_SEED, GenerationSettings
+from .decoding import STRATEGIES, StepState
 from .prompt import (
     ImageSegment,
     Prompt,
@@ -49,131 +51,6 @@ from .sampling import image_token_logits, sample
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "retrieve", "generate", "text")
-MAX_SEED = 2**63 - 1
-
-
-# ---------------------------------------------------------------------------------------------- decoding strategies
-
-
-@dataclass
-class StepState:
-    """What a decoding strategy sees at each step. It returns the ``(B,)`` next tokens; it may run the LM on
-    ``past_key_values`` (e.g. to score candidates) but must leave the cache as it found it (``crop`` back)."""
-
-    model: Any  # GroundedLM
-    logits: torch.Tensor  # (B, V) float32 after the image-token rules
-    hidden: torch.Tensor  # (B, T, d) last-layer hidden states of the last forward
-    new_mask: torch.Tensor  # (B, T) 1 for the real positions of the last forward
-    past_key_values: Any
-    attention_mask: torch.Tensor | None  # (B, L) over the cache, None when nothing is padded
-    next_positions: torch.Tensor  # (B,) position id the next token gets
-    generated: list[list[int]]  # per row: the tokens of this turn so far
-    generator: torch.Generator
-    settings: GenerationSettings
-    rows: list[int]  # which prompt each batch row is (finished rows leave the batch)
-
-
-DecodingFactory = Callable[[Any, "GenerationSettings", list[list[Image.Image]]], Callable[[StepState], torch.Tensor]]
-_DECODINGS: dict[str, DecodingFactory | None] = {"default": None}
-
-
-def register_decoding(name: str, factory: DecodingFactory) -> None:
-    """Add a decoding strategy (e.g. MAGIC): ``factory(pipeline, settings, images_per_row)`` is called once per
-    turn and returns ``choose(state: StepState) -> (B,) token ids``."""
-    if not name or name == "default":
-        raise ValueError(f"cannot register a decoding named {name!r}")
-    _DECODINGS[name] = factory
-
-
-def decoding_strategies() -> list[str]:
-    return sorted(_DECODINGS)
-
-
-# ---------------------------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How one turn is decoded. Validated on construction: a bad value raises ``ValueError`` naming the field."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy (top_p / top_k then have no effect)
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None  # None = a fresh seed per turn (reported in TurnEnd.seed)
-    mode: Literal["auto", "retrieve", "generate", "text"] = "auto"
-    ret_scale_factor: float = 1.0  # published scaling of the [RET]/[IMG0] logit (see sampling.py for its quirk)
-    gen_scale_factor: float = 1.0
-    image_logit_bias: float = 0.0  # well-behaved alternative: added to the image token's logit
-    min_word_tokens: int = 0  # no image before this many tokens of the turn
-    max_images: int = 2  # per turn; afterwards image tokens are suppressed
-    text_after_images: bool = True  # False: the answer ends with its image (no text is generated after it)
-    # Which [RET]/[IMG] hidden states pick the image: "dialogue" (as published) the ones computed in the whole
-    # conversation; "answer" the same tokens after the answer's own words alone (BOS + text since the last image),
-    # the layout the layers were trained on (captions): for small LMs whose states drift in a long context.
-    # The decision head always reads the dialogue's state (it is trained on whole exchanges).
-    image_query: Literal["dialogue", "answer"] = "dialogue"
-    retrieval_candidates: int = 3  # top-k candidates; the first that loads is shown
-    guidance_scale: float = 7.5
-    num_inference_steps: int = 50
-    decoding: str = "default"
-    stop_at_eos: bool = True
-    stop_strings: tuple[str, ...] | None = None  # None = the model's dialogue stop strings
-    decoding_options: Mapping[str, Any] | None = None  # passed through to a registered decoding strategy
-
-    @classmethod
-    def for_model(cls, config, **overrides: Any) -> GenerationSettings:
-        """The model's defaults (``ModelConfig.generation``) with ``overrides`` on top."""
-        return cls(**{**(getattr(config, "generation", None) or {}), **overrides})
-
-    def __post_init__(self) -> None:
-        def bad(name: str, fix: str) -> ValueError:
-            return ValueError(f"GenerationSettings.{name}={getattr(self, name)!r}: {fix}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "must be an integer >= 1")
-        if not is_num(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise bad("temperature", "must be a number >= 0 (0 = greedy decoding)")
-        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]; use 1.0 to turn nucleus sampling off")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", "must be an integer >= 0 (0 = off)")
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise bad("seed", f"must be None or an integer in [0, {MAX_SEED}]")
-        if self.mode not in MODES:
-            raise bad("mode", f"must be one of {', '.join(MODES)}")
-        for name in ("ret_scale_factor", "gen_scale_factor"):
-            v = getattr(self, name)
-            if not is_num(v) or not 0 <= v < math.inf:
-                raise bad(name, "must be a finite number >= 0 (1.0 = unchanged)")
-        if not is_num(self.image_logit_bias):
-            raise bad("image_logit_bias", "must be a number (0 = unchanged; +inf forces, -inf forbids images)")
-        for name in ("min_word_tokens", "max_images"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "must be an integer >= 0")
-        if not isinstance(self.text_after_images, bool):
-            raise bad("text_after_images", "must be true or false")
-        if self.image_query not in ("dialogue", "answer"):
-            raise bad("image_query", "must be 'dialogue' (as published) or 'answer'")
-        if not is_int(self.retrieval_candidates) or self.retrieval_candidates < 1:
-            raise bad("retrieval_candidates", "must be an integer >= 1")
-        if not is_num(self.guidance_scale) or not 0 <= self.guidance_scale < math.inf:
-            raise bad("guidance_scale", "must be a finite number >= 0 (<= 1 turns classifier-free guidance off)")
-        if not is_int(self.num_inference_steps) or self.num_inference_steps < 1:
-            raise bad("num_inference_steps", "must be an integer >= 1")
-        if self.decoding not in _DECODINGS:
-            raise bad("decoding", f"must be one of {', '.join(decoding_strategies())}")
-        if self.stop_strings is not None:
-            if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
-                raise bad("stop_strings", "must be None or a tuple of non-empty strings")
-            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -411,7 +288,7 @@ class _DecodeLoop:
         self.can_ret, self.can_gen = image_paths(pipeline, settings)
         self.images_on = settings.mode != "text" and (self.can_ret or self.can_gen)
         self.style = "fromage" if pipeline.config.kind == "fromage" else "gill"
-        factory = _DECODINGS[settings.decoding]
+        factory = STRATEGIES[settings.decoding]
         self.choose = factory(pipeline, settings, [r.images for r in rows]) if factory else None
 
     # -- LM ---------------------------------------------------------------------------------------------------
@@ -658,14 +535,12 @@ def image_token_states(pipeline, texts: Sequence[str]) -> torch.Tensor:
     """(N, r, d) last-layer LM hidden states at the r image tokens ([RET] or [IMG0..r-1]) appended to each text,
     laid out as training lays out a caption (``BOS text [IMG0..r-1]``): what ``text_embedding`` (retrieval) and
     ``map_to_diffusion`` (generation) read."""
-    from .training.sequences import embed_layout, layout, retrieval_rows
-
     m, tok = pipeline.model, pipeline.tokenizer
     ids = tok(list(texts), add_special_tokens=False).input_ids
     rows, first = retrieval_rows(ids, bos_id=tok.bos_token_id, image_token_ids=m.image_token_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     lay = layout(rows, n_visual=m.config.n_visual_tokens, pad_id=pad, ignore_ids=frozenset())
-    hidden = m.forward_lm(embed_layout(m, lay, None), lay.attention_mask, logits="none").hidden
+    hidden = m(lay.input_ids, lay.attention_mask, logits="none").hidden
     r = len(m.image_token_ids)
     return torch.stack([hidden[i, f:f + r] for i, f in enumerate(first)])
 
@@ -994,11 +869,5 @@ def _segment_from_dict(s, where: str) -> str | ImageSegment:
 __all__ = [
     "Chat", "Event", "GenerationOutput", "GenerationSettings", "ImagePending", "ImageResult", "ImageSegment",
     "Notice", "StepState", "TextDelta", "TokenIds", "Turn", "TurnEnd", "check_settings", "context_length",
-    "decoding_strategies", "generate_batch", "register_decoding",
+    "generate_batch", "image_token_states",
 ]
-
-# MAGIC and contrastive search (magic.py) register themselves as decoding strategies, so that
-# GenerationSettings(decoding="magic" | "contrastive") is valid wherever the engine is imported.
-from .magic import register_with_engine as _register_magic  # noqa: E402
-
-_register_magic()

@@ -1,0 +1,1 @@
+"""The chat app's logic without gradio: sessions, the model gate, messages, labels, export and import."""
