@@ -274,7 +274,7 @@ def test_fromage_retrieves_distinct_images_and_excludes_shown_ones(tiny_fromage,
     assert all(-1.0 <= e.score <= 1.0 for e in first)
     assert q is not None
     turn = chat.history[1]
-    assert [type(s).__name__ for s in turn.segments].count("ImageSegment") == 2
+    assert sum(isinstance(s, ImageSegment) for s in turn.segments) == 2  # the answer's ImageResults, as segments
 
 
 def test_mode_text_never_yields_an_image(tiny_gill, tiny_fromage, images, index_over):

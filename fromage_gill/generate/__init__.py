@@ -2,22 +2,13 @@
 ``generate_batch`` for many prompts at once). docs/architecture.md follows one turn through these files."""
 
 from ..settings import GenerationSettings
+from .batch import generate_batch
+from .chat import Chat
 from .decoding import StepState
-from .engine import (
-    Chat,
-    Event,
-    GenerationOutput,
-    ImagePending,
-    ImageResult,
-    Notice,
-    TextDelta,
-    TurnEnd,
-    check_settings,
-    context_length,
-    generate_batch,
-    image_token_states,
-)
+from .events import Event, GenerationOutput, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
+from .limits import check_settings, context_length
 from .prompt import ImageSegment, TokenIds, Turn
+from .resolve import image_token_states
 
 __all__ = [
     "Chat", "Event", "GenerationOutput", "GenerationSettings", "ImagePending", "ImageResult", "ImageSegment",

@@ -68,14 +68,6 @@ def image_token_logits(
     return logits
 
 
-def suppress(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-    """Forbid ``token_ids`` (new tensor)."""
-    logits = logits.clone()
-    if len(token_ids):
-        logits[:, list(token_ids)] = NEG_INF
-    return logits
-
-
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits per row (ties at the k-th value are kept); ``k <= 0`` keeps all."""
     if k <= 0 or k >= logits.shape[-1]:

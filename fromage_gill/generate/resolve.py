@@ -1,0 +1,115 @@
+"""Resolving an image slot: the r hidden states at [RET] / [IMG0..r-1] become a retrieved or a generated image.
+
+GILL's decision head picks the path in mode ``auto`` (argmax; generation on a tie, as published) and only that path
+runs. Retrieval searches ``pipeline.index`` with ``text_embedding`` of the first image token, excluding images
+already in the conversation; generation sends ``map_to_diffusion`` of the r states to Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from ..layout import layout, retrieval_rows
+from ..settings import MAX_SEED, GenerationSettings
+from .diffusion import image_generator
+from .events import Event, ImageResult, Notice
+from .prompt import ImageSegment
+
+
+@torch.no_grad()
+def image_token_states(pipeline, texts: Sequence[str]) -> torch.Tensor:
+    """(N, r, d) last-layer LM hidden states at the r image tokens ([RET] or [IMG0..r-1]) appended to each text,
+    laid out as training lays out a caption (``BOS text [IMG0..r-1]``): what ``text_embedding`` (retrieval) and
+    ``map_to_diffusion`` (generation) read."""
+    from ..backbones import pad_token_id
+
+    m, tok = pipeline.model, pipeline.tokenizer
+    ids = tok(list(texts), add_special_tokens=False).input_ids
+    rows, first = retrieval_rows(ids, bos_id=tok.bos_token_id, image_token_ids=m.image_token_ids)
+    lay = layout(rows, n_visual=m.config.n_visual_tokens, pad_id=pad_token_id(tok), ignore_ids=frozenset())
+    hidden = m(lay.input_ids, lay.attention_mask, logits="none").hidden
+    r = len(m.image_token_ids)
+    return torch.stack([hidden[i, f:f + r] for i, f in enumerate(first)])
+
+
+class ImageResolver:
+    """Resolves the image slots of one turn's rows (``seed``: the turn's; a generated image's seed follows it)."""
+
+    def __init__(self, pipeline, settings: GenerationSettings, *, seed: int, can_retrieve: bool, can_generate: bool,
+                 stop_event: threading.Event):
+        self.p, self.m, self.s = pipeline, pipeline.model, settings
+        self.seed = seed
+        self.can_retrieve, self.can_generate = can_retrieve, can_generate
+        self.stop_event = stop_event
+
+    def resolve(self, slot: int, hidden: torch.Tensor, answer: Sequence[str | ImageSegment],
+                exclude: set[int]) -> list[Event]:
+        """``hidden``: (r, d) at the image tokens; ``answer``: the turn's segments so far; ``exclude``: index ids not
+        to show again (a retrieved id is added). Returns [ImageResult], [ImageResult, Notice], [Notice] (no image
+        could be had) or [] (interrupted)."""
+        m, s = self.m, self.s
+        decision = None
+        if m.decision is not None:
+            probs = m.decide(hidden[:1])[0].tolist()
+            decision = (float(probs[0]), float(probs[1]))
+        if s.mode in ("retrieve", "generate"):
+            path = s.mode
+        elif self.can_retrieve and self.can_generate and decision is not None:
+            path = "retrieve" if decision[1] > decision[0] else "generate"
+        else:
+            path = "retrieve" if self.can_retrieve else "generate"
+        if s.image_query == "answer":
+            hidden = self._answer_states(answer, hidden)
+        if path == "retrieve":
+            return self._retrieve(hidden, slot, decision, exclude)
+        return self._generate(hidden, slot, decision)
+
+    def _answer_states(self, answer: Sequence[str | ImageSegment], hidden: torch.Tensor) -> torch.Tensor:
+        """The image tokens' states after the answer's words since the previous image alone (``image_query``)."""
+        words = []
+        for seg in reversed(answer):
+            if not isinstance(seg, str):
+                break
+            words.insert(0, seg)
+        text = "".join(words).strip()
+        if not text:  # the image comes first: there is nothing but the dialogue to read it from
+            return hidden
+        return image_token_states(self.p, [text])[0].to(hidden.device, hidden.dtype)
+
+    def _retrieve(self, hidden: torch.Tensor, slot: int, decision, exclude: set[int]) -> list[Event]:
+        index = self.p.index
+        query = self.m.text_embedding(hidden[:1]).cpu()  # (1, D), L2-normalised
+        found = index.search(query, self.s.retrieval_candidates, exclude=set(exclude) or None)
+        ids = [int(i) for i in found.ids[0] if int(i) >= 0]
+        scores = {int(i): float(sc) for i, sc in zip(found.ids[0], found.scores[0], strict=True)}
+        got = index.fetch_first(ids) if ids else None
+        if got is None:
+            return [Notice(f"image {slot + 1}: none of the {len(ids)} best matches in the index could be loaded")]
+        idx, image = got
+        record = index.record(idx) or {}
+        exclude.add(int(idx))
+        return [ImageResult(image=image, source="retrieved", score=scores.get(int(idx)), caption=record.get("caption"),
+                            url=record.get("url") or record.get("path"), index_id=int(idx), decision=decision,
+                            slot=slot)]
+
+    def _generate(self, hidden: torch.Tensor, slot: int, decision) -> list[Event]:
+        m, s = self.m, self.s
+        seed = (self.seed + 1 + slot) % MAX_SEED
+        prompt_embeds = m.map_to_diffusion(hidden[None])  # (1, Q, D)
+        out = image_generator(self.p)(prompt_embeds, guidance_scale=s.guidance_scale,
+                                      num_inference_steps=s.num_inference_steps, seed=seed,
+                                      interrupt=self.stop_event.is_set)
+        if out.interrupted:
+            return []
+        image = out.images[0]
+        # How well the picture matches what the model asked for, in the model's own retrieval space.
+        feats = m.encode_images(m.vision.processor([image]))
+        score = float((m.image_embedding(feats) * m.text_embedding(hidden[:1])).sum())
+        events: list[Event] = [ImageResult(image=image, source="generated", score=score, decision=decision,
+                                           seed=seed, slot=slot)]
+        if out.nsfw[0]:
+            events.append(Notice(f"image {slot + 1}: the safety checker replaced the generated image"))
+        return events
