@@ -33,9 +33,10 @@ from fromage_gill.generate import (  # noqa: E402
     GenerationSettings,
     ImageResult,
     generate_batch,
-    register_decoding,
 )
+from fromage_gill.generate import loop as generate_loop  # noqa: E402
 from fromage_gill.generate.prompt import TokenIds  # noqa: E402
+from fromage_gill.generate.sampling import sample  # noqa: E402
 from fromage_gill.pipeline import build_pipeline, load_pipeline  # noqa: E402
 
 LM = {"model_type": "opt", "vocab_size": 512, "hidden_size": 256, "word_embed_proj_dim": 256, "num_hidden_layers": 4,
@@ -130,23 +131,19 @@ def section_reference(pipe, repeats: int) -> None:
 _chosen: list[float] = []  # clock() when each token was chosen
 
 
-def _timed_greedy(pipeline, settings, images):
-    """Greedy decoding that notes when each token is chosen: the first token may be invisible (a byte of a
+def _timed_sample(logits, **kw):
+    """The engine's sampler, noting when each token is chosen: the first token may be invisible (a byte of a
     multi-byte character, a special token), so the first TextDelta is not the first token."""
-
-    def choose(state):
-        tokens = state.logits.argmax(-1)
-        _chosen.append(clock())
-        return tokens
-
-    return choose
+    tokens = sample(logits, **kw)
+    _chosen.append(clock())
+    return tokens
 
 
-register_decoding("bench-timed-greedy", _timed_greedy)
+generate_loop.sample = _timed_sample  # this script only: the decode loop calls the sampler by this name
 
 
 def first_token_time(chat: Chat, message: list, settings: GenerationSettings) -> float:
-    settings = dataclasses.replace(settings, temperature=0.0, decoding="bench-timed-greedy")
+    settings = dataclasses.replace(settings, temperature=0.0)
     _chosen.clear()
     t = clock()
     for _ in chat.send(message, settings):  # finish the turn so the history and cache hold it

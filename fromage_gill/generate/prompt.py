@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..config import DialogueSpec
 from ..images import image_hash, load_image
+from ..layout import splice_visual
 
 ImageSource = Literal["user", "retrieved", "generated"]
 SOURCES = ("user", "retrieved", "generated")
@@ -193,27 +194,30 @@ class Prompt:
         return out
 
     def embed(self, model, vision_cache: VisionCache, start: int = 0) -> torch.Tensor:
-        """``(len - start, d)`` input embeddings of positions ``start..``; images through ``vision_cache``."""
+        """``(len - start, d)`` input embeddings of positions ``start..``; images through ``vision_cache``. The
+        positions are laid out as ``layout.py`` lays out training rows (token ids, and the visual slots of each
+        image), and the images' embeddings go in with ``splice_visual``, as in ``GroundedLM.forward``."""
         images = self.images(start)
-        visual = iter(())
-        if images:
-            feats = vision_cache.features(model, images)  # (N, vision_dim)
-            visual = iter(model.visual_tokens(feats))  # N x (n_visual, d)
-        chunks, pos = [], 0
+        ids, slot, pos, k = [], [], 0, 0
         for part in self.parts:
             is_img = isinstance(part, ImageSegment)
             n = self.n_visual if is_img else len(part)
             lo = max(start - pos, 0)
-            if pos + n > start and n:
+            if pos + n > start:
                 if is_img:
-                    chunks.append(next(visual)[lo:])
+                    ids += [0] * (n - lo)
+                    slot += range(k * n + lo, (k + 1) * n)
+                    k += 1
                 else:
-                    ids = torch.tensor(part[lo:], dtype=torch.long, device=model.device)
-                    chunks.append(model.embed_tokens(ids[None])[0])
+                    ids += part[lo:]
+                    slot += [-1] * (n - lo)
             pos += n
-        if not chunks:
+        if not ids:
             return torch.zeros(0, model.hidden_size, device=model.device, dtype=model.dtype)
-        return torch.cat(chunks, dim=0)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
+        visual_slot = torch.tensor([slot], dtype=torch.long, device=model.device)  # (1, T)
+        visual = model.visual_tokens(vision_cache.features(model, images)) if images else None  # (N, n_visual, d)
+        return splice_visual(model.embed_tokens(input_ids), visual, visual_slot)[0]
 
 
 def encode_pieces(tokenizer, pieces: Sequence[Piece], n_visual: int, *, bos: bool = True) -> Prompt:
