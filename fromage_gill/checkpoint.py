@@ -197,8 +197,14 @@ def read_published(directory: Path, model) -> tuple[dict[str, torch.Tensor], dic
             for k, v in read_decision_model(decision_path).items():
                 mapped[f"decision.{k}"] = v
         else:
-            logger.warning("%s not found: the decision head keeps its initial weights", decision_path)
-            mapped.update({k: v.detach().cpu() for k, v in model.decision.state_dict(prefix="decision.").items()})
+            raise CheckpointError(
+                f"{decision_path} not found: without it GILL's decision head has random weights and would choose "
+                f"between retrieving and generating at random. Put the published {PUBLISHED_DECISION} beside "
+                f"{PUBLISHED_CKPT} (both are in the jykoh/gill repo), or run without a decision head: "
+                f"load_pipeline(..., decision_model=False), or --no-decision-model on the command line and in the "
+                f"app; every image then follows the mode setting (auto: retrieve when an index is loaded, else "
+                f"generate)"
+            )
     return mapped, names
 
 

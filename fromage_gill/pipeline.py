@@ -162,6 +162,7 @@ def load_pipeline(
     vision: str | None = None,
     diffusion: str | None = None,
     load_diffusion_pipeline: bool = True,
+    decision_model: bool = True,
     skeleton: bool = False,
 ) -> Pipeline:
     """Build the frozen components and load the trained layers.
@@ -174,6 +175,8 @@ def load_pipeline(
     weights: override where the trained layers come from (a directory, a Hub repo, or "random").
     preset: the base preset for a published checkpoint directory (default: guessed from its model_args.json).
     lm / vision / diffusion: override a component's source with a local directory (or another Hub id).
+    decision_model: False runs a GILL model without its decision head (e.g. a published checkpoint folder that lacks
+    decision_model.pth.tar, which is refused otherwise): every image then follows ``GenerationSettings.mode``.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
@@ -189,6 +192,8 @@ def load_pipeline(
     if cfg.weights is not None and cfg.weights != RANDOM and cfg.weights_format == "published":
         args_file = fetch_file(cfg.weights, ckpt.PUBLISHED_ARGS, what="published model config")
         cfg = ckpt.config_from_published_args(json.loads(Path(args_file).read_text()), cfg)
+    if not decision_model:
+        cfg = dataclasses.replace(cfg, decision_head=False)
     if lm:
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, source=lm, config=None))
     if vision:
@@ -254,7 +259,7 @@ def load_weights(model: GroundedLM, cfg: ModelConfig) -> None:
         return
     directory = Path(fetch_file(cfg.weights, ckpt.PUBLISHED_CKPT, what="published checkpoint")).parent
     if cfg.decision_head:
-        with contextlib.suppress(OSError):  # read_published warns and keeps the initial head
+        with contextlib.suppress(OSError):  # downloaded when the repo has it; read_published refuses it missing
             fetch_file(cfg.weights, ckpt.PUBLISHED_DECISION, what="decision model")
     state, names = ckpt.read_published(directory, model)
     ckpt.load_trained_layers(model, state, source=str(directory / ckpt.PUBLISHED_CKPT), names=names)

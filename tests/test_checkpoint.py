@@ -121,11 +121,31 @@ def test_published_gill_checkpoint_with_decision_model_loads(tmp_path):
     assert torch.equal(m.decision[1].weight, decision["1.weight"])
 
 
+def test_gill_without_its_decision_model_is_refused_unless_told_to_run_without_one(tmp_path, images):
+    src = _write_published(tmp_path / "gill", _gill_state(), GILL_ARGS)  # no decision_model.pth.tar
+    with pytest.raises(CheckpointError, match=r"decision_model.pth.tar not found.*decision_model=False"):
+        load_pipeline(src, preset="tiny-gill", device="cpu", dtype="fp32")
+    assert main(["convert", str(src), "--out", str(tmp_path / "conv"), "--preset", "tiny-gill"]) == 2  # a user error
+    assert main(["convert", str(src), "--out", str(tmp_path / "conv"), "--preset", "tiny-gill",
+                 "--no-decision-model"]) == 0
+    pipe = load_pipeline(src, preset="tiny-gill", device="cpu", dtype="fp32", decision_model=False)
+    assert pipe.model.decision is None and not pipe.config.decision_head
+    assert not load_pipeline(tmp_path / "conv", device="cpu", dtype="fp32").config.decision_head
+    # Without a decision head every image follows the mode: auto with no index generates, and says nothing random.
+    from fromage_gill.generate import Chat, GenerationSettings, ImageResult
+
+    events = list(Chat(pipe).send([images[0], "a"], GenerationSettings(max_new_tokens=4, image_logit_bias=50.0,
+                                                                      num_inference_steps=1, seed=0)))
+    made = [e for e in events if isinstance(e, ImageResult)]
+    assert made and all(e.source == "generated" and e.decision is None for e in made)
+
+
 def test_missing_published_key_is_named(tmp_path):
     state = _gill_state()
     del state["model.gen_text_hidden_fcs.0.tfm.encoder.norm.bias"]
     state["model.some_new_head.weight"] = torch.zeros(1)
-    src = _write_published(tmp_path / "gill", state, GILL_ARGS)
+    decision = {"1.weight": torch.randn(2, D), "1.bias": torch.randn(2)}
+    src = _write_published(tmp_path / "gill", state, GILL_ARGS, decision)
     with pytest.raises(CheckpointError) as e:
         load_pipeline(src, preset="tiny-gill", device="cpu", dtype="fp32")
     assert "missing: model.gen_text_hidden_fcs.0.tfm.encoder.norm.bias" in str(e.value)

@@ -18,6 +18,9 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = None) ->
     p.add_argument("--lm", help="local directory (or Hub id) to use for the language model")
     p.add_argument("--vision", help="local directory (or Hub id) to use for the vision encoder")
     p.add_argument("--diffusion", help="local directory (or Hub id) to use for Stable Diffusion")
+    p.add_argument("--no-decision-model", dest="decision_model", action="store_false",
+                   help="run GILL without its decision head (e.g. no decision_model.pth.tar): every image follows "
+                        "the mode setting")
 
 
 def load_from_args(args: argparse.Namespace, **extra):
@@ -26,4 +29,4 @@ def load_from_args(args: argparse.Namespace, **extra):
     quant = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, quantization=quant,
                          device_map=args.device_map, weights=args.weights, lm=args.lm, vision=args.vision,
-                         diffusion=args.diffusion, **extra)
+                         diffusion=args.diffusion, decision_model=args.decision_model, **extra)

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--lm", help="local directory to record for the language model")
     p.add_argument("--vision", help="local directory to record for the vision encoder")
     p.add_argument("--diffusion", help="local directory to record for Stable Diffusion")
+    p.add_argument("--no-decision-model", dest="decision_model", action="store_false",
+                   help="convert a GILL checkpoint without decision_model.pth.tar (the result has no decision head)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +28,7 @@ def run(args) -> int:
     from ..pipeline import load_pipeline
 
     pipe = load_pipeline(args.src, preset=args.preset, lm=args.lm, vision=args.vision, diffusion=args.diffusion,
-                         device="cpu", dtype="fp32", skeleton=True)
+                         decision_model=args.decision_model, device="cpu", dtype="fp32", skeleton=True)
     out = pipe.save_pretrained(args.out)
     n = sum(p.numel() for p in pipe.model.trained_parameters().values())
     print(f"converted {args.src} -> {out} ({n:,} trained parameters, preset {pipe.config.name})")
