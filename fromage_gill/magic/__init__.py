@@ -8,6 +8,7 @@ from .decoding import (
     attach_clip,
     attached_clip,
     continuation_ids,
+    grounded_step,
     hf_step,
     load_clip,
     load_magic,
@@ -16,4 +17,4 @@ from .decoding import (
 )
 
 __all__ = ["ClipGuide", "LMStep", "MagicModel", "MagicResult", "attach_clip", "attached_clip", "continuation_ids",
-           "hf_step", "load_clip", "load_magic", "magic_search", "resolve_decoding"]
+           "grounded_step", "hf_step", "load_clip", "load_magic", "magic_search", "resolve_decoding"]

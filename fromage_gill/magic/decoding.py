@@ -24,7 +24,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,6 @@ from ..images import CLIP_MEAN, CLIP_STD, ImageProcessor, load_image
 
 logger = logging.getLogger(__name__)
 
-Decoding = Literal["magic", "contrastive", "greedy"]
 DECODINGS: tuple[str, ...] = ("magic", "contrastive", "greedy")
 
 
@@ -403,18 +402,3 @@ def _no_text_tower(pipeline: Any) -> str:
             f"(a Hub id or directory of a transformers CLIPModel, or 'tiny-magic' offline; in the app: --clip SOURCE), "
             f"or use decoding='contrastive', which needs no CLIP")
 
-
-def pipeline_search(pipeline: Any, start: LMStep, settings: MagicDecoding, images: Sequence[Image.Image],
-                    *, stop_ids: Sequence[int] = (), text_only: bool = True) -> Iterator[int]:
-    """Magic / contrastive decoding on a FROMAGe/GILL pipeline, continuing a prompt already run through its LM
-    (``start``), guided by the conversation's ``images``. ``text_only``: never choose an image token."""
-    model = pipeline.model
-    clip_logits = None
-    if settings.beta > 0:
-        guide = attached_clip(pipeline)
-        if not images:
-            raise ValueError("magic decoding (beta > 0) needs an image in the conversation to steer towards; add "
-                             "one, or use decoding='contrastive' for text only")
-        clip_logits = guide.logits_fn(list(images))
-    return magic_search(grounded_step(model), start, settings, decode=pipeline.tokenizer.decode,
-                        clip_logits=clip_logits, stop_ids=stop_ids, vocab_limit=model.n_base if text_only else None)
