@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from fromage_gill import magic
 from fromage_gill.config import ConfigError, MagicConfig, MagicDecoding, list_presets, load_config
-from fromage_gill.magic import continuation_ids, hf_step, load_magic, magic_search
-from fromage_gill.magic import decoding as magic_decoding
+from fromage_gill.magic import continuation_ids, grounded_step, hf_step, load_magic, magic_search
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +321,9 @@ def test_on_a_fromage_pipeline_guided_by_its_images(make_pipeline, images, beta)
                                logits="last")
     start = magic.LMStep(out.logits[:, -1], out.hidden, out.past_key_values)
     s = MagicDecoding(k=5, alpha=0.4, beta=beta, max_new_tokens=8)
-    got = list(magic_decoding.pipeline_search(pipe, start, s, images[:1], stop_ids=[pipe.tokenizer.eos_token_id]))
+    clip = magic.attached_clip(pipe).logits_fn(images[:1]) if beta > 0 else None
+    got = list(magic_search(grounded_step(model), start, s, decode=pipe.tokenizer.decode, clip_logits=clip,
+                            stop_ids=[pipe.tokenizer.eos_token_id], vocab_limit=model.n_base))
     expected, _ = direct_search(grounded_full_forward(model, prefix), ids, s, clip=guide.logits_fn(images[:1]),
                                 decode=pipe.tokenizer.decode, stop=[pipe.tokenizer.eos_token_id],
                                 vocab_limit=model.n_base)

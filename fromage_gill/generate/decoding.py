@@ -16,14 +16,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, MagicDecoding
-from ..magic.decoding import (
-    ClipLogitsFn,
-    attached_clip,
-    continuation_ids,
-    degeneration_penalty,
-    magic_scores,
-    resolve_decoding,
-)
+from ..magic.clip import attached_clip
+from ..magic.search import ClipLogitsFn, continuation_ids, degeneration_penalty, magic_scores, resolve_decoding
 from ..settings import DECODINGS, GenerationSettings
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbones import load_lm, load_tokenizer
+from ..backbones import load_lm, load_tokenizer, pad_token_id
 from ..config import ConfigError, LMSpec, MagicConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
     if len(seqs) < tc.batch_size:
         raise CorpusError(f"--data {tc.data}: {len(seqs)} usable caption(s) are fewer than one batch "
                           f"({tc.batch_size}); lower --batch-size or add captions")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = pad_token_id(tokenizer)  # EOS is known to exist here, so backbones' last resort (0) never applies
 
     # 2. Optimizer; a resumed run continues from its step, optimizer and rng.
     lm.train().requires_grad_(True)
