@@ -226,7 +226,7 @@ class MagicDecoding:
 
 @dataclass(frozen=True)
 class MagicConfig:
-    """MAGIC (Su et al. 2022): an unmodified LM plus a full CLIP, no trained layers. See ``fromage_gill/magic.py``."""
+    """MAGIC (Su et al. 2022): an unmodified LM plus a full CLIP, no trained layers. See ``fromage_gill/magic/``."""
 
     name: str
     kind: Literal["magic"]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # types only: loading them at import would pull in transforme
     from diffusers import StableDiffusionPipeline
     from transformers import PreTrainedTokenizerBase
 
-    from .magic.decoding import ClipGuide
+    from .magic.clip import ClipGuide
     from .retrieve.index import ImageIndex
 
 logger = logging.getLogger(__name__)
