@@ -174,7 +174,7 @@ def section_ttft(pipe, repeats: int) -> None:
 
 
 def section_unet() -> None:
-    from fromage_gill.retrieve.index import ImageIndex, shipped_index_dir
+    from fromage_gill.retrieve import ImageIndex, shipped_index_dir
 
     pipe = load_pipeline("tiny-gill", device="cpu", dtype="fp32")
     shipped = shipped_index_dir("tiny-gill")

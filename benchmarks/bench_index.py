@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fromage_gill.retrieve.index import ImageIndex, build_index
+from fromage_gill.retrieve import ImageIndex, build_index
 
 
 def best_of(fn, repeats: int) -> float:
@@ -60,7 +60,7 @@ def copy_bandwidth(src: np.ndarray, repeats: int) -> float:
 
 _MEMORY_PROBE = r"""
 import json, sys, numpy as np
-from fromage_gill.retrieve.index import ImageIndex
+from fromage_gill.retrieve import ImageIndex
 def rss():
     keys = ('RssAnon', 'RssFile', 'VmHWM')
     f = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(keys)}

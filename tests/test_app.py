@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
 from fromage_gill.chat import session as chat_ui  # noqa: E402
-from fromage_gill.retrieve.index import ImageIndex  # noqa: E402
+from fromage_gill.retrieve import ImageIndex  # noqa: E402
 
 ASSETS = ROOT / "assets" / "images"
 CAT, ROCKET = ASSETS / "chelsea.jpg", ASSETS / "rocket.jpg"

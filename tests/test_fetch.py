@@ -272,7 +272,7 @@ def test_local_paths_use_the_pixel_limit(tmp_path):
 
 
 def test_build_index_from_a_url_list(server, tiny_fromage, tmp_path):
-    from fromage_gill.retrieve.index import ImageIndex, build_index
+    from fromage_gill.retrieve import ImageIndex, build_index
 
     (tmp_path / "urls.tsv").write_text(f"a noise square\t{server}/img5\nbroken\t{server}/html\n"
                                        f"gone\t{server}/missing\nanother\t{server}/img6\n")

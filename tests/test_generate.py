@@ -24,7 +24,7 @@ from fromage_gill.generate import (
 )
 from fromage_gill.generate.prompt import ImageSegment, Turn, VisionCache, normalize_message
 from fromage_gill.images import ImageError
-from fromage_gill.retrieve.index import ImageIndex
+from fromage_gill.retrieve import ImageIndex
 
 GREEDY_TEXT = GenerationSettings(max_new_tokens=10, mode="text", stop_at_eos=False, stop_strings=())
 

@@ -16,16 +16,17 @@ from PIL import Image
 
 from fromage_gill import cli
 from fromage_gill.images import load_image
-from fromage_gill.retrieve.index import (
-    EMBEDDINGS_FILE,
+from fromage_gill.retrieve import (
     FingerprintMismatchError,
     ImageIndex,
     UntrustedPickleError,
     build_index,
     import_published,
+    iter_image_caption_items,
     shipped_index_dir,
 )
-from fromage_gill.retrieve.sources import expand_braces, iter_image_caption_items
+from fromage_gill.retrieve.sources import expand_braces
+from fromage_gill.retrieve.storage import EMBEDDINGS_FILE
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

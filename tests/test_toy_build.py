@@ -139,7 +139,7 @@ def test_method_stage_writes_loadable_models_and_their_gallery_indexes(smoke_bui
     """toy-fromage / toy-gill trained by `fromage-gill train` load with load_pipeline, and each gallery index was
     embedded by its own model (the app refuses an index of another model)."""
     from fromage_gill.pipeline import load_pipeline
-    from fromage_gill.retrieve.index import ImageIndex
+    from fromage_gill.retrieve import ImageIndex
 
     out, _ = smoke_build
     for name in ("toy-fromage", "toy-gill"):

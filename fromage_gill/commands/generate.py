@@ -107,7 +107,7 @@ def run(args) -> int:
 
 
 def _load_index(directory: str | None, pipeline):
-    from ..retrieve.index import ImageIndex, shipped_index_dir
+    from ..retrieve import ImageIndex, shipped_index_dir
 
     fingerprint = pipeline.model.retrieval_fingerprint()
     if directory is not None:

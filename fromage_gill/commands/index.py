@@ -77,8 +77,7 @@ def register(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..retrieve.fetch import FetchConfig
-    from ..retrieve.index import ImageIndex, build_index
+    from ..retrieve import FetchConfig, ImageIndex, build_index
 
     pipeline = load_from_args(args, load_diffusion_pipeline=False)
     report = build_index(
@@ -99,7 +98,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from ..retrieve.index import import_published
+    from ..retrieve import import_published
 
     fingerprint, dim, model = args.fingerprint, None, None
     if args.model:
@@ -118,7 +117,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..retrieve.index import ImageIndex
+    from ..retrieve import ImageIndex
 
     index = ImageIndex.load(args.dir, use_faiss=False)
     d = Path(args.dir)
@@ -142,7 +141,7 @@ def _search(args: argparse.Namespace) -> int:
     import torch
 
     from ..images import load_image
-    from ..retrieve.index import ImageIndex
+    from ..retrieve import ImageIndex
 
     pipeline = load_from_args(args, load_diffusion_pipeline=False)
     model = pipeline.model
@@ -177,7 +176,7 @@ def text_query(pipeline, text: str):
 
 
 def _faiss(args: argparse.Namespace) -> int:
-    from ..retrieve.index import ImageIndex
+    from ..retrieve import ImageIndex
 
     index = ImageIndex.load(args.dir, use_faiss=False)
     kw = {"nprobe": args.nprobe, "hnsw_m": args.hnsw_m, "ef_search": args.ef_search}

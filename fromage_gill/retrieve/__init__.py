@@ -1,2 +1,28 @@
-"""Retrieval: the image index (storage, exact and FAISS search, building, the published embeddings), bounded
-URL fetching and the readers of image sets."""
+"""Retrieval: the image index a model retrieves from, and the images behind it.
+
+    from fromage_gill.retrieve import ImageIndex, shipped_index_dir
+    index = ImageIndex.load(shipped_index_dir("tiny-fromage"), expected_fingerprint=model.retrieval_fingerprint())
+    result = index.search(queries, k=5)               # SearchResult: ids, cosine scores (Q, k)
+    found = index.fetch_first(result.ids[0].tolist())  # (id, PIL image) of the first that loads
+
+- ``storage.py``: the folder format (safetensors vectors, JSONL records, ``index.json``), written and read;
+- ``index.py``: ``ImageIndex``: exact and FAISS search, records, the fetcher of result images;
+- ``build.py``: ``build_index``, a resumable build from images through the model;
+- ``published.py``: ``import_published``, the authors' CC3M embedding pickles (restricted unpickling);
+- ``fetch.py``: ``ImageFetcher``, bounded fetching of paths, tar members and URLs (timeouts, size and address limits);
+- ``sources.py``: ``iter_image_caption_items``, the readers of image sets (folders, lists, TSV/CSV, tar shards).
+docs/index.md describes them.
+"""
+
+from .build import BuildReport, build_index
+from .fetch import FetchConfig, FetchError, ImageFetcher
+from .index import ImageIndex, SearchResult, shipped_index_dir
+from .published import ImportReport, UntrustedPickleError, import_published, read_published_embeddings
+from .sources import ImageItem, iter_image_caption_items, read_item_bytes
+from .storage import FingerprintMismatchError
+
+__all__ = [
+    "BuildReport", "FetchConfig", "FetchError", "FingerprintMismatchError", "ImageFetcher", "ImageIndex", "ImageItem",
+    "ImportReport", "SearchResult", "UntrustedPickleError", "build_index", "import_published",
+    "iter_image_caption_items", "read_item_bytes", "read_published_embeddings", "shipped_index_dir",
+]

@@ -228,7 +228,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     ``plain_right`` the same for them as written). And ``n/6`` conversations of three such requests in a row: the
     second and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
     if pipe.index is None:
-        from ..retrieve.index import ImageIndex, shipped_index_dir
+        from ..retrieve import ImageIndex, shipped_index_dir
 
         shipped = shipped_index_dir(pipe.config.name)
         if shipped is None:

@@ -96,7 +96,7 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
 def build_gallery(pipe, indexes: Path, name: str, n: int, *, seed: int = 0) -> dict:
     """Render the gallery scenes once (shared by both models) and embed them with ``pipe`` through
     ``fromage-gill index build``'s code path: a caption TSV in, an index folder out."""
-    from ..retrieve.index import build_index
+    from ..retrieve import build_index
 
     tsv = W.export_captions(indexes / "toy-gallery", gallery_scenes(n, seed), seed=seed + GALLERY_SEED)
     out = indexes / name
