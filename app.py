@@ -27,8 +27,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from fromage_gill.chat import session as chat_ui  # noqa: E402
-from fromage_gill.chat.session import SETTINGS_HELP, ChatSession, ModelGate  # noqa: E402
+from fromage_gill.chat import export as chat_export  # noqa: E402
+from fromage_gill.chat.controls import SETTINGS_HELP  # noqa: E402
+from fromage_gill.chat.gate import ModelGate  # noqa: E402
+from fromage_gill.chat.messages import (  # noqa: E402
+    IMAGE_PLACEHOLDER,
+    MAX_IMAGES_PER_MESSAGE,
+    build_message,
+    chatbot_messages,
+    edited_message,
+)
+from fromage_gill.chat.session import ChatSession  # noqa: E402
 
 logger = logging.getLogger("fromage_gill.app")
 
@@ -58,7 +67,7 @@ class AppOptions:
     concurrency: int = 1  # turns using the model at the same time
     indexes: Mapping[str, Any] | None = None  # name -> ImageIndex; None = the pipeline's own index
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # GenerationSettings overrides
-    max_images_per_message: int = chat_ui.MAX_IMAGES_PER_MESSAGE
+    max_images_per_message: int = MAX_IMAGES_PER_MESSAGE
     session_ttl_s: float = 6 * 3600
 
     def __post_init__(self) -> None:
@@ -169,7 +178,7 @@ def make_settings(base: Mapping[str, Any], ui: Mapping[str, Any]):
 
 def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     """The chat UI for ``pipeline``; every action is also an API endpoint named in ``API_ENDPOINTS``."""
-    from fromage_gill.generate import Chat
+    from fromage_gill.generate import Chat, TextDelta
 
     options = options or AppOptions()
     defaults = default_settings(pipeline, options.defaults)
@@ -196,7 +205,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         session.index_name = index_name
 
     def view(session: ChatSession | None):
-        return [] if session is None else session.messages()
+        return [] if session is None else chatbot_messages(session)
 
     # -- the model-using actions (streamed) -----------------------------------------------------------------
 
@@ -211,36 +220,36 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 if session.stop_requested:
                     session.end_streaming()
                     session.note("Stopped before the model started; nothing was sent.")
-                    yield session, session.messages(), keep_box
+                    yield session, chatbot_messages(session), keep_box
                     return
                 ahead = gate.ahead(ticket)
                 session.live = [f"*Busy: {ahead} ahead of you.* Your message starts when they finish "
                                 f"*(press Stop to withdraw it)*"]
-                yield session, session.messages(), gr.update()
+                yield session, chatbot_messages(session), gr.update()
             session.live = []
-            yield session, session.messages(), gr.update(value=None)
+            yield session, chatbot_messages(session), gr.update(value=None)
             last = 0.0
             for event in start():
                 session.apply(event)
                 now = time.monotonic()
-                if now - last >= STREAM_EVERY_S or type(event).__name__ != "TextDelta":
+                if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
                     last = now
-                    yield session, session.messages(), gr.update()
+                    yield session, chatbot_messages(session), gr.update()
         except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
             logger.info("turn refused: %s", e)
             session.end_streaming()
             session.note(str(e), kind="error")
-            yield session, session.messages(), keep_box
+            yield session, chatbot_messages(session), keep_box
             return
         finally:
             gate.leave(ticket)
             session.end_streaming()
-        yield session, session.messages(), gr.update(value=None)
+        yield session, chatbot_messages(session), gr.update(value=None)
 
     def refused(session: ChatSession):
         def still_answering():
             session.note("Still answering: wait for the answer or press Stop.", kind="error")
-            yield session, session.messages(), gr.update()
+            yield session, chatbot_messages(session), gr.update()
         return still_answering
 
     def send(session: ChatSession | None, message: dict | None, **ui):
@@ -253,11 +262,11 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         try:
             use_index(session, ui.get("index"))
             settings = make_settings(defaults, ui)
-            segments = chat_ui.build_message(message.get("text"), message.get("files"),
-                                             max_images=options.max_images_per_message)
+            segments = build_message(message.get("text"), message.get("files"),
+                                     max_images=options.max_images_per_message)
         except ValueError as e:
             session.note(str(e), kind="error")
-            yield session, session.messages(), gr.update()  # the box keeps what was typed, to fix and resend
+            yield session, chatbot_messages(session), gr.update()  # the box keeps what was typed, to fix and resend
             return
         session.settings = settings
         yield from run_turn(session, lambda: session.chat.send(segments, settings), segments, gr.update())
@@ -270,7 +279,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         session.clear_errors()
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
-            yield session, session.messages(), gr.update()
+            yield session, chatbot_messages(session), gr.update()
             return
         try:
             use_index(session, ui.get("index"))
@@ -278,7 +287,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             settings = dataclasses.replace(make_settings(defaults, ui), seed=None)
         except ValueError as e:
             session.note(str(e), kind="error")
-            yield session, session.messages(), gr.update()
+            yield session, chatbot_messages(session), gr.update()
             return
         session.settings = settings
         yield from run_turn(session, lambda: session.chat.regenerate(settings), None, gr.update())
@@ -300,10 +309,10 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 raise ValueError(f"Turn {turn_index} is not one of your messages (yours are turns {users}).")
             use_index(session, ui.get("index"))
             settings = make_settings(defaults, ui)
-            segments = chat_ui.edited_message(history[i].segments, text or "", part)
+            segments = edited_message(history[i].segments, text or "", part)
         except ValueError as e:
             session.note(str(e), kind="error")
-            yield session, session.messages(), gr.update()
+            yield session, chatbot_messages(session), gr.update()
             return
         session.settings = settings
         saved = session.chat.to_dict()
@@ -338,7 +347,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 session.chat.undo()
             except ValueError as e:
                 session.note(str(e), kind="error")
-        return session, session.messages()
+        return session, chatbot_messages(session)
 
     def clear(session: ChatSession | None):
         if session is not None:
@@ -350,7 +359,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     def export_html(session: ChatSession | None):
         session = session or new_session()
         path = Path(tempfile.mkdtemp(prefix="fromage_gill_export_")) / "conversation.html"
-        path.write_text(chat_ui.export_html(session, model_name=cfg.name), encoding="utf-8")
+        path.write_text(chat_export.export_html(session, model_name=cfg.name), encoding="utf-8")
         return str(path)
 
     def export_json(session: ChatSession | None):
@@ -358,7 +367,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
         session = session or new_session()
         path = Path(tempfile.mkdtemp(prefix="fromage_gill_export_")) / "conversation.json"
-        path.write_text(json.dumps(chat_ui.export_json(session, model_name=cfg.name)), encoding="utf-8")
+        path.write_text(json.dumps(chat_export.export_json(session, model_name=cfg.name)), encoding="utf-8")
         return str(path)
 
     def load_json(session: ChatSession | None, file: Any):
@@ -367,18 +376,18 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         path = getattr(file, "path", None) or (file.get("path") if isinstance(file, dict) else file)
         if session.running:
             session.note("Still answering: press Stop before loading a conversation.", kind="error")
-            return session, session.messages(), *[gr.update() for _ in controls]
+            return session, chatbot_messages(session), *[gr.update() for _ in controls]
         try:
             if not path:
-                raise chat_ui.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
-            data = chat_ui.read_export(path)
+                raise chat_export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
+            data = chat_export.read_export(path)
             chat = Chat.from_dict(pipelines[session.index_name], data)
             seed = data["settings"].get("seed")
             settings = make_settings(defaults, {**data["settings"], "seed": "random" if seed is None else seed})
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             session.note(f"Could not load the conversation: {msg}", kind="error")
-            return session, session.messages(), *[gr.update() for _ in controls]
+            return session, chatbot_messages(session), *[gr.update() for _ in controls]
         session.chat = chat
         session.settings = settings
         session.notes = []
@@ -394,7 +403,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 updates.append(values[key])
             else:
                 updates.append(gr.update())
-        return session, session.messages(), *updates
+        return session, chatbot_messages(session), *updates
 
     def history(session: ChatSession | None):
         """The conversation as JSON-friendly data: turns (text and image labels), seeds, settings."""
@@ -419,7 +428,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         message = gr.MultimodalTextbox(elem_id="message", file_count="multiple",
                                        sources=["upload"], label="Message", show_label=False, autofocus=True,
                                        placeholder="Message (attach images with the clip, paste or drop them; "
-                                                   f"{chat_ui.IMAGE_PLACEHOLDER} places an image within the text)")
+                                                   f"{IMAGE_PLACEHOLDER} places an image within the text)")
         with gr.Row(elem_id="buttons"):
             stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm")
             regen_btn = gr.Button("Regenerate", elem_id="regenerate", size="sm")

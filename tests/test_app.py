@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
-from fromage_gill.chat import session as chat_ui  # noqa: E402
+from fromage_gill.chat.messages import MAX_IMAGES_PER_MESSAGE  # noqa: E402
 from fromage_gill.retrieve.index import ImageIndex  # noqa: E402
 
 ASSETS = ROOT / "assets" / "images"
@@ -340,7 +340,7 @@ def test_message_longer_than_the_context(chatting):
 def test_twenty_images(chatting):
     client, turns = chatting
     chat = send(client, "so many", [CAT] * 20)
-    assert_refused(client, chat, turns, f"limit of {chat_ui.MAX_IMAGES_PER_MESSAGE}")
+    assert_refused(client, chat, turns, f"limit of {MAX_IMAGES_PER_MESSAGE}")
 
 
 def test_regenerate_with_no_history(client):

@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fromage_gill.chat import session as chat_ui
-from fromage_gill.chat.session import (
-    ChatExportError,
-    ModelGate,
-    build_message,
-    edited_message,
-    image_label,
-    read_export,
-)
+from fromage_gill.chat.export import ChatExportError, read_export
+from fromage_gill.chat.gate import ModelGate
+from fromage_gill.chat.labels import image_label
+from fromage_gill.chat.messages import MAX_IMAGES_PER_MESSAGE, build_message, edited_message
+from fromage_gill.chat.session import MIN_SHOWN_PX, ChatSession
 from fromage_gill.images import ImageError
 
 
@@ -68,8 +64,8 @@ def test_build_message_refusals(tmp_path, images):
     bad.write_text("hello")
     with pytest.raises(ImageError, match="notes.txt: not a readable image"):
         build_message("hi", [str(bad)])
-    with pytest.raises(ValueError, match=f"limit of {chat_ui.MAX_IMAGES_PER_MESSAGE}"):
-        build_message("hi", [str(bad)] * (chat_ui.MAX_IMAGES_PER_MESSAGE + 1))
+    with pytest.raises(ValueError, match=f"limit of {MAX_IMAGES_PER_MESSAGE}"):
+        build_message("hi", [str(bad)] * (MAX_IMAGES_PER_MESSAGE + 1))
 
 
 def test_edited_message(images):
@@ -122,9 +118,9 @@ def test_session_files_are_removed_on_close(images):
     class NoChat:
         history: list = []
 
-    session = chat_ui.ChatSession(NoChat())
+    session = ChatSession(NoChat())
     small = Path(session.image_path(images[0]))
-    assert small.is_file() and Image.open(small).size[0] >= chat_ui.MIN_SHOWN_PX  # shown enlarged
+    assert small.is_file() and Image.open(small).size[0] >= MIN_SHOWN_PX  # shown enlarged
     assert session.image_path(images[0]) == str(small)  # written once per content
     session.close()
     assert not session.image_dir.exists()
