@@ -182,6 +182,28 @@ def test_sessions_are_isolated(h):
 # ---------------------------------------------------------------------------------------------- the index
 
 
+def test_switching_the_index_keeps_the_chat_and_its_caches(h):
+    session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, index="photos", **IMAGES)).session
+    chat = session.chat
+    photo = chat.history[0].images[0].key
+    cached, n_images, encoded = chat.cached_tokens, len(chat.vision_cache), chat.vision_cache.n_encoded
+    assert cached > 0 and photo in chat.vision_cache and session.index_name == "photos"
+
+    h.use_index(session, "astronaut only")
+    assert session.chat is chat and session.index_name == "astronaut only"
+    assert chat.cached_tokens == cached, "the KV cache of the conversation so far is kept"
+    assert photo in chat.vision_cache and len(chat.vision_cache) == n_images
+    assert chat.pipeline.index is h.pipelines["astronaut only"].index
+
+    reply = last(h.send(session, {"text": "another", "files": []}, index="astronaut only", **IMAGES))
+    assert "astronaut Eileen Collins" in shown_text(reply), "retrieved from the new index"
+    assert chat.vision_cache.n_encoded == encoded, "the first turn's photo was not encoded again"
+    assert len(chat.history) == 4
+
+    h.use_index(session, "no such index")  # an unknown name changes nothing
+    assert session.index_name == "astronaut only"
+
+
 def test_each_session_starts_with_the_index_it_names(h):
     assert h.new_session("astronaut only").chat.pipeline.index is h.pipelines["astronaut only"].index
     assert h.new_session("no such index").index_name == "photos"  # the first one

@@ -71,10 +71,11 @@ class ChatHandlers:
         return ChatSession(Chat(self.pipelines[name]), index_name=name)
 
     def use_index(self, session: ChatSession, index_name: str | None) -> None:
-        """Switch the index a session retrieves from, keeping its conversation."""
+        """Retrieve from another index from now on. The same Chat goes on (the engine reads ``pipeline.index`` at
+        each retrieval), so the conversation keeps its KV cache and the vision features of its images."""
         if index_name not in self.pipelines or index_name == session.index_name:
             return
-        session.chat = Chat.from_dict(self.pipelines[index_name], session.chat.to_dict())
+        session.chat.pipeline = self.pipelines[index_name]
         session.index_name = index_name
 
     def view(self, session: ChatSession | None) -> list[dict[str, Any]]:
