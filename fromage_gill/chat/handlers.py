@@ -89,7 +89,7 @@ class ChatHandlers:
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
     def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
-        """A new user message (``{"text", "files"}``) and its answer, streamed."""
+        """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
         yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session))
 
@@ -259,7 +259,7 @@ class ChatHandlers:
         return _write_export("conversation.html", page)
 
     def export_json(self, session: ChatSession | None) -> str:
-        """The path of a new JSON export of the conversation (``load_json`` reads it back)."""
+        """The path of a new JSON export of the conversation, to continue it later with load_json."""
         data = export.export_json(session or self.new_session(), model_name=self.model_name)
         return _write_export("conversation.json", json.dumps(data))
 
