@@ -30,7 +30,6 @@ from torch.nn import functional as F
 from fromage_gill.paths import checkout_path
 from fromage_gill.pipeline import load_pipeline
 from fromage_gill.toy import evaluate as E
-from fromage_gill.toy import method
 from fromage_gill.toy import world as W
 
 CLIP_DIR = checkout_path("repo:checkpoints/toy/clip")
@@ -156,7 +155,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    gallery = method.gallery_scenes(args.gallery)
+    gallery = W.gallery_scenes(args.gallery)
     seen = W.distinct_scenes(args.gallery, split="train", seed=5)  # as many training-split scenes
     result: dict = {"gallery": len(gallery), "chance_R@1": round(1 / len(gallery), 4)}
     for name in ("toy-fromage", "toy-gill"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -20,7 +21,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
-from fromage_gill.chat import session as chat_ui  # noqa: E402
+from fromage_gill.chat.messages import MAX_IMAGES_PER_MESSAGE  # noqa: E402
 from fromage_gill.retrieve import ImageIndex  # noqa: E402
 
 ASSETS = ROOT / "assets" / "images"
@@ -340,7 +341,7 @@ def test_message_longer_than_the_context(chatting):
 def test_twenty_images(chatting):
     client, turns = chatting
     chat = send(client, "so many", [CAT] * 20)
-    assert_refused(client, chat, turns, f"limit of {chat_ui.MAX_IMAGES_PER_MESSAGE}")
+    assert_refused(client, chat, turns, f"limit of {MAX_IMAGES_PER_MESSAGE}")
 
 
 def test_regenerate_with_no_history(client):
@@ -406,6 +407,15 @@ def test_clip_flag_attaches_magic_clip(monkeypatch):
     assert app.main(["--model", "tiny-gill", "--clip", "tiny-magic", "--port", "7999"]) == 0
     assert seen["launched"]["server_port"] == 7999
     assert magic.attached_clip(seen["pipeline"]) is not None
+
+
+def test_app_does_not_import_the_commands():
+    """`fromage-gill serve` runs app.py; app.py reads its flags from fromage_gill.chat.options, not from commands/."""
+    code = ("import contextlib, sys; sys.path.insert(0, sys.argv[1]); import app\n"
+            "with contextlib.suppress(SystemExit): app.main(['--help'])  # builds the parser\n"
+            "assert not [m for m in sys.modules if m.startswith('fromage_gill.commands')], 'app.py imports commands'")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], timeout=120, capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-queue" in out.stdout, out.stdout + out.stderr
 
 
 def test_clip_flag_unknown_source(tmp_path, capsys):

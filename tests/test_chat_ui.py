@@ -1,4 +1,5 @@
-"""The app's gradio-free logic: the model gate, building and editing messages, labels, reading exports."""
+"""The app's gradio-free logic: the model gate, building and editing messages, labels, reading exports, and that
+all of fromage_gill.chat imports and runs without gradio."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fromage_gill.chat import session as chat_ui
-from fromage_gill.chat.session import (
-    ChatExportError,
-    ModelGate,
-    build_message,
-    edited_message,
-    image_label,
-    read_export,
-)
+from fromage_gill.chat.export import ChatExportError, read_export
+from fromage_gill.chat.gate import ModelGate
+from fromage_gill.chat.labels import image_label
+from fromage_gill.chat.messages import MAX_IMAGES_PER_MESSAGE, build_message, edited_message
+from fromage_gill.chat.session import MIN_SHOWN_PX, ChatSession
 from fromage_gill.images import ImageError
 
 
@@ -68,8 +65,8 @@ def test_build_message_refusals(tmp_path, images):
     bad.write_text("hello")
     with pytest.raises(ImageError, match="notes.txt: not a readable image"):
         build_message("hi", [str(bad)])
-    with pytest.raises(ValueError, match=f"limit of {chat_ui.MAX_IMAGES_PER_MESSAGE}"):
-        build_message("hi", [str(bad)] * (chat_ui.MAX_IMAGES_PER_MESSAGE + 1))
+    with pytest.raises(ValueError, match=f"limit of {MAX_IMAGES_PER_MESSAGE}"):
+        build_message("hi", [str(bad)] * (MAX_IMAGES_PER_MESSAGE + 1))
 
 
 def test_edited_message(images):
@@ -122,9 +119,9 @@ def test_session_files_are_removed_on_close(images):
     class NoChat:
         history: list = []
 
-    session = chat_ui.ChatSession(NoChat())
+    session = ChatSession(NoChat())
     small = Path(session.image_path(images[0]))
-    assert small.is_file() and Image.open(small).size[0] >= chat_ui.MIN_SHOWN_PX  # shown enlarged
+    assert small.is_file() and Image.open(small).size[0] >= MIN_SHOWN_PX  # shown enlarged
     assert session.image_path(images[0]) == str(small)  # written once per content
     session.close()
     assert not session.image_dir.exists()
@@ -134,3 +131,27 @@ def test_library_side_imports_without_gradio():
     code = ("import sys; sys.modules['gradio'] = None; import fromage_gill.chat.session, fromage_gill.commands.serve, "
             "fromage_gill.cli; fromage_gill.cli.build_parser().parse_args(['serve', '--model', 'tiny-gill'])")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+HANDLER_WITHOUT_GRADIO = """
+import importlib, pkgutil, sys
+sys.modules["gradio"] = None  # any import of gradio fails
+import fromage_gill.chat
+for info in pkgutil.iter_modules(fromage_gill.chat.__path__):
+    importlib.import_module("fromage_gill.chat." + info.name)
+from fromage_gill import load_pipeline
+from fromage_gill.chat.handlers import ChatHandlers
+h = ChatHandlers(load_pipeline("tiny-gill", device="cpu", dtype="fp32"))
+reply = list(h.send(None, {"text": "hello", "files": []}, mode="text", max_new_tokens=3))[-1]
+assert [m["role"] for m in reply.messages] == ["user", "assistant"], reply.messages
+assert h.history(reply.session)["end_reasons"] == {"1": "max_new_tokens"}
+print("modules:", *sorted(info.name for info in pkgutil.iter_modules(fromage_gill.chat.__path__)))
+"""
+
+
+def test_every_chat_module_and_a_handler_run_without_gradio():
+    out = subprocess.run([sys.executable, "-c", HANDLER_WITHOUT_GRADIO], check=True, timeout=300,
+                         capture_output=True, text=True)
+    modules = out.stdout.split("modules:")[1].split()
+    assert {"controls", "export", "gate", "handlers", "labels", "messages", "options", "page", "session"} <= set(
+        modules), out.stdout

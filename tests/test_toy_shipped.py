@@ -18,8 +18,8 @@ import pytest
 
 from fromage_gill.paths import checkout_path
 from fromage_gill.toy import evaluate as E
-from fromage_gill.toy.method import gallery_scenes
 from fromage_gill.toy.pretrain import Recipe
+from fromage_gill.toy.world import gallery_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"

@@ -31,7 +31,6 @@ from PIL import Image
 from ..generate import Chat, GenerationSettings, ImageResult, TextDelta, generate_batch, image_token_states
 from ..generate.prompt import TokenIds
 from . import world as W
-from .method import gallery_scenes
 
 EVAL_SEED = 95  # offset from the recipe seed for the evaluation's own held-out scenes
 
@@ -70,7 +69,7 @@ def evaluate(pipe, *, n: int = 60, gallery: int = 300, steps: int = 25, guidance
     res = ToyEval(model=pipe.config.name)
     (res.caption_colour, res.caption_shape, res.caption_both), res.samples["captions"] = captioning(pipe, n,
                                                                                                     seed=seed)
-    res.retrieval = retrieval(pipe, gallery_scenes(gallery, seed), seed=seed)
+    res.retrieval = retrieval(pipe, W.gallery_scenes(gallery, seed), seed=seed)
     res.chat_colour, res.samples["chat_colour"] = colour_question(pipe, n, seed=seed)
     res.compare, res.samples["compare"] = comparison(pipe, n, seed=seed)
     res.compare_from_descriptions = comparison_from_descriptions(pipe, n, seed=seed)
@@ -235,7 +234,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
             raise FileNotFoundError(f"no gallery index for {pipe.config.name}: build it (fromage-gill toy build)")
         pipe.index = ImageIndex.load(shipped, expected_fingerprint=pipe.model.retrieval_fingerprint())
     rng = np.random.default_rng([seed, EVAL_SEED, 3])
-    targets = [s for s in gallery_scenes(len(pipe.index), seed) if len(s.things) == 1]
+    targets = [s for s in W.gallery_scenes(len(pipe.index), seed) if len(s.things) == 1]
     fresh = W.scenes(n, split="test", seed=seed + EVAL_SEED + 2, two=False)
     asks = [W.show_dialogue(targets[int(rng.integers(len(targets)))], rng) if i % 2 == 0 else
             W.draw_dialogue(fresh[i], rng) for i in range(n)]
@@ -278,7 +277,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
                 later.append(_right_kind_and_colour(d, next((e for e in events if isinstance(e, ImageResult)), None)))
     # A gallery answer is right when the scene it shows is one shape of the asked colour and shape (the gallery's
     # own record, no judge); a drawing when its dominant colour is the asked one and the CLIP judge picks the shape
-    gallery = gallery_scenes(len(pipe.index), seed)
+    gallery = W.gallery_scenes(len(pipe.index), seed)
     drawn = [(d, im) for d, im in shown if im is not None and im.source == "generated" and d.kind == "draw"]
     judged = dict(zip((id(im) for _, im in drawn), shape_judge(
         _judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [d.turns[1].target for d, _ in drawn]),

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("fromage", "gill")
 DEFAULT_OUT = "repo:checkpoints/toy"  # where the shipped presets expect the backbones
-GALLERY_SEED = 90  # offset from the recipe seed: the gallery's held-out scenes
 
 
 def method_config(kind: str, out: Path) -> ModelConfig:
@@ -45,12 +44,6 @@ def method_config(kind: str, out: Path) -> ModelConfig:
     mapper = cfg.mapper and MapperSpec(**{**dataclasses.asdict(cfg.mapper), "out_dim": text["hidden_size"],
                                           "num_queries": text["max_position_embeddings"]})
     return dataclasses.replace(cfg, lm=lm, vision=vision, diffusion=diffusion, mapper=mapper, weights=None)
-
-
-def gallery_scenes(n: int, seed: int = 0) -> list[W.Scene]:
-    """The held-out scenes the gallery index holds (the "show me" answers come from these): ``n`` scenes with
-    ``n`` different complete captions, so a complete caption names exactly one gallery image."""
-    return W.distinct_scenes(n, split="test", seed=seed + GALLERY_SEED)
 
 
 def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
@@ -98,7 +91,7 @@ def build_gallery(pipe, indexes: Path, name: str, n: int, *, seed: int = 0) -> d
     ``fromage-gill index build``'s code path: a caption TSV in, an index folder out."""
     from ..retrieve import build_index
 
-    tsv = W.export_captions(indexes / "toy-gallery", gallery_scenes(n, seed), seed=seed + GALLERY_SEED)
+    tsv = W.export_captions(indexes / "toy-gallery", W.gallery_scenes(n, seed), seed=seed + W.GALLERY_SEED)
     out = indexes / name
     if out.exists():
         shutil.rmtree(out)

@@ -474,3 +474,12 @@ def decision_prompts(n: int, *, split: Split, seed: int, earlier_share: float = 
         # In a chat the model may emit [IMG0] before its closing full stop as well as after it: train on both.
         out.append((text[:-1] if rng.random() < 0.5 else text, label))
     return out
+
+
+GALLERY_SEED = 90  # offset from the recipe seed: the gallery's held-out scenes
+
+
+def gallery_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """The held-out scenes the gallery index holds (the "show me" answers come from these): ``n`` scenes with
+    ``n`` different complete captions, so a complete caption names exactly one gallery image."""
+    return distinct_scenes(n, split="test", seed=seed + GALLERY_SEED)

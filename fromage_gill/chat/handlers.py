@@ -1,0 +1,298 @@
+"""The app's handlers: one method per button and API endpoint (send, regenerate, edit, stop, undo, clear, export,
+load, history), on plain values and without gradio.
+
+A handler takes the tab's session (None before its first action), what it acts on (a message ``{"text",
+"files"}``, a turn, a file) and the settings controls' values as keyword arguments (``ui``, keyed as in
+``controls.SETTING_KEYS`` plus ``seed`` and ``index``). It returns or yields a ``Reply``; ``app.py`` wires each
+handler to its gradio event and turns the Reply into the components' values. Bad input never raises: it becomes
+an error note in the chat, and the conversation stays as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..generate import Chat, TextDelta
+from ..pipeline import Pipeline
+from . import export
+from .controls import NO_INDEX, control_values, default_settings, make_settings
+from .gate import ModelGate
+from .messages import build_message, chatbot_messages, edited_message, text_of
+from .options import AppOptions
+from .session import ChatSession
+
+logger = logging.getLogger(__name__)
+
+WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
+STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
+
+
+@dataclass
+class Reply:
+    """What a handler shows: the tab's session, the chat's messages, whether the message box is cleared (the model
+    took the message) or keeps what was typed (to fix and send again), and after loading a conversation the
+    settings controls' new values (None: unchanged)."""
+
+    session: ChatSession
+    messages: list[dict[str, Any]]
+    clear_box: bool = False
+    controls: dict[str, Any] | None = None
+
+
+class ChatHandlers:
+    """The handlers of one app: its pipeline (one view per index, sharing the model), the model gate that all of
+    its sessions queue at, and the settings' defaults."""
+
+    def __init__(self, pipeline: Pipeline, options: AppOptions | None = None):
+        self.options = options or AppOptions()
+        self.model_name = pipeline.config.name
+        self.defaults = default_settings(pipeline, self.options.defaults)
+        indexes = dict(self.options.indexes) if self.options.indexes else {}
+        if not indexes and pipeline.index is not None:
+            indexes = {"default": pipeline.index}
+        self.index_names = list(indexes)
+        # One Pipeline view per index (sharing the model): a session's Chat retrieves from the view it holds.
+        self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
+        self.pipelines = self.pipelines or {NO_INDEX: pipeline}
+        self.gate = ModelGate(self.options.concurrency)
+
+    # -- sessions -----------------------------------------------------------------------------------------------
+
+    def new_session(self, index_name: str | None = None) -> ChatSession:
+        name = index_name if index_name in self.pipelines else next(iter(self.pipelines))
+        return ChatSession(Chat(self.pipelines[name]), index_name=name)
+
+    def use_index(self, session: ChatSession, index_name: str | None) -> None:
+        """Retrieve from another index from now on. The same Chat goes on (the engine reads ``pipeline.index`` at
+        each retrieval), so the conversation keeps its KV cache and the vision features of its images."""
+        if index_name not in self.pipelines or index_name == session.index_name:
+            return
+        session.chat.pipeline = self.pipelines[index_name]
+        session.index_name = index_name
+
+    def view(self, session: ChatSession | None) -> list[dict[str, Any]]:
+        return [] if session is None else chatbot_messages(session)
+
+    def close_session(self, session: ChatSession | None) -> None:
+        if session is not None:
+            session.stop()
+            session.close()
+
+    # -- the model-using actions (streamed) ---------------------------------------------------------------------
+
+    def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
+        """A new user message (its text and attached files) and the answer, streamed."""
+        session = session or self.new_session(ui.get("index"))
+        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session))
+
+    def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
+        """Another answer to the last message, with a new seed."""
+        session = session or self.new_session(ui.get("index"))
+        yield from session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+
+    def edit(self, session: ChatSession | None, turn_index: float | None, text: str | None, part: int | None = None,
+             **ui: Any) -> Iterator[Reply]:
+        """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
+        drop what came after it, and answer again."""
+        session = session or self.new_session(ui.get("index"))
+        yield from session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+
+    def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
+        """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
+        where = session.turn_of_message(message_index) if session is not None else None
+        turn, part = where if where is not None else (-1, None)
+        yield from self.edit(session, turn, text_of(value), part, **ui)
+
+    def _send(self, session: ChatSession, message: dict | None, ui: dict) -> Iterator[Reply]:
+        session.clear_errors()
+        message = message or {}
+        try:
+            self.use_index(session, ui.get("index"))
+            settings = make_settings(self.defaults, ui)
+            segments = build_message(message.get("text"), message.get("files"),
+                                     max_images=self.options.max_images_per_message)
+        except ValueError as e:
+            session.note(str(e), kind="error")
+            yield self._reply(session)  # the box keeps what was typed, to fix and resend
+            return
+        session.settings = settings
+        yield from self._run_turn(session, lambda: session.chat.send(segments, settings), segments)
+
+    def _regenerate(self, session: ChatSession, ui: dict) -> Iterator[Reply]:
+        session.clear_errors()
+        if not any(t.role == "assistant" for t in session.chat.history):
+            session.note("Nothing to regenerate yet: send a message first.", kind="error")
+            yield self._reply(session)
+            return
+        try:
+            self.use_index(session, ui.get("index"))
+            # "Regenerate" means another answer: a fixed seed would only repeat the same one.
+            settings = dataclasses.replace(make_settings(self.defaults, ui), seed=None)
+        except ValueError as e:
+            session.note(str(e), kind="error")
+            yield self._reply(session)
+            return
+        session.settings = settings
+        yield from self._run_turn(session, lambda: session.chat.regenerate(settings), None)
+
+    def _edit(self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None,
+              ui: dict) -> Iterator[Reply]:
+        session.clear_errors()
+        history = session.chat.history
+        try:
+            i = int(turn_index) if turn_index is not None else -1
+            if not (0 <= i < len(history)) or history[i].role != "user":
+                users = [k for k, t in enumerate(history) if t.role == "user"]
+                raise ValueError(f"Turn {turn_index} is not one of your messages (yours are turns {users}).")
+            self.use_index(session, ui.get("index"))
+            settings = make_settings(self.defaults, ui)
+            segments = edited_message(history[i].segments, text or "", part)
+        except ValueError as e:
+            session.note(str(e), kind="error")
+            yield self._reply(session)
+            return
+        session.settings = settings
+        saved = session.chat.to_dict()
+
+        def start() -> Iterator[Any]:
+            session.chat.truncate(i)
+            try:
+                yield from session.chat.send(segments, settings)
+            except ValueError:
+                # Refused (e.g. too long): put back the turns that truncate() removed.
+                session.chat = Chat.from_dict(session.chat.pipeline, saved)
+                raise
+
+        yield from self._run_turn(session, start, segments, shown_turns=i)
+
+    def _run_turn(self, session: ChatSession, start: Callable[[], Iterator[Any]], pending_user: list | None,
+                  shown_turns: int | None = None) -> Iterator[Reply]:
+        """Wait for the model (showing the queue position), stream the turn, and fold errors into the chat."""
+        session.stop_requested = False
+        session.start_streaming(pending_user, shown_turns)
+        ticket = self.gate.join()
+        try:
+            while not self.gate.wait(ticket, WAIT_POLL_S):
+                if session.stop_requested:
+                    session.end_streaming()
+                    session.note("Stopped before the model started; nothing was sent.")
+                    yield self._reply(session)
+                    return
+                ahead = self.gate.ahead(ticket)
+                session.live = [f"*Busy: {ahead} ahead of you.* Your message starts when they finish "
+                                f"*(press Stop to withdraw it)*"]
+                yield self._reply(session)
+            session.live = []
+            yield self._reply(session, clear_box=True)
+            last = 0.0
+            for event in start():
+                session.apply(event)
+                now = time.monotonic()
+                if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
+                    last = now
+                    yield self._reply(session)
+        except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
+            logger.info("turn refused: %s", e)
+            session.end_streaming()
+            session.note(str(e), kind="error")
+            yield self._reply(session)
+            return
+        finally:
+            self.gate.leave(ticket)
+            session.end_streaming()
+        yield self._reply(session, clear_box=True)
+
+    def _refused(self, session: ChatSession) -> Callable[[], Iterator[Reply]]:
+        def still_answering() -> Iterator[Reply]:
+            session.note("Still answering: wait for the answer or press Stop.", kind="error")
+            yield self._reply(session)
+        return still_answering
+
+    @staticmethod
+    def _reply(session: ChatSession, **kwargs: Any) -> Reply:
+        return Reply(session, chatbot_messages(session), **kwargs)
+
+    # -- quick actions ------------------------------------------------------------------------------------------
+
+    def stop(self, session: ChatSession | None) -> ChatSession | None:
+        if session is not None:
+            session.stop()
+        return session
+
+    def undo(self, session: ChatSession | None) -> Reply:
+        session = session or self.new_session()
+        session.clear_errors()
+        if session.running:
+            session.note("Still answering: press Stop first, then Undo.", kind="error")
+        elif not session.chat.history:
+            session.note("Nothing to undo.", kind="error")
+        else:
+            try:
+                session.chat.undo()
+            except ValueError as e:
+                session.note(str(e), kind="error")
+        return self._reply(session)
+
+    def clear(self, session: ChatSession | None) -> Reply:
+        self.close_session(session)
+        return Reply(self.new_session(), [], clear_box=True)
+
+    def history(self, session: ChatSession | None) -> dict[str, Any]:
+        """The conversation as JSON-friendly data: turns (text and image labels), seeds, settings."""
+        if session is None:
+            return {"turns": [], "seeds": {}, "settings": {}}
+        return session.summary()
+
+    # -- export and import --------------------------------------------------------------------------------------
+
+    def export_html(self, session: ChatSession | None) -> str:
+        """The path of a new self-contained HTML page of the conversation."""
+        page = export.export_html(session or self.new_session(), model_name=self.model_name)
+        return _write_export("conversation.html", page)
+
+    def export_json(self, session: ChatSession | None) -> str:
+        """The path of a new JSON export of the conversation, to continue it later with load_json."""
+        data = export.export_json(session or self.new_session(), model_name=self.model_name)
+        return _write_export("conversation.json", json.dumps(data))
+
+    def load_json(self, session: ChatSession | None, file: Any) -> Reply:
+        """Continue a conversation from a JSON export (a path, ``{"path": ...}`` or an object with ``.path``); its
+        settings come back as the controls' values."""
+        session = session or self.new_session()
+        session.clear_errors()
+        path = getattr(file, "path", None) or (file.get("path") if isinstance(file, dict) else file)
+        if session.running:
+            session.note("Still answering: press Stop before loading a conversation.", kind="error")
+            return self._reply(session)
+        try:
+            if not path:
+                raise export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
+            data = export.read_export(path)
+            chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            seed = data["settings"].get("seed")
+            settings = make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            session.note(f"Could not load the conversation: {msg}", kind="error")
+            return self._reply(session)
+        session.chat = chat
+        session.settings = settings
+        session.notes = []
+        session.seeds = data["seeds"]
+        session.reasons = {}
+        session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
+        return self._reply(session, controls=control_values(settings))
+
+
+def _write_export(name: str, text: str) -> str:
+    path = Path(tempfile.mkdtemp(prefix="fromage_gill_export_")) / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)

@@ -1,0 +1,176 @@
+"""Messages in and out: the user's text and attached files as one message for ``Chat.send`` (and a past one with
+new text), and a session shown as chat messages.
+
+Shown messages are in the OpenAI-like ``{"role", "content"}`` format that ``gr.Chatbot`` takes: content is a list
+of markdown strings and ``{"path": file, "alt_text": ...}`` image entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..images import ImageError, load_image
+from .labels import image_label, plain_text
+from .session import PENDING, ChatSession, Note
+
+MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more than this is almost surely a mistake
+IMAGE_PLACEHOLDER = "<image>"  # in a message's text: where the next attached image goes
+
+
+def build_message(text: str | None, files: Sequence[Any] | None, *,
+                  max_images: int = MAX_IMAGES_PER_MESSAGE) -> list[str | Image.Image]:
+    """The user's text and attached images as one interleaved message for ``Chat.send``.
+
+    Each ``<image>`` in the text marks where the next attached image goes; images without a marker come first (in
+    the order attached), as in "look at this: [photo] what is it?". Raises ``ImageError`` / ``ValueError`` with a
+    message for the user (not an image, corrupt, too large, too many, empty message).
+    """
+    text = text or ""
+    files = list(files or [])
+    if not text.strip() and not files:
+        raise ValueError("The message is empty: type some text or attach an image.")
+    if len(files) > max_images:
+        raise ValueError(f"{len(files)} images in one message is more than the limit of {max_images}; "
+                         f"send at most {max_images} images per message.")
+    images = [_open_attachment(f) for f in files]
+    parts = text.split(IMAGE_PLACEHOLDER)
+    n_marked = min(len(parts) - 1, len(images))
+    leading = images[: len(images) - n_marked]  # unmarked images go first
+    marked = images[len(images) - n_marked:]
+    segments: list[str | Image.Image] = list(leading)
+    for i, part in enumerate(parts):
+        if part.strip():
+            segments.append(part.strip())
+        if i < len(parts) - 1 and i < len(marked):
+            segments.append(marked[i])
+    return segments
+
+
+def edited_message(segments: Sequence[Any], text: str, part: int | None = None) -> list[Any]:
+    """A past user message with new text: ``part`` = the index of the text segment to replace (None: all its text
+    becomes ``text``, where the first text was). Images stay where they were. ValueError if nothing is left."""
+    segments = list(segments)
+    text = text.strip()
+    if part is not None:
+        if not (0 <= part < len(segments)) or not isinstance(segments[part], str):
+            raise ValueError(f"Part {part} of that message is not text.")
+        out = segments[:part] + ([text] if text else []) + segments[part + 1:]
+    else:
+        first = next((k for k, s in enumerate(segments) if isinstance(s, str)), len(segments))
+        out = [s for k, s in enumerate(segments) if not isinstance(s, str) or k == first]
+        out = [text if isinstance(s, str) else s for s in out if not isinstance(s, str) or text]
+        if first == len(segments) and text:
+            out.append(text)
+    if not any(not isinstance(s, str) or s.strip() for s in out):
+        raise ValueError("The edited message is empty: type some text.")
+    return out
+
+
+def text_of(value: Any) -> str:
+    """The text of an edited chat message as the chat sends it back (a string, or content parts)."""
+    if isinstance(value, list):
+        return " ".join(text_of(v) for v in value)
+    if isinstance(value, dict):
+        return value.get("text", "") if value.get("type", "text") == "text" else ""
+    return str(value or "")
+
+
+def _open_attachment(f: Any) -> Image.Image:
+    """A gradio file (path string, ``{"path": ...}`` dict or object with ``.path``) or a PIL image, decoded safely."""
+    if isinstance(f, Image.Image):
+        return load_image(f)
+    path = f.get("path") if isinstance(f, dict) else getattr(f, "path", f)
+    name = (f.get("orig_name") if isinstance(f, dict) else None) or Path(str(path)).name
+    try:
+        return load_image(str(path), name=name)
+    except ImageError as e:
+        hint = " Attach a PNG, JPEG, GIF or WebP image." if "not a readable image" in str(e) else ""
+        raise ImageError(f"Could not use the attachment {e}.{hint}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A session shown as chat messages.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
+    """What the chat shows: the turns, the notes where they happened, the live exchange.
+
+    A user turn is shown as one chat message per segment (grouped into one bubble by the chat), so that each text
+    can be edited on its own: Gradio's message editor only handles single-part messages. An answer is one message
+    of text, images and their labels, in order. Records in ``session.message_turns`` which user text each message
+    shows, and drops the notes of turns that are gone (undone, edited away).
+    """
+    out: list[dict[str, Any]] = []
+    where: list[tuple[int, int] | None] = []
+    history = session.chat.history
+    shown = session.shown_turns
+    session.notes = [n for n in session.notes if n.after_turns <= shown]
+    notes = sorted((n for n in session.notes if n.kind != "error"), key=lambda n: n.after_turns)
+    errors = [n for n in session.notes if n.kind == "error"]  # the answer to the last action: shown last
+    k = 0
+
+    def add(role: str, content: list[Any], at: tuple[int, int] | None = None) -> None:
+        out.append({"role": role, "content": content})
+        where.append(at)
+
+    def add_user(segments: Sequence[Any], i: int | None) -> None:
+        for j, seg in enumerate(segments):
+            content = _content(session, [seg])
+            if content:
+                add("user", content, (i, j) if i is not None and isinstance(seg, str) else None)
+
+    for i in range(shown):
+        while k < len(notes) and notes[k].after_turns <= i:
+            add("assistant", _note_content(notes[k]))
+            k += 1
+        turn = history[i]
+        if turn.role == "user":
+            add_user(turn.segments, i)
+            continue
+        content = _content(session, turn.segments)
+        if session.reasons.get(i) == "stopped":
+            if content and isinstance(content[-1], str):
+                content[-1] += " *(stopped)*"
+            else:
+                content.append("*(stopped)*")
+        add("assistant", content or [" "])
+    while k < len(notes) and notes[k].after_turns <= shown:
+        add("assistant", _note_content(notes[k]))
+        k += 1
+    if session.pending_user is not None:
+        add_user(session.pending_user, None)
+    if session.live is not None:
+        add("assistant", _content(session, session.live) or ["…"])
+    for note in notes[k:] + errors:
+        add("assistant", _note_content(note))
+    session.message_turns = where
+    return out
+
+
+def _note_content(note: Note) -> list[str]:
+    prefix = "**Error:** " if note.kind == "error" else "*Note:* "
+    return [prefix + note.text]
+
+
+def _content(session: ChatSession, segments: Sequence[Any]) -> list[Any]:
+    content: list[Any] = []
+    for seg in segments:
+        if isinstance(seg, str):
+            if seg:
+                content.append(seg)
+        elif seg is PENDING:
+            content.append("*(making an image…)*")
+        else:
+            img = seg if isinstance(seg, Image.Image) else getattr(seg, "image", None)
+            if img is None:
+                continue
+            label = image_label(seg)
+            content.append({"path": session.image_path(img), "alt_text": plain_text(label) or "image"})
+            if label:
+                content.append(label)
+    return content

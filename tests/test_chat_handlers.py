@@ -1,0 +1,336 @@
+"""The app's handlers (fromage_gill/chat/handlers.py) called directly on tiny-gill, without gradio: what each
+button does to the conversation and what it shows. tests/test_app.py drives the same through the gradio API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from fromage_gill.chat import controls, handlers
+from fromage_gill.chat.handlers import ChatHandlers, Reply
+from fromage_gill.chat.options import AppOptions, add_serve_args, load_indexes
+from fromage_gill.chat.page import example_messages, header_markdown
+from fromage_gill.retrieve.index import ImageIndex
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "images"
+CAT = ASSETS / "chelsea.jpg"
+TEXT = dict(mode="text", max_new_tokens=4)
+IMAGES = dict(mode="retrieve", image_logit_bias=20.0, max_images=1, max_new_tokens=6)  # an image at once
+
+
+@pytest.fixture(scope="module")
+def indexes(tiny_gill):
+    photos = load_indexes(None, tiny_gill)["assets"]  # the shipped tiny-gill index of assets/images
+    astronaut = ImageIndex(photos.vectors[:1], [photos.record(0)], photos.fingerprint, directory=photos.directory)
+    return {"photos": photos, "astronaut only": astronaut}
+
+
+@pytest.fixture
+def h(tiny_gill, indexes):
+    return ChatHandlers(tiny_gill, AppOptions(indexes=indexes, defaults=dict(num_inference_steps=2)))
+
+
+def last(replies) -> Reply:
+    replies = list(replies)
+    assert replies and all(isinstance(r, Reply) for r in replies)
+    return replies[-1]
+
+
+def shown_text(reply: Reply, k: int = -1) -> str:
+    return " ".join(c for c in reply.messages[k]["content"] if isinstance(c, str))
+
+
+def user_texts(session) -> list[str]:
+    return [t["segments"][-1]["text"] for t in session.summary()["turns"] if t["role"] == "user"]
+
+
+# ---------------------------------------------------------------------------------------------- turns
+
+
+def test_send_shows_the_message_and_streams_the_answer(h):
+    replies = list(h.send(None, {"text": "look", "files": [str(CAT)]}, **IMAGES))
+    session = replies[-1].session
+    assert all(r.session is session for r in replies)  # the first action makes the tab's session
+    assert replies[0].clear_box and replies[-1].clear_box  # the model took the message: the box empties
+    assert [m["role"] for m in replies[-1].messages] == ["user", "user", "assistant"]  # image, text, answer
+    assert replies[-1].messages[0]["content"][0]["path"].endswith(".png") and shown_text(replies[-1], 1) == "look"
+    assert "**Retrieved** (score" in shown_text(replies[-1])
+    summary = h.history(session)
+    assert [t["role"] for t in summary["turns"]] == ["user", "assistant"]
+    assert isinstance(summary["seeds"]["1"], int) and summary["settings"]["mode"] == "retrieve"
+
+
+@pytest.mark.parametrize("message, ui, needle", [
+    ({"text": "   ", "files": []}, {}, "The message is empty"),
+    ({"text": "hi", "files": []}, dict(seed="lucky"), "Seed must be a whole number or 'random', got 'lucky'."),
+    ({"text": "hi", "files": [str(CAT)] * 9}, {}, "more than the limit of 8"),
+    ({"text": "word " * 3000, "files": []}, dict(mode="text"), "fits 512"),
+])
+def test_refused_message_is_an_error_note_and_keeps_the_box(h, message, ui, needle):
+    session = last(h.send(None, {"text": "hello", "files": []}, **TEXT)).session
+    before = session.summary()["turns"]
+    reply = last(h.send(session, message, **ui))
+    assert not reply.clear_box, "the box keeps what was typed, to fix and send again"
+    assert shown_text(reply).startswith("**Error:**") and needle in shown_text(reply)
+    assert session.summary()["turns"] == before
+
+
+def test_regenerate_takes_a_new_seed_even_when_one_is_set(h):
+    session = last(h.send(None, {"text": "hi", "files": []}, seed="7", **TEXT)).session
+    assert h.history(session)["seeds"] == {"1": 7}
+    reply = last(h.regenerate(session, seed="7", **TEXT))
+    assert len(session.chat.history) == 2 and h.history(session)["seeds"]["1"] != 7
+    assert [m["role"] for m in reply.messages] == ["user", "assistant"]
+
+
+def test_regenerate_before_any_answer(h):
+    reply = last(h.regenerate(None))
+    assert shown_text(reply) == "**Error:** Nothing to regenerate yet: send a message first."
+
+
+def test_edit_branches_from_a_past_message_and_keeps_its_images(h):
+    session = last(h.send(None, {"text": "first", "files": [str(CAT)]}, **TEXT)).session
+    last(h.send(session, {"text": "second", "files": []}, **TEXT))
+    reply = last(h.edit(session, 0, "a better first", **TEXT))
+    turns = h.history(session)["turns"]
+    assert len(turns) == 2 and turns[0]["segments"] == [{"image": "image", "source": "user"},
+                                                        {"text": "a better first"}]
+    assert [m["role"] for m in reply.messages] == ["user", "user", "assistant"]  # its image, its text, the answer
+    # The chat's own editor names the shown message: message 1 is the text of turn 0 (message 0 is its image)
+    assert session.turn_of_message(1) == (0, 1) and session.turn_of_message(0) is None
+    last(h.edit_shown(session, 1, [{"type": "text", "text": "edited in the chat"}], **TEXT))
+    assert user_texts(session) == ["edited in the chat"] and len(session.chat.history[0].images) == 1
+
+    reply = last(h.edit(session, 1, "x"))  # an answer, not a user message
+    assert "Turn 1 is not one of your messages (yours are turns [0])" in shown_text(reply)
+    assert len(session.chat.history) == 2
+
+
+def test_refused_edit_puts_the_conversation_back(h):
+    session = last(h.send(None, {"text": "first", "files": []}, **TEXT)).session
+    last(h.send(session, {"text": "second", "files": []}, **TEXT))
+    before = session.summary()["turns"]
+    reply = last(h.edit(session, 0, "word " * 3000, **TEXT))
+    assert "fits 512" in shown_text(reply) and session.summary()["turns"] == before
+
+
+def test_undo_and_clear(h):
+    session = last(h.send(None, {"text": "one", "files": []}, **TEXT)).session
+    last(h.send(session, {"text": "two", "files": []}, **TEXT))
+    reply = h.undo(session)
+    assert user_texts(reply.session) == ["one"] and len(reply.messages) == 2
+    h.undo(session)
+    assert shown_text(h.undo(session)) == "**Error:** Nothing to undo."
+
+    last(h.send(session, {"text": "three", "files": []}, **TEXT))
+    image_dir = session.image_dir
+    reply = h.clear(session)
+    assert reply.messages == [] and reply.clear_box and reply.session is not session
+    assert h.history(reply.session)["turns"] == [] and not image_dir.exists()
+
+
+def test_stop_mid_answer_keeps_what_streamed(h):
+    session = h.new_session()
+    turn = h.send(session, {"text": "talk", "files": []}, mode="text", max_new_tokens=200)
+    for reply in turn:
+        if reply.session.live and reply.session.live[0].strip():
+            break
+    assert h.stop(session) is session
+    rest = list(turn)
+    assert rest[-1].clear_box and h.history(session)["end_reasons"] == {"1": "stopped"}
+    assert shown_text(rest[-1]).endswith("*(stopped)*") and len(session.chat.history[1].segments[0]) > 0
+
+
+def test_second_message_while_answering_is_refused(h):
+    session = h.new_session()
+    turn = h.send(session, {"text": "long", "files": []}, mode="text", max_new_tokens=50)
+    next(turn)  # the turn runs (and holds the session) until its generator ends
+    refused = last(h.send(session, {"text": "me too", "files": []}, **TEXT))
+    assert shown_text(refused) == "**Error:** Still answering: wait for the answer or press Stop."
+    assert "Still answering: press Stop first" in shown_text(h.undo(session))
+    h.stop(session)
+    list(turn)
+    assert user_texts(session) == ["long"]
+
+
+def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
+    monkeypatch.setattr(handlers, "WAIT_POLL_S", 0.01)
+    a, b = h.new_session(), h.new_session()
+    first = h.send(a, {"text": "long", "files": []}, mode="text", max_new_tokens=50)
+    next(first)  # a holds the model
+    waiting = h.send(b, {"text": "me too", "files": []}, **TEXT)
+    reply = next(waiting)
+    assert "*Busy: 1 ahead of you.*" in shown_text(reply) and not reply.clear_box
+    h.stop(b)  # withdrawn before the model started
+    assert "Stopped before the model started; nothing was sent." in shown_text(last(waiting))
+    assert b.chat.history == []
+    first.close()
+    assert h.gate.busy == 0
+
+
+def test_sessions_are_isolated(h):
+    a = last(h.send(None, {"text": "I am A", "files": []}, **TEXT)).session
+    b = last(h.send(None, {"text": "I am B", "files": []}, **TEXT)).session
+    last(h.send(a, {"text": "still A", "files": []}, **TEXT))
+    assert user_texts(a) == ["I am A", "still A"] and user_texts(b) == ["I am B"]
+
+
+# ---------------------------------------------------------------------------------------------- the index
+
+
+def test_switching_the_index_keeps_the_chat_and_its_caches(h):
+    session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, index="photos", **IMAGES)).session
+    chat = session.chat
+    photo = chat.history[0].images[0].key
+    cached, n_images, encoded = chat.cached_tokens, len(chat.vision_cache), chat.vision_cache.n_encoded
+    assert cached > 0 and photo in chat.vision_cache and session.index_name == "photos"
+
+    h.use_index(session, "astronaut only")
+    assert session.chat is chat and session.index_name == "astronaut only"
+    assert chat.cached_tokens == cached, "the KV cache of the conversation so far is kept"
+    assert photo in chat.vision_cache and len(chat.vision_cache) == n_images
+    assert chat.pipeline.index is h.pipelines["astronaut only"].index
+
+    reply = last(h.send(session, {"text": "another", "files": []}, index="astronaut only", **IMAGES))
+    assert "astronaut Eileen Collins" in shown_text(reply), "retrieved from the new index"
+    assert chat.vision_cache.n_encoded == encoded, "the first turn's photo was not encoded again"
+    assert len(chat.history) == 4
+
+    h.use_index(session, "no such index")  # an unknown name changes nothing
+    assert session.index_name == "astronaut only"
+
+
+def test_each_session_starts_with_the_index_it_names(h):
+    assert h.new_session("astronaut only").chat.pipeline.index is h.pipelines["astronaut only"].index
+    assert h.new_session("no such index").index_name == "photos"  # the first one
+
+
+def test_no_index_at_all(tiny_gill):
+    assert tiny_gill.index is None
+    bare = ChatHandlers(tiny_gill)
+    assert bare.index_names == [] and list(bare.pipelines) == [controls.NO_INDEX]
+    reply = last(bare.send(None, {"text": "show me", "files": []}, mode="retrieve", index=controls.NO_INDEX))
+    assert "needs an image index" in shown_text(reply)
+
+
+# ---------------------------------------------------------------------------------------------- export / import
+
+
+def test_export_json_loads_back_with_its_settings(h):
+    session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, **IMAGES)).session
+    last(h.send(session, {"text": "more", "files": []}, seed="5", **TEXT))
+    before = h.history(session)
+    path = Path(h.export_json(session))
+    data = json.loads(path.read_text())
+    assert path.name == "conversation.json" and data["format"] == "fromage_gill.chat"
+    assert data["seeds"] == before["seeds"] and data["settings"]["mode"] == "text"
+
+    reply = h.load_json(None, {"path": str(path)})
+    after = h.history(reply.session)
+    assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
+    assert reply.controls["mode"] == "text" and reply.controls["seed"] == "5" and "index" not in reply.controls
+    assert shown_text(reply) == "*Note:* Loaded a conversation of 4 turns from conversation.json."
+    last(h.send(reply.session, {"text": "and now?", "files": []}, **TEXT))
+    assert len(reply.session.chat.history) == 6
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"{not json", "not valid JSON"),
+    (b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "robot", "segments": []}]}', "turns[0]"),
+    (b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "settings": {"temperature": "hot"}}', ""),
+])
+def test_nonsense_export_is_refused(h, tmp_path, content, needle):
+    session = last(h.send(None, {"text": "hello", "files": []}, **TEXT)).session
+    before = session.summary()["turns"]
+    f = tmp_path / "edited.json"
+    f.write_bytes(content)
+    reply = h.load_json(session, str(f))
+    assert reply.controls is None and session.summary()["turns"] == before
+    assert shown_text(reply).startswith("**Error:** Could not load the conversation: ") and needle in shown_text(reply)
+    assert "No file" in shown_text(h.load_json(session, None))
+
+
+def test_export_html_is_self_contained(h):
+    session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, **IMAGES)).session
+    page = Path(h.export_html(session)).read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "<b>Retrieved</b> (score" in page and "look" in page
+
+
+def test_close_session_removes_its_files(h):
+    session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, **TEXT)).session
+    assert any(session.image_dir.iterdir())
+    h.close_session(session)
+    h.close_session(None)
+    assert not session.image_dir.exists()
+    assert h.view(None) == [] and h.history(None) == {"turns": [], "seeds": {}, "settings": {}}
+
+
+def test_handlers_are_safe_from_two_threads(h):
+    """Two tabs at once: each conversation gets only its own turns, through the one model gate."""
+    sessions = [h.new_session() for _ in range(2)]
+
+    def chat(session, name):
+        for k in range(2):
+            last(h.send(session, {"text": f"{name} {k}", "files": []}, **TEXT))
+
+    threads = [threading.Thread(target=chat, args=(s, n)) for s, n in zip(sessions, "AB", strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [user_texts(s) for s in sessions] == [["A 0", "A 1"], ["B 0", "B 1"]]
+    assert h.gate.busy == 0
+
+
+# ---------------------------------------------------------------------------------------------- settings, page, flags
+
+
+def test_settings_from_the_controls(tiny_gill):
+    base = controls.default_settings(tiny_gill, {"mode": "text"})
+    assert base["max_new_tokens"] == 24 and base["num_inference_steps"] == 4 and base["mode"] == "text"
+    s = controls.make_settings(base, {"max_new_tokens": 7.0, "seed": " 12 ", "index": "photos", "top_p": None})
+    assert s.max_new_tokens == 7 and s.seed == 12 and s.mode == "text" and s.top_p == base["top_p"]
+    assert controls.make_settings(base, {"seed": "Random"}).seed is None
+    values = controls.control_values(s)
+    assert values["seed"] == "12" and set(values) == {*controls.SETTING_KEYS, "seed"}
+    assert controls.make_settings(base, values) == s
+    with pytest.raises(ValueError, match="temperature"):
+        controls.make_settings(base, {"temperature": -1.0})
+    assert "magic" in controls.decoding_choices() and set(controls.SETTINGS_HELP) >= {"mode", "seed", "index"}
+
+
+def test_page_text(tiny_gill):
+    header = header_markdown(tiny_gill, [])
+    assert "`tiny-gill` — GILL" in header and "random weights" in header and "No image index" in header
+    assert "No image index" not in header_markdown(tiny_gill, ["assets"])
+    examples = example_messages(tiny_gill)
+    assert len(examples) == 4 and all(Path(f).is_file() for e in examples for f in e["files"])
+
+
+def test_serve_flags_parse():
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--model", "tiny-gill", "--index", "a=/x", "--index", "/y", "--max-queue", "3"])
+    assert args.index == ["a=/x", "/y"] and args.max_queue == 3 and args.port == 7860
+
+
+def test_load_indexes_names_them(tiny_gill):
+    from fromage_gill.retrieve.index import shipped_index_dir
+
+    shipped = shipped_index_dir("tiny-gill")
+    got = load_indexes([f"mine={shipped}", str(shipped)], tiny_gill)
+    assert list(got) == ["mine", "tiny-gill"] and all(len(i) == len(got["mine"]) for i in got.values())
+    with pytest.raises(ValueError, match="max-queue"):
+        AppOptions(max_queue=0)
+
+
+def test_the_header_says_when_gill_runs_without_its_decision_head(tiny_gill, monkeypatch):
+    from fromage_gill.chat.page import header_markdown
+
+    assert "decision head" not in header_markdown(tiny_gill, [])
+    monkeypatch.setattr(tiny_gill.model, "decision", None)  # as load_pipeline(..., decision_model=False) builds it
+    assert "every image follows the Mode setting" in header_markdown(tiny_gill, [])
