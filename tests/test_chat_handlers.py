@@ -328,9 +328,12 @@ def test_load_indexes_names_them(tiny_gill):
         AppOptions(max_queue=0)
 
 
-def test_the_header_says_when_gill_runs_without_its_decision_head(tiny_gill, monkeypatch):
+def test_the_header_says_when_gill_runs_without_its_decision_head(tiny_gill):
+    from types import SimpleNamespace
+
     from fromage_gill.chat.page import header_markdown
 
     assert "decision head" not in header_markdown(tiny_gill, [])
-    monkeypatch.setattr(tiny_gill.model, "decision", None)  # as load_pipeline(..., decision_model=False) builds it
-    assert "every image follows the Mode setting" in header_markdown(tiny_gill, [])
+    # As load_pipeline(..., decision_model=False) builds it: the same GILL, no decision head.
+    headless = SimpleNamespace(config=tiny_gill.config, index=None, model=SimpleNamespace(decision=None))
+    assert "every image follows the Mode setting" in header_markdown(headless, [])
