@@ -1,4 +1,9 @@
-"""Reading and preprocessing images: safe decoding (size and pixel limits) and CLIP's 224-px preprocessing."""
+"""Reading and preprocessing images: safe decoding (size, pixel, long-side and aspect limits, checked from the header
+before any pixel is decoded) and CLIP's 224-px preprocessing.
+
+Every image that reaches a model goes through ``load_image``: chat uploads, API messages, index builds, training
+data, imported conversations, fetched URLs.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # a photograph is a few MB; anything bigger is a mistake or an attack
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: bigger images are refused (decompression bombs)
+# The pixel limit alone lets a 143-byte 20000 x 1 PNG through, and resizing its short side to 224 px makes a 4.5-
+# gigapixel image on the way to the centre crop. Preprocessing costs about size^2 * (long side / short side), so the
+# aspect ratio bounds it; the long side bounds the decoded rows of thin images that are still under the ratio.
+MAX_IMAGE_SIDE = 16_384  # a 64-megapixel panorama of 16384 x 3906 still fits
+MAX_ASPECT_RATIO = 32  # long side / short side: wide banners (10:1) and panoramas (up to ~20:1) fit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,11 +33,16 @@ class ImageError(ValueError):
 
 
 def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MAX_IMAGE_PIXELS,
-               max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None) -> Image.Image:
-    """Decode an image from a path, bytes or a PIL image into RGB, refusing empty, corrupt and oversized input."""
+               max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None, max_side: int = MAX_IMAGE_SIDE,
+               max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decode an image from a path, bytes or a PIL image into RGB, refusing empty, corrupt and oversized input.
+
+    Sizes (pixels, long side, aspect ratio) are checked from the header, before the pixels are decoded."""
+    limits = (max_pixels, max_side, max_aspect_ratio)
     if isinstance(source, Image.Image):
-        _check_pixels(source, max_pixels, name or "image")
-        return source.convert("RGB") if source.mode != "RGB" else source
+        name = name or getattr(source, "filename", "") or "image"
+        _check_size(source, name, *limits)
+        return _decoded(source, name, owned=False)
     if isinstance(source, (str, Path)):
         path = Path(source)
         name = name or str(path)
@@ -45,25 +60,38 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
         raise ImageError(f"{name}: {len(data)} bytes is more than the {max_bytes}-byte limit for an image")
     try:
         img = Image.open(io.BytesIO(data))
-        _check_pixels(img, max_pixels, name)  # checked from the header, before decoding the pixels
-        img.load()
-    except ImageError:
-        raise
     except Image.DecompressionBombError:  # PIL refuses > 2x its own limit while reading the header, before we look
         raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} pixels; resize it first") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (not PNG, JPEG, GIF, WebP or another known format)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a known format whose header is damaged
+        raise ImageError(f"{name}: not a readable image (damaged or truncated: {e})") from None
+    _check_size(img, name, *limits)  # from the header, before decoding the pixels
+    return _decoded(img, name, owned=True)
+
+
+def _check_size(img: Image.Image, name: str, max_pixels: int, max_side: int, max_aspect_ratio: float) -> None:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} pixels is more than the limit of {max_pixels:,} pixels; resize it first")
+    if max(w, h) > max_side:
+        raise ImageError(f"{name}: {w}x{h} pixels: its long side ({max(w, h):,} pixels) is more than the limit of "
+                         f"{max_side:,} pixels; resize it first")
+    if max(w, h) > max_aspect_ratio * min(w, h):
+        raise ImageError(f"{name}: {w}x{h} pixels is {max(w, h) / min(w, h):,.0f} times longer than it is wide, more "
+                         f"than the limit of {max_aspect_ratio:g}:1; crop it first")
+
+
+def _decoded(img: Image.Image, name: str, *, owned: bool) -> Image.Image:
+    if not owned:
+        return img.convert("RGB") if img.mode != "RGB" else img
+    try:
+        img.load()
     except (OSError, SyntaxError, ValueError) as e:  # a known format whose data is damaged, e.g. a truncated JPEG
         raise ImageError(f"{name}: not a readable image (damaged or truncated: {e})") from None
     return img.convert("RGB")
-
-
-def _check_pixels(img: Image.Image, max_pixels: int, name: str) -> None:
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} pixels is more than the limit of {max_pixels:,} pixels; resize it first")
-    if w < 1 or h < 1:
-        raise ImageError(f"{name}: empty image ({w}x{h})")
 
 
 def image_hash(img: Image.Image) -> str:
@@ -88,6 +116,10 @@ class ImageProcessor:
     def _one(self, img: Image.Image) -> torch.Tensor:
         img = img.convert("RGB")
         w, h = img.size
+        # Resizing the short side to `size` first makes a (size * ratio) x size image: bounded only by the ratio.
+        # load_image refuses such images already; this keeps images made in memory (or built by hand) bounded too.
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise ImageError(f"a {w}x{h}-pixel image is more than {MAX_ASPECT_RATIO}:1; crop it before preprocessing")
         scale = self.size / min(w, h)
         img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
         w, h = img.size
