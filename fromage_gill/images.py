@@ -1,5 +1,5 @@
 """Reading and preprocessing images: safe decoding (size, pixel, long-side and aspect limits, checked from the header
-before any pixel is decoded) and CLIP's 224-px preprocessing.
+before any pixel is decoded), the right RGB for every mode, and CLIP's 224-px preprocessing.
 
 Every image that reaches a model goes through ``load_image``: chat uploads, API messages, index builds, training
 data, imported conversations, fetched URLs.
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # a photograph is a few MB; anything bigger is a mistake or an attack
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: bigger images are refused (decompression bombs)
@@ -35,9 +38,12 @@ class ImageError(ValueError):
 def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MAX_IMAGE_PIXELS,
                max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None, max_side: int = MAX_IMAGE_SIDE,
                max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
-    """Decode an image from a path, bytes or a PIL image into RGB, refusing empty, corrupt and oversized input.
+    """Decode an image from a path, bytes or a PIL image into upright RGB, refusing empty, corrupt and oversized input.
 
-    Sizes (pixels, long side, aspect ratio) are checked from the header, before the pixels are decoded."""
+    Sizes are checked from the header, before the pixels are decoded. Only the first frame of an animation is kept;
+    EXIF orientation is applied; transparency is composited over white; 16-bit greyscale is scaled to 8 bits. A PIL
+    image may be lazy (straight from ``Image.open``): it is decoded here, and a damaged one raises ``ImageError``.
+    """
     limits = (max_pixels, max_side, max_aspect_ratio)
     if isinstance(source, Image.Image):
         name = name or getattr(source, "filename", "") or "image"
@@ -85,12 +91,52 @@ def _check_size(img: Image.Image, name: str, max_pixels: int, max_side: int, max
 
 
 def _decoded(img: Image.Image, name: str, *, owned: bool) -> Image.Image:
-    if not owned:
-        return img.convert("RGB") if img.mode != "RGB" else img
+    """``img`` decoded (first frame), upright and RGB; ``owned``: ``img`` is ours to change in place."""
     try:
-        img.load()
+        img.load()  # the first frame only: an animation's other frames are never decoded
+        orientation = _orientation(img, name)
+        if orientation not in (None, 1):
+            img = ImageOps.exif_transpose(img, in_place=owned) or img  # in place: no second copy of a big image
+        return to_rgb(img)
+    except Image.DecompressionBombError:  # a later part of the file (e.g. a frame) asks for more than the header
+        raise ImageError(f"{name}: more pixels than the pixel limit; resize it first") from None
     except (OSError, SyntaxError, ValueError) as e:  # a known format whose data is damaged, e.g. a truncated JPEG
         raise ImageError(f"{name}: not a readable image (damaged or truncated: {e})") from None
+
+
+def _orientation(img: Image.Image, name: str) -> int | None:
+    try:
+        return img.getexif().get(ExifTags.Base.Orientation)
+    except Exception as e:  # noqa: BLE001 -- a damaged EXIF block must not cost the picture, only its rotation
+        logger.warning("%s: EXIF data unreadable (%s); orientation not applied", name, e)
+        return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, as a viewer would show it (``img`` itself when it already is).
+
+    Transparency (RGBA, LA, PA, a palette or colour key with a transparent entry) is composited over white, as
+    transformers' ``convert_to_rgb`` does (Pillow alone would keep the hidden colour under each transparent pixel,
+    often black); 16-bit and 32-bit integer greyscale (``I;16*``, ``I``) keep their top 8 bits (Pillow alone clips
+    every value above 255 to white); palette, greyscale, CMYK and the rest convert with Pillow."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # (H, W) values in [0, 65535], as 16-bit PNG and TIFF decode; the top byte, as Pillow reads 16-bit RGB
+        transparency = img.info.get("transparency")
+        values = np.asarray(img)  # (H, W) uint16, or int32 for mode I
+        if values.dtype.kind == "i":
+            values = np.clip(values, 0, 65535)
+        grey = Image.fromarray((values >> 8).astype(np.uint8), "L")
+        if isinstance(transparency, int):  # a 16-bit colour key
+            alpha = Image.fromarray(np.where(np.asarray(img) == transparency, 0, 255).astype(np.uint8), "L")
+            grey.putalpha(alpha)
+        img = grey
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # convert() to the same mode would copy
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba)  # the alpha band is the mask
+        return out
     return img.convert("RGB")
 
 
@@ -114,7 +160,7 @@ class ImageProcessor:
         return torch.stack([self._one(img) for img in images])  # (N, 3, size, size)
 
     def _one(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         # Resizing the short side to `size` first makes a (size * ratio) x size image: bounded only by the ratio.
         # load_image refuses such images already; this keeps images made in memory (or built by hand) bounded too.

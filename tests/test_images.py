@@ -1,4 +1,5 @@
-"""Image loading: hostile sizes refused from the header within a memory budget. Every file is made here."""
+"""Image loading: hostile sizes refused from the header within a memory budget, and every mode reaching the model as
+the RGB a viewer shows (upright, transparency over white, 16-bit scaled, first frame). Every file is made here."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from fromage_gill.images import (
     ImageError,
     ImageProcessor,
     load_image,
+    to_rgb,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +99,92 @@ def test_refusing_hostile_images_stays_within_300_mb(tmp_path):
     assert len(results) >= 10
     bad = [r for r in results if r["outcome"] != r["expect"] or not r["peak_mb"] < 300]
     assert not bad, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ modes (finding B)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(fmt):
+    stored = _halves()  # 40 x 20 as stored; orientation 6 means "rotate 90 degrees clockwise to view"
+    img = load_image(_with_orientation(stored, 6, fmt))
+    assert img.size == (20, 40)
+    expected = _rgb(stored.transpose(Image.Transpose.ROTATE_270))  # red on top, blue below
+    assert np.abs(_rgb(img) - expected).max() < 40  # JPEG's rounding at the seam
+    assert img.getpixel((10, 5))[0] > 200 and img.getpixel((10, 35))[2] > 200
+
+
+def test_exif_orientation_of_a_lazy_pil_image(tmp_path):
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(_with_orientation(_halves(), 8, "JPEG"))
+    lazy = Image.open(path)  # not decoded yet
+    img = load_image(lazy)
+    assert img.size == (20, 40) and img.getpixel((10, 5))[2] > 200  # orientation 8: rotate 90 counter-clockwise
+    assert lazy.size == (40, 20)  # the caller's image is left alone
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    values = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    data = _save(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    img = load_image(data)
+    assert np.array_equal(_rgb(img)[..., 0], values.astype(int) >> 8)
+    assert np.array_equal(_rgb(img)[..., 0], _rgb(img)[..., 2])
+    wide = Image.fromarray(values.astype(np.int32) * 1, "I")  # mode I, as older Pillow opened 16-bit PNGs
+    assert np.array_equal(_rgb(load_image(wide))[..., 1], values.astype(int) >> 8)
+
+
+def test_palette_with_a_transparent_entry_becomes_white():
+    img = Image.new("P", (4, 1))
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    img.putdata([0, 1, 2, 0])
+    got = load_image(_save(img, transparency=0))  # entry 0 (black) is transparent
+    assert [tuple(p) for p in _rgb(got)[0]] == [WHITE, RED, BLUE, WHITE]
+
+
+@pytest.mark.parametrize("mode, pixel, expected", [
+    ("LA", (100, 0), WHITE), ("LA", (100, 255), (100, 100, 100)), ("LA", (0, 128), (127, 127, 127)),
+    ("RGBA", (255, 0, 0, 0), WHITE), ("RGBA", (0, 0, 255, 255), BLUE), ("RGBA", (0, 0, 0, 64), (191, 191, 191)),
+    ("L", 77, (77, 77, 77)),
+    ("CMYK", (0, 0, 0, 0), WHITE), ("CMYK", (255, 0, 0, 0), (0, 255, 255)), ("CMYK", (0, 0, 0, 255), (0, 0, 0)),
+])
+def test_modes_become_the_rgb_a_viewer_shows(mode, pixel, expected):
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    got = load_image(_save(Image.new(mode, (3, 2), pixel), fmt))
+    assert np.abs(_rgb(got) - np.array(expected)).max() <= 1, (mode, pixel, got.getpixel((0, 0)))
+
+
+def test_rgb_with_a_colour_key_and_in_memory_modes():
+    img = Image.new("RGB", (2, 1), RED)
+    img.putpixel((1, 0), BLUE)
+    got = load_image(_save(img, transparency=BLUE))  # tRNS: blue is transparent
+    assert [tuple(p) for p in _rgb(got)[0]] == [RED, WHITE]
+    assert tuple(_rgb(to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 0))))[0, 0]) == WHITE  # in memory, same rule
+    rgb = Image.new("RGB", (2, 2), RED)
+    assert load_image(rgb) is rgb  # nothing to do: no copy
+
+
+def test_animations_keep_their_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in (RED, BLUE, (0, 255, 0))]
+    for fmt in ("GIF", "PNG", "WEBP"):  # GIF, APNG, animated WebP
+        data = _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100,
+                     **({"lossless": True} if fmt == "WEBP" else {}))
+        assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3, fmt
+        assert np.abs(_rgb(load_image(data)) - np.array(RED)).max() <= 2, fmt
+
+
+def test_a_damaged_lazy_pil_image_raises_image_error(tmp_path):
+    buf = _save(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    path = tmp_path / "cut.png"
+    path.write_bytes(buf[: len(buf) // 2])
+    lazy = Image.open(path)  # the header is fine; the pixels are not there
+    with pytest.raises(ImageError, match=r"cut.png: not a readable image \(damaged or truncated"):
+        load_image(lazy)
+
+
+def test_corrupt_exif_costs_only_the_rotation():
+    data = bytearray(_with_orientation(_halves(), 6, "JPEG"))
+    start = data.index(b"Exif\0\0") + 6
+    data[start: start + 8] = b"XX\0\0\0\0\0\0"  # not a TIFF header any more
+    img = load_image(bytes(data), name="odd.jpg")
+    assert img.size in ((40, 20), (20, 40))
