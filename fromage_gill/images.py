@@ -7,6 +7,7 @@ data, imported conversations, fetched URLs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -26,6 +27,10 @@ MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: bigger images are refused (decompr
 # aspect ratio bounds it; the long side bounds the decoded rows of thin images that are still under the ratio.
 MAX_IMAGE_SIDE = 16_384  # a 64-megapixel panorama of 16384 x 3906 still fits
 MAX_ASPECT_RATIO = 32  # long side / short side: wide banners (10:1) and panoramas (up to ~20:1) fit
+
+# Pillow can open ~40 formats; some hand the file to outside programs (EPS runs Ghostscript) or to rarely used
+# decoders. These are what cameras, phones, browsers and datasets produce.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,6 +52,9 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
     limits = (max_pixels, max_side, max_aspect_ratio)
     if isinstance(source, Image.Image):
         name = name or getattr(source, "filename", "") or "image"
+        if getattr(source, "tile", None) and source.format not in _formats():  # lazy: its decoder has not run yet
+            raise ImageError(f"{name}: not a readable image ({source.format} is not PNG, JPEG, GIF, WebP, BMP, TIFF "
+                             f"or AVIF)")
         _check_size(source, name, *limits)
         return _decoded(source, name, owned=False)
     if isinstance(source, (str, Path)):
@@ -65,15 +73,21 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
     if len(data) > max_bytes:
         raise ImageError(f"{name}: {len(data)} bytes is more than the {max_bytes}-byte limit for an image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_formats())
     except Image.DecompressionBombError:  # PIL refuses > 2x its own limit while reading the header, before we look
         raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} pixels; resize it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (not PNG, JPEG, GIF, WebP or another known format)") from None
+        raise ImageError(f"{name}: not a readable image (not PNG, JPEG, GIF, WebP, BMP, TIFF or AVIF)") from None
     except (OSError, SyntaxError, ValueError) as e:  # a known format whose header is damaged
         raise ImageError(f"{name}: not a readable image (damaged or truncated: {e})") from None
     _check_size(img, name, *limits)  # from the header, before decoding the pixels
     return _decoded(img, name, owned=True)
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin; AVIF is there only where Pillow was built with libavif
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 def _check_size(img: Image.Image, name: str, max_pixels: int, max_side: int, max_aspect_ratio: float) -> None:

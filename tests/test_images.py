@@ -182,6 +182,20 @@ def test_a_damaged_lazy_pil_image_raises_image_error(tmp_path):
         load_image(lazy)
 
 
+def test_formats_outside_the_list_are_refused():
+    """Pillow opens ~40 formats, some through outside programs (EPS runs Ghostscript); uploads get the usual ones."""
+    for fmt in ("PPM", "TGA", "PCX"):
+        data = _save(Image.new("RGB", (4, 4), RED), fmt)
+        assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would take it
+        with pytest.raises(ImageError, match="not a readable image"):
+            load_image(data, name=f"x.{fmt.lower()}")
+    with pytest.raises(ImageError, match="PPM is not PNG"):
+        load_image(Image.open(io.BytesIO(_save(Image.new("RGB", (4, 4)), "PPM"))))  # lazy: never decoded
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
+        assert load_image(_save(Image.new("RGB", (4, 4), RED), fmt)).size == (4, 4), fmt
+        assert load_image(Image.open(io.BytesIO(_save(Image.new("RGB", (4, 4), RED), fmt)))).size == (4, 4), fmt
+
+
 def test_corrupt_exif_costs_only_the_rotation():
     data = bytearray(_with_orientation(_halves(), 6, "JPEG"))
     start = data.index(b"Exif\0\0") + 6
