@@ -383,3 +383,41 @@ def test_a_slow_name_lookup_counts_against_the_total_timeout(server, monkeypatch
     finally:
         released.set()
         f.close()
+
+
+# ------------------------------------------------------------------------------------------ what allow_private opens
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("224.0.0.1", "multicast"), ("100.64.0.1", "not a public"), ("192.0.2.1", "special-purpose"),
+    ("198.18.0.1", "special-purpose"), ("240.0.0.1", "reserved"), ("::ffff:0.0.0.0", "unspecified"),
+])
+def test_allow_private_opens_only_private_and_loopback(address, reason):
+    got = address_refusal(address, allow_private=True)
+    assert got is not None and reason in got
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "172.31.255.1", "192.168.0.7", "127.0.0.1", "::1", "fd00::5",
+                                     "::ffff:192.168.1.1"])
+def test_allow_private_opens_private_and_loopback(address):
+    assert address_refusal(address, allow_private=True) is None
+    assert address_refusal(address) is not None
+
+
+def test_link_local_is_a_separate_opt_in():
+    assert address_refusal("169.254.10.20", allow_link_local=True) is None
+    assert address_refusal("fe80::1", allow_link_local=True) is None
+    assert "private" in address_refusal("10.0.0.1", allow_link_local=True)  # link-local only
+    for metadata in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200"):
+        assert "metadata" in address_refusal(metadata, allow_private=True, allow_link_local=True)
+    with pytest.raises(FetchError, match=r"link-local address \(allow link-local .*allow_link_local=True"):
+        resolve_checked("169.254.10.20", 80, allow_private=True)
+    with pytest.raises(FetchError, match=r"private address \(allow private and loopback .*--allow-private-urls"):
+        resolve_checked("10.1.2.3", 80, allow_private=False)
+
+
+def test_unspecified_address_is_refused_even_with_allow_private(server, fetcher):
+    port = server.rsplit(":", 1)[1]  # on Linux a connection to 0.0.0.0 reaches this very machine
+    with pytest.raises(FetchError, match="0.0.0.0, an unspecified address"):
+        fetcher.fetch_url(f"http://0.0.0.0:{port}/img")

@@ -5,8 +5,10 @@ A URL is fetched only if
 - every address its host resolves to is public (``address_refusal``): loopback, private, link-local, CGNAT,
   multicast, reserved and cloud-metadata addresses are refused by default. The connection goes to the address that
   was checked (no second DNS lookup an attacker could answer differently), and every redirect hop is checked again.
-  ``FetchConfig(allow_private=True)`` allows private and loopback addresses (an intranet image server, a test's
-  local server); cloud-metadata addresses stay refused even then;
+  ``FetchConfig(allow_private=True)`` allows the private ranges (10/8, 172.16/12, 192.168/16, fc00::/7) and
+  loopback (an intranet image server, a test's local server); ``allow_link_local=True`` allows 169.254/16 and
+  fe80::/10 as well. Everything else non-public (0.0.0.0, multicast, CGNAT, documentation and reserved ranges) stays
+  refused, and cloud-metadata addresses are refused whatever the configuration;
 - it answers within ``connect_timeout`` (per address) and ``read_timeout`` (per socket read), and the whole fetch
   (DNS, connect, TLS, headers, every chunk-size line and body byte, redirects) ends by ``total_timeout``: every
   socket read waits at most what is left of it, so a server dripping a byte at a time cannot hold a fetch longer;
@@ -55,6 +57,10 @@ METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "192.0.0.192",  # Oracle Cloud (legacy)
     "fd00:ec2::254",  # AWS IPv6
 ))
+# What allow_private opens: RFC 1918 and IPv6 unique-local ranges (loopback too). Python's is_private is wider (it
+# includes link-local, 0.0.0.0/8, documentation and benchmarking ranges), so the ranges are spelled out.
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                           "fc00::/7"))
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -72,7 +78,8 @@ class FetchConfig:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = MAX_IMAGE_PIXELS
     max_redirects: int = 3
-    allow_private: bool = False
+    allow_private: bool = False  # private ranges and loopback (PRIVATE_NETWORKS)
+    allow_link_local: bool = False  # 169.254/16 and fe80::/10 (cloud metadata addresses stay refused)
     cache_dir: str | None = None  # None: no cache
     cache_max_bytes: int = 512 * 1024 * 1024
     max_workers: int = 4  # concurrent fetches (also the number of candidates fetched ahead)
@@ -93,8 +100,9 @@ class FetchConfig:
 
 
 def address_refusal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *,
-                    allow_private: bool = False) -> str | None:
-    """Why we will not connect to ``address`` (a short reason), or None if we may."""
+                    allow_private: bool = False, allow_link_local: bool = False) -> str | None:
+    """Why we will not connect to ``address`` (a short reason), or None if we may. ``allow_private``: the private
+    ranges and loopback too; ``allow_link_local``: link-local too. Cloud metadata addresses are always refused."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
@@ -107,14 +115,21 @@ def address_refusal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address
             ip = ipaddress.ip_address(str(ip).split("%", 1)[0])
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
-    if allow_private:
+    private = any(ip in net for net in PRIVATE_NETWORKS)
+    if allow_private and (private or ip.is_loopback):
+        return None
+    if allow_link_local and ip.is_link_local:
         return None
     for attr, reason in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
                          ("is_multicast", "a multicast address"), ("is_unspecified", "an unspecified address"),
-                         ("is_private", "a private address"), ("is_reserved", "a reserved address")):
+                         ("is_reserved", "a reserved address")):
         if getattr(ip, attr):
             return reason
-    if not ip.is_global:  # e.g. 100.64.0.0/10 (carrier-grade NAT), documentation and benchmarking ranges
+    if private:
+        return "a private address"
+    if ip.is_private:  # 0.0.0.0/8, 192.0.0.0/24, 192.0.2.0/24, 198.18.0.0/15, 2001:db8::/32...
+        return "a special-purpose private address (this-network, documentation or benchmarking range)"
+    if not ip.is_global:  # e.g. 100.64.0.0/10 (carrier-grade NAT)
         return "not a public address"
     return None
 
@@ -140,7 +155,8 @@ def _getaddrinfo(host: str, port: int, timeout: float | None) -> list:
         raise _DeadlinePassed(f"resolving {host!r}") from None
 
 
-def resolve_checked(host: str, port: int, *, allow_private: bool, timeout: float | None = None) -> list[str]:
+def resolve_checked(host: str, port: int, *, allow_private: bool, allow_link_local: bool = False,
+                    timeout: float | None = None) -> list[str]:
     """The addresses of ``host``, all of them allowed by the policy; refuses if any is not (a mixed answer is how
     DNS tricks get in). ``timeout``: seconds the lookup may take (None: the resolver's own)."""
     try:
@@ -149,10 +165,14 @@ def resolve_checked(host: str, port: int, *, allow_private: bool, timeout: float
         raise FetchError(f"cannot resolve host {host!r}: {e}") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for a in addresses:
-        reason = address_refusal(a, allow_private=allow_private)
+        reason = address_refusal(a, allow_private=allow_private, allow_link_local=allow_link_local)
         if reason is not None:
-            hint = "" if allow_private or reason == "a cloud metadata address" else \
-                " (allow private addresses with FetchConfig(allow_private=True) / --allow-private-urls)"
+            hint = ""
+            if reason in ("a loopback address", "a private address") and not allow_private:
+                hint = " (allow private and loopback addresses with FetchConfig(allow_private=True) / " \
+                       "--allow-private-urls)"
+            elif reason == "a link-local address" and not allow_link_local:
+                hint = " (allow link-local addresses with FetchConfig(allow_link_local=True))"
             raise FetchError(f"refused: host {host!r} resolves to {a}, {reason}{hint}")
     if not addresses:
         raise FetchError(f"cannot resolve host {host!r}: no addresses")
@@ -396,7 +416,7 @@ class ImageFetcher:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:
                 addresses = resolve_checked(host, port, allow_private=cfg.allow_private,
-                                            timeout=deadline.timeout(math.inf))
+                                            allow_link_local=cfg.allow_link_local, timeout=deadline.timeout(math.inf))
             except FetchError as e:
                 raise FetchError(f"{url}: {e}" + ("" if current == url else f" (after a redirect to {current})")) \
                     from None
