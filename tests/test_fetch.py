@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import socket
 import socketserver
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -383,6 +386,34 @@ def test_a_slow_name_lookup_counts_against_the_total_timeout(server, monkeypatch
     finally:
         released.set()
         f.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+def test_the_deadline_holds_over_tls(tmp_path):
+    """The same drip behind TLS: the context's socket class bounds every read there too."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DripHandler, bind_and_activate=False)
+    srv.daemon_threads = True
+    srv.server_bind()
+    srv.server_activate()
+    srv.socket = server_ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    f = ImageFetcher(FetchConfig(**QUICK))
+    f._ssl.load_verify_locations(cert)  # trust the test's own certificate, nothing else changes
+    try:
+        t = time.monotonic()
+        with pytest.raises(FetchError, match="total timeout of 1.0s"):
+            f.fetch_url(f"https://127.0.0.1:{srv.server_address[1]}/drip-headers")
+        assert time.monotonic() - t < 2.0
+    finally:
+        f.close()
+        srv.shutdown()
+        srv.server_close()
 
 
 # ------------------------------------------------------------------------------------------ what allow_private opens
