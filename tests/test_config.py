@@ -153,3 +153,18 @@ def test_generation_defaults_are_checked_when_the_preset_loads(tmp_path):
     data["generation"] = {"max_images": -1}
     with pytest.raises(ConfigError, match="generation: .*max_images"):
         load_config(_write(tmp_path, data))
+
+
+# ------------------------------------------------------------------------------------------ wrong types, named
+
+
+def test_generation_settings_refuse_truthy_strings_and_loose_options():
+    from fromage_gill.settings import GenerationSettings
+
+    with pytest.raises(ValueError, match="stop_at_eos='no': must be true or false"):
+        GenerationSettings(stop_at_eos="no")
+    with pytest.raises(ValueError, match="decoding_options='k': must be None or a mapping"):
+        GenerationSettings(decoding_options="k")
+    with pytest.raises(ValueError, match="max_new_tokens=2.7: must be an integer"):
+        GenerationSettings(max_new_tokens=2.7)
+    assert GenerationSettings(decoding="magic", decoding_options={"k": 5}).decoding_options == {"k": 5}
