@@ -211,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     if sys.platform != "linux":
         ap.error("Linux only: the measurement forks and reads /proc/self/status")
     cases = [c for c in CASES if c.quick or not args.quick]
+    load_image(thin_png(8, 8))  # the children inherit Pillow's plugins already registered: only the image counts
     made = [(c, c.make()) for c in cases]  # all files made first, so no child inherits a half-built one
     results = [measure(c, data, args.headroom_mb) for c, data in made]
     width = max(len(r.name) for r in results)
     print(f"{'image':<{width}}  {'bytes':>9}  {'peak MB':>7}  {'s':>6}  outcome")
-    for r in results:
-        flag = "" if r.outcome == r.expect and r.peak_mb < BUDGET_MB else "   <-- UNEXPECTED"
+    for r, (c, _) in zip(results, made, strict=True):
+        # the budget is for hostile files; the images at the limits are there to show what accepting one costs
+        ok = r.outcome == r.expect and (r.peak_mb < BUDGET_MB or not c.quick)
+        flag = "" if ok else "   <-- UNEXPECTED"
         print(f"{r.name:<{width}}  {r.file_bytes:>9,}  {r.peak_mb:>7.1f}  {r.seconds:>6.2f}  {r.outcome}: "
               f"{r.message[:110]}{flag}")
     if args.json:
