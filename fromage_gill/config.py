@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,30 @@ class ConfigError(ValueError):
     """A preset or config file that cannot describe a model; the message names the field and the fix."""
 
 
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` is a whole number >= ``minimum``. A float is refused, not truncated: 2.7 is a mistake, not a 2."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_inline_config(where: str, make: Callable[[], Any]) -> None:
+    """Make the transformers config object an inline ``config`` describes (no weights, no download), so that a wrongly
+    typed field is a ConfigError naming it when the preset loads, not huggingface_hub's
+    StrictDataclassFieldValidationError traceback when the model is built."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        make()
+    except (StrictDataclassError, TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
+
+
 @dataclass(frozen=True)
 class LMSpec:
     """The frozen causal language model and its tokenizer."""
@@ -39,6 +64,18 @@ class LMSpec:
     def __post_init__(self) -> None:
         if self.source == RANDOM and not (self.config and "model_type" in self.config):
             raise ConfigError("lm.config must be a transformers config with a 'model_type' when lm.source is 'random'")
+        if self.source == RANDOM:
+            from transformers import CONFIG_MAPPING, AutoConfig
+
+            model_type = self.config["model_type"]
+            if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+                raise ConfigError(f"lm.config.model_type {model_type!r} is not a transformers model type (e.g. "
+                                  f"'gpt2', 'opt', 'llama')")
+            # the special-token ids come from the tokenizer when the LM is built (the checks would warn about the
+            # model type's defaults, e.g. GPT-2's 50256, being outside a tiny vocabulary)
+            tokens = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"))
+            _check_inline_config(f"lm.config (a transformers {model_type!r} config)",
+                                 lambda: AutoConfig.for_model(**{**tokens, **self.config}))
 
 
 @dataclass(frozen=True)
@@ -55,6 +92,17 @@ class VisionSpec:
     def __post_init__(self) -> None:
         if self.source == RANDOM and not self.config:
             raise ConfigError("vision.config is required when vision.source is 'random'")
+        if self.source == RANDOM and self.backend == "hf_clip":
+            from transformers import CLIPVisionConfig
+
+            _check_inline_config("vision.config (a transformers CLIPVisionConfig)",
+                                 lambda: CLIPVisionConfig(**self.config))
+        elif self.source == RANDOM:  # open_clip.CLIP(embed_dim, vision_cfg, text_cfg)
+            _require_int("vision.config.embed_dim", self.config.get("embed_dim"), 1)
+            for part in ("vision_cfg", "text_cfg"):
+                if not isinstance(self.config.get(part), Mapping):
+                    raise ConfigError(f"vision.config.{part} must be an object (an open_clip {part}) when "
+                                      f"vision.backend is 'open_clip' and vision.source is 'random'")
 
 
 @dataclass(frozen=True)
@@ -70,6 +118,15 @@ class DiffusionSpec:
         if self.source == RANDOM and not (self.config and {"unet", "vae", "text_encoder"} <= set(self.config)):
             raise ConfigError("diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is "
                               "'random'")
+        if self.source == RANDOM:
+            for part in ("unet", "vae", "text_encoder"):
+                if not isinstance(self.config[part], Mapping):
+                    raise ConfigError(f"diffusion.config.{part} must be an object, got "
+                                      f"{type(self.config[part]).__name__}")
+            from transformers import CLIPTextConfig
+
+            _check_inline_config("diffusion.config.text_encoder (a transformers CLIPTextConfig)",
+                                 lambda: CLIPTextConfig(**self.config["text_encoder"]))
 
 
 @dataclass(frozen=True)
@@ -85,6 +142,9 @@ class MapperSpec:
     out_dim: int = 768
 
     def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
+                     "num_queries", "out_dim"):
+            _require_int(f"mapper.{name}", getattr(self, name), 1)
         if self.d_model % self.num_heads:
             raise ConfigError(f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads "
                               f"({self.num_heads})")
@@ -107,6 +167,10 @@ class DialogueSpec:
     max_exchanges: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_exchanges is not None and (isinstance(self.max_exchanges, bool)
+                                               or not isinstance(self.max_exchanges, int)):
+            raise ConfigError(f"dialogue.max_exchanges must be an integer >= 0 or null (all), got "
+                              f"{type(self.max_exchanges).__name__} {self.max_exchanges!r}")
         if self.max_exchanges is not None and self.max_exchanges < 0:
             raise ConfigError(f"dialogue.max_exchanges must be >= 0 or null (all), got {self.max_exchanges}")
 
@@ -145,8 +209,9 @@ class ModelConfig:
         if self.kind not in ("fromage", "gill"):
             raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
         for name in ("n_visual_tokens", "retrieval_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            _require_int(name, getattr(self, name), 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {type(self.seed).__name__} {self.seed!r}")
         if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
             raise ConfigError(f"image_tokens must be a non-empty list of distinct strings, "
                               f"got {list(self.image_tokens)}")
@@ -157,8 +222,8 @@ class ModelConfig:
                                   f"kind 'fromage'")
         elif self.mapper is not None or self.decision_head:
             raise ConfigError("'mapper' and 'decision_head' are GILL parts; set kind to 'gill' or remove them")
-        if not 0.0 <= self.decision_dropout < 1.0:
-            raise ConfigError(f"decision_dropout must be in [0, 1), got {self.decision_dropout}")
+        if not _is_number(self.decision_dropout) or not 0.0 <= self.decision_dropout < 1.0:
+            raise ConfigError(f"decision_dropout must be in [0, 1), got {self.decision_dropout!r}")
 
     @property
     def num_image_tokens(self) -> int:
@@ -199,6 +264,10 @@ class ClipSpec:
     def __post_init__(self) -> None:
         if self.source == RANDOM and not (self.config and {"text_config", "vision_config"} <= set(self.config)):
             raise ConfigError("clip.config needs 'text_config' and 'vision_config' when clip.source is 'random'")
+        if self.source == RANDOM:
+            from transformers import CLIPConfig
+
+            _check_inline_config("clip.config (a transformers CLIPConfig)", lambda: CLIPConfig(**self.config))
 
 
 @dataclass(frozen=True)
@@ -215,13 +284,13 @@ class MagicDecoding:
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k (the number of candidates) must be an integer >= 1, got {self.k!r}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if not _is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha (the degeneration penalty weight) must be in [0, 1], got {self.alpha!r}")
-        if not self.beta >= 0.0:
-            raise ConfigError(f"beta (the image guidance weight) must be >= 0 (0: contrastive search), got {self.beta}")
+        if not _is_number(self.beta) or not 0.0 <= self.beta < math.inf:
+            raise ConfigError(f"beta (the image guidance weight) must be >= 0 and finite (0: contrastive search), "
+                              f"got {self.beta!r}")
         for name in ("max_new_tokens", "clip_text_max_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            _require_int(name, getattr(self, name), 1)
 
 
 @dataclass(frozen=True)

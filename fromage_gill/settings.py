@@ -79,8 +79,9 @@ class GenerationSettings:
         for name in ("min_word_tokens", "max_images"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0")
-        if not isinstance(self.text_after_images, bool):
-            raise bad("text_after_images", "must be true or false")
+        for name in ("text_after_images", "stop_at_eos"):  # a truthy "no" is not a yes
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
         if self.image_query not in ("dialogue", "answer"):
             raise bad("image_query", "must be 'dialogue' (as published) or 'answer'")
         if not is_int(self.retrieval_candidates) or self.retrieval_candidates < 1:
@@ -95,3 +96,6 @@ class GenerationSettings:
             if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
                 raise bad("stop_strings", "must be None or a tuple of non-empty strings")
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.decoding_options is not None and (not isinstance(self.decoding_options, Mapping)
+                                                  or not all(isinstance(k, str) for k in self.decoding_options)):
+            raise bad("decoding_options", "must be None or a mapping of option names to values, e.g. {'k': 5}")

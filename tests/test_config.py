@@ -153,3 +153,69 @@ def test_generation_defaults_are_checked_when_the_preset_loads(tmp_path):
     data["generation"] = {"max_images": -1}
     with pytest.raises(ConfigError, match="generation: .*max_images"):
         load_config(_write(tmp_path, data))
+
+
+# ------------------------------------------------------------------------------------------ wrong types, named
+
+
+def _nested(name: str, path: str, value):
+    data = load_config(name).to_dict()
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(("preset", "path", "value", "message"), [
+    # inline transformers configs: before, these loaded and the build raised StrictDataclassFieldValidationError
+    ("tiny-fromage", "lm.config.hidden_size", "64", r"lm.config \(a transformers 'opt' config\).*'hidden_size'.*str"),
+    ("tiny-fromage", "lm.config.vocab_size", 2.7, r"lm.config .*'vocab_size' expected int, got float"),
+    ("tiny-fromage", "lm.config.model_type", "opt2", r"lm.config.model_type 'opt2' is not a transformers model type"),
+    ("tiny-gill", "vision.config.hidden_size", 32.5, r"vision.config .*'hidden_size' expected int"),
+    ("tiny-gill", "diffusion.config.text_encoder.vocab_size", "512", r"diffusion.config.text_encoder .*'vocab_size'"),
+    ("tiny-gill", "diffusion.config.unet", "small", r"diffusion.config.unet must be an object, got str"),
+    ("tiny-magic", "clip.config.text_config.hidden_size", 2.7, r"clip.config .*'hidden_size' expected int"),
+    # our own fields: before, a ZeroDivisionError, or accepted
+    ("tiny-gill", "mapper.num_heads", 0, r"mapper.num_heads must be >= 1, got 0"),
+    ("tiny-gill", "mapper.out_dim", 0, r"mapper.out_dim must be >= 1, got 0"),
+    ("tiny-magic", "decoding.beta", float("inf"), r"beta .* must be >= 0 and finite"),
+    ("tiny-fromage", "generation", {"decoding_options": "k=5"}, r"generation: .*decoding_options.*must be None or a"),
+    ("tiny-fromage", "generation", {"stop_at_eos": "no"}, r"generation: .*stop_at_eos='no': must be true or false"),
+])
+def test_wrong_types_anywhere_are_config_errors_naming_the_field(tmp_path, preset, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, _nested(preset, path, value)))
+
+
+def test_floats_are_refused_not_truncated_when_built_in_code():
+    """from_dict checks types through _coerce; code that builds the dataclasses itself gets the same answer."""
+    from fromage_gill.config import DialogueSpec, MagicDecoding, MapperSpec
+
+    cfg = load_config("tiny-gill")
+    cases = [
+        (lambda: MagicDecoding(max_new_tokens=2.7), "max_new_tokens must be an integer >= 1, got float 2.7"),
+        (lambda: MagicDecoding(clip_text_max_tokens=2.7), "clip_text_max_tokens must be an integer >= 1"),
+        (lambda: MapperSpec(num_queries=7.5), "mapper.num_queries must be an integer >= 1, got float 7.5"),
+        (lambda: DialogueSpec(max_exchanges=2.7), "dialogue.max_exchanges must be an integer >= 0 or null"),
+        (lambda: dataclasses.replace(cfg, n_visual_tokens=2.7), "n_visual_tokens must be an integer >= 1"),
+        (lambda: dataclasses.replace(cfg, seed=2.7), "seed must be an integer, got float 2.7"),
+        (lambda: dataclasses.replace(cfg, decision_dropout="0.5"), r"decision_dropout must be in \[0, 1\)"),
+        (lambda: MagicDecoding(alpha="0.1"), r"alpha .* must be in \[0, 1\], got '0.1'"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            make()
+
+
+def test_generation_settings_refuse_truthy_strings_and_loose_options():
+    from fromage_gill.settings import GenerationSettings
+
+    with pytest.raises(ValueError, match="stop_at_eos='no': must be true or false"):
+        GenerationSettings(stop_at_eos="no")
+    with pytest.raises(ValueError, match="decoding_options='k': must be None or a mapping"):
+        GenerationSettings(decoding_options="k")
+    with pytest.raises(ValueError, match="max_new_tokens=2.7: must be an integer"):
+        GenerationSettings(max_new_tokens=2.7)
+    assert GenerationSettings(decoding="magic", decoding_options={"k": 5}).decoding_options == {"k": 5}

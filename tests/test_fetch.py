@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
+import socket
+import socketserver
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -286,3 +291,164 @@ def test_build_index_from_a_url_list(server, tiny_fromage, tmp_path):
     index.set_fetch_config(FetchConfig(allow_private=True))
     found = index.fetch_first([0])
     assert found is not None and np.array_equal(np.asarray(found[1]), np.asarray(Image.open(io.BytesIO(_png(5)))))
+
+
+# ------------------------------------------------------------------------------------------ one total deadline
+
+
+DRIP_EVERY = 0.05  # seconds between bytes: never silent long enough for the read timeout
+DRIP_FOR = 8.0  # the server gives up after this long, so a test of a fetcher without a deadline still ends
+QUICK = dict(allow_private=True, connect_timeout=0.5, read_timeout=0.5, total_timeout=1.0)
+
+
+class _DripHandler(socketserver.BaseRequestHandler):
+    """Answers slowly on purpose, a byte at a time: the status line, a header, a chunk-size line or a whole body."""
+
+    def handle(self):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            data = self.request.recv(4096)
+            if not data:
+                return
+            request += data
+        path = request.split(b" ", 2)[1].decode()
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n"
+        chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+        body = {
+            "/drip-status": (b"", b"HTTP/1.1 200 OK" + b" " * 10_000),
+            "/drip-headers": (head, b"X-Padding: " + b"a" * 10_000),
+            "/drip-chunk-size": (chunked, b"0" * 10_000),  # a chunk-size line of leading zeros, never ending
+            "/drip-chunked-body": (chunked, b"".join(b"1\r\n%c\r\n" % b for b in PNG) + b"0\r\n\r\n"),
+            "/silent": (b"", b""),
+        }.get(path, (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", b""))
+        with contextlib.suppress(OSError):  # the client gave up: that is the point
+            self.request.sendall(body[0])
+            end = time.monotonic() + DRIP_FOR
+            for byte in body[1]:
+                if time.monotonic() > end:
+                    break
+                self.request.sendall(bytes([byte]))
+                time.sleep(DRIP_EVERY)
+            if not body[1]:
+                time.sleep(DRIP_FOR)
+
+
+@pytest.fixture(scope="module")
+def drip_server():
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DripHandler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("path", ["/drip-status", "/drip-headers", "/drip-chunk-size", "/drip-chunked-body"])
+def test_a_dripping_server_cannot_outlast_the_total_timeout(drip_server, path):
+    f = ImageFetcher(FetchConfig(**QUICK))
+    t = time.monotonic()
+    try:
+        with pytest.raises(FetchError, match=r"took longer than the total timeout of 1.0s"):
+            f.fetch_url(f"{drip_server}{path}")
+    finally:
+        f.close()
+    assert time.monotonic() - t < 2.0  # 1 s, plus a loaded machine's slack; before: until the server gave up
+
+
+def test_fetch_first_over_dead_urls_ends_within_the_total_timeout(drip_server):
+    f = ImageFetcher(FetchConfig(**QUICK, max_workers=4))
+    urls = [f"{drip_server}{p}" for p in ("/drip-headers", "/drip-chunk-size", "/silent", "/drip-status")]
+    t = time.monotonic()
+    try:
+        assert f.fetch_first(urls) is None
+    finally:
+        f.close()
+    assert time.monotonic() - t < 2.5  # all four at once, each ended by its own deadline
+
+
+def test_a_slow_name_lookup_counts_against_the_total_timeout(server, monkeypatch):
+    real = socket.getaddrinfo
+    released = threading.Event()
+
+    def slow_dns(host, *args, **kwargs):
+        if host == "slow-dns.test":
+            released.wait(5.0)  # a dead name server; released at the end of the test
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    f = ImageFetcher(FetchConfig(**QUICK))
+    t = time.monotonic()
+    try:
+        with pytest.raises(FetchError, match="total timeout"):
+            f.fetch_url(f"http://slow-dns.test:{server.rsplit(':', 1)[1]}/img")
+        assert time.monotonic() - t < 2.0
+    finally:
+        released.set()
+        f.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+def test_the_deadline_holds_over_tls(tmp_path):
+    """The same drip behind TLS: the context's socket class bounds every read there too."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DripHandler, bind_and_activate=False)
+    srv.daemon_threads = True
+    srv.server_bind()
+    srv.server_activate()
+    srv.socket = server_ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    f = ImageFetcher(FetchConfig(**QUICK))
+    f._ssl.load_verify_locations(cert)  # trust the test's own certificate, nothing else changes
+    try:
+        t = time.monotonic()
+        with pytest.raises(FetchError, match="total timeout of 1.0s"):
+            f.fetch_url(f"https://127.0.0.1:{srv.server_address[1]}/drip-headers")
+        assert time.monotonic() - t < 2.0
+    finally:
+        f.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+# ------------------------------------------------------------------------------------------ what allow_private opens
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("224.0.0.1", "multicast"), ("100.64.0.1", "not a public"), ("192.0.2.1", "special-purpose"),
+    ("198.18.0.1", "special-purpose"), ("240.0.0.1", "reserved"), ("::ffff:0.0.0.0", "unspecified"),
+])
+def test_allow_private_opens_only_private_and_loopback(address, reason):
+    got = address_refusal(address, allow_private=True)
+    assert got is not None and reason in got
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "172.31.255.1", "192.168.0.7", "127.0.0.1", "::1", "fd00::5",
+                                     "::ffff:192.168.1.1"])
+def test_allow_private_opens_private_and_loopback(address):
+    assert address_refusal(address, allow_private=True) is None
+    assert address_refusal(address) is not None
+
+
+def test_link_local_is_a_separate_opt_in():
+    assert address_refusal("169.254.10.20", allow_link_local=True) is None
+    assert address_refusal("fe80::1", allow_link_local=True) is None
+    assert "private" in address_refusal("10.0.0.1", allow_link_local=True)  # link-local only
+    for metadata in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200"):
+        assert "metadata" in address_refusal(metadata, allow_private=True, allow_link_local=True)
+    with pytest.raises(FetchError, match=r"link-local address \(allow link-local .*allow_link_local=True"):
+        resolve_checked("169.254.10.20", 80, allow_private=True)
+    with pytest.raises(FetchError, match=r"private address \(allow private and loopback .*--allow-private-urls"):
+        resolve_checked("10.1.2.3", 80, allow_private=False)
+
+
+def test_unspecified_address_is_refused_even_with_allow_private(server, fetcher):
+    port = server.rsplit(":", 1)[1]  # on Linux a connection to 0.0.0.0 reaches this very machine
+    with pytest.raises(FetchError, match="0.0.0.0, an unspecified address"):
+        fetcher.fetch_url(f"http://0.0.0.0:{port}/img")
