@@ -337,3 +337,12 @@ def test_the_header_says_when_gill_runs_without_its_decision_head(tiny_gill):
     # As load_pipeline(..., decision_model=False) builds it: the same GILL, no decision head.
     headless = SimpleNamespace(config=tiny_gill.config, index=None, model=SimpleNamespace(decision=None))
     assert "every image follows the Mode setting" in header_markdown(headless, [])
+
+
+@pytest.mark.parametrize("value", [2.7, "abc", "3.5"])
+def test_settings_refuse_values_that_are_not_whole_numbers(tiny_gill, value):
+    from fromage_gill.chat.controls import make_settings
+
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a whole number"):
+        make_settings({}, {"max_new_tokens": value})
+    assert make_settings({}, {"max_new_tokens": 3.0}).max_new_tokens == 3

@@ -51,6 +51,18 @@ def decoding_choices() -> list[str]:
     return list(DECODINGS)
 
 
+def _whole(key: str, value: Any) -> int:
+    """A control's value as a whole number, refusing 2.7 or "abc" with the setting's name (int() would take 2.7 as 2,
+    and "abc" would reach the user as gradio's generic error)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a whole number, got {value!r}.") from None
+    if not number.is_integer():
+        raise ValueError(f"{key} must be a whole number, got {value!r}.")
+    return int(number)
+
+
 def make_settings(base: Mapping[str, Any], ui: Mapping[str, Any]) -> GenerationSettings:
     """GenerationSettings from the controls' values over ``base`` (ValueError, naming the setting, when one is out
     of range). The seed is text: a whole number, or "random" / empty for a new one each turn."""
@@ -59,7 +71,8 @@ def make_settings(base: Mapping[str, Any], ui: Mapping[str, Any]) -> GenerationS
         if ui.get(key) is not None:
             values[key] = ui[key]
     for key in _INTEGER_KEYS:
-        values[key] = int(values[key])
+        if key in values:
+            values[key] = _whole(key, values[key])
     seed = ui.get("seed")
     seed = "random" if seed is None else str(seed).strip().lower()
     if seed in ("", "random", "none", "-1"):
