@@ -8,11 +8,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fromage_gill
 from fromage_gill.training.losses import contrastive_loss
 from fromage_gill.training.synthetic import make_shapes
 
@@ -62,7 +64,10 @@ def test_two_processes_train_identically_and_share_negatives(tmp_path):
         (tmp_path / "data" / "images" / f"{i:05d}.png").write_bytes(b"broken")
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # The workers import the fromage_gill under test (a checkout), not whichever copy is installed.
+    src = str(Path(fromage_gill.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(data), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
