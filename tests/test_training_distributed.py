@@ -25,7 +25,8 @@ WORKER = textwrap.dedent('''
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
-    from fromage_gill.training.loop import TrainConfig, gather_with_grad, train
+    from fromage_gill.training.distributed import gather_with_grad
+    from fromage_gill.training.loop import TrainConfig, train
     from fromage_gill.training.losses import contrastive_loss
 
     torch.set_num_threads(1)

@@ -10,8 +10,9 @@ import torch
 
 from fromage_gill import load_pipeline
 from fromage_gill.checkpoint import read_native
+from fromage_gill.training.checkpoints import CHECKPOINTS
 from fromage_gill.training.data import DataError, read_records
-from fromage_gill.training.loop import CHECKPOINTS, TrainConfig, train
+from fromage_gill.training.loop import TrainConfig, train
 from fromage_gill.training.precompute import PrecomputedStore, precompute, shard_path
 from fromage_gill.training.synthetic import make_shapes
 
@@ -321,8 +322,8 @@ def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
 
 
 def _objective(pipe, accelerator, **kw):
-    from fromage_gill.training.loop import Objective
     from fromage_gill.training.losses import LossWeights
+    from fromage_gill.training.objective import Objective
 
     return Objective(pipe.model, pipe.tokenizer, weights=LossWeights(), max_caption_tokens=32,
                      accelerator=accelerator, diffusion=pipe.diffusion, **kw)

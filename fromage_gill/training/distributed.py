@@ -1,0 +1,64 @@
+"""Running one training on many processes: the accelerator a ``train()`` call runs under, DDP's view of the
+frozen backbones, and gathering rows across ranks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def training_accelerator(*, cpu: bool, precision: str) -> Iterator:
+    """An ``accelerate.Accelerator`` for one training run (``precision``: fp32, bf16 or fp16 autocast)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mixed = {"fp32": "no"}.get(precision, precision)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+    except ValueError:  # an earlier run in this process fixed another precision: that part of the state resets
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+    yield accelerator
+
+
+def ignore_frozen_backbones(module: nn.Module) -> None:
+    """Tell DDP not to broadcast or watch the frozen LM and vision encoder of ``module`` (an ``Objective``): they are
+    identical on every process by construction."""
+    def frozen(name: str) -> bool:
+        return name.split(".")[1] in ("lm", "vision")  # model.lm.*, model.vision.*
+
+    names = [n for n, _ in module.named_parameters() if frozen(n)]
+    names += [n for n, _ in module.named_buffers() if frozen(n)]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def gather_with_grad(x: torch.Tensor, accelerator) -> torch.Tensor:
+    """All processes' rows in rank order, this process's part keeping its gradient (the others are constants):
+    the contrastive loss then sees every process's negatives, as in the published code. Ranks may hold
+    different numbers of rows (unreadable images are dropped)."""
+    if accelerator.num_processes == 1:
+        return x
+    parts = _gather_parts(x.detach(), accelerator)
+    parts[accelerator.process_index] = x
+    return torch.cat(parts)
+
+
+def gather_varlen(x: torch.Tensor, accelerator) -> torch.Tensor:
+    """All processes' rows in rank order, without gradient; ranks may hold different numbers of rows."""
+    if accelerator.num_processes == 1:
+        return x
+    return torch.cat(_gather_parts(x.detach(), accelerator))
+
+
+def _gather_parts(x: torch.Tensor, accelerator) -> list[torch.Tensor]:
+    sizes = accelerator.gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    pad = torch.zeros((max(sizes) - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    every = accelerator.gather(torch.cat([x, pad])).view(len(sizes), max(sizes), *x.shape[1:])
+    return [every[r, :n] for r, n in enumerate(sizes)]
+
