@@ -1,5 +1,11 @@
-"""Running one training on many processes: the accelerator a ``train()`` call runs under, DDP's view of the
-frozen backbones, and gathering rows across ranks."""
+"""Running one training on many processes: the accelerator a ``train()`` call runs under (and what it tears down),
+DDP's view of the frozen backbones, and gathering rows across ranks.
+
+Under ``torchrun`` or ``accelerate launch`` accelerate's first ``Accelerator`` (its ``PartialState``) initialises the
+``torch.distributed`` process group from the environment. ``training_accelerator`` destroys that group on the way
+out when it was created there: left alive, gloo's threads are still running at interpreter exit and take the process
+down ("terminate called without an active exception", SIGABRT) about one run in three on a 2-core machine.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +18,33 @@ from torch import nn
 
 @contextlib.contextmanager
 def training_accelerator(*, cpu: bool, precision: str) -> Iterator:
-    """An ``accelerate.Accelerator`` for one training run (``precision``: fp32, bf16 or fp16 autocast)."""
+    """An ``accelerate.Accelerator`` for one training run (``precision``: fp32, bf16 or fp16 autocast), whose process
+    group, if this call created it, is destroyed when the run ends, normally or not. A group that already existed
+    is left to its owner: a caller that needs torch.distributed after training sets it up before."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    had_group = _process_group_exists()
     mixed = {"fp32": "no"}.get(precision, precision)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     try:
-        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
-    except ValueError:  # an earlier run in this process fixed another precision: that part of the state resets
-        AcceleratorState._reset_state()
-        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
-    yield accelerator
+        try:
+            accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+        except ValueError:  # an earlier run in this process fixed another precision: that part of the state resets
+            AcceleratorState._reset_state()
+            accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+        yield accelerator
+    finally:
+        if not had_group and _process_group_exists():
+            # accelerate's shared state is kept: a later Accelerator in this process then fails on its first
+            # collective with a clear error. Letting it set the group up again from the environment could hang:
+            # torch names the new default group like the old one, whose keys are still in torchrun's store.
+            torch.distributed.destroy_process_group()
+
+
+def _process_group_exists() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def ignore_frozen_backbones(module: nn.Module) -> None:

@@ -158,7 +158,10 @@ def lr_lambda(warmup: int, decay_steps: int | None):
 
 
 def train(tc: TrainConfig) -> TrainResult:
-    """Train the layers of ``tc.model`` that ground its LM to images on ``tc.data``, writing the run to ``tc.out``."""
+    """Train the layers of ``tc.model`` that ground its LM to images on ``tc.data``, writing the run to ``tc.out``.
+
+    Under torchrun / ``accelerate launch`` the process group this call sets up is destroyed before it returns; a
+    caller that uses torch.distributed afterwards sets its group up before calling (it is then left alone)."""
     with training_accelerator(cpu=tc.cpu, precision=tc.precision) as accelerator:
         plan = _check_inputs(tc, accelerator.num_processes)  # 1. nothing is written before this passes
         pipe, trained = _build_model(tc, plan, accelerator)  # 2. frozen backbones, trained layers in fp32
