@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones import pad_token_id
 from ..layout import caption_rows, layout, retrieval_rows
 from .distributed import gather_with_grad
 from .losses import LossWeights, contrastive_loss, l2_loss, next_token_loss, token_accuracy
@@ -41,7 +42,7 @@ class Objective(nn.Module):
         self.accelerator = accelerator
         self.diffusion = diffusion  # for on-the-fly GILL targets; not a submodule (not saved, not wrapped)
         self.bos_id = tokenizer.bos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = pad_token_id(tokenizer)
         self.ignore_ids = frozenset(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id, tokenizer.unk_token_id) if i is not None)
         self.caption_end_ids = tokenizer(caption_end, add_special_tokens=False)["input_ids"] if caption_end else []
