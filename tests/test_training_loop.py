@@ -318,6 +318,20 @@ def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
         read_decision_data(bad)
 
 
+def test_decision_head_reads_what_inference_reads(tiny_gill):
+    """The head's training input is the [IMG0] state that generation computes for the same text (only prompts
+    over max_tokens differ: training cuts them)."""
+    from fromage_gill.generate import image_token_states
+    from fromage_gill.training.decision import img0_hidden
+
+    prompts = ["show me a photo of a cat", "imagine and draw a boat made of glass", "a dog"]
+    expected = image_token_states(tiny_gill, prompts)[:, 0].float()
+    assert torch.equal(img0_hidden(tiny_gill.model, tiny_gill.tokenizer, prompts), expected)
+    ids = tiny_gill.tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+    cut = img0_hidden(tiny_gill.model, tiny_gill.tokenizer, prompts[1:2], max_tokens=len(ids) - 2)
+    assert not torch.equal(cut, expected[1:2])
+
+
 # ------------------------------------------------------------------------------------------------ the objective
 
 
