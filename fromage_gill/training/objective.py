@@ -1,7 +1,7 @@
 """The papers' combined training objective: every FROMAGe / GILL loss of one batch, weighted into one total.
 
-For each batch (B examples of frozen image features and captions), three sequences go through the LM
-(``fromage_gill.layout`` lays them out, as inference does):
+For each batch (B examples of frozen image features and captions) two sequences go through the LM, laid out by
+``fromage_gill.layout`` as inference lays them out, and four losses come out:
 
 1. captioning: ``[visual tokens; BOS; prompt; caption; end]``, next-token loss on the caption (and end);
 2. retrieval LM: ``[BOS; caption; [RET]]`` / ``[BOS; caption; [IMG0..r-1]]``, next-token loss on the image tokens,
