@@ -8,28 +8,38 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fromage_gill
 from fromage_gill.training.losses import contrastive_loss
 from fromage_gill.training.synthetic import make_shapes
 
 WORKER = textwrap.dedent('''
+    import os
     import sys
 
     import torch
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
-    from fromage_gill.training.loop import TrainConfig, gather_with_grad, train
+    from fromage_gill.training.distributed import gather_with_grad
+    from fromage_gill.training.loop import TrainConfig, train
     from fromage_gill.training.losses import contrastive_loss
 
     torch.set_num_threads(1)
-    data, out = sys.argv[1], sys.argv[2]
+    data, out, port = sys.argv[1], sys.argv[2], sys.argv[3]
     res = train(TrainConfig(model="tiny-fromage", data=data, out=out, max_steps=3, batch_size=4, warmup=0, lr=3e-3,
                             val_fraction=0.2, save_every=3, progress=False, tensorboard=False, cpu=True))
+    # train() destroys the process group it created: left alive, gloo's threads abort the process at exit.
+    assert not torch.distributed.is_initialized()
+    # This script's own group, on a store of its own (a new default group would meet the old one's keys in
+    # torchrun's); accelerate picks it up.
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     acc = Accelerator(cpu=True)
     rank = acc.process_index
     save_file({k: v.contiguous() for k, v in res.model.trained_state_dict().items()}, f"{out}/rank{rank}.safetensors")
@@ -46,13 +56,19 @@ WORKER = textwrap.dedent('''
                 "grad_image": image.grad, "history": res.history, "world": acc.num_processes,
                 "skipped": res.skipped},
                f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # bound together, so the ports differ
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.mark.slow
@@ -62,9 +78,13 @@ def test_two_processes_train_identically_and_share_negatives(tmp_path):
         (tmp_path / "data" / "images" / f"{i:05d}.png").write_bytes(b"broken")
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # The workers import the fromage_gill under test (a checkout), not whichever copy is installed.
+    src = str(Path(fromage_gill.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    torchrun_port, worker_port = _free_ports(2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(data), str(out)]
+           "--master_port", str(torchrun_port), str(tmp_path / "worker.py"), str(data), str(out), str(worker_port)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -10,8 +10,9 @@ import torch
 
 from fromage_gill import load_pipeline
 from fromage_gill.checkpoint import read_native
+from fromage_gill.training.checkpoints import CHECKPOINTS
 from fromage_gill.training.data import DataError, read_records
-from fromage_gill.training.loop import CHECKPOINTS, TrainConfig, train
+from fromage_gill.training.loop import TrainConfig, train
 from fromage_gill.training.precompute import PrecomputedStore, precompute, shard_path
 from fromage_gill.training.synthetic import make_shapes
 
@@ -317,12 +318,26 @@ def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
         read_decision_data(bad)
 
 
+def test_decision_head_reads_what_inference_reads(tiny_gill):
+    """The head's training input is the [IMG0] state that generation computes for the same text (only prompts
+    over max_tokens differ: training cuts them)."""
+    from fromage_gill.generate import image_token_states
+    from fromage_gill.training.decision import img0_hidden
+
+    prompts = ["show me a photo of a cat", "imagine and draw a boat made of glass", "a dog"]
+    expected = image_token_states(tiny_gill, prompts)[:, 0].float()
+    assert torch.equal(img0_hidden(tiny_gill.model, tiny_gill.tokenizer, prompts), expected)
+    ids = tiny_gill.tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+    cut = img0_hidden(tiny_gill.model, tiny_gill.tokenizer, prompts[1:2], max_tokens=len(ids) - 2)
+    assert not torch.equal(cut, expected[1:2])
+
+
 # ------------------------------------------------------------------------------------------------ the objective
 
 
 def _objective(pipe, accelerator, **kw):
-    from fromage_gill.training.loop import Objective
     from fromage_gill.training.losses import LossWeights
+    from fromage_gill.training.objective import Objective
 
     return Objective(pipe.model, pipe.tokenizer, weights=LossWeights(), max_caption_tokens=32,
                      accelerator=accelerator, diffusion=pipe.diffusion, **kw)

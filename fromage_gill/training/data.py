@@ -208,6 +208,14 @@ class Batch:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def image_features(self, model, device) -> torch.Tensor:
+        """(B, vision_dim) frozen image features in fp32: the precomputed ones, or ``model`` encodes the pixels."""
+        if self.features is not None:
+            return self.features.to(device=device, dtype=torch.float32)
+        if self.pixels is None:  # every image of this micro-batch was unreadable
+            return torch.zeros(0, model.vision.out_dim, device=device)
+        return model.encode_images(self.pixels.to(device))
+
 
 def collate(items: list[dict]) -> Batch:
     """Stack the usable items; the unreadable ones are dropped and reported in ``Batch.skipped``."""
@@ -234,3 +242,27 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
         raise DataError(f"{n} example(s) are too few to hold out {n_val} for validation; lower --val-fraction")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class MicroBatches:
+    """Index lists (into the training split) of micro-batches ``start..stop-1``. Global micro-batch u covers rows
+    [j * B * W, (j + 1) * B * W) of epoch e's permutation (e, j = divmod(u, per_epoch)); process ``rank`` takes its
+    B-slice. A function of (seed, u) only: resuming at u gives the batches an uninterrupted run would see."""
+
+    def __init__(self, n_train: int, *, batch_size: int, world: int, rank: int, seed: int, start: int, stop: int):
+        self.n, self.b, self.w, self.rank, self.seed = n_train, batch_size, world, rank, seed
+        self.start, self.stop = start, stop
+        self.per_epoch = n_train // (batch_size * world)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        epoch, perm = -1, None
+        for u in range(self.start, self.stop):
+            e, j = divmod(u, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+            lo = j * self.b * self.w + self.rank * self.b
+            yield perm[lo:lo + self.b].tolist()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..backbones import pad_token_id
 from ..layout import layout, retrieval_rows
 from ..model import DECISION_GENERATE, DECISION_RETRIEVE
 from .data import DataError
@@ -67,9 +68,12 @@ def read_decision_data(path: str | Path) -> tuple[list[str], list[int]]:
 
 @torch.no_grad()
 def img0_hidden(model, tokenizer, prompts: list[str], *, batch_size: int = 32, max_tokens: int = 64) -> torch.Tensor:
-    """(N, d) last-layer hidden states at [IMG0] after each prompt (the decision head's input)."""
+    """(N, d) last-layer hidden states at [IMG0] after each prompt (the decision head's input), fp32.
+
+    The same layout and states as ``generate.image_token_states(pipeline, prompts)[:, 0]`` (a test holds them
+    equal), except that each prompt is cut to ``max_tokens`` tokens first, which that function cannot do."""
     out = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     for lo in range(0, len(prompts), batch_size):
         ids = tokenizer(prompts[lo:lo + batch_size], add_special_tokens=False, truncation=True,
                         max_length=max_tokens)["input_ids"]

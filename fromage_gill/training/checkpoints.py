@@ -1,0 +1,127 @@
+"""Saving and resuming a training run's state.
+
+    OUT/config.json, OUT/model.safetensors   the latest trained layers (``load_pipeline(OUT)``)
+    OUT/checkpoints/step-0000500/            the same, plus trainer_state.pt (optimizer, scheduler, step) and
+                                             rng-<rank>.pt; written as .tmp-step-... and renamed when complete
+
+A killed run therefore always leaves its last complete checkpoint, and resuming from it restores the optimizer,
+schedule, step and every process's random state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, accelerator, *, keep: int) -> Path:
+    """OUT/checkpoints/step-N, complete or absent: written under a temporary name, renamed at the end. The newest
+    trained layers are also copied to OUT/ (config.json + model.safetensors) so ``load_pipeline(OUT)`` works."""
+    final = out / CHECKPOINTS / f"step-{step:07d}"
+    tmp = out / CHECKPOINTS / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_get_rng(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.save_native(model, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+                   tmp / TRAINER_STATE)
+        if final.exists():  # a re-run of the same step after a resume
+            shutil.rmtree(final)
+        tmp.rename(final)
+        ckpt.save_native(model, out)
+        done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path} is not a directory")
+    if (path / TRAINER_STATE).is_file():
+        return path
+    found = sorted((path / CHECKPOINTS).glob("step-*")) if (path / CHECKPOINTS).is_dir() else []
+    found = [p for p in found if (p / TRAINER_STATE).is_file()]
+    if not found:
+        raise FileNotFoundError(f"--resume {path} holds no checkpoint ({TRAINER_STATE} or {CHECKPOINTS}/step-*)")
+    return found[-1]
+
+
+def check_resume(resume: Path, config: ModelConfig) -> None:
+    """Refuse a checkpoint written by another model than ``config`` (weights and description may differ)."""
+    theirs = json.loads((resume / ckpt.CONFIG_NAME).read_text()) if (resume / ckpt.CONFIG_NAME).is_file() else None
+    if theirs is None:
+        raise FileNotFoundError(f"--resume {resume} has no {ckpt.CONFIG_NAME}")
+    ours = _comparable(config)
+    theirs = _comparable(ModelConfig.from_dict(theirs))
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        raise ValueError(f"--resume {resume} was written by another model ({theirs.get('name')!r}, differing in "
+                         f"{', '.join(diff)}) than --model {config.name!r}; resume with the same --model")
+
+
+def check_fresh_run(out: Path) -> None:
+    """Refuse to start a new run in a directory that already holds one."""
+    if (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()):
+        raise FileExistsError(f"--out {out} already holds a run; pass --resume {out} to continue it, or choose a "
+                              f"new --out")
+
+
+def load_trained_layers(model, resume: Path) -> None:
+    """The checkpoint's trained layers into ``model``."""
+    ckpt.load_trained_layers(model, ckpt.read_native(resume / ckpt.WEIGHTS_NAME), source=str(resume))
+
+
+def restore_trainer_state(resume: Path, optimizer, scheduler, rank: int) -> int:
+    """Load the optimizer, scheduler and this process's random state of a checkpoint; returns its step."""
+    state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step = int(state["step"])
+    rng_file = resume / f"rng-{rank}.pt"
+    if rng_file.is_file():
+        _set_rng(torch.load(rng_file, map_location="cpu", weights_only=False))  # numpy state: our own file
+    logger.info("resumed from %s at step %d", resume, step)
+    return step
+
+
+def _comparable(config: ModelConfig) -> dict:
+    d = config.to_dict()
+    for k in ("weights", "weights_format", "description"):
+        d.pop(k, None)
+    return d
+
+
+def _get_rng() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
