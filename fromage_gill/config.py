@@ -11,45 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from .settings import GenerationSettings
+from .typed_json import ConfigError, build, check_inline_config, is_number, require_int, to_jsonable
 
 RANDOM = "random"  # component source meaning "build from the inline config with seeded random weights"
-
-
-class ConfigError(ValueError):
-    """A preset or config file that cannot describe a model; the message names the field and the fix."""
-
-
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    """``value`` is a whole number >= ``minimum``. A float is refused, not truncated: 2.7 is a mistake, not a 2."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _check_inline_config(where: str, make: Callable[[], Any]) -> None:
-    """Make the transformers config object an inline ``config`` describes (no weights, no download), so that a wrongly
-    typed field is a ConfigError naming it when the preset loads, not huggingface_hub's
-    StrictDataclassFieldValidationError traceback when the model is built."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    try:
-        make()
-    except (StrictDataclassError, TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 
 @dataclass(frozen=True)
@@ -74,7 +45,7 @@ class LMSpec:
             # the special-token ids come from the tokenizer when the LM is built (the checks would warn about the
             # model type's defaults, e.g. GPT-2's 50256, being outside a tiny vocabulary)
             tokens = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"))
-            _check_inline_config(f"lm.config (a transformers {model_type!r} config)",
+            check_inline_config(f"lm.config (a transformers {model_type!r} config)",
                                  lambda: AutoConfig.for_model(**{**tokens, **self.config}))
 
 
@@ -95,10 +66,10 @@ class VisionSpec:
         if self.source == RANDOM and self.backend == "hf_clip":
             from transformers import CLIPVisionConfig
 
-            _check_inline_config("vision.config (a transformers CLIPVisionConfig)",
+            check_inline_config("vision.config (a transformers CLIPVisionConfig)",
                                  lambda: CLIPVisionConfig(**self.config))
         elif self.source == RANDOM:  # open_clip.CLIP(embed_dim, vision_cfg, text_cfg)
-            _require_int("vision.config.embed_dim", self.config.get("embed_dim"), 1)
+            require_int("vision.config.embed_dim", self.config.get("embed_dim"), 1)
             for part in ("vision_cfg", "text_cfg"):
                 if not isinstance(self.config.get(part), Mapping):
                     raise ConfigError(f"vision.config.{part} must be an object (an open_clip {part}) when "
@@ -125,7 +96,7 @@ class DiffusionSpec:
                                       f"{type(self.config[part]).__name__}")
             from transformers import CLIPTextConfig
 
-            _check_inline_config("diffusion.config.text_encoder (a transformers CLIPTextConfig)",
+            check_inline_config("diffusion.config.text_encoder (a transformers CLIPTextConfig)",
                                  lambda: CLIPTextConfig(**self.config["text_encoder"]))
 
 
@@ -144,7 +115,7 @@ class MapperSpec:
     def __post_init__(self) -> None:
         for name in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
                      "num_queries", "out_dim"):
-            _require_int(f"mapper.{name}", getattr(self, name), 1)
+            require_int(f"mapper.{name}", getattr(self, name), 1)
         if self.d_model % self.num_heads:
             raise ConfigError(f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads "
                               f"({self.num_heads})")
@@ -209,7 +180,7 @@ class ModelConfig:
         if self.kind not in ("fromage", "gill"):
             raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
         for name in ("n_visual_tokens", "retrieval_dim"):
-            _require_int(name, getattr(self, name), 1)
+            require_int(name, getattr(self, name), 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {type(self.seed).__name__} {self.seed!r}")
         if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
@@ -222,7 +193,7 @@ class ModelConfig:
                                   f"kind 'fromage'")
         elif self.mapper is not None or self.decision_head:
             raise ConfigError("'mapper' and 'decision_head' are GILL parts; set kind to 'gill' or remove them")
-        if not _is_number(self.decision_dropout) or not 0.0 <= self.decision_dropout < 1.0:
+        if not is_number(self.decision_dropout) or not 0.0 <= self.decision_dropout < 1.0:
             raise ConfigError(f"decision_dropout must be in [0, 1), got {self.decision_dropout!r}")
 
     @property
@@ -240,11 +211,11 @@ class ModelConfig:
         return all(p == RANDOM for p in parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        return _build(cls, data, path="")
+        return build(cls, data, path="")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -267,7 +238,7 @@ class ClipSpec:
         if self.source == RANDOM:
             from transformers import CLIPConfig
 
-            _check_inline_config("clip.config (a transformers CLIPConfig)", lambda: CLIPConfig(**self.config))
+            check_inline_config("clip.config (a transformers CLIPConfig)", lambda: CLIPConfig(**self.config))
 
 
 @dataclass(frozen=True)
@@ -284,13 +255,13 @@ class MagicDecoding:
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k (the number of candidates) must be an integer >= 1, got {self.k!r}")
-        if not _is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+        if not is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha (the degeneration penalty weight) must be in [0, 1], got {self.alpha!r}")
-        if not _is_number(self.beta) or not 0.0 <= self.beta < math.inf:
+        if not is_number(self.beta) or not 0.0 <= self.beta < math.inf:
             raise ConfigError(f"beta (the image guidance weight) must be >= 0 and finite (0: contrastive search), "
                               f"got {self.beta!r}")
         for name in ("max_new_tokens", "clip_text_max_tokens"):
-            _require_int(name, getattr(self, name), 1)
+            require_int(name, getattr(self, name), 1)
 
 
 @dataclass(frozen=True)
@@ -327,11 +298,11 @@ class MagicConfig:
         return dataclasses.replace(self, lm=tiny.lm, clip=tiny.clip)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MagicConfig:
-        return _build(cls, data, path="")
+        return build(cls, data, path="")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -385,69 +356,3 @@ def _read_config(text: str, where: str) -> ModelConfig | MagicConfig:
         return (MagicConfig if data.get("kind") == "magic" else ModelConfig).from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-
-
-# ------------------------------------------------------------------------------- typed dict -> dataclass
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
-    return value
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'} must be an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"missing required field {path + name!r}")
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], path + name)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path!r} has the wrong type: {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path!r} must be a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is Mapping or tp is Mapping:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path!r} must be an object, got {type(value).__name__}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path + ".")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    # bool is an int in Python; a config saying `"n_visual_tokens": true` is a mistake, not a 1.
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{path!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value

@@ -18,14 +18,8 @@ import pytest
 from PIL import Image
 
 from fromage_gill.images import ImageError
-from fromage_gill.retrieve.fetch import (
-    DiskCache,
-    FetchConfig,
-    FetchError,
-    ImageFetcher,
-    address_refusal,
-    resolve_checked,
-)
+from fromage_gill.retrieve.addresses import FetchError, address_refusal, resolve_checked
+from fromage_gill.retrieve.fetch import DiskCache, FetchConfig, ImageFetcher
 
 
 def _png(seed: int, size: int = 24) -> bytes:

@@ -27,17 +27,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import ipaddress
 import logging
 import math
 import os
-import socket
 import ssl
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -45,29 +41,15 @@ from urllib.parse import urljoin, urlsplit
 from PIL import Image
 
 from ..images import MAX_IMAGE_PIXELS, ImageError, load_image
+from .addresses import FetchError, resolve_checked
+from .connection import Deadline, DeadlinePassed, DeadlineSSLSocket, PinnedHTTPConnection, PinnedHTTPSConnection
 from .sources import ImageItem, is_url, read_item_bytes
 
 logger = logging.getLogger(__name__)
 
-# Instance-metadata services hand out cloud credentials; never fetched, whatever the policy says.
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
-    "169.254.170.2",  # AWS ECS task metadata
-    "100.100.100.200",  # Alibaba Cloud
-    "192.0.0.192",  # Oracle Cloud (legacy)
-    "fd00:ec2::254",  # AWS IPv6
-))
-# What allow_private opens: RFC 1918 and IPv6 unique-local ranges (loopback too). Python's is_private is wider (it
-# includes link-local, 0.0.0.0/8, documentation and benchmarking ranges), so the ranges are spelled out.
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                                                           "fc00::/7"))
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
-class FetchError(ImageError):
-    """A URL that could not be fetched as an image; the message names the URL and the reason."""
 
 
 @dataclass(frozen=True)
@@ -97,177 +79,6 @@ class FetchConfig:
 
 
 # ------------------------------------------------------------------------------------------ address policy
-
-
-def address_refusal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *,
-                    allow_private: bool = False, allow_link_local: bool = False) -> str | None:
-    """Why we will not connect to ``address`` (a short reason), or None if we may. ``allow_private``: the private
-    ranges and loopback too; ``allow_link_local``: link-local too. Cloud metadata addresses are always refused."""
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
-            ip = ip.ipv4_mapped
-        elif ip.sixtofour is not None:  # 2002:7f00:1::/48 tunnels to 127.0.0.1
-            ip = ip.sixtofour
-        elif ip.teredo is not None:
-            ip = ip.teredo[1]
-        if ip.version == 6 and ip.scope_id:
-            ip = ipaddress.ip_address(str(ip).split("%", 1)[0])
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
-    private = any(ip in net for net in PRIVATE_NETWORKS)
-    if allow_private and (private or ip.is_loopback):
-        return None
-    if allow_link_local and ip.is_link_local:
-        return None
-    for attr, reason in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
-                         ("is_multicast", "a multicast address"), ("is_unspecified", "an unspecified address"),
-                         ("is_reserved", "a reserved address")):
-        if getattr(ip, attr):
-            return reason
-    if private:
-        return "a private address"
-    if ip.is_private:  # 0.0.0.0/8, 192.0.0.0/24, 192.0.2.0/24, 198.18.0.0/15, 2001:db8::/32...
-        return "a special-purpose private address (this-network, documentation or benchmarking range)"
-    if not ip.is_global:  # e.g. 100.64.0.0/10 (carrier-grade NAT)
-        return "not a public address"
-    return None
-
-
-_resolver: ThreadPoolExecutor | None = None
-_resolver_lock = threading.Lock()
-
-
-def _getaddrinfo(host: str, port: int, timeout: float | None) -> list:
-    """``socket.getaddrinfo``, given up after ``timeout`` seconds (it has no timeout of its own: a dead name server
-    holds it for the resolver's retries). The lookup itself finishes in the background."""
-    if timeout is None:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    global _resolver
-    with _resolver_lock:
-        if _resolver is None:
-            _resolver = ThreadPoolExecutor(8, thread_name_prefix="fetch-dns")
-    future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        return future.result(timeout=max(timeout, 0.0))
-    except FutureTimeout:
-        future.cancel()
-        raise _DeadlinePassed(f"resolving {host!r}") from None
-
-
-def resolve_checked(host: str, port: int, *, allow_private: bool, allow_link_local: bool = False,
-                    timeout: float | None = None) -> list[str]:
-    """The addresses of ``host``, all of them allowed by the policy; refuses if any is not (a mixed answer is how
-    DNS tricks get in). ``timeout``: seconds the lookup may take (None: the resolver's own)."""
-    try:
-        infos = _getaddrinfo(host, port, timeout)
-    except (socket.gaierror, UnicodeError) as e:
-        raise FetchError(f"cannot resolve host {host!r}: {e}") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    for a in addresses:
-        reason = address_refusal(a, allow_private=allow_private, allow_link_local=allow_link_local)
-        if reason is not None:
-            hint = ""
-            if reason in ("a loopback address", "a private address") and not allow_private:
-                hint = " (allow private and loopback addresses with FetchConfig(allow_private=True) / " \
-                       "--allow-private-urls)"
-            elif reason == "a link-local address" and not allow_link_local:
-                hint = " (allow link-local addresses with FetchConfig(allow_link_local=True))"
-            raise FetchError(f"refused: host {host!r} resolves to {a}, {reason}{hint}")
-    if not addresses:
-        raise FetchError(f"cannot resolve host {host!r}: no addresses")
-    return addresses
-
-
-# ------------------------------------------------------------------------------------------ one deadline
-
-
-class _DeadlinePassed(TimeoutError):
-    """The fetch's total_timeout ran out (a TimeoutError, so http.client and socket.SocketIO treat it as one)."""
-
-
-class _Deadline:
-    """One fetch's clock: every wait is at most its own step timeout and never past the end."""
-
-    def __init__(self, total: float, read_timeout: float):
-        self.end = time.monotonic() + total
-        self.read_timeout = read_timeout
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-    def timeout(self, step: float) -> float:
-        left = self.left()
-        if left <= 0:
-            raise _DeadlinePassed("total timeout")
-        return min(step, left)
-
-
-class _DeadlineSocket(socket.socket):
-    """Sets its timeout to what is left (at most ``read_timeout``) before every read. http.client reads the status
-    line, headers and chunk-size lines with readline, one recv at a time, so a per-socket timeout alone lets a
-    server that sends a byte every few seconds hold the fetch for ever."""
-
-    deadline: _Deadline | None = None
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        if self.deadline is not None:
-            self.settimeout(self.deadline.timeout(self.deadline.read_timeout))
-        return super().recv_into(buffer, nbytes, flags)
-
-    def recv(self, bufsize, flags=0):
-        if self.deadline is not None:
-            self.settimeout(self.deadline.timeout(self.deadline.read_timeout))
-        return super().recv(bufsize, flags)
-
-
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    """The same for TLS (an SSLContext makes these through ``sslsocket_class``); a TLS read waits for whole records,
-    within its timeout."""
-
-    deadline: _Deadline | None = None
-
-    def recv_into(self, buffer, nbytes=None, flags=0):
-        if self.deadline is not None:
-            self.settimeout(self.deadline.timeout(self.deadline.read_timeout))
-        return super().recv_into(buffer, nbytes, flags)
-
-    def recv(self, buflen=1024, flags=0):
-        if self.deadline is not None:
-            self.settimeout(self.deadline.timeout(self.deadline.read_timeout))
-        return super().recv(buflen, flags)
-
-
-def _open_socket(address: str, port: int, deadline: _Deadline, connect_timeout: float) -> socket.socket:
-    raw = socket.create_connection((address, port), deadline.timeout(connect_timeout))
-    sock = _DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-    sock.settimeout(deadline.timeout(connect_timeout))  # for the TLS handshake and sending the request
-    return sock
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to an address that was already checked, whatever ``host`` resolves to now, under ``deadline``."""
-
-    def __init__(self, host: str, port: int, address: str, deadline: _Deadline, connect_timeout: float):
-        super().__init__(host, port, timeout=connect_timeout)
-        self._address, self._deadline = address, deadline
-
-    def connect(self):
-        self.sock = _open_socket(self._address, self.port, self._deadline, self.timeout)
-        self.sock.deadline = self._deadline
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, deadline: _Deadline, connect_timeout: float,
-                 context: ssl.SSLContext):
-        super().__init__(host, port, timeout=connect_timeout, context=context)
-        self._address, self._deadline = address, deadline
-
-    def connect(self):
-        sock = _open_socket(self._address, self.port, self._deadline, self.timeout)
-        sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the host
-        sock.deadline = self._deadline  # a _DeadlineSSLSocket: the context's sslsocket_class
-        self.sock = sock
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -343,7 +154,7 @@ class ImageFetcher:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._ssl = ssl.create_default_context()
-        self._ssl.sslsocket_class = _DeadlineSSLSocket
+        self._ssl.sslsocket_class = DeadlineSSLSocket
 
     # -------------------------------------------------------------------------------- one image
 
@@ -396,13 +207,13 @@ class ImageFetcher:
 
     def _download(self, url: str) -> bytes:
         cfg = self.config
-        deadline = _Deadline(cfg.total_timeout, cfg.read_timeout)  # one clock for every hop and every read
+        deadline = Deadline(cfg.total_timeout, cfg.read_timeout)  # one clock for every hop and every read
         try:
             return self._follow(url, deadline)
-        except _DeadlinePassed:
+        except DeadlinePassed:
             raise FetchError(f"{url}: took longer than the total timeout of {cfg.total_timeout}s") from None
 
-    def _follow(self, url: str, deadline: _Deadline) -> bytes:
+    def _follow(self, url: str, deadline: Deadline) -> bytes:
         cfg = self.config
         current = url
         for _ in range(cfg.max_redirects + 1):
@@ -436,8 +247,8 @@ class ImageFetcher:
                     raise FetchError(f"{url}: HTTP {resp.status} {resp.reason}")
                 return self._read_body(resp, url, deadline)
             except TimeoutError as e:  # a read waits at most what is left: its timing out may be the deadline's
-                if isinstance(e, _DeadlinePassed) or deadline.left() <= 0:
-                    raise _DeadlinePassed("total timeout") from None
+                if isinstance(e, DeadlinePassed) or deadline.left() <= 0:
+                    raise DeadlinePassed("total timeout") from None
                 raise FetchError(f"{url}: timed out (read timeout {cfg.read_timeout}s)") from None
             except (OSError, http.client.HTTPException) as e:
                 raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
@@ -446,19 +257,19 @@ class ImageFetcher:
         raise FetchError(f"{url}: more than {cfg.max_redirects} redirects")
 
     def _connect(self, scheme: str, host: str, port: int, addresses: list[str], url: str,
-                 deadline: _Deadline) -> http.client.HTTPConnection:
+                 deadline: Deadline) -> http.client.HTTPConnection:
         cfg = self.config
         last: Exception | None = None
         for address in addresses:
-            timeout = deadline.timeout(cfg.connect_timeout)  # _DeadlinePassed once nothing is left for this address
+            timeout = deadline.timeout(cfg.connect_timeout)  # DeadlinePassed once nothing is left for this address
             if scheme == "https":
-                conn = _PinnedHTTPSConnection(host, port, address, deadline, cfg.connect_timeout, self._ssl)
+                conn = PinnedHTTPSConnection(host, port, address, deadline, cfg.connect_timeout, self._ssl)
             else:
-                conn = _PinnedHTTPConnection(host, port, address, deadline, cfg.connect_timeout)
+                conn = PinnedHTTPConnection(host, port, address, deadline, cfg.connect_timeout)
             try:
                 conn.connect()
                 return conn
-            except _DeadlinePassed:
+            except DeadlinePassed:
                 conn.close()
                 raise
             except TimeoutError:
@@ -467,10 +278,10 @@ class ImageFetcher:
                 last = FetchError(f"{url}: cannot connect to {address}: {e}")
             conn.close()
         if deadline.left() <= 0:  # the last address's connect timed out at the deadline
-            raise _DeadlinePassed("total timeout")
+            raise DeadlinePassed("total timeout")
         raise last if last is not None else FetchError(f"{url}: no address to connect to")
 
-    def _read_body(self, resp: http.client.HTTPResponse, url: str, deadline: _Deadline) -> bytes:
+    def _read_body(self, resp: http.client.HTTPResponse, url: str, deadline: Deadline) -> bytes:
         cfg = self.config
         ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if ctype.startswith(_NOT_IMAGE_TYPES):

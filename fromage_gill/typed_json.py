@@ -1,0 +1,103 @@
+"""JSON into frozen dataclasses, strictly: every field's type is checked against the dataclass's hints (unions,
+literals, tuples, nested dataclasses), unknown and missing fields are named, and nothing is silently converted
+(``true`` is not a 1, 2.7 is not a 2). ``ConfigError`` names the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A preset or config file that cannot describe a model; the message names the field and the fix."""
+
+
+def require_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` is a whole number >= ``minimum``. A float is refused, not truncated: 2.7 is a mistake, not a 2."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_inline_config(where: str, make: Callable[[], Any]) -> None:
+    """Make the transformers config object an inline ``config`` describes (no weights, no download), so that a wrongly
+    typed field is a ConfigError naming it when the preset loads, not huggingface_hub's
+    StrictDataclassFieldValidationError traceback when the model is built."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        make()
+    except (StrictDataclassError, TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required field {path + name!r}")
+            continue
+        kwargs[name] = coerce(hints[name], data[name], path + name)
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path!r} has the wrong type: {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path!r} must be a list, got {type(value).__name__} {value!r}")
+        return tuple(coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path!r} must be an object, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int in Python; a config saying `"n_visual_tokens": true` is a mistake, not a 1.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
