@@ -35,8 +35,18 @@ from fromage_gill.chat.page import ASSETS, TOY_INDEXES, example_messages, header
 
 __all__ = ["API_ENDPOINTS", "AppOptions", "build_demo", "launch_style", "load_indexes", "main", "serve"]
 
-API_ENDPOINTS = ("send", "regenerate", "undo", "clear", "stop", "edit", "export_html", "export_json", "load_json",
-                 "history")
+API_ENDPOINTS = (
+    "send",
+    "regenerate",
+    "undo",
+    "clear",
+    "stop",
+    "edit",
+    "export_html",
+    "export_json",
+    "load_json",
+    "history",
+)
 
 CSS = """
 #chatbot .message-row img { max-height: 240px; width: auto; object-fit: contain; }
@@ -53,14 +63,27 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=h.close_session)
         gr.Markdown(header_markdown(pipeline, h.index_names), elem_id="header")
-        chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height="68vh", min_height=420, editable="user",
-                             group_consecutive_messages=False, buttons=["copy", "copy_all"],
-                             placeholder="Attach one or more images and ask about them, or ask for a picture.")
+        chatbot = gr.Chatbot(
+            elem_id="chatbot",
+            label="Conversation",
+            height="68vh",
+            min_height=420,
+            editable="user",
+            group_consecutive_messages=False,
+            buttons=["copy", "copy_all"],
+            placeholder="Attach one or more images and ask about them, or ask for a picture.",
+        )
         # No file_types filter: any file reaches the app, which explains in the chat why it cannot use it.
-        message = gr.MultimodalTextbox(elem_id="message", file_count="multiple",
-                                       sources=["upload"], label="Message", show_label=False, autofocus=True,
-                                       placeholder="Message (attach images with the clip, paste or drop them; "
-                                                   f"{IMAGE_PLACEHOLDER} places an image within the text)")
+        message = gr.MultimodalTextbox(
+            elem_id="message",
+            file_count="multiple",
+            sources=["upload"],
+            label="Message",
+            show_label=False,
+            autofocus=True,
+            placeholder="Message (attach images with the clip, paste or drop them; "
+            f"{IMAGE_PLACEHOLDER} places an image within the text)",
+        )
         with gr.Row(elem_id="buttons"):
             stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm")
             regen_btn = gr.Button("Regenerate", elem_id="regenerate", size="sm")
@@ -68,8 +91,12 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             clear_btn = gr.Button("Clear", elem_id="clear", size="sm")
         examples = example_messages(pipeline)
         if examples:
-            gr.Examples(examples=[[e] for e in examples], inputs=[message], label="Examples (click, then send)",
-                        elem_id="examples")
+            gr.Examples(
+                examples=[[e] for e in examples],
+                inputs=[message],
+                label="Examples (click, then send)",
+                elem_id="examples",
+            )
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             controls = settings_controls(h.defaults, h.index_names, decoding_choices())
         with gr.Accordion("Export / load", open=False, elem_id="export"):
@@ -96,8 +123,12 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             values = reply.controls or {}
             return reply.session, reply.messages, *[values.get(key, gr.update()) for key in controls]
 
-        turn = dict(outputs=[state, chatbot, message], inputs_kwargs=controls, concurrency_id="model",
-                    concurrency_limit=options.max_queue)
+        turn = dict(
+            outputs=[state, chatbot, message],
+            inputs_kwargs=controls,
+            concurrency_id="model",
+            concurrency_limit=options.max_queue,
+        )
         message.submit(shown(h.send), inputs=[state, message], api_name="send", **turn)
         regen_btn.click(shown(h.regenerate), inputs=[state], api_name="regenerate", **turn)
         chatbot.retry(shown(h.regenerate), inputs=[state], api_visibility="private", **turn)
@@ -108,12 +139,18 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         stop_btn.click(h.stop, inputs=[state], outputs=[state], api_name="stop", **quick)
         undo_btn.click(shown(h.undo, box=False), inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
         clear_btn.click(shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_name="clear", **quick)
-        chatbot.clear(shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_visibility="private",
-                      **quick)
+        chatbot.clear(
+            shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_visibility="private", **quick
+        )
         html_btn.click(h.export_html, inputs=[state], outputs=[export_file], api_name="export_html", **quick)
         json_btn.click(h.export_json, inputs=[state], outputs=[export_file], api_name="export_json", **quick)
-        load_btn.upload(load_json, inputs=[state, load_btn], outputs=[state, chatbot, *controls.values()],
-                        api_name="load_json", **quick)
+        load_btn.upload(
+            load_json,
+            inputs=[state, load_btn],
+            outputs=[state, chatbot, *controls.values()],
+            api_name="load_json",
+            **quick,
+        )
         history_btn.click(h.history, inputs=[state], outputs=[history_json], api_name="history", **quick)
         demo.load(h.view, inputs=[state], outputs=[chatbot], api_visibility="private")
     demo.queue(max_size=options.max_queue, default_concurrency_limit=options.max_queue)
@@ -123,21 +160,25 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any]:
     """``handler`` with its Replies as the values of (state, chatbot[, message box]); its signature is kept, since
     gradio names the API's parameters after it and passes the settings controls by name."""
+
     def values(reply: Reply) -> tuple:
         if not box:
             return reply.session, reply.messages
         return reply.session, reply.messages, gr.update(value=None) if reply.clear_box else gr.update()
 
     if inspect.isgeneratorfunction(handler):
+
         @functools.wraps(handler)
         def streamed(*args, **kwargs):
             for reply in handler(*args, **kwargs):
                 yield values(reply)
+
         return streamed
 
     @functools.wraps(handler)
     def returned(*args, **kwargs):
         return values(handler(*args, **kwargs))
+
     return returned
 
 
@@ -145,44 +186,117 @@ def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decod
     """The settings accordion's components, keyed by the API parameter name."""
     c: dict[str, Any] = {}
     help_ = SETTINGS_HELP.get
-    c["mode"] = gr.Radio(["auto", "retrieve", "generate", "text"], value=defaults["mode"], label="Images",
-                         info=help_("mode"), elem_id="set_mode")
+    c["mode"] = gr.Radio(
+        ["auto", "retrieve", "generate", "text"],
+        value=defaults["mode"],
+        label="Images",
+        info=help_("mode"),
+        elem_id="set_mode",
+    )
     with gr.Row():
-        c["max_new_tokens"] = gr.Slider(1, 512, value=defaults["max_new_tokens"], step=1, label="Max new tokens",
-                                        info=help_("max_new_tokens"), elem_id="set_max_new_tokens")
-        c["temperature"] = gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature",
-                                     info=help_("temperature"), elem_id="set_temperature")
-        c["top_p"] = gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p", info=help_("top_p"),
-                               elem_id="set_top_p")
+        c["max_new_tokens"] = gr.Slider(
+            1,
+            512,
+            value=defaults["max_new_tokens"],
+            step=1,
+            label="Max new tokens",
+            info=help_("max_new_tokens"),
+            elem_id="set_max_new_tokens",
+        )
+        c["temperature"] = gr.Slider(
+            0.0,
+            2.0,
+            value=defaults["temperature"],
+            step=0.05,
+            label="Temperature",
+            info=help_("temperature"),
+            elem_id="set_temperature",
+        )
+        c["top_p"] = gr.Slider(
+            0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p", info=help_("top_p"), elem_id="set_top_p"
+        )
     with gr.Row():
-        c["ret_scale_factor"] = gr.Slider(0.0, 5.0, value=defaults["ret_scale_factor"], step=0.1,
-                                          label="Image frequency: retrieved", info=help_("image_frequency"),
-                                          elem_id="set_ret_scale")
-        c["gen_scale_factor"] = gr.Slider(0.0, 5.0, value=defaults["gen_scale_factor"], step=0.1,
-                                          label="Image frequency: generated", info=help_("image_frequency"),
-                                          elem_id="set_gen_scale")
-        c["image_logit_bias"] = gr.Slider(-20.0, 20.0, value=defaults["image_logit_bias"], step=0.5,
-                                          label="Image bias", info=help_("image_logit_bias"), elem_id="set_image_bias")
-        c["max_images"] = gr.Slider(0, 8, value=defaults["max_images"], step=1, label="Max images per answer",
-                                    info=help_("max_images"), elem_id="set_max_images")
+        c["ret_scale_factor"] = gr.Slider(
+            0.0,
+            5.0,
+            value=defaults["ret_scale_factor"],
+            step=0.1,
+            label="Image frequency: retrieved",
+            info=help_("image_frequency"),
+            elem_id="set_ret_scale",
+        )
+        c["gen_scale_factor"] = gr.Slider(
+            0.0,
+            5.0,
+            value=defaults["gen_scale_factor"],
+            step=0.1,
+            label="Image frequency: generated",
+            info=help_("image_frequency"),
+            elem_id="set_gen_scale",
+        )
+        c["image_logit_bias"] = gr.Slider(
+            -20.0,
+            20.0,
+            value=defaults["image_logit_bias"],
+            step=0.5,
+            label="Image bias",
+            info=help_("image_logit_bias"),
+            elem_id="set_image_bias",
+        )
+        c["max_images"] = gr.Slider(
+            0,
+            8,
+            value=defaults["max_images"],
+            step=1,
+            label="Max images per answer",
+            info=help_("max_images"),
+            elem_id="set_max_images",
+        )
     with gr.Row():
-        c["retrieval_candidates"] = gr.Slider(1, 20, value=defaults["retrieval_candidates"], step=1,
-                                              label="Retrieval candidates", info=help_("retrieval_candidates"),
-                                              elem_id="set_retrieval_candidates")
-        c["guidance_scale"] = gr.Slider(1.0, 20.0, value=defaults["guidance_scale"], step=0.5, label="Guidance scale",
-                                        info=help_("guidance_scale"), elem_id="set_guidance_scale")
-        c["num_inference_steps"] = gr.Slider(1, 100, value=defaults["num_inference_steps"], step=1,
-                                             label="Inference steps", info=help_("num_inference_steps"),
-                                             elem_id="set_steps")
+        c["retrieval_candidates"] = gr.Slider(
+            1,
+            20,
+            value=defaults["retrieval_candidates"],
+            step=1,
+            label="Retrieval candidates",
+            info=help_("retrieval_candidates"),
+            elem_id="set_retrieval_candidates",
+        )
+        c["guidance_scale"] = gr.Slider(
+            1.0,
+            20.0,
+            value=defaults["guidance_scale"],
+            step=0.5,
+            label="Guidance scale",
+            info=help_("guidance_scale"),
+            elem_id="set_guidance_scale",
+        )
+        c["num_inference_steps"] = gr.Slider(
+            1,
+            100,
+            value=defaults["num_inference_steps"],
+            step=1,
+            label="Inference steps",
+            info=help_("num_inference_steps"),
+            elem_id="set_steps",
+        )
     with gr.Row():
         seed = defaults.get("seed")
-        c["seed"] = gr.Textbox(value="random" if seed is None else str(seed), label="Seed", info=help_("seed"),
-                               elem_id="set_seed")
+        c["seed"] = gr.Textbox(
+            value="random" if seed is None else str(seed), label="Seed", info=help_("seed"), elem_id="set_seed"
+        )
         names = index_names or [NO_INDEX]
-        c["index"] = gr.Dropdown(names, value=names[0], label="Image index", info=help_("index"),
-                                 visible=len(names) > 1, elem_id="set_index")
-        c["decoding"] = gr.Radio(decodings, value=defaults.get("decoding", "default"), label="Decoding",
-                                 info=help_("decoding"), visible=len(decodings) > 1, elem_id="set_decoding")
+        c["index"] = gr.Dropdown(
+            names, value=names[0], label="Image index", info=help_("index"), visible=len(names) > 1, elem_id="set_index"
+        )
+        c["decoding"] = gr.Radio(
+            decodings,
+            value=defaults.get("decoding", "default"),
+            label="Decoding",
+            info=help_("decoding"),
+            visible=len(decodings) > 1,
+            elem_id="set_decoding",
+        )
     return c
 
 
@@ -208,21 +322,27 @@ def serve(args: argparse.Namespace) -> int:
     """Load the model (showing progress), then build and launch the demo. Shared by ``fromage-gill serve``."""
     from fromage_gill.hub import HubUnavailableError
 
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.monotonic()
-    print(f"fromage_gill: loading {args.model} (progress below; the first start downloads the weights)",
-          file=sys.stderr)
+    print(
+        f"fromage_gill: loading {args.model} (progress below; the first start downloads the weights)", file=sys.stderr
+    )
     try:
         pipeline, options = load_app(args)
     except HubUnavailableError:
         if getattr(args, "verbose", False):
             raise
-        print(f"fromage_gill: the {args.model!r} weights are not on this machine and the Hugging Face Hub is "
-              f"unreachable; for the offline demo run: python app.py --model toy-gill  (details: add -v)",
-              file=sys.stderr)
+        print(
+            f"fromage_gill: the {args.model!r} weights are not on this machine and the Hugging Face Hub is "
+            f"unreachable; for the offline demo run: python app.py --model toy-gill  (details: add -v)",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, OSError) as e:
         if getattr(args, "verbose", False):

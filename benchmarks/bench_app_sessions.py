@@ -34,8 +34,9 @@ def launch(model: str, concurrency: int, max_queue: int) -> tuple[str, object]:
     from fromage_gill import load_pipeline
 
     pipeline = load_pipeline(model, device="cpu", dtype="fp32")
-    options = app.AppOptions(indexes=app.load_indexes(None, pipeline) or None, concurrency=concurrency,
-                             max_queue=max_queue)
+    options = app.AppOptions(
+        indexes=app.load_indexes(None, pipeline) or None, concurrency=concurrency, max_queue=max_queue
+    )
     demo = app.build_demo(pipeline, options)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,8 +52,10 @@ def session(url: str, k: int, turns: int, settings: dict, results: list, errors:
         client = Client(url, verbose=False)
         start.wait()
         for t in range(turns):
-            message = {"text": f"session {k} turn {t}: what do you see?",
-                       "files": [handle_file(str(PHOTO))] if t == 0 else []}
+            message = {
+                "text": f"session {k} turn {t}: what do you see?",
+                "files": [handle_file(str(PHOTO))] if t == 0 else [],
+            }
             t0 = time.perf_counter()
             job = client.submit(message=message, api_name="/send", **settings)
             first = None
@@ -62,8 +65,9 @@ def session(url: str, k: int, turns: int, settings: dict, results: list, errors:
                 time.sleep(0.01)
             chat, _ = job.result()
             total = time.perf_counter() - t0
-            results.append({"session": k, "turn": t, "latency_s": total, "first_update_s": first or total,
-                            "messages": len(chat)})
+            results.append(
+                {"session": k, "turn": t, "latency_s": total, "first_update_s": first or total, "messages": len(chat)}
+            )
         h = client.predict(api_name="/history")
         users = [t["segments"][-1].get("text") for t in h["turns"] if t["role"] == "user"]
         expected = [f"session {k} turn {t}: what do you see?" for t in range(turns)]
@@ -101,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     errors: list[str] = []
     barrier = threading.Barrier(args.sessions)
-    threads = [threading.Thread(target=session, args=(url, k, args.turns, settings, results, errors, barrier))
-               for k in range(args.sessions)]
+    threads = [
+        threading.Thread(target=session, args=(url, k, args.turns, settings, results, errors, barrier))
+        for k in range(args.sessions)
+    ]
     t0 = time.perf_counter()
     for th in threads:
         th.start()
@@ -114,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
     lat = [r["latency_s"] for r in results]
     first = [r["first_update_s"] for r in results]
-    print(f"{args.sessions} sessions x {args.turns} turns on {args.model} ({url}), model concurrency "
-          f"{args.concurrency}, max_new_tokens {args.max_new_tokens}, {args.steps} diffusion steps")
-    print(f"completed turns: {len(results)}/{args.sessions * args.turns}; wall time {wall:.1f} s; "
-          f"isolation: {'OK, each session saw only its own history' if not errors else 'FAILED'}")
+    print(
+        f"{args.sessions} sessions x {args.turns} turns on {args.model} ({url}), model concurrency "
+        f"{args.concurrency}, max_new_tokens {args.max_new_tokens}, {args.steps} diffusion steps"
+    )
+    print(
+        f"completed turns: {len(results)}/{args.sessions * args.turns}; wall time {wall:.1f} s; "
+        f"isolation: {'OK, each session saw only its own history' if not errors else 'FAILED'}"
+    )
     if lat:
         print("| | median | p95 | max |\n|---|---|---|---|")
         print(f"| turn latency (s) | {statistics.median(lat):.2f} | {pct(lat, 0.95):.2f} | {max(lat):.2f} |")

@@ -39,9 +39,20 @@ from fromage_gill.generate.prompt import TokenIds  # noqa: E402
 from fromage_gill.generate.sampling import sample  # noqa: E402
 from fromage_gill.pipeline import build_pipeline, load_pipeline  # noqa: E402
 
-LM = {"model_type": "opt", "vocab_size": 512, "hidden_size": 256, "word_embed_proj_dim": 256, "num_hidden_layers": 4,
-      "ffn_dim": 1024, "num_attention_heads": 4, "max_position_embeddings": 2048, "dropout": 0.0,
-      "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
+LM = {
+    "model_type": "opt",
+    "vocab_size": 512,
+    "hidden_size": 256,
+    "word_embed_proj_dim": 256,
+    "num_hidden_layers": 4,
+    "ffn_dim": 1024,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 2048,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "layerdrop": 0.0,
+}
 NEW = 64
 clock = time.process_time  # see the module docstring; main() switches to perf_counter with --wall
 
@@ -68,9 +79,16 @@ def hf(pipe, ids: list[int], n_new: int) -> list[int]:
     lm = pipe.model.lm
     x = torch.tensor([[pipe.tokenizer.bos_token_id, *ids]])
     with torch.no_grad():
-        out = lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
-                          do_sample=False, use_cache=True, pad_token_id=pipe.tokenizer.pad_token_id)
-    return out[0, x.shape[1]:].tolist()
+        out = lm.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pipe.tokenizer.pad_token_id,
+        )
+    return out[0, x.shape[1] :].tolist()
 
 
 def reference(pipe, ids: list[int], n_new: int) -> list[int]:
@@ -102,8 +120,10 @@ def section_decode(pipe, repeats: int) -> None:
                 fn(pipe, ids, n)
                 if r:  # the first round is a warm-up
                     times[name, n].append(clock() - t)
-    rows = [(name, (statistics.median(times[name, NEW + 1]) - statistics.median(times[name, 1])) / NEW * 1000)
-            for name in fns]
+    rows = [
+        (name, (statistics.median(times[name, NEW + 1]) - statistics.median(times[name, 1])) / NEW * 1000)
+        for name in fns
+    ]
     print(f"\n## 1. decode ms/token, 64-token prompt, {NEW} new tokens (same tokens: {a == b})")
     print("| loop | ms/token |\n|---|---|")
     for name, ms in rows:
@@ -168,8 +188,10 @@ def section_ttft(pipe, repeats: int) -> None:
     m1, m10, mc = statistics.median(t1), statistics.median(t10), statistics.median(cold)
     print(f"\n## 3. time to first token (chat, 32-token answers; turn 10 prompt = {cached - 31} positions)")
     print("| turn | ms |\n|---|---|")
-    print(f"| 1 | {m1 * 1000:.1f} |\n| 10 (prefix cache reused) | {m10 * 1000:.1f} |\n"
-          f"| 10, cold cache (history recomputed) | {mc * 1000:.1f} |")
+    print(
+        f"| 1 | {m1 * 1000:.1f} |\n| 10 (prefix cache reused) | {m10 * 1000:.1f} |\n"
+        f"| 10, cold cache (history recomputed) | {mc * 1000:.1f} |"
+    )
     print(f"ratio turn 10 / turn 1: {m10 / m1:.2f} (target <= 1.5)")
 
 
@@ -201,8 +223,9 @@ def section_unet() -> None:
     print("| turn | image | UNet calls |\n|---|---|---|")
     for mode in ("retrieve", "generate", "auto"):
         calls["unet"] = 0
-        s = GenerationSettings(max_new_tokens=4, mode=mode, image_logit_bias=float("inf"), max_images=1,
-                               num_inference_steps=10, seed=0)
+        s = GenerationSettings(
+            max_new_tokens=4, mode=mode, image_logit_bias=float("inf"), max_images=1, num_inference_steps=10, seed=0
+        )
         sources = [e.source for e in Chat(pipe).send(["show me a cat"], s) if isinstance(e, ImageResult)]
         print(f"| mode={mode} | {', '.join(sources) or 'none'} | {calls['unet']} |")
 
@@ -219,9 +242,11 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     pipe = bench_pipeline()
-    print(f"# bench_generate: OPT-style LM, 4 layers x 256 wide, vocab 512, random weights; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); {'wall-clock' if args.wall else 'CPU'} time, "
-          f"medians of {args.repeats} runs")
+    print(
+        f"# bench_generate: OPT-style LM, 4 layers x 256 wide, vocab 512, random weights; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); {'wall-clock' if args.wall else 'CPU'} time, "
+        f"medians of {args.repeats} runs"
+    )
     section_decode(pipe, args.repeats)
     section_reference(pipe, args.repeats)
     section_ttft(pipe, args.repeats)

@@ -44,8 +44,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png(width: int, height: int, *, bit_depth: int = 8, colour_type: int = 0, rows: int | None = None,
-        extra: bytes = b"") -> bytes:
+def png(
+    width: int, height: int, *, bit_depth: int = 8, colour_type: int = 0, rows: int | None = None, extra: bytes = b""
+) -> bytes:
     """A PNG of all-zero pixels declaring ``width`` x ``height``; ``rows``: stop the pixel data after that many rows
     (a truncated file). Written by hand: Pillow would allocate the whole image first."""
     channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
@@ -58,8 +59,13 @@ def png(width: int, height: int, *, bit_depth: int = 8, colour_type: int = 0, ro
         idat += z.compress(row * min(batch, n - start))
     idat += z.flush() if rows is None else z.flush(zlib.Z_SYNC_FLUSH)  # truncated: a valid but unfinished stream
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", bytes(idat))
-            + (_chunk(b"IEND", b"") if rows is None else b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + extra
+        + _chunk(b"IDAT", bytes(idat))
+        + (_chunk(b"IEND", b"") if rows is None else b"")
+    )
 
 
 def thin_png(width: int, height: int) -> bytes:
@@ -74,7 +80,7 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5: sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -117,20 +123,24 @@ CASES = [
     Case("thin PNG 16,000 x 400 (40:1)", lambda: thin_png(16_000, 400), "refused"),
     Case("bomb PNG 20,000 x 20,000, complete 1-bit data", lambda: png(20_000, 20_000, bit_depth=1), "refused"),
     Case("bomb PNG 9,000 x 9,000, complete 1-bit data", lambda: png(9_000, 9_000, bit_depth=1), "refused"),
-    Case("PNG header 60,000 x 60,000 RGBA, 1 row of data", lambda: png(60_000, 60_000, colour_type=6, rows=1),
-         "refused"),
+    Case(
+        "PNG header 60,000 x 60,000 RGBA, 1 row of data", lambda: png(60_000, 60_000, colour_type=6, rows=1), "refused"
+    ),
     Case("JPEG header 65,000 x 65,000, 8 x 8 data", lambda: jpeg_declaring(65_000, 65_000), "refused"),
-    Case("PNG header 8,000 x 8,000 RGBA, 10 rows of data", lambda: png(8_000, 8_000, colour_type=6, rows=10),
-         "refused"),
+    Case(
+        "PNG header 8,000 x 8,000 RGBA, 10 rows of data", lambda: png(8_000, 8_000, colour_type=6, rows=10), "refused"
+    ),
     Case("truncated PNG photo 1,500 x 1,500", truncated_photo, "refused"),
     Case("PNG with a zTXt chunk inflating to 256 MB", text_bomb, "refused"),
-    Case("GIF 10 x 10 whose first frame declares 60,000 x 60,000", lambda: gif((10, 10), 2, (60_000, 60_000)),
-         "refused"),
+    Case(
+        "GIF 10 x 10 whose first frame declares 60,000 x 60,000", lambda: gif((10, 10), 2, (60_000, 60_000)), "refused"
+    ),
     Case("GIF 1,000 x 1,000 with 100,000 frames", lambda: gif((1_000, 1_000), 100_000), "accepted"),
     # At the limits, accepted: what the largest allowed image costs.
     Case("PNG 8,000 x 8,000 greyscale (64 MP, the pixel limit)", lambda: png(8_000, 8_000), "accepted", False),
-    Case("PNG 8,000 x 8,000 RGBA (64 MP, the pixel limit)", lambda: png(8_000, 8_000, colour_type=6), "accepted",
-         False),
+    Case(
+        "PNG 8,000 x 8,000 RGBA (64 MP, the pixel limit)", lambda: png(8_000, 8_000, colour_type=6), "accepted", False
+    ),
     Case("PNG 16,384 x 512 greyscale (32:1, the aspect limit)", lambda: png(16_384, 512), "accepted", False),
     Case("PNG 8,000 x 8,000 16-bit greyscale", lambda: png(8_000, 8_000, bit_depth=16), "accepted", False),
     # Within the pixel limit, so decoded: libjpeg fills the missing blocks with grey and Pillow does not say so.
@@ -204,8 +214,12 @@ def measure(case: Case, data: bytes, headroom_mb: int) -> Result:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the hostile images (the test's run)")
-    ap.add_argument("--headroom-mb", type=int, default=3072,
-                    help="address space each child may map beyond what it has (default 3072)")
+    ap.add_argument(
+        "--headroom-mb",
+        type=int,
+        default=3072,
+        help="address space each child may map beyond what it has (default 3072)",
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if sys.platform != "linux":
@@ -220,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         # the budget is for hostile files; the images at the limits are there to show what accepting one costs
         ok = r.outcome == r.expect and (r.peak_mb < BUDGET_MB or not c.quick)
         flag = "" if ok else "   <-- UNEXPECTED"
-        print(f"{r.name:<{width}}  {r.file_bytes:>9,}  {r.peak_mb:>7.1f}  {r.seconds:>6.2f}  {r.outcome}: "
-              f"{r.message[:110]}{flag}")
+        print(
+            f"{r.name:<{width}}  {r.file_bytes:>9,}  {r.peak_mb:>7.1f}  {r.seconds:>6.2f}  {r.outcome}: "
+            f"{r.message[:110]}{flag}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

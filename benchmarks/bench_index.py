@@ -46,7 +46,7 @@ def unit_vectors(n: int, d: int, seed: int, chunk: int = 1 << 17) -> np.ndarray:
     out = np.empty((n, d), np.float32)
     for i in range(0, n, chunk):
         x = rng.standard_normal((min(chunk, n - i), d), dtype=np.float32)
-        out[i: i + chunk] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[i : i + chunk] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -75,12 +75,14 @@ print(json.dumps(out))
 
 
 def memory_of_opening(directory: Path, mode: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(directory), mode], capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(directory), mode], capture_output=True, text=True, check=True
+    )
     r = json.loads(res.stdout.strip().splitlines()[-1])
     base_anon, base_file, _ = r["base"]
-    return {k: {"anon": v[0] - base_anon, "file": v[1] - base_file, "peak_rss": v[2]} for k, v in r.items()
-            if k != "base"}
+    return {
+        k: {"anon": v[0] - base_anon, "file": v[1] - base_file, "peak_rss": v[2]} for k, v in r.items() if k != "base"
+    }
 
 
 class _Records:
@@ -100,7 +102,7 @@ def write_large_index(directory: Path, n: int, dim: int) -> None:
     """An n x dim float32 index written through a disk-backed array, so the benchmark never holds it in RAM."""
     raw = np.lib.format.open_memmap(directory.with_suffix(".npy"), mode="w+", dtype=np.float32, shape=(n, dim))
     for i in range(0, n, 1 << 18):
-        raw[i: i + (1 << 18)] = unit_vectors(min(1 << 18, n - i), dim, seed=i)
+        raw[i : i + (1 << 18)] = unit_vectors(min(1 << 18, n - i), dim, seed=i)
     ImageIndex(raw, _Records(n), "bench:0").save(directory)
     del raw
     directory.with_suffix(".npy").unlink()
@@ -129,16 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--build-images", type=int, default=256)
-    ap.add_argument("--open-n", type=int, default=2_600_000,
-                    help="also measure opening an index this large (CC3M's size; 0 to skip)")
+    ap.add_argument(
+        "--open-n",
+        type=int,
+        default=2_600_000,
+        help="also measure opening an index this large (CC3M's size; 0 to skip)",
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     import faiss
 
-    results: dict = {"n": args.n, "dim": args.dim, "k": args.k, "torch_threads": torch.get_num_threads(),
-                     "faiss_threads": faiss.omp_get_max_threads(), "cpus": os.cpu_count()}
+    results: dict = {
+        "n": args.n,
+        "dim": args.dim,
+        "k": args.k,
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "cpus": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         vectors = unit_vectors(args.n, args.dim, seed=0)
@@ -159,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             faiss.omp_set_num_threads(1)
             t_faiss1 = best_of(lambda q=queries: flat.search(q, args.k), args.repeats)
             faiss.omp_set_num_threads(results["faiss_threads"])
-            results[f"q{nq}"] = {"ours_s": t_ours, "faiss_s": t_faiss, "faiss_1thread_s": t_faiss1,
-                                 "ratio": t_ours / min(t_faiss, t_faiss1),
-                                 "ids_equal": bool(np.array_equal(ours.ids, fa_ids)),
-                                 "scan_bytes_per_s": args.n * args.dim * 4 / t_ours}
+            results[f"q{nq}"] = {
+                "ours_s": t_ours,
+                "faiss_s": t_faiss,
+                "faiss_1thread_s": t_faiss1,
+                "ratio": t_ours / min(t_faiss, t_faiss1),
+                "ids_equal": bool(np.array_equal(ours.ids, fa_ids)),
+                "scan_bytes_per_s": args.n * args.dim * 4 / t_ours,
+            }
         flat = None  # free its copy before the memory probes
         results["open_mmap"] = memory_of_opening(tmp / "index", "mmap")
         results["open_eager"] = memory_of_opening(tmp / "index", "eager")
@@ -177,33 +193,45 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average"] = os.getloadavg()  # the machine may be shared: figures are only as quiet as it was
     gb = 1e9
     bw = results["copy_bandwidth"]
-    print(f"exact top-{args.k} over {args.n:,} x {args.dim} float32 (torch threads {results['torch_threads']}, "
-          f"faiss threads {results['faiss_threads']}, {results['cpus']} CPUs, load average at the end "
-          f"{results['load_average'][0]:.1f})\n")
-    print(f"| queries | ours (ms) | faiss IndexFlatIP, {results['faiss_threads']} threads (ms) | faiss, 1 thread (ms) "
-          "| ours / best faiss | same ids | scanned GB/s | of copy bandwidth |")
+    print(
+        f"exact top-{args.k} over {args.n:,} x {args.dim} float32 (torch threads {results['torch_threads']}, "
+        f"faiss threads {results['faiss_threads']}, {results['cpus']} CPUs, load average at the end "
+        f"{results['load_average'][0]:.1f})\n"
+    )
+    print(
+        f"| queries | ours (ms) | faiss IndexFlatIP, {results['faiss_threads']} threads (ms) | faiss, 1 thread (ms) "
+        "| ours / best faiss | same ids | scanned GB/s | of copy bandwidth |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for nq in (1, 64):
         r = results[f"q{nq}"]
-        print(f"| {nq} | {r['ours_s'] * 1e3:.1f} | {r['faiss_s'] * 1e3:.1f} | {r['faiss_1thread_s'] * 1e3:.1f} "
-              f"| {r['ratio']:.2f}x | {r['ids_equal']} | {r['scan_bytes_per_s'] / gb:.2f} "
-              f"| {r['scan_bytes_per_s'] / bw:.0%} |")
+        print(
+            f"| {nq} | {r['ours_s'] * 1e3:.1f} | {r['faiss_s'] * 1e3:.1f} | {r['faiss_1thread_s'] * 1e3:.1f} "
+            f"| {r['ratio']:.2f}x | {r['ids_equal']} | {r['scan_bytes_per_s'] / gb:.2f} "
+            f"| {r['scan_bytes_per_s'] / bw:.0%} |"
+        )
     print(f"\nmemory-copy bandwidth (numpy copy, read + write): {bw / gb:.2f} GB/s")
     mb = 2**20
     for mode in ("open_mmap", "open_eager"):
         r = results[mode]
-        print(f"{mode}: after open +{r['opened']['anon'] / mb:.0f} MiB private, +{r['opened']['file'] / mb:.0f} MiB "
-              f"mapped; after a full search +{r['searched']['anon'] / mb:.0f} MiB private, "
-              f"+{r['searched']['file'] / mb:.0f} MiB mapped (page cache); process peak RSS "
-              f"{r['searched']['peak_rss'] / mb:.0f} MiB  [embeddings file {results['index_bytes'] / mb:.0f} MiB]")
+        print(
+            f"{mode}: after open +{r['opened']['anon'] / mb:.0f} MiB private, +{r['opened']['file'] / mb:.0f} MiB "
+            f"mapped; after a full search +{r['searched']['anon'] / mb:.0f} MiB private, "
+            f"+{r['searched']['file'] / mb:.0f} MiB mapped (page cache); process peak RSS "
+            f"{r['searched']['peak_rss'] / mb:.0f} MiB  [embeddings file {results['index_bytes'] / mb:.0f} MiB]"
+        )
     if args.open_n:
         r = results["open_large"]
-        print(f"open {args.open_n:,} x {args.dim} (file {results['large_bytes'] / mb:.0f} MiB), memory-mapped: "
-              f"after open +{r['opened']['anon'] / mb:.0f} MiB private; after a full search "
-              f"+{r['searched']['anon'] / mb:.0f} MiB private, +{r['searched']['file'] / mb:.0f} MiB mapped; "
-              f"peak RSS {r['searched']['peak_rss'] / mb:.0f} MiB")
-    print(f"build rate, tiny-fromage, {results['build_count']} JPEGs 256x256, batch 32: "
-          f"{results['build_rate']:.1f} images/s")
+        print(
+            f"open {args.open_n:,} x {args.dim} (file {results['large_bytes'] / mb:.0f} MiB), memory-mapped: "
+            f"after open +{r['opened']['anon'] / mb:.0f} MiB private; after a full search "
+            f"+{r['searched']['anon'] / mb:.0f} MiB private, +{r['searched']['file'] / mb:.0f} MiB mapped; "
+            f"peak RSS {r['searched']['peak_rss'] / mb:.0f} MiB"
+        )
+    print(
+        f"build rate, tiny-fromage, {results['build_count']} JPEGs 256x256, batch 32: "
+        f"{results['build_rate']:.1f} images/s"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

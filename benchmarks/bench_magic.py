@@ -26,18 +26,32 @@ from fromage_gill.images import ImageProcessor
 from fromage_gill.magic import ClipGuide, LMStep, hf_step, magic_search
 
 SIZES = {
-    "small": {"lm": {"n_embd": 768, "n_layer": 12, "n_head": 12},
-              "clip_text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-                            "num_attention_heads": 8},
-              "clip_vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                              "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
-              "projection_dim": 512},
-    "tiny": {"lm": {"n_embd": 64, "n_layer": 2, "n_head": 4},
-             "clip_text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                           "num_attention_heads": 4},
-             "clip_vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                             "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-             "projection_dim": 16},
+    "small": {
+        "lm": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+        "clip_text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        "clip_vision": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        "projection_dim": 512,
+    },
+    "tiny": {
+        "lm": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+        "clip_text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "clip_vision": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        "projection_dim": 16,
+    },
 }
 
 
@@ -60,12 +74,33 @@ def build(size: str, seed: int = 0):
     s = SIZES[size]
     tok = clip_bpe_tokenizer()
     torch.manual_seed(seed)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, bos_token_id=tok.bos_token_id,
-                                    eos_token_id=tok.eos_token_id, **s["lm"])).eval().requires_grad_(False)
-    clip = CLIPModel(CLIPConfig(
-        text_config={"vocab_size": len(tok), "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
-                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id, **s["clip_text"]},
-        vision_config=s["clip_vision"], projection_dim=s["projection_dim"]))
+    lm = (
+        GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(tok),
+                n_positions=1024,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                **s["lm"],
+            )
+        )
+        .eval()
+        .requires_grad_(False)
+    )
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(tok),
+                "max_position_embeddings": 77,
+                "eos_token_id": tok.eos_token_id,
+                "bos_token_id": tok.bos_token_id,
+                "pad_token_id": tok.pad_token_id,
+                **s["clip_text"],
+            },
+            vision_config=s["clip_vision"],
+            projection_dim=s["projection_dim"],
+        )
+    )
     guide = ClipGuide(clip, tok, ImageProcessor(size=s["clip_vision"]["image_size"]))
     return lm, tok, guide
 
@@ -102,7 +137,7 @@ def straightforward(lm, tok, clip_logits, prompt: torch.Tensor, s: MagicDecoding
             h = lm(input_ids=torch.tensor([ids + [v]]), output_hidden_states=True).hidden_states[-1][0]
             hidden.append(F.cosine_similarity(h[-1:], h[:-1], dim=-1).max())
         penalty = torch.stack(hidden)
-        texts = [tok.decode((generated + [v])[-s.clip_text_max_tokens:]) for v in top.tolist()]
+        texts = [tok.decode((generated + [v])[-s.clip_text_max_tokens :]) for v in top.tolist()]
         f = clip_logits(texts).softmax(-1) if s.beta > 0 else torch.zeros_like(top_p)
         best = int(((1 - s.alpha) * top_p - s.alpha * penalty + s.beta * f).argmax())
         ids.append(int(top[best]))
@@ -145,20 +180,23 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     t_greedy, _ = timed(lambda: greedy(lm, prompt, n), args.repeats)
     rows.append(("greedy (KV cache)", t_greedy))
-    t_cs, _ = timed(lambda: magic(lm, tok, None, prompt, MagicDecoding(k=args.k, alpha=args.alpha, beta=0.0,
-                                                                          max_new_tokens=n)), args.repeats)
+    t_cs, _ = timed(
+        lambda: magic(lm, tok, None, prompt, MagicDecoding(k=args.k, alpha=args.alpha, beta=0.0, max_new_tokens=n)),
+        args.repeats,
+    )
     rows.append((f"contrastive search, ours (k={args.k})", t_cs))
     t_magic, ours = timed(lambda: magic(lm, tok, clip_logits, prompt, s), args.repeats)
     rows.append((f"MAGIC, ours (k={args.k}, one batched LM forward + one CLIP batch per step)", t_magic))
     if not args.skip_straightforward:
-        t_naive, naive = timed(lambda: straightforward(lm, tok, clip_logits, prompt, s),
-                               max(1, min(args.repeats, 2)))
+        t_naive, naive = timed(lambda: straightforward(lm, tok, clip_logits, prompt, s), max(1, min(args.repeats, 2)))
         rows.append((f"MAGIC, straightforward (k={args.k}, LM over the full sequence per candidate)", t_naive))
         if naive != ours:
             raise SystemExit(f"the straightforward implementation chose other tokens: {naive} vs {ours}")
 
-    print(f"\nsize={args.size} k={args.k} alpha={args.alpha} beta={args.beta} prompt={args.prompt_tokens} token(s) "
-          f"new={n} tokens threads={args.threads} (median of {args.repeats})\n")
+    print(
+        f"\nsize={args.size} k={args.k} alpha={args.alpha} beta={args.beta} prompt={args.prompt_tokens} token(s) "
+        f"new={n} tokens threads={args.threads} (median of {args.repeats})\n"
+    )
     print("| decoding | ms/token |")
     print("|---|---:|")
     for name, t in rows:

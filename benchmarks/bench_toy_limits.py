@@ -55,8 +55,12 @@ def clip_alone(pipe, scenes: list[W.Scene]) -> dict[str, float]:
 def features(pipe, scenes: list[W.Scene], batch: int = 100) -> torch.Tensor:
     m = pipe.model
     with torch.no_grad():
-        return torch.cat([m.encode_images(m.vision.processor([s.render() for s in scenes[i: i + batch]])).float()
-                          for i in range(0, len(scenes), batch)])
+        return torch.cat(
+            [
+                m.encode_images(m.vision.processor([s.render() for s in scenes[i : i + batch]])).float()
+                for i in range(0, len(scenes), batch)
+            ]
+        )
 
 
 def shape_probe(pipe, n_train: int, n_test: int, steps: int = 3000) -> dict[str, dict[str, float]]:
@@ -74,8 +78,11 @@ def shape_probe(pipe, n_train: int, n_test: int, steps: int = 3000) -> dict[str,
     for name, hidden in (("linear", 0), ("mlp", 256)):
         torch.manual_seed(0)
         d = x_train.shape[1]
-        net = nn.Linear(d, len(shapes)) if not hidden else nn.Sequential(
-            nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, len(shapes)))
+        net = (
+            nn.Linear(d, len(shapes))
+            if not hidden
+            else nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, len(shapes)))
+        )
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
         for _ in range(steps):
             idx = torch.randint(len(x_train), (256,))
@@ -85,8 +92,10 @@ def shape_probe(pipe, n_train: int, n_test: int, steps: int = 3000) -> dict[str,
             opt.step()
         with torch.no_grad():
             right = net(x_test).argmax(1) == y_test
-        out[name] = {part: round(float(right[mask].float().mean()), 3)
-                     for part, mask in (("all", torch.ones_like(small)), ("small", small), ("large", ~small))}
+        out[name] = {
+            part: round(float(right[mask].float().mean()), 3)
+            for part, mask in (("all", torch.ones_like(small)), ("small", small), ("large", ~small))
+        }
     return out
 
 
@@ -109,12 +118,16 @@ def judge_ceiling(n: int) -> dict[str, dict[str, float]]:
         bare_pick = [W.SHAPES[p] for p in (clip_embed_images(clip, pixels) @ bare.T).argmax(1).tolist()]
     small = torch.tensor([s.things[0].size == "small" for s in scenes])
     out = {}
-    for name, picks in (("real", E.shape_judge(CLIP_DIR, real, scenes)),
-                        ("vae_round_trip", E.shape_judge(CLIP_DIR, round_trip, scenes)),
-                        ("real_bare_prompts", bare_pick)):
+    for name, picks in (
+        ("real", E.shape_judge(CLIP_DIR, real, scenes)),
+        ("vae_round_trip", E.shape_judge(CLIP_DIR, round_trip, scenes)),
+        ("real_bare_prompts", bare_pick),
+    ):
         right = torch.tensor([p == s.things[0].shape for p, s in zip(picks, scenes, strict=True)])
-        out[name] = {part: round(float(right[mask].float().mean()), 3)
-                     for part, mask in (("all", torch.ones_like(small)), ("small", small), ("large", ~small))}
+        out[name] = {
+            part: round(float(right[mask].float().mean()), 3)
+            for part, mask in (("all", torch.ones_like(small)), ("small", small), ("large", ~small))
+        }
     return out
 
 
@@ -135,11 +148,16 @@ def drawing_sheet(path: str, n: int = 24, columns: int = 6, cell: int = 128) -> 
         thing = scene.things[0]
         draw.text((x + 3, y + cell + 2), f"{thing.size} {thing.colour} {thing.shape}", fill="black")
         colour_ok = W.dominant_colour(image) == thing.colour
-        draw.text((x + 3, y + cell + 15), f"judge: {W.dominant_colour(image)} {pick}",
-                  fill="darkgreen" if colour_ok and pick == thing.shape else "firebrick")
+        draw.text(
+            (x + 3, y + cell + 15),
+            f"judge: {W.dominant_colour(image)} {pick}",
+            fill="darkgreen" if colour_ok and pick == thing.shape else "firebrick",
+        )
     sheet.save(path)
-    both = [W.dominant_colour(im) == s.things[0].colour and p == s.things[0].shape
-            for s, im, p in zip(targets, ours, picks, strict=True)]
+    both = [
+        W.dominant_colour(im) == s.things[0].colour and p == s.things[0].shape
+        for s, im, p in zip(targets, ours, picks, strict=True)
+    ]
     return {"drawings": n, "colour_and_shape_judged_right": round(sum(both) / n, 3)}
 
 
@@ -162,28 +180,39 @@ def main() -> None:
         pipe = load_pipeline(name, device="cpu", dtype="fp32", load_diffusion_pipeline=False)
         result[name] = {"held_out": E.retrieval(pipe, gallery), "training_scenes": E.retrieval(pipe, seen)}
     result["clip_alone"] = clip_alone(pipe, gallery)
-    result["shape_probe"] = {"train_images": args.probe_train, "test_images": args.probe_test,
-                             **shape_probe(pipe, args.probe_train, args.probe_test)}
+    result["shape_probe"] = {
+        "train_images": args.probe_train,
+        "test_images": args.probe_test,
+        **shape_probe(pipe, args.probe_train, args.probe_test),
+    }
     result["shape_judge"] = {"images": args.probe_test, **judge_ceiling(args.probe_test)}
-    print(f"frozen CLIP alone, complete caption -> image over {len(gallery)}: "
-          + " ".join(f"{k} {v:.3f}" for k, v in result["clip_alone"].items()))
+    print(
+        f"frozen CLIP alone, complete caption -> image over {len(gallery)}: "
+        + " ".join(f"{k} {v:.3f}" for k, v in result["clip_alone"].items())
+    )
     for name in ("toy-fromage", "toy-gill"):
         r = result[name]
         print(f"{name}: R@1 held-out {r['held_out']['R@1']:.3f}, training scenes {r['training_scenes']['R@1']:.3f}")
     for name in ("linear", "mlp"):
         p = result["shape_probe"][name]
-        print(f"shape from the frozen image features, {name} probe: {p['all']:.3f} "
-              f"(small {p['small']:.3f}, large {p['large']:.3f})")
+        print(
+            f"shape from the frozen image features, {name} probe: {p['all']:.3f} "
+            f"(small {p['small']:.3f}, large {p['large']:.3f})"
+        )
     for name in ("real", "vae_round_trip", "real_bare_prompts"):
         p = result["shape_judge"][name]
-        label = {"real": "real images", "vae_round_trip": "VAE round trips",
-                 "real_bare_prompts": "real images, bare 'a circle' prompts"}[name]
-        print(f"generation's shape judge on {label}: {p['all']:.3f} "
-              f"(small {p['small']:.3f}, large {p['large']:.3f})")
+        label = {
+            "real": "real images",
+            "vae_round_trip": "VAE round trips",
+            "real_bare_prompts": "real images, bare 'a circle' prompts",
+        }[name]
+        print(f"generation's shape judge on {label}: {p['all']:.3f} (small {p['small']:.3f}, large {p['large']:.3f})")
     if args.sheet:
         result["sheet"] = drawing_sheet(args.sheet)
-        print(f"drawings sheet: {args.sheet} ({result['sheet']['colour_and_shape_judged_right']:.3f} of "
-              f"{result['sheet']['drawings']} judged right in colour and shape)")
+        print(
+            f"drawings sheet: {args.sheet} ({result['sheet']['colour_and_shape_judged_right']:.3f} of "
+            f"{result['sheet']['drawings']} judged right in colour and shape)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

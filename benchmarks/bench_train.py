@@ -24,8 +24,15 @@ import torch
 def bench_config(tmp: Path) -> Path:
     cfg = json.loads((resources.files("fromage_gill") / "presets" / "tiny-fromage.json").read_text())
     cfg["name"] = "bench-fromage-big-vision"
-    cfg["vision"]["config"] = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                               "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "projection_dim": 64}
+    cfg["vision"]["config"] = {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+        "projection_dim": 64,
+    }
     path = tmp / "bench.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -78,8 +85,10 @@ def main() -> None:
         cfg = bench_config(tmp)
         data = make_shapes(tmp / "data", 20 * args.batch_size, fmt="tsv", size=96)
         vision_s, lm_s = component_costs(cfg, args.batch_size)
-        print(f"per batch of {args.batch_size}: vision forward {vision_s * 1000:.1f} ms, "
-              f"LM forward+backward {lm_s * 1000:.1f} ms (vision/LM {vision_s / lm_s:.2f})")
+        print(
+            f"per batch of {args.batch_size}: vision forward {vision_s * 1000:.1f} ms, "
+            f"LM forward+backward {lm_s * 1000:.1f} ms (vision/LM {vision_s / lm_s:.2f})"
+        )
 
         t = time.perf_counter()
         pipe = load_pipeline(str(cfg), device="cpu", dtype="fp32", weights="random")
@@ -89,15 +98,26 @@ def main() -> None:
 
         rates = {}
         for mode in ("on-the-fly", "precomputed"):
-            tc = TrainConfig(model=str(cfg), data=str(data), out=str(tmp / mode), max_steps=args.steps,
-                             batch_size=args.batch_size, warmup=0, val_fraction=0.0, save_every=10**9,
-                             progress=False, tensorboard=False,
-                             precomputed=str(tmp / "pre") if mode == "precomputed" else None)
+            tc = TrainConfig(
+                model=str(cfg),
+                data=str(data),
+                out=str(tmp / mode),
+                max_steps=args.steps,
+                batch_size=args.batch_size,
+                warmup=0,
+                val_fraction=0.0,
+                save_every=10**9,
+                progress=False,
+                tensorboard=False,
+                precomputed=str(tmp / "pre") if mode == "precomputed" else None,
+            )
             r = train(tc)
             per_step = statistics.median(r.step_seconds[2:])  # the first steps warm up allocators
             rates[mode] = 1 / per_step
-            print(f"{mode:>12}: {rates[mode]:.2f} steps/s ({per_step * 1000:.0f} ms/step, median of "
-                  f"{len(r.step_seconds) - 2} steps)")
+            print(
+                f"{mode:>12}: {rates[mode]:.2f} steps/s ({per_step * 1000:.0f} ms/step, median of "
+                f"{len(r.step_seconds) - 2} steps)"
+            )
         print(f"speed-up with precomputed features: {rates['precomputed'] / rates['on-the-fly']:.2f}x")
 
 

@@ -1,8 +1,8 @@
 """fromage_gill: ground a frozen language model to images (FROMAGe, GILL, MAGIC).
 
-    import fromage_gill as fg
-    pipe = fg.load_pipeline("tiny-gill")        # offline, seeded random weights
-    pipe = fg.load_pipeline("gill", quantization="8bit")   # the published model on a GPU
+import fromage_gill as fg
+pipe = fg.load_pipeline("tiny-gill")        # offline, seeded random weights
+pipe = fg.load_pipeline("gill", quantization="8bit")   # the published model on a GPU
 """
 
 from .config import ConfigError, ModelConfig, list_presets, load_config

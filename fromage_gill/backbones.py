@@ -61,12 +61,18 @@ def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(lines, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         model_max_length=model_max_length,
     )
 
@@ -74,9 +80,19 @@ def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
 # ------------------------------------------------------------------------------------------ language model
 
 
-def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device | str,
-            device_map: str | dict | None = None, quantization: Quantization = None, seed: int = 0,
-            skeleton: bool = False, max_memory: dict | None = None, offload_folder: str | None = None):
+def load_lm(
+    spec: LMSpec,
+    tokenizer,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    device_map: str | dict | None = None,
+    quantization: Quantization = None,
+    seed: int = 0,
+    skeleton: bool = False,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+):
     """A frozen causal LM in eval mode. ``device_map`` (e.g. "auto") spreads it with accelerate.
     ``skeleton``: only the architecture, on the meta device (no weights read): enough to check and convert
     checkpoints of the trained layers without the memory a 7B LM needs."""
@@ -86,8 +102,9 @@ def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device
         if spec.source == RANDOM:
             config = AutoConfig.for_model(**dict(spec.config))
         else:
-            config = from_hub_or_path("language model config", spec.source,
-                                      lambda s: AutoConfig.from_pretrained(s, revision=spec.revision))
+            config = from_hub_or_path(
+                "language model config", spec.source, lambda s: AutoConfig.from_pretrained(s, revision=spec.revision)
+            )
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
@@ -104,8 +121,11 @@ def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device
 
     if spec.source == RANDOM:
         cfg = dict(spec.config)
-        cfg.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
+        cfg.update(
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         config = AutoConfig.for_model(**cfg)
         torch.manual_seed(seed)
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -121,7 +141,8 @@ def load_lm(spec: LMSpec, tokenizer, *, dtype: torch.dtype, device: torch.device
             lm = lm.to(device=device, dtype=dtype)
     else:
         lm = from_hub_or_path(
-            "language model", spec.source,
+            "language model",
+            spec.source,
             lambda s: AutoModelForCausalLM.from_pretrained(s, revision=spec.revision, **kwargs),
         )
         if "device_map" not in kwargs:
@@ -203,23 +224,32 @@ def _check_clip_vision(source: str, info: dict) -> None:
     vision weight is an error naming it."""
     missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
     if missing or mismatched:
-        raise ValueError(f"vision encoder {source}: not a CLIP vision tower of this architecture: missing "
-                         f"{sorted(missing)[:8]}, shape-mismatched {sorted(map(str, mismatched))[:8]}; point "
-                         "vision.source at a CLIP checkpoint (a CLIPModel or CLIPVisionModel directory)")
+        raise ValueError(
+            f"vision encoder {source}: not a CLIP vision tower of this architecture: missing "
+            f"{sorted(missing)[:8]}, shape-mismatched {sorted(map(str, mismatched))[:8]}; point "
+            "vision.source at a CLIP checkpoint (a CLIPModel or CLIPVisionModel directory)"
+        )
     other = sorted(k for k in info.get("unexpected_keys", []) if not k.startswith(_CLIP_TEXT_KEYS))
     if other:
         logger.warning("vision encoder %s: %d weight(s) not used: %s", source, len(other), other[:8])
 
 
-def load_vision(spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                skeleton: bool = False) -> VisionEncoder:
+def load_vision(
+    spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0, skeleton: bool = False
+) -> VisionEncoder:
     if spec.backend == "hf_clip":
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         if skeleton:
-            config = CLIPVisionConfig(**spec.config) if spec.source == RANDOM else from_hub_or_path(
-                "vision encoder config", spec.source,
-                lambda s: CLIPVisionConfig.from_pretrained(s, revision=spec.revision))
+            config = (
+                CLIPVisionConfig(**spec.config)
+                if spec.source == RANDOM
+                else from_hub_or_path(
+                    "vision encoder config",
+                    spec.source,
+                    lambda s: CLIPVisionConfig.from_pretrained(s, revision=spec.revision),
+                )
+            )
             with torch.device("meta"):
                 model = CLIPVisionModel(config)
             processor = ImageProcessor(size=config.image_size)
@@ -229,8 +259,10 @@ def load_vision(spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | 
             model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
         else:
             model, info = from_hub_or_path(
-                "vision encoder", spec.source, lambda s: _clip_vision_from_pretrained(s, revision=spec.revision,
-                                                                                        dtype=dtype))
+                "vision encoder",
+                spec.source,
+                lambda s: _clip_vision_from_pretrained(s, revision=spec.revision, dtype=dtype),
+            )
             _check_clip_vision(spec.source, info)  # here, not in the loader: a hub error it is not
         processor = ImageProcessor(size=model.config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
         out_dim = model.config.hidden_size
@@ -243,7 +275,8 @@ def load_vision(spec: VisionSpec, *, dtype: torch.dtype, device: torch.device | 
             full = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
         else:
             full = from_hub_or_path(
-                "open_clip model", spec.source,
+                "open_clip model",
+                spec.source,
                 lambda s: open_clip.create_model(s, pretrained=spec.pretrained),
             )
         model = full.visual
@@ -273,17 +306,33 @@ def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        sd_tok = train_tiny_tokenizer(int(cfg["text_encoder"].get("vocab_size", 512)),
-                                      model_max_length=int(cfg["text_encoder"].get("max_position_embeddings", 77)))
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=sd_tok, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        sd_tok = train_tiny_tokenizer(
+            int(cfg["text_encoder"].get("vocab_size", 512)),
+            model_max_length=int(cfg["text_encoder"].get("max_position_embeddings", 77)),
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=sd_tok,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     else:
         extra = {} if spec.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
         pipe = from_hub_or_path(
-            "Stable Diffusion pipeline", spec.source,
+            "Stable Diffusion pipeline",
+            spec.source,
             lambda s: StableDiffusionPipeline.from_pretrained(s, revision=spec.revision, dtype=dtype, **extra),
         )
     # from_pretrained already loaded in `dtype`; casting again makes diffusers warn about fp32-only modules.

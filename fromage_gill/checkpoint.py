@@ -38,8 +38,9 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------ strict loading
 
 
-def load_trained_layers(model, state_dict: dict[str, torch.Tensor], *, source: str,
-                        names: dict[str, str] | None = None) -> None:
+def load_trained_layers(
+    model, state_dict: dict[str, torch.Tensor], *, source: str, names: dict[str, str] | None = None
+) -> None:
     """Copy ``state_dict`` into the model's trained layers, refusing any missing, unexpected or mis-shaped tensor.
     ``names`` maps our key -> the key as the file spells it, for messages about published checkpoints."""
     names = names or {}
@@ -146,8 +147,10 @@ _GILL_KEYS = [
 ]
 # Keys some releases carry that hold nothing we train: the frozen backbones, and FROMAGe's full resized
 # embedding matrix (only its [RET] row differs from OPT's, and that row is ret_input_embeddings).
-_IGNORED = {"fromage": ("model.lm.", "model.visual_model.", "model.input_embeddings.weight"),
-            "gill": ("model.lm.", "model.visual_model.")}
+_IGNORED = {
+    "fromage": ("model.lm.", "model.visual_model.", "model.input_embeddings.weight"),
+    "gill": ("model.lm.", "model.visual_model."),
+}
 
 
 def map_published(state_dict: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -161,7 +164,7 @@ def map_published(state_dict: dict[str, torch.Tensor], kind: str) -> tuple[dict[
         ours = key
         for theirs, mine in table:
             if key == theirs or (theirs.endswith(".") and key.startswith(theirs)):
-                ours = mine + key[len(theirs):]
+                ours = mine + key[len(theirs) :]
                 break
         mapped[ours], names[ours] = value, key
     # The reverse names for keys the file lacks, so "missing" speaks the published names too.
@@ -174,10 +177,10 @@ def published_names(model, kind: str) -> dict[str, str]:
     for ours in model.trained_parameters():
         for theirs, mine in table:
             if ours == mine or (mine.endswith(".") and ours.startswith(mine)):
-                out[ours] = theirs + ours[len(mine):]
+                out[ours] = theirs + ours[len(mine) :]
                 break
         if ours.startswith("decision."):
-            out[ours] = f"{PUBLISHED_DECISION}:{ours[len('decision.'):]}"
+            out[ours] = f"{PUBLISHED_DECISION}:{ours[len('decision.') :]}"
     return out
 
 
@@ -237,8 +240,9 @@ def config_from_published_args(args: dict[str, Any], base: ModelConfig) -> Model
         changes["retrieval_dim"] = need("ret_emb_dim", int)
         r = need("num_tokens", int)
         changes["image_tokens"] = tuple(f"[IMG{i}]" for i in range(r))
-        mapper = dataclasses.replace(base.mapper, num_queries=need("num_clip_tokens", int),
-                                     out_dim=need("gen_emb_dim", int))
+        mapper = dataclasses.replace(
+            base.mapper, num_queries=need("num_clip_tokens", int), out_dim=need("gen_emb_dim", int)
+        )
         changes["mapper"] = mapper
         if args.get("text_fc_mode", "gill_mapper") != "gill_mapper":
             raise ConfigError(f"model_args.json: text_fc_mode {args['text_fc_mode']!r} is not supported (gill_mapper)")

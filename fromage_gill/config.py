@@ -40,13 +40,17 @@ class LMSpec:
 
             model_type = self.config["model_type"]
             if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-                raise ConfigError(f"lm.config.model_type {model_type!r} is not a transformers model type (e.g. "
-                                  f"'gpt2', 'opt', 'llama')")
+                raise ConfigError(
+                    f"lm.config.model_type {model_type!r} is not a transformers model type (e.g. "
+                    f"'gpt2', 'opt', 'llama')"
+                )
             # the special-token ids come from the tokenizer when the LM is built (the checks would warn about the
             # model type's defaults, e.g. GPT-2's 50256, being outside a tiny vocabulary)
             tokens = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"))
-            check_inline_config(f"lm.config (a transformers {model_type!r} config)",
-                                 lambda: AutoConfig.for_model(**{**tokens, **self.config}))
+            check_inline_config(
+                f"lm.config (a transformers {model_type!r} config)",
+                lambda: AutoConfig.for_model(**{**tokens, **self.config}),
+            )
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,17 @@ class VisionSpec:
         if self.source == RANDOM and self.backend == "hf_clip":
             from transformers import CLIPVisionConfig
 
-            check_inline_config("vision.config (a transformers CLIPVisionConfig)",
-                                 lambda: CLIPVisionConfig(**self.config))
+            check_inline_config(
+                "vision.config (a transformers CLIPVisionConfig)", lambda: CLIPVisionConfig(**self.config)
+            )
         elif self.source == RANDOM:  # open_clip.CLIP(embed_dim, vision_cfg, text_cfg)
             require_int("vision.config.embed_dim", self.config.get("embed_dim"), 1)
             for part in ("vision_cfg", "text_cfg"):
                 if not isinstance(self.config.get(part), Mapping):
-                    raise ConfigError(f"vision.config.{part} must be an object (an open_clip {part}) when "
-                                      f"vision.backend is 'open_clip' and vision.source is 'random'")
+                    raise ConfigError(
+                        f"vision.config.{part} must be an object (an open_clip {part}) when "
+                        f"vision.backend is 'open_clip' and vision.source is 'random'"
+                    )
 
 
 @dataclass(frozen=True)
@@ -87,17 +94,21 @@ class DiffusionSpec:
 
     def __post_init__(self) -> None:
         if self.source == RANDOM and not (self.config and {"unet", "vae", "text_encoder"} <= set(self.config)):
-            raise ConfigError("diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is "
-                              "'random'")
+            raise ConfigError(
+                "diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is 'random'"
+            )
         if self.source == RANDOM:
             for part in ("unet", "vae", "text_encoder"):
                 if not isinstance(self.config[part], Mapping):
-                    raise ConfigError(f"diffusion.config.{part} must be an object, got "
-                                      f"{type(self.config[part]).__name__}")
+                    raise ConfigError(
+                        f"diffusion.config.{part} must be an object, got {type(self.config[part]).__name__}"
+                    )
             from transformers import CLIPTextConfig
 
-            check_inline_config("diffusion.config.text_encoder (a transformers CLIPTextConfig)",
-                                 lambda: CLIPTextConfig(**self.config["text_encoder"]))
+            check_inline_config(
+                "diffusion.config.text_encoder (a transformers CLIPTextConfig)",
+                lambda: CLIPTextConfig(**self.config["text_encoder"]),
+            )
 
 
 @dataclass(frozen=True)
@@ -113,12 +124,20 @@ class MapperSpec:
     out_dim: int = 768
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
-                     "num_queries", "out_dim"):
+        for name in (
+            "d_model",
+            "num_heads",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "dim_feedforward",
+            "num_queries",
+            "out_dim",
+        ):
             require_int(f"mapper.{name}", getattr(self, name), 1)
         if self.d_model % self.num_heads:
-            raise ConfigError(f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads "
-                              f"({self.num_heads})")
+            raise ConfigError(
+                f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads ({self.num_heads})"
+            )
 
 
 @dataclass(frozen=True)
@@ -138,10 +157,13 @@ class DialogueSpec:
     max_exchanges: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_exchanges is not None and (isinstance(self.max_exchanges, bool)
-                                               or not isinstance(self.max_exchanges, int)):
-            raise ConfigError(f"dialogue.max_exchanges must be an integer >= 0 or null (all), got "
-                              f"{type(self.max_exchanges).__name__} {self.max_exchanges!r}")
+        if self.max_exchanges is not None and (
+            isinstance(self.max_exchanges, bool) or not isinstance(self.max_exchanges, int)
+        ):
+            raise ConfigError(
+                f"dialogue.max_exchanges must be an integer >= 0 or null (all), got "
+                f"{type(self.max_exchanges).__name__} {self.max_exchanges!r}"
+            )
         if self.max_exchanges is not None and self.max_exchanges < 0:
             raise ConfigError(f"dialogue.max_exchanges must be >= 0 or null (all), got {self.max_exchanges}")
 
@@ -175,8 +197,9 @@ class ModelConfig:
             try:
                 GenerationSettings(**self.generation)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"generation: {e} (its keys are GenerationSettings fields, e.g. "
-                                  f"image_logit_bias, max_new_tokens)") from None
+                raise ConfigError(
+                    f"generation: {e} (its keys are GenerationSettings fields, e.g. image_logit_bias, max_new_tokens)"
+                ) from None
         if self.kind not in ("fromage", "gill"):
             raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
         for name in ("n_visual_tokens", "retrieval_dim"):
@@ -184,13 +207,15 @@ class ModelConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {type(self.seed).__name__} {self.seed!r}")
         if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
-            raise ConfigError(f"image_tokens must be a non-empty list of distinct strings, "
-                              f"got {list(self.image_tokens)}")
+            raise ConfigError(
+                f"image_tokens must be a non-empty list of distinct strings, got {list(self.image_tokens)}"
+            )
         if self.kind == "gill":
             missing = [n for n in ("diffusion", "mapper") if getattr(self, n) is None]
             if missing:
-                raise ConfigError(f"a 'gill' config needs {' and '.join(missing)}; add the section(s) or use "
-                                  f"kind 'fromage'")
+                raise ConfigError(
+                    f"a 'gill' config needs {' and '.join(missing)}; add the section(s) or use kind 'fromage'"
+                )
         elif self.mapper is not None or self.decision_head:
             raise ConfigError("'mapper' and 'decision_head' are GILL parts; set kind to 'gill' or remove them")
         if not is_number(self.decision_dropout) or not 0.0 <= self.decision_dropout < 1.0:
@@ -258,8 +283,9 @@ class MagicDecoding:
         if not is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha (the degeneration penalty weight) must be in [0, 1], got {self.alpha!r}")
         if not is_number(self.beta) or not 0.0 <= self.beta < math.inf:
-            raise ConfigError(f"beta (the image guidance weight) must be >= 0 and finite (0: contrastive search), "
-                              f"got {self.beta!r}")
+            raise ConfigError(
+                f"beta (the image guidance weight) must be >= 0 and finite (0: contrastive search), got {self.beta!r}"
+            )
         for name in ("max_new_tokens", "clip_text_max_tokens"):
             require_int(name, getattr(self, name), 1)
 

@@ -40,9 +40,15 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message names the input and the problem."""
 
 
-def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MAX_IMAGE_PIXELS,
-               max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None, max_side: int = MAX_IMAGE_SIDE,
-               max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+def load_image(
+    source: str | Path | bytes | Image.Image,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    name: str | None = None,
+    max_side: int = MAX_IMAGE_SIDE,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+) -> Image.Image:
     """Decode an image from a path, bytes or a PIL image into upright RGB, refusing empty, corrupt and oversized input.
 
     Sizes are checked from the header, before the pixels are decoded. Only the first frame of an animation is kept;
@@ -53,8 +59,9 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
     if isinstance(source, Image.Image):
         name = name or getattr(source, "filename", "") or "image"
         if getattr(source, "tile", None) and source.format not in _formats():  # lazy: its decoder has not run yet
-            raise ImageError(f"{name}: not a readable image ({source.format} is not PNG, JPEG, GIF, WebP, BMP, TIFF "
-                             f"or AVIF)")
+            raise ImageError(
+                f"{name}: not a readable image ({source.format} is not PNG, JPEG, GIF, WebP, BMP, TIFF or AVIF)"
+            )
         _check_size(source, name, *limits)
         return _decoded(source, name, owned=False)
     if isinstance(source, (str, Path)):
@@ -97,11 +104,15 @@ def _check_size(img: Image.Image, name: str, max_pixels: int, max_side: int, max
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} pixels is more than the limit of {max_pixels:,} pixels; resize it first")
     if max(w, h) > max_side:
-        raise ImageError(f"{name}: {w}x{h} pixels: its long side ({max(w, h):,} pixels) is more than the limit of "
-                         f"{max_side:,} pixels; resize it first")
+        raise ImageError(
+            f"{name}: {w}x{h} pixels: its long side ({max(w, h):,} pixels) is more than the limit of "
+            f"{max_side:,} pixels; resize it first"
+        )
     if max(w, h) > max_aspect_ratio * min(w, h):
-        raise ImageError(f"{name}: {w}x{h} pixels is {max(w, h) / min(w, h):,.0f} times longer than it is wide, more "
-                         f"than the limit of {max_aspect_ratio:g}:1; crop it first")
+        raise ImageError(
+            f"{name}: {w}x{h} pixels is {max(w, h) / min(w, h):,.0f} times longer than it is wide, more "
+            f"than the limit of {max_aspect_ratio:g}:1; crop it first"
+        )
 
 
 def _decoded(img: Image.Image, name: str, *, owned: bool) -> Image.Image:

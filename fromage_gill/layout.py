@@ -52,12 +52,12 @@ def layout(rows: list[list[Piece]], *, n_visual: int, pad_id: int, ignore_ids: f
         t = 0
         for piece in row:
             if isinstance(piece, Visual):
-                slot[b, t:t + n_visual] = torch.arange(piece.image * n_visual, (piece.image + 1) * n_visual)
-                ids[b, t:t + n_visual] = 0
+                slot[b, t : t + n_visual] = torch.arange(piece.image * n_visual, (piece.image + 1) * n_visual)
+                ids[b, t : t + n_visual] = 0
                 t += n_visual
             elif isinstance(piece, Context):
-                ids[b, t:t + len(piece.ids)] = torch.tensor(piece.ids, dtype=torch.long)
-                unsupervised[b, t:t + len(piece.ids)] = True
+                ids[b, t : t + len(piece.ids)] = torch.tensor(piece.ids, dtype=torch.long)
+                unsupervised[b, t : t + len(piece.ids)] = True
                 t += len(piece.ids)
             else:
                 ids[b, t] = piece
@@ -67,8 +67,12 @@ def layout(rows: list[list[Piece]], *, n_visual: int, pad_id: int, ignore_ids: f
     return Layout(ids, mask, labels, slot)
 
 
-def mask_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_ids: set[int] | frozenset[int],
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+def mask_labels(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    ignore_ids: set[int] | frozenset[int],
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, T) ids -> labels with padding and the ``ignore_ids`` (BOS/EOS/pad) set to IGNORE_INDEX; ``keep`` (B, T)
     bool marks positions that are never targets (visual tokens)."""
     labels = input_ids.clone()
@@ -91,22 +95,26 @@ def splice_visual(embeds: torch.Tensor, visual: torch.Tensor | None, visual_slot
     return torch.where(is_vis[..., None], picked, embeds)
 
 
-def caption_rows(captions: list[list[int]], *, bos_id: int | None, concat: bool,
-                 prompts: list[list[int]] | None = None) -> list[list[Piece]]:
+def caption_rows(
+    captions: list[list[int]], *, bos_id: int | None, concat: bool, prompts: list[list[int]] | None = None
+) -> list[list[Piece]]:
     """[Visual(i); BOS; prompt_i; caption_i] (the prompt read, not predicted; most data has none); with ``concat``
     (FROMAGe/GILL's interleaving, 50% of steps) each row is followed by the next example's image, prompt and
     caption: [Visual(i); BOS; prompt_i; caption_i; Visual(j); BOS; prompt_j; caption_j]."""
     bos = [bos_id] if bos_id is not None else []
     prompts = prompts or [[] for _ in captions]
-    rows: list[list[Piece]] = [[Visual(i), *bos, *([Context(tuple(p))] if p else []), *cap]
-                               for i, (cap, p) in enumerate(zip(captions, prompts, strict=True))]
+    rows: list[list[Piece]] = [
+        [Visual(i), *bos, *([Context(tuple(p))] if p else []), *cap]
+        for i, (cap, p) in enumerate(zip(captions, prompts, strict=True))
+    ]
     if concat and len(rows) > 1:
         rows = [rows[i] + rows[(i + 1) % len(rows)] for i in range(len(rows))]
     return rows
 
 
-def retrieval_rows(captions: list[list[int]], *, bos_id: int | None, image_token_ids: list[int]
-                   ) -> tuple[list[list[int]], list[int]]:
+def retrieval_rows(
+    captions: list[list[int]], *, bos_id: int | None, image_token_ids: list[int]
+) -> tuple[list[list[int]], list[int]]:
     """[BOS; caption; [RET]] or [BOS; caption; [IMG0..r-1]], and the position of the first image token per row."""
     bos = [bos_id] if bos_id is not None else []
     rows = [[*bos, *cap, *image_token_ids] for cap in captions]

@@ -23,9 +23,14 @@ class GILLMapper(nn.Module):
         with warnings.catch_warnings():  # "enable_nested_tensor ... norm_first": expected, and not actionable
             warnings.simplefilter("ignore", UserWarning)
             self.tfm = nn.Transformer(
-                d_model=spec.d_model, nhead=spec.num_heads, num_encoder_layers=spec.num_encoder_layers,
-                num_decoder_layers=spec.num_decoder_layers, dim_feedforward=spec.dim_feedforward, dropout=0.0,
-                batch_first=True, norm_first=True,
+                d_model=spec.d_model,
+                nhead=spec.num_heads,
+                num_encoder_layers=spec.num_encoder_layers,
+                num_decoder_layers=spec.num_decoder_layers,
+                dim_feedforward=spec.dim_feedforward,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
             )
         self.query_embs = nn.Parameter(torch.randn(1, spec.num_queries, spec.d_model))
         self.out = nn.Linear(spec.d_model, spec.out_dim)

@@ -78,8 +78,9 @@ class GroundedLM(nn.Module):
         self.text_fc = nn.Linear(d, config.retrieval_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.mapper = GILLMapper(d, config.mapper) if config.mapper is not None else None
-        self.decision = (nn.Sequential(nn.Dropout(config.decision_dropout), nn.Linear(d, 2)) if config.decision_head
-                         else None)
+        self.decision = (
+            nn.Sequential(nn.Dropout(config.decision_dropout), nn.Linear(d, 2)) if config.decision_head else None
+        )
 
     # ------------------------------------------------------------------------------------ housekeeping
 
@@ -132,10 +133,18 @@ class GroundedLM(nn.Module):
 
     # ------------------------------------------------------------------------------------ the model, top to bottom
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                features: torch.Tensor | None = None, visual_slot: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: object | None = None,
-                use_cache: bool = False, logits: str = "all") -> LMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        visual_slot: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        logits: str = "all",
+    ) -> LMOutput:
         """Token ids with image slots in; logits over the text and image tokens out.
 
         ``input_ids`` (B, T): text tokens and the new image tokens ([RET] / [IMG0..r-1]); ``visual_slot`` (B, T): the
@@ -146,8 +155,14 @@ class GroundedLM(nn.Module):
         if features is not None:
             visual = self.visual_tokens(features)  # (N, n_visual, d): the input mapping
             x = splice_visual(x, visual, visual_slot)  # each visual slot takes its image's embedding
-        return self.forward_lm(x, attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                               use_cache=use_cache, logits=logits)  # frozen LM, then [LM head ; image-token rows]
+        return self.forward_lm(
+            x,
+            attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits=logits,
+        )  # frozen LM, then [LM head ; image-token rows]
 
     # ------------------------------------------------------------------------------------ inputs
 
@@ -172,9 +187,16 @@ class GroundedLM(nn.Module):
 
     # ------------------------------------------------------------------------------------ the LM
 
-    def forward_lm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   position_ids: torch.Tensor | None = None, past_key_values: object | None = None,
-                   use_cache: bool = False, logits: str = "all") -> LMOutput:
+    def forward_lm(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        logits: str = "all",
+    ) -> LMOutput:
         """Run the frozen LM on embeddings. ``logits``: "all", "last" (decoding) or "none" (hidden states only)."""
         device = self.lm_device
         kwargs = {}
@@ -186,7 +208,8 @@ class GroundedLM(nn.Module):
         out = base(
             inputs_embeds=inputs_embeds.to(device=device, dtype=self._lm_dtype()),
             attention_mask=None if attention_mask is None else attention_mask.to(device),
-            use_cache=use_cache, **kwargs,
+            use_cache=use_cache,
+            **kwargs,
         )
         hidden = out.last_hidden_state
         result = None

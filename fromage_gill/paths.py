@@ -25,7 +25,7 @@ def checkout_path(source: str | None, *, must_exist: bool = True) -> str | None:
     """``repo:REL`` -> the absolute path of REL in the repository checkout; anything else unchanged."""
     if source is None or not source.startswith(CHECKOUT_PREFIX):
         return source
-    path = CHECKOUT_ROOT / source[len(CHECKOUT_PREFIX):]
+    path = CHECKOUT_ROOT / source[len(CHECKOUT_PREFIX) :]
     if must_exist and not path.exists():
         raise FileNotFoundError(
             f"{source!r} means {path}, which does not exist. It is built inside the repository checkout; for the "

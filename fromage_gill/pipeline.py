@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # types only: loading them at import would pull in transforme
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Pipeline:
     """Everything one conversation needs, as typed components (as a diffusers pipeline holds its own):
@@ -61,8 +62,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         if self.image_generator is None and self.diffusion is not None:
             spec = self.config.diffusion
-            self.image_generator = ImageGenerator(self.diffusion,
-                                                  safety_checker=spec.safety_checker if spec else True)
+            self.image_generator = ImageGenerator(self.diffusion, safety_checker=spec.safety_checker if spec else True)
 
     @property
     def image_processor(self):
@@ -182,8 +182,10 @@ def load_pipeline(
     dtype = parse_dtype(dtype) or default_dtype(device)
     cfg, _ = resolve_config(name_or_path, preset=preset)
     if not isinstance(cfg, ModelConfig):  # kind "magic": a plain LM + CLIP, no grounded model to build
-        raise ConfigError(f"{cfg.name!r} is a {cfg.kind!r} preset (a plain LM + CLIP): load it with "
-                          f"fromage_gill.magic.load_magic, or run `fromage-gill caption IMAGE --model {cfg.name}`")
+        raise ConfigError(
+            f"{cfg.name!r} is a {cfg.kind!r} preset (a plain LM + CLIP): load it with "
+            f"fromage_gill.magic.load_magic, or run `fromage-gill caption IMAGE --model {cfg.name}`"
+        )
     if weights is not None:
         fmt = cfg.weights_format
         if weights != RANDOM and Path(weights).is_dir():
@@ -200,15 +202,31 @@ def load_pipeline(
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, source=vision, config=None))
     if diffusion and cfg.diffusion is not None:
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, source=diffusion, config=None))
-    return build_pipeline(cfg, device=device, dtype=dtype, quantization=quantization, device_map=device_map,
-                          max_memory=max_memory, offload_folder=offload_folder,
-                          load_diffusion_pipeline=load_diffusion_pipeline, skeleton=skeleton)
+    return build_pipeline(
+        cfg,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        load_diffusion_pipeline=load_diffusion_pipeline,
+        skeleton=skeleton,
+    )
 
 
-def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, quantization: Quantization = None,
-                   device_map: str | dict | None = None, max_memory: dict | None = None,
-                   offload_folder: str | None = None, load_diffusion_pipeline: bool = True,
-                   skeleton: bool = False) -> Pipeline:
+def build_pipeline(
+    cfg: ModelConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Quantization = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    load_diffusion_pipeline: bool = True,
+    skeleton: bool = False,
+) -> Pipeline:
     """``skeleton``: frozen LM and vision encoder as architecture only (meta device), no diffusion; the trained
     layers are real. For converting and inspecting checkpoints without loading billions of frozen weights."""
     if cfg.weights is None:
@@ -221,8 +239,18 @@ def build_pipeline(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype
     tokenizer = load_tokenizer(cfg.lm)
     image_token_ids = add_image_tokens(tokenizer, cfg.image_tokens)
     logger.info("loading %s: language model %s", cfg.name, cfg.lm.source)
-    lm = load_lm(cfg.lm, tokenizer, dtype=dtype, device=device, device_map=device_map, quantization=quantization,
-                 seed=cfg.seed, skeleton=skeleton, max_memory=max_memory, offload_folder=offload_folder)
+    lm = load_lm(
+        cfg.lm,
+        tokenizer,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        quantization=quantization,
+        seed=cfg.seed,
+        skeleton=skeleton,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+    )
     logger.info("loading %s: vision encoder %s", cfg.name, cfg.vision.source)
     vision = load_vision(cfg.vision, dtype=dtype, device=device, seed=cfg.seed, skeleton=skeleton)
     torch.manual_seed(cfg.seed + 3)  # the trained layers' initial values are reproducible

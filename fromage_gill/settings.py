@@ -96,6 +96,7 @@ class GenerationSettings:
             if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
                 raise bad("stop_strings", "must be None or a tuple of non-empty strings")
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        if self.decoding_options is not None and (not isinstance(self.decoding_options, Mapping)
-                                                  or not all(isinstance(k, str) for k in self.decoding_options)):
+        if self.decoding_options is not None and (
+            not isinstance(self.decoding_options, Mapping) or not all(isinstance(k, str) for k in self.decoding_options)
+        ):
             raise bad("decoding_options", "must be None or a mapping of option names to values, e.g. {'k': 5}")

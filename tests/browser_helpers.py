@@ -10,13 +10,23 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000
 MARKS = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
-                                                       "(apt-get install -y chromium; .ci/run installs it)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium; .ci/run installs it)",
+    ),
 ]
 
 
@@ -68,8 +78,9 @@ def chat_text(page) -> str:
 def send(page, text: str, files=()):
     if files:
         page.locator("#message input[type=file]").set_input_files([str(f) for f in files])
-        page.wait_for_function("n => document.querySelectorAll('#message .thumbnail-item, #message img').length >= n",
-                               arg=len(files))
+        page.wait_for_function(
+            "n => document.querySelectorAll('#message .thumbnail-item, #message img').length >= n", arg=len(files)
+        )
     page.locator("#message textarea").fill(text)
     page.locator("#message textarea").press("Enter")
 
@@ -79,7 +90,6 @@ def wait_idle(page):
     page.wait_for_timeout(300)
     page.wait_for_function(
         "() => !document.querySelector('#chatbot .generating, #chatbot [data-testid=\"status-tracker\"]:not(.hide)')"
-        " && !document.querySelector('#stop.generating')")
+        " && !document.querySelector('#stop.generating')"
+    )
     page.wait_for_timeout(300)
-
-

@@ -40,8 +40,9 @@ def server(tiny_gill):
     photos = app.load_indexes(None, tiny_gill)["assets"]  # the shipped tiny-gill index of assets/images
     astronaut = ImageIndex(photos.vectors[:1], [photos.record(0)], photos.fingerprint, directory=photos.directory)
     indexes = {"photos": photos, "astronaut only": astronaut}  # two indexes: the app offers the choice
-    demo = app.build_demo(tiny_gill, app.AppOptions(indexes=indexes, max_queue=8,
-                                                      defaults=dict(max_new_tokens=8, num_inference_steps=2)))
+    demo = app.build_demo(
+        tiny_gill, app.AppOptions(indexes=indexes, max_queue=8, defaults=dict(max_new_tokens=8, num_inference_steps=2))
+    )
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -84,6 +85,7 @@ def send(client: Client, text: str, images=(), **settings):
 
 def png_bytes(width: int, height: int) -> bytes:
     """A valid 1-bit grayscale PNG of any size, written directly (a 20000x20000 one is ~60 KB on disk)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -156,8 +158,9 @@ def test_regenerate_with_fixed_seed_setting_still_changes_seed(client):
 
 
 def test_stop_mid_stream_keeps_what_streamed(client):
-    job = client.submit(message={"text": "Talk for a long time", "files": []}, mode="text", max_new_tokens=400,
-                        api_name="/send")
+    job = client.submit(
+        message={"text": "Talk for a long time", "files": []}, mode="text", max_new_tokens=400, api_name="/send"
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         outs = job.outputs()
@@ -190,8 +193,9 @@ def test_second_message_while_answering_is_refused(client):
 def test_edit_past_message_branches(client):
     send(client, "first question", [CAT], mode="text", max_new_tokens=4)
     send(client, "second question", mode="text", max_new_tokens=4)
-    chat, _ = client.predict(turn_index=0, text="a better first question", mode="text", max_new_tokens=4,
-                             api_name="/edit")
+    chat, _ = client.predict(
+        turn_index=0, text="a better first question", mode="text", max_new_tokens=4, api_name="/edit"
+    )
     chat = grouped(chat)
     h = history(client)
     assert len(h["turns"]) == 2
@@ -355,17 +359,20 @@ def test_bad_setting_is_reported(chatting):
     assert_refused(client, send(client, "hi", seed="lucky"), turns, "seed must be a whole number")
 
 
-@pytest.mark.parametrize("content", [
-    b"{not json",
-    b'["a", "list"]',
-    b'{"format": "something else"}',
-    b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "robot", "segments": []}]}',
-    b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "user", "segments": [{"type": "image", '
-    b'"png": "!!!"}]}]}',
-    b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "seeds": {"a": "b"}}',
-    b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "settings": {"temperature": "hot"}}',
-    b'{"format": "fromage_gill.chat", "version": 7, "turns": []}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'["a", "list"]',
+        b'{"format": "something else"}',
+        b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "robot", "segments": []}]}',
+        b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "user", "segments": [{"type": "image", '
+        b'"png": "!!!"}]}]}',
+        b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "seeds": {"a": "b"}}',
+        b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "settings": {"temperature": "hot"}}',
+        b'{"format": "fromage_gill.chat", "version": 7, "turns": []}',
+    ],
+)
 def test_nonsense_export_json(chatting, tmp_path, content):
     client, turns = chatting
     f = tmp_path / "edited.json"
@@ -411,9 +418,11 @@ def test_clip_flag_attaches_magic_clip(monkeypatch):
 
 def test_app_does_not_import_the_commands():
     """`fromage-gill serve` runs app.py; app.py reads its flags from fromage_gill.chat.options, not from commands/."""
-    code = ("import contextlib, sys; sys.path.insert(0, sys.argv[1]); import app\n"
-            "with contextlib.suppress(SystemExit): app.main(['--help'])  # builds the parser\n"
-            "assert not [m for m in sys.modules if m.startswith('fromage_gill.commands')], 'app.py imports commands'")
+    code = (
+        "import contextlib, sys; sys.path.insert(0, sys.argv[1]); import app\n"
+        "with contextlib.suppress(SystemExit): app.main(['--help'])  # builds the parser\n"
+        "assert not [m for m in sys.modules if m.startswith('fromage_gill.commands')], 'app.py imports commands'"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], timeout=120, capture_output=True, text=True)
     assert out.returncode == 0 and "--max-queue" in out.stdout, out.stdout + out.stderr
 

@@ -90,14 +90,21 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_the_library_never_imports_gradio():
-    offenders = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
-                       if any(m == "gradio" or m.startswith("gradio.") for m in imports(p)))
+    offenders = sorted(
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if any(m == "gradio" or m.startswith("gradio.") for m in imports(p))
+    )
     assert offenders == []
 
 
 def test_inference_never_imports_training_code():
-    offenders = sorted(f"{name} -> {m}" for name, targets in graph().items() for m in targets
-                       if m.startswith("fromage_gill.training") and not name.startswith(TRAINING_USERS))
+    offenders = sorted(
+        f"{name} -> {m}"
+        for name, targets in graph().items()
+        for m in targets
+        if m.startswith("fromage_gill.training") and not name.startswith(TRAINING_USERS)
+    )
     assert offenders == []
 
 

@@ -7,9 +7,11 @@ from fromage_gill.backbones import load_lm, load_tokenizer, load_vision, train_t
 from fromage_gill.config import LMSpec, VisionSpec, load_config
 from fromage_gill.pipeline import build_pipeline
 
-OPEN_CLIP_CFG = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
-                                                 "head_width": 16},
-                 "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+OPEN_CLIP_CFG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def test_open_clip_encoder_is_a_config_choice(images):
@@ -49,9 +51,15 @@ def test_a_full_clip_checkpoint_loads_its_vision_tower_quietly_and_strictly(tmp_
 
     vision = load_config("tiny-fromage").vision
     torch.manual_seed(0)
-    full = CLIPModel(CLIPConfig(vision_config=dict(vision.config), text_config=dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99),
-        projection_dim=8))
+    full = CLIPModel(
+        CLIPConfig(
+            vision_config=dict(vision.config),
+            text_config=dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99
+            ),
+            projection_dim=8,
+        )
+    )
     full.save_pretrained(tmp_path / "clip")
     spec = dataclasses.replace(vision, source=str(tmp_path / "clip"), config={})
     enc = load_vision(spec, dtype=torch.float32, device="cpu")
@@ -91,8 +99,12 @@ def test_local_lm_directory_loads_like_a_hub_model(tmp_path):
     lm = load_lm(cfg.lm, tok, dtype=torch.float32, device="cpu")
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
-    again = load_lm(LMSpec(source=str(tmp_path / "lm")), load_tokenizer(LMSpec(source=str(tmp_path / "lm"))),
-                    dtype=torch.float32, device="cpu")
+    again = load_lm(
+        LMSpec(source=str(tmp_path / "lm")),
+        load_tokenizer(LMSpec(source=str(tmp_path / "lm"))),
+        dtype=torch.float32,
+        device="cpu",
+    )
     ids = torch.tensor([[1, 5, 9, 30]])
     torch.testing.assert_close(lm(input_ids=ids).logits, again(input_ids=ids).logits)
     assert not any(p.requires_grad for p in again.parameters())

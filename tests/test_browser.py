@@ -61,12 +61,12 @@ def server(tiny_gill):
     model.forward_lm = slowed  # instance attribute, removed below: the shared pipeline is otherwise untouched
 
     indexes = app.load_indexes(None, tiny_gill)
-    options = app.AppOptions(indexes=indexes, defaults=dict(max_new_tokens=12, num_inference_steps=2,
-                                                            image_logit_bias=20.0, mode="retrieve"))
+    options = app.AppOptions(
+        indexes=indexes, defaults=dict(max_new_tokens=12, num_inference_steps=2, image_logit_bias=20.0, mode="retrieve")
+    )
     demo = app.build_demo(tiny_gill, options)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **app.launch_style())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_style())
     yield f"http://127.0.0.1:{port}/"
     demo.close()
     del model.forward_lm
@@ -97,8 +97,9 @@ def set_slider(page, elem_id: str, value):
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Tab")  # the slider takes the typed value on blur
-    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input[type=range]`).value == v",
-                           arg=[elem_id, str(value)])
+    page.wait_for_function(
+        "([id, v]) => document.querySelector(`#${id} input[type=range]`).value == v", arg=[elem_id, str(value)]
+    )
 
 
 def choose(page, elem_id: str, label: str):
@@ -112,7 +113,9 @@ def download(page, button: str, into: Path) -> Path:
     name = "conversation.html" if "html" in button else "conversation.json"
     href = page.wait_for_function(
         "n => { const a = [...document.querySelectorAll('#export_file a')].find(a => a.href.includes(n));"
-        " return a && a.href; }", arg=name).json_value()
+        " return a && a.href; }",
+        arg=name,
+    ).json_value()
     resp = page.request.get(href)
     assert resp.ok, href
     path = into / name
@@ -176,9 +179,11 @@ def test_regenerate_gives_a_new_seed(page):
     before = generated_seeds(page)
     assert before
     page.locator("#regenerate").click()
-    page.wait_for_function("old => [...document.querySelectorAll('#chatbot .message-row.bot-row')].some(r =>"
-                           " r.innerText.includes('Generated (seed') && !old.some(o => r.innerText.includes(o)))",
-                           arg=before)
+    page.wait_for_function(
+        "old => [...document.querySelectorAll('#chatbot .message-row.bot-row')].some(r =>"
+        " r.innerText.includes('Generated (seed') && !old.some(o => r.innerText.includes(o)))",
+        arg=before,
+    )
     wait_idle(page)
     assert user_texts(page) == [QUESTION, "Now draw me a picture of it."]
     after = generated_seeds(page)
@@ -199,10 +204,12 @@ def test_stop_mid_stream_keeps_the_text(page):
     page.locator("#settings").get_by_text("Settings").first.click()
     LM_DELAY_S["value"] = 0.05  # 400 tokens would take > 20 s
     send(page, "hello")
-    page.wait_for_function("() => { const r = [...document.querySelectorAll('#chatbot .message-row')];"
-                           " const last = r[r.length - 1]; return last.classList.contains('bot-row')"
-                           " && r[r.length - 2].innerText.includes('hello')"
-                           " && last.innerText.trim().length > 3 && !last.innerText.includes('…'); }")
+    page.wait_for_function(
+        "() => { const r = [...document.querySelectorAll('#chatbot .message-row')];"
+        " const last = r[r.length - 1]; return last.classList.contains('bot-row')"
+        " && r[r.length - 2].innerText.includes('hello')"
+        " && last.innerText.trim().length > 3 && !last.innerText.includes('…'); }"
+    )
     page.locator("#stop").click()
     try:
         page.get_by_text("(stopped)").first.wait_for(timeout=20_000)

@@ -49,8 +49,7 @@ def server(toy_gill):
     options = app.AppOptions(indexes=app.load_indexes(None, toy_gill))
     demo = app.build_demo(toy_gill, options)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **app.launch_style())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_style())
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

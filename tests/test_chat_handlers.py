@@ -64,12 +64,15 @@ def test_send_shows_the_message_and_streams_the_answer(h):
     assert isinstance(summary["seeds"]["1"], int) and summary["settings"]["mode"] == "retrieve"
 
 
-@pytest.mark.parametrize("message, ui, needle", [
-    ({"text": "   ", "files": []}, {}, "The message is empty"),
-    ({"text": "hi", "files": []}, dict(seed="lucky"), "Seed must be a whole number or 'random', got 'lucky'."),
-    ({"text": "hi", "files": [str(CAT)] * 9}, {}, "more than the limit of 8"),
-    ({"text": "word " * 3000, "files": []}, dict(mode="text"), "fits 512"),
-])
+@pytest.mark.parametrize(
+    "message, ui, needle",
+    [
+        ({"text": "   ", "files": []}, {}, "The message is empty"),
+        ({"text": "hi", "files": []}, dict(seed="lucky"), "Seed must be a whole number or 'random', got 'lucky'."),
+        ({"text": "hi", "files": [str(CAT)] * 9}, {}, "more than the limit of 8"),
+        ({"text": "word " * 3000, "files": []}, dict(mode="text"), "fits 512"),
+    ],
+)
 def test_refused_message_is_an_error_note_and_keeps_the_box(h, message, ui, needle):
     session = last(h.send(None, {"text": "hello", "files": []}, **TEXT)).session
     before = session.summary()["turns"]
@@ -97,8 +100,10 @@ def test_edit_branches_from_a_past_message_and_keeps_its_images(h):
     last(h.send(session, {"text": "second", "files": []}, **TEXT))
     reply = last(h.edit(session, 0, "a better first", **TEXT))
     turns = h.history(session)["turns"]
-    assert len(turns) == 2 and turns[0]["segments"] == [{"image": "image", "source": "user"},
-                                                        {"text": "a better first"}]
+    assert len(turns) == 2 and turns[0]["segments"] == [
+        {"image": "image", "source": "user"},
+        {"text": "a better first"},
+    ]
     assert [m["role"] for m in reply.messages] == ["user", "user", "assistant"]  # its image, its text, the answer
     # The chat's own editor names the shown message: message 1 is the text of turn 0 (message 0 is its image)
     assert session.turn_of_message(1) == (0, 1) and session.turn_of_message(0) is None
@@ -238,11 +243,14 @@ def test_export_json_loads_back_with_its_settings(h):
     assert len(reply.session.chat.history) == 6
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"{not json", "not valid JSON"),
-    (b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "robot", "segments": []}]}', "turns[0]"),
-    (b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "settings": {"temperature": "hot"}}', ""),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"format": "fromage_gill.chat", "version": 1, "turns": [{"role": "robot", "segments": []}]}', "turns[0]"),
+        (b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "settings": {"temperature": "hot"}}', ""),
+    ],
+)
 def test_nonsense_export_is_refused(h, tmp_path, content, needle):
     session = last(h.send(None, {"text": "hello", "files": []}, **TEXT)).session
     before = session.summary()["turns"]

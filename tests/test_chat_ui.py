@@ -90,19 +90,23 @@ def test_image_label():
     Seg.url = "../../images/cat.jpg"  # a local path is not a link
     assert "[source]" not in image_label(Seg())
     Seg.source, Seg.seed, Seg.decision = "generated", 12, (0.7, 0.3)
-    assert image_label(Seg()) == ("**Generated** (seed 12)  \n<small>decision: p(generate) = 0.70, "
-                                  "p(retrieve) = 0.30</small>")
+    assert image_label(Seg()) == (
+        "**Generated** (seed 12)  \n<small>decision: p(generate) = 0.70, p(retrieve) = 0.30</small>"
+    )
     Seg.source = "user"
     assert image_label(Seg()) == ""
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"{oops", "not valid JSON"),
-    (b"[1, 2]", "not a fromage_gill chat export"),
-    (b'{"format": "fromage_gill.chat", "version": 2}', "unsupported export version 2"),
-    (b'{"format": "fromage_gill.chat", "version": 1, "settings": []}', "'settings' must be a JSON object"),
-    (b'{"format": "fromage_gill.chat", "version": 1, "seeds": {"x": 1}}', "'seeds' must map turn numbers"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"{oops", "not valid JSON"),
+        (b"[1, 2]", "not a fromage_gill chat export"),
+        (b'{"format": "fromage_gill.chat", "version": 2}', "unsupported export version 2"),
+        (b'{"format": "fromage_gill.chat", "version": 1, "settings": []}', "'settings' must be a JSON object"),
+        (b'{"format": "fromage_gill.chat", "version": 1, "seeds": {"x": 1}}', "'seeds' must map turn numbers"),
+    ],
+)
 def test_read_export_refusals(tmp_path, content, match):
     f = tmp_path / "e.json"
     f.write_bytes(content)
@@ -128,8 +132,10 @@ def test_session_files_are_removed_on_close(images):
 
 
 def test_library_side_imports_without_gradio():
-    code = ("import sys; sys.modules['gradio'] = None; import fromage_gill.chat.session, fromage_gill.commands.serve, "
-            "fromage_gill.cli; fromage_gill.cli.build_parser().parse_args(['serve', '--model', 'tiny-gill'])")
+    code = (
+        "import sys; sys.modules['gradio'] = None; import fromage_gill.chat.session, fromage_gill.commands.serve, "
+        "fromage_gill.cli; fromage_gill.cli.build_parser().parse_args(['serve', '--model', 'tiny-gill'])"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -150,8 +156,10 @@ print("modules:", *sorted(info.name for info in pkgutil.iter_modules(fromage_gil
 
 
 def test_every_chat_module_and_a_handler_run_without_gradio():
-    out = subprocess.run([sys.executable, "-c", HANDLER_WITHOUT_GRADIO], check=True, timeout=300,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", HANDLER_WITHOUT_GRADIO], check=True, timeout=300, capture_output=True, text=True
+    )
     modules = out.stdout.split("modules:")[1].split()
     assert {"controls", "export", "gate", "handlers", "labels", "messages", "options", "page", "session"} <= set(
-        modules), out.stdout
+        modules
+    ), out.stdout

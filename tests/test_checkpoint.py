@@ -37,8 +37,16 @@ def _fromage_state(n_visual: int = 1) -> dict[str, torch.Tensor]:
 def _gill_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    tfm = torch.nn.Transformer(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
-                               dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=True)
+    tfm = torch.nn.Transformer(
+        d_model=32,
+        nhead=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dim_feedforward=64,
+        dropout=0.0,
+        batch_first=True,
+        norm_first=True,
+    )
     state = {
         "model.input_embeddings.weight": r(8, D),
         "model.visual_embeddings.weight": r(D * 4, V),
@@ -68,12 +76,28 @@ def _write_published(directory: Path, state: dict, args: dict, decision: dict | 
     return directory
 
 
-FROMAGE_ARGS = {"opt_version": "facebook/opt-6.7b", "visual_encoder": "openai/clip-vit-large-patch14",
-                "n_visual_tokens": 1, "shared_emb_dim": R, "text_emb_layers": [-1], "task": "multitask",
-                "use_pooler": True, "retrieval_token_idx": 50266}
-GILL_ARGS = {"opt_version": "facebook/opt-6.7b", "n_visual_tokens": 4, "ret_emb_dim": R, "gen_emb_dim": 32,
-             "text_emb_layers": [-1], "text_fc_mode": "gill_mapper", "ret_text_fc_mode": "linear",
-             "num_tokens": 8, "num_clip_tokens": 77, "retrieval_token_idx": list(range(50266, 50274))}
+FROMAGE_ARGS = {
+    "opt_version": "facebook/opt-6.7b",
+    "visual_encoder": "openai/clip-vit-large-patch14",
+    "n_visual_tokens": 1,
+    "shared_emb_dim": R,
+    "text_emb_layers": [-1],
+    "task": "multitask",
+    "use_pooler": True,
+    "retrieval_token_idx": 50266,
+}
+GILL_ARGS = {
+    "opt_version": "facebook/opt-6.7b",
+    "n_visual_tokens": 4,
+    "ret_emb_dim": R,
+    "gen_emb_dim": 32,
+    "text_emb_layers": [-1],
+    "text_fc_mode": "gill_mapper",
+    "ret_text_fc_mode": "linear",
+    "num_tokens": 8,
+    "num_clip_tokens": 77,
+    "retrieval_token_idx": list(range(50266, 50274)),
+}
 
 
 def test_native_save_and_reload_gives_identical_outputs(make_pipeline, tmp_path, images):
@@ -87,8 +111,13 @@ def test_native_save_and_reload_gives_identical_outputs(make_pipeline, tmp_path,
     for k, v in pipe.model.trained_state_dict().items():
         assert torch.equal(v, again.model.trained_state_dict()[k]), k
     feats = pipe.model.encode_images(pipe.image_processor(images[:2]))
-    emb = torch.cat([pipe.model.visual_tokens(feats).flatten(0, 1)[None], pipe.model.embed_tokens(
-        torch.tensor([[3, 4, pipe.model.image_token_ids[0]]]))], 1)
+    emb = torch.cat(
+        [
+            pipe.model.visual_tokens(feats).flatten(0, 1)[None],
+            pipe.model.embed_tokens(torch.tensor([[3, 4, pipe.model.image_token_ids[0]]])),
+        ],
+        1,
+    )
     torch.testing.assert_close(pipe.model.forward_lm(emb).logits, again.model.forward_lm(emb).logits, rtol=0, atol=0)
 
 
@@ -126,16 +155,21 @@ def test_gill_without_its_decision_model_is_refused_unless_told_to_run_without_o
     with pytest.raises(CheckpointError, match=r"decision_model.pth.tar not found.*decision_model=False"):
         load_pipeline(src, preset="tiny-gill", device="cpu", dtype="fp32")
     assert main(["convert", str(src), "--out", str(tmp_path / "conv"), "--preset", "tiny-gill"]) == 2  # a user error
-    assert main(["convert", str(src), "--out", str(tmp_path / "conv"), "--preset", "tiny-gill",
-                 "--no-decision-model"]) == 0
+    assert (
+        main(["convert", str(src), "--out", str(tmp_path / "conv"), "--preset", "tiny-gill", "--no-decision-model"])
+        == 0
+    )
     pipe = load_pipeline(src, preset="tiny-gill", device="cpu", dtype="fp32", decision_model=False)
     assert pipe.model.decision is None and not pipe.config.decision_head
     assert not load_pipeline(tmp_path / "conv", device="cpu", dtype="fp32").config.decision_head
     # Without a decision head every image follows the mode: auto with no index generates, and says nothing random.
     from fromage_gill.generate import Chat, GenerationSettings, ImageResult
 
-    events = list(Chat(pipe).send([images[0], "a"], GenerationSettings(max_new_tokens=4, image_logit_bias=50.0,
-                                                                      num_inference_steps=1, seed=0)))
+    events = list(
+        Chat(pipe).send(
+            [images[0], "a"], GenerationSettings(max_new_tokens=4, image_logit_bias=50.0, num_inference_steps=1, seed=0)
+        )
+    )
     made = [e for e in events if isinstance(e, ImageResult)]
     assert made and all(e.source == "generated" and e.decision is None for e in made)
 

@@ -34,8 +34,9 @@ def test_toy_method_config_reads_the_preset_not_a_folder_in_the_working_director
 
     backbones = tmp_path / "elsewhere" / "toy"
     (backbones / "clip").mkdir(parents=True)
-    (backbones / "clip" / "config.json").write_text(json.dumps(
-        {"text_config": {"hidden_size": 64, "max_position_embeddings": 24}}))
+    (backbones / "clip" / "config.json").write_text(
+        json.dumps({"text_config": {"hidden_size": 64, "max_position_embeddings": 24}})
+    )
     (tmp_path / "toy-gill").mkdir()
     dataclasses.replace(load_config("toy-gill"), generation=None).save(tmp_path / "toy-gill" / "config.json")
     monkeypatch.chdir(tmp_path)
@@ -124,8 +125,15 @@ def reduced(cfg: ModelConfig) -> ModelConfig:
     if cfg.diffusion is not None:
         width = tiny.diffusion.config["text_encoder"]["hidden_size"]
         changes["diffusion"] = tiny.diffusion
-        changes["mapper"] = dataclasses.replace(cfg.mapper, d_model=32, num_heads=2, dim_feedforward=64,
-                                                num_encoder_layers=1, num_decoder_layers=1, out_dim=width)
+        changes["mapper"] = dataclasses.replace(
+            cfg.mapper,
+            d_model=32,
+            num_heads=2,
+            dim_feedforward=64,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            out_dim=width,
+        )
     return dataclasses.replace(cfg, **changes)
 
 
@@ -168,22 +176,45 @@ def _nested(name: str, path: str, value):
     return data
 
 
-@pytest.mark.parametrize(("preset", "path", "value", "message"), [
-    # inline transformers configs: before, these loaded and the build raised StrictDataclassFieldValidationError
-    ("tiny-fromage", "lm.config.hidden_size", "64", r"lm.config \(a transformers 'opt' config\).*'hidden_size'.*str"),
-    ("tiny-fromage", "lm.config.vocab_size", 2.7, r"lm.config .*'vocab_size' expected int, got float"),
-    ("tiny-fromage", "lm.config.model_type", "opt2", r"lm.config.model_type 'opt2' is not a transformers model type"),
-    ("tiny-gill", "vision.config.hidden_size", 32.5, r"vision.config .*'hidden_size' expected int"),
-    ("tiny-gill", "diffusion.config.text_encoder.vocab_size", "512", r"diffusion.config.text_encoder .*'vocab_size'"),
-    ("tiny-gill", "diffusion.config.unet", "small", r"diffusion.config.unet must be an object, got str"),
-    ("tiny-magic", "clip.config.text_config.hidden_size", 2.7, r"clip.config .*'hidden_size' expected int"),
-    # our own fields: before, a ZeroDivisionError, or accepted
-    ("tiny-gill", "mapper.num_heads", 0, r"mapper.num_heads must be >= 1, got 0"),
-    ("tiny-gill", "mapper.out_dim", 0, r"mapper.out_dim must be >= 1, got 0"),
-    ("tiny-magic", "decoding.beta", float("inf"), r"beta .* must be >= 0 and finite"),
-    ("tiny-fromage", "generation", {"decoding_options": "k=5"}, r"generation: .*decoding_options.*must be None or a"),
-    ("tiny-fromage", "generation", {"stop_at_eos": "no"}, r"generation: .*stop_at_eos='no': must be true or false"),
-])
+@pytest.mark.parametrize(
+    ("preset", "path", "value", "message"),
+    [
+        # inline transformers configs: before, these loaded and the build raised StrictDataclassFieldValidationError
+        (
+            "tiny-fromage",
+            "lm.config.hidden_size",
+            "64",
+            r"lm.config \(a transformers 'opt' config\).*'hidden_size'.*str",
+        ),
+        ("tiny-fromage", "lm.config.vocab_size", 2.7, r"lm.config .*'vocab_size' expected int, got float"),
+        (
+            "tiny-fromage",
+            "lm.config.model_type",
+            "opt2",
+            r"lm.config.model_type 'opt2' is not a transformers model type",
+        ),
+        ("tiny-gill", "vision.config.hidden_size", 32.5, r"vision.config .*'hidden_size' expected int"),
+        (
+            "tiny-gill",
+            "diffusion.config.text_encoder.vocab_size",
+            "512",
+            r"diffusion.config.text_encoder .*'vocab_size'",
+        ),
+        ("tiny-gill", "diffusion.config.unet", "small", r"diffusion.config.unet must be an object, got str"),
+        ("tiny-magic", "clip.config.text_config.hidden_size", 2.7, r"clip.config .*'hidden_size' expected int"),
+        # our own fields: before, a ZeroDivisionError, or accepted
+        ("tiny-gill", "mapper.num_heads", 0, r"mapper.num_heads must be >= 1, got 0"),
+        ("tiny-gill", "mapper.out_dim", 0, r"mapper.out_dim must be >= 1, got 0"),
+        ("tiny-magic", "decoding.beta", float("inf"), r"beta .* must be >= 0 and finite"),
+        (
+            "tiny-fromage",
+            "generation",
+            {"decoding_options": "k=5"},
+            r"generation: .*decoding_options.*must be None or a",
+        ),
+        ("tiny-fromage", "generation", {"stop_at_eos": "no"}, r"generation: .*stop_at_eos='no': must be true or false"),
+    ],
+)
 def test_wrong_types_anywhere_are_config_errors_naming_the_field(tmp_path, preset, path, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, _nested(preset, path, value)))

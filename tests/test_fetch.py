@@ -92,8 +92,9 @@ def server():
 
 @pytest.fixture
 def fetcher():
-    f = ImageFetcher(FetchConfig(allow_private=True, connect_timeout=1.0, read_timeout=0.3, total_timeout=3.0,
-                                 max_bytes=100_000))
+    f = ImageFetcher(
+        FetchConfig(allow_private=True, connect_timeout=1.0, read_timeout=0.3, total_timeout=3.0, max_bytes=100_000)
+    )
     yield f
     f.close()
 
@@ -101,15 +102,30 @@ def fetcher():
 # ------------------------------------------------------------------------------------------ policy (no traffic)
 
 
-@pytest.mark.parametrize("address, reason", [
-    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
-    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.10", "private"), ("fd12:3456::1", "private"),
-    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"),
-    ("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"), ("100.100.100.200", "metadata"),
-    ("100.64.0.1", "not a public"), ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
-    ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"), ("2002:7f00:1::1", "loopback"),
-    ("192.0.2.1", "private"),  # documentation range (TEST-NET-1)
-])
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.10", "private"),
+        ("fd12:3456::1", "private"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"),
+        ("100.100.100.200", "metadata"),
+        ("100.64.0.1", "not a public"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:10.0.0.1", "private"),
+        ("2002:7f00:1::1", "loopback"),
+        ("192.0.2.1", "private"),  # documentation range (TEST-NET-1)
+    ],
+)
 def test_policy_refuses_non_public_addresses(address, reason):
     got = address_refusal(address)
     assert got is not None and reason in got
@@ -201,8 +217,16 @@ def test_failing_top1_falls_through_to_top2(server, fetcher, caplog):
     found = fetcher.fetch_first([f"{server}/slow", f"{server}/img7"])
     assert found is not None and found[0] == 1
     assert np.array_equal(np.asarray(found[1]), np.asarray(Image.open(io.BytesIO(_png(7))).convert("RGB")))
-    found = fetcher.fetch_first([f"{server}/missing", f"{server}/html", {"url": f"{server}/big"},
-                                 {"path": "/no/such/file.png"}, f"{server}/img3"], window=2)
+    found = fetcher.fetch_first(
+        [
+            f"{server}/missing",
+            f"{server}/html",
+            {"url": f"{server}/big"},
+            {"path": "/no/such/file.png"},
+            f"{server}/img3",
+        ],
+        window=2,
+    )
     assert found is not None and found[0] == 4
     assert fetcher.fetch_first([f"{server}/missing", "ftp://x/y.png"]) is None  # never raises
     assert "skipping retrieval candidate" in caplog.text
@@ -273,12 +297,18 @@ def test_local_paths_use_the_pixel_limit(tmp_path):
 def test_build_index_from_a_url_list(server, tiny_fromage, tmp_path):
     from fromage_gill.retrieve import ImageIndex, build_index
 
-    (tmp_path / "urls.tsv").write_text(f"a noise square\t{server}/img5\nbroken\t{server}/html\n"
-                                       f"gone\t{server}/missing\nanother\t{server}/img6\n")
+    (tmp_path / "urls.tsv").write_text(
+        f"a noise square\t{server}/img5\nbroken\t{server}/html\ngone\t{server}/missing\nanother\t{server}/img6\n"
+    )
     with pytest.raises(ValueError, match="no image"):  # the default policy refuses the loopback server
         build_index(tiny_fromage, tmp_path / "urls.tsv", tmp_path / "refused", progress=False)
-    report = build_index(tiny_fromage, tmp_path / "urls.tsv", tmp_path / "ix", progress=False,
-                         fetch_config=FetchConfig(allow_private=True))
+    report = build_index(
+        tiny_fromage,
+        tmp_path / "urls.tsv",
+        tmp_path / "ix",
+        progress=False,
+        fetch_config=FetchConfig(allow_private=True),
+    )
     assert report.count == 2 and [n for n, _ in report.skipped] == [f"{server}/html", f"{server}/missing"]
     index = ImageIndex.load(tmp_path / "ix")
     assert [index.record(i)["caption"] for i in range(2)] == ["a noise square", "another"]
@@ -386,9 +416,29 @@ def test_a_slow_name_lookup_counts_against_the_total_timeout(server, monkeypatch
 def test_the_deadline_holds_over_tls(tmp_path):
     """The same drip behind TLS: the context's socket class bounds every read there too."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DripHandler, bind_and_activate=False)
@@ -413,18 +463,29 @@ def test_the_deadline_holds_over_tls(tmp_path):
 # ------------------------------------------------------------------------------------------ what allow_private opens
 
 
-@pytest.mark.parametrize("address, reason", [
-    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
-    ("224.0.0.1", "multicast"), ("100.64.0.1", "not a public"), ("192.0.2.1", "special-purpose"),
-    ("198.18.0.1", "special-purpose"), ("240.0.0.1", "reserved"), ("::ffff:0.0.0.0", "unspecified"),
-])
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("100.64.0.1", "not a public"),
+        ("192.0.2.1", "special-purpose"),
+        ("198.18.0.1", "special-purpose"),
+        ("240.0.0.1", "reserved"),
+        ("::ffff:0.0.0.0", "unspecified"),
+    ],
+)
 def test_allow_private_opens_only_private_and_loopback(address, reason):
     got = address_refusal(address, allow_private=True)
     assert got is not None and reason in got
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1", "172.31.255.1", "192.168.0.7", "127.0.0.1", "::1", "fd00::5",
-                                     "::ffff:192.168.1.1"])
+@pytest.mark.parametrize(
+    "address", ["10.0.0.1", "172.31.255.1", "192.168.0.7", "127.0.0.1", "::1", "fd00::5", "::ffff:192.168.1.1"]
+)
 def test_allow_private_opens_private_and_loopback(address):
     assert address_refusal(address, allow_private=True) is None
     assert address_refusal(address) is not None

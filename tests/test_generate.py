@@ -235,8 +235,16 @@ def test_stop_mid_stream_keeps_what_streamed(tiny_gill):
 def test_forced_image_then_more_text_gill_generate(tiny_gill, images, monkeypatch):
     unet = Counter(monkeypatch, tiny_gill.diffusion.unet, "forward")
     chat = Chat(tiny_gill)
-    s = GenerationSettings(max_new_tokens=6, mode="generate", image_logit_bias=float("inf"), max_images=1,
-                           num_inference_steps=2, stop_at_eos=False, stop_strings=(), seed=5)
+    s = GenerationSettings(
+        max_new_tokens=6,
+        mode="generate",
+        image_logit_bias=float("inf"),
+        max_images=1,
+        num_inference_steps=2,
+        stop_at_eos=False,
+        stop_strings=(),
+        seed=5,
+    )
     msg = ["draw", images[0]]
     prompt = chat._encode([Turn("user", normalize_message(msg))])
     events = run(chat, msg, s)
@@ -261,15 +269,20 @@ def test_forced_image_then_more_text_gill_generate(tiny_gill, images, monkeypatc
 
 def test_fromage_retrieves_distinct_images_and_excludes_shown_ones(tiny_fromage, images, index_over):
     pipe = dataclasses.replace(tiny_fromage, index=index_over(tiny_fromage, images))
-    s = script([pipe.model.image_token_ids[0], None, pipe.model.image_token_ids[0], None, None], mode="retrieve",
-               max_images=2, max_new_tokens=5)
+    s = script(
+        [pipe.model.image_token_ids[0], None, pipe.model.image_token_ids[0], None, None],
+        mode="retrieve",
+        max_images=2,
+        max_new_tokens=5,
+    )
     chat = Chat(pipe)
     first = [e for e in run(chat, ["show me"], s) if isinstance(e, ImageResult)]
     second = [e for e in run(chat, ["more"], s) if isinstance(e, ImageResult)]
     got = [e.index_id for e in first + second]
     assert sorted(got) == [0, 1, 2, 3]  # four different pictures: shown ones are never retrieved again
-    assert all(e.source == "retrieved" and e.decision is None and e.caption == f"picture {e.index_id}"
-               for e in first + second)
+    assert all(
+        e.source == "retrieved" and e.decision is None and e.caption == f"picture {e.index_id}" for e in first + second
+    )
     q = pipe.model.text_embedding  # the score is the index's cosine similarity
     assert all(-1.0 <= e.score <= 1.0 for e in first)
     assert q is not None
@@ -278,13 +291,16 @@ def test_fromage_retrieves_distinct_images_and_excludes_shown_ones(tiny_fromage,
 
 
 def test_mode_text_never_yields_an_image(tiny_gill, tiny_fromage, images, index_over):
-    for pipe in (dataclasses.replace(tiny_gill, index=index_over(tiny_gill, images)),
-                 dataclasses.replace(tiny_fromage, index=index_over(tiny_fromage, images))):
+    for pipe in (
+        dataclasses.replace(tiny_gill, index=index_over(tiny_gill, images)),
+        dataclasses.replace(tiny_fromage, index=index_over(tiny_fromage, images)),
+    ):
         s = GenerationSettings(max_new_tokens=8, mode="text", image_logit_bias=float("inf"))
         events = run(Chat(pipe), ["show me a picture"], s)
         assert not any(isinstance(e, (ImagePending, ImageResult)) for e in events)
-        assert not any(isinstance(e, (ImagePending, ImageResult)) for e in
-                       generate_batch(pipe, [["a"], ["b b"]], s)[0].segments)
+        assert not any(
+            isinstance(e, (ImagePending, ImageResult)) for e in generate_batch(pipe, [["a"], ["b b"]], s)[0].segments
+        )
 
 
 def test_retrieve_never_runs_the_unet_and_generate_never_searches(tiny_gill, images, index_over, monkeypatch):
@@ -479,8 +495,9 @@ def test_undo_truncate_regenerate(tiny_gill):
 
 def test_export_import_round_trip(tiny_gill, images):
     chat = Chat(tiny_gill)
-    s = GenerationSettings(max_new_tokens=4, mode="generate", image_logit_bias=float("inf"), max_images=1,
-                           num_inference_steps=1, seed=3)
+    s = GenerationSettings(
+        max_new_tokens=4, mode="generate", image_logit_bias=float("inf"), max_images=1, num_inference_steps=1, seed=3
+    )
     run(chat, ["hi", images[0]], s)
     data = json.loads(json.dumps(chat.to_dict()))
     back = Chat.from_dict(tiny_gill, data)
@@ -515,9 +532,32 @@ def test_cli_generate_json_and_errors(tmp_path, images, capsys):
 
     path = tmp_path / "in.png"
     images[0].save(path)
-    code = main(["generate", "--model", "tiny-gill", "--image", str(path), "--text", "what is it?", "--json",
-                 "--mode", "generate", "--image-logit-bias", "inf", "--max-images", "1", "--steps", "1",
-                 "--max-new-tokens", "4", "--seed", "7", "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "tiny-gill",
+            "--image",
+            str(path),
+            "--text",
+            "what is it?",
+            "--json",
+            "--mode",
+            "generate",
+            "--image-logit-bias",
+            "inf",
+            "--max-images",
+            "1",
+            "--steps",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["model"] == "tiny-gill" and doc["seed"] == 7 and doc["reason"] == "max_new_tokens"
@@ -537,9 +577,17 @@ def test_llama_style_lm_positions_with_left_padding(tiny_fromage, images):
     from fromage_gill.config import LMSpec
     from fromage_gill.pipeline import build_pipeline
 
-    lm = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-          "tie_word_embeddings": False}
+    lm = {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
     cfg = dataclasses.replace(tiny_fromage.config, name="tiny-llama", lm=LMSpec(source="random", config=lm))
     pipe = build_pipeline(cfg, device=torch.device("cpu"), dtype=torch.float32)
     prompts = [["a photo of", images[0], "a dog on the grass"], ["hi"]]
@@ -554,8 +602,10 @@ def test_llama_style_lm_positions_with_left_padding(tiny_fromage, images):
 
 
 def test_a_models_generation_defaults_apply_unless_the_caller_sets_them(tiny_gill, images, index_over):
-    cfg = dataclasses.replace(tiny_gill.config, generation={"image_logit_bias": float("inf"), "max_images": 1,
-                                                            "mode": "retrieve", "max_new_tokens": 3})
+    cfg = dataclasses.replace(
+        tiny_gill.config,
+        generation={"image_logit_bias": float("inf"), "max_images": 1, "mode": "retrieve", "max_new_tokens": 3},
+    )
     pipe = dataclasses.replace(tiny_gill, config=cfg, index=index_over(tiny_gill, images))
     assert GenerationSettings.for_model(cfg).max_images == 1
     assert GenerationSettings.for_model(cfg, max_images=2).max_images == 2
@@ -576,14 +626,20 @@ def test_text_after_images_false_ends_the_answer_with_its_image(tiny_gill, image
     assert [type(e).__name__ for e in events].count("ImageResult") == 2  # max_images: text, then a second image
 
 
-def test_image_query_answer_reads_the_image_tokens_after_the_answer_alone(tiny_gill, images, index_over,
-                                                                           monkeypatch):
+def test_image_query_answer_reads_the_image_tokens_after_the_answer_alone(tiny_gill, images, index_over, monkeypatch):
     pipe = dataclasses.replace(tiny_gill, index=index_over(tiny_gill, images))
     queries = []
     search = pipe.index.search
     monkeypatch.setattr(pipe.index, "search", lambda q, *a, **k: (queries.append(q), search(q, *a, **k))[1])
-    base = dict(max_new_tokens=12, image_logit_bias=float("inf"), mode="retrieve", min_word_tokens=3, max_images=1,
-                text_after_images=False, seed=0)
+    base = dict(
+        max_new_tokens=12,
+        image_logit_bias=float("inf"),
+        mode="retrieve",
+        min_word_tokens=3,
+        max_images=1,
+        text_after_images=False,
+        seed=0,
+    )
     for how in ("dialogue", "answer"):
         events = run(Chat(pipe), ["describe a cat"], GenerationSettings(image_query=how, **base))
     answer = text_of(events).strip()

@@ -91,9 +91,21 @@ def test_refusing_hostile_images_stays_within_300_mb(tmp_path):
     measured there. Before the long-side limit, the 20,000 x 1 PNG wanted 4.5 GB (MemoryError under the cap)."""
     out = tmp_path / "hostile.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_hostile_images.py"), "--quick",
-                           "--headroom-mb", "1024", "--json", str(out)],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_hostile_images.py"),
+            "--quick",
+            "--headroom-mb",
+            "1024",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert len(results) >= 10
@@ -142,12 +154,21 @@ def test_palette_with_a_transparent_entry_becomes_white():
     assert [tuple(p) for p in _rgb(got)[0]] == [WHITE, RED, BLUE, WHITE]
 
 
-@pytest.mark.parametrize("mode, pixel, expected", [
-    ("LA", (100, 0), WHITE), ("LA", (100, 255), (100, 100, 100)), ("LA", (0, 128), (127, 127, 127)),
-    ("RGBA", (255, 0, 0, 0), WHITE), ("RGBA", (0, 0, 255, 255), BLUE), ("RGBA", (0, 0, 0, 64), (191, 191, 191)),
-    ("L", 77, (77, 77, 77)),
-    ("CMYK", (0, 0, 0, 0), WHITE), ("CMYK", (255, 0, 0, 0), (0, 255, 255)), ("CMYK", (0, 0, 0, 255), (0, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "mode, pixel, expected",
+    [
+        ("LA", (100, 0), WHITE),
+        ("LA", (100, 255), (100, 100, 100)),
+        ("LA", (0, 128), (127, 127, 127)),
+        ("RGBA", (255, 0, 0, 0), WHITE),
+        ("RGBA", (0, 0, 255, 255), BLUE),
+        ("RGBA", (0, 0, 0, 64), (191, 191, 191)),
+        ("L", 77, (77, 77, 77)),
+        ("CMYK", (0, 0, 0, 0), WHITE),
+        ("CMYK", (255, 0, 0, 0), (0, 255, 255)),
+        ("CMYK", (0, 0, 0, 255), (0, 0, 0)),
+    ],
+)
 def test_modes_become_the_rgb_a_viewer_shows(mode, pixel, expected):
     fmt = "TIFF" if mode == "CMYK" else "PNG"
     got = load_image(_save(Image.new(mode, (3, 2), pixel), fmt))
@@ -167,8 +188,14 @@ def test_rgb_with_a_colour_key_and_in_memory_modes():
 def test_animations_keep_their_first_frame():
     frames = [Image.new("RGB", (8, 8), c) for c in (RED, BLUE, (0, 255, 0))]
     for fmt in ("GIF", "PNG", "WEBP"):  # GIF, APNG, animated WebP
-        data = _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100,
-                     **({"lossless": True} if fmt == "WEBP" else {}))
+        data = _save(
+            frames[0],
+            fmt,
+            save_all=True,
+            append_images=frames[1:],
+            duration=100,
+            **({"lossless": True} if fmt == "WEBP" else {}),
+        )
         assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3, fmt
         assert np.abs(_rgb(load_image(data)) - np.array(RED)).max() <= 2, fmt
 
@@ -199,6 +226,6 @@ def test_formats_outside_the_list_are_refused():
 def test_corrupt_exif_costs_only_the_rotation():
     data = bytearray(_with_orientation(_halves(), 6, "JPEG"))
     start = data.index(b"Exif\0\0") + 6
-    data[start: start + 8] = b"XX\0\0\0\0\0\0"  # not a TIFF header any more
+    data[start : start + 8] = b"XX\0\0\0\0\0\0"  # not a TIFF header any more
     img = load_image(bytes(data), name="odd.jpg")
     assert img.size in ((40, 20), (20, 40))

@@ -124,8 +124,9 @@ def test_faiss_flat_agrees_with_brute_force_on_ids(tmp_path):
     assert np.array_equal(flat.ids, exact.ids)
     np.testing.assert_allclose(flat.scores, exact.scores, atol=1e-5)
     ex = set(exact.ids[:, 0].tolist())  # exclusions: over-fetch then filter
-    assert np.array_equal(index.search(queries, 10, ex, method="faiss").ids, index.search(queries, 10, ex,
-                                                                                          method="exact").ids)
+    assert np.array_equal(
+        index.search(queries, 10, ex, method="faiss").ids, index.search(queries, 10, ex, method="exact").ids
+    )
     index.save(tmp_path / "ix")  # saved beside the vectors, used by "auto" after loading
     loaded = ImageIndex.load(tmp_path / "ix")
     assert loaded.faiss_settings == {"kind": "flat"} and (tmp_path / "ix" / "faiss.index").is_file()
@@ -143,8 +144,9 @@ def test_faiss_approximate_indexes(kind, kwargs, tmp_path):
     assert (res.ids[:, 0] == np.arange(20)).all()  # nprobe = nlist is exhaustive; HNSW finds exact duplicates
     res = index.search(queries, 5, exclude=set(range(20)))
     assert not np.isin(res.ids, np.arange(20)).any()
-    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(res.ids, _reference(vecs, queries, 5, range(20))[0],
-                                                                strict=True)])
+    recall = np.mean(
+        [len(set(a) & set(b)) / 5 for a, b in zip(res.ids, _reference(vecs, queries, 5, range(20))[0], strict=True)]
+    )
     assert recall >= 0.9
     index.save(tmp_path / kind)
     assert ImageIndex.load(tmp_path / kind).faiss_settings["kind"] == kind
@@ -209,12 +211,16 @@ def test_sources_read_lists_tables_and_shards(tmp_path):
     (tmp_path / "list.txt").write_text("# comment\na.jpg\nhttps://example.org/b.png\na dog\thttp://example.org/c.jpg\n")
     items = list(iter_image_caption_items(tmp_path / "list.txt"))
     assert [(i.path, i.url, i.caption) for i in items] == [
-        (str(tmp_path / "a.jpg"), None, None), (None, "https://example.org/b.png", None),
-        (None, "http://example.org/c.jpg", "a dog")]
+        (str(tmp_path / "a.jpg"), None, None),
+        (None, "https://example.org/b.png", None),
+        (None, "http://example.org/c.jpg", "a dog"),
+    ]
     (tmp_path / "cc3m.tsv").write_text("a red car\thttps://x.org/1.jpg\na cat, sleeping\thttps://x.org/2.jpg\n")
     items = list(iter_image_caption_items(tmp_path / "cc3m.tsv"))
-    assert [(i.caption, i.url) for i in items] == [("a red car", "https://x.org/1.jpg"),
-                                                   ("a cat, sleeping", "https://x.org/2.jpg")]
+    assert [(i.caption, i.url) for i in items] == [
+        ("a red car", "https://x.org/1.jpg"),
+        ("a cat, sleeping", "https://x.org/2.jpg"),
+    ]
     (tmp_path / "t.csv").write_text('filepath,title,license\nsub/a.jpg,"a, b",CC0\n')
     (item,) = iter_image_caption_items(tmp_path / "t.csv", image_root="/data")
     assert (item.path, item.caption, item.license) == ("/data/sub/a.jpg", "a, b", "CC0")
@@ -239,15 +245,18 @@ def _pattern(seed: int, size=(40, 32)) -> Image.Image:
     arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) // 4
     arr += (np.linspace(0, 1, w)[None, :, None] * rng.integers(0, 190, 3)).astype(np.uint8)
     x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
-    arr[y0: y0 + h // 3, x0: x0 + w // 3] = rng.integers(0, 256, 3)
+    arr[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 256, 3)
     return Image.fromarray(arr)
 
 
 def _write_shard(path: Path, n: int, seed0: int) -> None:
     with tarfile.open(path, "w") as tar:
         for i in range(n):
-            for ext, data in ((".jpg", _png_bytes(seed0 + i)), (".txt", f"caption {i}".encode()),
-                              (".json", json.dumps({"url": f"https://x.org/{i}.jpg", "license": "CC0"}).encode())):
+            for ext, data in (
+                (".jpg", _png_bytes(seed0 + i)),
+                (".txt", f"caption {i}".encode()),
+                (".json", json.dumps({"url": f"https://x.org/{i}.jpg", "license": "CC0"}).encode()),
+            ):
                 info = tarfile.TarInfo(f"{i:06d}{ext}")  # img2dataset names: key.jpg / key.txt / key.json
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -322,8 +331,26 @@ def test_build_skips_bad_images_by_name_and_finds_each_good_one(tiny_fromage, me
 
 def test_cli_build_lists_skipped_images_by_name(messy_folder, tmp_path, capsys):
     root, good, bad_names = messy_folder
-    assert cli_main(["index", "build", "--model", "tiny-fromage", "--device", "cpu", "--images", str(root),
-                     "--out", str(tmp_path / "ix"), "--no-progress", "--storage-dtype", "float16"]) == 0
+    assert (
+        cli_main(
+            [
+                "index",
+                "build",
+                "--model",
+                "tiny-fromage",
+                "--device",
+                "cpu",
+                "--images",
+                str(root),
+                "--out",
+                str(tmp_path / "ix"),
+                "--no-progress",
+                "--storage-dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{len(good)} images indexed, {len(bad_names)} skipped" in out
     assert all(f"skipped {root / name}:" in out for name in bad_names)
@@ -362,15 +389,15 @@ def test_interrupted_build_resumes_without_redoing_batches(make_pipeline, tmp_pa
     fresh = build_index(pipeline, folder, tmp_path / "fresh", batch_size=4, progress=False)
     a, b = ImageIndex.load(tmp_path / "ix"), ImageIndex.load(tmp_path / "fresh")
     assert fresh.count == 20 and np.array_equal(np.asarray(a.vectors), np.asarray(b.vectors))
-    assert [a.record(i)["path"] for i in range(20)] == [b.record(i)["path"].replace("fresh", "ix")
-                                                       for i in range(20)]
+    assert [a.record(i)["path"] for i in range(20)] == [b.record(i)["path"].replace("fresh", "ix") for i in range(20)]
     assert not (tmp_path / "ix" / ".build").exists()
 
 
 def test_fetch_first_falls_through_missing_local_files(tmp_path):
     _pattern(5).save(tmp_path / "ok.png")
-    index = ImageIndex.from_embeddings(_unit(3, 8), [{"path": str(tmp_path / "gone.png")},
-                                                     {"path": str(tmp_path / "ok.png")}, {"path": "x"}], "t:0")
+    index = ImageIndex.from_embeddings(
+        _unit(3, 8), [{"path": str(tmp_path / "gone.png")}, {"path": str(tmp_path / "ok.png")}, {"path": "x"}], "t:0"
+    )
     found = index.fetch_first([0, 1, 2])
     assert found is not None and found[0] == 1 and found[1].size == (40, 32)
     assert index.fetch_first([0, 2]) is None
@@ -390,33 +417,61 @@ def _published(path: Path, n: int, d: int, *, tensors: bool = False) -> np.ndarr
 def test_published_pickle_needs_trust(tmp_path, capsys):
     _published(tmp_path / "cc3m_embeddings_urls.npy", 5, 16)
     with pytest.raises(UntrustedPickleError, match="can run arbitrary code"):
-        import_published([tmp_path / "cc3m_embeddings_urls.npy"], tmp_path / "ix", fingerprint="f:1",
-                         trust_pickle=False)
-    code = cli_main(["index", "import", str(tmp_path / "cc3m_embeddings_urls.npy"), "--out", str(tmp_path / "ix"),
-                     "--fingerprint", "f:1"])
+        import_published(
+            [tmp_path / "cc3m_embeddings_urls.npy"], tmp_path / "ix", fingerprint="f:1", trust_pickle=False
+        )
+    code = cli_main(
+        [
+            "index",
+            "import",
+            str(tmp_path / "cc3m_embeddings_urls.npy"),
+            "--out",
+            str(tmp_path / "ix"),
+            "--fingerprint",
+            "f:1",
+        ]
+    )
     assert code == 2 and "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "ix").exists()
 
 
 def test_published_pickle_imports_with_trust(tiny_fromage, tmp_path):
     raw = _published(tmp_path / "cc3m_embeddings.pkl", 50, 16)
-    assert cli_main(["index", "import", str(tmp_path / "cc3m_embeddings.pkl"), "--out", str(tmp_path / "ix"),
-                     "--trust-pickle", "--model", "tiny-fromage"]) == 0
+    assert (
+        cli_main(
+            [
+                "index",
+                "import",
+                str(tmp_path / "cc3m_embeddings.pkl"),
+                "--out",
+                str(tmp_path / "ix"),
+                "--trust-pickle",
+                "--model",
+                "tiny-fromage",
+            ]
+        )
+        == 0
+    )
     index = ImageIndex.load(tmp_path / "ix", expected_fingerprint=tiny_fromage.model.retrieval_fingerprint())
     expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(np.asarray(index.vectors), expected, atol=1e-6)
-    assert index.record(7) == {"url": "https://cc3m.example/7.jpg", "source": "cc3m",
-                               "license": index.record(7)["license"]}
+    assert index.record(7) == {
+        "url": "https://cc3m.example/7.jpg",
+        "source": "cc3m",
+        "license": index.record(7)["license"],
+    }
     assert index.search(expected[:4], 1).ids[:, 0].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="16-d embeddings but the model's retrieval space is 8-d"):
-        import_published([tmp_path / "cc3m_embeddings.pkl"], tmp_path / "ix2", fingerprint="f", trust_pickle=True,
-                         expected_dim=8)
+        import_published(
+            [tmp_path / "cc3m_embeddings.pkl"], tmp_path / "ix2", fingerprint="f", trust_pickle=True, expected_dim=8
+        )
 
 
 def test_extraction_script_lists_of_tensors_import(tmp_path):
     raw = _published(tmp_path / "a.pkl", 6, 16, tensors=True)
     _published(tmp_path / "b.pkl", 6, 16)
-    report = import_published([tmp_path / "a.pkl", tmp_path / "b.pkl"], tmp_path / "ix", fingerprint="m:1",
-                              trust_pickle=True)
+    report = import_published(
+        [tmp_path / "a.pkl", tmp_path / "b.pkl"], tmp_path / "ix", fingerprint="m:1", trust_pickle=True
+    )
     assert report.count == 12 and report.dim == 16
     index = ImageIndex.load(tmp_path / "ix", expected_fingerprint="m:1")
     bf16 = torch.from_numpy(raw).bfloat16().float().numpy()
@@ -458,10 +513,25 @@ def test_cli_info_and_search(tmp_path, capsys):
     assert cli_main(["index", "info", str(d), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["count"] == 8 and info["fingerprint"].startswith("tiny-fromage:")
-    assert cli_main(["index", "search", str(d), "--model", "tiny-fromage", "--device", "cpu",
-                     "--image", str(ASSETS / "images" / "chelsea.jpg"), "-k", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "index",
+                "search",
+                str(d),
+                "--model",
+                "tiny-fromage",
+                "--device",
+                "cpu",
+                "--image",
+                str(ASSETS / "images" / "chelsea.jpg"),
+                "-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert "chelsea.jpg" in out[0] and "1.0000" in out[0] and len(out) == 2
     assert cli_main(["index", "search", str(d), "--model", "tiny-gill", "--device", "cpu", "--text", "a cat"]) == 2
     assert "tiny-gill:" in capsys.readouterr().err
-

@@ -44,7 +44,7 @@ def direct_search(forward, prompt_ids, s: MagicDecoding, *, clip=None, decode=No
         top = probs.topk(min(s.k, probs.shape[0])).indices.tolist()
         f = [0.0] * len(top)
         if s.beta > 0:
-            f = clip([decode((generated + [v])[-s.clip_text_max_tokens:]) for v in top]).softmax(-1).tolist()
+            f = clip([decode((generated + [v])[-s.clip_text_max_tokens :]) for v in top]).softmax(-1).tolist()
         scores = []
         for j, v in enumerate(top):
             _, hidden = forward(ids + [v])
@@ -62,8 +62,9 @@ def direct_search(forward, prompt_ids, s: MagicDecoding, *, clip=None, decode=No
 def run_fast(m, prompt_ids, s, clip=None, decode=None):
     step = hf_step(m.lm)
     start = step(torch.tensor([prompt_ids]), None)
-    return list(magic_search(step, start, s, decode=decode or m.tokenizer.decode, clip_logits=clip,
-                             stop_ids=m.stop_ids))
+    return list(
+        magic_search(step, start, s, decode=decode or m.tokenizer.decode, clip_logits=clip, stop_ids=m.stop_ids)
+    )
 
 
 def prompt(m, text="a photo of"):
@@ -85,10 +86,15 @@ def test_beta0_is_contrastive_search(tiny, k, alpha):
 def test_alpha0_beta0_is_greedy(tiny):
     ids = prompt(tiny, "a dog on")
     s = MagicDecoding(k=8, alpha=0.0, beta=0.0, max_new_tokens=12)
-    out = tiny.lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           do_sample=False, max_new_tokens=12, pad_token_id=tiny.tokenizer.pad_token_id,
-                           eos_token_id=tiny.tokenizer.eos_token_id)
-    greedy = out[0, len(ids):].tolist()
+    out = tiny.lm.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=tiny.tokenizer.pad_token_id,
+        eos_token_id=tiny.tokenizer.eos_token_id,
+    )
+    greedy = out[0, len(ids) :].tolist()
     if tiny.tokenizer.eos_token_id in greedy:
         greedy = greedy[: greedy.index(tiny.tokenizer.eos_token_id)]
     assert run_fast(tiny, ids, s) == greedy
@@ -100,13 +106,20 @@ def test_magic_matches_the_direct_rule_with_a_real_clip(tiny, images):
     s = MagicDecoding(k=6, alpha=0.3, beta=2.0, max_new_tokens=8)
     clip = tiny.clip.logits_fn(images[:1])
     ids = prompt(tiny)
-    expected, _ = direct_search(lm_full_forward(tiny.lm), ids, s, clip=clip, decode=tiny.tokenizer.decode,
-                                stop=tiny.stop_ids)
+    expected, _ = direct_search(
+        lm_full_forward(tiny.lm), ids, s, clip=clip, decode=tiny.tokenizer.decode, stop=tiny.stop_ids
+    )
     assert run_fast(tiny, ids, s, clip=clip) == expected
     # and it is not contrastive search in disguise: the image changes the choice somewhere in these settings
     no_image, _ = direct_search(lm_full_forward(tiny.lm), ids, dataclasses.replace(s, beta=0.0), stop=tiny.stop_ids)
-    steered, _ = direct_search(lm_full_forward(tiny.lm), ids, dataclasses.replace(s, beta=50.0), clip=clip,
-                               decode=tiny.tokenizer.decode, stop=tiny.stop_ids)
+    steered, _ = direct_search(
+        lm_full_forward(tiny.lm),
+        ids,
+        dataclasses.replace(s, beta=50.0),
+        clip=clip,
+        decode=tiny.tokenizer.decode,
+        stop=tiny.stop_ids,
+    )
     assert steered != no_image
 
 
@@ -123,8 +136,7 @@ def test_a_strongly_preferred_candidate_wins(tiny):
     ids = prompt(tiny)
     s = MagicDecoding(k=5, alpha=0.1, beta=10.0, max_new_tokens=8)
     got = run_fast(tiny, ids, s, clip=stub)
-    _, candidates = direct_search(lm_full_forward(tiny.lm), ids, dataclasses.replace(s, beta=0.0),
-                                  stop=tiny.stop_ids)
+    _, candidates = direct_search(lm_full_forward(tiny.lm), ids, dataclasses.replace(s, beta=0.0), stop=tiny.stop_ids)
     assert len(got) == s.max_new_tokens
     for i in range(len(got)):
         assert tiny.tokenizer.decode(got[: i + 1]) == preferred[i]
@@ -148,8 +160,7 @@ def test_clip_reads_the_continuation_only_truncated_to_60_tokens(tiny):
     ids = prompt(tiny, "a long prompt that CLIP must never see")
     s = MagicDecoding(k=3, alpha=0.5, beta=1.0, max_new_tokens=70, clip_text_max_tokens=60)
     # the stub is flat, so the choice is contrastive search's; its candidates come from the direct reference
-    _, candidates = direct_search(lm_full_forward(tiny.lm), ids, dataclasses.replace(s, beta=0.0),
-                                  stop=tiny.stop_ids)
+    _, candidates = direct_search(lm_full_forward(tiny.lm), ids, dataclasses.replace(s, beta=0.0), stop=tiny.stop_ids)
     got = run_fast(tiny, ids, s, clip=stub, decode=decode)
     assert len(got) == 70
     assert len(seen) == 3 * 70 and len(texts_seen) == 70
@@ -205,12 +216,15 @@ def test_decoding_modes(tiny, images):
 # ------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"k": 0}, r"k \(the number of candidates\) must be an integer >= 1, got 0"),
-    ({"alpha": 1.5}, r"alpha .* must be in \[0, 1\], got 1.5"),
-    ({"alpha": -0.1}, r"alpha .* must be in \[0, 1\], got -0.1"),
-    ({"beta": -1.0}, r"beta .* must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, r"k \(the number of candidates\) must be an integer >= 1, got 0"),
+        ({"alpha": 1.5}, r"alpha .* must be in \[0, 1\], got 1.5"),
+        ({"alpha": -0.1}, r"alpha .* must be in \[0, 1\], got -0.1"),
+        ({"beta": -1.0}, r"beta .* must be >= 0"),
+    ],
+)
 def test_bad_settings_are_clear_errors(tiny, images, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny.generate(images[:1], **kwargs)
@@ -222,8 +236,13 @@ def test_magic_needs_an_image(tiny):
     with pytest.raises(ValueError, match="needs an image"):
         tiny.generate([], decoding="magic")
     with pytest.raises(ValueError, match="needs an image"):
-        magic_search(hf_step(tiny.lm), hf_step(tiny.lm)(torch.tensor([[5]]), None), tiny.config.decoding,
-                     decode=tiny.tokenizer.decode, clip_logits=None)
+        magic_search(
+            hf_step(tiny.lm),
+            hf_step(tiny.lm)(torch.tensor([[5]]), None),
+            tiny.config.decoding,
+            decode=tiny.tokenizer.decode,
+            clip_logits=None,
+        )
 
 
 def test_unknown_decoding_and_non_magic_model(tiny):
@@ -256,9 +275,11 @@ MAGIC_PRESETS = [n for n in list_presets() if isinstance(load_config(n), MagicCo
 
 def test_published_settings():
     assert {"magic-mscoco", "magic-flickr30k", "magic-story", "tiny-magic"} <= set(MAGIC_PRESETS)
-    want = {"magic-mscoco": ("cambridgeltl/magic_mscoco", 45, 0.1, 2.0),
-            "magic-flickr30k": ("cambridgeltl/magic_flickr30k", 25, 0.1, 2.0),
-            "magic-story": ("cambridgeltl/simctg_rocstories", 5, 0.6, 0.15)}
+    want = {
+        "magic-mscoco": ("cambridgeltl/magic_mscoco", 45, 0.1, 2.0),
+        "magic-flickr30k": ("cambridgeltl/magic_flickr30k", 25, 0.1, 2.0),
+        "magic-story": ("cambridgeltl/simctg_rocstories", 5, 0.6, 0.15),
+    }
     for name, (lm, k, alpha, beta) in want.items():
         cfg = load_config(name)
         assert (cfg.lm.source, cfg.decoding.k, cfg.decoding.alpha, cfg.decoding.beta) == (lm, k, alpha, beta)
@@ -317,16 +338,32 @@ def test_on_a_fromage_pipeline_guided_by_its_images(make_pipeline, images, beta)
     with torch.no_grad():
         prefix = model.visual_tokens(model.encode_images(model.vision.processor(images[:1])))
         ids = pipe.tokenizer("Q: what is this?\nA:", add_special_tokens=False)["input_ids"]
-        out = model.forward_lm(torch.cat([prefix, model.embed_tokens(torch.tensor([ids]))], 1), use_cache=True,
-                               logits="last")
+        out = model.forward_lm(
+            torch.cat([prefix, model.embed_tokens(torch.tensor([ids]))], 1), use_cache=True, logits="last"
+        )
     start = magic.LMStep(out.logits[:, -1], out.hidden, out.past_key_values)
     s = MagicDecoding(k=5, alpha=0.4, beta=beta, max_new_tokens=8)
     clip = magic.attached_clip(pipe).logits_fn(images[:1]) if beta > 0 else None
-    got = list(magic_search(grounded_step(model), start, s, decode=pipe.tokenizer.decode, clip_logits=clip,
-                            stop_ids=[pipe.tokenizer.eos_token_id], vocab_limit=model.n_base))
-    expected, _ = direct_search(grounded_full_forward(model, prefix), ids, s, clip=guide.logits_fn(images[:1]),
-                                decode=pipe.tokenizer.decode, stop=[pipe.tokenizer.eos_token_id],
-                                vocab_limit=model.n_base)
+    got = list(
+        magic_search(
+            grounded_step(model),
+            start,
+            s,
+            decode=pipe.tokenizer.decode,
+            clip_logits=clip,
+            stop_ids=[pipe.tokenizer.eos_token_id],
+            vocab_limit=model.n_base,
+        )
+    )
+    expected, _ = direct_search(
+        grounded_full_forward(model, prefix),
+        ids,
+        s,
+        clip=guide.logits_fn(images[:1]),
+        decode=pipe.tokenizer.decode,
+        stop=[pipe.tokenizer.eos_token_id],
+        vocab_limit=model.n_base,
+    )
     assert got == expected and len(got) > 0
     assert all(t < model.n_base for t in got)  # text tokens only: never [RET]
 
@@ -348,10 +385,14 @@ def test_caption_cli_offline_end_to_end(tmp_path, images, capsys):
     for path, line in zip(paths, lines, strict=True):
         assert line.split("\t", 1)[1] == m.generate([path], k=4, max_new_tokens=5).text
     assert main(["caption", paths[0], "--model", "tiny-magic", "--decoding", "greedy", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.split("\t", 1)[1].rstrip("\n") == m.generate(
-        decoding="greedy", max_new_tokens=5).text
-    for bad, message in [(["--k", "0"], "k (the number of candidates)"), (["--alpha", "1.5"], "alpha"),
-                         (["--model", "tiny-fromage"], "caption needs a MAGIC preset")]:
+    assert (
+        capsys.readouterr().out.split("\t", 1)[1].rstrip("\n") == m.generate(decoding="greedy", max_new_tokens=5).text
+    )
+    for bad, message in [
+        (["--k", "0"], "k (the number of candidates)"),
+        (["--alpha", "1.5"], "alpha"),
+        (["--model", "tiny-fromage"], "caption needs a MAGIC preset"),
+    ]:
         assert main(["caption", paths[0], "--model", "tiny-magic", *bad]) == 2
         assert message in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "missing.png"), "--model", "tiny-magic"]) == 2
@@ -366,8 +407,9 @@ def engine_reference(pipe, message, s, guide=None):
     from fromage_gill.generate.prompt import VisionCache, encode_pieces, normalize_message
 
     model = pipe.model
-    prompt = encode_pieces(pipe.tokenizer, normalize_message(message, allow_token_ids=True),
-                           pipe.config.n_visual_tokens)
+    prompt = encode_pieces(
+        pipe.tokenizer, normalize_message(message, allow_token_ids=True), pipe.config.n_visual_tokens
+    )
     with torch.no_grad():
         prefix = prompt.embed(model, VisionCache(), 0)[None]
 
@@ -378,9 +420,15 @@ def engine_reference(pipe, message, s, guide=None):
 
     images = [m for m in message if hasattr(m, "convert")]  # the PIL images
     clip = guide.logits_fn(images) if guide is not None and s.beta > 0 else None
-    got, _ = direct_search(forward, [], s, clip=clip,
-                           decode=lambda ids: pipe.tokenizer.decode(ids, skip_special_tokens=True),
-                           stop=[pipe.tokenizer.eos_token_id], vocab_limit=model.n_base)
+    got, _ = direct_search(
+        forward,
+        [],
+        s,
+        clip=clip,
+        decode=lambda ids: pipe.tokenizer.decode(ids, skip_special_tokens=True),
+        stop=[pipe.tokenizer.eos_token_id],
+        vocab_limit=model.n_base,
+    )
     return got
 
 
@@ -394,8 +442,9 @@ def test_engine_strategy_equals_the_direct_rule(make_pipeline, images, decoding)
     ids = pipe.tokenizer("Q: describe it.\nA:", add_special_tokens=False)["input_ids"]
     messages = [[images[0], TokenIds(tuple(ids))], [images[1], TokenIds(tuple(ids))]]
     options = {"k": 5, "alpha": 0.5, "beta": 3.0}
-    settings = GenerationSettings(decoding=decoding, mode="text", max_new_tokens=8, decoding_options=options,
-                                  stop_strings=("<never>",))
+    settings = GenerationSettings(
+        decoding=decoding, mode="text", max_new_tokens=8, decoding_options=options, stop_strings=("<never>",)
+    )
     outs = generate_batch(pipe, messages, settings)  # two rows decoded together, each guided by its own image
     s = magic.resolve_decoding(decoding, MagicDecoding(max_new_tokens=8, **options))
     for message, out in zip(messages, outs, strict=True):

@@ -12,8 +12,13 @@ from fromage_gill.pipeline import build_pipeline
 def _prompt(pipe, images, text="A picture of a dog"):
     """[BOS] [visual tokens of image 0] text [image token 0]: the FROMAGe/GILL training layout."""
     m = pipe.model
-    ids = torch.tensor([[pipe.tokenizer.bos_token_id] + pipe.tokenizer(text, add_special_tokens=False).input_ids
-                        + [m.image_token_ids[0]]])
+    ids = torch.tensor(
+        [
+            [pipe.tokenizer.bos_token_id]
+            + pipe.tokenizer(text, add_special_tokens=False).input_ids
+            + [m.image_token_ids[0]]
+        ]
+    )
     feats = m.encode_images(pipe.image_processor(images[:1]))
     embeds = torch.cat([m.embed_tokens(ids[:, :1]), m.visual_tokens(feats), m.embed_tokens(ids[:, 1:])], dim=1)
     return ids, feats, embeds
@@ -25,7 +30,7 @@ def test_new_token_logits_are_hidden_times_new_rows_for_a_tied_lm(tiny_gill, ima
     _, _, embeds = _prompt(tiny_gill, images)
     out = m.forward_lm(embeds)
     expected = out.hidden @ m.image_token_embeddings.T
-    torch.testing.assert_close(out.logits[..., m.n_base:], expected)
+    torch.testing.assert_close(out.logits[..., m.n_base :], expected)
     # Real tokens keep exactly the LM's own logits.
     ref = m.lm(inputs_embeds=embeds).logits[..., : m.n_base]
     torch.testing.assert_close(out.logits[..., : m.n_base], ref)
@@ -69,7 +74,7 @@ def test_an_optimizer_step_changes_only_the_trained_layers(make_pipeline, images
     # Captioning + image-token cross-entropy, contrastive loss, and the mapper / decision heads, so every
     # trained layer receives a gradient.
     targets = ids[:, 1:]
-    caption_logits = out.logits[:, 1 + m.config.n_visual_tokens - 1: -1]
+    caption_logits = out.logits[:, 1 + m.config.n_visual_tokens - 1 : -1]
     loss = F.cross_entropy(caption_logits.reshape(-1, m.vocab_size), targets.reshape(-1))
     h_img = out.hidden[:, -1]
     loss = loss + m.retrieval_logits(m.text_embedding(h_img), m.image_embedding(feats)).sum() * 0.1
@@ -89,16 +94,24 @@ def test_an_optimizer_step_changes_only_the_trained_layers(make_pipeline, images
 
 def test_untied_lm_gets_its_own_output_rows(images):
     cfg = load_config("tiny-fromage")
-    llama = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "max_position_embeddings": 512, "tie_word_embeddings": False}
+    llama = {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
     cfg = dataclasses.replace(cfg, name="tiny-llama-fromage", lm=dataclasses.replace(cfg.lm, config=llama))
     pipe = build_pipeline(cfg, device=torch.device("cpu"), dtype=torch.float32)
     m = pipe.model
     assert not m.tied and m.image_token_output is not None
     _, _, embeds = _prompt(pipe, images)
     out = m.forward_lm(embeds)
-    torch.testing.assert_close(out.logits[..., m.n_base:], out.hidden @ m.image_token_output.T)
+    torch.testing.assert_close(out.logits[..., m.n_base :], out.hidden @ m.image_token_output.T)
     torch.testing.assert_close(out.logits[..., : m.n_base], m.lm(inputs_embeds=embeds).logits[..., : m.n_base])
     assert "image_token_output" in m.trained_parameters()
 

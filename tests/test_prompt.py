@@ -38,14 +38,18 @@ def test_bos_once_before_the_first_text_and_strings_joined(tiny_fromage, images)
 def test_dialogue_template_reproduces_the_published_layout(tiny_fromage, images):
     d = DialogueSpec()
     img = ImageSegment(images[0])
-    turns = [Turn("user", [img, "what is it?"]), Turn("assistant", [" a cat"], tokens=(5, 6)),
-             Turn("user", ["and", img, "this?"])]
+    turns = [
+        Turn("user", [img, "what is it?"]),
+        Turn("assistant", [" a cat"], tokens=(5, 6)),
+        Turn("user", ["and", img, "this?"]),
+    ]
     pieces = dialogue_pieces(turns, d, [100])
     # An image sent before any text goes ahead of "Q: ", as the published demo placed uploads.
     assert pieces == [img, "Q: ", "what is it?", "\nA:", TokenIds((5, 6)), "\n", "Q: ", "and", img, "this?", "\nA:"]
     p = encode_pieces(tiny_fromage.tokenizer, pieces, 1)
-    text = tiny_fromage.tokenizer.decode([t for part in p.parts if not isinstance(part, ImageSegment) for t in part
-                                          if t < 100 or t > 6])
+    text = tiny_fromage.tokenizer.decode(
+        [t for part in p.parts if not isinstance(part, ImageSegment) for t in part if t < 100 or t > 6]
+    )
     assert "Q: what is it?\nA:" in text and "Q: and" in text
 
 
@@ -60,10 +64,22 @@ def test_answer_images_omit_leaves_an_answers_image_tokens_out_of_the_history(im
     from its segments; the user's images stay."""
     omit = DialogueSpec(answer_images="omit")
     img = ImageSegment(images[0])
-    turns = [Turn("user", [img, "show me"]), Turn("assistant", [" here", ImageSegment(images[1], "retrieved")],
-                                                 tokens=(5, 7, 8, 6)), Turn("user", ["again"])]
-    assert dialogue_pieces(turns, omit, [7, 8]) == [img, "Q: ", "show me", "\nA:", TokenIds((5, 6)), "\n", "Q: ",
-                                                    "again", "\nA:"]
+    turns = [
+        Turn("user", [img, "show me"]),
+        Turn("assistant", [" here", ImageSegment(images[1], "retrieved")], tokens=(5, 7, 8, 6)),
+        Turn("user", ["again"]),
+    ]
+    assert dialogue_pieces(turns, omit, [7, 8]) == [
+        img,
+        "Q: ",
+        "show me",
+        "\nA:",
+        TokenIds((5, 6)),
+        "\n",
+        "Q: ",
+        "again",
+        "\nA:",
+    ]
     assert dialogue_pieces(turns, DialogueSpec(), [7, 8])[4] == TokenIds((5, 7, 8, 6))  # the default keeps them
     untokenized = [Turn("user", ["hi"]), Turn("assistant", ["look", ImageSegment(images[1], "retrieved"), "there"])]
     assert dialogue_pieces(untokenized, omit, [7, 8])[-2:] == ["look", "there"]
@@ -91,7 +107,7 @@ def test_partial_embedding_equals_the_slice_of_the_full_one(tiny_gill, images):
     # the image positions are the input mapping of the vision features
     n0 = len(p.parts[0])
     feats = m.encode_images(m.vision.processor([images[0]]))
-    torch.testing.assert_close(full[n0:n0 + 4], m.visual_tokens(feats)[0])
+    torch.testing.assert_close(full[n0 : n0 + 4], m.visual_tokens(feats)[0])
 
 
 def test_vision_cache_encodes_each_image_once(tiny_fromage, images):

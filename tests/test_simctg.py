@@ -26,8 +26,7 @@ S = math.sqrt(0.5)  # cos 45 degrees
 def test_contrastive_loss_hand_computed():
     # Sequence A, 3 real tokens: cosines (0,1)=0, (0,2)=(1,2)=sqrt(1/2). Sequence B: 2 real tokens at 45 degrees,
     # then a pad whose state equals token 0's (cosine 1: a loss of 0.5 per pair if it were not masked).
-    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
-                           [[1.0, 0.0], [3.0, 3.0], [2.0, 0.0]]])
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [3.0, 3.0], [2.0, 0.0]]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     # relu(margin - (1 - s)) = relu(s - 0.5): 0 for s=0, sqrt(1/2) - 0.5 for s=sqrt(1/2); 6 + 2 ordered pairs.
     expected = (2 * (0 + 2 * (S - 0.5)) + 2 * (S - 0.5)) / 8
@@ -95,8 +94,12 @@ def test_collate_and_batches():
 
 @pytest.fixture
 def captions(tmp_path):
-    lines = [f"a {c} {o} on the {p}" for c in ("red", "blue", "small") for o in ("dog", "cat", "boat")
-             for p in ("grass", "table")]
+    lines = [
+        f"a {c} {o} on the {p}"
+        for c in ("red", "blue", "small")
+        for o in ("dog", "cat", "boat")
+        for p in ("grass", "table")
+    ]
     path = tmp_path / "captions.txt"
     path.write_text("\n".join(lines) + "\n\n")
     return path
@@ -120,7 +123,8 @@ def test_train_lm_learns_checkpoints_and_resumes_exactly(tmp_path, captions):
     common = dict(model="tiny-magic", data=str(captions), batch_size=6, lr=3e-3, save_every=3, progress=False)
     full = train_lm(SimCTGConfig(out=str(tmp_path / "a"), max_steps=6, **common))
     assert full.step == 6 and [r["total"] for r in full.history] == pytest.approx(
-        [r["mle"] + r["contrastive"] for r in full.history])
+        [r["mle"] + r["contrastive"] for r in full.history]
+    )
     ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
     assert ckpts == ["step-0000003", "step-0000006"]  # complete ones only, no .tmp- left behind
     assert not list((tmp_path / "a").glob(".tmp*"))
@@ -130,8 +134,9 @@ def test_train_lm_learns_checkpoints_and_resumes_exactly(tmp_path, captions):
     trained = load_lm(LMSpec(source=str(tmp_path / "a")), tok, dtype=torch.float32, device="cpu")
     start_tok = load_tokenizer(LMSpec(source=str(tmp_path / "a" / "checkpoints" / "step-0000003")))
     assert tok.get_vocab() == start_tok.get_vocab() and "<-start_of_text->" in tok.get_vocab()
-    half = load_lm(LMSpec(source=str(tmp_path / "a" / "checkpoints" / "step-0000003")), tok, dtype=torch.float32,
-                   device="cpu")
+    half = load_lm(
+        LMSpec(source=str(tmp_path / "a" / "checkpoints" / "step-0000003")), tok, dtype=torch.float32, device="cpu"
+    )
     assert corpus_loss(trained, tok, captions) < corpus_loss(half, tok, captions)
 
     # 3 steps, then resumed to 6: the same weights as the uninterrupted run
@@ -148,16 +153,35 @@ def test_train_lm_learns_checkpoints_and_resumes_exactly(tmp_path, captions):
 
 def test_train_lm_cli_and_errors(tmp_path, captions, capsys):
     out = tmp_path / "run"
-    assert main(["train-lm", "--model", "tiny-magic", "--data", str(captions), "--out", str(out), "--max-steps", "2",
-                 "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train-lm",
+                "--model",
+                "tiny-magic",
+                "--data",
+                str(captions),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "trained to step 2" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "run.json").is_file()
     # the adapted LM captions through the same CLI
     from PIL import Image
 
     Image.new("RGB", (40, 30), (0, 90, 200)).save(tmp_path / "x.png")
-    assert main(["caption", str(tmp_path / "x.png"), "--model", "tiny-magic", "--lm", str(out),
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(["caption", str(tmp_path / "x.png"), "--model", "tiny-magic", "--lm", str(out), "--max-new-tokens", "3"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'x.png'}\t")
 
     empty = tmp_path / "empty.txt"
@@ -167,8 +191,11 @@ def test_train_lm_cli_and_errors(tmp_path, captions, capsys):
     assert main(["train-lm", "--model", "tiny-magic", "--data", str(empty), "--out", str(tmp_path / "e")]) == 2
     assert "no captions found" in capsys.readouterr().err
     with pytest.raises(CorpusError, match="fewer than one batch"):
-        train_lm(SimCTGConfig(model="tiny-magic", data=str(captions), out=str(tmp_path / "f"), batch_size=500,
-                              progress=False))
+        train_lm(
+            SimCTGConfig(
+                model="tiny-magic", data=str(captions), out=str(tmp_path / "f"), batch_size=500, progress=False
+            )
+        )
     with pytest.raises(ValueError, match="train-lm fine-tunes a plain LM"):
         train_lm(SimCTGConfig(model="tiny-gill", data=str(captions), out=str(tmp_path / "g"), progress=False))
     with pytest.raises(ValueError, match="--margin must be in"):

@@ -83,8 +83,9 @@ def test_backbones_load_with_the_project_loaders(smoke_build):
     expected = pretrain.clip_pixels(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])
     assert torch.equal(vision.processor([image]), expected)  # the CLIP was trained on what the loader feeds it
 
-    sd = load_diffusion(DiffusionSpec(source=str(out / "diffusion"), safety_checker=False), tok,
-                        dtype=torch.float32, device="cpu")
+    sd = load_diffusion(
+        DiffusionSpec(source=str(out / "diffusion"), safety_checker=False), tok, dtype=torch.float32, device="cpu"
+    )
     assert sd.tokenizer("a red circle").input_ids[-1] == sd.tokenizer.eos_token_id  # CLIP pools at EOS
     assert sd.tokenizer.model_max_length == pretrain.Recipe.smoke().text_length
     from transformers import CLIPModel

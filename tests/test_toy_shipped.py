@@ -23,8 +23,16 @@ from fromage_gill.toy.world import gallery_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
-SHIPPED = ["toy/lm", "toy/clip", "toy/diffusion", "toy-fromage", "toy-gill", "indexes/toy-gallery",
-           "indexes/toy-fromage", "indexes/toy-gill"]
+SHIPPED = [
+    "toy/lm",
+    "toy/clip",
+    "toy/diffusion",
+    "toy-fromage",
+    "toy-gill",
+    "indexes/toy-gallery",
+    "indexes/toy-fromage",
+    "indexes/toy-gill",
+]
 N = 20
 
 

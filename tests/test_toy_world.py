@@ -66,8 +66,14 @@ def test_positions_sizes_and_pairs_match_the_caption():
         expected = {"center": (32, 32), "left": (18, 32), "right": (46, 32), "top": (32, 18), "bottom": (32, 46)}
         ex, ey = expected[s.position]
         assert abs(cx - ex) < 5 and abs(cy - ey) < 5, (s.caption, cx, cy)
-    areas = {size: [int(_foreground(s.render(), s).sum()) for s in W.scenes(80, split="train", seed=5, two=False)
-                    if s.things[0].size == size] for size in W.SIZES}
+    areas = {
+        size: [
+            int(_foreground(s.render(), s).sum())
+            for s in W.scenes(80, split="train", seed=5, two=False)
+            if s.things[0].size == size
+        ]
+        for size in W.SIZES
+    }
     assert max(areas["small"]) < min(areas["large"])  # "small" and "large" never overlap in pixels
     for s in W.scenes(40, split="train", seed=6, two=True):
         img = np.asarray(s.render(), dtype=np.float64)
@@ -78,6 +84,7 @@ def test_positions_sizes_and_pairs_match_the_caption():
 
 def test_shapes_are_distinguishable():
     """The ring has a hole, the cross has empty corners, the square fills its box: a model can tell them apart."""
+
     def scene(shape):
         return W.Scene((W.Thing(shape, "red", "large"),), "white", position="center", variant=1)
 
@@ -87,7 +94,7 @@ def test_shapes_are_distinguishable():
         ys, xs = np.nonzero(fg)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         fill[shape] = fg.sum() / box
-        centre = fg[int(ys.mean()) - 1:int(ys.mean()) + 2, int(xs.mean()) - 1:int(xs.mean()) + 2]
+        centre = fg[int(ys.mean()) - 1 : int(ys.mean()) + 2, int(xs.mean()) - 1 : int(xs.mean()) + 2]
         assert centre.all() == (shape != "ring"), shape
     assert fill["square"] > 0.95 > fill["circle"] > 0.7 > fill["diamond"] > 0.4
     assert fill["triangle"] < 0.6 and fill["cross"] < 0.6
@@ -137,8 +144,11 @@ def test_dialogues_use_their_images_correctly():
                 assert (scene.relation or W.describe(scene, background=False).split()[-1]) in said, said
         elif d.kind == "compare":
             a, b = (s.things[0] for s in user.images)
-            same = {"bigger": a.size == "large" and b.size == "small", "colour": a.colour == b.colour,
-                    "shape": a.shape == b.shape}  # "bigger" first: its question also says "shape"
+            same = {
+                "bigger": a.size == "large" and b.size == "small",
+                "colour": a.colour == b.colour,
+                "shape": a.shape == b.shape,
+            }  # "bigger" first: its question also says "shape"
             asked = next(k for k in same if k in user.text)
             assert answer.text.startswith("yes" if same[asked] else "no"), (user.text, answer.text, a, b)
         elif d.kind == "show":
@@ -244,5 +254,4 @@ def test_lm_corpus_is_laid_out_as_the_chat_engine_lays_out_a_conversation():
     later = [t for t in multi if ")Q: " in t.split("\n", 2)[-1]]
     assert later and all(("\n(" in t) for t in later)
     shown_first = [t for t in texts if t.startswith("(") and "Q: " in t]
-    assert shown_first and all(t.index("<s>") < t.index("Q: ") and t.index(")") < t.index("<s>")
-                               for t in shown_first)
+    assert shown_first and all(t.index("<s>") < t.index("Q: ") and t.index(")") < t.index("<s>") for t in shown_first)

@@ -24,9 +24,22 @@ def one_thread():
 def test_tiny_preset_learns_shapes(tmp_path, preset, steps):
     # 144 images: 6 colours x 3 shapes x 8 placements; 18 held out. Chance R@1 is 1/18 = 0.056.
     data = make_shapes(tmp_path / "data", 144, fmt="tsv")
-    res = train(TrainConfig(model=preset, data=str(data), out=str(tmp_path / "run"), max_steps=steps, batch_size=16,
-                            lr=2e-3, warmup=10, val_fraction=0.125, val_every=steps, save_every=steps,
-                            progress=False, tensorboard=False))
+    res = train(
+        TrainConfig(
+            model=preset,
+            data=str(data),
+            out=str(tmp_path / "run"),
+            max_steps=steps,
+            batch_size=16,
+            lr=2e-3,
+            warmup=10,
+            val_fraction=0.125,
+            val_every=steps,
+            save_every=steps,
+            progress=False,
+            tensorboard=False,
+        )
+    )
     names = ["caption", "retrieval_lm", "contrastive"] + (["generation"] if preset == "tiny-gill" else [])
     for name in names:
         start = statistics.mean(h[name] for h in res.history[:20])

@@ -51,8 +51,7 @@ def test_missing_and_unreadable_images_are_skipped_and_counted_never_replaced(tm
     assert "images/00001.png" not in names
     ds = ImageCaptionDataset(recs.items, ImageProcessor(size=16))
     batch = collate([ds[i] for i in range(len(ds))])
-    assert [Path(recs.items[i].key).name for i in batch.indices] == ["00000.png", "00003.png", "00004.png",
-                                                                      "00005.png"]
+    assert [Path(recs.items[i].key).name for i in batch.indices] == ["00000.png", "00003.png", "00004.png", "00005.png"]
     assert batch.captions == [recs.items[i].caption for i in batch.indices]  # captions stay with their images
     assert batch.pixels.shape[0] == 4
     assert [Path(k).name for k, _ in batch.skipped] == ["00002.png"]
@@ -92,8 +91,10 @@ def test_a_query_column_is_what_the_image_tokens_follow_and_the_caption_stays(tm
     rows = data.read_text().splitlines()
     plain = read_records(data)
     with_query = tmp_path / "d" / "query.tsv"
-    with_query.write_text("\n".join([rows[0] + "\tquery", rows[1] + "\there is a photo of a shape.", rows[2] + "\t",
-                                     rows[3] + "\t  "]) + "\n")
+    with_query.write_text(
+        "\n".join([rows[0] + "\tquery", rows[1] + "\there is a photo of a shape.", rows[2] + "\t", rows[3] + "\t  "])
+        + "\n"
+    )
     recs = read_records(with_query)
     assert [r.caption for r in recs.items] == [r.caption for r in plain.items]
     assert [r.query for r in recs.items] == ["here is a photo of a shape.", None, None]
@@ -116,8 +117,10 @@ def test_a_prompt_column_reaches_the_batch_unescaped(tmp_path):
     rows = data.read_text().splitlines()
     plain = read_records(data)
     with_prompt = tmp_path / "d" / "prompt.tsv"
-    with_prompt.write_text("\n".join([rows[0] + "\tprompt", rows[1] + "\tQ: What is in this image?\\nA:",
-                                      rows[2] + "\t", rows[3] + "\t "]) + "\n")
+    with_prompt.write_text(
+        "\n".join([rows[0] + "\tprompt", rows[1] + "\tQ: What is in this image?\\nA:", rows[2] + "\t", rows[3] + "\t "])
+        + "\n"
+    )
     recs = read_records(with_prompt)
     assert [r.prompt for r in recs.items] == ["Q: What is in this image?\nA:", None, None]
     batch = collate([ImageCaptionDataset(recs.items, ImageProcessor(32))[i] for i in range(3)])
@@ -147,9 +150,12 @@ def test_tar_shards_with_json_captions_and_orphans(tmp_path):
     path = tmp_path / "s.tar"
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="JPEG")
-    members = {"a/001.jpg": buf.getvalue(), "a/001.json": b'{"caption": "a red square"}',
-               "a/002.jpg": buf.getvalue(),  # no caption
-               "a/003.txt": b"a caption without an image"}
+    members = {
+        "a/001.jpg": buf.getvalue(),
+        "a/001.json": b'{"caption": "a red square"}',
+        "a/002.jpg": buf.getvalue(),  # no caption
+        "a/003.txt": b"a caption without an image",
+    }
     with tarfile.open(path, "w") as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)

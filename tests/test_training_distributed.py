@@ -18,7 +18,7 @@ import fromage_gill
 from fromage_gill.training.losses import contrastive_loss
 from fromage_gill.training.synthetic import make_shapes
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import os
     import sys
 
@@ -57,7 +57,7 @@ WORKER = textwrap.dedent('''
                 "skipped": res.skipped},
                f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
-''')
+""")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -80,11 +80,29 @@ def test_two_processes_train_identically_and_share_negatives(tmp_path):
     out = tmp_path / "run"
     # The workers import the fromage_gill under test (a checkout), not whichever copy is installed.
     src = str(Path(fromage_gill.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+    }
     torchrun_port, worker_port = _free_ports(2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(torchrun_port), str(tmp_path / "worker.py"), str(data), str(out), str(worker_port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(torchrun_port),
+        str(tmp_path / "worker.py"),
+        str(data),
+        str(out),
+        str(worker_port),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -56,9 +56,16 @@ def test_trains_only_the_trained_layers_and_writes_a_loadable_run(shapes, tmp_pa
     m = res.model
     assert digest(m.lm) == digest(before.lm) and digest(m.vision) == digest(before.vision)  # bit-identical
     changed = [k for k, v in m.trained_state_dict().items() if not torch.equal(v, before.trained_state_dict()[k])]
-    assert set(changed) == {"visual_embeddings.weight", "visual_embeddings.bias", "visual_fc.weight",
-                            "visual_fc.bias", "text_fc.weight", "text_fc.bias", "logit_scale",
-                            "image_token_embeddings"}
+    assert set(changed) == {
+        "visual_embeddings.weight",
+        "visual_embeddings.bias",
+        "visual_fc.weight",
+        "visual_fc.bias",
+        "text_fc.weight",
+        "text_fc.bias",
+        "logit_scale",
+        "image_token_embeddings",
+    }
     # OUT/ loads like any model; its trained layers are those of the last step
     loaded = load_pipeline(tmp_path / "run", device="cpu", dtype="fp32").model
     for k, v in m.trained_state_dict().items():
@@ -133,13 +140,32 @@ def test_other_lms_untied_embeddings_missing_pad_and_chat_template(tmp_path, sha
     tok.pad_token = None  # like LLaMA / Mistral: no pad token
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
     tok.save_pretrained(tmp_path / "tok")
-    lm = ({"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 256, "tie_word_embeddings": False}
-          if lm_type == "llama" else
-          {"model_type": "opt", "vocab_size": 512, "hidden_size": 64, "word_embed_proj_dim": 64,
-           "num_hidden_layers": 2, "ffn_dim": 128, "num_attention_heads": 4, "max_position_embeddings": 256,
-           "dropout": 0.0, "tie_word_embeddings": False})
+    lm = (
+        {
+            "model_type": "llama",
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+        }
+        if lm_type == "llama"
+        else {
+            "model_type": "opt",
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "word_embed_proj_dim": 64,
+            "num_hidden_layers": 2,
+            "ffn_dim": 128,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "dropout": 0.0,
+            "tie_word_embeddings": False,
+        }
+    )
     base = json.loads(_preset_path("tiny-fromage").read_text())
     base.update(name=f"tiny-{lm_type}", lm={"source": "random", "config": lm, "tokenizer": str(tmp_path / "tok")})
     (tmp_path / "cfg.json").write_text(json.dumps(base))
@@ -196,8 +222,11 @@ def test_token_ids_beyond_the_vocabulary_are_refused(shapes, tmp_path):
 
     train_tiny_tokenizer(512).save_pretrained(tmp_path / "tok")  # 512 tokens for an LM with 300 rows
     base = json.loads(_preset_path("tiny-fromage").read_text())
-    base["lm"] = {"source": "random", "tokenizer": str(tmp_path / "tok"),
-                  "config": {**base["lm"]["config"], "vocab_size": 300}}
+    base["lm"] = {
+        "source": "random",
+        "tokenizer": str(tmp_path / "tok"),
+        "config": {**base["lm"]["config"], "vocab_size": 300},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(base))
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but the LM's embedding matrix only 300"):
         run(shapes, tmp_path / "out", model=str(tmp_path / "cfg.json"))
@@ -222,8 +251,18 @@ def test_cli_errors_are_user_errors(tmp_path):
     # Only this sub-command is registered: the full CLI imports every helper's commands.
     parser = argparse.ArgumentParser()
     train_command.register(parser.add_subparsers())
-    args = parser.parse_args(["train", "--model", "tiny-fromage", "--data", str(tmp_path / "none.tsv"),
-                              "--out", str(tmp_path / "o"), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--model",
+            "tiny-fromage",
+            "--data",
+            str(tmp_path / "none.tsv"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     with pytest.raises(FileNotFoundError, match="--data .*none.tsv does not exist"):  # cli.main prints it as one line
         args.func(args)
     _assert_nothing_written(tmp_path / "o")
@@ -261,8 +300,9 @@ def test_precompute_matches_on_the_fly_and_resumes(tmp_path):
     with torch.no_grad():
         feats = pipe.model.encode_images(pipe.image_processor([load_record_image(recs.items[7])]))
     torch.testing.assert_close(row["features"], feats[0])
-    torch.testing.assert_close(row["text_cond"], encode_captions_for_diffusion(pipe.diffusion,
-                                                                               [recs.items[7].caption])[0])
+    torch.testing.assert_close(
+        row["text_cond"], encode_captions_for_diffusion(pipe.diffusion, [recs.items[7].caption])[0]
+    )
     # resumable: only the missing shard is computed again
     shard_path(tmp_path / "pre", 1).unlink()
     again = precompute(pipe, recs, tmp_path / "pre", batch_size=5, shard_size=10, progress=False)
@@ -299,8 +339,22 @@ def test_decision_head_trains_alone_on_labelled_prompts(tmp_path):
 
     parser = argparse.ArgumentParser()
     train_command.register(parser.add_subparsers())
-    args = parser.parse_args(["train", "--model", "tiny-gill", "--decision-data", str(tmp_path / "d.tsv"),
-                              "--out", str(tmp_path / "out"), "--max-steps", "150", "--lr", "1e-2", "--cpu"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--model",
+            "tiny-gill",
+            "--decision-data",
+            str(tmp_path / "d.tsv"),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "150",
+            "--lr",
+            "1e-2",
+            "--cpu",
+        ]
+    )
     assert args.func(args) == 0
     before = load_pipeline("tiny-gill", device="cpu", dtype="fp32").model.trained_state_dict()
     after = read_native(tmp_path / "out" / "model.safetensors")
@@ -339,8 +393,15 @@ def _objective(pipe, accelerator, **kw):
     from fromage_gill.training.losses import LossWeights
     from fromage_gill.training.objective import Objective
 
-    return Objective(pipe.model, pipe.tokenizer, weights=LossWeights(), max_caption_tokens=32,
-                     accelerator=accelerator, diffusion=pipe.diffusion, **kw)
+    return Objective(
+        pipe.model,
+        pipe.tokenizer,
+        weights=LossWeights(),
+        max_caption_tokens=32,
+        accelerator=accelerator,
+        diffusion=pipe.diffusion,
+        **kw,
+    )
 
 
 class _OneProcess:
@@ -354,10 +415,10 @@ def _direct_caption_loss(pipe, feats: torch.Tensor, targets: list[list[int]]) ->
     m, tok = pipe.model, pipe.tokenizer
     losses, n_tokens = [], 0
     for i, ids in enumerate(targets):
-        emb = torch.cat([m.visual_tokens(feats[i:i + 1])[0], m.embed_tokens(torch.tensor([tok.bos_token_id] + ids))])
+        emb = torch.cat([m.visual_tokens(feats[i : i + 1])[0], m.embed_tokens(torch.tensor([tok.bos_token_id] + ids))])
         logits = m.forward_lm(emb[None]).logits[0]
         # position n_visual (BOS) predicts ids[0], ...; the visual and BOS targets are not predicted
-        losses.append(F.cross_entropy(logits[m.config.n_visual_tokens:-1], torch.tensor(ids), reduction="sum"))
+        losses.append(F.cross_entropy(logits[m.config.n_visual_tokens : -1], torch.tensor(ids), reduction="sum"))
         n_tokens += len(ids)
     return (sum(losses) / n_tokens).item(), n_tokens
 
@@ -370,8 +431,9 @@ def test_caption_loss_is_cross_entropy_on_caption_tokens_only(tiny_fromage):
     captions = ["a red circle on a table", "blue"]  # different lengths: the second row is padded
     with torch.no_grad():
         parts = obj.local_parts(feats, captions, None, concat=False)
-        loss, n_tokens = _direct_caption_loss(tiny_fromage, feats,
-                                              [tok(c, add_special_tokens=False)["input_ids"] for c in captions])
+        loss, n_tokens = _direct_caption_loss(
+            tiny_fromage, feats, [tok(c, add_special_tokens=False)["input_ids"] for c in captions]
+        )
     assert parts["caption"].item() == pytest.approx(loss, rel=1e-5)
     assert parts["caption_counted"].item() == n_tokens
 
@@ -387,8 +449,9 @@ def test_caption_end_is_a_target_after_every_caption_and_nowhere_else(tiny_gill)
     captions = ["a red circle on a table", "blue"]
     with torch.no_grad():
         before, after = plain.local_parts(feats, captions, None, False), ended.local_parts(feats, captions, None, False)
-        loss, n_tokens = _direct_caption_loss(tiny_gill, feats,
-                                              [tok(c, add_special_tokens=False)["input_ids"] + end for c in captions])
+        loss, n_tokens = _direct_caption_loss(
+            tiny_gill, feats, [tok(c, add_special_tokens=False)["input_ids"] + end for c in captions]
+        )
     assert after["caption"].item() == pytest.approx(loss, rel=1e-5)
     assert after["caption_counted"].item() == n_tokens == before["caption_counted"].item() + 2 * len(end)
     for k in ("retrieval_lm", "text_emb", "image_emb", "generation"):
@@ -407,20 +470,20 @@ def test_a_prompt_is_read_before_the_caption_but_never_a_target(tiny_gill):
     captions, prompt = ["a red circle", "a blue square on a table"], "Q: What is in this image?\nA:"
     head = tok(prompt, add_special_tokens=False)["input_ids"]
     whole = tok(prompt + " " + captions[0], add_special_tokens=False)["input_ids"]
-    assert whole[:len(head)] == head and obj.prompted(prompt, captions[0]) == (head, whole[len(head):])
+    assert whole[: len(head)] == head and obj.prompted(prompt, captions[0]) == (head, whole[len(head) :])
     with torch.no_grad():
         plain = obj.local_parts(feats, captions, None, False)
         asked = obj.local_parts(feats, captions, None, False, prompts=[prompt, ""])
         emb = torch.cat([m.visual_tokens(feats[:1])[0], m.embed_tokens(torch.tensor([tok.bos_token_id] + whole))])
         logits = m.forward_lm(emb[None]).logits[0]
         start = m.config.n_visual_tokens + len(head)  # the last prompt token predicts the caption's first
-        first = F.cross_entropy(logits[start:-1], torch.tensor(whole[len(head):]), reduction="sum")
-        second, n_second = _direct_caption_loss(tiny_gill, feats[1:],
-                                                [tok(captions[1], add_special_tokens=False)["input_ids"]])
+        first = F.cross_entropy(logits[start:-1], torch.tensor(whole[len(head) :]), reduction="sum")
+        second, n_second = _direct_caption_loss(
+            tiny_gill, feats[1:], [tok(captions[1], add_special_tokens=False)["input_ids"]]
+        )
     n_first = len(whole) - len(head)
     assert asked["caption_counted"].item() == n_first + n_second
-    assert asked["caption"].item() == pytest.approx((first.item() + second * n_second) / (n_first + n_second),
-                                                    rel=1e-5)
+    assert asked["caption"].item() == pytest.approx((first.item() + second * n_second) / (n_first + n_second), rel=1e-5)
     for k in ("retrieval_lm", "text_emb", "image_emb", "generation"):
         assert torch.equal(asked[k], plain[k]), k
 
@@ -444,8 +507,9 @@ def test_queries_replace_the_caption_only_where_the_image_tokens_read_it(tiny_gi
         plain = obj.local_parts(feats, captions, None, False)
         same = obj.local_parts(feats, captions, None, False, queries=list(captions))
         asked = obj.local_parts(feats, captions, None, False, queries=queries)
-        as_captions = obj.local_parts(feats, queries, encode_captions_for_diffusion(tiny_gill.diffusion, captions),
-                                      False)
+        as_captions = obj.local_parts(
+            feats, queries, encode_captions_for_diffusion(tiny_gill.diffusion, captions), False
+        )
     assert all(torch.equal(plain[k], same[k]) for k in plain)
     assert torch.equal(asked["caption"], plain["caption"])
     for k in ("retrieval_lm", "text_emb", "generation"):
@@ -484,8 +548,9 @@ def test_objective_contrasts_against_other_processes_rows(tiny_fromage):
     with torch.no_grad():
         local = _objective(tiny_fromage, _OneProcess()).local_parts(feats, captions, None, concat=False)
         out = _objective(tiny_fromage, _TwoProcesses(other_text, other_image))(feats, captions, None, False)
-    expected = contrastive_loss(torch.cat([local["text_emb"], other_text]),
-                                torch.cat([local["image_emb"], other_image]), m.logit_scale)
+    expected = contrastive_loss(
+        torch.cat([local["text_emb"], other_text]), torch.cat([local["image_emb"], other_image]), m.logit_scale
+    )
     alone = contrastive_loss(local["text_emb"], local["image_emb"], m.logit_scale)
     assert out["contrastive"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(out["contrastive"].item() - alone.item()) > 1e-3
@@ -499,8 +564,22 @@ def test_precompute_command(tmp_path):
     data = make_shapes(tmp_path / "d", 6, fmt="folder")
     parser = argparse.ArgumentParser()
     precompute_command.register(parser.add_subparsers())
-    args = parser.parse_args(["precompute", "--model", "tiny-fromage", "--data", str(data), "--out",
-                              str(tmp_path / "pre"), "--device", "cpu", "--dtype", "fp32", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "precompute",
+            "--model",
+            "tiny-fromage",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "pre"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     store = PrecomputedStore(tmp_path / "pre")
     assert len(store) == 6 and store.meta["text"] is False

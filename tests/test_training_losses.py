@@ -34,7 +34,8 @@ def test_contrastive_loss_hand_values():
     assert contrastive_loss(eye, img, zero).item() == pytest.approx((t2i + i2t) / 2, abs=1e-6)
     # the temperature scales the logits: scale e^log(2) = 2 -> logits [[2, 0], [0, 2]]
     assert contrastive_loss(eye, eye, torch.tensor(math.log(2))).item() == pytest.approx(
-        math.log(1 + math.exp(-2)), abs=1e-6)
+        math.log(1 + math.exp(-2)), abs=1e-6
+    )
 
 
 def test_contrastive_loss_is_symmetric_in_its_two_directions():

@@ -14,7 +14,7 @@ from ..settings import DECODINGS
 # One line per setting, shown under its control in the app.
 SETTINGS_HELP: dict[str, str] = {
     "mode": "auto: the model decides when to show an image and whether to retrieve or generate it; "
-            "retrieve / generate: always that source; text: never an image.",
+    "retrieve / generate: always that source; text: never an image.",
     "max_new_tokens": "Upper bound on the length of each answer (in tokens).",
     "temperature": "0 = always the most likely token (deterministic); higher = more varied.",
     "top_p": "Sample only from the most likely tokens whose probabilities add up to this (1 = all).",
@@ -31,9 +31,20 @@ SETTINGS_HELP: dict[str, str] = {
 
 NO_INDEX = "none"  # the index control's value when no index is loaded
 # The GenerationSettings fields the controls set (besides "seed", a text box, and "index", which is not a setting)
-SETTING_KEYS = ("mode", "max_new_tokens", "temperature", "top_p", "ret_scale_factor", "gen_scale_factor",
-                "image_logit_bias", "max_images", "retrieval_candidates", "guidance_scale", "num_inference_steps",
-                "decoding")
+SETTING_KEYS = (
+    "mode",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "ret_scale_factor",
+    "gen_scale_factor",
+    "image_logit_bias",
+    "max_images",
+    "retrieval_candidates",
+    "guidance_scale",
+    "num_inference_steps",
+    "decoding",
+)
 _INTEGER_KEYS = ("max_new_tokens", "max_images", "retrieval_candidates", "num_inference_steps")
 
 

@@ -29,12 +29,14 @@ def export_json(session: ChatSession, *, model_name: str) -> dict[str, Any]:
     """Everything needed to continue the chat elsewhere: the engine's saved chat (``Chat.to_dict``: text, images as
     PNG, their labels, each answer's tokens) plus the settings last used and the seed of each answer."""
     data = session.chat.to_dict()
-    data.update({
-        "model": model_name,
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": settings_dict(session.settings),
-        "seeds": {str(k): v for k, v in session.seeds.items() if k < len(session.chat.history)},
-    })
+    data.update(
+        {
+            "model": model_name,
+            "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": settings_dict(session.settings),
+            "seeds": {str(k): v for k, v in session.seeds.items() if k < len(session.chat.history)},
+        }
+    )
     return data
 
 
@@ -52,11 +54,14 @@ def read_export(source: str | Path | bytes) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ChatExportError(f"the file is not valid JSON ({e}); load a file saved with 'Export JSON'") from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-        raise ChatExportError(f"the file is not a fromage_gill chat export (its \"format\" must be "
-                              f"{EXPORT_FORMAT!r}); load a file saved with 'Export JSON'")
+        raise ChatExportError(
+            f'the file is not a fromage_gill chat export (its "format" must be '
+            f"{EXPORT_FORMAT!r}); load a file saved with 'Export JSON'"
+        )
     if data.get("version") != EXPORT_VERSION:
-        raise ChatExportError(f"unsupported export version {data.get('version')!r}; this app reads version "
-                              f"{EXPORT_VERSION}")
+        raise ChatExportError(
+            f"unsupported export version {data.get('version')!r}; this app reads version {EXPORT_VERSION}"
+        )
     for key in ("settings", "seeds"):
         data.setdefault(key, {})
         if not isinstance(data[key], dict):
@@ -64,8 +69,9 @@ def read_export(source: str | Path | bytes) -> dict[str, Any]:
     try:
         data["seeds"] = {int(k): (None if v is None else int(v)) for k, v in data["seeds"].items()}
     except (TypeError, ValueError):
-        raise ChatExportError("the export's 'seeds' must map turn numbers to whole numbers; the file was edited or "
-                              "is damaged") from None
+        raise ChatExportError(
+            "the export's 'seeds' must map turn numbers to whole numbers; the file was edited or is damaged"
+        ) from None
     return data
 
 
@@ -82,13 +88,20 @@ def export_html(session: ChatSession, *, model_name: str, title: str = "fromage_
             if img is None:
                 continue
             label = plain_text(image_label(seg))
-            parts.append(f'<figure><img src="{_data_uri(img)}" alt="{html.escape(label or "image")}">'
-                         + (f"<figcaption>{html_label(seg)}</figcaption>" if label else "") + "</figure>")
+            parts.append(
+                f'<figure><img src="{_data_uri(img)}" alt="{html.escape(label or "image")}">'
+                + (f"<figcaption>{html_label(seg)}</figcaption>" if label else "")
+                + "</figure>"
+            )
         seed = f'<div class="seed">seed {session.seeds[i]}</div>' if session.seeds.get(i) is not None else ""
-        rows.append(f'<div class="msg {html.escape(turn.role)}"><div class="role">{html.escape(turn.role)}</div>'
-                    f'{"".join(parts)}{seed}</div>')
-    settings = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in settings_dict(session.settings).items())
+        rows.append(
+            f'<div class="msg {html.escape(turn.role)}"><div class="role">{html.escape(turn.role)}</div>'
+            f"{''.join(parts)}{seed}</div>"
+        )
+    settings = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in settings_dict(session.settings).items()
+    )
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

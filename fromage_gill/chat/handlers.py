@@ -98,8 +98,14 @@ class ChatHandlers:
         session = session or self.new_session(ui.get("index"))
         yield from session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
 
-    def edit(self, session: ChatSession | None, turn_index: float | None, text: str | None, part: int | None = None,
-             **ui: Any) -> Iterator[Reply]:
+    def edit(
+        self,
+        session: ChatSession | None,
+        turn_index: float | None,
+        text: str | None,
+        part: int | None = None,
+        **ui: Any,
+    ) -> Iterator[Reply]:
         """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
         drop what came after it, and answer again."""
         session = session or self.new_session(ui.get("index"))
@@ -117,8 +123,9 @@ class ChatHandlers:
         try:
             self.use_index(session, ui.get("index"))
             settings = make_settings(self.defaults, ui)
-            segments = build_message(message.get("text"), message.get("files"),
-                                     max_images=self.options.max_images_per_message)
+            segments = build_message(
+                message.get("text"), message.get("files"), max_images=self.options.max_images_per_message
+            )
         except ValueError as e:
             session.note(str(e), kind="error")
             yield self._reply(session)  # the box keeps what was typed, to fix and resend
@@ -143,8 +150,9 @@ class ChatHandlers:
         session.settings = settings
         yield from self._run_turn(session, lambda: session.chat.regenerate(settings), None)
 
-    def _edit(self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None,
-              ui: dict) -> Iterator[Reply]:
+    def _edit(
+        self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict
+    ) -> Iterator[Reply]:
         session.clear_errors()
         history = session.chat.history
         try:
@@ -173,8 +181,13 @@ class ChatHandlers:
 
         yield from self._run_turn(session, start, segments, shown_turns=i)
 
-    def _run_turn(self, session: ChatSession, start: Callable[[], Iterator[Any]], pending_user: list | None,
-                  shown_turns: int | None = None) -> Iterator[Reply]:
+    def _run_turn(
+        self,
+        session: ChatSession,
+        start: Callable[[], Iterator[Any]],
+        pending_user: list | None,
+        shown_turns: int | None = None,
+    ) -> Iterator[Reply]:
         """Wait for the model (showing the queue position), stream the turn, and fold errors into the chat."""
         session.stop_requested = False
         session.start_streaming(pending_user, shown_turns)
@@ -187,8 +200,9 @@ class ChatHandlers:
                     yield self._reply(session)
                     return
                 ahead = self.gate.ahead(ticket)
-                session.live = [f"*Busy: {ahead} ahead of you.* Your message starts when they finish "
-                                f"*(press Stop to withdraw it)*"]
+                session.live = [
+                    f"*Busy: {ahead} ahead of you.* Your message starts when they finish *(press Stop to withdraw it)*"
+                ]
                 yield self._reply(session)
             session.live = []
             yield self._reply(session, clear_box=True)
@@ -214,6 +228,7 @@ class ChatHandlers:
         def still_answering() -> Iterator[Reply]:
             session.note("Still answering: wait for the answer or press Stop.", kind="error")
             yield self._reply(session)
+
         return still_answering
 
     @staticmethod

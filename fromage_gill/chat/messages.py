@@ -21,8 +21,9 @@ MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more 
 IMAGE_PLACEHOLDER = "<image>"  # in a message's text: where the next attached image goes
 
 
-def build_message(text: str | None, files: Sequence[Any] | None, *,
-                  max_images: int = MAX_IMAGES_PER_MESSAGE) -> list[str | Image.Image]:
+def build_message(
+    text: str | None, files: Sequence[Any] | None, *, max_images: int = MAX_IMAGES_PER_MESSAGE
+) -> list[str | Image.Image]:
     """The user's text and attached images as one interleaved message for ``Chat.send``.
 
     Each ``<image>`` in the text marks where the next attached image goes; images without a marker come first (in
@@ -34,13 +35,15 @@ def build_message(text: str | None, files: Sequence[Any] | None, *,
     if not text.strip() and not files:
         raise ValueError("The message is empty: type some text or attach an image.")
     if len(files) > max_images:
-        raise ValueError(f"{len(files)} images in one message is more than the limit of {max_images}; "
-                         f"send at most {max_images} images per message.")
+        raise ValueError(
+            f"{len(files)} images in one message is more than the limit of {max_images}; "
+            f"send at most {max_images} images per message."
+        )
     images = [_open_attachment(f) for f in files]
     parts = text.split(IMAGE_PLACEHOLDER)
     n_marked = min(len(parts) - 1, len(images))
     leading = images[: len(images) - n_marked]  # unmarked images go first
-    marked = images[len(images) - n_marked:]
+    marked = images[len(images) - n_marked :]
     segments: list[str | Image.Image] = list(leading)
     for i, part in enumerate(parts):
         if part.strip():
@@ -58,7 +61,7 @@ def edited_message(segments: Sequence[Any], text: str, part: int | None = None) 
     if part is not None:
         if not (0 <= part < len(segments)) or not isinstance(segments[part], str):
             raise ValueError(f"Part {part} of that message is not text.")
-        out = segments[:part] + ([text] if text else []) + segments[part + 1:]
+        out = segments[:part] + ([text] if text else []) + segments[part + 1 :]
     else:
         first = next((k for k, s in enumerate(segments) if isinstance(s, str)), len(segments))
         out = [s for k, s in enumerate(segments) if not isinstance(s, str) or k == first]

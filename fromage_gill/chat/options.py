@@ -41,28 +41,50 @@ class AppOptions:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The app's flags (shared by ``python app.py`` and ``fromage-gill serve``)."""
     add_model_args(p, default=os.environ.get("FROMAGE_GILL_MODEL", DEFAULT_MODEL))
-    p.add_argument("--index", action="append", metavar="[NAME=]DIR",
-                   help="image index directory to retrieve from; repeat to offer a choice in the app (default: the "
-                        "shipped index of a tiny preset, if any)")
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   help="address to listen on (0.0.0.0 to accept other machines; default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                   help="port to listen on (default 7860)")
+    p.add_argument(
+        "--index",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="image index directory to retrieve from; repeat to offer a choice in the app (default: the "
+        "shipped index of a tiny preset, if any)",
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (0.0.0.0 to accept other machines; default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        help="port to listen on (default 7860)",
+    )
     p.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait for the model; more are refused with 'queue is full' (default 16)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait for the model; more are refused with 'queue is full' (default 16)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="turns using the model at the same time (default 1)")
-    p.add_argument("--clip", metavar="SOURCE",
-                   help="full CLIP (vision and text) for the 'magic' decoding: a Hub id or directory of a "
-                        "transformers CLIPModel, or a MAGIC preset such as tiny-magic (default: none; 'magic' then "
-                        "says in the chat how to add one)")
+    p.add_argument(
+        "--clip",
+        metavar="SOURCE",
+        help="full CLIP (vision and text) for the 'magic' decoding: a Hub id or directory of a "
+        "transformers CLIPModel, or a MAGIC preset such as tiny-magic (default: none; 'magic' then "
+        "says in the chat how to add one)",
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
     """The model-loading flags of the app and of every sub-command that loads a model (``commands/common.py``
     takes them from here, so that app.py never imports the commands)."""
-    p.add_argument("--model", required=default is None, default=default,
-                   help="preset name (see `fromage-gill presets`), model directory, or Hub repo id")
+    p.add_argument(
+        "--model",
+        required=default is None,
+        default=default,
+        help="preset name (see `fromage-gill presets`), model directory, or Hub repo id",
+    )
     p.add_argument("--weights", help="trained layers to use instead of the model's own (directory, repo or 'random')")
     p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
@@ -73,17 +95,31 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = None) ->
     p.add_argument("--lm", help="local directory (or Hub id) to use for the language model")
     p.add_argument("--vision", help="local directory (or Hub id) to use for the vision encoder")
     p.add_argument("--diffusion", help="local directory (or Hub id) to use for Stable Diffusion")
-    p.add_argument("--no-decision-model", dest="decision_model", action="store_false",
-                   help="run GILL without its decision head (e.g. no decision_model.pth.tar): every image follows "
-                        "the mode setting")
+    p.add_argument(
+        "--no-decision-model",
+        dest="decision_model",
+        action="store_false",
+        help="run GILL without its decision head (e.g. no decision_model.pth.tar): every image follows "
+        "the mode setting",
+    )
 
 
 def load_from_args(args: argparse.Namespace, **extra) -> Pipeline:
     """The pipeline the ``add_model_args`` flags name."""
     quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype, quantization=quantization,
-                         device_map=args.device_map, weights=args.weights, lm=args.lm, vision=args.vision,
-                         diffusion=args.diffusion, decision_model=args.decision_model, **extra)
+    return load_pipeline(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=quantization,
+        device_map=args.device_map,
+        weights=args.weights,
+        lm=args.lm,
+        vision=args.vision,
+        diffusion=args.diffusion,
+        decision_model=args.decision_model,
+        **extra,
+    )
 
 
 def load_app(args: argparse.Namespace) -> tuple[Pipeline, AppOptions]:

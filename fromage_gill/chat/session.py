@@ -151,13 +151,21 @@ class ChatSession:
                 if isinstance(seg, str):
                     segs.append({"text": seg})
                 else:
-                    segs.append({"image": plain_text(image_label(seg)) or "image",
-                                 "source": getattr(seg, "source", None) or "user"})
+                    segs.append(
+                        {
+                            "image": plain_text(image_label(seg)) or "image",
+                            "source": getattr(seg, "source", None) or "user",
+                        }
+                    )
             turns.append({"role": turn.role, "segments": segs})
         n = len(self.chat.history)
-        return {"turns": turns, "seeds": {str(k): v for k, v in self.seeds.items() if k < n},
-                "end_reasons": {str(k): v for k, v in self.reasons.items() if k < n},
-                "settings": settings_dict(self.settings), "notes": [n.text for n in self.notes]}
+        return {
+            "turns": turns,
+            "seeds": {str(k): v for k, v in self.seeds.items() if k < n},
+            "end_reasons": {str(k): v for k, v in self.reasons.items() if k < n},
+            "settings": settings_dict(self.settings),
+            "notes": [n.text for n in self.notes],
+        }
 
     def apply(self, event: Any) -> None:
         """Fold one engine event into the live turn shown while streaming."""

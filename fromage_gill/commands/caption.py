@@ -4,14 +4,24 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("caption", help="caption images with MAGIC decoding (a plain LM guided by CLIP, no training)",
-                       description="Caption each image with an unmodified language model whose decoding is steered "
-                                   "by CLIP (MAGIC, Su et al. 2022). Prints one 'IMAGE<TAB>caption' line per image.")
+    p = sub.add_parser(
+        "caption",
+        help="caption images with MAGIC decoding (a plain LM guided by CLIP, no training)",
+        description="Caption each image with an unmodified language model whose decoding is steered "
+        "by CLIP (MAGIC, Su et al. 2022). Prints one 'IMAGE<TAB>caption' line per image.",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
-    p.add_argument("--model", default="magic-mscoco",
-                   help="a MAGIC preset (magic-mscoco, magic-flickr30k, magic-story, tiny-magic) or config JSON")
-    p.add_argument("--decoding", choices=["magic", "contrastive", "greedy"], default="magic",
-                   help="magic: CLIP-guided (default); contrastive: beta=0, ignores the image; greedy: argmax")
+    p.add_argument(
+        "--model",
+        default="magic-mscoco",
+        help="a MAGIC preset (magic-mscoco, magic-flickr30k, magic-story, tiny-magic) or config JSON",
+    )
+    p.add_argument(
+        "--decoding",
+        choices=["magic", "contrastive", "greedy"],
+        default="magic",
+        help="magic: CLIP-guided (default); contrastive: beta=0, ignores the image; greedy: argmax",
+    )
     p.add_argument("--k", type=int, help="candidates per step (default: the preset's)")
     p.add_argument("--alpha", type=float, help="degeneration penalty weight in [0, 1] (default: the preset's)")
     p.add_argument("--beta", type=float, help="image guidance weight >= 0 (default: the preset's)")
@@ -33,8 +43,10 @@ def run(args) -> int:
     # Every input is checked before the models load: settings, then images.
     cfg = load_config(args.model)
     if not isinstance(cfg, MagicConfig):
-        raise ValueError(f"--model {args.model!r} is a {cfg.kind!r} model; caption needs a MAGIC preset "
-                         f"(magic-mscoco, magic-flickr30k, magic-story, tiny-magic) or a kind 'magic' config")
+        raise ValueError(
+            f"--model {args.model!r} is a {cfg.kind!r} model; caption needs a MAGIC preset "
+            f"(magic-mscoco, magic-flickr30k, magic-story, tiny-magic) or a kind 'magic' config"
+        )
     resolve_decoding(args.decoding, cfg.decoding, **settings)
     images = [load_image(path) for path in args.images]
     magic = load_magic(cfg, device=args.device, dtype=args.dtype, lm=args.lm, clip=args.clip)

@@ -8,27 +8,42 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("convert", help="convert a published FROMAGe/GILL checkpoint to this project's format",
-                       description="SRC is a directory (or Hub repo) holding pretrained_ckpt.pth.tar and "
-                                   "model_args.json (and, for GILL, decision_model.pth.tar). Only the backbones' "
-                                   "configs and tokenizer are read, never their weights.")
+    p = sub.add_parser(
+        "convert",
+        help="convert a published FROMAGe/GILL checkpoint to this project's format",
+        description="SRC is a directory (or Hub repo) holding pretrained_ckpt.pth.tar and "
+        "model_args.json (and, for GILL, decision_model.pth.tar). Only the backbones' "
+        "configs and tokenizer are read, never their weights.",
+    )
     p.add_argument("src", help="directory or Hub repo with the published files")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    p.add_argument("--preset",
-                   help="base preset (default: guessed from model_args.json)")
+    p.add_argument("--preset", help="base preset (default: guessed from model_args.json)")
     p.add_argument("--lm", help="local directory to record for the language model")
     p.add_argument("--vision", help="local directory to record for the vision encoder")
     p.add_argument("--diffusion", help="local directory to record for Stable Diffusion")
-    p.add_argument("--no-decision-model", dest="decision_model", action="store_false",
-                   help="convert a GILL checkpoint without decision_model.pth.tar (the result has no decision head)")
+    p.add_argument(
+        "--no-decision-model",
+        dest="decision_model",
+        action="store_false",
+        help="convert a GILL checkpoint without decision_model.pth.tar (the result has no decision head)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..pipeline import load_pipeline
 
-    pipe = load_pipeline(args.src, preset=args.preset, lm=args.lm, vision=args.vision, diffusion=args.diffusion,
-                         decision_model=args.decision_model, device="cpu", dtype="fp32", skeleton=True)
+    pipe = load_pipeline(
+        args.src,
+        preset=args.preset,
+        lm=args.lm,
+        vision=args.vision,
+        diffusion=args.diffusion,
+        decision_model=args.decision_model,
+        device="cpu",
+        dtype="fp32",
+        skeleton=True,
+    )
     out = pipe.save_pretrained(args.out)
     n = sum(p.numel() for p in pipe.model.trained_parameters().values())
     print(f"converted {args.src} -> {out} ({n:,} trained parameters, preset {pipe.config.name})")

@@ -14,16 +14,26 @@ logger = logging.getLogger(__name__)
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "generate", help="answer a message (text and images) with streamed text and inline images",
+        "generate",
+        help="answer a message (text and images) with streamed text and inline images",
         description="Send one message (the --image files, then --text, wrapped in the model's dialogue template) "
-                    "and print the answer as it streams. Images the model retrieves or generates are written to "
-                    "--out. With --json, one JSON document of the answer's segments is printed at the end.")
+        "and print the answer as it streams. Images the model retrieves or generates are written to "
+        "--out. With --json, one JSON document of the answer's segments is printed at the end.",
+    )
     add_model_args(p)
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an input image (repeatable; "
-                   "images come before the text, in the order given)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an input image (repeatable; images come before the text, in the order given)",
+    )
     p.add_argument("--text", required=True, help="the message")
-    p.add_argument("--mode", choices=["auto", "retrieve", "generate", "text"],
-                   help="auto (default): the model decides (GILL's decision head); text: no images")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "retrieve", "generate", "text"],
+        help="auto (default): the model decides (GILL's decision head); text: no images",
+    )
     p.add_argument("--seed", type=int, help="makes sampling and generated images reproducible")
     # Unset options take the model's defaults (its preset's "generation"), else GenerationSettings' own.
     p.add_argument("--max-new-tokens", type=int, help="default 64")
@@ -31,12 +41,18 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, help="default 1.0")
     p.add_argument("--top-k", type=int, help="default 0 (off)")
     p.add_argument("--max-images", type=int, help="images per answer at most (default 2)")
-    p.add_argument("--image-logit-bias", type=float,
-                   help="added to the image token's logit: > 0 makes images likelier (default 0, or the model's)")
+    p.add_argument(
+        "--image-logit-bias",
+        type=float,
+        help="added to the image token's logit: > 0 makes images likelier (default 0, or the model's)",
+    )
     p.add_argument("--steps", type=int, help="Stable Diffusion denoising steps (default 50)")
     p.add_argument("--guidance-scale", type=float, help="default 7.5")
-    p.add_argument("--index", metavar="DIR", help="image index to retrieve from (default: the shipped index of a "
-                   "tiny preset, if any)")
+    p.add_argument(
+        "--index",
+        metavar="DIR",
+        help="image index to retrieve from (default: the shipped index of a tiny preset, if any)",
+    )
     p.add_argument("--out", default=".", metavar="DIR", help="where images are written (default: current folder)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming text")
     p.set_defaults(func=run)
@@ -47,9 +63,18 @@ def run(args) -> int:
     from ..images import load_image
 
     # Everything the user typed is checked before the model loads.
-    given = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                 top_k=args.top_k, seed=args.seed, mode=args.mode, image_logit_bias=args.image_logit_bias,
-                 max_images=args.max_images, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    given = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        mode=args.mode,
+        image_logit_bias=args.image_logit_bias,
+        max_images=args.max_images,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+    )
     given = {k: v for k, v in given.items() if v is not None}
     GenerationSettings(**given)  # a bad value fails here, naming its option
 
@@ -81,10 +106,19 @@ def run(args) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"answer-image{ev.slot + 1}.png"
             ev.image.save(path)
-            seg = {"type": "image", "source": ev.source, "path": str(path), "score": ev.score,
-                   "decision": None if ev.decision is None else {"p_generate": ev.decision[0],
-                                                                   "p_retrieve": ev.decision[1]},
-                   "caption": ev.caption, "url": ev.url, "index_id": ev.index_id, "seed": ev.seed}
+            seg = {
+                "type": "image",
+                "source": ev.source,
+                "path": str(path),
+                "score": ev.score,
+                "decision": None
+                if ev.decision is None
+                else {"p_generate": ev.decision[0], "p_retrieve": ev.decision[1]},
+                "caption": ev.caption,
+                "url": ev.url,
+                "index_id": ev.index_id,
+                "seed": ev.seed,
+            }
             segments.append(seg)
             if not args.json:
                 score = f" ({ev.score:.2f})" if ev.score is not None else ""
@@ -97,8 +131,13 @@ def run(args) -> int:
         elif isinstance(ev, TurnEnd):
             end = ev
     if args.json:
-        doc = {"model": pipeline.config.name, "segments": segments, "notices": notices,
-               "reason": end.reason if end else None, "seed": end.seed if end else None}
+        doc = {
+            "model": pipeline.config.name,
+            "segments": segments,
+            "notices": notices,
+            "reason": end.reason if end else None,
+            "seed": end.seed if end else None,
+        }
         print(json.dumps(doc, indent=2))
     else:
         stream.write("\n")

@@ -16,35 +16,58 @@ def register(subparsers) -> None:
 
     b = sub.add_parser("build", help="embed a folder / list / tar shards of images into an index")
     add_model_args(b)
-    b.add_argument("--images", required=True,
-                   help="a folder (recursive), a .txt/.csv/.tsv list of paths or URLs (CC3M caption<TAB>url too), "
-                        "or .tar shards (img2dataset / webdataset; brace patterns like 'dir/{00000..00009}.tar')")
+    b.add_argument(
+        "--images",
+        required=True,
+        help="a folder (recursive), a .txt/.csv/.tsv list of paths or URLs (CC3M caption<TAB>url too), "
+        "or .tar shards (img2dataset / webdataset; brace patterns like 'dir/{00000..00009}.tar')",
+    )
     b.add_argument("--out", required=True, help="the index folder to write")
     b.add_argument("--image-root", help="folder that relative paths in a list are relative to (default: the list's)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=4, help="threads reading / fetching images")
-    b.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
-                   help="float16 halves the size; scores change by ~1e-3")
+    b.add_argument(
+        "--storage-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="float16 halves the size; scores change by ~1e-3",
+    )
     b.add_argument("--no-resume", action="store_true", help="start over instead of resuming an interrupted build")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
-    b.add_argument("--absolute-paths", action="store_true",
-                   help="record absolute image paths (default: relative to --out, so index and images move together)")
-    b.add_argument("--allow-private-urls", action="store_true",
-                   help="allow URLs on loopback / private networks (an intranet image server)")
+    b.add_argument(
+        "--absolute-paths",
+        action="store_true",
+        help="record absolute image paths (default: relative to --out, so index and images move together)",
+    )
+    b.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="allow URLs on loopback / private networks (an intranet image server)",
+    )
     b.add_argument("--faiss", choices=["flat", "ivf", "hnsw"], help="also build a FAISS index beside the vectors")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_build)
 
     i = sub.add_parser("import", help="convert the published cc3m_embeddings pickles into an index")
-    i.add_argument("pickles", nargs="+", metavar="PICKLE",
-                   help="cc3m_embeddings*.pkl (FROMAGe) or cc3m_embeddings_urls.npy (GILL; a pickle despite the name)")
+    i.add_argument(
+        "pickles",
+        nargs="+",
+        metavar="PICKLE",
+        help="cc3m_embeddings*.pkl (FROMAGe) or cc3m_embeddings_urls.npy (GILL; a pickle despite the name)",
+    )
     i.add_argument("--out", required=True)
-    i.add_argument("--trust-pickle", action="store_true",
-                   help="required: pickles can run code when loaded; pass it only for files from a trusted source")
+    i.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="required: pickles can run code when loaded; pass it only for files from a trusted source",
+    )
     who = i.add_mutually_exclusive_group(required=True)
     who.add_argument("--fingerprint", help="the retrieval fingerprint of the model the embeddings belong to")
-    who.add_argument("--model", help="the model they belong to (preset, directory or repo): its fingerprint is "
-                                     "computed from its trained layers (the LM itself is not loaded)")
+    who.add_argument(
+        "--model",
+        help="the model they belong to (preset, directory or repo): its fingerprint is "
+        "computed from its trained layers (the LM itself is not loaded)",
+    )
     i.add_argument("--weights", help="trained layers of --model to use instead of its own")
     i.add_argument("--source", default="cc3m", help="source field of every record (default: cc3m)")
     i.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32")
@@ -81,17 +104,27 @@ def _build(args: argparse.Namespace) -> int:
 
     pipeline = load_from_args(args, load_diffusion_pipeline=False)
     report = build_index(
-        pipeline, args.images, args.out, batch_size=args.batch_size, resume=not args.no_resume,
-        progress=not args.no_progress, image_root=args.image_root, dtype=args.storage_dtype,
-        fetch_config=FetchConfig(allow_private=args.allow_private_urls), relative_paths=not args.absolute_paths,
-        num_workers=args.workers, overwrite=args.overwrite,
+        pipeline,
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        image_root=args.image_root,
+        dtype=args.storage_dtype,
+        fetch_config=FetchConfig(allow_private=args.allow_private_urls),
+        relative_paths=not args.absolute_paths,
+        num_workers=args.workers,
+        overwrite=args.overwrite,
     )
     if args.faiss:
         index = ImageIndex.load(args.out, use_faiss=False)
         index.build_faiss(args.faiss)
         index.save(args.out)
-    print(f"{report.out_dir}: {report.count} images indexed, {len(report.skipped)} skipped "
-          f"({report.rate:.1f} images/s this run)")
+    print(
+        f"{report.out_dir}: {report.count} images indexed, {len(report.skipped)} skipped "
+        f"({report.rate:.1f} images/s this run)"
+    )
     for name, reason in report.skipped:
         print(f"  skipped {name}: {reason}")
     return 0
@@ -106,13 +139,26 @@ def _import(args: argparse.Namespace) -> int:
 
         # the fingerprint only needs the trained layers: the frozen LM and vision encoder stay skeletons
         pipeline = load_pipeline(args.model, device="cpu", dtype="fp32", weights=args.weights, skeleton=True)
-        fingerprint, dim, model = pipeline.model.retrieval_fingerprint(), pipeline.config.retrieval_dim, \
-            pipeline.config.name
-    report = import_published(args.pickles, args.out, fingerprint=fingerprint, trust_pickle=args.trust_pickle,
-                              expected_dim=dim, source=args.source, dtype=args.storage_dtype, model=model,
-                              overwrite=args.overwrite)
-    print(f"{report.out_dir}: {report.count:,} images x {report.dim} imported (fingerprint {fingerprint})"
-          + (f", {report.dropped} zero rows dropped" if report.dropped else ""))
+        fingerprint, dim, model = (
+            pipeline.model.retrieval_fingerprint(),
+            pipeline.config.retrieval_dim,
+            pipeline.config.name,
+        )
+    report = import_published(
+        args.pickles,
+        args.out,
+        fingerprint=fingerprint,
+        trust_pickle=args.trust_pickle,
+        expected_dim=dim,
+        source=args.source,
+        dtype=args.storage_dtype,
+        model=model,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{report.out_dir}: {report.count:,} images x {report.dim} imported (fingerprint {fingerprint})"
+        + (f", {report.dropped} zero rows dropped" if report.dropped else "")
+    )
     return 0
 
 
@@ -123,9 +169,18 @@ def _info(args: argparse.Namespace) -> int:
     d = Path(args.dir)
     size = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
     meta = json.loads((d / "index.json").read_text())
-    info = {"dir": str(d), "count": len(index), "dim": index.dim, "dtype": index.dtype, "model": index.model,
-            "fingerprint": index.fingerprint, "bytes": size, "faiss": meta.get("faiss"),
-            "created": meta.get("created"), "source": meta.get("source")}
+    info = {
+        "dir": str(d),
+        "count": len(index),
+        "dim": index.dim,
+        "dtype": index.dtype,
+        "model": index.model,
+        "fingerprint": index.fingerprint,
+        "bytes": size,
+        "faiss": meta.get("faiss"),
+        "created": meta.get("created"),
+        "source": meta.get("source"),
+    }
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

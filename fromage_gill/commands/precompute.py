@@ -4,10 +4,13 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("precompute", help="compute frozen image features (and diffusion caption targets) for training",
-                       description="Writes safetensors shards that `fromage-gill train --precomputed DIR` reads "
-                                   "instead of re-encoding every image at every step. Resumable: run the same "
-                                   "command again to finish an interrupted run.")
+    p = sub.add_parser(
+        "precompute",
+        help="compute frozen image features (and diffusion caption targets) for training",
+        description="Writes safetensors shards that `fromage-gill train --precomputed DIR` reads "
+        "instead of re-encoding every image at every step. Resumable: run the same "
+        "command again to finish an interrupted run.",
+    )
     p.add_argument("--model", required=True, help="preset, config JSON or model directory (its frozen parts are used)")
     p.add_argument("--data", required=True, help="same as for `train`")
     p.add_argument("--image-root", help="folder the image paths in a .tsv/.csv are relative to")
@@ -28,11 +31,21 @@ def run(args) -> int:
 
     records = read_records(args.data, args.image_root)
     text = False if args.no_text else None
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, weights="random",
-                         load_diffusion_pipeline=not args.no_text)
-    res = precompute(pipe, records, args.out, batch_size=args.batch_size, shard_size=args.shard_size, text=text,
-                     progress=not args.no_progress)
-    print(f"precomputed {res.n_written} of {res.n_records} examples into {res.out} "
-          f"({res.n_skipped} unreadable, {res.shards_computed} shard(s) computed now, "
-          f"{records.skipped.total} skipped while reading the data)")
+    pipe = load_pipeline(
+        args.model, device=args.device, dtype=args.dtype, weights="random", load_diffusion_pipeline=not args.no_text
+    )
+    res = precompute(
+        pipe,
+        records,
+        args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        text=text,
+        progress=not args.no_progress,
+    )
+    print(
+        f"precomputed {res.n_written} of {res.n_records} examples into {res.out} "
+        f"({res.n_skipped} unreadable, {res.shards_computed} shard(s) computed now, "
+        f"{records.skipped.total} skipped while reading the data)"
+    )
     return 0

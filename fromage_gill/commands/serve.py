@@ -16,8 +16,11 @@ from ..chat.options import add_serve_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="the chat app in the browser (same as `python app.py`)",
-                       description="Serve the chat app (same as `python app.py`).")
+    p = sub.add_parser(
+        "serve",
+        help="the chat app in the browser (same as `python app.py`)",
+        description="Serve the chat app (same as `python app.py`).",
+    )
     add_serve_args(p)
     p.set_defaults(func=run)
 
@@ -25,8 +28,10 @@ def register(sub) -> None:
 def find_app() -> Path:
     path = Path(__file__).resolve().parents[2] / "app.py"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: `fromage-gill serve` runs the repository's app.py; use a source "
-                                f"checkout (pip install -e .) or run `python app.py` there")
+        raise FileNotFoundError(
+            f"{path} not found: `fromage-gill serve` runs the repository's app.py; use a source "
+            f"checkout (pip install -e .) or run `python app.py` there"
+        )
     return path
 
 

@@ -10,23 +10,43 @@ import os
 def register(sub) -> None:
     p = sub.add_parser("toy", help="the toy world: a CPU-sized world in which the whole method really learns")
     toy = p.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
-    b = toy.add_parser("build", help="pretrain the toy backbones (CLIP, LM, VAE, UNet), export the training data, "
-                                     "train toy-fromage and toy-gill and their gallery indexes")
+    b = toy.add_parser(
+        "build",
+        help="pretrain the toy backbones (CLIP, LM, VAE, UNet), export the training data, "
+        "train toy-fromage and toy-gill and their gallery indexes",
+    )
     b.add_argument("--out", default="checkpoints/toy", help="output directory (default: checkpoints/toy)")
-    b.add_argument("--stage", action="append", dest="stages", metavar="STAGE",
-                   help="run only this stage (repeatable): tokenizer, clip, lm, vae, unet, data, fromage, gill. "
-                        "Default: all")
+    b.add_argument(
+        "--stage",
+        action="append",
+        dest="stages",
+        metavar="STAGE",
+        help="run only this stage (repeatable): tokenizer, clip, lm, vae, unet, data, fromage, gill. Default: all",
+    )
     b.add_argument("--data-dir", help="where the 'data' stage writes the training set (default: OUT/../toy-data)")
-    b.add_argument("--threads", type=int, help="torch CPU threads per stage (default: torch's choice; with --jobs, "
-                   "the CPUs shared out). The shipped checkpoints were built with one thread per stage")
-    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="stages run at once, each in its own process (default: 2, or 1 on a one-CPU machine); "
-                        "their progress goes to OUT/logs/STAGE.log")
+    b.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per stage (default: torch's choice; with --jobs, "
+        "the CPUs shared out). The shipped checkpoints were built with one thread per stage",
+    )
+    b.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="stages run at once, each in its own process (default: 2, or 1 on a one-CPU machine); "
+        "their progress goes to OUT/logs/STAGE.log",
+    )
     b.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the machinery, not quality")
     b.set_defaults(func=run_build)
     e = toy.add_parser("eval", help="measure toy-fromage / toy-gill on held-out world images and prompts")
-    e.add_argument("--model", action="append", dest="models", metavar="MODEL",
-                   help="toy-fromage, toy-gill or a model directory (repeatable; default: both presets)")
+    e.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="MODEL",
+        help="toy-fromage, toy-gill or a model directory (repeatable; default: both presets)",
+    )
     e.add_argument("--n", type=int, default=60, help="examples per measure (default 60)")
     e.add_argument("--gallery", type=int, default=300, help="held-out gallery size for retrieval (default 300)")
     e.add_argument("--steps", type=int, default=25, help="denoising steps for the generation measure (default 25)")
@@ -39,8 +59,9 @@ def run_build(args) -> int:
     from ..toy.pretrain import Recipe
 
     recipe = Recipe.smoke() if args.smoke else Recipe()
-    report = build(args.out, stages=args.stages, recipe=recipe, data_dir=args.data_dir, threads=args.threads,
-                   jobs=args.jobs)
+    report = build(
+        args.out, stages=args.stages, recipe=recipe, data_dir=args.data_dir, threads=args.threads, jobs=args.jobs
+    )
     print(json.dumps(report["stages"], indent=2))
     return 0
 
@@ -60,33 +81,38 @@ def run_eval(args) -> int:
         return 0
     print("| measure | " + " | ".join(r["model"] for r in results) + " |")
     print("|---|" + "---|" * len(results))
-    rows = [("captioning: colour correct", lambda r: r["caption_colour"]),
-            ("captioning: shape correct", lambda r: r["caption_shape"]),
-            ("captioning: both correct", lambda r: r["caption_both"]),
-            ("retrieval R@1", lambda r: r["retrieval"]["R@1"]), ("retrieval R@5", lambda r: r["retrieval"]["R@5"]),
-            ("retrieval R@10", lambda r: r["retrieval"]["R@10"]),
-            ("retrieval chance R@1", lambda r: r["retrieval"]["chance_R@1"]),
-            ("retrieval match@1 (top image fits the caption)", lambda r: r["retrieval"]["match@1"]),
-            ("retrieval match@5", lambda r: r["retrieval"]["match@5"]),
-            ("retrieval chance match@1", lambda r: r["retrieval"]["chance_match@1"]),
-            ("chat: colour question", lambda r: r["chat_colour"]),
-            ("chat: two-image comparison", lambda r: r["compare"]),
-            ("the frozen LM given the two descriptions instead", lambda r: r["compare_from_descriptions"]),
-            ("decision: show vs draw", lambda r: r["decision"]),
-            ("chat 'show me ...': an image from the gallery", lambda r: r["requests"].get("show_routed")),
-            ("chat 'show me ...': it has the colour and shape asked for", lambda r: r["requests"].get("show_match")),
-            ("chat 'draw ...': a generated image", lambda r: r["requests"].get("draw_routed")),
-            ("chat 'draw ...': it has the colour and shape asked for", lambda r: r["requests"].get("draw_match")),
-            ("chat 'What is in this image?': colour and shape named", lambda r: r["requests"].get("describe_right")),
-            ("chat 'What is in this image?': no image in the answer", lambda r: r["requests"].get("describe_no_image")),
-            ("chat: colour question about the last message's image", lambda r: r["requests"].get("follow_up_colour")),
-            ("chat: requests typed in lower case, no full stop: right kind, colour",
-             lambda r: r["requests"].get("typed_right")),
-            ("chat: later requests in a conversation: right kind, colour", lambda r: r["requests"].get("later_right")),
-            ("generation: colour (GILL)", lambda r: r["generation"].get("gill_colour")),
-            ("generation: shape (GILL)", lambda r: r["generation"].get("gill_shape")),
-            ("generation: colour (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_colour")),
-            ("generation: shape (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_shape"))]
+    rows = [
+        ("captioning: colour correct", lambda r: r["caption_colour"]),
+        ("captioning: shape correct", lambda r: r["caption_shape"]),
+        ("captioning: both correct", lambda r: r["caption_both"]),
+        ("retrieval R@1", lambda r: r["retrieval"]["R@1"]),
+        ("retrieval R@5", lambda r: r["retrieval"]["R@5"]),
+        ("retrieval R@10", lambda r: r["retrieval"]["R@10"]),
+        ("retrieval chance R@1", lambda r: r["retrieval"]["chance_R@1"]),
+        ("retrieval match@1 (top image fits the caption)", lambda r: r["retrieval"]["match@1"]),
+        ("retrieval match@5", lambda r: r["retrieval"]["match@5"]),
+        ("retrieval chance match@1", lambda r: r["retrieval"]["chance_match@1"]),
+        ("chat: colour question", lambda r: r["chat_colour"]),
+        ("chat: two-image comparison", lambda r: r["compare"]),
+        ("the frozen LM given the two descriptions instead", lambda r: r["compare_from_descriptions"]),
+        ("decision: show vs draw", lambda r: r["decision"]),
+        ("chat 'show me ...': an image from the gallery", lambda r: r["requests"].get("show_routed")),
+        ("chat 'show me ...': it has the colour and shape asked for", lambda r: r["requests"].get("show_match")),
+        ("chat 'draw ...': a generated image", lambda r: r["requests"].get("draw_routed")),
+        ("chat 'draw ...': it has the colour and shape asked for", lambda r: r["requests"].get("draw_match")),
+        ("chat 'What is in this image?': colour and shape named", lambda r: r["requests"].get("describe_right")),
+        ("chat 'What is in this image?': no image in the answer", lambda r: r["requests"].get("describe_no_image")),
+        ("chat: colour question about the last message's image", lambda r: r["requests"].get("follow_up_colour")),
+        (
+            "chat: requests typed in lower case, no full stop: right kind, colour",
+            lambda r: r["requests"].get("typed_right"),
+        ),
+        ("chat: later requests in a conversation: right kind, colour", lambda r: r["requests"].get("later_right")),
+        ("generation: colour (GILL)", lambda r: r["generation"].get("gill_colour")),
+        ("generation: shape (GILL)", lambda r: r["generation"].get("gill_shape")),
+        ("generation: colour (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_colour")),
+        ("generation: shape (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_shape")),
+    ]
     for label, get in rows:
         print(f"| {label} | " + " | ".join("-" if get(r) is None else f"{get(r):.3f}" for r in results) + " |")
     return 0

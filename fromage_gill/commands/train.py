@@ -10,17 +10,25 @@ from ..retrieve.sources import unescape_text
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train the grounding layers (input mapping, retrieval, GILL mapper) on "
-                                     "image-caption data",
-                       description="Trains only the layers between the frozen LM and vision encoder. Defaults follow "
-                                   "the published recipe: AdamW (0.9, 0.95), grad clip 1.0; lr 3e-4 (FROMAGe) or "
-                                   "1e-3 with 2000 warm-up steps (GILL). Run under `accelerate launch` for several "
-                                   "processes.")
+    p = sub.add_parser(
+        "train",
+        help="train the grounding layers (input mapping, retrieval, GILL mapper) on image-caption data",
+        description="Trains only the layers between the frozen LM and vision encoder. Defaults follow "
+        "the published recipe: AdamW (0.9, 0.95), grad clip 1.0; lr 3e-4 (FROMAGe) or "
+        "1e-3 with 2000 warm-up steps (GILL). Run under `accelerate launch` for several "
+        "processes.",
+    )
     p.add_argument("--model", required=True, help="preset, config JSON, or model directory to start from")
-    p.add_argument("--data", help="caption<TAB>image .tsv/.csv, folder of images + .txt captions, or .tar shard(s) "
-                                  "(webdataset / img2dataset)")
-    p.add_argument("--decision-data", help="GILL: train only the decision head, on a prompt<TAB>label file (labels "
-                                           "generate / retrieve), starting from --model's trained layers")
+    p.add_argument(
+        "--data",
+        help="caption<TAB>image .tsv/.csv, folder of images + .txt captions, or .tar shard(s) "
+        "(webdataset / img2dataset)",
+    )
+    p.add_argument(
+        "--decision-data",
+        help="GILL: train only the decision head, on a prompt<TAB>label file (labels "
+        "generate / retrieve), starting from --model's trained layers",
+    )
     p.add_argument("--image-root", help="folder the image paths in a .tsv/.csv are relative to (default: its folder)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final trained layers)")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
@@ -31,25 +39,43 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--lr-decay-steps", type=int, help="multiply the lr by 0.1 every N steps after warm-up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="mixed precision of the forward pass (trained weights stay fp32); default fp32")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="mixed precision of the forward pass (trained weights stay fp32); default fp32",
+    )
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share for validation (default 0.05)")
     p.add_argument("--val-every", type=int, default=500, help="validate every N steps (and at the end)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
     p.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars every N steps")
     p.add_argument("--max-caption-tokens", type=int, default=32, help="captions are cut to this many tokens")
-    p.add_argument("--concat-prob", type=float, default=0.5,
-                   help="share of steps whose captioning batch concatenates two examples (default 0.5)")
-    p.add_argument("--caption-end", default="", type=unescape_text,
-                   help="text the captioning loss supervises after every caption, e.g. '\\n' (escapes \\n \\t "
-                        "understood): the chat's end of turn, so a shown image's description ends in words rather "
-                        "than with an image token (default: nothing, as in the papers)")
+    p.add_argument(
+        "--concat-prob",
+        type=float,
+        default=0.5,
+        help="share of steps whose captioning batch concatenates two examples (default 0.5)",
+    )
+    p.add_argument(
+        "--caption-end",
+        default="",
+        type=unescape_text,
+        help="text the captioning loss supervises after every caption, e.g. '\\n' (escapes \\n \\t "
+        "understood): the chat's end of turn, so a shown image's description ends in words rather "
+        "than with an image token (default: nothing, as in the papers)",
+    )
     p.add_argument("--resume", help="run or checkpoint directory to continue from (same --model)")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="start the trained layers from seeded random values instead of --model's weights")
-    p.add_argument("--precomputed", help="directory written by `fromage-gill precompute` for this --data and model "
-                                         "(default: run the frozen encoders on the fly)")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="start the trained layers from seeded random values instead of --model's weights",
+    )
+    p.add_argument(
+        "--precomputed",
+        help="directory written by `fromage-gill precompute` for this --data and model "
+        "(default: run the frozen encoders on the fly)",
+    )
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
@@ -65,15 +91,33 @@ def run(args) -> int:
     from ..training.loop import TrainConfig, train
 
     tc = TrainConfig(
-        model=args.model, data=args.data, out=args.out, image_root=args.image_root, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-        weight_decay=args.weight_decay, lr_decay_steps=args.lr_decay_steps, grad_clip=args.grad_clip,
-        precision=args.precision, val_fraction=args.val_fraction, val_every=args.val_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        max_caption_tokens=args.max_caption_tokens, concat_prob=args.concat_prob, caption_end=args.caption_end,
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        image_root=args.image_root,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        lr_decay_steps=args.lr_decay_steps,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        val_fraction=args.val_fraction,
+        val_every=args.val_every,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
+        max_caption_tokens=args.max_caption_tokens,
+        concat_prob=args.concat_prob,
+        caption_end=args.caption_end,
         resume=args.resume,
         from_scratch=args.from_scratch,
-        precomputed=args.precomputed, workers=args.workers, seed=args.seed, cpu=args.cpu,
+        precomputed=args.precomputed,
+        workers=args.workers,
+        seed=args.seed,
+        cpu=args.cpu,
         progress=not args.no_progress,
     )
     result = train(tc)
@@ -81,8 +125,10 @@ def run(args) -> int:
         return 0
     last = result.validation[-1] if result.validation else {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
-    print(f"trained {result.step} steps -> {result.out} ({result.skipped} example(s) skipped)"
-          + (f"; validation: {summary}" if summary else ""))
+    print(
+        f"trained {result.step} steps -> {result.out} ({result.skipped} example(s) skipped)"
+        + (f"; validation: {summary}" if summary else "")
+    )
     return 0
 
 
@@ -95,9 +141,19 @@ def run_decision(args) -> int:
     pipe = load_pipeline(args.model, device="cpu" if args.cpu else None, dtype="fp32", load_diffusion_pipeline=False)
     if pipe.model.decision is None:
         raise ValueError(f"--model {args.model} has no decision head (a GILL config with decision_head: true)")
-    res = train_decision_head(pipe.model, pipe.tokenizer, prompts, labels, steps=args.max_steps,
-                              lr=args.lr if args.lr is not None else 1e-3, batch_size=args.batch_size, seed=args.seed)
+    res = train_decision_head(
+        pipe.model,
+        pipe.tokenizer,
+        prompts,
+        labels,
+        steps=args.max_steps,
+        lr=args.lr if args.lr is not None else 1e-3,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     save_native(pipe.model, args.out, pipe.config)
-    print(f"decision head trained on {res.n_examples} prompts: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
-          f"accuracy {res.accuracy:.3f} -> {args.out}")
+    print(
+        f"decision head trained on {res.n_examples} prompts: loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
+        f"accuracy {res.accuracy:.3f} -> {args.out}"
+    )
     return 0

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-lm", help="fine-tune a plain LM on captions with SimCTG (the text-only step of MAGIC)",
-                       description="Fine-tune a causal LM on a caption corpus with the SimCTG objective (MLE plus "
-                                   "a token-level contrastive loss), the text-only domain adaptation MAGIC relies "
-                                   "on. Use the result with `fromage-gill caption --lm OUT`.")
-    p.add_argument("--model", required=True,
-                   help="a MAGIC preset (its LM, e.g. tiny-magic), an LM directory, or a Hub id (e.g. gpt2)")
+    p = sub.add_parser(
+        "train-lm",
+        help="fine-tune a plain LM on captions with SimCTG (the text-only step of MAGIC)",
+        description="Fine-tune a causal LM on a caption corpus with the SimCTG objective (MLE plus "
+        "a token-level contrastive loss), the text-only domain adaptation MAGIC relies "
+        "on. Use the result with `fromage-gill caption --lm OUT`.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a MAGIC preset (its LM, e.g. tiny-magic), an LM directory, or a Hub id (e.g. gpt2)",
+    )
     p.add_argument("--data", required=True, help="captions: one per line (.txt), or MAGIC's JSON")
     p.add_argument("--out", required=True, help="run directory (the latest LM, checkpoints/, run.json)")
     p.add_argument("--max-steps", type=int, default=1000)
@@ -18,8 +24,11 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--margin", type=float, default=0.5, help="contrastive margin (published: 0.5)")
     p.add_argument("--max-len", type=int, default=64, help="caption tokens kept")
-    p.add_argument("--start-token", default="<-start_of_text->",
-                   help="token every caption starts with (added to the tokenizer if missing)")
+    p.add_argument(
+        "--start-token",
+        default="<-start_of_text->",
+        help="token every caption starts with (added to the tokenizer if missing)",
+    )
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", help="a run directory or checkpoint to continue")
@@ -32,11 +41,24 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..magic.simctg import SimCTGConfig, train_lm
 
-    tc = SimCTGConfig(model=args.model, data=args.data, out=args.out, max_steps=args.max_steps,
-                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, margin=args.margin,
-                      max_len=args.max_len, start_token=args.start_token, save_every=args.save_every,
-                      keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed,
-                      device=args.device, progress=not args.no_progress)
+    tc = SimCTGConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        margin=args.margin,
+        max_len=args.max_len,
+        start_token=args.start_token,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     result = train_lm(tc)
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "lr")

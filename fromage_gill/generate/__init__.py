@@ -11,7 +11,21 @@ from .prompt import ImageSegment, TokenIds, Turn
 from .resolve import image_token_states
 
 __all__ = [
-    "Chat", "Event", "GenerationOutput", "GenerationSettings", "ImagePending", "ImageResult", "ImageSegment",
-    "Notice", "StepState", "TextDelta", "TokenIds", "Turn", "TurnEnd", "check_settings", "context_length",
-    "generate_batch", "image_token_states",
+    "Chat",
+    "Event",
+    "GenerationOutput",
+    "GenerationSettings",
+    "ImagePending",
+    "ImageResult",
+    "ImageSegment",
+    "Notice",
+    "StepState",
+    "TextDelta",
+    "TokenIds",
+    "Turn",
+    "TurnEnd",
+    "check_settings",
+    "context_length",
+    "generate_batch",
+    "image_token_states",
 ]

@@ -15,8 +15,13 @@ from .prompt import ImageSegment, Prompt, Turn, VisionCache, dialogue_pieces, en
 from .stream import TextStream
 
 
-def generate_batch(pipeline, prompts: Sequence[Sequence[str | Image.Image]], settings: GenerationSettings | None = None,
-                   *, dialogue: bool = False) -> list[GenerationOutput]:
+def generate_batch(
+    pipeline,
+    prompts: Sequence[Sequence[str | Image.Image]],
+    settings: GenerationSettings | None = None,
+    *,
+    dialogue: bool = False,
+) -> list[GenerationOutput]:
     """Decode several prompts together (left padding, attention mask, per-row positions).
 
     ``prompts``: each a list of str and images in order, and ``TokenIds`` for exact token prompts (no template unless
@@ -39,8 +44,13 @@ def generate_batch(pipeline, prompts: Sequence[Sequence[str | Image.Image]], set
         if len(prompt) > budget:
             raise too_long(pipeline, settings, len(prompt), f"prompts[{i}]")
         encoded.append(prompt)
-        rows.append(Row(exclude=set(), stream=TextStream(pipeline.tokenizer, stops),
-                         images=[s.image for s in segs if isinstance(s, ImageSegment)]))
+        rows.append(
+            Row(
+                exclude=set(),
+                stream=TextStream(pipeline.tokenizer, stops),
+                images=[s.image for s in segs if isinstance(s, ImageSegment)],
+            )
+        )
     seed = settings.seed if settings.seed is not None else fresh_seed()
     cache = VisionCache()
     with torch.no_grad():
@@ -48,12 +58,14 @@ def generate_batch(pipeline, prompts: Sequence[Sequence[str | Image.Image]], set
         embeds = torch.zeros(len(encoded), width, m.hidden_size, device=m.device, dtype=m.dtype)
         mask = torch.zeros(len(encoded), width, dtype=torch.long)
         for i, p in enumerate(encoded):
-            embeds[i, width - len(p):] = p.embed(m, cache)
-            mask[i, width - len(p):] = 1
+            embeds[i, width - len(p) :] = p.embed(m, cache)
+            mask[i, width - len(p) :] = 1
         loop = DecodeLoop(pipeline, settings, rows, seed=seed)
         notices: list[list[str]] = [[] for _ in rows]
         for b, ev in loop.run(embeds, mask):
             if isinstance(ev, Notice):
                 notices[b].append(ev.text)
-    return [GenerationOutput(r.segments, r.tokens, r.reason or "stopped", seed, n) for r, n in zip(rows, notices,
-                                                                                                      strict=True)]
+    return [
+        GenerationOutput(r.segments, r.tokens, r.reason or "stopped", seed, n)
+        for r, n in zip(rows, notices, strict=True)
+    ]

@@ -121,8 +121,10 @@ class Chat:
     def _close_active(self) -> None:
         gen = self._active
         if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_RUNNING:
-            raise ValueError("a turn of this chat is still running in another thread: call stop() and let it end "
-                             "before changing the conversation")
+            raise ValueError(
+                "a turn of this chat is still running in another thread: call stop() and let it end "
+                "before changing the conversation"
+            )
         self._active = None
         if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_SUSPENDED:
             gen.close()  # the abandoned turn ends as "stopped", keeping what it produced
@@ -151,8 +153,15 @@ class Chat:
             raise too_long(self.pipeline, settings, len(prompt), "the message")
         return prompt, first
 
-    def _turn(self, prompt: Prompt, first: int, settings: GenerationSettings, *, add: Turn | None = None,
-              drop_last: bool = False) -> Iterator[Event]:
+    def _turn(
+        self,
+        prompt: Prompt,
+        first: int,
+        settings: GenerationSettings,
+        *,
+        add: Turn | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Event]:
         removed = self.history.pop() if drop_last else None
         if add is not None:
             self.history.append(add)
@@ -170,16 +179,27 @@ class Chat:
         try:
             notices = []
             if first > self._first:
-                notices.append(Notice(f"the {first} oldest turn(s) were left out of the prompt to fit the LM's "
-                                      f"context of {self.context_length} tokens"))
+                notices.append(
+                    Notice(
+                        f"the {first} oldest turn(s) were left out of the prompt to fit the LM's "
+                        f"context of {self.context_length} tokens"
+                    )
+                )
             if settings.mode != "text" and not any(image_paths(self.pipeline, settings)) and not self._told_no_images:
                 self._told_no_images = True
                 notices.append(Notice("images are off: no image index is loaded and this model cannot generate them"))
             self._first = first
             row = self._row(settings, prompt)
             embeds = self._prefill_embeds(prompt)
-            loop = DecodeLoop(self.pipeline, settings, [row], seed=seed, cache=self._cache,
-                               n_past=len(self._cache_keys), stop_event=self._stop)
+            loop = DecodeLoop(
+                self.pipeline,
+                settings,
+                [row],
+                seed=seed,
+                cache=self._cache,
+                n_past=len(self._cache_keys),
+                stop_event=self._stop,
+            )
             self._cache_keys = list(prompt.keys)  # from the first forward on, the cache holds the prompt
             yield from notices
             for _, ev in loop.run(embeds, torch.ones(1, embeds.shape[1], dtype=torch.long)):

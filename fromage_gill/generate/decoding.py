@@ -39,7 +39,6 @@ class StepState:
     rows: list[int]  # which prompt each batch row is (finished rows leave the batch)
 
 
-
 DecodingFactory = Callable[[Any, GenerationSettings, list[list[Image.Image]]], Callable[[StepState], torch.Tensor]]
 
 
@@ -80,8 +79,10 @@ def engine_strategy(decoding: str) -> Callable:
             guide = attached_clip(pipeline)
             for i, images in enumerate(images_per_row):
                 if not images:
-                    raise ValueError("magic decoding (beta > 0) needs an image in the conversation to steer "
-                                     "towards; add one, or use decoding='contrastive' for text only")
+                    raise ValueError(
+                        "magic decoding (beta > 0) needs an image in the conversation to steer "
+                        "towards; add one, or use decoding='contrastive' for text only"
+                    )
                 guides[i] = guide.logits_fn(images)
         history: dict[int, torch.Tensor] = {}  # prompt row -> (T, d) hidden states seen so far
 
@@ -104,8 +105,14 @@ def engine_strategy(decoding: str) -> Callable:
             if mask is not None:
                 mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones(b * k, 1, dtype=mask.dtype)], dim=1)
             positions = state.next_positions.repeat_interleave(k)[:, None]
-            out = model.forward_lm(model.embed_tokens(top_ids.reshape(b * k, 1).to(model.device)), mask,
-                                   position_ids=positions, past_key_values=cache, use_cache=True, logits="none")
+            out = model.forward_lm(
+                model.embed_tokens(top_ids.reshape(b * k, 1).to(model.device)),
+                mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits="none",
+            )
             cache.crop(-1)  # leave the cache as the engine gave it
             cache.batch_select_indices(torch.arange(b, device=model.lm_device) * k)
             cand_hidden = out.hidden[:, -1].view(b, k, -1)
@@ -115,8 +122,10 @@ def engine_strategy(decoding: str) -> Callable:
                 penalty = degeneration_penalty(cand_hidden[j], history[row]) if s.alpha > 0 else torch.zeros(k)
                 clip = None
                 if s.beta > 0:
-                    texts = [decode(continuation_ids(state.generated[j], v, s.clip_text_max_tokens))
-                             for v in top_ids[j].tolist()]
+                    texts = [
+                        decode(continuation_ids(state.generated[j], v, s.clip_text_max_tokens))
+                        for v in top_ids[j].tolist()
+                    ]
                     clip = guides[row](texts)
                 scores = magic_scores(probs[j], penalty.to(probs.device), clip, s.alpha, s.beta)
                 scores = scores.masked_fill(~torch.isfinite(top_logits[j]), -torch.inf)  # forbidden stays forbidden

@@ -18,6 +18,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class GeneratedImages:
     images: list[Image.Image]
@@ -48,8 +49,15 @@ class ImageGenerator:
             return self._negative
 
     @torch.no_grad()
-    def __call__(self, prompt_embeds: torch.Tensor, *, guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 seed: int = 0, interrupt=None) -> GeneratedImages:
+    def __call__(
+        self,
+        prompt_embeds: torch.Tensor,
+        *,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        interrupt=None,
+    ) -> GeneratedImages:
         """``prompt_embeds``: ``(N, Q, D)``. ``interrupt``: a callable checked after every denoising step; when it
         returns True the generation stops and ``interrupted`` is set (no images)."""
         if num_inference_steps < 1:
@@ -81,8 +89,12 @@ class ImageGenerator:
 
         with self._lock:
             latents = pipe(
-                prompt_embeds=pe, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
-                num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+                prompt_embeds=pe,
+                negative_prompt_embeds=neg,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                output_type="latent",
                 callback_on_step_end=on_step_end,
             ).images
             if stopped:
@@ -103,8 +115,12 @@ def image_generator(pipeline) -> ImageGenerator:
     """The ``ImageGenerator`` of a ``Pipeline``, or a ``ValueError`` saying why it has none."""
     if pipeline.image_generator is None:
         if not pipeline.config.can_generate:
-            raise ValueError(f"{pipeline.config.name} is a {pipeline.config.kind} model: it retrieves images but "
-                             f"cannot generate them")
-        raise ValueError(f"{pipeline.config.name} was loaded without its Stable Diffusion pipeline "
-                         f"(load_diffusion_pipeline=False): reload it with the pipeline to generate images")
+            raise ValueError(
+                f"{pipeline.config.name} is a {pipeline.config.kind} model: it retrieves images but "
+                f"cannot generate them"
+            )
+        raise ValueError(
+            f"{pipeline.config.name} was loaded without its Stable Diffusion pipeline "
+            f"(load_diffusion_pipeline=False): reload it with the pipeline to generate images"
+        )
     return pipeline.image_generator

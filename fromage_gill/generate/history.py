@@ -23,10 +23,19 @@ def history_to_dict(history: Sequence[Turn], *, model: str) -> dict:
             else:
                 buf = io.BytesIO()
                 s.image.save(buf, format="PNG")
-                segs.append({"type": "image", "png": base64.b64encode(buf.getvalue()).decode("ascii"),
-                             "source": s.source, "score": s.score, "caption": s.caption, "url": s.url,
-                             "index_id": s.index_id, "decision": list(s.decision) if s.decision else None,
-                             "seed": s.seed})
+                segs.append(
+                    {
+                        "type": "image",
+                        "png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                        "source": s.source,
+                        "score": s.score,
+                        "caption": s.caption,
+                        "url": s.url,
+                        "index_id": s.index_id,
+                        "decision": list(s.decision) if s.decision else None,
+                        "seed": s.seed,
+                    }
+                )
         turn = {"role": t.role, "segments": segs}
         if t.tokens is not None:
             turn["tokens"] = list(t.tokens)
@@ -38,7 +47,7 @@ def history_from_dict(data: Mapping, *, model: str, vocab_size: int) -> list[Tur
     """The turns of ``history_to_dict`` output; raises ``ValueError`` saying what is wrong. Token ids are kept only
     when ``data`` was saved by ``model`` (another model's tokens mean nothing here: its answers are re-encoded)."""
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-        raise ValueError(f"not a saved chat: expected an object with \"format\": \"{FORMAT}\"")
+        raise ValueError(f'not a saved chat: expected an object with "format": "{FORMAT}"')
     if data.get("version") != VERSION:
         raise ValueError(f"unsupported chat version {data.get('version')!r}; this version reads version {VERSION}")
     turns = data.get("turns")
@@ -55,8 +64,9 @@ def history_from_dict(data: Mapping, *, model: str, vocab_size: int) -> list[Tur
         segs = [_segment_from_dict(s, f"{where}.segments[{j}]") for j, s in enumerate(t["segments"])]
         tokens = t.get("tokens")
         if tokens is not None:
-            if not isinstance(tokens, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                        and 0 <= x < vocab_size for x in tokens):
+            if not isinstance(tokens, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab_size for x in tokens
+            ):
                 raise ValueError(f"{where}.tokens must be a list of token ids in [0, {vocab_size})")
             if t["role"] != "assistant":
                 raise ValueError(f"{where}.tokens: only assistant turns carry tokens")
@@ -80,14 +90,21 @@ def _segment_from_dict(s, where: str) -> str | ImageSegment:
         raise ValueError(f"{where}.png is not valid base64") from None
     image = load_image(data, name=where)
     decision = s.get("decision")
-    if decision is not None and (not isinstance(decision, list) or len(decision) != 2
-                                 or not all(isinstance(x, (int, float)) for x in decision)):
+    if decision is not None and (
+        not isinstance(decision, list) or len(decision) != 2 or not all(isinstance(x, (int, float)) for x in decision)
+    ):
         raise ValueError(f"{where}.decision must be null or [p_generate, p_retrieve]")
     for name, types in (("score", (int, float)), ("caption", str), ("url", str), ("index_id", int), ("seed", int)):
         v = s.get(name)
         if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
             raise ValueError(f"{where}.{name} has the wrong type: {type(v).__name__}")
-    return ImageSegment(image, s.get("source", "user"), s.get("score"), s.get("caption"), s.get("url"),
-                        s.get("index_id"), tuple(decision) if decision else None, s.get("seed"))
-
-
+    return ImageSegment(
+        image,
+        s.get("source", "user"),
+        s.get("score"),
+        s.get("caption"),
+        s.get("url"),
+        s.get("index_id"),
+        tuple(decision) if decision else None,
+        s.get("seed"),
+    )

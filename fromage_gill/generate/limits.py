@@ -26,15 +26,21 @@ def check_settings(pipeline, settings: GenerationSettings) -> None:
     """Refuse a mode the pipeline cannot serve, with the fix."""
     name = pipeline.config.name
     if settings.mode == "retrieve" and pipeline.index is None:
-        raise ValueError(f"mode='retrieve' needs an image index, and {name} has none loaded (pipeline.index is None): "
-                         f"load one (e.g. --index DIR) or use mode='auto' or 'text'")
+        raise ValueError(
+            f"mode='retrieve' needs an image index, and {name} has none loaded (pipeline.index is None): "
+            f"load one (e.g. --index DIR) or use mode='auto' or 'text'"
+        )
     if settings.mode == "generate":
         if not pipeline.config.can_generate:
-            raise ValueError(f"mode='generate' needs an image generator, and {name} is a {pipeline.config.kind} "
-                             f"model (retrieval only): use mode='retrieve', 'auto' or 'text'")
+            raise ValueError(
+                f"mode='generate' needs an image generator, and {name} is a {pipeline.config.kind} "
+                f"model (retrieval only): use mode='retrieve', 'auto' or 'text'"
+            )
         if pipeline.diffusion is None:
-            raise ValueError(f"mode='generate' needs Stable Diffusion, and {name} was loaded without it "
-                             f"(load_diffusion_pipeline=False): reload it with the pipeline")
+            raise ValueError(
+                f"mode='generate' needs Stable Diffusion, and {name} was loaded without it "
+                f"(load_diffusion_pipeline=False): reload it with the pipeline"
+            )
 
 
 def image_positions(pipeline, settings: GenerationSettings) -> int:

@@ -51,8 +51,17 @@ class Row:
 class DecodeLoop:
     """Decodes B rows together from a prefilled or empty cache. ``run`` yields ``(row, event)`` pairs."""
 
-    def __init__(self, pipeline, settings: GenerationSettings, rows: list[Row], *, seed: int,
-                 cache: Any = None, n_past: int = 0, stop_event: threading.Event | None = None):
+    def __init__(
+        self,
+        pipeline,
+        settings: GenerationSettings,
+        rows: list[Row],
+        *,
+        seed: int,
+        cache: Any = None,
+        n_past: int = 0,
+        stop_event: threading.Event | None = None,
+    ):
         self.p = pipeline
         self.m = pipeline.model
         self.s = settings
@@ -71,8 +80,9 @@ class DecodeLoop:
         self.image_ids = list(self.m.image_token_ids)
         can_ret, can_gen = image_paths(pipeline, settings)
         self.images_on = settings.mode != "text" and (can_ret or can_gen)
-        self.resolver = ImageResolver(pipeline, settings, seed=seed, can_retrieve=can_ret, can_generate=can_gen,
-                                      stop_event=self.stop_event)
+        self.resolver = ImageResolver(
+            pipeline, settings, seed=seed, can_retrieve=can_ret, can_generate=can_gen, stop_event=self.stop_event
+        )
         self.style = "fromage" if pipeline.config.kind == "fromage" else "gill"
         factory = STRATEGIES[settings.decoding]
         self.choose = factory(pipeline, settings, [r.images for r in rows]) if factory else None
@@ -88,8 +98,9 @@ class DecodeLoop:
             self.mask = torch.ones(len(self.active), self.n_cached, dtype=torch.long)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, new_mask], dim=1)
-        out = self.m.forward_lm(embeds, self.mask, position_ids=pos.clamp(min=0),
-                                past_key_values=self.cache, use_cache=True, logits="last")
+        out = self.m.forward_lm(
+            embeds, self.mask, position_ids=pos.clamp(min=0), past_key_values=self.cache, use_cache=True, logits="last"
+        )
         self.cache = out.past_key_values
         self.n_pos[self.active] += new_mask.sum(1)
         self.n_cached += embeds.shape[1]
@@ -127,11 +138,21 @@ class DecodeLoop:
                     yield from self._finish(b, "stopped")
                 break
             logits = out.logits[:, -1].float()  # (B', V)
-            allow = torch.tensor([self.images_on and self.rows[b].n_images < self.s.max_images
-                                  and self.rows[b].n_sampled >= self.s.min_word_tokens for b in self.active])
+            allow = torch.tensor(
+                [
+                    self.images_on
+                    and self.rows[b].n_images < self.s.max_images
+                    and self.rows[b].n_sampled >= self.s.min_word_tokens
+                    for b in self.active
+                ]
+            )
             logits = image_token_logits(
-                logits, self.image_ids, allow_image=allow.to(logits.device), style=self.style,
-                ret_scale_factor=self.s.ret_scale_factor, gen_scale_factor=self.s.gen_scale_factor,
+                logits,
+                self.image_ids,
+                allow_image=allow.to(logits.device),
+                style=self.style,
+                ret_scale_factor=self.s.ret_scale_factor,
+                gen_scale_factor=self.s.gen_scale_factor,
                 bias=self.s.image_logit_bias,
             )
             next_tokens = self._choose(logits, out, last_mask)
@@ -152,7 +173,7 @@ class DecodeLoop:
                 row.stream.add(tok)
                 at = row.stream.find_stop()
                 if at is not None:
-                    row.tokens[row.run_start:] = row.stream.cut(at)
+                    row.tokens[row.run_start :] = row.stream.cut(at)
                     row.stream.truncate(at)
                     yield from self._finish(b, "turn_boundary")
                     continue
@@ -172,8 +193,8 @@ class DecodeLoop:
             mask = torch.zeros(len(self.active), width, dtype=torch.long)
             for j, b in enumerate(self.active):
                 f = feeds[b]
-                ids[j, width - len(f):] = torch.tensor(f)
-                mask[j, width - len(f):] = 1
+                ids[j, width - len(f) :] = torch.tensor(f)
+                mask[j, width - len(f) :] = 1
                 self.rows[b].fed += f
             out = self._forward(self._embed(ids), mask)
             last_mask = mask
@@ -183,7 +204,7 @@ class DecodeLoop:
                     row = self.rows[b]
                     row.tokens += self.image_ids
                     row.run_start = len(row.tokens)
-                    hidden = out.hidden[j, width - len(self.image_ids):]  # (r, d) at [IMG0..r-1]
+                    hidden = out.hidden[j, width - len(self.image_ids) :]  # (r, d) at [IMG0..r-1]
                     for event in self.resolver.resolve(row.n_images, hidden, row.segments, row.exclude):
                         if isinstance(event, ImageResult):
                             row.segments.append(event)
@@ -202,12 +223,20 @@ class DecodeLoop:
 
     def _choose(self, logits: torch.Tensor, out, last_mask: torch.Tensor) -> torch.Tensor:
         if self.choose is None:
-            return sample(logits, temperature=self.s.temperature, top_p=self.s.top_p, top_k=self.s.top_k,
-                          generator=self.generator)
+            return sample(
+                logits, temperature=self.s.temperature, top_p=self.s.top_p, top_k=self.s.top_k, generator=self.generator
+            )
         state = StepState(
-            model=self.m, logits=logits, hidden=out.hidden, new_mask=last_mask, past_key_values=self.cache,
-            attention_mask=self.mask, next_positions=self.n_pos[self.active].clone(),
-            generated=[list(self.rows[b].tokens) for b in self.active], generator=self.generator, settings=self.s,
+            model=self.m,
+            logits=logits,
+            hidden=out.hidden,
+            new_mask=last_mask,
+            past_key_values=self.cache,
+            attention_mask=self.mask,
+            next_positions=self.n_pos[self.active].clone(),
+            generated=[list(self.rows[b].tokens) for b in self.active],
+            generator=self.generator,
+            settings=self.s,
             rows=list(self.active),
         )
         return self.choose(state)

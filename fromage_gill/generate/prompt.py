@@ -94,8 +94,9 @@ class Turn:
 # ---------------------------------------------------------------------------------------------- messages
 
 
-def normalize_message(message: Sequence[object], *, name: str = "message",
-                      allow_token_ids: bool = False) -> list[str | ImageSegment]:
+def normalize_message(
+    message: Sequence[object], *, name: str = "message", allow_token_ids: bool = False
+) -> list[str | ImageSegment]:
     """Check a user message (a list of str and images, in order) and load its images.
 
     Images may be PIL images, ``ImageSegment``s, ``bytes`` or ``pathlib.Path`` (a ``str`` is always text); each

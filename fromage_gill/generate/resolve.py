@@ -32,21 +32,30 @@ def image_token_states(pipeline, texts: Sequence[str]) -> torch.Tensor:
     lay = layout(rows, n_visual=m.config.n_visual_tokens, pad_id=pad_token_id(tok), ignore_ids=frozenset())
     hidden = m(lay.input_ids, lay.attention_mask, logits="none").hidden
     r = len(m.image_token_ids)
-    return torch.stack([hidden[i, f:f + r] for i, f in enumerate(first)])
+    return torch.stack([hidden[i, f : f + r] for i, f in enumerate(first)])
 
 
 class ImageResolver:
     """Resolves the image slots of one turn's rows (``seed``: the turn's; a generated image's seed follows it)."""
 
-    def __init__(self, pipeline, settings: GenerationSettings, *, seed: int, can_retrieve: bool, can_generate: bool,
-                 stop_event: threading.Event):
+    def __init__(
+        self,
+        pipeline,
+        settings: GenerationSettings,
+        *,
+        seed: int,
+        can_retrieve: bool,
+        can_generate: bool,
+        stop_event: threading.Event,
+    ):
         self.p, self.m, self.s = pipeline, pipeline.model, settings
         self.seed = seed
         self.can_retrieve, self.can_generate = can_retrieve, can_generate
         self.stop_event = stop_event
 
-    def resolve(self, slot: int, hidden: torch.Tensor, answer: Sequence[str | ImageSegment],
-                exclude: set[int]) -> list[Event]:
+    def resolve(
+        self, slot: int, hidden: torch.Tensor, answer: Sequence[str | ImageSegment], exclude: set[int]
+    ) -> list[Event]:
         """``hidden``: (r, d) at the image tokens; ``answer``: the turn's segments so far; ``exclude``: index ids not
         to show again (a retrieved id is added). Returns [ImageResult], [ImageResult, Notice], [Notice] (no image
         could be had) or [] (interrupted)."""
@@ -91,25 +100,39 @@ class ImageResolver:
         idx, image = got
         record = index.record(idx) or {}
         exclude.add(int(idx))
-        return [ImageResult(image=image, source="retrieved", score=scores.get(int(idx)), caption=record.get("caption"),
-                            url=record.get("url") or record.get("path"), index_id=int(idx), decision=decision,
-                            slot=slot)]
+        return [
+            ImageResult(
+                image=image,
+                source="retrieved",
+                score=scores.get(int(idx)),
+                caption=record.get("caption"),
+                url=record.get("url") or record.get("path"),
+                index_id=int(idx),
+                decision=decision,
+                slot=slot,
+            )
+        ]
 
     def _generate(self, hidden: torch.Tensor, slot: int, decision) -> list[Event]:
         m, s = self.m, self.s
         seed = (self.seed + 1 + slot) % MAX_SEED
         prompt_embeds = m.map_to_diffusion(hidden[None])  # (1, Q, D)
-        out = image_generator(self.p)(prompt_embeds, guidance_scale=s.guidance_scale,
-                                      num_inference_steps=s.num_inference_steps, seed=seed,
-                                      interrupt=self.stop_event.is_set)
+        out = image_generator(self.p)(
+            prompt_embeds,
+            guidance_scale=s.guidance_scale,
+            num_inference_steps=s.num_inference_steps,
+            seed=seed,
+            interrupt=self.stop_event.is_set,
+        )
         if out.interrupted:
             return []
         image = out.images[0]
         # How well the picture matches what the model asked for, in the model's own retrieval space.
         feats = m.encode_images(m.vision.processor([image]))
         score = float((m.image_embedding(feats) * m.text_embedding(hidden[:1])).sum())
-        events: list[Event] = [ImageResult(image=image, source="generated", score=score, decision=decision,
-                                           seed=seed, slot=slot)]
+        events: list[Event] = [
+            ImageResult(image=image, source="generated", score=score, decision=decision, seed=seed, slot=slot)
+        ]
         if out.nsfw[0]:
             events.append(Notice(f"image {slot + 1}: the safety checker replaced the generated image"))
         return events

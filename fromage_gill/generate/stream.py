@@ -22,10 +22,10 @@ class TextStream:
     def add(self, token: int) -> None:
         # Decode a small window so that a multi-byte character split over tokens appears once it is complete.
         self.ids.append(token)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
 
     def find_stop(self) -> int | None:
@@ -38,10 +38,10 @@ class TextStream:
     def delta(self, final: bool = False) -> str:
         """Text that can be shown now: all of it when ``final``, else all but a suffix that may start a stop string."""
         if final:
-            rest = self._decode(self.ids[self._prefix:])
-            before = self._decode(self.ids[self._prefix:self._read])
+            rest = self._decode(self.ids[self._prefix :])
+            before = self._decode(self.ids[self._prefix : self._read])
             if len(rest) > len(before):
-                self.text += rest[len(before):]
+                self.text += rest[len(before) :]
                 self._prefix = self._read = len(self.ids)
             end = len(self.text)
         else:
@@ -52,7 +52,7 @@ class TextStream:
                         hold = n
                         break
             end = len(self.text) - hold
-        out = self.text[self.emitted:end] if end > self.emitted else ""
+        out = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return out
 
@@ -69,7 +69,7 @@ class TextStream:
         for k in range(len(self.ids), -1, -1):
             t = self._decode(self.ids[:k])
             if want.startswith(t):
-                rest = want[len(t):]
+                rest = want[len(t) :]
                 extra = self.tok(rest, add_special_tokens=False).input_ids if rest else []
                 return self.ids[:k] + list(extra)
         return list(self.tok(want, add_special_tokens=False).input_ids)

@@ -24,6 +24,20 @@ from .search import (
     resolve_decoding,
 )
 
-__all__ = ["ClipGuide", "LMStep", "MagicModel", "MagicResult", "attach_clip", "attached_clip", "continuation_ids",
-           "degeneration_penalty", "grounded_step", "hf_step", "load_clip", "load_magic", "magic_scores",
-           "magic_search", "resolve_decoding"]
+__all__ = [
+    "ClipGuide",
+    "LMStep",
+    "MagicModel",
+    "MagicResult",
+    "attach_clip",
+    "attached_clip",
+    "continuation_ids",
+    "degeneration_penalty",
+    "grounded_step",
+    "hf_step",
+    "load_clip",
+    "load_magic",
+    "magic_scores",
+    "magic_search",
+    "resolve_decoding",
+]

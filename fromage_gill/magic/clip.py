@@ -49,8 +49,9 @@ class ClipGuide(nn.Module):
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """K texts -> (K, D) L2-normalised projected text embeddings, in one batch."""
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         pooled = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
@@ -71,7 +72,8 @@ def tiny_clip_tokenizer(vocab_size: int, model_max_length: int = 77):
 
     tok = train_tiny_tokenizer(vocab_size, model_max_length=model_max_length)
     tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"$A {tok.eos_token}", special_tokens=[(tok.eos_token, tok.eos_token_id)])
+        single=f"$A {tok.eos_token}", special_tokens=[(tok.eos_token, tok.eos_token_id)]
+    )
     return tok
 
 
@@ -83,13 +85,16 @@ def load_clip(spec: ClipSpec, *, device: torch.device | str, dtype: torch.dtype,
         cfg = dict(spec.config)
         torch.manual_seed(seed + 1)
         model = CLIPModel(CLIPConfig(**cfg))
-        tokenizer = tiny_clip_tokenizer(int(cfg["text_config"].get("vocab_size", 512)),
-                                        int(cfg["text_config"].get("max_position_embeddings", 77)))
+        tokenizer = tiny_clip_tokenizer(
+            int(cfg["text_config"].get("vocab_size", 512)), int(cfg["text_config"].get("max_position_embeddings", 77))
+        )
     else:
-        model = from_hub_or_path("CLIP model", spec.source,
-                                 lambda s: CLIPModel.from_pretrained(s, revision=spec.revision, dtype=dtype))
-        tokenizer = from_hub_or_path("CLIP tokenizer", spec.source,
-                                     lambda s: AutoTokenizer.from_pretrained(s, revision=spec.revision))
+        model = from_hub_or_path(
+            "CLIP model", spec.source, lambda s: CLIPModel.from_pretrained(s, revision=spec.revision, dtype=dtype)
+        )
+        tokenizer = from_hub_or_path(
+            "CLIP tokenizer", spec.source, lambda s: AutoTokenizer.from_pretrained(s, revision=spec.revision)
+        )
     size = model.config.vision_config.image_size
     model = model.to(device=device, dtype=dtype)
     return ClipGuide(model, tokenizer, ImageProcessor(size=size, mean=CLIP_MEAN, std=CLIP_STD))
@@ -136,7 +141,9 @@ def attached_clip(pipeline: Any) -> ClipGuide:
 def _no_text_tower(pipeline: Any) -> str:
     src = pipeline.config.vision.source
     hint = "openai/clip-vit-large-patch14" if src == RANDOM else src
-    return (f"a model with no CLIP text tower cannot use magic decoding; {pipeline.config.name!r} has only CLIP's "
-            f"vision encoder ({src}). Pass a full CLIP: fromage_gill.magic.attach_clip(pipeline, {hint!r}) "
-            f"(a Hub id or directory of a transformers CLIPModel, or 'tiny-magic' offline; in the app: --clip SOURCE), "
-            f"or use decoding='contrastive', which needs no CLIP")
+    return (
+        f"a model with no CLIP text tower cannot use magic decoding; {pipeline.config.name!r} has only CLIP's "
+        f"vision encoder ({src}). Pass a full CLIP: fromage_gill.magic.attach_clip(pipeline, {hint!r}) "
+        f"(a Hub id or directory of a transformers CLIPModel, or 'tiny-magic' offline; in the app: --clip SOURCE), "
+        f"or use decoding='contrastive', which needs no CLIP"
+    )

@@ -45,34 +45,58 @@ class MagicModel:
     device: torch.device
     dtype: torch.dtype
 
-    def stream(self, images: Sequence[Image.Image | str] = (), prompt: str = "", *, decoding: str = "magic",
-               k: int | None = None, alpha: float | None = None, beta: float | None = None,
-               max_new_tokens: int | None = None) -> Iterator[int]:
+    def stream(
+        self,
+        images: Sequence[Image.Image | str] = (),
+        prompt: str = "",
+        *,
+        decoding: str = "magic",
+        k: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[int]:
         """Yield token ids as they are chosen. ``prompt`` fills the preset's prompt template."""
-        settings = resolve_decoding(decoding, self.config.decoding, k=k, alpha=alpha, beta=beta,
-                                    max_new_tokens=max_new_tokens)
+        settings = resolve_decoding(
+            decoding, self.config.decoding, k=k, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens
+        )
         if settings.beta > 0 and not images:
-            raise ValueError(f"decoding={decoding!r} needs an image (beta={settings.beta} steers the text towards "
-                             f"it): pass at least one, or use --decoding contrastive / greedy for text only")
+            raise ValueError(
+                f"decoding={decoding!r} needs an image (beta={settings.beta} steers the text towards "
+                f"it): pass at least one, or use --decoding contrastive / greedy for text only"
+            )
         clip_logits = self.clip.logits_fn([load_image(i) for i in images]) if settings.beta > 0 else None
         prompt_ids = self.prompt_ids(prompt)
         limit = getattr(self.lm.config, "max_position_embeddings", None)
         if limit is not None and prompt_ids.shape[1] + settings.max_new_tokens > limit:
-            raise ValueError(f"the prompt ({prompt_ids.shape[1]} tokens) plus max_new_tokens "
-                             f"({settings.max_new_tokens}) exceeds the LM's {limit} positions; shorten either")
+            raise ValueError(
+                f"the prompt ({prompt_ids.shape[1]} tokens) plus max_new_tokens "
+                f"({settings.max_new_tokens}) exceeds the LM's {limit} positions; shorten either"
+            )
         step = hf_step(self.lm)
         with torch.no_grad():
             start = step(prompt_ids, None)
-        return magic_search(step, start, settings, decode=self.tokenizer.decode, clip_logits=clip_logits,
-                            stop_ids=self.stop_ids)
+        return magic_search(
+            step, start, settings, decode=self.tokenizer.decode, clip_logits=clip_logits, stop_ids=self.stop_ids
+        )
 
-    def generate(self, images: Sequence[Image.Image | str] = (), prompt: str = "", *, decoding: str = "magic",
-                 k: int | None = None, alpha: float | None = None, beta: float | None = None,
-                 max_new_tokens: int | None = None) -> MagicResult:
-        settings = resolve_decoding(decoding, self.config.decoding, k=k, alpha=alpha, beta=beta,
-                                    max_new_tokens=max_new_tokens)
-        ids = list(self.stream(images, prompt, decoding=decoding, k=k, alpha=alpha, beta=beta,
-                               max_new_tokens=max_new_tokens))
+    def generate(
+        self,
+        images: Sequence[Image.Image | str] = (),
+        prompt: str = "",
+        *,
+        decoding: str = "magic",
+        k: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> MagicResult:
+        settings = resolve_decoding(
+            decoding, self.config.decoding, k=k, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens
+        )
+        ids = list(
+            self.stream(images, prompt, decoding=decoding, k=k, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens)
+        )
         text = " ".join(self.tokenizer.decode(ids, skip_special_tokens=True).split())
         return MagicResult(text=text, token_ids=ids, prompt=self.config.prompt(prompt), settings=settings)
 
@@ -82,8 +106,9 @@ class MagicModel:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         if not ids:
             if self.tokenizer.bos_token_id is None:
-                raise ValueError(f"{self.config.name}: the prompt is empty and the tokenizer has no BOS token; "
-                                 f"pass a prompt")
+                raise ValueError(
+                    f"{self.config.name}: the prompt is empty and the tokenizer has no BOS token; pass a prompt"
+                )
             ids = [self.tokenizer.bos_token_id]
         return torch.tensor([ids], device=self.lm.get_input_embeddings().weight.device)
 
@@ -92,15 +117,22 @@ class MagicModel:
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
 
-def load_magic(name_or_path: str | MagicConfig = "magic-mscoco", *, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, lm: str | None = None,
-               clip: str | None = None) -> MagicModel:
+def load_magic(
+    name_or_path: str | MagicConfig = "magic-mscoco",
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    lm: str | None = None,
+    clip: str | None = None,
+) -> MagicModel:
     """A MAGIC preset / config file (kind "magic"), or a ``MagicConfig``. ``lm`` / ``clip``: override a component's
     source with a local directory or another Hub id. The published LMs and CLIP come from the Hub (cached)."""
     cfg = name_or_path if isinstance(name_or_path, MagicConfig) else load_config(name_or_path)
     if not isinstance(cfg, MagicConfig):
-        raise ValueError(f"{name_or_path!r} is a {cfg.kind!r} model, not a MAGIC preset; use load_pipeline for it, "
-                         f"or one of the magic presets (fromage-gill presets)")
+        raise ValueError(
+            f"{name_or_path!r} is a {cfg.kind!r} model, not a MAGIC preset; use load_pipeline for it, "
+            f"or one of the magic presets (fromage-gill presets)"
+        )
     if lm:
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, source=lm, config=None))
     if clip:

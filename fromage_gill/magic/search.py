@@ -44,8 +44,9 @@ def degeneration_penalty(candidate_hidden: torch.Tensor, context_hidden: torch.T
     return (cand @ ctx.T).max(dim=-1).values
 
 
-def magic_scores(probs: torch.Tensor, penalty: torch.Tensor, clip_logits: torch.Tensor | None,
-                 alpha: float, beta: float) -> torch.Tensor:
+def magic_scores(
+    probs: torch.Tensor, penalty: torch.Tensor, clip_logits: torch.Tensor | None, alpha: float, beta: float
+) -> torch.Tensor:
     """(k,) LM probabilities, (k,) degeneration penalties, (k,) CLIP logits or None -> (k,) scores."""
     scores = (1.0 - alpha) * probs.float() - alpha * penalty.float()
     if beta and clip_logits is not None:
@@ -90,9 +91,16 @@ StepFn = Callable[[torch.Tensor, Any], LMStep]  # (B, 1) token ids, cache -> LMS
 ClipLogitsFn = Callable[[list[str]], torch.Tensor]  # k texts -> (k,) image-text logits
 
 
-def magic_search(step: StepFn, start: LMStep, settings: MagicDecoding, *, decode: Callable[[list[int]], str],
-                 clip_logits: ClipLogitsFn | None = None, stop_ids: Sequence[int] = (),
-                 vocab_limit: int | None = None) -> Iterator[int]:
+def magic_search(
+    step: StepFn,
+    start: LMStep,
+    settings: MagicDecoding,
+    *,
+    decode: Callable[[list[int]], str],
+    clip_logits: ClipLogitsFn | None = None,
+    stop_ids: Sequence[int] = (),
+    vocab_limit: int | None = None,
+) -> Iterator[int]:
     """Yield the chosen token ids one by one (a stop token ends the loop and is not yielded).
 
     step: runs the LM on (B, 1) token ids with a cache (see ``hf_step`` / ``grounded_step``).
@@ -101,16 +109,25 @@ def magic_search(step: StepFn, start: LMStep, settings: MagicDecoding, *, decode
     vocab_limit: candidates are drawn from the first ``vocab_limit`` ids only (e.g. text tokens, not [IMG]).
     """
     if settings.beta > 0 and clip_logits is None:
-        raise ValueError("magic decoding (beta > 0) needs an image to steer towards; pass images, or use "
-                         "decoding='contrastive' (beta = 0) for text only")
+        raise ValueError(
+            "magic decoding (beta > 0) needs an image to steer towards; pass images, or use "
+            "decoding='contrastive' (beta = 0) for text only"
+        )
     if start.logits.shape[0] != 1:
         raise ValueError(f"magic decoding runs one sequence at a time, got a batch of {start.logits.shape[0]}")
     return _search(step, start, settings, decode, clip_logits, {int(t) for t in stop_ids}, vocab_limit)
 
 
 @torch.no_grad()
-def _search(step: StepFn, start: LMStep, settings: MagicDecoding, decode: Callable[[list[int]], str],
-            clip_logits: ClipLogitsFn | None, stop: set[int], vocab_limit: int | None) -> Iterator[int]:
+def _search(
+    step: StepFn,
+    start: LMStep,
+    settings: MagicDecoding,
+    decode: Callable[[list[int]], str],
+    clip_logits: ClipLogitsFn | None,
+    stop: set[int],
+    vocab_limit: int | None,
+) -> Iterator[int]:
     context = start.hidden[0]  # (T, d): every position a candidate is compared with
     logits = start.logits[0]  # (V,)
     cache = start.past_key_values

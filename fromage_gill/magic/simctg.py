@@ -60,8 +60,9 @@ def contrastive_token_loss(hidden: torch.Tensor, mask: torch.Tensor, margin: flo
     return (loss * pairs).sum() / pairs.sum().clamp(min=1)
 
 
-def simctg_loss(logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                margin: float = 0.5) -> dict[str, torch.Tensor]:
+def simctg_loss(
+    logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, margin: float = 0.5
+) -> dict[str, torch.Tensor]:
     """logits (B, T, V), hidden (B, T, d), labels (B, T) next tokens with -100 where ignored, mask (B, T) inputs.
     Returns {"total", "mle", "contrastive"}."""
     mle = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
@@ -132,7 +133,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     epoch, pos = divmod(step, per_epoch)
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    picked = order[pos * batch_size:(pos + 1) * batch_size]
+    picked = order[pos * batch_size : (pos + 1) * batch_size]
     return picked if len(picked) == batch_size else (picked + order)[:batch_size]
 
 
@@ -191,8 +192,10 @@ def lm_spec(model: str) -> tuple[LMSpec, int]:
     except ConfigError:
         return LMSpec(source=model), 0
     if not isinstance(cfg, MagicConfig):
-        raise ValueError(f"--model {model!r} is a {cfg.kind!r} model; train-lm fine-tunes a plain LM: pass a MAGIC "
-                         f"preset (its LM), an LM directory or a Hub id")
+        raise ValueError(
+            f"--model {model!r} is a {cfg.kind!r} model; train-lm fine-tunes a plain LM: pass a MAGIC "
+            f"preset (its LM), an LM directory or a Hub id"
+        )
     return cfg.lm, cfg.seed
 
 
@@ -206,8 +209,9 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
     captions = read_captions(tc.data)
     resume = resolve_resume(Path(tc.resume)) if tc.resume else None
     if resume is None and (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()):
-        raise FileExistsError(f"--out {out} already holds a run; pass --resume {out} to continue it, or choose a "
-                              f"new --out")
+        raise FileExistsError(
+            f"--out {out} already holds a run; pass --resume {out} to continue it, or choose a new --out"
+        )
     spec, seed = lm_spec(tc.model)
     if resume is not None:
         spec, seed = LMSpec(source=str(resume)), tc.seed  # the checkpoint holds the LM and its tokenizer
@@ -223,15 +227,18 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
         raise ValueError(f"the tokenizer of {spec.source} has no EOS token: captions could never end")
     seqs = encode_captions(captions, tokenizer, start_id=start_id, eos_id=eos_id, max_len=tc.max_len)
     if len(seqs) < tc.batch_size:
-        raise CorpusError(f"--data {tc.data}: {len(seqs)} usable caption(s) are fewer than one batch "
-                          f"({tc.batch_size}); lower --batch-size or add captions")
+        raise CorpusError(
+            f"--data {tc.data}: {len(seqs)} usable caption(s) are fewer than one batch "
+            f"({tc.batch_size}); lower --batch-size or add captions"
+        )
     pad_id = pad_token_id(tokenizer)  # EOS is known to exist here, so backbones' last resort (0) never applies
 
     # 2. Optimizer; a resumed run continues from its step, optimizer and rng.
     lm.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=tc.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / tc.warmup) if tc.warmup
-                                                  else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / tc.warmup) if tc.warmup else 1.0
+    )
     step = 0
     if resume is not None:
         state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=False)
@@ -262,8 +269,11 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
         record = {k: float(v.detach()) for k, v in parts.items()}
         record["lr"] = scheduler.get_last_lr()[0]
         history.append(record)
-        bar.set_postfix(loss=f"{record['total']:.3f}", cl=f"{record['contrastive']:.3f}",
-                        ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
+        bar.set_postfix(
+            loss=f"{record['total']:.3f}",
+            cl=f"{record['contrastive']:.3f}",
+            ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}",
+        )
         bar.update(1)
         if step % tc.save_every == 0 or step == tc.max_steps:
             save_checkpoint(out, step, lm, tokenizer, optimizer, scheduler, keep=tc.keep_checkpoints)
@@ -278,8 +288,9 @@ def resolve_resume(path: Path) -> Path:
         return path
     done = sorted(p for p in (path / CHECKPOINTS).glob("step-*") if (p / TRAINER_STATE).is_file())
     if not done:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected {path}/{CHECKPOINTS}/step-*/ "
-                                f"with {TRAINER_STATE})")
+        raise FileNotFoundError(
+            f"--resume {path}: no checkpoint there (expected {path}/{CHECKPOINTS}/step-*/ with {TRAINER_STATE})"
+        )
     return done[-1]
 
 
@@ -293,8 +304,15 @@ def save_checkpoint(out: Path, step: int, lm, tokenizer, optimizer, scheduler, *
     tmp.mkdir(parents=True)
     lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "rng": torch.get_rng_state(),
+        },
+        tmp / TRAINER_STATE,
+    )
     if final.exists():  # the same step again after a resume
         shutil.rmtree(final)
     tmp.rename(final)

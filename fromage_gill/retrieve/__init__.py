@@ -22,7 +22,20 @@ from .sources import ImageItem, iter_image_caption_items, read_item_bytes
 from .storage import FingerprintMismatchError
 
 __all__ = [
-    "BuildReport", "FetchConfig", "FetchError", "FingerprintMismatchError", "ImageFetcher", "ImageIndex", "ImageItem",
-    "ImportReport", "SearchResult", "UntrustedPickleError", "build_index", "import_published",
-    "iter_image_caption_items", "read_item_bytes", "read_published_embeddings", "shipped_index_dir",
+    "BuildReport",
+    "FetchConfig",
+    "FetchError",
+    "FingerprintMismatchError",
+    "ImageFetcher",
+    "ImageIndex",
+    "ImageItem",
+    "ImportReport",
+    "SearchResult",
+    "UntrustedPickleError",
+    "build_index",
+    "import_published",
+    "iter_image_caption_items",
+    "read_item_bytes",
+    "read_published_embeddings",
+    "shipped_index_dir",
 ]

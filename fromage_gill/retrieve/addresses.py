@@ -14,24 +14,31 @@ from ..images import ImageError
 from .connection import DeadlinePassed
 
 # Instance-metadata services hand out cloud credentials; never fetched, whatever the policy says.
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
-    "169.254.170.2",  # AWS ECS task metadata
-    "100.100.100.200",  # Alibaba Cloud
-    "192.0.0.192",  # Oracle Cloud (legacy)
-    "fd00:ec2::254",  # AWS IPv6
-))
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
+        "169.254.170.2",  # AWS ECS task metadata
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud (legacy)
+        "fd00:ec2::254",  # AWS IPv6
+    )
+)
 # What allow_private opens: RFC 1918 and IPv6 unique-local ranges (loopback too). Python's is_private is wider (it
 # includes link-local, 0.0.0.0/8, documentation and benchmarking ranges), so the ranges are spelled out.
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                                                           "fc00::/7"))
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+
 
 class FetchError(ImageError):
     """A URL that could not be fetched as an image; the message names the URL and the reason."""
 
 
-def address_refusal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *,
-                    allow_private: bool = False, allow_link_local: bool = False) -> str | None:
+def address_refusal(
+    address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    *,
+    allow_private: bool = False,
+    allow_link_local: bool = False,
+) -> str | None:
     """Why we will not connect to ``address`` (a short reason), or None if we may. ``allow_private``: the private
     ranges and loopback too; ``allow_link_local``: link-local too. Cloud metadata addresses are always refused."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
@@ -51,9 +58,13 @@ def address_refusal(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address
         return None
     if allow_link_local and ip.is_link_local:
         return None
-    for attr, reason in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
-                         ("is_multicast", "a multicast address"), ("is_unspecified", "an unspecified address"),
-                         ("is_reserved", "a reserved address")):
+    for attr, reason in (
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address"),
+        ("is_multicast", "a multicast address"),
+        ("is_unspecified", "an unspecified address"),
+        ("is_reserved", "a reserved address"),
+    ):
         if getattr(ip, attr):
             return reason
     if private:
@@ -86,8 +97,9 @@ def _getaddrinfo(host: str, port: int, timeout: float | None) -> list:
         raise DeadlinePassed(f"resolving {host!r}") from None
 
 
-def resolve_checked(host: str, port: int, *, allow_private: bool, allow_link_local: bool = False,
-                    timeout: float | None = None) -> list[str]:
+def resolve_checked(
+    host: str, port: int, *, allow_private: bool, allow_link_local: bool = False, timeout: float | None = None
+) -> list[str]:
     """The addresses of ``host``, all of them allowed by the policy; refuses if any is not (a mixed answer is how
     DNS tricks get in). ``timeout``: seconds the lookup may take (None: the resolver's own)."""
     try:
@@ -100,13 +112,13 @@ def resolve_checked(host: str, port: int, *, allow_private: bool, allow_link_loc
         if reason is not None:
             hint = ""
             if reason in ("a loopback address", "a private address") and not allow_private:
-                hint = " (allow private and loopback addresses with FetchConfig(allow_private=True) / " \
-                       "--allow-private-urls)"
+                hint = (
+                    " (allow private and loopback addresses with FetchConfig(allow_private=True) / "
+                    "--allow-private-urls)"
+                )
             elif reason == "a link-local address" and not allow_link_local:
                 hint = " (allow link-local addresses with FetchConfig(allow_link_local=True))"
             raise FetchError(f"refused: host {host!r} resolves to {a}, {reason}{hint}")
     if not addresses:
         raise FetchError(f"cannot resolve host {host!r}: no addresses")
     return addresses
-
-

@@ -73,10 +73,22 @@ class _BuildState:
     extra: dict = field(default_factory=dict)
 
 
-def build_index(pipeline, images_source: str | Path, out_dir: str | Path, *, batch_size: int = 32,
-                resume: bool = True, progress: bool = True, image_root: str | Path | None = None,
-                dtype: str = "float32", fetch_config: FetchConfig | None = None, relative_paths: bool = True,
-                num_workers: int = 4, overwrite: bool = False, max_image_bytes: int = MAX_IMAGE_BYTES) -> BuildReport:
+def build_index(
+    pipeline,
+    images_source: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 32,
+    resume: bool = True,
+    progress: bool = True,
+    image_root: str | Path | None = None,
+    dtype: str = "float32",
+    fetch_config: FetchConfig | None = None,
+    relative_paths: bool = True,
+    num_workers: int = 4,
+    overwrite: bool = False,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+) -> BuildReport:
     """Embed every image of ``images_source`` (see ``sources.iter_image_caption_items``) with ``pipeline``'s frozen
     vision encoder and retrieval head, and write an index folder at ``out_dir``.
 
@@ -94,8 +106,9 @@ def build_index(pipeline, images_source: str | Path, out_dir: str | Path, *, bat
     model = pipeline.model
     out = Path(out_dir)
     if (out / META_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds an index; choose another --out or pass overwrite=True "
-                              f"(--overwrite)")
+        raise FileExistsError(
+            f"{out} already holds an index; choose another --out or pass overwrite=True (--overwrite)"
+        )
     fingerprint = model.retrieval_fingerprint()
     dim = pipeline.config.retrieval_dim
     source = str(images_source)
@@ -126,8 +139,14 @@ def build_index(pipeline, images_source: str | Path, out_dir: str | Path, *, bat
     rec_f = open(build / RECORDS_FILE, "r+b")  # noqa: SIM115
     skip_f = open(build / SKIPPED_FILE, "r+b")  # noqa: SIM115
     pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="index-load")
-    bar = tqdm(total=total, initial=resumed_from, unit="img", desc=f"index {out.name}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=resumed_from,
+        unit="img",
+        desc=f"index {out.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for f, size in ((vec_f, state.rows * dim * 4), (rec_f, state.records_bytes), (skip_f, state.skipped_bytes)):
             f.truncate(size)  # drop whatever an interrupted batch wrote after the last commit
@@ -167,13 +186,26 @@ def build_index(pipeline, images_source: str | Path, out_dir: str | Path, *, bat
 
     skipped = _read_skipped(build / SKIPPED_FILE)
     if state.rows == 0:
-        raise ValueError(f"no image of {source} could be read ({len(skipped)} skipped, e.g. "
-                         f"{'; '.join(f'{n}: {r}' for n, r in skipped[:3]) or 'none found'})")
+        raise ValueError(
+            f"no image of {source} could be read ({len(skipped)} skipped, e.g. "
+            f"{'; '.join(f'{n}: {r}' for n, r in skipped[:3]) or 'none found'})"
+        )
     _finish_build(build, out, state, model.config.name, dtype)
-    report = BuildReport(out_dir=out, count=state.rows, skipped=skipped, resumed_from=resumed_from,
-                         seconds=time.monotonic() - started, processed=state.items_done - resumed_from)
-    logger.info("index %s: %d images, %d skipped%s", out, report.count, len(skipped),
-                f" (see {out / SKIPPED_FILE})" if skipped else "")
+    report = BuildReport(
+        out_dir=out,
+        count=state.rows,
+        skipped=skipped,
+        resumed_from=resumed_from,
+        seconds=time.monotonic() - started,
+        processed=state.items_done - resumed_from,
+    )
+    logger.info(
+        "index %s: %d images, %d skipped%s",
+        out,
+        report.count,
+        len(skipped),
+        f" (see {out / SKIPPED_FILE})" if skipped else "",
+    )
     return report
 
 
@@ -215,8 +247,12 @@ def _open_build(build: Path, fingerprint: str, source: str, dim: int, resume: bo
         if old is not None and (old.fingerprint, old.source, old.dim) == (fingerprint, source, dim):
             return old
         if old is not None:
-            logger.warning("%s holds an unfinished build from another model or image set (%s, %s): starting over",
-                           build, old.fingerprint, old.source)
+            logger.warning(
+                "%s holds an unfinished build from another model or image set (%s, %s): starting over",
+                build,
+                old.fingerprint,
+                old.source,
+            )
     if build.exists():
         shutil.rmtree(build)
     build.mkdir(parents=True)
@@ -249,4 +285,3 @@ def _finish_build(build: Path, out: Path, state: _BuildState, model_name: str, d
         (out / FAISS_FILE).unlink()  # it indexed the previous vectors
     write_json(out / META_FILE, meta)
     shutil.rmtree(build)
-

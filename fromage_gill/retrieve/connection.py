@@ -87,8 +87,9 @@ class PinnedHTTPConnection(http.client.HTTPConnection):
 
 
 class PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, deadline: Deadline, connect_timeout: float,
-                 context: ssl.SSLContext):
+    def __init__(
+        self, host: str, port: int, address: str, deadline: Deadline, connect_timeout: float, context: ssl.SSLContext
+    ):
         super().__init__(host, port, timeout=connect_timeout, context=context)
         self._address, self._deadline = address, deadline
 
@@ -97,5 +98,3 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
         sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the host
         sock.deadline = self._deadline  # a DeadlineSSLSocket: the context's sslsocket_class
         self.sock = sock
-
-

@@ -123,8 +123,11 @@ class DiskCache:
         return sum(e.stat().st_size for e in os.scandir(self.directory) if e.is_file() and not e.name.startswith("."))
 
     def _evict(self) -> None:
-        entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(self.directory)
-                   if e.is_file() and not e.name.startswith(".")]
+        entries = [
+            (e.stat().st_mtime, e.stat().st_size, e.path)
+            for e in os.scandir(self.directory)
+            if e.is_file() and not e.name.startswith(".")
+        ]
         total = sum(s for _, s, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
@@ -167,19 +170,28 @@ class ImageFetcher:
             if not path:
                 raise ImageError(f"record {source} has neither a url nor a path")
             resolved = str(self._resolve(path))
-            item = ImageItem(name=resolved if source.get("member") is None else f"{resolved}:{source['member']}",
-                             path=resolved, member=source.get("member"),
-                             offset=source.get("offset"), size=source.get("size"))
+            item = ImageItem(
+                name=resolved if source.get("member") is None else f"{resolved}:{source['member']}",
+                path=resolved,
+                member=source.get("member"),
+                offset=source.get("offset"),
+                size=source.get("size"),
+            )
             return self.load(item)
         if isinstance(source, ImageItem):
             if source.url is not None:
                 return self.fetch_url(source.url)
             if source.member is None:
-                return load_image(self._resolve(source.path), max_pixels=self.config.max_pixels,
-                                  max_bytes=self.config.max_bytes, name=source.name)
+                return load_image(
+                    self._resolve(source.path),
+                    max_pixels=self.config.max_pixels,
+                    max_bytes=self.config.max_bytes,
+                    name=source.name,
+                )
             data = read_item_bytes(source, self.config.max_bytes)
-            return load_image(data, max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes,
-                              name=source.name)
+            return load_image(
+                data, max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes, name=source.name
+            )
         if isinstance(source, str) and is_url(source):
             return self.fetch_url(source)
         return load_image(self._resolve(source), max_pixels=self.config.max_pixels, max_bytes=self.config.max_bytes)
@@ -219,23 +231,39 @@ class ImageFetcher:
         for _ in range(cfg.max_redirects + 1):
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https"):
-                raise FetchError(f"{url}: only http and https URLs are fetched, not {parts.scheme or 'no scheme'!r}"
-                                 + ("" if current == url else f" (redirected to {current})"))
+                raise FetchError(
+                    f"{url}: only http and https URLs are fetched, not {parts.scheme or 'no scheme'!r}"
+                    + ("" if current == url else f" (redirected to {current})")
+                )
             host = parts.hostname
             if not host:
                 raise FetchError(f"{url}: no host in {current!r}")
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:
-                addresses = resolve_checked(host, port, allow_private=cfg.allow_private,
-                                            allow_link_local=cfg.allow_link_local, timeout=deadline.timeout(math.inf))
+                addresses = resolve_checked(
+                    host,
+                    port,
+                    allow_private=cfg.allow_private,
+                    allow_link_local=cfg.allow_link_local,
+                    timeout=deadline.timeout(math.inf),
+                )
             except FetchError as e:
-                raise FetchError(f"{url}: {e}" + ("" if current == url else f" (after a redirect to {current})")) \
-                    from None
+                raise FetchError(
+                    f"{url}: {e}" + ("" if current == url else f" (after a redirect to {current})")
+                ) from None
             conn = self._connect(parts.scheme, host, port, addresses, url, deadline)
             try:
                 target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                conn.request("GET", target, headers={"User-Agent": cfg.user_agent, "Accept": "image/*",
-                                                     "Accept-Encoding": "identity", "Connection": "close"})
+                conn.request(
+                    "GET",
+                    target,
+                    headers={
+                        "User-Agent": cfg.user_agent,
+                        "Accept": "image/*",
+                        "Accept-Encoding": "identity",
+                        "Connection": "close",
+                    },
+                )
                 resp = conn.getresponse()
                 if resp.status in REDIRECTS:
                     location = resp.getheader("Location")
@@ -256,8 +284,9 @@ class ImageFetcher:
                 conn.close()
         raise FetchError(f"{url}: more than {cfg.max_redirects} redirects")
 
-    def _connect(self, scheme: str, host: str, port: int, addresses: list[str], url: str,
-                 deadline: Deadline) -> http.client.HTTPConnection:
+    def _connect(
+        self, scheme: str, host: str, port: int, addresses: list[str], url: str, deadline: Deadline
+    ) -> http.client.HTTPConnection:
         cfg = self.config
         last: Exception | None = None
         for address in addresses:

@@ -58,8 +58,11 @@ class SearchResult:
 
 
 def _as_queries(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
-    q = queries.detach().float().cpu() if isinstance(queries, torch.Tensor) else torch.from_numpy(
-        np.asarray(queries, dtype=np.float32))
+    q = (
+        queries.detach().float().cpu()
+        if isinstance(queries, torch.Tensor)
+        else torch.from_numpy(np.asarray(queries, dtype=np.float32))
+    )
     if q.ndim == 1:
         q = q[None]
     if q.ndim != 2 or q.shape[1] != dim:
@@ -67,8 +70,14 @@ def _as_queries(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
     return q.contiguous()
 
 
-def exact_search(vectors: np.ndarray, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None,
-                 *, block_rows: int | None = None) -> SearchResult:
+def exact_search(
+    vectors: np.ndarray,
+    queries: torch.Tensor,
+    k: int,
+    exclude: np.ndarray | None = None,
+    *,
+    block_rows: int | None = None,
+) -> SearchResult:
     """Top-k by dot product over all rows, block by block: one pass over the vectors, memory O(Q x block).
 
     ``exclude``: sorted unique int64 row ids to leave out."""
@@ -83,7 +92,7 @@ def exact_search(vectors: np.ndarray, queries: torch.Tensor, k: int, exclude: np
     best_i = torch.full((nq, kk), -1, dtype=torch.int64)
     exclude = np.empty(0, np.int64) if exclude is None else exclude
     for start in range(0, n, block_rows):
-        block = torch.from_numpy(vectors[start: start + block_rows])
+        block = torch.from_numpy(vectors[start : start + block_rows])
         if block.dtype != torch.float32:
             block = block.float()
         s = queries @ block.T  # (Q, B)
@@ -121,16 +130,26 @@ def _faiss():
 class ImageIndex:
     """Normalised image embeddings (N, D) of one model, their records, and optionally a FAISS index."""
 
-    def __init__(self, vectors: np.ndarray, records: Sequence[dict], fingerprint: str, *, model: str | None = None,
-                 directory: Path | None = None, faiss_index: Any = None, faiss_settings: dict | None = None,
-                 fetch_config: FetchConfig | None = None):
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        records: Sequence[dict],
+        fingerprint: str,
+        *,
+        model: str | None = None,
+        directory: Path | None = None,
+        faiss_index: Any = None,
+        faiss_settings: dict | None = None,
+        fetch_config: FetchConfig | None = None,
+    ):
         if vectors.ndim != 2:
             raise ValueError(f"embeddings must be (N, D), got shape {vectors.shape}")
         if len(records) != vectors.shape[0]:
             raise ValueError(f"{vectors.shape[0]} embeddings but {len(records)} records: one record per row")
         if not fingerprint:
-            raise ValueError("fingerprint must name the model the embeddings came from "
-                             "(pipeline.model.retrieval_fingerprint())")
+            raise ValueError(
+                "fingerprint must name the model the embeddings came from (pipeline.model.retrieval_fingerprint())"
+            )
         self.vectors = vectors
         self.records = records
         self.fingerprint = fingerprint
@@ -145,14 +164,20 @@ class ImageIndex:
     # -------------------------------------------------------------------------------- construction
 
     @classmethod
-    def from_embeddings(cls, embeddings: torch.Tensor | np.ndarray, records: Sequence[dict], fingerprint: str, *,
-                        model: str | None = None, normalize: bool = False,
-                        fetch_config: FetchConfig | None = None) -> ImageIndex:
+    def from_embeddings(
+        cls,
+        embeddings: torch.Tensor | np.ndarray,
+        records: Sequence[dict],
+        fingerprint: str,
+        *,
+        model: str | None = None,
+        normalize: bool = False,
+        fetch_config: FetchConfig | None = None,
+    ) -> ImageIndex:
         """An in-memory index. ``embeddings`` must be L2-normalised (or pass ``normalize=True``)."""
         if isinstance(embeddings, torch.Tensor):
             embeddings = embeddings.detach().float().cpu().numpy()
-        vectors = np.array(embeddings, dtype=np.float32 if embeddings.dtype != np.float16 else np.float16,
-                           copy=True)
+        vectors = np.array(embeddings, dtype=np.float32 if embeddings.dtype != np.float16 else np.float16, copy=True)
         if vectors.ndim != 2:
             raise ValueError(f"embeddings must be (N, D), got shape {vectors.shape}")
         if normalize:
@@ -162,8 +187,15 @@ class ImageIndex:
         return cls(vectors, list(records), fingerprint, model=model, fetch_config=fetch_config)
 
     @classmethod
-    def load(cls, directory: str | Path, *, expected_fingerprint: str | None = None, mmap: bool = True,
-             use_faiss: bool = True, fetch_config: FetchConfig | None = None) -> ImageIndex:
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        expected_fingerprint: str | None = None,
+        mmap: bool = True,
+        use_faiss: bool = True,
+        fetch_config: FetchConfig | None = None,
+    ) -> ImageIndex:
         """Open a saved index; with ``expected_fingerprint`` (the model's), refuse one made by another model."""
         d = Path(directory)
         meta = read_meta(d)
@@ -184,17 +216,35 @@ class ImageIndex:
             except ImportError as e:
                 logger.warning("%s has a FAISS index but %s; using exact search", d, e)
             if faiss_index is not None and faiss_index.ntotal != vectors.shape[0]:
-                logger.warning("%s: the FAISS index holds %d vectors, not %d: ignoring it (rebuild it with "
-                               "`fromage-gill index faiss`)", d, faiss_index.ntotal, vectors.shape[0])
+                logger.warning(
+                    "%s: the FAISS index holds %d vectors, not %d: ignoring it (rebuild it with "
+                    "`fromage-gill index faiss`)",
+                    d,
+                    faiss_index.ntotal,
+                    vectors.shape[0],
+                )
                 faiss_index = None
             if faiss_index is not None:
                 _apply_faiss_settings(faiss_index, settings)
         if faiss_index is None and vectors.shape[0] > LARGE_INDEX:
-            logger.info("%s holds %d vectors: exact search reads all %.1f GB per query batch; for faster, approximate "
-                        "search build a FAISS index: fromage-gill index faiss %s --kind hnsw", d, vectors.shape[0],
-                        vectors.nbytes / 1e9, d)
-        return cls(vectors, records, fingerprint, model=meta.get("model"), directory=d, faiss_index=faiss_index,
-                   faiss_settings=settings if faiss_index is not None else None, fetch_config=fetch_config)
+            logger.info(
+                "%s holds %d vectors: exact search reads all %.1f GB per query batch; for faster, approximate "
+                "search build a FAISS index: fromage-gill index faiss %s --kind hnsw",
+                d,
+                vectors.shape[0],
+                vectors.nbytes / 1e9,
+                d,
+            )
+        return cls(
+            vectors,
+            records,
+            fingerprint,
+            model=meta.get("model"),
+            directory=d,
+            faiss_index=faiss_index,
+            faiss_settings=settings if faiss_index is not None else None,
+            fetch_config=fetch_config,
+        )
 
     def save(self, directory: str | Path) -> Path:
         """Write the index folder (vectors streamed in blocks, so a memory-mapped index is saved without a copy)."""
@@ -245,8 +295,9 @@ class ImageIndex:
 
     # -------------------------------------------------------------------------------- search
 
-    def search(self, queries: torch.Tensor | np.ndarray, k: int, exclude: set[int] | None = None, *,
-               method: str = "auto") -> SearchResult:
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int, exclude: set[int] | None = None, *, method: str = "auto"
+    ) -> SearchResult:
         """Top-``k`` images per query (queries (Q, D) or (D,), L2-normalised, from ``text_embedding``).
 
         ``exclude``: row ids never returned (e.g. images already in the conversation).
@@ -260,8 +311,10 @@ class ImageIndex:
         q = _as_queries(queries, self.dim)
         ex = np.unique(np.fromiter((int(i) for i in exclude), dtype=np.int64)) if exclude else None
         if method == "faiss" and self.faiss_index is None:
-            raise ValueError("this index has no FAISS index: build one with index.build_faiss(kind) or "
-                             "`fromage-gill index faiss DIR --kind ...`, or search with method='exact'")
+            raise ValueError(
+                "this index has no FAISS index: build one with index.build_faiss(kind) or "
+                "`fromage-gill index faiss DIR --kind ...`, or search with method='exact'"
+            )
         if method == "exact" or self.faiss_index is None or len(self) == 0:
             return exact_search(self.vectors, q, k, ex)
         return self._faiss_search(q, k, ex)
@@ -280,9 +333,18 @@ class ImageIndex:
         scores[ids < 0] = -np.inf
         return SearchResult(ids=_pad(ids[:, :k], k, -1), scores=_pad(scores[:, :k], k, -np.inf))
 
-    def build_faiss(self, kind: str = "hnsw", *, nlist: int | None = None, nprobe: int = 16, hnsw_m: int = 32,
-                    ef_construction: int = 200, ef_search: int = 128, train_size: int = 262_144,
-                    seed: int = 0) -> None:
+    def build_faiss(
+        self,
+        kind: str = "hnsw",
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_construction: int = 200,
+        ef_search: int = 128,
+        train_size: int = 262_144,
+        seed: int = 0,
+    ) -> None:
         """Build a FAISS index over the rows: "flat" (exact; a copy of the vectors), "ivf" (IVF-Flat, approximate,
         ``nlist`` lists, ``nprobe`` searched) or "hnsw" (graph, approximate). ``save`` writes it beside the vectors."""
         faiss = _faiss()
@@ -307,7 +369,7 @@ class ImageIndex:
         else:
             raise ValueError(f"kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
         for i in range(0, n, BLOCK_ROWS * 4):
-            index.add(np.ascontiguousarray(self.vectors[i: i + BLOCK_ROWS * 4], dtype=np.float32))
+            index.add(np.ascontiguousarray(self.vectors[i : i + BLOCK_ROWS * 4], dtype=np.float32))
         _apply_faiss_settings(index, settings)
         self.faiss_index, self.faiss_settings = index, settings
 

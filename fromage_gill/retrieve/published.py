@@ -36,17 +36,30 @@ class ImportReport:
     dropped: int  # rows with a zero or non-finite vector (cannot be normalised)
 
 
-CC3M_LICENSE = ("unknown: CC3M lists web images by URL; each image belongs to its owner (Google's Conceptual "
-                "Captions terms)")
+CC3M_LICENSE = (
+    "unknown: CC3M lists web images by URL; each image belongs to its owner (Google's Conceptual Captions terms)"
+)
 
 # What a published embeddings pickle needs: numpy arrays, torch tensors (the extraction scripts' lists), containers.
 _PICKLE_ALLOWED = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("torch", "Size"),
-    ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"),
-    ("collections", "OrderedDict"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch", "Size"),
+    ("torch", "float32"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("collections", "OrderedDict"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "tuple"),
 }
 
 
@@ -59,7 +72,8 @@ class _PublishedUnpickler(pickle.Unpickler):
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            f"the pickle asks for {module}.{name}, which an embeddings file never needs; refusing to load it")
+            f"the pickle asks for {module}.{name}, which an embeddings file never needs; refusing to load it"
+        )
 
 
 def _storage_from_bytes(b: bytes):
@@ -78,8 +92,11 @@ def read_published_embeddings(path: str | Path, *, trust_pickle: bool) -> tuple[
         )
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
-    logger.warning("loading %s as a pickle (pickles can run code: only trusted files; globals are restricted to "
-                   "arrays and tensors)", p)
+    logger.warning(
+        "loading %s as a pickle (pickles can run code: only trusted files; globals are restricted to "
+        "arrays and tensors)",
+        p,
+    )
     with open(p, "rb") as f:
         try:
             obj = _PublishedUnpickler(f).load()
@@ -91,8 +108,9 @@ def read_published_embeddings(path: str | Path, *, trust_pickle: bool) -> tuple[
     paths = [str(x) for x in obj["paths"]]
     emb = obj["embeddings"]
     if isinstance(emb, (list, tuple)):  # the extraction scripts: one tensor (D,) or (1, D) per image
-        rows = [e.detach().float().cpu().numpy() if isinstance(e, torch.Tensor) else np.asarray(e, np.float32)
-                for e in emb]
+        rows = [
+            e.detach().float().cpu().numpy() if isinstance(e, torch.Tensor) else np.asarray(e, np.float32) for e in emb
+        ]
         emb = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
     elif isinstance(emb, torch.Tensor):
         emb = emb.detach().float().cpu().numpy()
@@ -106,9 +124,19 @@ def read_published_embeddings(path: str | Path, *, trust_pickle: bool) -> tuple[
     return paths, emb
 
 
-def import_published(pickles: Sequence[str | Path], out_dir: str | Path, *, fingerprint: str, trust_pickle: bool,
-                     expected_dim: int | None = None, source: str = "cc3m", license: str = CC3M_LICENSE,
-                     dtype: str = "float32", model: str | None = None, overwrite: bool = False) -> ImportReport:
+def import_published(
+    pickles: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    fingerprint: str,
+    trust_pickle: bool,
+    expected_dim: int | None = None,
+    source: str = "cc3m",
+    license: str = CC3M_LICENSE,
+    dtype: str = "float32",
+    model: str | None = None,
+    overwrite: bool = False,
+) -> ImportReport:
     """Convert published embedding pickles (concatenated in the order given) into an index folder.
 
     The published vectors are already the model's retrieval embeddings (``visual_fc`` of the CLIP pooler output);
@@ -129,8 +157,10 @@ def import_published(pickles: Sequence[str | Path], out_dir: str | Path, *, fing
     emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
     del parts
     if expected_dim is not None and emb.shape[1] != expected_dim:
-        raise ValueError(f"the pickle holds {emb.shape[1]}-d embeddings but the model's retrieval space is "
-                         f"{expected_dim}-d: it belongs to another model")
+        raise ValueError(
+            f"the pickle holds {emb.shape[1]}-d embeddings but the model's retrieval space is "
+            f"{expected_dim}-d: it belongs to another model"
+        )
     norms = np.linalg.norm(emb, axis=1)
     keep = np.isfinite(norms) & (norms > 1e-12)
     dropped = int((~keep).sum())
@@ -162,4 +192,3 @@ class _LazyRecords:
 
     def __iter__(self) -> Iterator[dict]:
         return self.factory()
-

@@ -80,9 +80,20 @@ class ImageItem:
 
     def record(self) -> dict:
         """The JSON-able description of where the image is, as an index stores it."""
-        out = {k: v for k, v in (("path", self.path), ("url", self.url), ("member", self.member),
-                                 ("offset", self.offset), ("size", self.size), ("caption", self.caption),
-                                 ("license", self.license), ("source", self.source)) if v is not None}
+        out = {
+            k: v
+            for k, v in (
+                ("path", self.path),
+                ("url", self.url),
+                ("member", self.member),
+                ("offset", self.offset),
+                ("size", self.size),
+                ("caption", self.caption),
+                ("license", self.license),
+                ("source", self.source),
+            )
+            if v is not None
+        }
         return out
 
 
@@ -128,7 +139,7 @@ def expand_braces(pattern: str) -> list[str]:
     width = len(lo) if lo.startswith("0") else 0
     out = []
     for i in range(int(lo), int(hi) + 1):
-        out.extend(expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():]))
+        out.extend(expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :]))
     return out
 
 
@@ -163,8 +174,11 @@ def read_item_bytes(item: ImageItem, max_bytes: int) -> bytes:
 
 
 def _iter_folder(root: Path) -> Iterator[ImageItem]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                          p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     for p in files:
         if p.suffix.lower() in IMAGE_EXTENSIONS:
             yield ImageItem(name=str(p), path=str(p))
@@ -233,8 +247,15 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
             def get(col: int | None, row=row) -> str | None:
                 return row[col].strip() or None if col is not None and col < len(row) else None
 
-            yield _item_for(row[col_img], root, caption=get(col_cap), license=get(col_lic), source=get(col_src),
-                            query=get(col_query), prompt=get(col_prompt))
+            yield _item_for(
+                row[col_img],
+                root,
+                caption=get(col_cap),
+                license=get(col_lic),
+                source=get(col_src),
+                query=get(col_query),
+                prompt=get(col_prompt),
+            )
 
 
 def _chain(first, rest):
@@ -284,9 +305,14 @@ def _iter_tar(path: Path) -> Iterator[ImageItem]:
         meta = s.get("json", {})
         caption = s.get("caption") or _str(meta.get("caption"))
         yield ImageItem(
-            name=f"{path}:{info.name}", path=str(path), member=info.name,
-            offset=None if compressed else info.offset_data, size=info.size, caption=caption,
-            license=_str(meta.get("license") or meta.get("licence")), source=_str(meta.get("url")) or None,
+            name=f"{path}:{info.name}",
+            path=str(path),
+            member=info.name,
+            offset=None if compressed else info.offset_data,
+            size=info.size,
+            caption=caption,
+            license=_str(meta.get("license") or meta.get("licence")),
+            source=_str(meta.get("url")) or None,
         )
 
 

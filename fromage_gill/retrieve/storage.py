@@ -51,12 +51,19 @@ class FingerprintMismatchError(ValueError):
 # ------------------------------------------------------------------------------------------ index.json
 
 
-def new_meta(model: str, fingerprint: str, shape: tuple[int, int], dtype: str, *,
-             source: str | None = None) -> dict:
+def new_meta(model: str, fingerprint: str, shape: tuple[int, int], dtype: str, *, source: str | None = None) -> dict:
     """The ``index.json`` of a newly written index (no FAISS index yet)."""
     n, dim = shape
-    meta = {"format": FORMAT, "version": VERSION, "model": model, "fingerprint": fingerprint, "dim": dim,
-            "count": n, "dtype": dtype, "score": SCORE}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model,
+        "fingerprint": fingerprint,
+        "dim": dim,
+        "count": n,
+        "dtype": dtype,
+        "score": SCORE,
+    }
     if source is not None:
         meta["source"] = source
     meta["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -68,15 +75,18 @@ def read_meta(directory: Path) -> dict:
     """``index.json`` of ``directory``, refused when it is missing or of another format or a newer version."""
     d = directory
     if not (d / META_FILE).is_file():
-        hint = " (an unfinished build: run the same `index build` again to resume it)" if (d / BUILD_DIR).is_dir() \
-            else ""
+        hint = (
+            " (an unfinished build: run the same `index build` again to resume it)" if (d / BUILD_DIR).is_dir() else ""
+        )
         raise FileNotFoundError(f"{d} is not an image index: {META_FILE} is missing{hint}")
     meta = json.loads((d / META_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{d / META_FILE} is not a {FORMAT} file (format {meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
-        raise ValueError(f"{d} uses index format version {meta['version']}; this fromage_gill reads up to "
-                         f"{VERSION}: upgrade fromage_gill")
+        raise ValueError(
+            f"{d} uses index format version {meta['version']}; this fromage_gill reads up to "
+            f"{VERSION}: upgrade fromage_gill"
+        )
     return meta
 
 
@@ -93,7 +103,7 @@ def write_json(path: Path, obj: dict) -> None:
 def write_embeddings(path: Path, vectors: np.ndarray, dtype: str, meta: dict) -> None:
     """Stream (N, D) ``vectors`` (in memory or memory-mapped) block by block into ``path`` as ``dtype``."""
     n, dim = vectors.shape
-    chunks = (vectors[i: i + BLOCK_ROWS] for i in range(0, n, BLOCK_ROWS))
+    chunks = (vectors[i : i + BLOCK_ROWS] for i in range(0, n, BLOCK_ROWS))
     header_meta = {k: str(meta[k]) for k in ("format", "version", "model", "fingerprint", "dim", "count", "dtype")}
     write_safetensors(path, chunks, (n, dim), dtype, header_meta)
 
@@ -103,21 +113,25 @@ def read_embeddings(directory: Path, meta: dict, *, mmap_mode: bool) -> np.ndarr
     d, fingerprint = directory, meta["fingerprint"]
     vectors, st_meta = map_safetensors(d / EMBEDDINGS_FILE, mmap_mode=mmap_mode)
     if st_meta.get("fingerprint", fingerprint) != fingerprint:
-        raise ValueError(f"{d}: {EMBEDDINGS_FILE} says fingerprint {st_meta.get('fingerprint')!r} but "
-                         f"{META_FILE} says {fingerprint!r}: the folder mixes two indexes; rebuild it")
+        raise ValueError(
+            f"{d}: {EMBEDDINGS_FILE} says fingerprint {st_meta.get('fingerprint')!r} but "
+            f"{META_FILE} says {fingerprint!r}: the folder mixes two indexes; rebuild it"
+        )
     if vectors.shape != (meta["count"], meta["dim"]):
-        raise ValueError(f"{d}: {META_FILE} says {meta['count']} x {meta['dim']} but {EMBEDDINGS_FILE} holds "
-                         f"{vectors.shape[0]} x {vectors.shape[1]}: the folder is inconsistent; rebuild it")
+        raise ValueError(
+            f"{d}: {META_FILE} says {meta['count']} x {meta['dim']} but {EMBEDDINGS_FILE} holds "
+            f"{vectors.shape[0]} x {vectors.shape[1]}: the folder is inconsistent; rebuild it"
+        )
     return vectors
 
 
-def write_safetensors(path: Path, chunks: Iterable[np.ndarray], shape: tuple[int, int], dtype: str,
-                      metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: Path, chunks: Iterable[np.ndarray], shape: tuple[int, int], dtype: str, metadata: dict[str, str]
+) -> None:
     """Stream (rows, D) chunks into a one-tensor safetensors file without holding the whole matrix."""
     st_dtype, np_dtype = ST_DTYPES[dtype]
     nbytes = shape[0] * shape[1] * np.dtype(np_dtype).itemsize
-    header = {TENSOR: {"dtype": st_dtype, "shape": list(shape), "data_offsets": [0, nbytes]},
-              "__metadata__": metadata}
+    header = {TENSOR: {"dtype": st_dtype, "shape": list(shape), "data_offsets": [0, nbytes]}, "__metadata__": metadata}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
     tmp = path.with_name(path.name + ".tmp")
@@ -167,7 +181,7 @@ def map_safetensors(path: Path, *, mmap_mode: bool) -> tuple[np.ndarray, dict[st
 def normalize_rows(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
     """L2-normalise float32 rows in place, block by block (no second copy of a large matrix)."""
     for i in range(0, x.shape[0], block):
-        b = x[i: i + block]
+        b = x[i : i + block]
         norms = np.linalg.norm(b, axis=1, keepdims=True)
         b /= np.maximum(norms, 1e-12)
     return x
@@ -181,8 +195,10 @@ def check_normalised(x: np.ndarray, what: str) -> None:
     norms = np.linalg.norm(sample, axis=1)
     bad = np.abs(norms - 1) > NORM_TOLERANCE
     if bad.any():
-        raise ValueError(f"{what} must be L2-normalised rows (found norms like {norms[bad][:3].tolist()}); "
-                         f"normalise them or pass normalize=True")
+        raise ValueError(
+            f"{what} must be L2-normalised rows (found norms like {norms[bad][:3].tolist()}); "
+            f"normalise them or pass normalize=True"
+        )
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -202,7 +218,7 @@ class JsonlRecords:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> dict:
-        return json.loads(self._map[int(self.offsets[i]): int(self.offsets[i + 1])])
+        return json.loads(self._map[int(self.offsets[i]) : int(self.offsets[i + 1])])
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):

@@ -43,15 +43,28 @@ STAGES = (*pretrain.STAGES, DATA_STAGE, *method.KINDS)
 # What each stage reads from an earlier one, and the order a parallel build starts ready stages in: the longest
 # remaining chain first (clip -> unet -> gill takes most of the build; vae has no input and unet needs it)
 DEPENDS: dict[str, tuple[str, ...]] = {
-    "tokenizer": (), "vae": (), "data": (), "clip": ("tokenizer",), "lm": ("tokenizer",),
-    "unet": ("tokenizer", "clip", "vae"), "fromage": ("tokenizer", "clip", "lm", "data"),
+    "tokenizer": (),
+    "vae": (),
+    "data": (),
+    "clip": ("tokenizer",),
+    "lm": ("tokenizer",),
+    "unet": ("tokenizer", "clip", "vae"),
+    "fromage": ("tokenizer", "clip", "lm", "data"),
     "gill": ("tokenizer", "clip", "lm", "unet", "data"),
 }
 PRIORITY = ("tokenizer", "vae", "clip", "unet", "lm", "data", "gill", "fromage")
 
 
-def build(out: str | Path, *, stages: list[str] | None = None, recipe: pretrain.Recipe | None = None,
-          data_dir: str | Path | None = None, n_data: int = 5000, threads: int | None = None, jobs: int = 1) -> dict:
+def build(
+    out: str | Path,
+    *,
+    stages: list[str] | None = None,
+    recipe: pretrain.Recipe | None = None,
+    data_dir: str | Path | None = None,
+    n_data: int = 5000,
+    threads: int | None = None,
+    jobs: int = 1,
+) -> dict:
     """Run ``stages`` (default: all) into ``out`` and return the merged build report. Stages that depend on an
     earlier one (clip/lm on tokenizer, unet on clip and vae) read it from ``out``, so they can be re-run alone.
 
@@ -90,16 +103,22 @@ def run_stage(name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_d
     if name in pretrain.STAGES:
         entry = pretrain.STAGES[name](out, recipe).metrics
     elif name == DATA_STAGE:
-        entry = export_training_data(data_dir, n=n_data, seed=recipe.seed, answer_share=recipe.answer_caption_share,
-                                     prompt_share=recipe.prompt_caption_share,
-                                     decision_earlier_share=recipe.decision_earlier_share)
+        entry = export_training_data(
+            data_dir,
+            n=n_data,
+            seed=recipe.seed,
+            answer_share=recipe.answer_caption_share,
+            prompt_share=recipe.prompt_caption_share,
+            decision_earlier_share=recipe.decision_earlier_share,
+        )
     else:
         entry = method.train_method(name, out, data_dir, recipe)
     return {"seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), **entry}
 
 
-def _stage_process(name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_data: int, threads: int,
-                   log: Path, result: Path) -> None:
+def _stage_process(
+    name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_data: int, threads: int, log: Path, result: Path
+) -> None:
     """A parallel build's worker: one stage, its bars and logs to ``log``, its report entry to ``result``."""
     torch.set_num_threads(threads)
     with open(log, "w") as f, contextlib.redirect_stderr(f):
@@ -111,8 +130,9 @@ def _stage_process(name: str, out: Path, recipe: pretrain.Recipe, data_dir: Path
             raise
 
 
-def _run_parallel(wanted: list[str], jobs: int, threads: int, out: Path, recipe: pretrain.Recipe, data_dir: Path,
-                  n_data: int) -> dict:
+def _run_parallel(
+    wanted: list[str], jobs: int, threads: int, out: Path, recipe: pretrain.Recipe, data_dir: Path, n_data: int
+) -> dict:
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited from a fork
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
@@ -123,12 +143,23 @@ def _run_parallel(wanted: list[str], jobs: int, threads: int, out: Path, recipe:
     with tqdm(total=len(pending), desc="toy build", unit="stage", dynamic_ncols=True) as bar:
         try:
             while pending or running:
-                for name in [s for s in pending if all(d in done for d in DEPENDS[s])][:jobs - len(running)]:
+                for name in [s for s in pending if all(d in done for d in DEPENDS[s])][: jobs - len(running)]:
                     pending.remove(name)
                     (logs / f"{name}.json").unlink(missing_ok=True)
-                    proc = ctx.Process(target=_stage_process, name=f"toy-{name}",
-                                       args=(name, out, recipe, data_dir, n_data, threads, logs / f"{name}.log",
-                                             logs / f"{name}.json"))
+                    proc = ctx.Process(
+                        target=_stage_process,
+                        name=f"toy-{name}",
+                        args=(
+                            name,
+                            out,
+                            recipe,
+                            data_dir,
+                            n_data,
+                            threads,
+                            logs / f"{name}.log",
+                            logs / f"{name}.json",
+                        ),
+                    )
                     proc.start()
                     running[name] = proc
                     logger.info("toy build: stage %s started (log: %s)", name, logs / f"{name}.log")
@@ -141,8 +172,10 @@ def _run_parallel(wanted: list[str], jobs: int, threads: int, out: Path, recipe:
                     del running[name]
                     result = logs / f"{name}.json"
                     if proc.exitcode != 0 or not result.is_file():
-                        raise RuntimeError(f"toy build: stage {name} failed (exit code {proc.exitcode}); the end of "
-                                           f"{logs / f'{name}.log'}:\n{_tail(logs / f'{name}.log')}")
+                        raise RuntimeError(
+                            f"toy build: stage {name} failed (exit code {proc.exitcode}); the end of "
+                            f"{logs / f'{name}.log'}:\n{_tail(logs / f'{name}.log')}"
+                        )
                     report = _record(out, recipe, name, json.loads(result.read_text()))
                     result.unlink()
                     done.add(name)
@@ -174,12 +207,14 @@ def _record(out: Path, recipe: pretrain.Recipe, stage: str, entry: dict) -> dict
 
 
 def _check_inputs(out: Path, wanted: list[str], data_dir: Path) -> None:
-    present = {"tokenizer": (out / "clip" / "tokenizer.json").is_file(),
-               "clip": (out / "clip" / "model.safetensors").is_file(),
-               "lm": (out / "lm" / "model.safetensors").is_file(),
-               "vae": (out / "diffusion" / "vae").is_dir(),
-               "unet": (out / "diffusion" / "unet").is_dir(),
-               "data": (data_dir / "train" / "captions.tsv").is_file()}
+    present = {
+        "tokenizer": (out / "clip" / "tokenizer.json").is_file(),
+        "clip": (out / "clip" / "model.safetensors").is_file(),
+        "lm": (out / "lm" / "model.safetensors").is_file(),
+        "vae": (out / "diffusion" / "vae").is_dir(),
+        "unet": (out / "diffusion" / "unet").is_dir(),
+        "data": (data_dir / "train" / "captions.tsv").is_file(),
+    }
     for stage in wanted:
         missing = [d for d in DEPENDS[stage] if d not in wanted and not present[d]]
         if missing:
@@ -189,13 +224,25 @@ def _check_inputs(out: Path, wanted: list[str], data_dir: Path) -> None:
             )
 
 
-def export_training_data(directory: Path, *, n: int, seed: int, answer_share: float = 0.0,
-                         prompt_share: float = 0.0, decision_earlier_share: float = 0.0) -> dict:
+def export_training_data(
+    directory: Path,
+    *,
+    n: int,
+    seed: int,
+    answer_share: float = 0.0,
+    prompt_share: float = 0.0,
+    decision_earlier_share: float = 0.0,
+) -> dict:
     """The training set for the method stage: ``train/captions.tsv`` (CC3M-style ``caption<TAB>image``),
     ``val/captions.tsv`` from held-out scenes, and GILL's labelled decision prompts (``decision_train.tsv``)."""
-    train = W.export_captions(directory / "train", W.scenes(n, split="train", seed=seed + 70), seed=seed,
-                              answer_share=answer_share, prompt_share=prompt_share,
-                              progress=lambda it: tqdm(it, total=n, desc="export train images"))
+    train = W.export_captions(
+        directory / "train",
+        W.scenes(n, split="train", seed=seed + 70),
+        seed=seed,
+        answer_share=answer_share,
+        prompt_share=prompt_share,
+        progress=lambda it: tqdm(it, total=n, desc="export train images"),
+    )
     val = W.export_captions(directory / "val", W.scenes(max(100, n // 10), split="test", seed=seed + 71), seed=seed + 1)
     with open(directory / "decision_train.tsv", "w", newline="") as f:  # prompts hold newlines: csv quotes them
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")

@@ -63,12 +63,19 @@ def first_match(pattern: re.Pattern, text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def evaluate(pipe, *, n: int = 60, gallery: int = 300, steps: int = 25, guidance: float = 4.0,
-             clip_dir: str | Path | None = None, seed: int = 0) -> ToyEval:
+def evaluate(
+    pipe,
+    *,
+    n: int = 60,
+    gallery: int = 300,
+    steps: int = 25,
+    guidance: float = 4.0,
+    clip_dir: str | Path | None = None,
+    seed: int = 0,
+) -> ToyEval:
     """Every measure for ``pipe`` (a toy-fromage or toy-gill pipeline); ``n`` examples per measure."""
     res = ToyEval(model=pipe.config.name)
-    (res.caption_colour, res.caption_shape, res.caption_both), res.samples["captions"] = captioning(pipe, n,
-                                                                                                    seed=seed)
+    (res.caption_colour, res.caption_shape, res.caption_both), res.samples["captions"] = captioning(pipe, n, seed=seed)
     res.retrieval = retrieval(pipe, W.gallery_scenes(gallery, seed), seed=seed)
     res.chat_colour, res.samples["chat_colour"] = colour_question(pipe, n, seed=seed)
     res.compare, res.samples["compare"] = comparison(pipe, n, seed=seed)
@@ -76,8 +83,9 @@ def evaluate(pipe, *, n: int = 60, gallery: int = 300, steps: int = 25, guidance
     res.n = {"caption": n, "gallery": gallery, "dialogue": n}
     if pipe.config.kind == "gill":
         res.decision = decision(pipe, n, seed=seed)
-        res.requests, res.samples["requests"] = requests(pipe, n, steps=steps, guidance=guidance, clip_dir=clip_dir,
-                                                         seed=seed)
+        res.requests, res.samples["requests"] = requests(
+            pipe, n, steps=steps, guidance=guidance, clip_dir=clip_dir, seed=seed
+        )
         res.generation = generation(pipe, n, steps=steps, guidance=guidance, clip_dir=clip_dir, seed=seed)
         res.n.update(decision=n, generation=n, requests=n)
     return res
@@ -107,11 +115,13 @@ def captioning(pipe, n: int, *, seed: int = 0) -> tuple[tuple[float, float, floa
 def colour_question(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
     """One shown image and "What colour is the shape?", through the chat template."""
     singles = held_out_singles(n, seed)
-    outs = generate_batch(pipe, [[s.render(), "What colour is the shape?"] for s in singles],
-                          GenerationSettings(**GREEDY), dialogue=True)
+    outs = generate_batch(
+        pipe, [[s.render(), "What colour is the shape?"] for s in singles], GenerationSettings(**GREEDY), dialogue=True
+    )
     answers = [o.text.strip() for o in outs]
-    return _mean([first_match(_COLOUR_RE, a) == s.things[0].colour for a, s in zip(answers, singles, strict=True)]
-                 ), answers[:6]
+    return _mean(
+        [first_match(_COLOUR_RE, a) == s.things[0].colour for a, s in zip(answers, singles, strict=True)]
+    ), answers[:6]
 
 
 def comparison_dialogues(n: int, *, seed: int = 0) -> list[W.Dialogue]:
@@ -137,13 +147,16 @@ def comparison(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
     prompts = [[*(s.render() for s in d.turns[0].images), d.turns[0].text] for d in pairs]
     outs = generate_batch(pipe, prompts, GenerationSettings(**GREEDY), dialogue=True)
     answers = [o.text.strip().lower() for o in outs]
-    return _mean(_yes_no_right(answers, pairs)), [f"{d.turns[0].text} -> {a}" for d, a in zip(pairs[:6], answers[:6],
-                                                                                         strict=True)]
+    return _mean(_yes_no_right(answers, pairs)), [
+        f"{d.turns[0].text} -> {a}" for d, a in zip(pairs[:6], answers[:6], strict=True)
+    ]
 
 
 def _yes_no_right(answers: list[str], pairs: list[W.Dialogue]) -> list[bool]:
-    return [a.split(" ")[0].rstrip(",.") == d.turns[1].text.split(",")[0].split(" ")[0].rstrip(",.")
-            for a, d in zip(answers, pairs, strict=True)]
+    return [
+        a.split(" ")[0].rstrip(",.") == d.turns[1].text.split(",")[0].split(" ")[0].rstrip(",.")
+        for a, d in zip(answers, pairs, strict=True)
+    ]
 
 
 @torch.no_grad()
@@ -154,8 +167,14 @@ def comparison_from_descriptions(pipe, n: int, *, seed: int = 0) -> float:
 
     pairs = comparison_dialogues(n, seed=seed)
     tok = pipe.tokenizer
-    answers = [generate_text(pipe.model.lm, tok, d.text(image=described, bos=tok.bos_token).split("\nA:")[0] + "\nA:",
-                             max_new_tokens=8).strip().lower() for d in pairs]
+    answers = [
+        generate_text(
+            pipe.model.lm, tok, d.text(image=described, bos=tok.bos_token).split("\nA:")[0] + "\nA:", max_new_tokens=8
+        )
+        .strip()
+        .lower()
+        for d in pairs
+    ]
     return _mean(_yes_no_right(answers, pairs))
 
 
@@ -163,13 +182,16 @@ def _mean(xs) -> float:
     return round(float(np.mean(xs)), 3) if len(xs) else 0.0
 
 
-def retrieval_queries(scenes: list[W.Scene], *, seed: int = 0
-                      ) -> tuple[list[str], list[str], list[dict[str, bool]], list[str]]:
+def retrieval_queries(
+    scenes: list[W.Scene], *, seed: int = 0
+) -> tuple[list[str], list[str], list[dict[str, bool]], list[str]]:
     """The retrieval measure's captions: each scene's complete caption, a partial one, which attributes the
     partial one names (``W.describe`` flags), and its description."""
     rng = np.random.default_rng([seed, EVAL_SEED, 1])
-    flags = [dict(size=bool(rng.random() < 0.7), where=bool(rng.random() < 0.7), background=bool(rng.random() < 0.5))
-             for _ in scenes]
+    flags = [
+        dict(size=bool(rng.random() < 0.7), where=bool(rng.random() < 0.7), background=bool(rng.random() < 0.5))
+        for _ in scenes
+    ]
     bodies = [W.describe(s, **f) for s, f in zip(scenes, flags, strict=True)]
 
     def phrase(body: str) -> str:
@@ -192,9 +214,9 @@ def retrieval(pipe, scenes: list[W.Scene], *, seed: int = 0) -> dict[str, float]
     pixels = m.vision.processor([s.render() for s in scenes]).to(m.device)
     image = m.image_embedding(m.encode_images(pixels))
     ranks = (text @ image.T).argsort(dim=1, descending=True).cpu()
-    hit = ranks[:len(scenes)] == torch.arange(len(scenes))[:, None]
+    hit = ranks[: len(scenes)] == torch.arange(len(scenes))[:, None]
     fits = torch.tensor([[W.describe(o, **f) == b for o in scenes] for f, b in zip(flags, bodies, strict=True)])
-    match = torch.gather(fits, 1, ranks[len(scenes):])
+    match = torch.gather(fits, 1, ranks[len(scenes) :])
     out = {f"R@{k}": round(float(hit[:, :k].any(1).float().mean()), 3) for k in (1, 5, 10)}
     out.update({f"match@{k}": round(float(match[:, :k].any(1).float().mean()), 3) for k in (1, 5, 10)})
     out["chance_R@1"] = round(1 / len(scenes), 4)
@@ -213,8 +235,9 @@ def decision(pipe, n: int, *, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path | None, seed: int = 0
-             ) -> tuple[dict[str, float], list[str]]:
+def requests(
+    pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path | None, seed: int = 0
+) -> tuple[dict[str, float], list[str]]:
     """What a user of the chat sees: ``n`` held-out "show me ..." and "draw ..." messages (half each) sent through
     ``Chat`` with the model's own default settings (mode auto) and its shipped gallery index. Per kind: the answer
     holds an image (``*_image``), from the right source: the gallery for "show", diffusion for "draw"
@@ -236,10 +259,13 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     rng = np.random.default_rng([seed, EVAL_SEED, 3])
     targets = [s for s in W.gallery_scenes(len(pipe.index), seed) if len(s.things) == 1]
     fresh = W.scenes(n, split="test", seed=seed + EVAL_SEED + 2, two=False)
-    asks = [W.show_dialogue(targets[int(rng.integers(len(targets)))], rng) if i % 2 == 0 else
-            W.draw_dialogue(fresh[i], rng) for i in range(n)]
-    settings = GenerationSettings.for_model(pipe.config, seed=seed, num_inference_steps=steps,
-                                            guidance_scale=guidance, max_new_tokens=24)
+    asks = [
+        W.show_dialogue(targets[int(rng.integers(len(targets)))], rng) if i % 2 == 0 else W.draw_dialogue(fresh[i], rng)
+        for i in range(n)
+    ]
+    settings = GenerationSettings.for_model(
+        pipe.config, seed=seed, num_inference_steps=steps, guidance_scale=guidance, max_new_tokens=24
+    )
     shown: list[tuple[W.Dialogue, ImageResult | None]] = []
     samples = []
     for d in asks:
@@ -256,14 +282,20 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         chat = Chat(pipe)
         events = list(chat.send([scene.render(), "What is in this image?"], settings))
         text = "".join(e.text for e in events if isinstance(e, TextDelta)).lower()
-        described.append((not any(isinstance(e, ImageResult) for e in events),
-                          scene.things[0].colour in text and scene.things[0].shape in text))
+        described.append(
+            (
+                not any(isinstance(e, ImageResult) for e in events),
+                scene.things[0].colour in text and scene.things[0].shape in text,
+            )
+        )
         events = list(chat.send(["What colour is the shape?"], settings))
-        followed.append(first_match(_COLOUR_RE, "".join(e.text for e in events if isinstance(e, TextDelta)).lower())
-                        == scene.things[0].colour)
+        followed.append(
+            first_match(_COLOUR_RE, "".join(e.text for e in events if isinstance(e, TextDelta)).lower())
+            == scene.things[0].colour
+        )
     # The same requests typed as people often type them: lower-case first letter, no closing full stop or "?"
     typed = []
-    for d in asks[:max(1, n // 2)]:
+    for d in asks[: max(1, n // 2)]:
         events = list(Chat(pipe).send([W.typed(d.turns[0].text)], settings))
         typed.append(_right_kind_and_colour(d, next((e for e in events if isinstance(e, ImageResult)), None)))
     # Requests later in a conversation: the earlier exchanges (their words and images) precede them
@@ -279,9 +311,15 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     # own record, no judge); a drawing when its dominant colour is the asked one and the CLIP judge picks the shape
     gallery = W.gallery_scenes(len(pipe.index), seed)
     drawn = [(d, im) for d, im in shown if im is not None and im.source == "generated" and d.kind == "draw"]
-    judged = dict(zip((id(im) for _, im in drawn), shape_judge(
-        _judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [d.turns[1].target for d, _ in drawn]),
-        strict=True))
+    judged = dict(
+        zip(
+            (id(im) for _, im in drawn),
+            shape_judge(
+                _judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [d.turns[1].target for d, _ in drawn]
+            ),
+            strict=True,
+        )
+    )
 
     def matches(d: W.Dialogue, im: ImageResult | None) -> bool:
         want = d.turns[1].target.things[0]
@@ -290,8 +328,10 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
         if d.kind == "show":
             got = gallery[im.index_id].things
             if im.caption and not all(t.colour in im.caption and t.shape in im.caption for t in got):
-                raise ValueError(f"gallery image {im.index_id} is captioned {im.caption!r}, not as the toy gallery's "
-                                 f"scene: measure with the index `fromage-gill toy build` wrote for this model")
+                raise ValueError(
+                    f"gallery image {im.index_id} is captioned {im.caption!r}, not as the toy gallery's "
+                    f"scene: measure with the index `fromage-gill toy build` wrote for this model"
+                )
             return len(got) == 1 and (got[0].colour, got[0].shape) == (want.colour, want.shape)
         return W.dominant_colour(im.image) == want.colour and judged[id(im)] == want.shape
 
@@ -307,7 +347,7 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
     out["describe_n"] = len(described)
     out["follow_up_colour"] = _mean(followed)
     out["typed_right"] = _mean(typed)
-    out["plain_right"] = _mean([_right_kind_and_colour(d, im) for d, im in shown[:len(typed)]])  # as written
+    out["plain_right"] = _mean([_right_kind_and_colour(d, im) for d, im in shown[: len(typed)]])  # as written
     out["typed_n"] = len(typed)
     out["later_right"] = _mean(later)
     out["later_n"] = len(later)
@@ -316,8 +356,11 @@ def requests(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path 
 
 def _right_kind_and_colour(d: W.Dialogue, image: ImageResult | None) -> bool:
     """A "show" / "draw" request answered with an image from the right source, of the asked dominant colour."""
-    return (image is not None and image.source == ("retrieved" if d.kind == "show" else "generated")
-            and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour)
+    return (
+        image is not None
+        and image.source == ("retrieved" if d.kind == "show" else "generated")
+        and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour
+    )
 
 
 def shape_judge(clip_dir: str | Path, images: list, requested: list[W.Scene]) -> list[str]:
@@ -333,11 +376,15 @@ def shape_judge(clip_dir: str | Path, images: list, requested: list[W.Scene]) ->
         return []
     clip = CLIPModel.from_pretrained(clip_dir).eval()
     tok = AutoTokenizer.from_pretrained(clip_dir)
-    texts = [W.describe(dataclasses.replace(scene, things=(dataclasses.replace(scene.things[0], shape=shape),)),
-                        where=False) for scene in requested for shape in W.SHAPES]
+    texts = [
+        W.describe(dataclasses.replace(scene, things=(dataclasses.replace(scene.things[0], shape=shape),)), where=False)
+        for scene in requested
+        for shape in W.SHAPES
+    ]
     captions = clip_embed_texts(clip, tok, texts).view(len(requested), len(W.SHAPES), -1)
-    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((W.IMAGE_SIZE, W.IMAGE_SIZE)))
-                                        for im in images])).permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(
+        np.stack([np.asarray(im.convert("RGB").resize((W.IMAGE_SIZE, W.IMAGE_SIZE))) for im in images])
+    ).permute(0, 3, 1, 2)
     pred = (captions @ clip_embed_images(clip, pixels)[:, :, None]).squeeze(-1).argmax(1).tolist()
     return [W.SHAPES[p] for p in pred]
 
@@ -349,8 +396,9 @@ def _judge_dir(pipe, clip_dir: str | Path | None) -> Path:
 
 
 @torch.no_grad()
-def drawings(pipe, n: int, *, steps: int, guidance: float, seed: int = 0
-             ) -> tuple[list[W.Scene], list[Image.Image], list[Image.Image]]:
+def drawings(
+    pipe, n: int, *, steps: int, guidance: float, seed: int = 0
+) -> tuple[list[W.Scene], list[Image.Image], list[Image.Image]]:
     """The generation measure's ``n`` held-out one-shape requests (``W.describe`` without position) and their
     images: GILL's ([IMG] tokens -> GILLMapper -> diffusion) and the diffusion stack's from its own text encoder."""
     from ..generate.diffusion import image_generator
@@ -362,17 +410,23 @@ def drawings(pipe, n: int, *, steps: int, guidance: float, seed: int = 0
     sd = pipe.diffusion
     sd.set_progress_bar_config(disable=True)
     for lo in range(0, n, 12):
-        batch = prompts[lo:lo + 12]
+        batch = prompts[lo : lo + 12]
         embeds = pipe.model.map_to_diffusion(image_token_states(pipe, batch))
         ours += gen(embeds, guidance_scale=guidance, num_inference_steps=steps, seed=seed + lo).images
-        alone += sd(batch, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(seed + lo), height=W.IMAGE_SIZE,
-                    width=W.IMAGE_SIZE).images
+        alone += sd(
+            batch,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed + lo),
+            height=W.IMAGE_SIZE,
+            width=W.IMAGE_SIZE,
+        ).images
     return targets, ours, alone
 
 
-def generation(pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path | None, seed: int = 0
-               ) -> dict[str, float]:
+def generation(
+    pipe, n: int, *, steps: int, guidance: float, clip_dir: str | Path | None, seed: int = 0
+) -> dict[str, float]:
     """Dominant colour and CLIP shape accuracy of GILL's images and of the diffusion stack's own text path."""
     targets, ours, alone = drawings(pipe, n, steps=steps, guidance=guidance, seed=seed)
     shapes = shape_judge(_judge_dir(pipe, clip_dir), ours + alone, targets + targets)

@@ -41,8 +41,13 @@ def method_config(kind: str, out: Path) -> ModelConfig:
     lm = dataclasses.replace(cfg.lm, source=str(out / "lm"))
     vision = dataclasses.replace(cfg.vision, source=str(out / "clip"))
     diffusion = cfg.diffusion and dataclasses.replace(cfg.diffusion, source=str(out / "diffusion"))
-    mapper = cfg.mapper and MapperSpec(**{**dataclasses.asdict(cfg.mapper), "out_dim": text["hidden_size"],
-                                          "num_queries": text["max_position_embeddings"]})
+    mapper = cfg.mapper and MapperSpec(
+        **{
+            **dataclasses.asdict(cfg.mapper),
+            "out_dim": text["hidden_size"],
+            "num_queries": text["max_position_embeddings"],
+        }
+    )
     return dataclasses.replace(cfg, lm=lm, vision=vision, diffusion=diffusion, mapper=mapper, weights=None)
 
 
@@ -66,20 +71,41 @@ def train_method(kind: str, out: Path, data_dir: Path, recipe: Recipe) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     model_json = runs / f"{cfg.name}.json"  # what `fromage-gill train --model` reads
     model_json.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    result = train(TrainConfig(model=str(model_json), from_scratch=True, data=str(data), out=str(run),
-                               max_steps=recipe.method_steps, batch_size=recipe.method_batch, lr=recipe.method_lr,
-                               warmup=recipe.method_warmup, val_every=max(1, recipe.method_steps // 3),
-                               save_every=recipe.method_steps, keep_checkpoints=1, seed=recipe.seed, cpu=True,
-                               caption_end=recipe.gill_caption_end if kind == "gill" else "",
-                               tensorboard=False))
-    metrics: dict = {"train_steps": result.step,
-                     "validation": {k: round(v, 4) for k, v in (result.validation[-1] if result.validation else {}
-                                                                ).items()}}
+    result = train(
+        TrainConfig(
+            model=str(model_json),
+            from_scratch=True,
+            data=str(data),
+            out=str(run),
+            max_steps=recipe.method_steps,
+            batch_size=recipe.method_batch,
+            lr=recipe.method_lr,
+            warmup=recipe.method_warmup,
+            val_every=max(1, recipe.method_steps // 3),
+            save_every=recipe.method_steps,
+            keep_checkpoints=1,
+            seed=recipe.seed,
+            cpu=True,
+            caption_end=recipe.gill_caption_end if kind == "gill" else "",
+            tensorboard=False,
+        )
+    )
+    metrics: dict = {
+        "train_steps": result.step,
+        "validation": {k: round(v, 4) for k, v in (result.validation[-1] if result.validation else {}).items()},
+    }
     pipe = load_pipeline(run, device="cpu", dtype="fp32", load_diffusion_pipeline=False)
     if kind == "gill":
         prompts, labels = read_decision_data(data_dir / "decision_train.tsv")
-        res = train_decision_head(pipe.model, pipe.tokenizer, prompts, labels, steps=recipe.decision_steps,
-                                  lr=recipe.decision_lr, seed=recipe.seed)
+        res = train_decision_head(
+            pipe.model,
+            pipe.tokenizer,
+            prompts,
+            labels,
+            steps=recipe.decision_steps,
+            lr=recipe.decision_lr,
+            seed=recipe.seed,
+        )
         metrics["decision_train_accuracy"] = round(res.accuracy, 3)
     save_native(pipe.model, out.parent / cfg.name, cfg)
     metrics["gallery"] = build_gallery(pipe, out.parent / "indexes", cfg.name, recipe.gallery_images, seed=recipe.seed)

@@ -103,11 +103,33 @@ class Recipe:
 
     @classmethod
     def smoke(cls) -> Recipe:
-        return cls(n_images=256, clip_steps=3, clip_batch=16, lm_steps=3, lm_batch=4, vae_steps=3, vae_batch=4,
-                   unet_steps=3, unet_batch=4, eval_images=24, clip_width=32, clip_layers=1, lm_width=32, lm_layers=1,
-                   vae_channels=(8, 8, 8), unet_channels=(16, 16), clip_patch=16, vae_crop=16,
-                   eval_prompts=4, eval_sampling_steps=2, method_steps=4, method_batch=4, method_warmup=1,
-                   decision_steps=4, gallery_images=8)
+        return cls(
+            n_images=256,
+            clip_steps=3,
+            clip_batch=16,
+            lm_steps=3,
+            lm_batch=4,
+            vae_steps=3,
+            vae_batch=4,
+            unet_steps=3,
+            unet_batch=4,
+            eval_images=24,
+            clip_width=32,
+            clip_layers=1,
+            lm_width=32,
+            lm_layers=1,
+            vae_channels=(8, 8, 8),
+            unet_channels=(16, 16),
+            clip_patch=16,
+            vae_crop=16,
+            eval_prompts=4,
+            eval_sampling_steps=2,
+            method_steps=4,
+            method_batch=4,
+            method_warmup=1,
+            decision_steps=4,
+            gallery_images=8,
+        )
 
 
 @dataclass
@@ -119,8 +141,16 @@ class StageReport:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def corpus(n: int, *, split: W.Split, seed: int, bos: str, caption_share: float = 0.2,
-           described_captions: float = 0.5, max_turns: int = 3) -> list[str]:
+def corpus(
+    n: int,
+    *,
+    split: W.Split,
+    seed: int,
+    bos: str,
+    caption_share: float = 0.2,
+    described_captions: float = 0.5,
+    max_turns: int = 3,
+) -> list[str]:
     """The LM's pretraining text: captions, and dialogues in which a shown image appears as its description in
     parentheses (a text-only LM cannot see; this teaches it to answer from what the context says about an
     image, which the trained visual tokens later supply instead). Everything is laid out as the chat engine lays
@@ -143,7 +173,7 @@ def corpus(n: int, *, split: W.Split, seed: int, bos: str, caption_share: float 
     i = 0
     while i < len(dialogues):
         k = int(turns.integers(1, max_turns + 1))
-        group = dialogues[i:i + k]
+        group = dialogues[i : i + k]
         out.append(W.Dialogue(group[0].kind, tuple(t for d in group for t in d.turns)).text(image=described, bos=bos))
         i += k
     order = rng.permutation(len(out))
@@ -176,8 +206,9 @@ def described(scene: W.Scene) -> str:
 def image_pool(n: int, *, split: W.Split, seed: int, progress: bool = True) -> tuple[list[W.Scene], torch.Tensor]:
     """``n`` scenes and their pixels as uint8 (N, 3, 64, 64)."""
     items = W.scenes(n, split=split, seed=seed)
-    pixels = np.stack([np.asarray(s.render()) for s in tqdm(items, desc=f"render {split} images", disable=not progress,
-                                                              leave=False)])
+    pixels = np.stack(
+        [np.asarray(s.render()) for s in tqdm(items, desc=f"render {split} images", disable=not progress, leave=False)]
+    )
     return items, torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
@@ -200,8 +231,9 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _loop(name: str, steps: int, params, lr: float, step_fn: Callable[[int], torch.Tensor],
-          weight_decay: float = 0.01) -> list[float]:
+def _loop(
+    name: str, steps: int, params, lr: float, step_fn: Callable[[int], torch.Tensor], weight_decay: float = 0.01
+) -> list[float]:
     """AdamW + warm-up/cosine, grad-clip 1.0, a tqdm bar with the running loss. Returns the loss curve."""
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
@@ -232,27 +264,38 @@ def train_tokenizers(out: Path, recipe: Recipe) -> StageReport:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines, trainer)
     eos = tok.token_to_id("</s>")
     common = dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     # LM: OPT's convention, "</s>" as BOS before every text.
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
-                                                       special_tokens=[("</s>", eos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", eos)]
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048, **common).save_pretrained(out / "lm")
     # CLIP text tower: EOS after the text (it pools there), padded to a fixed length for the diffusion UNet.
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>",
-                                                       special_tokens=[("</s>", eos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", eos)]
+    )
     clip_tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=recipe.text_length, **common)
     clip_tok.save_pretrained(out / "clip")
     lengths = [len(clip_tok(t).input_ids) for t in tokenizer_text(400, split="test", seed=recipe.seed) if "\n" not in t]
     words = sum(len(t.split()) for t in lines)
     tokens = sum(len(tok.encode(t).ids) for t in lines)
-    return StageReport("tokenizer", {
-        "vocab_size": tok.get_vocab_size(), "tokens_per_word": round(tokens / words, 3),
-        "max_caption_tokens": max(lengths), "text_length": recipe.text_length,
-    })
+    return StageReport(
+        "tokenizer",
+        {
+            "vocab_size": tok.get_vocab_size(),
+            "tokens_per_word": round(tokens / words, 3),
+            "max_caption_tokens": max(lengths),
+            "text_length": recipe.text_length,
+        },
+    )
 
 
 def load_clip_tokenizer(out: Path):
@@ -269,11 +312,27 @@ def clip_config(recipe: Recipe, vocab_size: int):
 
     w, n = recipe.clip_width, recipe.clip_layers
     return CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=w, intermediate_size=4 * w, num_hidden_layers=n,
-                         num_attention_heads=4, max_position_embeddings=recipe.text_length, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=1, projection_dim=w),
-        vision_config=dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=n, num_attention_heads=4,
-                           image_size=W.IMAGE_SIZE, patch_size=recipe.clip_patch, projection_dim=w),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=w,
+            intermediate_size=4 * w,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            max_position_embeddings=recipe.text_length,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            projection_dim=w,
+        ),
+        vision_config=dict(
+            hidden_size=w,
+            intermediate_size=4 * w,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            image_size=W.IMAGE_SIZE,
+            patch_size=recipe.clip_patch,
+            projection_dim=w,
+        ),
         projection_dim=w,
     )
 
@@ -312,8 +371,10 @@ def pretrain_clip(out: Path, recipe: Recipe) -> StageReport:
 
 @torch.no_grad()
 def clip_embed_images(model, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    out = [model.get_image_features(pixel_values=clip_pixels(pixels[i:i + batch])).pooler_output
-           for i in range(0, len(pixels), batch)]
+    out = [
+        model.get_image_features(pixel_values=clip_pixels(pixels[i : i + batch])).pooler_output
+        for i in range(0, len(pixels), batch)
+    ]
     return F.normalize(torch.cat(out), dim=-1)
 
 
@@ -321,7 +382,7 @@ def clip_embed_images(model, pixels: torch.Tensor, batch: int = 256) -> torch.Te
 def clip_embed_texts(model, tok, texts: list[str], batch: int = 256) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch):
-        ids = tok(texts[i:i + batch], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        ids = tok(texts[i : i + batch], padding="max_length", truncation=True, return_tensors="pt").input_ids
         out.append(model.get_text_features(input_ids=ids).pooler_output)
     return F.normalize(torch.cat(out), dim=-1)
 
@@ -344,10 +405,12 @@ def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, Any]:
     labels = [(c, s) for c in W.COLOURS for s in W.SHAPES]
     cls = clip_embed_texts(model, tok, [f"a {c} {s}" for c, s in labels])
     pred = (img[singles] @ cls.T).argmax(1).tolist()
-    metrics["zero_shot_colour_acc"] = round(float(np.mean([labels[p][0] == scenes[i].things[0].colour
-                                                           for p, i in zip(pred, singles, strict=True)])), 3)
-    metrics["zero_shot_shape_acc"] = round(float(np.mean([labels[p][1] == scenes[i].things[0].shape
-                                                          for p, i in zip(pred, singles, strict=True)])), 3)
+    metrics["zero_shot_colour_acc"] = round(
+        float(np.mean([labels[p][0] == scenes[i].things[0].colour for p, i in zip(pred, singles, strict=True)])), 3
+    )
+    metrics["zero_shot_shape_acc"] = round(
+        float(np.mean([labels[p][1] == scenes[i].things[0].shape for p, i in zip(pred, singles, strict=True)])), 3
+    )
     metrics["eval_images"] = len(scenes)
     return metrics
 
@@ -363,14 +426,32 @@ def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
 
     tok = AutoTokenizer.from_pretrained(out / "lm")
     w = recipe.lm_width
-    config = OPTConfig(vocab_size=len(tok), hidden_size=w, word_embed_proj_dim=w, num_hidden_layers=recipe.lm_layers,
-                       ffn_dim=4 * w, num_attention_heads=4, max_position_embeddings=512, dropout=0.0,
-                       attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=w,
+        word_embed_proj_dim=w,
+        num_hidden_layers=recipe.lm_layers,
+        ffn_dim=4 * w,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(recipe.seed)
     model = OPTForCausalLM(config)
-    texts = corpus(recipe.n_images * 2, split="train", seed=recipe.seed, bos=tok.bos_token,
-                   described_captions=recipe.lm_described_captions, max_turns=recipe.lm_max_turns)
+    texts = corpus(
+        recipe.n_images * 2,
+        split="train",
+        seed=recipe.seed,
+        bos=tok.bos_token,
+        described_captions=recipe.lm_described_captions,
+        max_turns=recipe.lm_max_turns,
+    )
     docs = [_doc_ids(tok, t) for t in texts]
     rng = np.random.default_rng([recipe.seed, 30])
     model.train()
@@ -401,8 +482,8 @@ def _batch(tok, docs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torc
     ids = torch.full((len(docs), n), tok.pad_token_id)
     mask = torch.zeros((len(docs), n), dtype=torch.long)
     for i, d in enumerate(docs):
-        ids[i, :len(d)] = torch.tensor(d)
-        mask[i, :len(d)] = 1
+        ids[i, : len(d)] = torch.tensor(d)
+        mask[i, : len(d)] = 1
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
@@ -413,7 +494,7 @@ def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
     docs = [_doc_ids(tok, t) for t in corpus(400, split="test", seed=recipe.seed, bos=tok.bos_token)]
     nll, count = 0.0, 0
     for i in range(0, len(docs), 64):
-        ids, mask, labels = _batch(tok, docs[i:i + 64])
+        ids, mask, labels = _batch(tok, docs[i : i + 64])
         n = int((labels[:, 1:] != -100).sum())
         nll += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
         count += n
@@ -432,15 +513,20 @@ def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
         if i < 4:
             samples.append(prompt + answer)
     free = [generate_text(model, tok, "", max_new_tokens=30, sample=True, rng=rng) for _ in range(4)]
-    return {"test_perplexity": round(math.exp(nll / count), 3),
-            "in_context_colour_acc": round(colour_ok / math.ceil(len(singles) / 2), 3),
-            "in_context_shape_acc": round(shape_ok / (len(singles) // 2), 3), "in_context_questions": len(singles),
-            "samples": samples, "free_samples": free}
+    return {
+        "test_perplexity": round(math.exp(nll / count), 3),
+        "in_context_colour_acc": round(colour_ok / math.ceil(len(singles) / 2), 3),
+        "in_context_shape_acc": round(shape_ok / (len(singles) // 2), 3),
+        "in_context_questions": len(singles),
+        "samples": samples,
+        "free_samples": free,
+    }
 
 
 @torch.no_grad()
-def generate_text(model, tok, prompt: str, *, max_new_tokens: int, sample: bool = False,
-                  rng: np.random.Generator | None = None) -> str:
+def generate_text(
+    model, tok, prompt: str, *, max_new_tokens: int, sample: bool = False, rng: np.random.Generator | None = None
+) -> str:
     ids = torch.tensor([_doc_ids(tok, prompt, end=False)])
     out = []
     for _ in range(max_new_tokens):
@@ -464,9 +550,18 @@ def generate_text(model, tok, prompt: str, *, max_new_tokens: int, sample: bool 
 
 def vae_config(recipe: Recipe) -> dict[str, Any]:
     n = len(recipe.vae_channels)
-    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=list(recipe.vae_channels),
-                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                layers_per_block=1, norm_num_groups=8, sample_size=W.IMAGE_SIZE, mid_block_add_attention=False)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=list(recipe.vae_channels),
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=W.IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
 
 
 def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
@@ -483,7 +578,7 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     def step(_: int) -> torch.Tensor:
         x = vae_pixels(pixels[rng.choice(len(pixels), recipe.vae_batch, replace=False)])
         top, left = rng.integers(0, W.IMAGE_SIZE - recipe.vae_crop + 1, 2)
-        x = x[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+        x = x[:, :, top : top + recipe.vae_crop, left : left + recipe.vae_crop]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
@@ -492,7 +587,7 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     losses = _loop("pretrain vae", recipe.vae_steps, vae.parameters(), recipe.vae_lr, step, weight_decay=0.0)
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(vae_pixels(pixels[i:i + 256])).latent_dist.mean for i in range(0, 2048, 256)])
+        latents = torch.cat([vae.encode(vae_pixels(pixels[i : i + 256])).latent_dist.mean for i in range(0, 2048, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     (out / "diffusion").mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out / "diffusion" / "vae")
@@ -500,26 +595,37 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     with torch.no_grad():
         recon = vae.decode(vae.encode(vae_pixels(test)).latent_dist.mean).sample
     images = _to_pil(recon)
-    colour_ok = [W.dominant_colour(im) == s.things[0].colour
-                 for im, s in zip(images, scenes, strict=True) if len(s.things) == 1]
+    colour_ok = [
+        W.dominant_colour(im) == s.things[0].colour for im, s in zip(images, scenes, strict=True) if len(s.things) == 1
+    ]
     _grid([_to_pil(vae_pixels(test[:16]))[i] for i in range(16)] + images[:16], 16).save(out / "vae_recon.png")
-    return StageReport("vae", {
-        "test_mse": round(float(F.mse_loss(recon, vae_pixels(test))), 5),
-        "scaling_factor": round(1 / float(latents.std()), 4),
-        "recon_dominant_colour_acc": round(float(np.mean(colour_ok)), 3),
-        "final_loss": round(float(np.mean(losses[-50:])), 4),
-    })
+    return StageReport(
+        "vae",
+        {
+            "test_mse": round(float(F.mse_loss(recon, vae_pixels(test))), 5),
+            "scaling_factor": round(1 / float(latents.std()), 4),
+            "recon_dominant_colour_acc": round(float(np.mean(colour_ok)), 3),
+            "final_loss": round(float(np.mean(losses[-50:])), 4),
+        },
+    )
 
 
 def unet_config(recipe: Recipe, cross_attention_dim: int) -> dict[str, Any]:
     n = len(recipe.unet_channels)
-    return dict(sample_size=W.IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=list(recipe.unet_channels),
-                # Cross-attention only below full latent resolution: attention over 16x16 positions would
-                # dominate the CPU cost, and colour and shape need no finer conditioning than 8x8.
-                down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
-                up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
-                cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=16)
+    return dict(
+        sample_size=W.IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=list(recipe.unet_channels),
+        # Cross-attention only below full latent resolution: attention over 16x16 positions would
+        # dominate the CPU cost, and colour and shape need no finer conditioning than 8x8.
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
 
 
 def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
@@ -534,12 +640,17 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
     vae = AutoencoderKL.from_pretrained(out / "diffusion" / "vae").eval().requires_grad_(False)
     torch.manual_seed(recipe.seed)
     unet = UNet2DConditionModel(**unet_config(recipe, text_encoder.config.hidden_size))
-    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                num_train_timesteps=1000)
+    noise_sched = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     scenes, pixels = image_pool(recipe.n_images, split="train", seed=recipe.seed + 50)
     with torch.no_grad():  # the VAE is frozen: encode the pool once
-        moments = torch.cat([vae.encode(vae_pixels(pixels[i:i + 256])).latent_dist.parameters
-                             for i in tqdm(range(0, len(pixels), 256), desc="encode latents", leave=False)])
+        moments = torch.cat(
+            [
+                vae.encode(vae_pixels(pixels[i : i + 256])).latent_dist.parameters
+                for i in tqdm(range(0, len(pixels), 256), desc="encode latents", leave=False)
+            ]
+        )
     rng = np.random.default_rng([recipe.seed, 51])
     gen = torch.Generator().manual_seed(recipe.seed)
     alphas = noise_sched.alphas_cumprod
@@ -564,10 +675,24 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
 
     losses = _loop("pretrain unet", recipe.unet_steps, unet.parameters(), recipe.unet_lr, step, weight_decay=0.0)
     unet.eval()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out / "diffusion")
     metrics = evaluate_diffusion(pipe, out, recipe)
     metrics["final_loss"] = round(float(np.mean(losses[-50:])), 4)
@@ -587,8 +712,14 @@ def evaluate_diffusion(pipe, out: Path, recipe: Recipe, guidance: float = 4.0) -
     images = []
     for i in range(0, n, 12):
         gen = torch.Generator().manual_seed(recipe.seed + i)
-        images += pipe(prompts[i:i + 12], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
-                       height=W.IMAGE_SIZE, width=W.IMAGE_SIZE).images
+        images += pipe(
+            prompts[i : i + 12],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            height=W.IMAGE_SIZE,
+            width=W.IMAGE_SIZE,
+        ).images
     colour_ok = [W.dominant_colour(im) == s.things[0].colour for im, s in zip(images, targets, strict=True)]
     clip = CLIPModel.from_pretrained(out / "clip").eval()
     tok = load_clip_tokenizer(out)
@@ -599,9 +730,13 @@ def evaluate_diffusion(pipe, out: Path, recipe: Recipe, guidance: float = 4.0) -
     shape_ok = [W.SHAPES[p] == s.things[0].shape for p, s in zip(pred, targets, strict=True)]
     _grid(images, 6).save(out / "diffusion_samples.png")
     (out / "diffusion_samples.txt").write_text("\n".join(prompts) + "\n")
-    return {"gen_dominant_colour_acc": round(float(np.mean(colour_ok)), 3),
-            "gen_clip_shape_acc": round(float(np.mean(shape_ok)), 3), "prompts": n, "sampling_steps": steps,
-            "guidance_scale": guidance}
+    return {
+        "gen_dominant_colour_acc": round(float(np.mean(colour_ok)), 3),
+        "gen_clip_shape_acc": round(float(np.mean(shape_ok)), 3),
+        "prompts": n,
+        "sampling_steps": steps,
+        "guidance_scale": guidance,
+    }
 
 
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:

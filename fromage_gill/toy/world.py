@@ -46,8 +46,13 @@ RELATIONS = ("left of", "above")
 _RADIUS = {"small": 9, "large": 16}  # one shape: radius in pixels (before jitter)
 _PAIR_RADIUS = {"small": 8, "large": 13}  # two shapes: smaller, so they never touch
 _CENTRES = {"center": (32, 32), "left": (18, 32), "right": (46, 32), "top": (32, 18), "bottom": (32, 46)}
-_POSITION_WORDS = {"center": "in the middle", "left": "on the left", "right": "on the right", "top": "at the top",
-                   "bottom": "at the bottom"}
+_POSITION_WORDS = {
+    "center": "in the middle",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
 HELD_OUT_PERCENT = 10  # share of attribute combinations that only occur in the "test" split
 
 Split = Literal["train", "test"]
@@ -65,8 +70,11 @@ class Thing:
     size: str
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("shape", self.shape, SHAPES), ("colour", self.colour, tuple(COLOURS)),
-                                     ("size", self.size, SIZES)):
+        for name, value, allowed in (
+            ("shape", self.shape, SHAPES),
+            ("colour", self.colour, tuple(COLOURS)),
+            ("size", self.size, SIZES),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
@@ -124,8 +132,9 @@ def distinct_scenes(n: int, *, split: Split, seed: int) -> list[Scene]:
     seen: set[str] = set()
     unique = [s for s in pool if not (s.key in seen or seen.add(s.key))]
     if len(unique) < n:
-        raise ValueError(f"the {split} split has only {len(unique)} different scenes in {len(pool)} draws; "
-                         f"ask for at most that many")
+        raise ValueError(
+            f"the {split} split has only {len(unique)} different scenes in {len(pool)} draws; ask for at most that many"
+        )
     return unique[:n]
 
 
@@ -148,8 +157,11 @@ def sample_scene(rng: np.random.Generator, *, two: bool | None = None) -> Scene:
     two = bool(rng.random() < 0.3) if two is None else two
 
     def thing() -> Thing:
-        return Thing(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
-                     SIZES[rng.integers(len(SIZES))])
+        return Thing(
+            SHAPES[rng.integers(len(SHAPES))],
+            list(COLOURS)[rng.integers(len(COLOURS))],
+            SIZES[rng.integers(len(SIZES))],
+        )
 
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     variant = int(rng.integers(2**31))
@@ -245,15 +257,15 @@ def captions(scene: Scene, rng: np.random.Generator, k: int = 1) -> list[str]:
     """``k`` varied captions of ``scene``: each names colour and shape, and a random subset of the rest."""
     out = []
     for _ in range(k):
-        body = describe(scene, size=bool(rng.random() < 0.7), where=bool(rng.random() < 0.7),
-                        background=bool(rng.random() < 0.5))
+        body = describe(
+            scene, size=bool(rng.random() < 0.7), where=bool(rng.random() < 0.7), background=bool(rng.random() < 0.5)
+        )
         template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
         out.append(template.format(body))
     return out
 
 
-CAPTION_TEMPLATES = ("{}", "{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}",
-                      "there is {}")
+CAPTION_TEMPLATES = ("{}", "{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}", "there is {}")
 
 
 # ------------------------------------------------------------------------------------------------ dialogue
@@ -278,9 +290,16 @@ class Dialogue:
     kind: Literal["describe", "compare", "show", "draw"]
     turns: tuple[Turn, ...] = field(default_factory=tuple)
 
-    def text(self, image: Callable[[Scene], str], output: Callable[[Output], str] = lambda o: "", *,
-             user_prefix: str = "Q: ", assistant_prefix: str = "\nA:", turn_separator: str = "\n",
-             bos: str = "") -> str:
+    def text(
+        self,
+        image: Callable[[Scene], str],
+        output: Callable[[Output], str] = lambda o: "",
+        *,
+        user_prefix: str = "Q: ",
+        assistant_prefix: str = "\nA:",
+        turn_separator: str = "\n",
+        bos: str = "",
+    ) -> str:
         """The dialogue as LM text, laid out as the chat engine lays it out (``prompt.dialogue_pieces``): a user
         turn's images go *before* ``user_prefix`` (``[images] Q: ...\nA: ...``) and ``bos`` is put once, before
         the first text, so a first turn that shows images reads ``[images] <bos>Q: ...``. ``image`` renders a
@@ -304,8 +323,12 @@ def describe_dialogue(scene: Scene, rng: np.random.Generator) -> Dialogue:
         ("Describe the picture.", f"{describe(scene)}."),
         ("What colour is the shape?", f"it is {thing.colour}."),
         ("What shape is this?", f"it is a {thing.shape}."),
-        ("Where is the shape?", f"it is {_POSITION_WORDS[scene.position]}." if scene.position else
-         f"the {scene.things[0].phrase(size=False)} is {scene.relation} the {scene.things[1].phrase(size=False)}."),
+        (
+            "Where is the shape?",
+            f"it is {_POSITION_WORDS[scene.position]}."
+            if scene.position
+            else f"the {scene.things[0].phrase(size=False)} is {scene.relation} the {scene.things[1].phrase(size=False)}.",
+        ),
     ][rng.integers(5) if len(scene.things) == 1 else int(rng.choice([0, 1, 4]))]
     return Dialogue("describe", (Turn("user", question, (scene,)), Turn("assistant", answer)))
 
@@ -316,8 +339,11 @@ COMPARISONS = ("colour", "shape", "bigger")
 def compare_answer(kind: str, a: Scene, b: Scene) -> bool:
     """The true answer to comparison ``kind`` (one of ``COMPARISONS``) about one-shape scenes ``a`` and ``b``."""
     ta, tb = a.things[0], b.things[0]
-    return {"colour": ta.colour == tb.colour, "shape": ta.shape == tb.shape,
-            "bigger": ta.size == "large" and tb.size == "small"}[kind]
+    return {
+        "colour": ta.colour == tb.colour,
+        "shape": ta.shape == tb.shape,
+        "bigger": ta.size == "large" and tb.size == "small",
+    }[kind]
 
 
 def compare_dialogue(a: Scene, b: Scene, rng: np.random.Generator, kind: str | None = None) -> Dialogue:
@@ -343,25 +369,34 @@ def compare_dialogue(a: Scene, b: Scene, rng: np.random.Generator, kind: str | N
 def show_dialogue(target: Scene, rng: np.random.Generator, detail: dict[str, bool] | None = None) -> Dialogue:
     """Ask for a photo: the answer is an image that exists (retrieved from the gallery). ``detail``: which
     attributes the request names (``describe``'s flags; default: drawn from ``rng``, position never)."""
-    wanted = describe(target, **detail) if detail is not None else describe(
-        target, size=bool(rng.random() < 0.5), where=False, background=bool(rng.random() < 0.5))
+    wanted = (
+        describe(target, **detail)
+        if detail is not None
+        else describe(target, size=bool(rng.random() < 0.5), where=False, background=bool(rng.random() < 0.5))
+    )
     ask = _SHOW_TEMPLATES[rng.integers(len(_SHOW_TEMPLATES))].format(wanted)
-    return Dialogue("show", (Turn("user", ask), Turn("assistant", f"here is a photo of {wanted}.", output="retrieve",
-                                                       target=target)))
+    return Dialogue(
+        "show",
+        (Turn("user", ask), Turn("assistant", f"here is a photo of {wanted}.", output="retrieve", target=target)),
+    )
 
 
 def draw_dialogue(target: Scene, rng: np.random.Generator, detail: dict[str, bool] | None = None) -> Dialogue:
     """Ask for a new picture: the answer is generated, not retrieved. ``detail`` as for ``show_dialogue`` (default:
     drawn from ``rng``, background always)."""
-    wanted = describe(target, **detail) if detail is not None else describe(
-        target, size=bool(rng.random() < 0.5), where=bool(rng.random() < 0.5), background=True)
+    wanted = (
+        describe(target, **detail)
+        if detail is not None
+        else describe(target, size=bool(rng.random() < 0.5), where=bool(rng.random() < 0.5), background=True)
+    )
     ask = _DRAW_TEMPLATES[rng.integers(len(_DRAW_TEMPLATES))].format(wanted)
-    return Dialogue("draw", (Turn("user", ask), Turn("assistant", f"here is a drawing of {wanted}.", output="generate",
-                                                       target=target)))
+    return Dialogue(
+        "draw",
+        (Turn("user", ask), Turn("assistant", f"here is a drawing of {wanted}.", output="generate", target=target)),
+    )
 
 
-_SHOW_TEMPLATES = ("Show me a photo of {}.", "Can you show me a picture of {}?", "Find an image of {}.",
-                   "Show me {}.")
+_SHOW_TEMPLATES = ("Show me a photo of {}.", "Can you show me a picture of {}?", "Find an image of {}.", "Show me {}.")
 _DRAW_TEMPLATES = ("Draw a new picture of {}.", "Can you draw {}?", "Make me a new image of {}.", "Draw {}.")
 
 
@@ -398,14 +433,23 @@ def answer_caption(scene: Scene, rng: np.random.Generator) -> str:
 def described_prompt(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """A chat question about a shown image whose answer is a description, laid out as the chat engine lays out a
     user turn up to the answer (``Q: ...\\nA:``), and that answer: a captioning prompt and its caption."""
-    question, answer = [("What is in this image?", describe(scene, background=False)),
-                        ("Describe the picture.", describe(scene))][int(rng.integers(2))]
+    question, answer = [
+        ("What is in this image?", describe(scene, background=False)),
+        ("Describe the picture.", describe(scene)),
+    ][int(rng.integers(2))]
     return f"Q: {question}\nA:", f"{answer}."
 
 
-def export_captions(directory: str | Path, items: Sequence[Scene], *, seed: int, captions_per_image: int = 1,
-                    answer_share: float = 0.0, prompt_share: float = 0.0,
-                    progress: Callable[[Iterator], Iterator] = iter) -> Path:
+def export_captions(
+    directory: str | Path,
+    items: Sequence[Scene],
+    *,
+    seed: int,
+    captions_per_image: int = 1,
+    answer_share: float = 0.0,
+    prompt_share: float = 0.0,
+    progress: Callable[[Iterator], Iterator] = iter,
+) -> Path:
     """Write ``items`` as PNGs plus a CC3M-style ``captions.tsv`` (``caption<TAB>image``, image relative to
     ``directory``): the format ``fromage-gill train --data`` reads. With ``answer_share``, that share of the images
     also gets a ``query`` column worded as a chat answer (``answer_caption``): the text their [RET]/[IMG] tokens

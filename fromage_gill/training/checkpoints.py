@@ -42,8 +42,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, accelerat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.save_native(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                   tmp / TRAINER_STATE)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+            tmp / TRAINER_STATE,
+        )
         if final.exists():  # a re-run of the same step after a resume
             shutil.rmtree(final)
         tmp.rename(final)
@@ -78,15 +80,18 @@ def check_resume(resume: Path, config: ModelConfig) -> None:
     theirs = _comparable(ModelConfig.from_dict(theirs))
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if diff:
-        raise ValueError(f"--resume {resume} was written by another model ({theirs.get('name')!r}, differing in "
-                         f"{', '.join(diff)}) than --model {config.name!r}; resume with the same --model")
+        raise ValueError(
+            f"--resume {resume} was written by another model ({theirs.get('name')!r}, differing in "
+            f"{', '.join(diff)}) than --model {config.name!r}; resume with the same --model"
+        )
 
 
 def check_fresh_run(out: Path) -> None:
     """Refuse to start a new run in a directory that already holds one."""
     if (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()):
-        raise FileExistsError(f"--out {out} already holds a run; pass --resume {out} to continue it, or choose a "
-                              f"new --out")
+        raise FileExistsError(
+            f"--out {out} already holds a run; pass --resume {out} to continue it, or choose a new --out"
+        )
 
 
 def load_trained_layers(model, resume: Path) -> None:
@@ -115,8 +120,12 @@ def _comparable(config: ModelConfig) -> dict:
 
 
 def _get_rng() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng(state: dict) -> None:

@@ -96,16 +96,20 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
     if not path.exists() and "{" not in str(data):
         raise FileNotFoundError(f"--data {data} does not exist")
     if image_root is not None and not Path(image_root).is_dir():
-        raise FileNotFoundError(f"--image-root {image_root} is not a directory; pass the folder the image paths "
-                                f"in {path.name} are relative to")
+        raise FileNotFoundError(
+            f"--image-root {image_root} is not a directory; pass the folder the image paths "
+            f"in {path.name} are relative to"
+        )
     try:
         items = list(iter_image_caption_items(data, image_root))
     except ValueError as e:
         raise DataError(f"--data {data}: {e}") from None
     is_table = path.suffix.lower() in (".tsv", ".csv", ".txt")
     if is_table and items and all(it.caption is None for it in items):
-        raise DataError(f"--data {data} has no caption column: the first line must name the columns, e.g. "
-                        f"'caption<TAB>image' (a caption column is one of caption, text, title, alt)")
+        raise DataError(
+            f"--data {data} has no caption column: the first line must name the columns, e.g. "
+            f"'caption<TAB>image' (a caption column is one of caption, text, title, alt)"
+        )
     skipped = SkipLog()
     records = []
     for it in items:
@@ -124,8 +128,15 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
             if it.member is None:  # the size joins the data fingerprint: a replaced image invalidates features
                 it = replace(it, size=Path(it.path).stat().st_size, caption=caption)
             # a table's cells come stripped, an empty one as None
-            records.append(Record(key=it.name, caption=caption.strip(), item=it, query=it.query,
-                                  prompt=unescape_text(it.prompt) if it.prompt else None))
+            records.append(
+                Record(
+                    key=it.name,
+                    caption=caption.strip(),
+                    item=it,
+                    query=it.query,
+                    prompt=unescape_text(it.prompt) if it.prompt else None,
+                )
+            )
     if not records:
         raise DataError(f"--data {data} holds no usable image-caption example ({skipped.summary()})")
     if skipped.total:
@@ -169,8 +180,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             pixels = self.processor([load_record_image(r)])[0]
         except ImageError as e:
             return {"index": i, "caption": r.caption, "pixels": None, "error": str(e), "key": r.key}
-        return {"index": i, "caption": r.caption, "query": r.image_query, "prompt": r.prompt or "", "pixels": pixels,
-                "key": r.key}
+        return {
+            "index": i,
+            "caption": r.caption,
+            "query": r.image_query,
+            "prompt": r.prompt or "",
+            "pixels": pixels,
+            "key": r.key,
+        }
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
@@ -188,10 +205,14 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         r = self.records[i]
         row = self.store.get(i)
         if row is None:
-            return {"index": i, "caption": r.caption, "features": None, "error": "unreadable at precompute",
-                    "key": r.key}
-        return {"index": i, "caption": r.caption, "query": r.image_query, "prompt": r.prompt or "", "key": r.key,
-                **row}
+            return {
+                "index": i,
+                "caption": r.caption,
+                "features": None,
+                "error": "unreadable at precompute",
+                "key": r.key,
+            }
+        return {"index": i, "caption": r.caption, "query": r.image_query, "prompt": r.prompt or "", "key": r.key, **row}
 
 
 @dataclass
@@ -222,8 +243,13 @@ def collate(items: list[dict]) -> Batch:
     usable = [it.get("pixels") is not None or it.get("features") is not None for it in items]
     good = [it for it, ok in zip(items, usable, strict=True) if ok]
     bad = [(it["key"], it.get("error", "unreadable")) for it, ok in zip(items, usable, strict=True) if not ok]
-    batch = Batch(indices=[it["index"] for it in good], captions=[it["caption"] for it in good],
-                  queries=[it["query"] for it in good], prompts=[it["prompt"] for it in good], skipped=bad)
+    batch = Batch(
+        indices=[it["index"] for it in good],
+        captions=[it["caption"] for it in good],
+        queries=[it["query"] for it in good],
+        prompts=[it["prompt"] for it in good],
+        skipped=bad,
+    )
     if good and good[0].get("pixels") is not None:
         batch.pixels = torch.stack([it["pixels"] for it in good])
     if good and good[0].get("features") is not None:
@@ -265,4 +291,4 @@ class MicroBatches:
                 epoch = e
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
             lo = j * self.b * self.w + self.rank * self.b
-            yield perm[lo:lo + self.b].tolist()
+            yield perm[lo : lo + self.b].tolist()

@@ -25,8 +25,12 @@ from .losses import decision_loss
 
 logger = logging.getLogger(__name__)
 
-LABELS = {"generate": DECISION_GENERATE, "retrieve": DECISION_RETRIEVE, str(DECISION_GENERATE): DECISION_GENERATE,
-          str(DECISION_RETRIEVE): DECISION_RETRIEVE}
+LABELS = {
+    "generate": DECISION_GENERATE,
+    "retrieve": DECISION_RETRIEVE,
+    str(DECISION_GENERATE): DECISION_GENERATE,
+    str(DECISION_RETRIEVE): DECISION_RETRIEVE,
+}
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,10 @@ def read_decision_data(path: str | Path) -> tuple[list[str], list[int]]:
     header = [h.strip().lower() for h in rows[0]]
     text_col = next((header.index(c) for c in ("prompt", "text", "caption") if c in header), None)
     if text_col is None or "label" not in header:
-        raise DataError(f"--decision-data {path}: the header {rows[0]} needs a 'prompt' and a 'label' column, "
-                        f"e.g. 'prompt<TAB>label' with labels generate / retrieve")
+        raise DataError(
+            f"--decision-data {path}: the header {rows[0]} needs a 'prompt' and a 'label' column, "
+            f"e.g. 'prompt<TAB>label' with labels generate / retrieve"
+        )
     label_col = header.index("label")
     prompts, labels = [], []
     for line_no, row in enumerate(rows[1:], start=2):
@@ -57,8 +63,9 @@ def read_decision_data(path: str | Path) -> tuple[list[str], list[int]]:
             continue
         label = row[label_col].strip().lower() if label_col < len(row) else ""
         if label not in LABELS:
-            raise DataError(f"--decision-data {path}, line {line_no}: label {label!r} is not generate, retrieve, 0 "
-                            f"or 1")
+            raise DataError(
+                f"--decision-data {path}, line {line_no}: label {label!r} is not generate, retrieve, 0 or 1"
+            )
         prompts.append(row[text_col].strip())
         labels.append(LABELS[label])
     if not prompts:
@@ -75,8 +82,9 @@ def img0_hidden(model, tokenizer, prompts: list[str], *, batch_size: int = 32, m
     out = []
     pad = pad_token_id(tokenizer)
     for lo in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[lo:lo + batch_size], add_special_tokens=False, truncation=True,
-                        max_length=max_tokens)["input_ids"]
+        ids = tokenizer(
+            prompts[lo : lo + batch_size], add_special_tokens=False, truncation=True, max_length=max_tokens
+        )["input_ids"]
         rows, first = retrieval_rows(ids, bos_id=tokenizer.bos_token_id, image_token_ids=model.image_token_ids)
         lay = layout(rows, n_visual=model.config.n_visual_tokens, pad_id=pad, ignore_ids=frozenset())
         hidden = model(lay.input_ids, lay.attention_mask, logits="none").hidden
@@ -84,8 +92,17 @@ def img0_hidden(model, tokenizer, prompts: list[str], *, batch_size: int = 32, m
     return torch.cat(out).float()
 
 
-def train_decision_head(model, tokenizer, prompts: list[str], labels: list[int], *, steps: int = 500,
-                        lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> DecisionResult:
+def train_decision_head(
+    model,
+    tokenizer,
+    prompts: list[str],
+    labels: list[int],
+    *,
+    steps: int = 500,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> DecisionResult:
     """Train ``model.decision`` alone (AdamW with the published betas); every other weight is left untouched."""
     if model.decision is None:
         raise ValueError(f"{model.config.name} has no decision head (decision_head: true in a GILL config)")
@@ -113,6 +130,7 @@ def train_decision_head(model, tokenizer, prompts: list[str], labels: list[int],
         p.requires_grad_(False)
     with torch.no_grad():
         accuracy = float((head(features.to(model.dtype)).argmax(-1) == target).float().mean())
-    logger.info("decision head: loss %.4f -> %.4f, accuracy %.3f on %d prompts", losses[0], losses[-1], accuracy,
-                len(prompts))
+    logger.info(
+        "decision head: loss %.4f -> %.4f, accuracy %.3f on %d prompts", losses[0], losses[-1], accuracy, len(prompts)
+    )
     return DecisionResult(losses=losses, accuracy=accuracy, n_examples=len(prompts))

@@ -50,6 +50,7 @@ def _process_group_exists() -> bool:
 def ignore_frozen_backbones(module: nn.Module) -> None:
     """Tell DDP not to broadcast or watch the frozen LM and vision encoder of ``module`` (an ``Objective``): they are
     identical on every process by construction."""
+
     def frozen(name: str) -> bool:
         return name.split(".")[1] in ("lm", "vision")  # model.lm.*, model.vision.*
 
@@ -81,4 +82,3 @@ def _gather_parts(x: torch.Tensor, accelerator) -> list[torch.Tensor]:
     pad = torch.zeros((max(sizes) - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     every = accelerator.gather(torch.cat([x, pad])).view(len(sizes), max(sizes), *x.shape[1:])
     return [every[r, :n] for r, n in enumerate(sizes)]
-

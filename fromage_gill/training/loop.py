@@ -111,8 +111,16 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "val_every", "save_every", "log_every",
-                    "max_caption_tokens", "keep_checkpoints")
+        positive = (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "val_every",
+            "save_every",
+            "log_every",
+            "max_caption_tokens",
+            "keep_checkpoints",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -225,10 +233,11 @@ def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
         check_fresh_run(out)
     train_idx, val_idx = split_train_val(len(records), tc.val_fraction, tc.seed)
     if len(train_idx) < tc.batch_size * world:
-        raise DataError(f"{len(train_idx)} training example(s) are fewer than one batch ({tc.batch_size} x "
-                        f"{world} process(es)); lower --batch-size or add data")
-    return _Plan(out=out, cfg=cfg, records=records, store=store, resume=resume, train_idx=train_idx,
-                 val_idx=val_idx)
+        raise DataError(
+            f"{len(train_idx)} training example(s) are fewer than one batch ({tc.batch_size} x "
+            f"{world} process(es)); lower --batch-size or add data"
+        )
+    return _Plan(out=out, cfg=cfg, records=records, store=store, resume=resume, train_idx=train_idx, val_idx=val_idx)
 
 
 def _build_model(tc: TrainConfig, plan: _Plan, accelerator) -> tuple[Pipeline, list[nn.Parameter]]:
@@ -238,16 +247,22 @@ def _build_model(tc: TrainConfig, plan: _Plan, accelerator) -> tuple[Pipeline, l
     from ..pipeline import build_pipeline
 
     cfg = plan.cfg
-    pipe = build_pipeline(cfg, device=accelerator.device, dtype=parse_dtype(tc.precision),
-                          load_diffusion_pipeline=cfg.kind == "gill" and plan.store is None)
+    pipe = build_pipeline(
+        cfg,
+        device=accelerator.device,
+        dtype=parse_dtype(tc.precision),
+        load_diffusion_pipeline=cfg.kind == "gill" and plan.store is None,
+    )
     model = pipe.model
     model.trained_layers_to(accelerator.device, torch.float32)  # master weights in fp32; autocast does the rest
     check_vocabulary(model, pipe.tokenizer)
     if cfg.kind == "gill" and pipe.diffusion is not None:
         q = pipe.diffusion.tokenizer.model_max_length
         if q != cfg.mapper.num_queries:
-            raise ValueError(f"mapper.num_queries is {cfg.mapper.num_queries} but the diffusion tokenizer pads "
-                             f"captions to {q} tokens; set mapper.num_queries to {q}")
+            raise ValueError(
+                f"mapper.num_queries is {cfg.mapper.num_queries} but the diffusion tokenizer pads "
+                f"captions to {q} tokens; set mapper.num_queries to {q}"
+            )
     model.requires_grad_(False)
     trained = [p for k, p in model.trained_parameters().items() if not k.startswith("decision.")]
     for p in trained:
@@ -257,30 +272,49 @@ def _build_model(tc: TrainConfig, plan: _Plan, accelerator) -> tuple[Pipeline, l
     return pipe, trained
 
 
-def _build_optimisation(tc: TrainConfig, plan: _Plan, pipe: Pipeline, trained: list[nn.Parameter],
-                        accelerator) -> _Optimisation:
+def _build_optimisation(
+    tc: TrainConfig, plan: _Plan, pipe: Pipeline, trained: list[nn.Parameter], accelerator
+) -> _Optimisation:
     model, kind = pipe.model, plan.cfg.kind
     lr = tc.lr if tc.lr is not None else DEFAULT_LR[kind]
     warmup = tc.warmup if tc.warmup is not None else DEFAULT_WARMUP[kind]
     optimizer = torch.optim.AdamW(trained, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, tc.lr_decay_steps))
     token_norm = mean_embedding_norm(model)  # the published recipe keeps the trained token rows at this scale
-    objective = Objective(model, pipe.tokenizer, weights=tc.loss_weights, max_caption_tokens=tc.max_caption_tokens,
-                          caption_end=tc.caption_end, accelerator=accelerator, diffusion=pipe.diffusion)
+    objective = Objective(
+        model,
+        pipe.tokenizer,
+        weights=tc.loss_weights,
+        max_caption_tokens=tc.max_caption_tokens,
+        caption_end=tc.caption_end,
+        accelerator=accelerator,
+        diffusion=pipe.diffusion,
+    )
     if accelerator.num_processes > 1:
         ignore_frozen_backbones(objective)
     wrapped, optimizer = accelerator.prepare(objective, optimizer)
     step = 0
     if plan.resume is not None:
         step = restore_trainer_state(plan.resume, optimizer, scheduler, accelerator.process_index)
-    return _Optimisation(model=model, objective=objective, wrapped=wrapped, trained=trained, optimizer=optimizer,
-                         scheduler=scheduler, token_norm=token_norm, step=step)
+    return _Optimisation(
+        model=model,
+        objective=objective,
+        wrapped=wrapped,
+        trained=trained,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        token_norm=token_norm,
+        step=step,
+    )
 
 
 def _open_run(tc: TrainConfig, plan: _Plan, pipe: Pipeline, step: int, accelerator) -> _Data:
     """The run directory (run.json, logs/) and the training batches from optimizer step ``step`` on."""
-    dataset = (PrecomputedDataset(plan.records.items, plan.store) if plan.store is not None
-               else ImageCaptionDataset(plan.records.items, pipe.image_processor))
+    dataset = (
+        PrecomputedDataset(plan.records.items, plan.store)
+        if plan.store is not None
+        else ImageCaptionDataset(plan.records.items, pipe.image_processor)
+    )
     writer = None
     if accelerator.is_main_process:
         plan.out.mkdir(parents=True, exist_ok=True)
@@ -290,11 +324,21 @@ def _open_run(tc: TrainConfig, plan: _Plan, pipe: Pipeline, step: int, accelerat
 
             writer = SummaryWriter(str(plan.out / "logs"))
     accelerator.wait_for_everyone()
-    sampler = MicroBatches(len(plan.train_idx), batch_size=tc.batch_size, world=accelerator.num_processes,
-                           rank=accelerator.process_index, seed=tc.seed, start=step * tc.grad_accum,
-                           stop=tc.max_steps * tc.grad_accum)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, plan.train_idx), batch_sampler=sampler,
-                                         collate_fn=collate, num_workers=tc.workers)
+    sampler = MicroBatches(
+        len(plan.train_idx),
+        batch_size=tc.batch_size,
+        world=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=tc.seed,
+        start=step * tc.grad_accum,
+        stop=tc.max_steps * tc.grad_accum,
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, plan.train_idx),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=tc.workers,
+    )
     return _Data(dataset=dataset, batches=iter(loader), writer=writer)
 
 
@@ -308,13 +352,13 @@ def _run_steps(tc: TrainConfig, plan: _Plan, opt: _Optimisation, data: _Data, ac
     validation: list[dict[str, float]] = []
 
     def run_validation() -> None:
-        metrics = validate(opt.objective, data.dataset, plan.val_idx, batch_size=tc.batch_size,
-                           accelerator=accelerator)
+        metrics = validate(opt.objective, data.dataset, plan.val_idx, batch_size=tc.batch_size, accelerator=accelerator)
         metrics["step"] = opt.step
         validation.append(metrics)
         if main:
-            logger.info("step %d validation: %s", opt.step,
-                        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+            logger.info(
+                "step %d validation: %s", opt.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
+            )
             _add_scalars(data.writer, "val", metrics, opt.step)
 
     if plan.val_idx and tc.validate_at_start and opt.step == 0:
@@ -341,15 +385,23 @@ def _run_steps(tc: TrainConfig, plan: _Plan, opt: _Optimisation, data: _Data, ac
             run_validation()
             opt.wrapped.train()
         if opt.step % tc.save_every == 0 or opt.step == tc.max_steps:
-            save_checkpoint(plan.out, opt.step, opt.model, opt.optimizer, opt.scheduler, accelerator,
-                            keep=tc.keep_checkpoints)
+            save_checkpoint(
+                plan.out, opt.step, opt.model, opt.optimizer, opt.scheduler, accelerator, keep=tc.keep_checkpoints
+            )
     bar.close()
     if data.writer is not None:
         data.writer.close()
     skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum"))
-    return TrainResult(out=plan.out, step=opt.step, history=history, validation=validation,
-                       skipped=plan.records.skipped.total + skipped, model=opt.model, step_seconds=step_seconds,
-                       is_main_process=main)
+    return TrainResult(
+        out=plan.out,
+        step=opt.step,
+        history=history,
+        validation=validation,
+        skipped=plan.records.skipped.total + skipped,
+        model=opt.model,
+        step_seconds=step_seconds,
+        is_main_process=main,
+    )
 
 
 @dataclass
@@ -398,8 +450,11 @@ def _global_means(sums: dict[str, float], counts: dict[str, int], accelerator) -
     """Means over every micro-batch of every process. One reduction of a fixed-length vector, so that a process
     whose micro-batch was empty (all images unreadable) still matches the others."""
     n = len(METRIC_KEYS)
-    vec = torch.tensor([sums.get(k, 0.0) for k in METRIC_KEYS] + [float(counts.get(k, 0)) for k in METRIC_KEYS],
-                       device=accelerator.device, dtype=torch.float64)
+    vec = torch.tensor(
+        [sums.get(k, 0.0) for k in METRIC_KEYS] + [float(counts.get(k, 0)) for k in METRIC_KEYS],
+        device=accelerator.device,
+        dtype=torch.float64,
+    )
     vec = accelerator.reduce(vec, "sum").tolist()
     total, count = dict(zip(METRIC_KEYS, vec[:n], strict=True)), dict(zip(METRIC_KEYS, vec[n:], strict=True))
     record = {k: total[k] / count[k] for k in ("total", *LOSS_NAMES) if count[k]}

@@ -66,8 +66,10 @@ def l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """GILL's generation loss: the Euclidean distance between each of the Q output vectors and the diffusion
     text encoder's, averaged over tokens and examples. pred, target: (N, Q, D)."""
     if pred.shape != target.shape:
-        raise ValueError(f"mapper output {tuple(pred.shape)} and diffusion text-encoder output {tuple(target.shape)} "
-                         f"differ: mapper.num_queries/out_dim must match the diffusion text encoder")
+        raise ValueError(
+            f"mapper output {tuple(pred.shape)} and diffusion text-encoder output {tuple(target.shape)} "
+            f"differ: mapper.num_queries/out_dim must match the diffusion text encoder"
+        )
     return (pred.float() - target.float()).pow(2).sum(-1).sqrt().mean()
 
 

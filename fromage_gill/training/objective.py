@@ -32,8 +32,17 @@ LOSS_NAMES = ("caption", "retrieval_lm", "contrastive", "generation")
 class Objective(nn.Module):
     """All published losses for one batch; a module so that accelerate can wrap it (DDP) for many processes."""
 
-    def __init__(self, model, tokenizer, *, weights: LossWeights, max_caption_tokens: int, accelerator,
-                 diffusion=None, caption_end: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        weights: LossWeights,
+        max_caption_tokens: int,
+        accelerator,
+        diffusion=None,
+        caption_end: str = "",
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -43,17 +52,23 @@ class Objective(nn.Module):
         self.diffusion = diffusion  # for on-the-fly GILL targets; not a submodule (not saved, not wrapped)
         self.bos_id = tokenizer.bos_token_id
         self.pad_id = pad_token_id(tokenizer)
-        self.ignore_ids = frozenset(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id, tokenizer.unk_token_id) if i is not None)
+        self.ignore_ids = frozenset(
+            i
+            for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+            if i is not None
+        )
         self.caption_end_ids = tokenizer(caption_end, add_special_tokens=False)["input_ids"] if caption_end else []
         if caption_end and (not self.caption_end_ids or set(self.caption_end_ids) & self.ignore_ids):
-            raise ValueError(f"--caption-end {caption_end!r} tokenizes to {self.caption_end_ids}, which the loss "
-                             "cannot supervise (empty, or a BOS/EOS/pad/unk id it masks): pass the text that ends "
-                             "a chat turn, e.g. '\\n'")
+            raise ValueError(
+                f"--caption-end {caption_end!r} tokenizes to {self.caption_end_ids}, which the loss "
+                "cannot supervise (empty, or a BOS/EOS/pad/unk id it masks): pass the text that ends "
+                "a chat turn, e.g. '\\n'"
+            )
 
     def tokenize(self, captions: list[str]) -> list[list[int]]:
-        return self.tokenizer(captions, add_special_tokens=False, truncation=True,
-                              max_length=self.max_caption_tokens)["input_ids"]
+        return self.tokenizer(captions, add_special_tokens=False, truncation=True, max_length=self.max_caption_tokens)[
+            "input_ids"
+        ]
 
     def prompted(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
         """The ids of a captioning prompt and of the caption after it, tokenized as one text (the caption after a
@@ -63,15 +78,21 @@ class Objective(nn.Module):
         sep = "" if prompt[-1:].isspace() else " "
         head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         whole = self.tokenizer(prompt + sep + caption, add_special_tokens=False)["input_ids"]
-        if whole[:len(head)] == head:
-            tail = whole[len(head):]
+        if whole[: len(head)] == head:
+            tail = whole[len(head) :]
         else:  # a merge across the seam: tokenize the caption on its own
             tail = self.tokenizer(sep + caption, add_special_tokens=False)["input_ids"]
-        return head[-self.max_caption_tokens:], tail[:self.max_caption_tokens]
+        return head[-self.max_caption_tokens :], tail[: self.max_caption_tokens]
 
-    def local_parts(self, features: torch.Tensor, captions: list[str], text_cond: torch.Tensor | None,
-                    concat: bool, queries: list[str] | None = None, prompts: list[str] | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def local_parts(
+        self,
+        features: torch.Tensor,
+        captions: list[str],
+        text_cond: torch.Tensor | None,
+        concat: bool,
+        queries: list[str] | None = None,
+        prompts: list[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The per-process losses of a non-empty batch, and the [RET]/[IMG0] text and image embeddings for the
         contrastive loss. features (B, vision_dim) frozen image features. ``queries``: the text the image tokens
         follow in the retrieval and generation parts (default: the captions); captioning and the diffusion target
@@ -89,8 +110,12 @@ class Objective(nn.Module):
             if prompt:
                 heads[i], targets[i] = self.prompted(prompt, captions[i])
         ended = [cap + self.caption_end_ids for cap in targets] if self.caption_end_ids else targets
-        lay = layout(caption_rows(ended, bos_id=self.bos_id, concat=concat, prompts=heads),
-                     n_visual=cfg.n_visual_tokens, pad_id=self.pad_id, ignore_ids=self.ignore_ids)
+        lay = layout(
+            caption_rows(ended, bos_id=self.bos_id, concat=concat, prompts=heads),
+            n_visual=cfg.n_visual_tokens,
+            pad_id=self.pad_id,
+            ignore_ids=self.ignore_ids,
+        )
         lm_out = m(lay.input_ids, lay.attention_mask, features=features, visual_slot=lay.visual_slot)
         labels = lay.labels.to(lm_out.logits.device)
         out["caption"] = next_token_loss(lm_out.logits, labels)
@@ -105,8 +130,9 @@ class Objective(nn.Module):
         lm_out = m(lay.input_ids, lay.attention_mask)
         out["retrieval_lm"] = next_token_loss(lm_out.logits, lay.labels.to(lm_out.logits.device))
         hidden = lm_out.hidden  # (B, T, d)
-        pos = torch.tensor(first, device=hidden.device)[:, None] + torch.arange(len(m.image_token_ids),
-                                                                                device=hidden.device)
+        pos = torch.tensor(first, device=hidden.device)[:, None] + torch.arange(
+            len(m.image_token_ids), device=hidden.device
+        )
         img_hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, r, d)
         out["text_emb"] = m.text_embedding(img_hidden[:, 0])
         out["image_emb"] = m.image_embedding(features)
@@ -118,9 +144,15 @@ class Objective(nn.Module):
             out["generation"] = l2_loss(m.map_to_diffusion(img_hidden), text_cond.to(m.device))
         return out
 
-    def forward(self, features: torch.Tensor, captions: list[str], text_cond: torch.Tensor | None,
-                concat: bool, queries: list[str] | None = None, prompts: list[str] | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        features: torch.Tensor,
+        captions: list[str],
+        text_cond: torch.Tensor | None,
+        concat: bool,
+        queries: list[str] | None = None,
+        prompts: list[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The weighted ``total`` and each loss for this process's batch. B may be 0 on a process whose images
         were all unreadable: it still takes part in the gather of the contrastive loss."""
         m, w = self.model, self.weights
@@ -151,19 +183,24 @@ def check_vocabulary(model, tokenizer) -> None:
     head = model.lm.get_output_embeddings()
     rows = head.weight.shape[0] if head is not None else 0
     if rows < n_base:
-        raise ValueError(f"the LM's output layer has {rows} rows but its tokenizer {n_base} tokens: token ids "
-                         f"{rows}..{n_base - 1} have no logits. Use the tokenizer that belongs to the LM "
-                         f"(lm.tokenizer) or a matching lm.config.vocab_size")
+        raise ValueError(
+            f"the LM's output layer has {rows} rows but its tokenizer {n_base} tokens: token ids "
+            f"{rows}..{n_base - 1} have no logits. Use the tokenizer that belongs to the LM "
+            f"(lm.tokenizer) or a matching lm.config.vocab_size"
+        )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         i = getattr(tokenizer, name, None)
         if i is not None and not 0 <= i < n_base:
-            raise ValueError(f"the tokenizer's {name} is {i}, beyond the LM vocabulary of {n_base}; fix the "
-                             f"tokenizer's special tokens or lm.config")
+            raise ValueError(
+                f"the tokenizer's {name} is {i}, beyond the LM vocabulary of {n_base}; fix the "
+                f"tokenizer's special tokens or lm.config"
+            )
 
 
 @torch.no_grad()
 def mean_embedding_norm(model) -> tuple[float, float | None]:
     """Mean L2 norm of the LM's input embedding rows (and of its output rows when untied)."""
+
     def mean_norm(weight: torch.Tensor) -> float:
         return float(weight[: model.n_base].float().norm(dim=-1).mean())
 

@@ -56,15 +56,28 @@ def frozen_fingerprint(config, *, with_text: bool) -> dict:
 def encode_captions_for_diffusion(diffusion, captions: list[str]) -> torch.Tensor:
     """(N, Q, D) Stable Diffusion text-encoder outputs, exactly as its pipeline computes ``prompt_embeds``
     (padded to the tokenizer's max length): GILL's regression target."""
-    tok = diffusion.tokenizer(captions, padding="max_length", max_length=diffusion.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt")
+    tok = diffusion.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=diffusion.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
     enc = diffusion.text_encoder
     with torch.no_grad():
         return enc(tok.input_ids.to(enc.device))[0]
 
 
-def precompute(pipeline, records: Records, out: str | Path, *, batch_size: int = 32, shard_size: int = 1024,
-               text: bool | None = None, progress: bool = True) -> PrecomputeResult:
+def precompute(
+    pipeline,
+    records: Records,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    text: bool | None = None,
+    progress: bool = True,
+) -> PrecomputeResult:
     """Compute and store the frozen outputs for ``records``; resumes into an existing ``out`` written for the same
     model parts and data. ``text``: also the diffusion text-encoder outputs (default: when the model is GILL)."""
     from tqdm.auto import tqdm
@@ -74,8 +87,10 @@ def precompute(pipeline, records: Records, out: str | Path, *, batch_size: int =
     model = pipeline.model
     text = pipeline.config.kind == "gill" if text is None else text
     if text and pipeline.diffusion is None:
-        raise ValueError(f"{pipeline.config.name} has no diffusion pipeline: its text encoder is needed for the "
-                         f"caption targets (load it, or pass text=False / --no-text)")
+        raise ValueError(
+            f"{pipeline.config.name} has no diffusion pipeline: its text encoder is needed for the "
+            f"caption targets (load it, or pass text=False / --no-text)"
+        )
     out = Path(out)
     meta = {
         "format": FORMAT_VERSION,
@@ -122,8 +137,9 @@ def precompute(pipeline, records: Records, out: str | Path, *, batch_size: int =
             logger.warning("shard %d: %d unreadable image(s) skipped, e.g. %s", k, len(skipped), next(iter(skipped)))
     bar.close()
     store = PrecomputedStore(out)
-    return PrecomputeResult(out=out, n_records=len(records), n_written=len(store), n_skipped=store.n_skipped,
-                            shards_computed=len(todo))
+    return PrecomputeResult(
+        out=out, n_records=len(records), n_written=len(store), n_skipped=store.n_skipped, shards_computed=len(todo)
+    )
 
 
 def shard_path(out: Path, k: int) -> Path:
@@ -136,8 +152,10 @@ def _check_or_write_meta(out: Path, meta: dict) -> None:
         old = json.loads(path.read_text())
         diff = [k for k in ("format", "frozen", "records", "shard_size", "text") if old.get(k) != meta[k]]
         if diff:
-            raise DataError(f"{out} holds outputs computed for other {', '.join(diff)} (data {old.get('data')}); "
-                            f"choose a new --out or delete it")
+            raise DataError(
+                f"{out} holds outputs computed for other {', '.join(diff)} (data {old.get('data')}); "
+                f"choose a new --out or delete it"
+            )
         return
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a precompute directory (no {META_NAME}); choose a new --out")
@@ -152,8 +170,9 @@ class PrecomputedStore:
         self.dir = Path(directory)
         meta_path = self.dir / META_NAME
         if not meta_path.is_file():
-            raise FileNotFoundError(f"--precomputed {self.dir} holds no {META_NAME}: run `fromage-gill precompute` "
-                                    f"first")
+            raise FileNotFoundError(
+                f"--precomputed {self.dir} holds no {META_NAME}: run `fromage-gill precompute` first"
+            )
         self.meta = json.loads(meta_path.read_text())
         n, size = self.meta["n_records"], self.meta["shard_size"]
         self._where: dict[int, tuple[int, int]] = {}
@@ -171,8 +190,10 @@ class PrecomputedStore:
             for row, i in enumerate(f.get_tensor("index").tolist()):
                 self._where[i] = (k, row)
         if missing:
-            raise DataError(f"--precomputed {self.dir} is incomplete ({len(missing)} shard(s) missing, e.g. "
-                            f"{missing[0]}): run `fromage-gill precompute` again with the same arguments to finish it")
+            raise DataError(
+                f"--precomputed {self.dir} is incomplete ({len(missing)} shard(s) missing, e.g. "
+                f"{missing[0]}): run `fromage-gill precompute` again with the same arguments to finish it"
+            )
 
     def __len__(self) -> int:
         return len(self._where)
@@ -190,15 +211,21 @@ class PrecomputedStore:
     def check(self, config, records: Records, *, need_text: bool) -> None:
         """Refuse features computed for other data or another vision encoder / text encoder."""
         if self.meta.get("records") != records_fingerprint(records.items):
-            raise DataError(f"--precomputed {self.dir} was computed for other data ({self.meta.get('data')}), not "
-                            f"{records.description}: run `fromage-gill precompute` on this --data")
+            raise DataError(
+                f"--precomputed {self.dir} was computed for other data ({self.meta.get('data')}), not "
+                f"{records.description}: run `fromage-gill precompute` on this --data"
+            )
         if need_text and not self.meta.get("text"):
-            raise DataError(f"--precomputed {self.dir} has no diffusion text-encoder outputs, which GILL training "
-                            f"needs: precompute again without --no-text")
+            raise DataError(
+                f"--precomputed {self.dir} has no diffusion text-encoder outputs, which GILL training "
+                f"needs: precompute again without --no-text"
+            )
         want = frozen_fingerprint(config, with_text=bool(self.meta.get("text")))
         if self.meta.get("frozen") != want:
-            raise DataError(f"--precomputed {self.dir} was computed with another vision encoder or diffusion text "
-                            f"encoder than {config.name}'s: precompute again for this model")
+            raise DataError(
+                f"--precomputed {self.dir} was computed with another vision encoder or diffusion text "
+                f"encoder than {config.name}'s: precompute again for this model"
+            )
 
     def get(self, i: int) -> dict[str, torch.Tensor] | None:
         where = self._where.get(i)
@@ -206,7 +233,7 @@ class PrecomputedStore:
             return None
         k, row = where
         f = self._file(k)
-        out = {"features": f.get_slice("features")[row:row + 1][0]}
+        out = {"features": f.get_slice("features")[row : row + 1][0]}
         if self.meta.get("text"):
-            out["text_cond"] = f.get_slice("text_cond")[row:row + 1][0]
+            out["text_cond"] = f.get_slice("text_cond")[row : row + 1][0]
         return out

@@ -14,8 +14,14 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 70, 230), "yellow": (235, 220, 40),
-           "purple": (150, 50, 200), "white": (240, 240, 240)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (40, 70, 230),
+    "yellow": (235, 220, 40),
+    "purple": (150, 50, 200),
+    "white": (240, 240, 240),
+}
 SHAPES = ("square", "circle", "triangle")
 
 
@@ -35,8 +41,9 @@ def shape_image(colour: str, shape: str, rng: random.Random, size: int = 32) -> 
     return img
 
 
-def make_shapes(root: str | Path, n: int, *, fmt: Literal["tsv", "csv", "folder", "tar"] = "tsv", size: int = 32,
-                seed: int = 0) -> Path:
+def make_shapes(
+    root: str | Path, n: int, *, fmt: Literal["tsv", "csv", "folder", "tar"] = "tsv", size: int = 32, seed: int = 0
+) -> Path:
     """Write ``n`` examples under ``root``; returns what to pass as ``--data``. Examples cycle through every
     (colour, shape) pair, so any ``len(COLOURS) * len(SHAPES)`` consecutive ones hold each pair once."""
     root = Path(root)

@@ -25,14 +25,13 @@ def validate(objective: Objective, dataset, val_idx: list[int], *, batch_size: i
     sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # cap, ret_lm, gen, n, correct, counted
     texts, images = [], []
     for lo in range(0, max(len(mine), 1), batch_size):
-        batch = collate([dataset[i] for i in mine[lo:lo + batch_size]])
+        batch = collate([dataset[i] for i in mine[lo : lo + batch_size]])
         feats = batch.image_features(m, accelerator.device)
         n = feats.shape[0]
         if n == 0:
             continue
         with accelerator.autocast():
-            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False, batch.queries,
-                                          batch.prompts)
+            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False, batch.queries, batch.prompts)
         sums[0] += float(parts["caption"]) * n
         sums[1] += float(parts["retrieval_lm"]) * n
         sums[2] += float(parts.get("generation", torch.tensor(0.0))) * n
@@ -46,8 +45,11 @@ def validate(objective: Objective, dataset, val_idx: list[int], *, batch_size: i
     text = gather_varlen(torch.cat(texts) if texts else torch.zeros(0, d, device=accelerator.device), accelerator)
     image = gather_varlen(torch.cat(images) if images else torch.zeros(0, d, device=accelerator.device), accelerator)
     n = max(float(sums[3]), 1.0)
-    metrics = {"caption": float(sums[0]) / n, "retrieval_lm": float(sums[1]) / n,
-               "caption_acc": float(sums[4] / sums[5].clamp(min=1))}
+    metrics = {
+        "caption": float(sums[0]) / n,
+        "retrieval_lm": float(sums[1]) / n,
+        "caption_acc": float(sums[4] / sums[5].clamp(min=1)),
+    }
     if m.mapper is not None:
         metrics["generation"] = float(sums[2]) / n
     if text.shape[0]:
