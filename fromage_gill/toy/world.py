@@ -327,7 +327,8 @@ def describe_dialogue(scene: Scene, rng: np.random.Generator) -> Dialogue:
             "Where is the shape?",
             f"it is {_POSITION_WORDS[scene.position]}."
             if scene.position
-            else f"the {scene.things[0].phrase(size=False)} is {scene.relation} the {scene.things[1].phrase(size=False)}.",
+            else f"the {scene.things[0].phrase(size=False)} is {scene.relation} "
+            f"the {scene.things[1].phrase(size=False)}.",
         ),
     ][rng.integers(5) if len(scene.things) == 1 else int(rng.choice([0, 1, 4]))]
     return Dialogue("describe", (Turn("user", question, (scene,)), Turn("assistant", answer)))
