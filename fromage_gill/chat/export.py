@@ -13,11 +13,11 @@ from typing import Any
 
 from PIL import Image
 
+from ..generate.history import FORMAT as EXPORT_FORMAT
+from ..generate.history import VERSION as EXPORT_VERSION
 from .labels import html_label, image_label, plain_text
 from .session import ChatSession, settings_dict
 
-EXPORT_FORMAT = "fromage_gill.chat"
-EXPORT_VERSION = 1
 MAX_EXPORT_BYTES = 200 * 1024 * 1024
 
 

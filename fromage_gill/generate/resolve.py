@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..backbones import pad_token_id
 from ..layout import layout, retrieval_rows
 from ..settings import MAX_SEED, GenerationSettings
 from .diffusion import image_generator
@@ -24,8 +25,6 @@ def image_token_states(pipeline, texts: Sequence[str]) -> torch.Tensor:
     """(N, r, d) last-layer LM hidden states at the r image tokens ([RET] or [IMG0..r-1]) appended to each text,
     laid out as training lays out a caption (``BOS text [IMG0..r-1]``): what ``text_embedding`` (retrieval) and
     ``map_to_diffusion`` (generation) read."""
-    from ..backbones import pad_token_id
-
     m, tok = pipeline.model, pipeline.tokenizer
     ids = tok(list(texts), add_special_tokens=False).input_ids
     rows, first = retrieval_rows(ids, bos_id=tok.bos_token_id, image_token_ids=m.image_token_ids)
