@@ -67,6 +67,12 @@ def register(sub) -> None:
     )
     p.add_argument("--resume", help="run or checkpoint directory to continue from (same --model)")
     p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let --resume read a checkpoint whose state files need a full unpickle (those of older versions); "
+        "unpickling can run code, so pass it only for checkpoints you wrote yourself",
+    )
+    p.add_argument(
         "--from-scratch",
         action="store_true",
         help="start the trained layers from seeded random values instead of --model's weights",
@@ -113,6 +119,7 @@ def run(args) -> int:
         concat_prob=args.concat_prob,
         caption_end=args.caption_end,
         resume=args.resume,
+        trust_pickle=args.trust_pickle,
         from_scratch=args.from_scratch,
         precomputed=args.precomputed,
         workers=args.workers,

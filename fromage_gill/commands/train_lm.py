@@ -32,6 +32,12 @@ def register(sub) -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", help="a run directory or checkpoint to continue")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let --resume read a checkpoint whose state files need a full unpickle (those of older versions); "
+        "unpickling can run code, so pass it only for checkpoints you wrote yourself",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="e.g. cpu, cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,6 +61,7 @@ def run(args) -> int:
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
+        trust_pickle=args.trust_pickle,
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,

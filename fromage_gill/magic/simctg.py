@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..backbones import load_lm, load_tokenizer, pad_token_id
 from ..config import ConfigError, LMSpec, MagicConfig, load_config
+from ..resume_state import load_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class SimCTGConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = None
+    trust_pickle: bool = False  # resume from a trainer_state.pt that needs a full (code-running) unpickle
     seed: int = 0
     device: str | None = None
     progress: bool = True
@@ -241,7 +243,7 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
     )
     step = 0
     if resume is not None:
-        state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = load_state(resume / TRAINER_STATE, trust_pickle=tc.trust_pickle)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
@@ -304,7 +306,7 @@ def save_checkpoint(out: Path, step: int, lm, tokenizer, optimizer, scheduler, *
     tmp.mkdir(parents=True)
     lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save(
+    save_state(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

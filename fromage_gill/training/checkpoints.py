@@ -5,22 +5,21 @@
                                              rng-<rank>.pt; written as .tmp-step-... and renamed when complete
 
 A killed run therefore always leaves its last complete checkpoint, and resuming from it restores the optimizer,
-schedule, step and every process's random state.
+schedule, step and every process's random state. The .pt files hold only tensors, numbers and containers
+(``resume_state``): resuming loads them with ``weights_only=True``, and a file that needs a full unpickle is
+refused unless ``--trust-pickle``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .. import checkpoint as ckpt
 from ..config import ModelConfig
+from ..resume_state import get_rng, load_state, save_state, set_rng
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +37,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, accelerat
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_get_rng(), tmp / f"rng-{accelerator.process_index}.pt")
+    save_state(get_rng(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.save_native(model, tmp)
-        torch.save(
+        save_state(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
             tmp / TRAINER_STATE,
         )
@@ -99,15 +98,17 @@ def load_trained_layers(model, resume: Path) -> None:
     ckpt.load_trained_layers(model, ckpt.read_native(resume / ckpt.WEIGHTS_NAME), source=str(resume))
 
 
-def restore_trainer_state(resume: Path, optimizer, scheduler, rank: int) -> int:
-    """Load the optimizer, scheduler and this process's random state of a checkpoint; returns its step."""
-    state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=True)
+def restore_trainer_state(resume: Path, optimizer, scheduler, rank: int, *, trust_pickle: bool = False) -> int:
+    """Load the optimizer, scheduler and this process's random state of a checkpoint; returns its step. Every file
+    is read with ``weights_only=True``; ``trust_pickle`` lets an older checkpoint's pickled state load."""
+    rng_file = resume / f"rng-{rank}.pt"
+    state = load_state(resume / TRAINER_STATE, trust_pickle=trust_pickle)
+    rng = load_state(rng_file, trust_pickle=trust_pickle) if rng_file.is_file() else None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     step = int(state["step"])
-    rng_file = resume / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        _set_rng(torch.load(rng_file, map_location="cpu", weights_only=False))  # numpy state: our own file
+    if rng is not None:
+        set_rng(rng)
     logger.info("resumed from %s at step %d", resume, step)
     return step
 
@@ -117,20 +118,3 @@ def _comparable(config: ModelConfig) -> dict:
     for k in ("weights", "weights_format", "description"):
         d.pop(k, None)
     return d
-
-
-def _get_rng() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -102,6 +102,7 @@ class TrainConfig:
     caption_end: str = ""
     loss_weights: LossWeights = field(default_factory=LossWeights)
     resume: str | None = None
+    trust_pickle: bool = False  # resume from a checkpoint whose state needs a full (code-running) unpickle
     from_scratch: bool = False  # seeded random trained layers instead of the model's own weights
     precomputed: str | None = None
     workers: int = 0
@@ -295,7 +296,9 @@ def _build_optimisation(
     wrapped, optimizer = accelerator.prepare(objective, optimizer)
     step = 0
     if plan.resume is not None:
-        step = restore_trainer_state(plan.resume, optimizer, scheduler, accelerator.process_index)
+        step = restore_trainer_state(
+            plan.resume, optimizer, scheduler, accelerator.process_index, trust_pickle=tc.trust_pickle
+        )
     return _Optimisation(
         model=model,
         objective=objective,
