@@ -14,6 +14,11 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="preset, config JSON or model directory (its frozen parts are used)")
     p.add_argument("--data", required=True, help="same as for `train`")
     p.add_argument("--image-root", help="folder the image paths in a .tsv/.csv are relative to")
+    p.add_argument(
+        "--allow-images-outside-root",
+        action="store_true",
+        help="let image paths resolve outside the image root (as for `fromage-gill train`)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=1024, help="examples per shard file (default 1024)")
@@ -29,7 +34,7 @@ def run(args) -> int:
     from ..training.data import read_records
     from ..training.precompute import precompute
 
-    records = read_records(args.data, args.image_root)
+    records = read_records(args.data, args.image_root, allow_outside_root=args.allow_images_outside_root)
     text = False if args.no_text else None
     pipe = load_pipeline(
         args.model, device=args.device, dtype=args.dtype, weights="random", load_diffusion_pipeline=not args.no_text

@@ -30,6 +30,12 @@ def register(sub) -> None:
         "generate / retrieve), starting from --model's trained layers",
     )
     p.add_argument("--image-root", help="folder the image paths in a .tsv/.csv are relative to (default: its folder)")
+    p.add_argument(
+        "--allow-images-outside-root",
+        action="store_true",
+        help="let image paths in --data resolve outside the image root (../, absolute paths, symlinks pointing "
+        "out); by default they are refused, so a data file cannot make training read any file on this machine",
+    )
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final trained layers)")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per process and micro-step (default 16)")
@@ -101,6 +107,7 @@ def run(args) -> int:
         data=args.data,
         out=args.out,
         image_root=args.image_root,
+        allow_images_outside_root=args.allow_images_outside_root,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,

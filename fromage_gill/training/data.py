@@ -8,10 +8,15 @@ error when the data cannot train anything.
 
 An example whose image is missing or unreadable is skipped and counted in a ``SkipLog`` (with reasons and a few
 examples for the log), never replaced by another one: a silent substitution would skew what the model learns.
+
+A data file is not trusted to point anywhere: a table row with more or fewer cells than its header is refused
+(``file:line``), and an image path that resolves outside the image root (``../``, an absolute path, a symlink
+pointing out) is refused unless ``allow_outside_root`` (``--allow-images-outside-root``).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 from collections import Counter
@@ -89,9 +94,12 @@ class Records:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_records(data: str | Path, image_root: str | Path | None = None) -> Records:
+def read_records(
+    data: str | Path, image_root: str | Path | None = None, *, allow_outside_root: bool = False
+) -> Records:
     """Every usable record of ``data``. Raises ``DataError`` / ``FileNotFoundError`` for anything unusable: a
-    table without a caption column, an image root that does not exist, a dataset left empty after skipping."""
+    table without a caption column or with a row of the wrong width, an image root that does not exist, an image
+    outside it (unless ``allow_outside_root``), a dataset left empty after skipping."""
     path = Path(data)
     if not path.exists() and "{" not in str(data):
         raise FileNotFoundError(f"--data {data} does not exist")
@@ -100,6 +108,8 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
             f"--image-root {image_root} is not a directory; pass the folder the image paths "
             f"in {path.name} are relative to"
         )
+    if path.is_file() and path.suffix.lower() in (".tsv", ".csv", ".txt"):
+        check_table_rows(path)
     try:
         items = list(iter_image_caption_items(data, image_root))
     except ValueError as e:
@@ -137,11 +147,54 @@ def read_records(data: str | Path, image_root: str | Path | None = None) -> Reco
                     prompt=unescape_text(it.prompt) if it.prompt else None,
                 )
             )
+    if not allow_outside_root:
+        root = Path(image_root) if image_root is not None else path if path.is_dir() else path.parent
+        check_inside_root([r.item for r in records], root, data)
     if not records:
         raise DataError(f"--data {data} holds no usable image-caption example ({skipped.summary()})")
     if skipped.total:
         logger.warning("%s: %s", data, skipped.summary())
     return Records(records, skipped, str(data))
+
+
+def check_table_rows(path: Path, shown: int = 5) -> None:
+    """Refuse a table whose rows do not all have its header's width (a .txt list: at most one TAB per line), as
+    the reader would otherwise drop a short row silently and read a long one's extra cells as part of another."""
+    bad: list[str] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.suffix.lower() == ".txt":
+            for n, line in enumerate(f, 1):
+                cells = line.count("\t") + 1
+                if cells > 2 and not line.lstrip().startswith("#"):
+                    bad.append(f"{path}:{n}: {cells} TAB-separated cells, expected image or caption<TAB>image")
+        else:
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            header = next(rows, None)
+            width = len(header) if header else 0
+            for row in rows:
+                if row and len(row) != width:  # an empty line is no row
+                    bad.append(f"{path}:{rows.line_num}: {len(row)} cell(s), but the header has {width} ({header})")
+    if bad:
+        more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
+        raise DataError(
+            f"--data {path}: {len(bad)} row(s) have the wrong number of cells: " + "; ".join(bad[:shown]) + more + ". "
+            "Every row needs one cell per column (a TAB or comma inside a caption splits it): fix or delete them"
+        )
+
+
+def check_inside_root(items: Sequence[ImageItem], root: Path, data: str | Path, shown: int = 3) -> None:
+    """Refuse local images that resolve (``..``, absolute paths and symlinks followed) outside ``root``: a data
+    file from someone else must not make training read any file on this machine."""
+    base = root.resolve()
+    outside = [it.path for it in items if it.member is None and not Path(it.path).resolve().is_relative_to(base)]
+    if outside:
+        raise DataError(
+            f"--data {data}: {len(outside)} image path(s) resolve outside the image root {root} "
+            f"(e.g. {', '.join(outside[:shown])}); put the images under it, point --image-root at their folder, "
+            f"or pass --allow-images-outside-root if you trust {Path(str(data)).name} to name only images"
+        )
 
 
 def load_record_image(record: Record) -> Image.Image:

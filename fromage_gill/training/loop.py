@@ -79,6 +79,7 @@ class TrainConfig:
     data: str
     out: str
     image_root: str | None = None
+    allow_images_outside_root: bool = False  # let the data's image paths resolve outside image_root
     max_steps: int = 1000
     batch_size: int = 16  # per process and micro-step
     grad_accum: int = 1
@@ -222,7 +223,7 @@ def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
     cfg, _ = resolve_config(tc.model)
     if cfg.weights is None or tc.from_scratch:
         cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights, or asked: start from scratch
-    records = read_records(tc.data, tc.image_root)
+    records = read_records(tc.data, tc.image_root, allow_outside_root=tc.allow_images_outside_root)
     store = None
     if tc.precomputed:
         store = PrecomputedStore(tc.precomputed)
@@ -368,13 +369,18 @@ def _run_steps(tc: TrainConfig, plan: _Plan, opt: _Optimisation, data: _Data, ac
         run_validation()
     bar = tqdm(total=tc.max_steps, initial=opt.step, desc="train", unit="step", disable=not (main and tc.progress))
     opt.wrapped.train()
-    seen = skipped = 0
+    seen = 0
+    skipped: dict[str, str] = {}  # unreadable examples met while training: each logged and counted once, not per epoch
     step_seconds: list[float] = []
     while opt.step < tc.max_steps:
         t_step = time.perf_counter()
         done = _optimizer_step(tc, opt, data.batches, accelerator)
         step_seconds.append(time.perf_counter() - t_step)
-        seen, skipped = seen + done.seen, skipped + done.skipped
+        seen += done.seen
+        for key, why in done.skipped:
+            if key not in skipped:
+                skipped[key] = why
+                logger.warning("skipped %s: %s", key, why)
         record = _global_means(done.sums, done.counts, accelerator)
         record["lr"] = done.lr
         history.append(record)
@@ -394,13 +400,16 @@ def _run_steps(tc: TrainConfig, plan: _Plan, opt: _Optimisation, data: _Data, ac
     bar.close()
     if data.writer is not None:
         data.writer.close()
-    skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum"))
+    if world > 1:  # the same example may fail on two processes in different epochs: count it once
+        from accelerate.utils import gather_object
+
+        skipped = dict.fromkeys(gather_object(list(skipped)))
     return TrainResult(
         out=plan.out,
         step=opt.step,
         history=history,
         validation=validation,
-        skipped=plan.records.skipped.total + skipped,
+        skipped=plan.records.skipped.total + len(skipped),
         model=opt.model,
         step_seconds=step_seconds,
         is_main_process=main,
@@ -415,7 +424,7 @@ class _StepDone:
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     seen: int = 0
-    skipped: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     lr: float = 0.0
 
 
@@ -424,9 +433,7 @@ def _optimizer_step(tc: TrainConfig, opt: _Optimisation, batches: Iterator[Batch
     done = _StepDone()
     for micro in range(tc.grad_accum):
         batch: Batch = next(batches)
-        done.skipped += len(batch.skipped)
-        for key, why in batch.skipped:
-            logger.warning("skipped %s: %s", key, why)
+        done.skipped += batch.skipped
         u = opt.step * tc.grad_accum + micro  # the global micro-batch index: with the seed, all that decides
         concat = random.Random(tc.seed * 1_000_003 + u).random() < tc.concat_prob
         features = batch.image_features(opt.model, accelerator.device)
