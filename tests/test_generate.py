@@ -509,15 +509,16 @@ def test_export_import_round_trip(tiny_gill, images):
     run(back, ["more"], GREEDY_TEXT)
     assert back.history[-1].tokens == chat.history[-1].tokens
 
+    hi, answer = {"role": "user", "segments": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "segments": []}
     bad = [
         ({}, "not a saved chat"),
         ({**data, "version": 9}, "unsupported chat version"),
         ({**data, "turns": "x"}, "'turns' must be a list"),
         ({**data, "turns": [{"role": "robot", "segments": []}]}, "role"),
-        ({**data, "turns": [{"role": "user", "segments": [{"type": "image", "png": "!!"}]}]}, "base64"),
-        ({**data, "turns": [{"role": "user", "segments": [{"type": "image", "png": ""}]}]}, "empty"),
-        ({**data, "turns": [{"role": "assistant", "segments": [], "tokens": [10**9]}]}, "token ids"),
-        ({**data, "turns": [{"role": "user", "segments": [{"type": "video"}]}]}, "type 'text' or 'image'"),
+        ({**data, "turns": [{"role": "user", "segments": [{"type": "image", "png": "!!"}]}, answer]}, "base64"),
+        ({**data, "turns": [{"role": "user", "segments": [{"type": "image", "png": ""}]}, answer]}, "empty"),
+        ({**data, "turns": [hi, {"role": "assistant", "segments": [], "tokens": [10**9]}]}, "token ids"),
+        ({**data, "turns": [{"role": "user", "segments": [{"type": "video"}]}, answer]}, "type 'text' or 'image'"),
     ]
     for d, match in bad:
         with pytest.raises(ValueError, match=match):

@@ -18,7 +18,15 @@ from PIL import Image
 from ..settings import GenerationSettings
 from .events import Event, Notice, TurnEnd
 from .history import history_from_dict, history_to_dict
-from .limits import check_settings, context_length, image_paths, image_positions, too_long
+from .limits import (
+    check_image_counts,
+    check_settings,
+    context_length,
+    image_paths,
+    image_positions,
+    kept_segments,
+    too_long,
+)
 from .loop import DecodeLoop, Row, fresh_seed
 from .prompt import Prompt, Turn, VisionCache, dialogue_pieces, encode_pieces, normalize_message
 from .stream import TextStream
@@ -46,11 +54,16 @@ class Chat:
     # -- public API ------------------------------------------------------------------------------------------------
 
     def send(self, message: Sequence[str | Image.Image], settings: GenerationSettings | None = None) -> Iterator[Event]:
-        """Add a user message (str and images, in order) and stream the answer's events."""
+        """Add a user message (str and images, in order) and stream the answer's events. A message holds at most
+        ``limits.MAX_IMAGES_PER_MESSAGE`` images and a conversation ``MAX_IMAGES_PER_CONVERSATION``; images over
+        ``MAX_KEPT_IMAGE_PIXELS`` are kept (and seen) scaled down to it."""
         settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
         check_settings(self.pipeline, settings)
-        user = Turn("user", normalize_message(message))
+        # the image limits before any image is decoded, then each kept at a bounded size
+        items = message if isinstance(message, (list, tuple)) else [message]
+        check_image_counts(sum(len(t.images) for t in self.history), sum(not isinstance(m, str) for m in items))
+        user = Turn("user", kept_segments(normalize_message(message)))
         prompt, first = self._plan([*self.history, user], settings)
         return self._start(self._turn(prompt, first, settings, add=user))
 

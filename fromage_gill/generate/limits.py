@@ -1,8 +1,26 @@
-"""What a pipeline can serve: its context length, which image paths a mode has, and the errors that say so."""
+"""What a pipeline can serve: its context length, which image paths a mode has, and the errors that say so; how
+many images a message and a conversation may hold, and the size an image is kept at (live input and imports
+alike)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from PIL import Image
+
 from ..settings import GenerationSettings
+
+MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more is almost surely a mistake
+# A message is refused once the conversation holds this many images (any source), and one that would take it past:
+# the images stay resident (and in the vision cache) as long as the conversation. An answer after the last
+# accepted message may still add its own (at most MAX_IMAGES_PER_MESSAGE), so an export holds at most the sum.
+MAX_IMAGES_PER_CONVERSATION = 64
+# Images are kept at most this large (aspect kept): the model sees 224 px, the chat shows a few hundred, and with
+# the 32:1 aspect limit the short side stays >= 250 px. A 64-megapixel upload would otherwise stay resident at
+# 192 MB.
+MAX_KEPT_IMAGE_PIXELS = 2_000_000
 
 
 def context_length(pipeline) -> int:
@@ -23,8 +41,13 @@ def image_paths(pipeline, settings: GenerationSettings) -> tuple[bool, bool]:
 
 
 def check_settings(pipeline, settings: GenerationSettings) -> None:
-    """Refuse a mode the pipeline cannot serve, with the fix."""
+    """Refuse a mode the pipeline cannot serve, and more images per answer than a message may hold, with the fix."""
     name = pipeline.config.name
+    if settings.max_images > MAX_IMAGES_PER_MESSAGE:  # an answer is a message: it is saved and imported as one
+        raise ValueError(
+            f"max_images={settings.max_images} is more than the limit of {MAX_IMAGES_PER_MESSAGE} images per "
+            f"message (an answer is one); use max_images <= {MAX_IMAGES_PER_MESSAGE}"
+        )
     if settings.mode == "retrieve" and pipeline.index is None:
         raise ValueError(
             f"mode='retrieve' needs an image index, and {name} has none loaded (pipeline.index is None): "
@@ -60,3 +83,42 @@ def too_long(pipeline, settings: GenerationSettings, n_prompt: int, what: str) -
         f"{max(n_ctx - settings.max_new_tokens - extra, 0)} prompt tokens fit (each image takes "
         f"{pipeline.config.n_visual_tokens}). Shorten it or lower max_new_tokens."
     )
+
+
+def check_image_counts(history_images: int, message_images: int, *, where: str = "the message") -> None:
+    """Refuse a user message of ``message_images`` images in a conversation already holding ``history_images``
+    (any message once the conversation is full: an answer could add images of its own)."""
+    n, most = history_images, MAX_IMAGES_PER_CONVERSATION
+    if message_images > MAX_IMAGES_PER_MESSAGE:
+        raise ValueError(
+            f"{where} holds {message_images} images, more than the limit of {MAX_IMAGES_PER_MESSAGE} per message; "
+            f"send at most {MAX_IMAGES_PER_MESSAGE} images in one message"
+        )
+    if n >= most or n + message_images > most:
+        now = f"holds {n} images" + (f" and {where} adds {message_images}" if message_images and n < most else "")
+        raise ValueError(
+            f"{where}: the conversation {now}, but one conversation keeps at most {most}; start a new "
+            f"conversation (or undo turns with images)"
+        )
+
+
+def kept_image(image: Image.Image, max_pixels: int = MAX_KEPT_IMAGE_PIXELS) -> Image.Image:
+    """``image`` itself when it has at most ``max_pixels`` pixels, else a copy scaled down to fit (aspect kept)."""
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (w * h))
+    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)  # reduce() first: fast on big images
+
+
+def kept_segments(segments: Sequence) -> list:
+    """A message's segments with each image segment's picture at its kept size (``kept_image``)."""
+    out = []
+    for s in segments:
+        image = getattr(s, "image", None)
+        kept = kept_image(image) if isinstance(image, Image.Image) else image
+        if kept is not image:
+            s = dataclasses.replace(s, image=kept, key="")  # the key is the hash of what is kept
+        out.append(s)
+    return out
