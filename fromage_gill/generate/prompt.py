@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -112,7 +112,10 @@ def normalize_message(
         if isinstance(item, str):
             if item:
                 out.append(item)
-        elif isinstance(item, ImageSegment) or (allow_token_ids and isinstance(item, TokenIds)):
+        elif isinstance(item, ImageSegment):  # its picture meets the same limits as any other (a lazy one decodes)
+            image = load_image(item.image, name=f"{name} item {i}")
+            out.append(item if image is item.image else replace(item, image=image, key=""))
+        elif allow_token_ids and isinstance(item, TokenIds):
             out.append(item)
         elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
             what = str(item) if isinstance(item, Path) else f"{name} item {i}"
