@@ -168,6 +168,13 @@ def map_safetensors(path: Path, *, mmap_mode: bool) -> tuple[np.ndarray, dict[st
         raise ValueError(f"{path}: embeddings must be F32 or F16, got {t['dtype']}")
     rows, dim = t["shape"]
     start = 8 + n + t["data_offsets"][0]
+    end, size = start + rows * dim * np.dtype(np_dtype).itemsize, path.stat().st_size
+    if size < end:
+        raise ValueError(
+            f"{path} is truncated: its header describes {rows} x {dim} {t['dtype']} embeddings ending at byte "
+            f"{end:,}, but the file has {size:,} bytes (an interrupted copy or build); copy it again or rebuild the "
+            f"index"
+        )
     if rows == 0:
         return np.zeros((0, dim), dtype=np_dtype), meta
     if mmap_mode:
@@ -230,7 +237,13 @@ def read_records(directory: Path, count: int) -> JsonlRecords:
     refused unless there are ``count`` of them."""
     d = directory
     offsets_path = d / OFFSETS_FILE
-    offsets = np.load(offsets_path, mmap_mode="r") if offsets_path.is_file() else line_offsets(d / RECORDS_FILE)
+    if offsets_path.is_file():
+        try:
+            offsets = np.load(offsets_path, mmap_mode="r")
+        except (ValueError, OSError) as e:  # numpy's words ("mmap length is greater than file size") name no file
+            raise ValueError(f"{offsets_path} is truncated or damaged ({e}); rebuild the index") from None
+    else:
+        offsets = line_offsets(d / RECORDS_FILE)
     records = JsonlRecords(d / RECORDS_FILE, offsets)
     if len(records) != count:
         raise ValueError(f"{d}: {len(records)} records for {count} embeddings; rebuild the index")
