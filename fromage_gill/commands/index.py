@@ -42,7 +42,15 @@ def register(subparsers) -> None:
     b.add_argument(
         "--allow-private-urls",
         action="store_true",
-        help="allow URLs on loopback / private networks (an intranet image server)",
+        help="let URLs reach loopback (127.0.0.0/8, ::1) and the private ranges 10.0.0.0/8, 172.16.0.0/12, "
+        "192.168.0.0/16 and fc00::/7 (an intranet image server); nothing else: link-local, 0.0.0.0/8, CGNAT and "
+        "cloud metadata addresses stay refused",
+    )
+    b.add_argument(
+        "--allow-link-local-urls",
+        action="store_true",
+        help="let URLs reach link-local addresses, 169.254.0.0/16 and fe80::/10 (a device on the local link); "
+        "the cloud metadata addresses in that range (169.254.169.254, 169.254.170.2) stay refused",
     )
     b.add_argument("--faiss", choices=["flat", "ivf", "hnsw"], help="also build a FAISS index beside the vectors")
     b.add_argument("--no-progress", action="store_true")
@@ -112,7 +120,7 @@ def _build(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         image_root=args.image_root,
         dtype=args.storage_dtype,
-        fetch_config=FetchConfig(allow_private=args.allow_private_urls),
+        fetch_config=FetchConfig(allow_private=args.allow_private_urls, allow_link_local=args.allow_link_local_urls),
         relative_paths=not args.absolute_paths,
         num_workers=args.workers,
         overwrite=args.overwrite,

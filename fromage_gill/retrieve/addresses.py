@@ -117,7 +117,7 @@ def resolve_checked(
                     "--allow-private-urls)"
                 )
             elif reason == "a link-local address" and not allow_link_local:
-                hint = " (allow link-local addresses with FetchConfig(allow_link_local=True))"
+                hint = " (allow link-local addresses with FetchConfig(allow_link_local=True) / --allow-link-local-urls)"
             raise FetchError(f"refused: host {host!r} resolves to {a}, {reason}{hint}")
     if not addresses:
         raise FetchError(f"cannot resolve host {host!r}: no addresses")
