@@ -1,9 +1,12 @@
 """Peak memory and time of handling hostile images: small files that ask for a lot of memory when decoded.
 
 Each image goes the way an upload goes: ``images.load_image`` then the published presets' 224-px preprocessing
-(``images.ImageProcessor``). Every hostile image must be refused with an ``ImageError`` (or, for the many-frame GIF,
-accepted as its first frame) within 300 MB of peak resident memory above the process's own baseline. A few images at
-the limits that are accepted show what the largest allowed image costs.
+(``images.ImageProcessor``); an exported conversation goes the way an import goes: ``generate.history``'s
+``read_history_json`` then ``history_from_dict``. Every hostile input must be refused with a ``ValueError`` (or, for
+the many-frame GIF and the odd modes, accepted and converted) within 300 MB of peak resident memory above the
+process's own baseline. A few inputs at the limits that are accepted show what the largest allowed ones cost, and
+what stays resident afterwards ("kept": resident memory while the result is still held, above the baseline, after
+freed memory is handed back to the system).
 
 Each image is handled in a forked child of a process that has already imported everything, so one image's freed
 memory cannot hide the next one's peak; the child's peak resident set (VmHWM, reset through /proc/self/clear_refs)
@@ -18,6 +21,8 @@ the machine. Linux only (fork and /proc).
 from __future__ import annotations
 
 import argparse
+import base64
+import ctypes
 import io
 import json
 import os
@@ -32,7 +37,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from fromage_gill.images import ImageError, ImageProcessor, load_image
+from fromage_gill.generate.history import FORMAT, VERSION, history_from_dict, read_history_json
+from fromage_gill.images import ImageProcessor, load_image
 
 BUDGET_MB = 300
 
@@ -108,12 +114,47 @@ def text_bomb() -> bytes:
     return png(8, 8, extra=_chunk(b"zTXt", b"Comment\0\0" + text))
 
 
+def photo(size: tuple[int, int], mode: str = "RGB", fmt: str = "JPEG", orientation: int | None = None) -> bytes:
+    """A noisy photo-like image (noise does not compress away) in ``mode``, optionally EXIF-rotated."""
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(buf, fmt, exif=exif, quality=90)
+    else:
+        img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def png16(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    ramp = (np.arange(width * height, dtype=np.uint32) % 65536).astype(np.uint16).reshape(height, width)
+    Image.fromarray(ramp).save(buf, "PNG")  # uint16: mode I;16
+    return buf.getvalue()
+
+
+def saved_chat(n_images: int, per_turn: int, image: bytes) -> bytes:
+    """A conversation export holding ``n_images`` copies of ``image``, ``per_turn`` to a user message."""
+    b64 = base64.b64encode(image).decode("ascii")
+    turns = []
+    for start in range(0, n_images, per_turn):
+        segs = [{"type": "text", "text": "look"}] + [{"type": "image", "png": b64}] * min(per_turn, n_images - start)
+        turns += [
+            {"role": "user", "segments": segs},
+            {"role": "assistant", "segments": [{"type": "text", "text": "ok"}]},
+        ]
+    return json.dumps({"format": FORMAT, "version": VERSION, "model": "bench", "turns": turns}).encode()
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     make: Callable[[], bytes]
     expect: str  # "refused" or "accepted"
     quick: bool = True  # in the test's run
+    kind: str = "image"  # "image": an upload; "import": an exported conversation read back
 
 
 CASES = [
@@ -121,6 +162,7 @@ CASES = [
     Case("thin PNG 20,000 x 1", lambda: thin_png(20_000, 1), "refused"),
     Case("tall PNG 1 x 20,000", lambda: thin_png(1, 20_000), "refused"),
     Case("thin PNG 16,000 x 400 (40:1)", lambda: thin_png(16_000, 400), "refused"),
+    Case("bomb PNG 30,000 x 30,000, complete 1-bit data", lambda: png(30_000, 30_000, bit_depth=1), "refused"),
     Case("bomb PNG 20,000 x 20,000, complete 1-bit data", lambda: png(20_000, 20_000, bit_depth=1), "refused"),
     Case("bomb PNG 9,000 x 9,000, complete 1-bit data", lambda: png(9_000, 9_000, bit_depth=1), "refused"),
     Case(
@@ -136,6 +178,18 @@ CASES = [
         "GIF 10 x 10 whose first frame declares 60,000 x 60,000", lambda: gif((10, 10), 2, (60_000, 60_000)), "refused"
     ),
     Case("GIF 1,000 x 1,000 with 100,000 frames", lambda: gif((1_000, 1_000), 100_000), "accepted"),
+    # Odd modes, accepted and converted (they were once mangled, not costly): what a phone or a scanner sends.
+    Case("PNG 2,000 x 2,000 16-bit greyscale", lambda: png16(2_000, 2_000), "accepted"),
+    Case("JPEG 3,000 x 2,000 CMYK", lambda: photo((3_000, 2_000), "CMYK"), "accepted"),
+    Case("JPEG 4,000 x 3,000 EXIF-rotated (orientation 6)", lambda: photo((4_000, 3_000), orientation=6), "accepted"),
+    # Imports: the counts are checked before any image is decoded, the JSON's depth before json.loads runs.
+    Case(
+        "import: 300 x 64-MP PNGs in one message",
+        lambda: saved_chat(300, 300, png(8_000, 8_000)),
+        "refused",
+        kind="import",
+    ),
+    Case("import: JSON nested 1,000,000 deep", lambda: b"[" * 1_000_000 + b"]" * 1_000_000, "refused", kind="import"),
     # At the limits, accepted: what the largest allowed image costs.
     Case("PNG 8,000 x 8,000 greyscale (64 MP, the pixel limit)", lambda: png(8_000, 8_000), "accepted", False),
     Case(
@@ -145,6 +199,14 @@ CASES = [
     Case("PNG 8,000 x 8,000 16-bit greyscale", lambda: png(8_000, 8_000, bit_depth=16), "accepted", False),
     # Within the pixel limit, so decoded: libjpeg fills the missing blocks with grey and Pillow does not say so.
     Case("JPEG header 8,000 x 8,000, 8 x 8 data", lambda: jpeg_declaring(8_000, 8_000), "accepted", False),
+    # The issue's 995 KB export: 12 x 64-MP PNGs, 8 to a message; each is decoded in turn and kept at 2 MP.
+    Case(
+        "import: 12 x 64-MP PNGs (8,000 x 8,000 greyscale)",
+        lambda: saved_chat(12, 8, png(8_000, 8_000)),
+        "accepted",
+        False,
+        "import",
+    ),
 ]
 
 
@@ -159,6 +221,7 @@ class Result:
     outcome: str  # "refused", "accepted", or the name of the unexpected exception
     message: str
     peak_mb: float  # peak resident memory above the child's baseline
+    kept_mb: float  # resident memory above the baseline while the result (image or conversation) is still held
     seconds: float
 
 
@@ -170,18 +233,28 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _handle(data: bytes, name: str, headroom_mb: int) -> tuple[str, str]:
+def _handle(data: bytes, case: Case, headroom_mb: int) -> tuple[str, str, object]:
     cap = _status_kb("VmSize") * 1024 + headroom_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    processor = ImageProcessor(224)
     try:
-        image = load_image(data, name=name)
-        processor([image])
-        return "accepted", f"{image.size[0]}x{image.size[1]} {image.mode}"
-    except ImageError as e:
-        return "refused", str(e)
+        if case.kind == "import":
+            turns = history_from_dict(read_history_json(data), model="bench", vocab_size=1)
+            images = [s.image for t in turns for s in t.images]
+            return "accepted", f"{len(images)} images kept at {images[0].size[0]}x{images[0].size[1]}", turns
+        image = load_image(data, name=case.name)
+        ImageProcessor(224)([image])
+        return "accepted", f"{image.size[0]}x{image.size[1]} {image.mode}", image
+    except ValueError as e:  # ImageError and every refusal of an import are ValueErrors naming the problem
+        return "refused", str(e), None
     except Exception as e:  # noqa: BLE001 -- the benchmark reports whatever escaped, e.g. MemoryError
-        return type(e).__name__, str(e)[:300]
+        return type(e).__name__, str(e)[:300], None
+
+
+def _release_freed() -> None:
+    """Hand freed memory back to the system (Pillow's block cache, glibc's free lists), so that the resident set
+    is what the result holds rather than what the allocator kept for later."""
+    Image.core.clear_cache()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def measure(case: Case, data: bytes, headroom_mb: int) -> Result:
@@ -191,14 +264,20 @@ def measure(case: Case, data: bytes, headroom_mb: int) -> Result:
     if pid == 0:  # child
         try:
             os.close(read_fd)
+            _release_freed()  # the baseline without the parent's freed memory, as the "kept" figure is
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak (VmHWM) to the current resident set
             base = _status_kb("VmRSS")
             t = time.perf_counter()
-            outcome, message = _handle(data, case.name, headroom_mb)
+            outcome, message, result = _handle(data, case, headroom_mb)
             seconds = time.perf_counter() - t
             peak = _status_kb("VmHWM")
-            os.write(write_fd, json.dumps([outcome, message, (peak - base) / 1024, seconds]).encode())
+            _release_freed()
+            kept = _status_kb("VmRSS")
+            del result
+            os.write(
+                write_fd, json.dumps([outcome, message, (peak - base) / 1024, (kept - base) / 1024, seconds]).encode()
+            )
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -206,9 +285,12 @@ def measure(case: Case, data: bytes, headroom_mb: int) -> Result:
         raw = f.read()
     _, status = os.waitpid(pid, 0)
     if not raw:
-        return Result(case.name, len(data), case.expect, f"child died (status {status})", "", float("nan"), 0.0)
-    outcome, message, peak_mb, seconds = json.loads(raw)
-    return Result(case.name, len(data), case.expect, outcome, message, round(peak_mb, 1), round(seconds, 3))
+        nan = float("nan")
+        return Result(case.name, len(data), case.expect, f"child died (status {status})", "", nan, nan, 0.0)
+    outcome, message, peak_mb, kept_mb, seconds = json.loads(raw)
+    return Result(
+        case.name, len(data), case.expect, outcome, message, round(peak_mb, 1), round(kept_mb, 1), round(seconds, 3)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,14 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     made = [(c, c.make()) for c in cases]  # all files made first, so no child inherits a half-built one
     results = [measure(c, data, args.headroom_mb) for c, data in made]
     width = max(len(r.name) for r in results)
-    print(f"{'image':<{width}}  {'bytes':>9}  {'peak MB':>7}  {'s':>6}  outcome")
+    print(f"{'input':<{width}}  {'bytes':>9}  {'peak MB':>7}  {'kept MB':>7}  {'s':>6}  outcome")
     for r, (c, _) in zip(results, made, strict=True):
         # the budget is for hostile files; the images at the limits are there to show what accepting one costs
         ok = r.outcome == r.expect and (r.peak_mb < BUDGET_MB or not c.quick)
         flag = "" if ok else "   <-- UNEXPECTED"
         print(
-            f"{r.name:<{width}}  {r.file_bytes:>9,}  {r.peak_mb:>7.1f}  {r.seconds:>6.2f}  {r.outcome}: "
-            f"{r.message[:110]}{flag}"
+            f"{r.name:<{width}}  {r.file_bytes:>9,}  {r.peak_mb:>7.1f}  {r.kept_mb:>7.1f}  {r.seconds:>6.2f}  "
+            f"{r.outcome}: {r.message[:110]}{flag}"
         )
     if args.json:
         with open(args.json, "w") as f:
