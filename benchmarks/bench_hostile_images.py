@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from fromage_gill.generate.history import FORMAT, VERSION, history_from_dict, read_history_json
+from fromage_gill.generate.limits import kept_message
 from fromage_gill.images import ImageProcessor, load_image
 
 BUDGET_MB = 300
@@ -154,7 +155,8 @@ class Case:
     make: Callable[[], bytes]
     expect: str  # "refused" or "accepted"
     quick: bool = True  # in the test's run
-    kind: str = "image"  # "image": an upload; "import": an exported conversation read back
+    kind: str = "image"  # "image": an upload; "import": an exported conversation read back; "message": 8 copies of
+    # the image in one message, as ``Chat.send`` decodes and keeps them before the model runs
 
 
 CASES = [
@@ -199,6 +201,13 @@ CASES = [
     Case("PNG 8,000 x 8,000 16-bit greyscale", lambda: png(8_000, 8_000, bit_depth=16), "accepted", False),
     # Within the pixel limit, so decoded: libjpeg fills the missing blocks with grey and Pillow does not say so.
     Case("JPEG header 8,000 x 8,000, 8 x 8 data", lambda: jpeg_declaring(8_000, 8_000), "accepted", False),
+    Case(
+        "message: 8 x 64-MP PNGs (8,000 x 8,000 greyscale) in Chat.send",
+        lambda: png(8_000, 8_000),
+        "accepted",
+        False,
+        "message",
+    ),
     # The 995 KB export: 12 x 64-MP PNGs, 8 to a message; each is decoded in turn and kept at 2 MP.
     Case(
         "import: 12 x 64-MP PNGs (8,000 x 8,000 greyscale)",
@@ -237,6 +246,10 @@ def _handle(data: bytes, case: Case, headroom_mb: int) -> tuple[str, str, object
     cap = _status_kb("VmSize") * 1024 + headroom_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
+        if case.kind == "message":
+            segments = kept_message(["look", *[data] * 8])
+            images = [s.image for s in segments[1:]]
+            return "accepted", f"{len(images)} images kept at {images[0].size[0]}x{images[0].size[1]}", segments
         if case.kind == "import":
             turns = history_from_dict(read_history_json(data), model="bench", vocab_size=1)
             images = [s.image for t in turns for s in t.images]

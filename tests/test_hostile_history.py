@@ -18,6 +18,7 @@ from fromage_gill.generate.limits import (
     MAX_IMAGES_PER_MESSAGE,
     MAX_KEPT_IMAGE_PIXELS,
     kept_image,
+    kept_message,
 )
 from fromage_gill.generate.prompt import ImageSegment, Turn, normalize_message
 from fromage_gill.images import ImageError
@@ -174,6 +175,23 @@ def test_chat_send_applies_the_image_limits(tiny_gill):
         chat.send(["look", *[img] * 8], TEXT)
     with pytest.raises(ValueError, match="max_images=9 is more than the limit of 8"):
         chat.send(["look"], GenerationSettings(max_new_tokens=2, mode="text", max_images=9))
+
+
+def test_each_image_of_a_message_is_decoded_and_kept_small_in_turn(tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGBA", (2400, 1500), (0, 0, 0, 0)).save(big)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    Image.new("RGB", (40, 20)).save(rotated, "JPEG", exif=exif)
+    segs = kept_message(["look", big, rotated.getvalue(), ImageSegment(Image.new("RGB", (3000, 1000)), score=0.2)])
+    assert segs[0] == "look" and all(isinstance(s, ImageSegment) for s in segs[1:])
+    assert segs[1].image.mode == "RGB" and segs[1].image.getpixel((0, 0)) == (255, 255, 255)  # over white
+    assert segs[1].image.width * segs[1].image.height <= MAX_KEPT_IMAGE_PIXELS
+    assert segs[2].image.size == (20, 40)  # upright
+    assert segs[3].image.size == (2449, 816) and segs[3].score == 0.2
+    with pytest.raises(ImageError, match="message item 1"):
+        kept_message(["look", b"not an image"])
 
 
 def test_chat_keeps_a_big_upload_small(tiny_gill):

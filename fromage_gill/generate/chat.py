@@ -24,7 +24,7 @@ from .limits import (
     context_length,
     image_paths,
     image_positions,
-    kept_segments,
+    kept_message,
     too_long,
 )
 from .loop import DecodeLoop, Row, fresh_seed
@@ -60,10 +60,10 @@ class Chat:
         settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
         check_settings(self.pipeline, settings)
-        # the image limits before any image is decoded, then each kept at a bounded size
+        # the image limits before any image is decoded, then each decoded and kept at a bounded size in turn
         items = message if isinstance(message, (list, tuple)) else [message]
         check_image_counts(sum(len(t.images) for t in self.history), sum(not isinstance(m, str) for m in items))
-        user = Turn("user", kept_segments(normalize_message(message)))
+        user = Turn("user", normalize_message(kept_message(message)))
         prompt, first = self._plan([*self.history, user], settings)
         return self._start(self._turn(prompt, first, settings, add=user))
 

@@ -69,7 +69,7 @@ def read_history_json(
 ) -> dict:
     """Parse a saved chat's JSON text (a file's bytes), refusing with a ``ValueError`` what would cost more than
     it could hold: more than ``max_bytes``, containers nested deeper than ``max_depth`` (``json.loads`` would
-    recurse until ``RecursionError``), more than ``max_values`` values (200 MB of ``[],`` is 3.7 GB of empty
+    recurse until ``RecursionError``), more than ``max_values`` values (200 MB of ``[],`` is 66 million empty
     lists), NaN or Infinity. The scan stops at the first limit crossed; ``history_from_dict`` checks the rest."""
     if len(source) > max_bytes:
         raise ValueError(

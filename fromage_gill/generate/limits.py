@@ -7,10 +7,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from PIL import Image
 
+from ..images import load_image
 from ..settings import GenerationSettings
+from .prompt import ImageSegment
 
 MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more is almost surely a mistake
 # A message is refused once the conversation holds this many images (any source), and one that would take it past:
@@ -112,13 +115,23 @@ def kept_image(image: Image.Image, max_pixels: int = MAX_KEPT_IMAGE_PIXELS) -> I
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)  # a box reduce() first: 3x faster
 
 
-def kept_segments(segments: Sequence) -> list:
-    """A message's segments with each image segment's picture at its kept size (``kept_image``)."""
-    out = []
-    for s in segments:
-        image = getattr(s, "image", None)
-        kept = kept_image(image) if isinstance(image, Image.Image) else image
-        if kept is not image:
-            s = dataclasses.replace(s, image=kept, key="")  # the key is the hash of what is kept
-        out.append(s)
+def kept_message(message: object) -> list:
+    """``message`` (as ``Chat.send`` takes it) with each picture decoded through ``load_image`` and kept at
+    ``MAX_KEPT_IMAGE_PIXELS`` before the next is decoded: a message of eight 64-megapixel images peaks at one
+    full-size image, not eight. Text and anything else are left for ``normalize_message`` to check."""
+    if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
+        message = [message]
+    out: list = []
+    for i, item in enumerate(message):
+        if isinstance(item, ImageSegment):
+            image = kept_image(load_image(item.image, name=f"message item {i}"))
+            out.append(item if image is item.image else dataclasses.replace(item, image=image, key=""))
+        elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
+            what = str(item) if isinstance(item, Path) else f"message item {i}"
+            # one expression: the full-size decode is freed before the next item's (a variable would hold it)
+            out.append(
+                ImageSegment(kept_image(load_image(bytes(item) if isinstance(item, bytearray) else item, name=what)))
+            )
+        else:
+            out.append(item)
     return out
