@@ -84,3 +84,207 @@ def test_magic_clip_uses_the_same_processing():
     img = _noise(640, 480, seed=2)
     ref = _clip_reference(size)(images=[img], return_tensors="pt")["pixel_values"]
     assert (guide.processor([img]) - ref).abs().max().item() <= 1e-6
+
+
+# ------------------------------------------------------------------------------ the published presets' defaults
+
+# The published demos' controls, as read from their code (kohjingyu/gill demo/app_gradio.py, kohjingyu/fromage
+# demo/app.py): the sliders' starting values and what generate_for_prompt passes on. "Max # of words" is the
+# reference's decode-step count (models.generate's max_len: one step per token, the r image tokens of [IMG0] in one
+# step), which is what max_new_tokens counts; top_p is 0.95 "if temperature != 0.0", else 1.0 (greedy either way).
+DEMOS = {
+    "gill": {"ret_scale_factor": 1.3, "max_images": 1, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.95},
+    "fromage": {"ret_scale_factor": 1.0, "max_images": 2, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.95},
+}
+
+
+@pytest.mark.parametrize("preset,demo", [("gill", "gill"), ("fromage", "fromage"), ("fromage-vis4", "fromage")])
+def test_published_presets_start_from_their_demos_settings(preset, demo):
+    from fromage_gill.config import load_config
+    from fromage_gill.settings import GenerationSettings
+
+    s = GenerationSettings.for_model(load_config(preset))
+    assert {k: getattr(s, k) for k in DEMOS[demo]} == DEMOS[demo]
+    assert (s.guidance_scale, s.num_inference_steps) == (7.5, 50)  # GILL's generate_for_images_and_texts
+    assert (s.answer_style, s.history_layout) == ("full", "exact")  # the project's own; "published" is opt-in
+
+
+def test_the_cli_sets_the_published_knobs(monkeypatch, capsys):
+    from fromage_gill.cli import main
+    from fromage_gill.generate import Chat
+
+    seen = []
+
+    def send(self, message, settings=None):
+        seen.append(settings)
+        return iter(())
+
+    monkeypatch.setattr(Chat, "send", send)
+    args = ["generate", "--model", "tiny-gill", "--text", "hi", "--mode", "text", "--json"]
+    knobs = ["--ret-scale-factor", "1.3", "--gen-scale-factor", "1.2", "--min-word-tokens", "3"]
+    assert main([*args, *knobs, "--answer-style", "published"]) == 0
+    s = seen[0]
+    assert (s.ret_scale_factor, s.gen_scale_factor, s.min_word_tokens, s.answer_style) == (1.3, 1.2, 3, "published")
+    assert main([*args, "--ret-scale-factor", "-1"]) == 2  # checked before the model loads
+    assert "ret_scale_factor=-1.0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the published answer cut
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        (" A dog. It runs.", " A dog."),  # the first full stop
+        (" A dog", " A dog"),  # neither: kept whole
+        ("\n\n A dog. It", " A dog."),  # newlines stripped at both ends first
+        (" A dog\nQ: more. x", " A dog\n"),  # a newline first: kept, up to and including it
+        ("", ""),
+    ],
+)
+def test_truncate_caption_is_the_references_rule(text, want):
+    from fromage_gill.generate.stream import truncate_caption
+
+    assert truncate_caption(text) == want
+
+
+def _scripted(monkeypatch):
+    """A decoding strategy playing decoding_options['script'] (token ids; None = greedy), then greedy."""
+    from fromage_gill import settings
+    from fromage_gill.generate import decoding
+
+    def factory(pipeline, s, images):
+        script, steps = s.decoding_options["script"], []
+
+        def choose(state):  # one call per decoding step (one row)
+            out = state.logits.argmax(-1)
+            step = len(steps)
+            steps.append(step)
+            if step < len(script) and script[step] is not None:
+                out[0] = script[step]
+            return out
+
+        return choose
+
+    monkeypatch.setattr(settings, "DECODINGS", (*settings.DECODINGS, "fidelity-script"))
+    monkeypatch.setitem(decoding.STRATEGIES, "fidelity-script", factory)
+
+
+def _ids(pipe, text: str) -> list[int]:
+    return pipe.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _turn(pipe, message, script, **kw):
+    from fromage_gill.generate import Chat, GenerationSettings, TextDelta
+
+    chat = Chat(pipe)
+    s = GenerationSettings(decoding="fidelity-script", decoding_options={"script": script}, stop_at_eos=False, **kw)
+    events = list(chat.send(message, s))
+    return chat, "".join(e.text for e in events if isinstance(e, TextDelta)), events
+
+
+@pytest.mark.parametrize("style,want", [("full", " a cat. It sits"), ("published", " a cat.")])
+def test_published_answer_style_cuts_at_the_first_full_stop(tiny_fromage, monkeypatch, style, want):
+    _scripted(monkeypatch)
+    script = _ids(tiny_fromage, " a cat. It sits\nQ: more")
+    chat, shown, _ = _turn(tiny_fromage, ["hi"], script, mode="text", max_new_tokens=20, answer_style=style)
+    assert shown == want and chat.history[-1].text == want
+    assert tiny_fromage.tokenizer.decode(chat.history[-1].tokens) == want  # the history keeps what was shown
+
+
+def test_published_answer_style_skips_leading_newlines_and_stops_at_the_next(tiny_fromage, monkeypatch):
+    _scripted(monkeypatch)
+    script = _ids(tiny_fromage, "\n a dog runs\n and more words here")
+    chat, shown, events = _turn(tiny_fromage, ["hi"], script, mode="text", max_new_tokens=30, answer_style="published")
+    assert shown == " a dog runs"  # strip("\n"), then the reference's token cut at the next newline
+    assert events[-1].reason == "turn_boundary"
+
+
+@pytest.fixture
+def fromage_with_index(tiny_fromage, images, tmp_path):
+    import dataclasses
+
+    from fromage_gill.retrieve import ImageIndex
+
+    m = tiny_fromage.model
+    with torch.no_grad():
+        emb = m.image_embedding(m.encode_images(m.vision.processor(images)))
+    records = []
+    for i, img in enumerate(images):
+        img.save(tmp_path / f"{i}.png")
+        records.append({"path": str(tmp_path / f"{i}.png"), "url": None, "caption": f"picture {i}"})
+    return dataclasses.replace(tiny_fromage, index=ImageIndex.from_embeddings(emb, records, m.retrieval_fingerprint()))
+
+
+def test_published_answer_style_with_images(fromage_with_index, monkeypatch):
+    from fromage_gill.generate import ImageResult
+    from fromage_gill.generate.prompt import ImageSegment
+
+    pipe = fromage_with_index
+    _scripted(monkeypatch)
+    ret = pipe.model.image_token_ids[0]
+    script = [*_ids(pipe, " a cat. It is"), ret, *_ids(pipe, " so. b"), ret, *_ids(pipe, " after the last")]
+    chat, shown, events = _turn(pipe, ["hi"], script, mode="retrieve", max_new_tokens=30, answer_style="published")
+    segs = chat.history[-1].segments
+    assert [s if isinstance(s, str) else "IMG" for s in segs] == [" a cat.", "IMG", " so.", "IMG"]
+    assert shown == " a cat. so." and sum(isinstance(e, ImageResult) for e in events) == 2
+    assert events[-1].reason == "image"  # max_images reached: everything after would be dropped
+    assert isinstance(segs[-1], ImageSegment)
+    # the text after the last image is dropped even when more images were allowed
+    chat, shown, events = _turn(
+        pipe, ["hi"], script[: script.index(ret, 6) - 1], mode="retrieve", max_new_tokens=9, answer_style="published"
+    )
+    assert shown == " a cat." and [isinstance(s, str) for s in chat.history[-1].segments] == [True, False]
+
+
+# ------------------------------------------------------------------------------ the published history layout
+
+
+def _reference_prompt(pipe, first_image_key, answer_text: str) -> list:
+    """The second-turn prompt as the demos built it: [image, "", "Q: hi\\nA:"] then the answer string
+    " ".join(text outputs) + "\\n" and "Q: more\\nA:", every string tokenized alone, BOS with the first string only."""
+    tok = pipe.tokenizer
+    strings = ["Q: hi\nA:", answer_text + "\n", "Q: more\nA:"]
+    ids = [tok.bos_token_id] + [t for s in strings for t in tok(s, add_special_tokens=False).input_ids]
+    return [(first_image_key, j) for j in range(pipe.config.n_visual_tokens)] + ids
+
+
+@pytest.mark.parametrize("preset", ["tiny_fromage", "tiny_gill"])
+def test_published_history_layout_is_the_demos(preset, request, images):
+    from fromage_gill.generate import Chat, GenerationSettings
+    from fromage_gill.generate.prompt import ImageSegment, Turn
+
+    pipe = request.getfixturevalue(preset)
+    chat = Chat(pipe)
+    picture = ImageSegment(images[0])
+    exact_answer = _ids(pipe, " a cat. It sits") + list(pipe.model.image_token_ids) + _ids(pipe, " there.")
+    answer = Turn("assistant", [" a cat. It sits", ImageSegment(images[1], "retrieved"), " there."], exact_answer)
+    turns = [Turn("user", [picture, "hi"]), answer, Turn("user", ["more"])]
+
+    published = chat._plan(turns, GenerationSettings(history_layout="published"))[0]
+    # the image tokens as text after a space: " [RET]" (FROMAGe), " [IMG0][IMG1]...[IMG7]" (GILL)
+    want = _reference_prompt(pipe, picture.key, " a cat. " + "".join(pipe.config.image_tokens))
+    assert published.keys == want
+    exact = chat._plan(turns, GenerationSettings())[0]
+    assert exact.keys[: len(exact.keys) - len(_ids(pipe, "\nQ: more\nA:"))][-len(exact_answer) :] == exact_answer
+    assert len(exact) != len(published)
+
+    # an answer without images is its cut text; with answer_style "full" the cut is applied here too
+    plain = Turn("assistant", [" a dog. It runs"], tuple(_ids(pipe, " a dog. It runs")))
+    got = chat._plan([turns[0], plain, turns[2]], GenerationSettings(history_layout="published"))[0]
+    assert got.keys == _reference_prompt(pipe, picture.key, " a dog.")
+
+
+def test_published_history_layout_across_turns_keeps_cache_parity(tiny_gill, monkeypatch):
+    """A later turn reuses the KV cache only up to where the re-tokenized history differs: the answer equals a
+    fresh chat's, which recomputes everything."""
+    from fromage_gill.generate import Chat, GenerationSettings, TextDelta
+
+    s = GenerationSettings(mode="text", max_new_tokens=6, answer_style="published", history_layout="published")
+    chat = Chat(tiny_gill)
+    list(chat.send(["hi"], s))
+    second = "".join(e.text for e in chat.send(["more"], s) if isinstance(e, TextDelta))
+    fresh = Chat(tiny_gill)
+    fresh.history = chat.history[:2]
+    again = "".join(e.text for e in fresh.send(["more"], s) if isinstance(e, TextDelta))
+    assert second == again
