@@ -288,3 +288,98 @@ def test_published_history_layout_across_turns_keeps_cache_parity(tiny_gill, mon
     fresh.history = chat.history[:2]
     again = "".join(e.text for e in fresh.send(["more"], s) if isinstance(e, TextDelta))
     assert second == again
+
+
+# ------------------------------------------------------------------------------ MAGIC
+
+
+@pytest.fixture(scope="module")
+def tiny_magic():
+    from fromage_gill.magic import load_magic
+
+    return load_magic("tiny-magic", device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("A. B. C. D. E. F. G.", "A. B. C. D. E."),  # more than 5 sentences: the first 5, with their full stop
+        ("A. B. C. D. E.", "A. B. C. D. E."),  # 6 pieces (the last empty): still "more than 5"
+        ("A. B. C. D. E", "A. B. C. D. E"),
+        ("He ran. She sat.", "He ran. She sat"),  # 5 or fewer: the final full stop is dropped, as the reference
+        ("no stop at all", "no stop at all"),
+    ],
+)
+def test_story_cut_is_the_references_rule(text, want):
+    from fromage_gill.magic.model import story_cut
+
+    assert story_cut(text, 5) == want
+
+
+def test_story_length_counts_the_title_as_the_reference(tiny_magic):
+    from fromage_gill.config import load_config
+
+    story = load_config("magic-story")
+    assert (story.decoding.max_length, story.story_sentences) == (100, 5)  # magic.sh: --decoding_len 100
+    assert tiny_magic.budget(story.decoding, 7).max_new_tokens == 93  # a 7-token "title <|endoftext|>" prompt
+    assert load_config("magic-mscoco").decoding.max_length == 16  # mscoco_magic.sh, the start token included
+    assert load_config("magic-flickr30k").decoding.max_length == 20
+    with pytest.raises(ValueError, match="max_length 5 counts the prompt, which is 7 tokens"):
+        tiny_magic.budget(story.decoding, 7, max_length=5)
+
+
+def test_max_length_bounds_the_continuation(tiny_magic, images):
+    n_prompt = tiny_magic.prompt_ids("a title").shape[1]
+    r = tiny_magic.generate(images[:1], "a title", max_new_tokens=50, max_length=n_prompt + 3)
+    assert r.settings.max_new_tokens == 3 and len(r.steps) <= 3
+    assert len(r.token_ids) == 3 or r.steps[-1].token in tiny_magic.stop_ids
+
+
+def test_story_text_is_the_continuation_cut_to_five_sentences(tiny_magic):
+    import dataclasses
+
+    from fromage_gill.config import load_config
+
+    story = dataclasses.replace(tiny_magic, config=load_config("magic-story").reduced())
+    ids = tiny_magic.tokenizer(" the dog ran. a cat sat. the sun. a bird. the end. more text.").input_ids
+    assert story.text(ids) == "the dog ran. a cat sat. the sun. a bird. the end."
+    assert story.text(tiny_magic.tokenizer(" the dog ran. a cat sat.").input_ids) == "the dog ran. a cat sat"
+
+
+def test_the_start_token_never_appears_in_a_caption(tiny_magic):
+    import copy
+    import dataclasses
+
+    tok = copy.deepcopy(tiny_magic.tokenizer)
+    spelled = tok("a<-start_of_text-> dog").input_ids  # no such token yet: spelled by ordinary pieces
+    assert dataclasses.replace(tiny_magic, tokenizer=tok).text(spelled) == "a dog"
+    tok.add_tokens(["<-start_of_text->"])  # the published caption LMs' own token
+    start = tok.convert_tokens_to_ids("<-start_of_text->")
+    ids = [*tok("a").input_ids, start, *tok(" dog").input_ids, start]
+    assert dataclasses.replace(tiny_magic, tokenizer=tok).text(ids) == "a dog"
+
+
+def test_magic_result_has_each_steps_scores(tiny_magic, images):
+    r = tiny_magic.generate(images[:1], "a", max_new_tokens=6)
+    s = r.settings
+    assert r.steps and [st.token for st in r.steps][: len(r.token_ids)] == r.token_ids
+    for st in r.steps:
+        assert len(st.candidates) == len(st.scores) == min(s.k, tiny_magic.lm.config.vocab_size)
+        want = [
+            (1 - s.alpha) * p - s.alpha * pen + s.beta * f
+            for p, pen, f in zip(st.probs, st.penalties, st.clip, strict=True)
+        ]
+        assert st.scores == pytest.approx(want, abs=1e-6)
+        assert st.token == st.candidates[int(np.argmax(st.scores))]
+        assert sum(st.clip) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_magic_loads_in_fp32_and_warns_for_lower_precision(caplog):
+    import logging
+
+    from fromage_gill.magic import load_magic
+
+    assert load_magic("tiny-magic", device="cpu").dtype == torch.float32
+    with caplog.at_level(logging.WARNING, logger="fromage_gill.magic.model"):
+        assert load_magic("tiny-magic", device="cpu", dtype="bf16").dtype == torch.bfloat16
+    assert "use dtype fp32 (--dtype fp32) to reproduce" in caplog.text
