@@ -192,6 +192,14 @@ def test_published_answer_style_cuts_at_the_first_full_stop(tiny_fromage, monkey
     assert tiny_fromage.tokenizer.decode(chat.history[-1].tokens) == want  # the history keeps what was shown
 
 
+def test_published_answer_style_cleans_up_spaces_as_old_transformers_decoded(tiny_fromage, monkeypatch):
+    _scripted(monkeypatch)  # transformers 4.21 / 4.30 (the published code's pins) decoded " ." as "."
+    script = _ids(tiny_fromage, " a cat , it is . more")
+    for style, want in [("full", " a cat , it is . more"), ("published", " a cat, it is.")]:
+        _, shown, _ = _turn(tiny_fromage, ["hi"], script, mode="text", max_new_tokens=len(script), answer_style=style)
+        assert shown == want
+
+
 def test_published_answer_style_skips_leading_newlines_and_stops_at_the_next(tiny_fromage, monkeypatch):
     _scripted(monkeypatch)
     script = _ids(tiny_fromage, "\n a dog runs\n and more words here")

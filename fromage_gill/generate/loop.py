@@ -255,7 +255,9 @@ class DecodeLoop:
         if self.published:  # the reference's cut; the text after the answer's last image is dropped
             start, end = (0, 0) if last and row.n_images else published_cut(text)
             row.tokens[row.run_start :] = row.stream.cut(end) if end else []
-            delta = text = text[start:end]
+            # decoded with the space clean-up that was transformers' default then (" ." -> "."), which the
+            # published history then re-tokenizes; it removes spaces only, so it commutes with the cut
+            delta = text = self.p.tokenizer.clean_up_tokenization(text[start:end])
         if delta:
             yield b, TextDelta(delta)
         if text:
