@@ -391,3 +391,16 @@ def test_magic_loads_in_fp32_and_warns_for_lower_precision(caplog):
     with caplog.at_level(logging.WARNING, logger="fromage_gill.magic.model"):
         assert load_magic("tiny-magic", device="cpu", dtype="bf16").dtype == torch.bfloat16
     assert "use dtype fp32 (--dtype fp32) to reproduce" in caplog.text
+
+
+def test_caption_cli_max_length(tiny_magic, images, tmp_path, capsys):
+    from fromage_gill.cli import main
+
+    path = str(tmp_path / "a.png")
+    images[0].save(path)
+    n_prompt = tiny_magic.prompt_ids("").shape[1]
+    assert main(["caption", path, "--model", "tiny-magic", "--k", "4", "--max-length", str(n_prompt + 2)]) == 0
+    text = capsys.readouterr().out.split("\t", 1)[1].rstrip("\n")
+    assert text == tiny_magic.generate([path], k=4, max_length=n_prompt + 2).text
+    assert main(["caption", path, "--model", "tiny-magic", "--max-length", "0"]) == 2
+    assert "--max-length 0: must be an integer >= 1" in capsys.readouterr().err
