@@ -276,6 +276,9 @@ class MagicDecoding:
     beta: float = 2.0
     max_new_tokens: int = 16
     clip_text_max_tokens: int = 60  # CLIP reads the last this-many LM tokens of the continuation (as published)
+    # Prompt + continuation tokens at most, as the reference's ``decoding_len`` counts them (its story and caption
+    # scripts generate decoding_len - prompt length tokens); None: max_new_tokens alone. Both apply when set.
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -288,6 +291,8 @@ class MagicDecoding:
             )
         for name in ("max_new_tokens", "clip_text_max_tokens"):
             require_int(name, getattr(self, name), 1)
+        if self.max_length is not None:
+            require_int("max_length", self.max_length, 1)
 
 
 @dataclass(frozen=True)
@@ -302,10 +307,15 @@ class MagicConfig:
     # The LM text before the continuation; "{prompt}" is replaced by the user's prompt (a story title, a caption
     # start). The published caption LMs were trained on "<-start_of_text->caption<|endoftext|>".
     prompt_template: str = "{prompt}"
+    # Stories (the reference's parse_generated_result): keep the continuation's first n sentences, split at full
+    # stops; with n or fewer the final full stop is dropped, as the reference's code does. None: the whole text.
+    story_sentences: int | None = None
     seed: int = 0
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.story_sentences is not None:
+            require_int("story_sentences", self.story_sentences, 1)
         if self.kind != "magic":
             raise ConfigError(f"kind must be 'magic' for a MagicConfig, got {self.kind!r}")
         if self.prompt_template.count("{prompt}") > 1:
@@ -321,7 +331,10 @@ class MagicConfig:
     def reduced(self) -> MagicConfig:
         """This preset's decoding settings and prompt on the offline ``tiny-magic`` backbones (for tests)."""
         tiny = load_config("tiny-magic")
-        return dataclasses.replace(self, lm=tiny.lm, clip=tiny.clip)
+        # The tiny BPE spells a start token such as "<-start_of_text->" in many pieces: a length that counts the
+        # prompt (max_length) means nothing there, so max_new_tokens alone bounds the continuation
+        decoding = dataclasses.replace(self.decoding, max_length=None)
+        return dataclasses.replace(self, lm=tiny.lm, clip=tiny.clip, decoding=decoding)
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(dataclasses.asdict(self))

@@ -13,6 +13,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -175,11 +176,25 @@ def image_hash(img: Image.Image) -> str:
 
 @dataclass(frozen=True)
 class ImageProcessor:
-    """CLIP preprocessing: resize the short side to ``size`` (bicubic), centre-crop, scale to [0, 1], normalise."""
+    """CLIP preprocessing: resize the short side to ``size`` (bicubic), centre-crop, scale to [0, 1], normalise.
+
+    The pixels equal transformers' PIL-backed CLIP image processor's (``CLIPImageProcessorPil``; before
+    transformers 5, ``CLIPImageProcessor`` itself), which the published code used: the long side is scaled to
+    ``int(size * long / short)``, truncated. ``resize="squash"``: resize the whole image to ``size`` x ``size``
+    instead, as the published demos did to every upload (nothing is cropped; the picture is distorted).
+    """
 
     size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    resize: Literal["crop", "squash"] = "crop"
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("crop", "squash"):
+            raise ValueError(
+                f"ImageProcessor.resize={self.resize!r}: must be 'crop' (CLIP's short side + centre crop) or "
+                f"'squash' (the whole image to size x size, as the published demos)"
+            )
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self._one(img) for img in images])  # (N, 3, size, size)
@@ -191,12 +206,17 @@ class ImageProcessor:
         # load_image refuses such images already; this keeps images made in memory (or built by hand) bounded too.
         if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
             raise ImageError(f"a {w}x{h}-pixel image is more than {MAX_ASPECT_RATIO}:1; crop it before preprocessing")
-        scale = self.size / min(w, h)
-        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+        if self.resize == "squash":
+            img = img.resize((self.size, self.size), Image.BICUBIC)
+        else:
+            # Truncated, and computed in this order, as CLIP's processor does: rounding instead makes a 640x480
+            # photo 299 px wide where CLIP's is 298, and moves every pixel of the crop.
+            long = int(self.size * max(w, h) / min(w, h))
+            img = img.resize((self.size, long) if w <= h else (long, self.size), Image.BICUBIC)
         w, h = img.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, size, size)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std

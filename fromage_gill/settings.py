@@ -42,6 +42,14 @@ class GenerationSettings:
     stop_at_eos: bool = True
     stop_strings: tuple[str, ...] | None = None  # None = the model's dialogue stop strings
     decoding_options: Mapping[str, Any] | None = None  # passed through to a registered decoding strategy
+    # How the answer is cut (docs/fidelity.md): "full" (the project's) keeps every word up to a stop; "published"
+    # as the authors' code: decoding ends at the first newline, each text run is cut after its first full stop
+    # (utils.truncate_caption), the text after the answer's last image is dropped, and text is shown a run at a time
+    answer_style: Literal["full", "published"] = "full"
+    # How earlier answers are fed back on later turns: "exact" (the project's) the very tokens generated, so the
+    # KV cache is reused; "published" as the demos: each answer re-tokenized on its own from its truncated text,
+    # " [RET]" / " [IMG0]...[IMG7]" after the text before each image, the text after the last image dropped
+    history_layout: Literal["exact", "published"] = "exact"
 
     @classmethod
     def for_model(cls, config, **overrides: Any) -> GenerationSettings:
@@ -96,6 +104,10 @@ class GenerationSettings:
             if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
                 raise bad("stop_strings", "must be None or a tuple of non-empty strings")
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.answer_style not in ("full", "published"):
+            raise bad("answer_style", "must be 'full' (every word up to a stop) or 'published' (the authors' cut)")
+        if self.history_layout not in ("exact", "published"):
+            raise bad("history_layout", "must be 'exact' (the tokens generated) or 'published' (re-tokenized text)")
         if self.decoding_options is not None and (
             not isinstance(self.decoding_options, Mapping) or not all(isinstance(k, str) for k in self.decoding_options)
         ):

@@ -292,12 +292,14 @@ def test_published_settings():
 def test_every_magic_preset_builds_and_captions(name, images, tmp_path):
     cfg = load_config(name)
     small = cfg if cfg.is_random else cfg.reduced()
-    assert small.decoding == cfg.decoding and small.prompt_template == cfg.prompt_template and small.is_random
+    # the tiny BPE spells start tokens in many pieces: a length counting the prompt is dropped (max_new_tokens stays)
+    assert small.decoding == dataclasses.replace(cfg.decoding, max_length=None)
+    assert small.prompt_template == cfg.prompt_template and small.is_random
     small.save(tmp_path / "config.json")
     assert load_config(tmp_path) == small
     m = load_magic(small, device="cpu", dtype="fp32")
     r = m.generate(images[:1], "Title", max_new_tokens=4)
-    assert r.settings == dataclasses.replace(cfg.decoding, max_new_tokens=4) and r.prompt == cfg.prompt("Title")
+    assert r.settings == dataclasses.replace(small.decoding, max_new_tokens=4) and r.prompt == cfg.prompt("Title")
     assert 0 <= len(r.token_ids) <= 4
 
 

@@ -36,11 +36,29 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, help="makes sampling and generated images reproducible")
     # Unset options take the model's defaults (its preset's "generation"), else GenerationSettings' own.
-    p.add_argument("--max-new-tokens", type=int, help="default 64")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="decoding steps; an image's tokens count as one, as the demos' 'words' (default 64; 32 for the "
+        "published presets, as their demos)",
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, help="default 1.0")
+    p.add_argument("--top-p", type=float, help="when sampling (default 1.0; 0.95 for the published presets)")
     p.add_argument("--top-k", type=int, help="default 0 (off)")
-    p.add_argument("--max-images", type=int, help="images per answer at most (default 2)")
+    p.add_argument("--max-images", type=int, help="images per answer at most (default 2; 1 for gill, as its demo)")
+    p.add_argument(
+        "--ret-scale-factor",
+        type=float,
+        help="the published scaling of the [RET]/[IMG0] logit (default 1.0; 1.3 for gill, as its demo)",
+    )
+    p.add_argument("--gen-scale-factor", type=float, help="GILL's scaling of [IMG0] for generation (default 1.0)")
+    p.add_argument("--min-word-tokens", type=int, help="no image before this many tokens of the answer (default 0)")
+    p.add_argument(
+        "--answer-style",
+        choices=["full", "published"],
+        help="full (default): every word up to a stop; published: cut as the authors' code (first newline, "
+        "then first full stop; no text after the last image); see docs/fidelity.md",
+    )
     p.add_argument(
         "--image-logit-bias",
         type=float,
@@ -72,6 +90,10 @@ def run(args) -> int:
         mode=args.mode,
         image_logit_bias=args.image_logit_bias,
         max_images=args.max_images,
+        ret_scale_factor=args.ret_scale_factor,
+        gen_scale_factor=args.gen_scale_factor,
+        min_word_tokens=args.min_word_tokens,
+        answer_style=args.answer_style,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
     )

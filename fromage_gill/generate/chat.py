@@ -142,8 +142,15 @@ class Chat:
         if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_SUSPENDED:
             gen.close()  # the abandoned turn ends as "stopped", keeping what it produced
 
-    def _encode(self, turns: Sequence[Turn]) -> Prompt:
-        pieces = dialogue_pieces(turns, self.dialogue, self.pipeline.model.image_token_ids)
+    def _encode(self, turns: Sequence[Turn], history_layout: str = "exact") -> Prompt:
+        cfg = self.pipeline.config
+        pieces = dialogue_pieces(
+            turns,
+            self.dialogue,
+            self.pipeline.model.image_token_ids,
+            layout=history_layout,
+            image_tokens=cfg.image_tokens,
+        )
         return encode_pieces(self.pipeline.tokenizer, pieces, self.pipeline.config.n_visual_tokens)
 
     def _plan(self, turns: list[Turn], settings: GenerationSettings) -> tuple[Prompt, int]:
@@ -158,10 +165,10 @@ class Chat:
         users = [i for i, t in enumerate(turns) if t.role == "user"]
         k = self.dialogue.max_exchanges
         start = max(first, users[-(k + 1)] if k is not None and len(users) > k else 0)
-        prompt = self._encode(turns[start:])
+        prompt = self._encode(turns[start:], settings.history_layout)
         while len(prompt) > budget and start < last:
             start = first = next((i for i in range(start + 1, last + 1) if turns[i].role == "user"), last)
-            prompt = self._encode(turns[start:])
+            prompt = self._encode(turns[start:], settings.history_layout)
         if len(prompt) > budget:
             raise too_long(self.pipeline, settings, len(prompt), "the message")
         return prompt, first

@@ -27,7 +27,7 @@ from .limits import image_paths
 from .prompt import ImageSegment
 from .resolve import ImageResolver
 from .sampling import image_token_logits, sample
-from .stream import TextStream
+from .stream import TextStream, published_cut
 
 
 def fresh_seed() -> int:
@@ -84,6 +84,13 @@ class DecodeLoop:
             pipeline, settings, seed=seed, can_retrieve=can_ret, can_generate=can_gen, stop_event=self.stop_event
         )
         self.style = "fromage" if pipeline.config.kind == "fromage" else "gill"
+        # The published answer cut: decoding ends at the first newline (leading ones skipped, as the reference
+        # strips them), each text run is shown once it ends, cut after its first full stop (_end_text_run)
+        self.published = settings.answer_style == "published"
+        if self.published:
+            for row in rows:
+                row.stream.stops = (*row.stream.stops, "\n")
+                row.stream.skip_leading = "\n"
         factory = STRATEGIES[settings.decoding]
         self.choose = factory(pipeline, settings, [r.images for r in rows]) if factory else None
 
@@ -177,7 +184,7 @@ class DecodeLoop:
                     row.stream.truncate(at)
                     yield from self._finish(b, "turn_boundary")
                     continue
-                delta = row.stream.delta()
+                delta = "" if self.published else row.stream.delta()
                 if delta:
                     yield b, TextDelta(delta)
                 if row.n_sampled >= self.s.max_new_tokens:
@@ -212,7 +219,7 @@ class DecodeLoop:
                     row.n_images += 1
                     if self.stop_event.is_set():
                         yield from self._finish(b, "stopped")
-                    elif not self.s.text_after_images:
+                    elif not self.s.text_after_images or (self.published and row.n_images >= self.s.max_images):
                         yield from self._finish(b, "image")
                     elif row.n_sampled >= self.s.max_new_tokens:
                         yield from self._finish(b, "max_new_tokens")
@@ -241,20 +248,27 @@ class DecodeLoop:
         )
         return self.choose(state)
 
-    def _end_text_run(self, b: int) -> Iterator[tuple[int, Event]]:
+    def _end_text_run(self, b: int, *, last: bool = False) -> Iterator[tuple[int, Event]]:
         row = self.rows[b]
         delta = row.stream.delta(final=True)
+        text = row.stream.text
+        if self.published:  # the reference's cut; the text after the answer's last image is dropped
+            start, end = (0, 0) if last and row.n_images else published_cut(text)
+            row.tokens[row.run_start :] = row.stream.cut(end) if end else []
+            # decoded with the space clean-up that was transformers' default then (" ." -> "."), which the
+            # published history then re-tokenizes; it removes spaces only, so it commutes with the cut
+            delta = text = self.p.tokenizer.clean_up_tokenization(text[start:end])
         if delta:
             yield b, TextDelta(delta)
-        if row.stream.text:
-            row.segments.append(row.stream.text)
+        if text:
+            row.segments.append(text)
         row.stream = TextStream(row.stream.tok, row.stream.stops)
 
     def _finish(self, b: int, reason: str) -> Iterator[tuple[int, Event]]:
         row = self.rows[b]
         if row.reason is not None:
             return
-        yield from self._end_text_run(b)
+        yield from self._end_text_run(b, last=True)
         row.reason = reason
         yield b, TurnEnd(reason, self.seed)
 

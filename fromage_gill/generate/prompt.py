@@ -11,10 +11,19 @@ also how the training captions looked).
 
 Dialogue template (``ModelConfig.dialogue``; the published demos use ``Q: ...\\nA:``). A user turn becomes
 ``[leading images] user_prefix <rest of the message> assistant_prefix``: images sent before any text go before
-``Q:``, as the published demo placed an uploaded picture ahead of the question. An assistant turn becomes exactly
-the tokens it put in the context (its text tokens and the image tokens it emitted; the picture itself is not
-fed back, as in the published demo), or with ``answer_images="omit"`` its text tokens only. Turns are joined by
-``turn_separator``.
+``Q:``, as the published demo placed an uploaded picture ahead of the question. Earlier answers are laid out one
+of two ways (``GenerationSettings.history_layout``):
+
+- ``"exact"`` (the default): an assistant turn becomes exactly the tokens it put in the context (its text tokens
+  and the image tokens it emitted; the picture itself is not fed back), or with ``answer_images="omit"`` its text
+  tokens only; turns are joined by ``turn_separator``. The KV cache of the conversation is then reused as it is.
+  This is *not* the demos' layout: they fed back text, not tokens.
+- ``"published"``: as the published demos (``demo/app*.py``) built their history: every string of the
+  conversation is tokenized on its own (``Alone``), BOS once before the first; a user turn is the one string
+  ``"Q: " + text + "\\nA:"``; an answer is the string ``" ".join(runs) + turn_separator``, where each run is the
+  text before one of its images cut by ``truncate_caption`` and followed by ``" [RET]"`` (FROMAGe) or
+  ``" [IMG0][IMG1]...[IMG7]"`` (GILL), so a space token comes before the image tokens and the text after the
+  answer's last image is dropped (an answer without images is its cut text alone).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from PIL import Image
 from ..config import DialogueSpec
 from ..images import image_hash, load_image
 from ..layout import splice_visual
+from .stream import truncate_caption
 
 ImageSource = Literal["user", "retrieved", "generated"]
 SOURCES = ("user", "retrieved", "generated")
@@ -65,7 +75,15 @@ class TokenIds:
     ids: tuple[int, ...]
 
 
-Piece = str | ImageSegment | TokenIds
+@dataclass(frozen=True)
+class Alone:
+    """Text tokenized on its own, never joined with the strings around it (the published demos tokenized each
+    string of the conversation separately, which changes the tokens where two strings meet)."""
+
+    text: str
+
+
+Piece = str | ImageSegment | TokenIds | Alone
 
 
 @dataclass(frozen=True)
@@ -130,9 +148,21 @@ def normalize_message(
     return out
 
 
-def dialogue_pieces(turns: Sequence[Turn], dialogue: DialogueSpec, image_token_ids: Sequence[int]) -> list[Piece]:
+def dialogue_pieces(
+    turns: Sequence[Turn],
+    dialogue: DialogueSpec,
+    image_token_ids: Sequence[int],
+    *,
+    layout: Literal["exact", "published"] = "exact",
+    image_tokens: Sequence[str] = (),
+) -> list[Piece]:
     """The dialogue template applied to ``turns`` (see the module docstring); the last turn is usually the user's,
-    so the pieces end with ``assistant_prefix`` and the model continues with the answer."""
+    so the pieces end with ``assistant_prefix`` and the model continues with the answer. ``layout="published"``
+    lays earlier answers out as the published demos did; it needs the image tokens' text (``image_tokens``)."""
+    if layout == "published":
+        return _published_pieces(turns, dialogue, image_tokens)
+    if layout != "exact":
+        raise ValueError(f"history layout must be 'exact' or 'published', got {layout!r}")
     pieces: list[Piece] = []
     for i, turn in enumerate(turns):
         if turn.role == "user":
@@ -153,6 +183,42 @@ def dialogue_pieces(turns: Sequence[Turn], dialogue: DialogueSpec, image_token_i
                     pieces.append(s)
                 elif dialogue.answer_images == "tokens":
                     pieces.append(TokenIds(tuple(image_token_ids)))
+    return pieces
+
+
+def published_answer(turn: Turn, image_tokens: Sequence[str]) -> str:
+    """An earlier answer's text as the published demos fed it back (without the turn separator): the cut text
+    before each image, then a space and the image tokens; the text after the last image is dropped."""
+    if not image_tokens:
+        raise ValueError("the published history layout needs the model's image tokens (ModelConfig.image_tokens)")
+    runs, text = [], ""
+    for seg in turn.segments:
+        if isinstance(seg, str):
+            text += seg
+        else:
+            runs.append(f"{truncate_caption(text)} {''.join(image_tokens)}")
+            text = ""
+    return " ".join(runs) if runs else truncate_caption(text)
+
+
+def _published_pieces(turns: Sequence[Turn], dialogue: DialogueSpec, image_tokens: Sequence[str]) -> list[Piece]:
+    pieces: list[Piece] = []
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant":
+            pieces.append(Alone(published_answer(turn, image_tokens) + dialogue.turn_separator))
+            continue
+        segs = list(turn.segments)
+        n_lead = next((j for j, s in enumerate(segs) if isinstance(s, str)), len(segs))
+        pieces += segs[:n_lead]
+        sep = dialogue.turn_separator if i > 0 and turns[i - 1].role == "user" else ""  # answers end with it
+        text = [sep + dialogue.user_prefix]
+        for seg in [*segs[n_lead:], dialogue.assistant_prefix]:
+            if isinstance(seg, str):
+                text.append(seg)
+            else:  # an image inside the message (the demos had none): the strings around it stay apart
+                pieces += [Alone("".join(text)), seg]
+                text = []
+        pieces.append(Alone("".join(text)))
     return pieces
 
 
@@ -225,7 +291,8 @@ class Prompt:
 
 
 def encode_pieces(tokenizer, pieces: Sequence[Piece], n_visual: int, *, bos: bool = True) -> Prompt:
-    """Tokenize text pieces (consecutive strings joined first) and put BOS before the first text."""
+    """Tokenize text pieces (consecutive strings joined first; an ``Alone`` on its own) and put BOS before the
+    first text."""
     parts: list[tuple[int, ...] | ImageSegment] = []
     bos_id = tokenizer.bos_token_id if bos else None
     need_bos = bos_id is not None
@@ -248,7 +315,10 @@ def encode_pieces(tokenizer, pieces: Sequence[Piece], n_visual: int, *, bos: boo
             text.append(piece)
             continue
         flush()
-        if isinstance(piece, TokenIds):
+        if isinstance(piece, Alone):
+            text.append(piece.text)
+            flush()
+        elif isinstance(piece, TokenIds):
             ids = piece.ids
             if need_bos:
                 ids, need_bos = (bos_id, *ids), False

@@ -1,4 +1,5 @@
-"""Incremental detokenization: text is shown as it is decoded, holding back what may begin a stop string."""
+"""Incremental detokenization: text is shown as it is decoded, holding back what may begin a stop string; and the
+published code's answer cut (``truncate_caption``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class TextStream:
         self.text = ""
         self.emitted = 0
         self._prefix = self._read = 0
+        self.skip_leading = ""  # characters at the start of the text where no stop string is looked for
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -32,6 +34,8 @@ class TextStream:
         """Character index where the first stop string starts, if one has appeared."""
         longest = max((len(s) for s in self.stops), default=0)
         start = max(self.emitted - longest, 0)
+        if self.skip_leading:
+            start = max(start, len(self.text) - len(self.text.lstrip(self.skip_leading)))
         hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
@@ -73,3 +77,20 @@ class TextStream:
                 extra = self.tok(rest, add_special_tokens=False).input_ids if rest else []
                 return self.ids[:k] + list(extra)
         return list(self.tok(want, add_special_tokens=False).input_ids)
+
+
+def published_cut(text: str) -> tuple[int, int]:
+    """Where the published code's ``utils.truncate_caption`` cuts ``text``: ``text[start:end]`` is its result.
+
+    Its rule: strip newlines at both ends; then keep up to and including the first newline, or, where there is
+    none, the first full stop; text with neither is kept whole."""
+    start = len(text) - len(text.lstrip("\n"))
+    body = text.strip("\n")
+    cut = body.find("\n") + 1 or body.find(".") + 1
+    return start, start + (cut if cut > 0 else len(body))
+
+
+def truncate_caption(text: str) -> str:
+    """The published code's answer cut (see ``published_cut``): ``"A dog. It runs."`` -> ``"A dog."``."""
+    start, end = published_cut(text)
+    return text[start:end]

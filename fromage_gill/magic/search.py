@@ -87,6 +87,18 @@ class LMStep:
     past_key_values: Any
 
 
+@dataclass(frozen=True)
+class MagicStep:
+    """One step's choice: the k candidates (likeliest first), each one's terms of the rule, and the token chosen."""
+
+    token: int
+    candidates: list[int]
+    probs: list[float]  # p(v | x)
+    penalties: list[float]  # max cosine similarity to any earlier position (0 when alpha = 0)
+    clip: list[float] | None  # softmax over the candidates of CLIP's logits; None when beta = 0
+    scores: list[float]  # (1 - alpha) p - alpha penalty + beta clip
+
+
 StepFn = Callable[[torch.Tensor, Any], LMStep]  # (B, 1) token ids, cache -> LMStep
 ClipLogitsFn = Callable[[list[str]], torch.Tensor]  # k texts -> (k,) image-text logits
 
@@ -100,6 +112,7 @@ def magic_search(
     clip_logits: ClipLogitsFn | None = None,
     stop_ids: Sequence[int] = (),
     vocab_limit: int | None = None,
+    trace: list[MagicStep] | None = None,
 ) -> Iterator[int]:
     """Yield the chosen token ids one by one (a stop token ends the loop and is not yielded).
 
@@ -107,6 +120,7 @@ def magic_search(
     start: the prompt's forward (batch 1, ``use_cache=True``); its cache is consumed.
     decode: LM token ids -> text, for CLIP. clip_logits: required when ``settings.beta > 0``.
     vocab_limit: candidates are drawn from the first ``vocab_limit`` ids only (e.g. text tokens, not [IMG]).
+    trace: a list that gets one ``MagicStep`` per step (the step that chose a stop token included).
     """
     if settings.beta > 0 and clip_logits is None:
         raise ValueError(
@@ -115,7 +129,7 @@ def magic_search(
         )
     if start.logits.shape[0] != 1:
         raise ValueError(f"magic decoding runs one sequence at a time, got a batch of {start.logits.shape[0]}")
-    return _search(step, start, settings, decode, clip_logits, {int(t) for t in stop_ids}, vocab_limit)
+    return _search(step, start, settings, decode, clip_logits, {int(t) for t in stop_ids}, vocab_limit, trace)
 
 
 @torch.no_grad()
@@ -127,6 +141,7 @@ def _search(
     clip_logits: ClipLogitsFn | None,
     stop: set[int],
     vocab_limit: int | None,
+    trace: list[MagicStep] | None = None,
 ) -> Iterator[int]:
     context = start.hidden[0]  # (T, d): every position a candidate is compared with
     logits = start.logits[0]  # (V,)
@@ -151,6 +166,9 @@ def _search(
         best = int(scores.masked_fill(~torch.isfinite(top_logits), -torch.inf).argmax())  # -inf: never chosen
 
         token = int(top_ids[best])
+        if trace is not None:
+            f = guide.float().softmax(-1).tolist() if guide is not None else None
+            trace.append(MagicStep(token, top_ids.tolist(), probs.tolist(), penalty.tolist(), f, scores.tolist()))
         cache = out.past_key_values
         cache.batch_select_indices(torch.tensor([best], device=_cache_device(cache)))
         if token in stop:
