@@ -63,9 +63,7 @@ def run(pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
     for chunk in progress(
         batched(todo, opts.batch_size), -(-len(todo) // opts.batch_size), "visdial-t2i", opts.progress
     ):
-        query = embed_prompts(
-            pipeline, [dialogue_text(d) for d in chunk], batch_size=opts.batch_size, show_progress=opts.progress
-        )
+        query = embed_prompts(pipeline, [dialogue_text(d) for d in chunk], batch_size=opts.batch_size)
         scores = query.embeddings @ matrix.T
         for b, d in enumerate(chunk):
             top = torch.argsort(scores[b], descending=True, stable=True)[:10]
