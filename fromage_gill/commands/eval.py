@@ -40,6 +40,10 @@ def register(sub) -> None:
         f"a directory or a MAGIC preset)",
     )
     p.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex", help="generation: LPIPS backbone")
+    p.add_argument(
+        "--metrics",
+        help="captioning: a comma-separated subset of B@1,B@2,B@3,B@4,METEOR,ROUGE-L,CIDEr,SPICE (default: all)",
+    )
     p.add_argument("--clip", help="captioning: local directory (or Hub id) of MAGIC's CLIP instead of the preset's")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a progress bar")
     p.set_defaults(func=run)
@@ -67,6 +71,7 @@ def run(args) -> int:
         guidance_scale=args.guidance,
         num_inference_steps=args.steps,
         progress=args.progress,
+        caption_metrics=tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
     )
     if args.dense is not None and not args.dense.is_file():
         raise DataError(f"--dense {args.dense}: no such file")

@@ -39,7 +39,8 @@ def run(magic, opts: EvalOptions, *, model_name: str) -> EvalReport:
         results.add({"id": it.image_id, "file": it.file, "caption": caption, "references": list(it.references)})
     done = {r["id"]: r for r in results}
     predictions = {i: done[i]["caption"] for i in (it.image_id for it in items)}
-    scores = score_captions(predictions, {it.image_id: it.references for it in items})
+    refs = {it.image_id: it.references for it in items}
+    scores = score_captions(predictions, refs, **({"metrics": opts.caption_metrics} if opts.caption_metrics else {}))
     for image_id, per in scores.per_image.items():  # per-example metrics, next to each caption
         done[image_id]["metrics"] = per
     (opts.out / "captions.json").write_text(_coco_results(done.values()), encoding="utf-8")

@@ -37,6 +37,7 @@ class EvalOptions:
     seed: int = 42  # generation tasks: the diffusion seed (the published scripts' 42)
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
+    caption_metrics: tuple[str, ...] | None = None  # captioning: a subset of caption_metrics.ALL_METRICS
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -44,6 +45,12 @@ class EvalOptions:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.caption_metrics is not None:
+            from .caption_metrics import ALL_METRICS
+
+            bad = [m for m in self.caption_metrics if m not in ALL_METRICS]
+            if bad or not self.caption_metrics:
+                raise ValueError(f"--metrics: {bad or 'none given'}; choose from {', '.join(ALL_METRICS)}")
         if self.num_inference_steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.num_inference_steps}")
 
