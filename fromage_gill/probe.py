@@ -206,6 +206,9 @@ def _encode(pipeline: Pipeline, prompt: PromptLike, name: str, tail: list, bos: 
 def _padded(pipeline: Pipeline, prompts: Sequence[Prompt], cache: VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prompt's embeddings (``Prompt.embed``: the chat engine's layout) right-padded: (B, T, d) and (B, T)."""
     m = pipeline.model
+    images = [img for p in prompts for img in p.images()]
+    if images:  # the batch's images through the vision encoder in one call; each prompt then reads the cache
+        cache.features(m, images)
     rows = [p.embed(m, cache) for p in prompts]
     length = max(len(p) for p in prompts)
     x = torch.zeros(len(rows), length, m.hidden_size, device=m.device, dtype=m.dtype)
