@@ -23,6 +23,7 @@ COMMANDS = [
     "train_lm",
     "serve",
     "generate",
+    "eval",
 ]
 
 
