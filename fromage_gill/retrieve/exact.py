@@ -85,23 +85,34 @@ def faiss_module():
 
 
 def _faiss_topk(vectors: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, ...]:
-    """FAISS's flat inner-product kernel on the rows as they are (a memory map is read in place, not copied);
-    over-fetches k + |exclude| and drops the excluded ids. FAISS keeps the lower id among equal scores at the
-    cut (its heaps compare ids on ties); the order within the k is made canonical here."""
+    """FAISS's flat inner-product kernel on the rows as they are (a memory map is read in place, not copied).
+
+    It fetches k + |exclude| + 1 rows and drops the excluded ids. FAISS keeps any of equal scores at its cut, so
+    the result is taken from what it fetched only where the k-th score beats the last one fetched (then every row
+    that could be in the top k was fetched); a query whose k-th score ties with rows FAISS may have left out is
+    searched again with the BLAS kernel, which breaks ties by id (rare: exact duplicates at the cut)."""
     faiss = faiss_module()
     if faiss is None:
         raise ImportError("the faiss kernel needs faiss-cpu: pip install 'fromage_gill[faiss]'")
-    n = vectors.shape[0]
-    kk = min(k + len(exclude), n)
+    n, nq = vectors.shape[0], len(queries)
+    kk = min(k + len(exclude) + 1, n)
     if kk == 0:
-        return np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
+        return np.empty((nq, 0), np.int64), np.empty((nq, 0), np.float32)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # the calling thread's OpenMP setting only; restored below
     try:
         scores, ids = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
     finally:
         faiss.omp_set_num_threads(threads)
-    return drop_excluded(ids, scores, exclude, k)
+    last = scores[:, -1].copy()  # the lowest score fetched
+    ids, scores = drop_excluded(ids, scores, exclude, k)
+    if kk < n:
+        undecided = np.flatnonzero(scores[:, min(k, n) - 1] <= last)
+        if len(undecided):
+            q = torch.from_numpy(np.ascontiguousarray(queries[undecided]))
+            redo_i, redo_s = _streaming_topk(vectors, q, min(k, n), exclude, SCORE_BUDGET, _blas_scores)
+            ids[undecided], scores[undecided] = redo_i, redo_s
+    return ids, scores
 
 
 def drop_excluded(ids: np.ndarray, scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, ...]:

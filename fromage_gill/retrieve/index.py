@@ -57,6 +57,8 @@ def _as_queries(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
         q = q[None]
     if q.ndim != 2 or q.shape[1] != dim:
         raise ValueError(f"queries must be (Q, {dim}) to search this index, got {tuple(q.shape)}")
+    if not torch.isfinite(q).all():
+        raise ValueError("queries hold NaN or infinite values: embed the query again (is the model's output finite?)")
     return q.contiguous()
 
 
