@@ -27,6 +27,7 @@ from .storage import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     META_FILE,
+    BrokenIndexError,
     FingerprintMismatchError,
     check_normalised,
     new_meta,
@@ -161,6 +162,11 @@ class ImageIndex:
                 faiss_index = _faiss().read_index(str(d / FAISS_FILE))
             except ImportError as e:
                 logger.warning("%s has a FAISS index but %s; using exact search", d, e)
+            except RuntimeError as e:  # FAISS's error for a truncated or foreign file
+                raise BrokenIndexError(
+                    f"{d / FAISS_FILE} is not a readable FAISS index ({str(e).strip().splitlines()[0]}); rebuild it "
+                    f"with `fromage-gill index faiss {d} --kind KIND`, or delete it to search exactly"
+                ) from None
             if faiss_index is not None and faiss_index.ntotal != vectors.shape[0]:
                 logger.warning(
                     "%s: the FAISS index holds %d vectors, not %d: ignoring it (rebuild it with "
