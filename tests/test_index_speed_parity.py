@@ -1,4 +1,4 @@
-"""Exact search's kernels (FAISS's flat kernel, numpy BLAS, torch) return the same ids and scores as a float64
+"""Exact search's kernels (FAISS's flat kernel, numpy, torch) return the same ids and scores as a float64
 reference: ties broken by the lower row id, exclusions honoured, float16 storage within its stated tolerance.
 (Speed itself is measured by benchmarks/bench_index.py, never here.)"""
 
@@ -14,7 +14,7 @@ from fromage_gill.retrieve.exact import exact_search
 
 faiss = exact_mod.faiss_module()
 needs_faiss = pytest.mark.skipif(faiss is None, reason="faiss-cpu is not installed (pip install 'fromage_gill[faiss]')")
-KERNELS = [pytest.param("faiss", marks=needs_faiss), "blas", "torch"]
+KERNELS = [pytest.param("faiss", marks=needs_faiss), "numpy", "torch"]
 
 
 def _canonical_reference(vectors: np.ndarray, queries: np.ndarray, k: int, exclude=()) -> tuple[np.ndarray, ...]:
@@ -112,7 +112,7 @@ def test_float16_storage_matches_float32_exact_search_where_gaps_exceed_its_erro
     assert checked >= 10  # the data leaves enough well-separated ranks for the test to mean something
 
 
-def test_no_faiss_falls_back_to_blas_with_the_same_results(monkeypatch):
+def test_no_faiss_falls_back_to_numpy_with_the_same_results(monkeypatch):
     vecs, queries = _signs(1500, 16, 11), _signs(1, 16, 12)
     with_faiss = exact_search(vecs, torch.from_numpy(queries), 25)
     monkeypatch.setattr(exact_mod, "faiss_module", lambda: None)
@@ -135,7 +135,7 @@ def test_kernel_arguments_are_checked():
     with pytest.raises(ValueError, match="kernel must be"):
         exact_search(vecs, q, 3, kernel="gpu")
     with pytest.raises(ValueError, match="float32 rows"):
-        exact_search(vecs.astype(np.float16), q, 3, kernel="blas")
+        exact_search(vecs.astype(np.float16), q, 3, kernel="numpy")
 
 
 def test_non_finite_queries_are_refused():

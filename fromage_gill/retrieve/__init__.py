@@ -7,7 +7,7 @@
 
 - ``storage.py``: the folder format (safetensors vectors, JSONL records, ``index.json``), written and read;
 - ``index.py``: ``ImageIndex``: search (exact or through a FAISS index), records, the fetcher of result images;
-- ``exact.py``: ``exact_search``, the one-pass top-k kernels (FAISS's flat kernel, BLAS, torch), ties by id;
+- ``exact.py``: ``exact_search``, the one-pass top-k kernels (FAISS's flat kernel, numpy, torch), ties by id;
 - ``build.py``: ``build_index``, a resumable build from images through the model;
 - ``published.py``: ``import_published``, the authors' CC3M embedding pickles (restricted unpickling);
 - ``fetch.py``: ``ImageFetcher``, bounded fetching of paths, tar members and URLs (timeouts, size and address limits);
