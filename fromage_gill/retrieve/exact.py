@@ -163,17 +163,20 @@ def _streaming_topk(vectors, queries, kk, exclude, block_rows, scorer) -> tuple[
 
 
 def _block_topk(s: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The canonical top-kk of each row of the block scores ``s`` (Q, B): torch.topk picks any of equal scores at
-    the cut, so where more rows tie with the kk-th score than topk kept, the lowest ids among them are taken."""
+    """The canonical top-kk of each row of the block scores ``s`` (Q, B). torch.topk picks any of equal scores at
+    the cut, so it is asked for one more: where that one ties with the kk-th, the rows scoring at least the cut
+    are gathered and the lowest ids among the tied ones taken (a pass over that row of the block, only then)."""
     kb = min(kk, s.shape[1])
-    v, ix = s.topk(kb, dim=1)
-    cut = v[:, -1:]  # (Q, 1) the kb-th best score
-    overflow = (s >= cut).sum(dim=1) > kb
-    for r in overflow.nonzero().flatten().tolist():
-        candidates = (s[r] >= cut[r]).nonzero().flatten()  # ascending ids
-        keep = s[r, candidates].sort(descending=True, stable=True).indices[:kb]
-        ix[r] = candidates[keep]
-        v[r] = s[r, ix[r]]
+    extra = int(kb < s.shape[1])
+    v, ix = s.topk(kb + extra, dim=1)
+    if extra:
+        tied = ((v[:, -1] == v[:, -2]) & torch.isfinite(v[:, -2])).nonzero().flatten().tolist()
+        v, ix = v[:, :kb].contiguous(), ix[:, :kb].contiguous()
+        for r in tied:
+            candidates = (s[r] >= v[r, -1]).nonzero().flatten()  # ascending ids
+            keep = s[r, candidates].sort(descending=True, stable=True).indices[:kb]
+            ix[r] = candidates[keep]
+            v[r] = s[r, ix[r]]
     return _canonical(v, ix)
 
 
