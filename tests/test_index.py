@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from fromage_gill import cli
 from fromage_gill.images import load_image
 from fromage_gill.retrieve import (
+    BrokenIndexError,
     FingerprintMismatchError,
     ImageIndex,
     UntrustedPickleError,
@@ -26,7 +28,14 @@ from fromage_gill.retrieve import (
     shipped_index_dir,
 )
 from fromage_gill.retrieve.sources import expand_braces
-from fromage_gill.retrieve.storage import EMBEDDINGS_FILE
+from fromage_gill.retrieve.storage import (
+    EMBEDDINGS_FILE,
+    FAISS_FILE,
+    META_FILE,
+    OFFSETS_FILE,
+    RECORDS_FILE,
+    TENSOR,
+)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -535,3 +544,156 @@ def test_cli_info_and_search(tmp_path, capsys):
     assert "chelsea.jpg" in out[0] and "1.0000" in out[0] and len(out) == 2
     assert cli_main(["index", "search", str(d), "--model", "tiny-gill", "--device", "cpu", "--text", "a cat"]) == 2
     assert "tiny-gill:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ broken index files
+
+
+def _header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    header, data = _header(path)
+    edit(header[TENSOR])
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _edit_meta(d: Path, **changes) -> None:
+    meta = json.loads((d / META_FILE).read_text())
+    meta.update(changes)
+    (d / META_FILE).write_text(json.dumps(meta))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+BROKEN = {  # what breaks the folder -> (the file the error must name, words it must say)
+    "truncated embeddings": (
+        lambda d: _truncate(d / EMBEDDINGS_FILE, -100 + (d / EMBEDDINGS_FILE).stat().st_size),
+        EMBEDDINGS_FILE,
+        "truncated",
+    ),
+    "embeddings cut inside the header": (lambda d: _truncate(d / EMBEDDINGS_FILE, 40), EMBEDDINGS_FILE, "truncated"),
+    "embeddings of 3 bytes": (lambda d: _truncate(d / EMBEDDINGS_FILE, 3), EMBEDDINGS_FILE, "too short"),
+    "embeddings with trailing bytes": (
+        lambda d: (d / EMBEDDINGS_FILE).write_bytes((d / EMBEDDINGS_FILE).read_bytes() + b"\0" * 64),
+        EMBEDDINGS_FILE,
+        "longer than its header",
+    ),
+    "header shape larger than the data": (
+        lambda d: _rewrite_header(d / EMBEDDINGS_FILE, lambda t: t.update(shape=[7, 8])),
+        EMBEDDINGS_FILE,
+        "data_offsets",
+    ),
+    "header dtype F64": (
+        lambda d: _rewrite_header(d / EMBEDDINGS_FILE, lambda t: t.update(dtype="F64")),
+        EMBEDDINGS_FILE,
+        "F32 or F16",
+    ),
+    "header shape 1-D": (
+        lambda d: _rewrite_header(d / EMBEDDINGS_FILE, lambda t: t.update(shape=[48])),
+        EMBEDDINGS_FILE,
+        "2-D",
+    ),
+    "header not JSON": (
+        lambda d: (d / EMBEDDINGS_FILE).write_bytes(struct.pack("<Q", 8) + b"{not js}" + b"\0" * 192),
+        EMBEDDINGS_FILE,
+        "header",
+    ),
+    "index.json says float16, the file is float32": (
+        lambda d: _edit_meta(d, dtype="float16"),
+        EMBEDDINGS_FILE,
+        "float16",
+    ),
+    "index.json says 5 rows, the file holds 6": (lambda d: _edit_meta(d, count=5), EMBEDDINGS_FILE, "inconsistent"),
+    "index.json dtype unknown": (lambda d: _edit_meta(d, dtype="int8"), META_FILE, "dtype"),
+    "index.json without count": (lambda d: _edit_meta(d, count=None), META_FILE, "'count'"),
+    "index.json not JSON": (lambda d: (d / META_FILE).write_text('{"format": '), META_FILE, "not valid JSON"),
+    "index.json a list": (lambda d: (d / META_FILE).write_text("[1, 2]"), META_FILE, "JSON object"),
+    "offsets garbage": (lambda d: (d / OFFSETS_FILE).write_bytes(b"garbage" * 10), OFFSETS_FILE, "delete it"),
+    "offsets of another records file": (
+        lambda d: np.save(d / OFFSETS_FILE, np.arange(7, dtype=np.int64) * 3),
+        OFFSETS_FILE,
+        "does not fit",
+    ),
+    "one record missing": (
+        lambda d: (
+            (d / RECORDS_FILE).write_bytes(b"".join((d / RECORDS_FILE).read_bytes().splitlines(True)[:-1])),
+            (d / OFFSETS_FILE).unlink(),
+        ),
+        RECORDS_FILE,
+        "5 records for 6",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_every_broken_index_file_is_named_with_the_fix(case, tmp_path):
+    d = tmp_path / "index"
+    ImageIndex.from_embeddings(_unit(6, 8), _records(6), "t:0").save(d)
+    breaker, name, words = BROKEN[case]
+    breaker(d)
+    with pytest.raises(BrokenIndexError) as e:
+        ImageIndex.load(d)
+    message = str(e.value)
+    assert str(d / name) in message and words in message, message
+    assert f"fromage-gill index build --model MODEL --images IMAGES --out {d} --overwrite" in message
+    assert "mmap length" not in message
+
+
+@pytest.mark.parametrize("name", [EMBEDDINGS_FILE, RECORDS_FILE])
+def test_a_missing_index_file_is_named_with_the_fix(name, tmp_path):
+    ImageIndex.from_embeddings(_unit(6, 8), _records(6), "t:0").save(tmp_path)
+    (tmp_path / name).unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        ImageIndex.load(tmp_path)
+    assert str(tmp_path / name) in str(e.value) and "fromage-gill index build" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        ImageIndex.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", [META_FILE, EMBEDDINGS_FILE, RECORDS_FILE])
+def test_an_unreadable_index_file_is_named(name, tmp_path, monkeypatch):
+    import builtins
+
+    import fromage_gill.retrieve.storage as storage
+
+    ImageIndex.from_embeddings(_unit(6, 8), _records(6), "t:0").save(tmp_path)
+    denied = tmp_path / name
+
+    def refuse(path):
+        if Path(path) == denied:  # what the OS says to a process without read permission (tests may run as root)
+            raise PermissionError(13, "Permission denied", str(path))
+
+    real_open, real_read = builtins.open, Path.read_bytes
+    monkeypatch.setattr(storage, "open", lambda path, *a, **k: refuse(path) or real_open(path, *a, **k), raising=False)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse(self) or real_read(self))
+    with pytest.raises(BrokenIndexError, match="cannot be read [(]Permission denied[)]") as e:
+        ImageIndex.load(tmp_path)
+    assert str(denied) in str(e.value)
+
+
+def test_a_broken_faiss_index_is_named_with_the_fix(tmp_path):
+    pytest.importorskip("faiss")
+    index = ImageIndex.from_embeddings(_unit(6, 8), _records(6), "t:0")
+    index.build_faiss("flat")
+    index.save(tmp_path)
+    _truncate(tmp_path / FAISS_FILE, 20)
+    with pytest.raises(BrokenIndexError) as e:
+        ImageIndex.load(tmp_path)
+    assert str(tmp_path / FAISS_FILE) in str(e.value) and f"fromage-gill index faiss {tmp_path}" in str(e.value)
+    assert len(ImageIndex.load(tmp_path, use_faiss=False)) == 6  # exact search still opens it
+
+
+def test_cli_names_a_truncated_index_in_one_line(tmp_path, capsys):
+    ImageIndex.from_embeddings(_unit(6, 8), _records(6), "t:0").save(tmp_path)
+    _truncate(tmp_path / EMBEDDINGS_FILE, (tmp_path / EMBEDDINGS_FILE).stat().st_size - 8)
+    assert cli_main(["index", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / EMBEDDINGS_FILE) in err and "truncated" in err and "Traceback" not in err

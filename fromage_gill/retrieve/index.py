@@ -13,7 +13,6 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,14 @@ import numpy as np
 import torch
 
 from ..paths import CHECKOUT_ROOT
+from .exact import SearchResult, drop_excluded, exact_search, pad_columns
 from .fetch import FetchConfig, ImageFetcher
 from .storage import (
     BLOCK_ROWS,
     EMBEDDINGS_FILE,
     FAISS_FILE,
     META_FILE,
+    BrokenIndexError,
     FingerprintMismatchError,
     check_normalised,
     new_meta,
@@ -41,17 +42,7 @@ from .storage import (
 
 logger = logging.getLogger(__name__)
 
-# Exact search scores a block of rows per matmul; the (Q, block) scores are bounded by this many floats (64 MB).
-# Few, large blocks matter: every BLAS call wakes its threads, which costs a scheduler slice on a busy machine.
-SCORE_BUDGET = 1 << 24
 LARGE_INDEX = 10_000_000  # above this, loading suggests a FAISS index (exact search stays available)
-MAX_CONVERTED_ROWS = 1 << 17  # float16 blocks are converted to float32 copies: at most 128 MB at D=256
-
-
-@dataclass
-class SearchResult:
-    ids: np.ndarray  # (Q, k) int64, best first; -1 where there is no result (k > rows left after exclusions)
-    scores: np.ndarray  # (Q, k) float32 cosine similarities; -inf where ids is -1
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -67,53 +58,9 @@ def _as_queries(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
         q = q[None]
     if q.ndim != 2 or q.shape[1] != dim:
         raise ValueError(f"queries must be (Q, {dim}) to search this index, got {tuple(q.shape)}")
+    if not torch.isfinite(q).all():
+        raise ValueError("queries hold NaN or infinite values: embed the query again (is the model's output finite?)")
     return q.contiguous()
-
-
-def exact_search(
-    vectors: np.ndarray,
-    queries: torch.Tensor,
-    k: int,
-    exclude: np.ndarray | None = None,
-    *,
-    block_rows: int | None = None,
-) -> SearchResult:
-    """Top-k by dot product over all rows, block by block: one pass over the vectors, memory O(Q x block).
-
-    ``exclude``: sorted unique int64 row ids to leave out."""
-    n = vectors.shape[0]
-    nq = queries.shape[0]
-    if block_rows is None:
-        block_rows = max(4096, SCORE_BUDGET // max(nq, 1))
-        if vectors.dtype != np.float32:
-            block_rows = min(block_rows, MAX_CONVERTED_ROWS)
-    kk = min(k, n)
-    best_s = torch.full((nq, kk), -torch.inf)
-    best_i = torch.full((nq, kk), -1, dtype=torch.int64)
-    exclude = np.empty(0, np.int64) if exclude is None else exclude
-    for start in range(0, n, block_rows):
-        block = torch.from_numpy(vectors[start : start + block_rows])
-        if block.dtype != torch.float32:
-            block = block.float()
-        s = queries @ block.T  # (Q, B)
-        lo, hi = np.searchsorted(exclude, [start, start + block.shape[0]])
-        if hi > lo:
-            s[:, torch.from_numpy(exclude[lo:hi] - start)] = -torch.inf
-        v, ix = s.topk(min(kk, block.shape[0]), dim=1)
-        merged_s = torch.cat([best_s, v], dim=1)
-        merged_i = torch.cat([best_i, ix + start], dim=1)
-        best_s, pos = merged_s.topk(kk, dim=1)
-        best_i = merged_i.gather(1, pos)
-    ids = best_i.numpy()
-    scores = best_s.numpy().astype(np.float32)
-    ids[~np.isfinite(scores)] = -1
-    return SearchResult(ids=_pad(ids, k, -1), scores=_pad(scores, k, -np.inf))
-
-
-def _pad(a: np.ndarray, k: int, value) -> np.ndarray:
-    if a.shape[1] >= k:
-        return a
-    return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]), value, dtype=a.dtype)], axis=1)
 
 
 def _faiss():
@@ -215,6 +162,11 @@ class ImageIndex:
                 faiss_index = _faiss().read_index(str(d / FAISS_FILE))
             except ImportError as e:
                 logger.warning("%s has a FAISS index but %s; using exact search", d, e)
+            except RuntimeError as e:  # FAISS's error for a truncated or foreign file
+                raise BrokenIndexError(
+                    f"{d / FAISS_FILE} is not a readable FAISS index ({str(e).strip().splitlines()[0]}); rebuild it "
+                    f"with `fromage-gill index faiss {d} --kind KIND`, or delete it to search exactly"
+                ) from None
             if faiss_index is not None and faiss_index.ntotal != vectors.shape[0]:
                 logger.warning(
                     "%s: the FAISS index holds %d vectors, not %d: ignoring it (rebuild it with "
@@ -320,18 +272,11 @@ class ImageIndex:
         return self._faiss_search(q, k, ex)
 
     def _faiss_search(self, q: torch.Tensor, k: int, exclude: np.ndarray | None) -> SearchResult:
-        n_ex = 0 if exclude is None else len(exclude)
-        kk = min(k + n_ex, len(self))  # over-fetch, then drop the excluded ids
+        exclude = np.empty(0, np.int64) if exclude is None else exclude
+        kk = min(k + len(exclude), len(self))  # over-fetch, then drop the excluded ids
         scores, ids = self.faiss_index.search(q.numpy(), kk)
-        ids = ids.astype(np.int64)
-        scores = scores.astype(np.float32)
-        if n_ex:
-            drop = np.isin(ids, exclude)
-            ids[drop], scores[drop] = -1, -np.inf
-            order = np.argsort(-scores, axis=1, kind="stable")
-            ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
-        scores[ids < 0] = -np.inf
-        return SearchResult(ids=_pad(ids[:, :k], k, -1), scores=_pad(scores[:, :k], k, -np.inf))
+        ids, scores = drop_excluded(ids, scores, exclude, k)
+        return SearchResult(ids=pad_columns(ids, k, -1), scores=pad_columns(scores, k, -np.inf))
 
     def build_faiss(
         self,

@@ -48,6 +48,29 @@ class FingerprintMismatchError(ValueError):
     """An index built by another model (its image embeddings live in another space)."""
 
 
+class BrokenIndexError(ValueError):
+    """A file of an index folder that cannot be read as what it should be (truncated, wrong size, wrong dtype,
+    unreadable); the message names the file and says how to get a good one."""
+
+
+def rebuild_hint(directory: Path) -> str:
+    """How to get a good index folder back: build it again (or import the published embeddings again)."""
+    return (
+        f"rebuild the index: `fromage-gill index build --model MODEL --images IMAGES --out {directory} --overwrite` "
+        f"(or, for the published CC3M embeddings, `fromage-gill index import FILES --out {directory} --overwrite`)"
+    )
+
+
+def _broken(directory: Path, path: Path, problem: str) -> BrokenIndexError:
+    return BrokenIndexError(f"{path}: {problem}; {rebuild_hint(directory)}")
+
+
+def _missing(directory: Path, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{path} is missing, so {directory} is not a complete image index; {rebuild_hint(directory)}"
+    )
+
+
 # ------------------------------------------------------------------------------------------ index.json
 
 
@@ -71,22 +94,50 @@ def new_meta(model: str, fingerprint: str, shape: tuple[int, int], dtype: str, *
     return meta
 
 
+META_FIELDS = {"fingerprint": str, "dim": int, "count": int, "dtype": str}  # what reading an index needs
+
+
 def read_meta(directory: Path) -> dict:
-    """``index.json`` of ``directory``, refused when it is missing or of another format or a newer version."""
+    """``index.json`` of ``directory``, refused (naming the file and the fix) when the folder or the file is
+    missing or unreadable, of another format or a newer version, or lacks a field reading needs."""
     d = directory
-    if not (d / META_FILE).is_file():
-        hint = (
-            " (an unfinished build: run the same `index build` again to resume it)" if (d / BUILD_DIR).is_dir() else ""
+    path = d / META_FILE
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"{d} is not an image index: no such folder (build one with `fromage-gill index build --model MODEL "
+            f"--images IMAGES --out {d}`)"
         )
-        raise FileNotFoundError(f"{d} is not an image index: {META_FILE} is missing{hint}")
-    meta = json.loads((d / META_FILE).read_text())
+    if not path.is_file():
+        if (d / BUILD_DIR).is_dir():
+            hint = "an unfinished build: run the same `index build` again to resume it"
+        else:
+            hint = rebuild_hint(d)
+        raise FileNotFoundError(f"{d} is not an image index: {META_FILE} is missing ({hint})")
+    try:
+        meta = json.loads(path.read_bytes())
+    except OSError as e:
+        raise _broken(d, path, f"cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _broken(d, path, f"is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _broken(d, path, f"must hold a JSON object, not {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{d / META_FILE} is not a {FORMAT} file (format {meta.get('format')!r})")
-    if meta.get("version", 0) > VERSION:
+        raise _broken(d, path, f"is not a {FORMAT} file (format {meta.get('format')!r})")
+    version = meta.get("version", 0)
+    if not isinstance(version, int):
+        raise _broken(d, path, f"version must be an integer, not {version!r}")
+    if version > VERSION:
         raise ValueError(
-            f"{d} uses index format version {meta['version']}; this fromage_gill reads up to "
-            f"{VERSION}: upgrade fromage_gill"
+            f"{d} uses index format version {version}; this fromage_gill reads up to {VERSION}: upgrade fromage_gill"
         )
+    for key, kind in META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0) or value == "":
+            raise _broken(
+                d, path, f"field {key!r} must be a {'non-negative integer' if kind is int else 'string'}, got {value!r}"
+            )
+    if meta["dtype"] not in ST_DTYPES:
+        raise _broken(d, path, f"dtype must be one of {sorted(ST_DTYPES)}, got {meta['dtype']!r}")
     return meta
 
 
@@ -109,18 +160,29 @@ def write_embeddings(path: Path, vectors: np.ndarray, dtype: str, meta: dict) ->
 
 
 def read_embeddings(directory: Path, meta: dict, *, mmap_mode: bool) -> np.ndarray:
-    """The (N, D) vectors of ``directory``, checked against its ``index.json``."""
+    """The (N, D) vectors of ``directory``, checked against its ``index.json`` (shape, dtype, fingerprint)."""
     d, fingerprint = directory, meta["fingerprint"]
-    vectors, st_meta = map_safetensors(d / EMBEDDINGS_FILE, mmap_mode=mmap_mode)
+    path = d / EMBEDDINGS_FILE
+    if not path.is_file():
+        raise _missing(d, path)
+    vectors, st_meta = map_safetensors(path, mmap_mode=mmap_mode, directory=d)
     if st_meta.get("fingerprint", fingerprint) != fingerprint:
-        raise ValueError(
-            f"{d}: {EMBEDDINGS_FILE} says fingerprint {st_meta.get('fingerprint')!r} but "
-            f"{META_FILE} says {fingerprint!r}: the folder mixes two indexes; rebuild it"
+        raise _broken(
+            d,
+            path,
+            f"says fingerprint {st_meta.get('fingerprint')!r} but {META_FILE} says {fingerprint!r}: the folder "
+            f"mixes two indexes",
         )
     if vectors.shape != (meta["count"], meta["dim"]):
-        raise ValueError(
-            f"{d}: {META_FILE} says {meta['count']} x {meta['dim']} but {EMBEDDINGS_FILE} holds "
-            f"{vectors.shape[0]} x {vectors.shape[1]}: the folder is inconsistent; rebuild it"
+        raise _broken(
+            d,
+            path,
+            f"holds {vectors.shape[0]} x {vectors.shape[1]} but {META_FILE} says {meta['count']} x {meta['dim']}: "
+            f"the folder is inconsistent",
+        )
+    if ST_DTYPES[meta["dtype"]][1] != vectors.dtype:
+        raise _broken(
+            d, path, f"holds {vectors.dtype} but {META_FILE} says {meta['dtype']}: the folder is inconsistent"
         )
     return vectors
 
@@ -149,31 +211,52 @@ def write_safetensors(
     os.replace(tmp, path)
 
 
-def map_safetensors(path: Path, *, mmap_mode: bool) -> tuple[np.ndarray, dict[str, str]]:
-    """(the ``embeddings`` tensor, the header's metadata); memory-mapped copy-on-write with ``mmap_mode``."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", {}) or {}
-    if TENSOR not in header:
-        raise ValueError(f"{path} has no {TENSOR!r} tensor (it has {sorted(header)})")
-    t = header[TENSOR]
-    np_dtype = {v[0]: v[1] for v in ST_DTYPES.values()}.get(t["dtype"])
+def map_safetensors(path: Path, *, mmap_mode: bool, directory: Path | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """(the ``embeddings`` tensor, the header's metadata); memory-mapped copy-on-write with ``mmap_mode``.
+
+    The header is checked against the file before anything is mapped: a truncated or padded file, a header that
+    is not JSON or names another dtype or shape, is refused naming ``path`` (and how to rebuild ``directory``)."""
+    d = path.parent if directory is None else directory
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise _broken(d, path, f"is not a safetensors file ({size} bytes: too short for its header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(100_000_000, size - 8):
+                raise _broken(
+                    d, path, f"is truncated or not a safetensors file (header of {n} bytes in a {size}-byte file)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise _broken(d, path, f"cannot be read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", {}) or {}
+        t = header[TENSOR]
+        st_dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+        raise _broken(d, path, f"has no readable {TENSOR!r} tensor in its header ({type(e).__name__}: {e})") from None
+    np_dtype = {v[0]: v[1] for v in ST_DTYPES.values()}.get(st_dtype)
     if np_dtype is None:
-        raise ValueError(f"{path}: embeddings must be F32 or F16, got {t['dtype']}")
-    rows, dim = t["shape"]
-    start = 8 + n + t["data_offsets"][0]
-    end, size = start + rows * dim * np.dtype(np_dtype).itemsize, path.stat().st_size
-    if size < end:
-        raise ValueError(
-            f"{path} is truncated: its header describes {rows} x {dim} {t['dtype']} embeddings ending at byte "
-            f"{end:,}, but the file has {size:,} bytes (an interrupted copy or build); copy it again or rebuild the "
-            f"index"
+        raise _broken(d, path, f"embeddings must be F32 or F16, got {st_dtype!r}")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x >= 0 for x in shape)):
+        raise _broken(d, path, f"embeddings must be a 2-D (N, D) tensor, got shape {shape!r}")
+    rows, dim = shape
+    nbytes = rows * dim * np.dtype(np_dtype).itemsize
+    if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == nbytes):
+        raise _broken(
+            d, path, f"data_offsets {offsets!r} do not hold a {rows} x {dim} {st_dtype} tensor ({nbytes} bytes)"
+        )
+    start = 8 + n + offsets[0]
+    if size != start + nbytes:
+        what = "truncated (an interrupted write or copy?)" if size < start + nbytes else "longer than its header says"
+        raise _broken(
+            d,
+            path,
+            f"is {what}: its header says {rows} x {dim} {st_dtype}, {start + nbytes} bytes in all, but the file "
+            f"has {size}",
         )
     if rows == 0:
         return np.zeros((0, dim), dtype=np_dtype), meta
@@ -234,19 +317,34 @@ class JsonlRecords:
 
 def read_records(directory: Path, count: int) -> JsonlRecords:
     """The records of ``directory`` (through its offsets file, or by scanning the lines of an index without one),
-    refused unless there are ``count`` of them."""
+    refused, naming the file, unless there are ``count`` of them and the offsets fit the records file."""
     d = directory
-    offsets_path = d / OFFSETS_FILE
-    if offsets_path.is_file():
-        try:
-            offsets = np.load(offsets_path, mmap_mode="r")
-        except (ValueError, OSError) as e:  # numpy's words ("mmap length is greater than file size") name no file
-            raise ValueError(f"{offsets_path} is truncated or damaged ({e}); rebuild the index") from None
-    else:
-        offsets = line_offsets(d / RECORDS_FILE)
-    records = JsonlRecords(d / RECORDS_FILE, offsets)
+    path, offsets_path = d / RECORDS_FILE, d / OFFSETS_FILE
+    if not path.is_file():
+        raise _missing(d, path)
+    try:
+        size = path.stat().st_size
+        if offsets_path.is_file():
+            try:
+                offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, EOFError) as e:
+                raise _broken(
+                    d, offsets_path, f"is not a readable .npy array ({e}); delete it to have the offsets recounted"
+                ) from None
+        else:
+            offsets = line_offsets(path)
+        records = JsonlRecords(path, offsets)
+    except OSError as e:
+        raise _broken(d, getattr(e, "filename", None) or path, f"cannot be read ({e.strerror or e})") from None
+    if offsets.ndim != 1 or offsets.dtype != np.int64 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != size:
+        raise _broken(
+            d,
+            offsets_path,
+            f"does not fit {RECORDS_FILE} ({size} bytes): expected int64 line offsets from 0 to {size}, found "
+            f"{offsets.dtype} {offsets.shape}; delete it to have the offsets recounted",
+        )
     if len(records) != count:
-        raise ValueError(f"{d}: {len(records)} records for {count} embeddings; rebuild the index")
+        raise _broken(d, path, f"holds {len(records)} records for {count} embeddings: the folder is inconsistent")
     return records
 
 
