@@ -3,6 +3,7 @@ with the parameter counts of the real backbones, and published-layout GILL / FRO
 (shapes as FORMATS.md gives them) convert and load strictly into the models they build."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,49 @@ def test_random_weights_never_downloads_and_refuses_what_it_cannot_build(tmp_pat
     # gill names jykoh/gill (a Hub repo): its trained layers become random rather than being fetched
     pipe = load_pipeline("gill", random_weights=True, skeleton=True, device="cpu", dtype="fp32")
     assert pipe.config.weights == "random" and pipe.config.lm.source == "random"
+
+
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_real_scale_runs_every_section_in_tiny_mode(tmp_path):
+    out = tmp_path / "figures.json"
+    result = _script("bench_real_scale").main(
+        ["--tiny", "--new-tokens", "2", "--quant-new-tokens", "2", "--json", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    gill = result["gill"]
+    parts = gill["components"]
+    for name in ("lm", "vision", "unet", "vae", "text_encoder"):
+        buffers = parts[name]["bytes"] - 2 * parts[name]["params"]  # bf16: two bytes a parameter, plus buffers
+        assert 0 <= buffers < 0.01 * parts[name]["bytes"], name
+    assert gill["decode"]["same_tokens"]  # our greedy loop and generate agree on a tiny fp32-initialised LM
+    assert gill["turn_retrieve"]["images"] == ["retrieved 64x64"] and gill["index"]["rows"] == 2048
+    assert gill["turn_generate"]["images"] == ["generated 16x16"]  # tiny-gill's VAE: 8 px latents x 2
+    assert gill["turn_text"]["images"] == []
+    for bits in ("lm-8bit", "lm-4bit"):
+        q = result[bits]
+        assert q["lm_fp32_bytes"] == 4 * q["lm_params"] and 0 < q["lm_bytes"] < q["lm_fp32_bytes"] / 2
+    assert result["lm-4bit"]["lm_bytes"] < result["lm-8bit"]["lm_bytes"]
+
+
+def test_gpu_check_plans_without_a_gpu_and_runs_tiny_on_the_cpu(tmp_path, capsys):
+    gpu_check = _script("gpu_check")
+    plan = gpu_check.main(["--dry-run"])["plan"]
+    assert plan["model"] == "gill" and set(plan["configs"]) == {"bf16", "lm-8bit", "lm-4bit"}
+    assert "50 steps" in plan["diffusion"] and "turns 1 and 10" in plan["first_token"]
+    out = tmp_path / "gpu.json"
+    args = ["--tiny", "--only", "bf16", "--new-tokens", "2", "--repeats", "1", "--steps", "1", "--turns", "2"]
+    result = gpu_check.main([*args, "--json", str(out)])
+    bf16 = result["bf16"]
+    assert json.loads(out.read_text())["bf16"]["decode"] == bf16["decode"] and bf16["decode"]["same_tokens"]
+    assert set(bf16["first_token"]) == {"turn_1_ms", "turn_2_ms"} and bf16["diffusion"]["image"] == "16x16"
