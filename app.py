@@ -32,6 +32,7 @@ from fromage_gill.chat.handlers import ChatHandlers, Reply  # noqa: E402
 from fromage_gill.chat.messages import IMAGE_PLACEHOLDER  # noqa: E402
 from fromage_gill.chat.options import AppOptions, add_serve_args, load_app, load_indexes  # noqa: E402
 from fromage_gill.chat.page import ASSETS, TOY_INDEXES, example_messages, header_markdown  # noqa: E402
+from fromage_gill.chat.space import space_argv  # noqa: E402
 
 __all__ = ["API_ENDPOINTS", "AppOptions", "build_demo", "launch_style", "load_indexes", "main", "serve"]
 
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="app.py", description="Chat with a FROMAGe / GILL model in the browser.")
     add_serve_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(space_argv(argv))  # on a Hugging Face Space: fetch the weights, use ZeroGPU
     return serve(args)
 
 

@@ -7,6 +7,7 @@ inline config with seeded random weights so that tests and the offline presets n
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from importlib import resources
@@ -128,13 +129,18 @@ def load_lm(
         )
         config = AutoConfig.for_model(**cfg)
         torch.manual_seed(seed)
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Initialised in float32 (the values every test fixes) unless that will not fit: a full-size LM (OPT-6.7B:
+        # 26.6 GB in float32) is initialised in the dtype it runs in, so building never needs more than it holds.
+        init_dtype = torch.float32 if _n_params(config) < _INIT_FP32_MAX else dtype
+        lm = AutoModelForCausalLM.from_config(config, dtype=init_dtype)
         if kwargs.keys() - {"dtype"}:
             # Quantization and device maps are applied by from_pretrained; send the random model through the
             # very same loader the published weights take.
             # The directory lives as long as the model: accelerate may offload weights by pointing into its files.
             tmp = tempfile.TemporaryDirectory(prefix="fromage_gill_random_lm_")
             lm.save_pretrained(tmp.name)
+            del lm  # freed before the reload, so the peak is one copy of the LM, not two
+            gc.collect()
             lm = AutoModelForCausalLM.from_pretrained(tmp.name, **kwargs)
             lm._fromage_gill_weights_dir = tmp
         else:
@@ -149,6 +155,16 @@ def load_lm(
             lm = lm.to(device)
     lm.eval().requires_grad_(False)
     return lm
+
+
+_INIT_FP32_MAX = 500_000_000  # parameters; above this a random LM is initialised in its own dtype
+
+
+def _n_params(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
 def cache_argument(base: nn.Module) -> str:

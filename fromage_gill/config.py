@@ -235,6 +235,23 @@ class ModelConfig:
         parts = [self.lm.source, self.vision.source] + ([self.diffusion.source] if self.diffusion else [])
         return all(p == RANDOM for p in parts)
 
+    def with_random_backbones(self) -> ModelConfig:
+        """This model at full size with seeded random frozen weights: each backbone named by a Hub id with a
+        shipped architecture (``presets/architectures/``) is built from that architecture instead of downloaded.
+        For tests of real shapes and for benchmarks; the trained layers are untouched (set ``weights`` apart).
+        Stable Diffusion's safety checker is off: it has no architecture here and nothing to check random images."""
+
+        def random(spec: Any, part: str) -> Any:
+            if spec.source == RANDOM:
+                return spec
+            extra = {"safety_checker": False} if isinstance(spec, DiffusionSpec) else {}
+            return dataclasses.replace(spec, source=RANDOM, config=architecture(spec.source, part), **extra)
+
+        diffusion = self.diffusion and random(self.diffusion, "diffusion")
+        return dataclasses.replace(
+            self, lm=random(self.lm, "lm"), vision=random(self.vision, "vision"), diffusion=diffusion
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(dataclasses.asdict(self))
 
@@ -382,6 +399,33 @@ def load_preset(name: str) -> ModelConfig | MagicConfig:
     if not preset.is_file():
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
     return _read_config(preset.read_text(), f"preset {name!r}")
+
+
+def _architecture_dir() -> resources.abc.Traversable:
+    return _preset_dir() / "architectures"
+
+
+def list_architectures() -> dict[str, str]:
+    """The shipped architectures of the published backbones: Hub id -> architecture name (its JSON's stem)."""
+    out = {}
+    for p in sorted(_architecture_dir().iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".json"):
+            out[json.loads(p.read_text())["describes"]] = p.name[: -len(".json")]
+    return out
+
+
+def architecture(source: str, part: str = "component") -> dict[str, Any]:
+    """The config a random ``source`` is built from (transformers / diffusers kwargs), from the architecture file
+    that describes Hub id ``source``. ``part`` names the component in the error."""
+    known = list_architectures()
+    if source not in known:
+        raise ConfigError(
+            f"{part}.source {source!r} has no shipped architecture, so it cannot be built with random weights "
+            f"offline; shipped: {', '.join(sorted(known))}. Set {part}.source to 'random' with an inline "
+            f"{part}.config, or add fromage_gill/presets/architectures/NAME.json "
+            '({"describes": HUB_ID, "config": {...}})'
+        )
+    return json.loads((_architecture_dir() / f"{known[source]}.json").read_text())["config"]
 
 
 def _read_config(text: str, where: str) -> ModelConfig | MagicConfig:

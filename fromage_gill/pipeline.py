@@ -164,6 +164,7 @@ def load_pipeline(
     load_diffusion_pipeline: bool = True,
     decision_model: bool = True,
     skeleton: bool = False,
+    random_weights: bool = False,
 ) -> Pipeline:
     """Build the frozen components and load the trained layers.
 
@@ -177,6 +178,10 @@ def load_pipeline(
     lm / vision / diffusion: override a component's source with a local directory (or another Hub id).
     decision_model: False runs a GILL model without its decision head (e.g. a published checkpoint folder that lacks
     decision_model.pth.tar, which is refused otherwise): every image then follows ``GenerationSettings.mode``.
+    random_weights: the model at full size, offline: every backbone built from its shipped architecture with seeded
+    random weights (``ModelConfig.with_random_backbones``); the trained layers come from a local folder (``weights``,
+    or ``name_or_path`` itself, e.g. a published checkpoint folder, every tensor checked against the real widths),
+    else are random: nothing is downloaded.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
@@ -186,6 +191,15 @@ def load_pipeline(
             f"{cfg.name!r} is a {cfg.kind!r} preset (a plain LM + CLIP): load it with "
             f"fromage_gill.magic.load_magic, or run `fromage-gill caption IMAGE --model {cfg.name}`"
         )
+    if random_weights:
+        if lm or vision or diffusion:
+            raise ValueError(
+                "random_weights builds every backbone from its shipped architecture; it cannot be combined with "
+                "lm= / vision= / diffusion= (drop those, or drop random_weights to load the given backbones)"
+            )
+        cfg = cfg.with_random_backbones()
+        if weights is None and not (cfg.weights and Path(checkout_path(cfg.weights)).is_dir()):
+            cfg = dataclasses.replace(cfg, weights=RANDOM)  # never download: a Hub repo's layers become random
     if weights is not None:
         fmt = cfg.weights_format
         if weights != RANDOM and Path(weights).is_dir():

@@ -27,11 +27,20 @@ def register(sub) -> None:
         action="store_false",
         help="convert a GILL checkpoint without decision_model.pth.tar (the result has no decision head)",
     )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the backbones' architectures from the shipped configs (offline, no weights, no tokenizer "
+        "download): enough to check and convert the trained layers; config.json still names the real backbones",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..pipeline import load_pipeline
+    import dataclasses
+
+    from ..checkpoint import save_native
+    from ..pipeline import load_pipeline, resolve_config
 
     pipe = load_pipeline(
         args.src,
@@ -43,8 +52,13 @@ def run(args) -> int:
         device="cpu",
         dtype="fp32",
         skeleton=True,
+        random_weights=args.random_weights,
     )
-    out = pipe.save_pretrained(args.out)
+    config = pipe.config
+    if args.random_weights:  # the layers were checked against random stand-ins; they belong to the real backbones
+        real, _ = resolve_config(args.src, preset=args.preset)
+        config = dataclasses.replace(config, lm=real.lm, vision=real.vision, diffusion=real.diffusion)
+    out = save_native(pipe.model, args.out, config)
     n = sum(p.numel() for p in pipe.model.trained_parameters().values())
     print(f"converted {args.src} -> {out} ({n:,} trained parameters, preset {pipe.config.name})")
     return 0
