@@ -60,6 +60,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     """The chat UI for ``pipeline``; every action is also an API endpoint named in ``API_ENDPOINTS``."""
     h = ChatHandlers(pipeline, options)
     options = h.options
+    gr.set_static_paths([h.image_root])  # the chat shows its images as links to these files (messages.py)
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=h.close_session)
         gr.Markdown(header_markdown(pipeline, h.index_names), elem_id="header")
@@ -81,11 +82,13 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             label="Message",
             show_label=False,
             autofocus=True,
+            stop_btn=True,  # while an answer runs, Send turns into Stop
+            max_plain_text_length=100_000,  # a long paste stays text (gradio's default turns >1000 chars into a file)
             placeholder="Message (attach images with the clip, paste or drop them; "
             f"{IMAGE_PLACEHOLDER} places an image within the text)",
         )
         with gr.Row(elem_id="buttons"):
-            stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm")
+            stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", interactive=False)
             regen_btn = gr.Button("Regenerate", elem_id="regenerate", size="sm")
             undo_btn = gr.Button("Undo", elem_id="undo", size="sm")
             clear_btn = gr.Button("Clear", elem_id="clear", size="sm")
@@ -120,11 +123,13 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
         def load_json(session, file):
             reply = h.load_json(session, file)
+            toast(reply)
             values = reply.controls or {}
             return reply.session, reply.messages, *[values.get(key, gr.update()) for key in controls]
 
+        buttons = [stop_btn, regen_btn, undo_btn, clear_btn]
         turn = dict(
-            outputs=[state, chatbot, message],
+            outputs=[state, chatbot, message, *buttons],
             inputs_kwargs=controls,
             concurrency_id="model",
             concurrency_limit=options.max_queue,
@@ -137,10 +142,17 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
         quick = dict(concurrency_limit=None)
         stop_btn.click(h.stop, inputs=[state], outputs=[state], api_name="stop", **quick)
+        message.stop(h.stop, inputs=[state], outputs=[state], api_visibility="private", **quick)
         undo_btn.click(shown(h.undo, box=False), inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
-        clear_btn.click(shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_name="clear", **quick)
+        clear_btn.click(
+            shown(h.clear), inputs=[state], outputs=[state, chatbot, message, *buttons], api_name="clear", **quick
+        )
         chatbot.clear(
-            shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_visibility="private", **quick
+            shown(h.clear),
+            inputs=[state],
+            outputs=[state, chatbot, message, *buttons],
+            api_visibility="private",
+            **quick,
         )
         html_btn.click(h.export_html, inputs=[state], outputs=[export_file], api_name="export_html", **quick)
         json_btn.click(h.export_json, inputs=[state], outputs=[export_file], api_name="export_json", **quick)
@@ -157,14 +169,31 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     return demo
 
 
+def toast(reply: Reply) -> None:
+    """A reply's notes as toasts that clear themselves: errors as warnings, the rest as information."""
+    for note in reply.notes:
+        (gr.Warning if note.kind == "error" else gr.Info)(note.text, duration=8)
+
+
 def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any]:
-    """``handler`` with its Replies as the values of (state, chatbot[, message box]); its signature is kept, since
-    gradio names the API's parameters after it and passes the settings controls by name."""
+    """``handler`` with its Replies as the values of (state, chatbot[, message box, Stop, Regenerate, Undo,
+    Clear]), its notes as toasts; its signature is kept, since gradio names the API's parameters after it and
+    passes the settings controls by name."""
 
     def values(reply: Reply) -> tuple:
+        toast(reply)
         if not box:
             return reply.session, reply.messages
-        return reply.session, reply.messages, gr.update(value=None) if reply.clear_box else gr.update()
+        idle = gr.update(interactive=not reply.running)
+        return (
+            reply.session,
+            reply.messages,
+            gr.update(value=None) if reply.clear_box else gr.update(),
+            gr.update(interactive=reply.running),  # Stop
+            idle,  # Regenerate, Undo, Clear: nothing they can do while an answer runs
+            idle,
+            idle,
+        )
 
     if inspect.isgeneratorfunction(handler):
 

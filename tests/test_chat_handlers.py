@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -30,8 +31,9 @@ def indexes(tiny_gill):
 
 
 @pytest.fixture
-def h(tiny_gill, indexes):
-    return ChatHandlers(tiny_gill, AppOptions(indexes=indexes, defaults=dict(num_inference_steps=2)))
+def h(tiny_gill, indexes, tmp_path):
+    options = AppOptions(indexes=indexes, defaults=dict(num_inference_steps=2), cache_dir=tmp_path / "cache")
+    return ChatHandlers(tiny_gill, options)
 
 
 def last(replies) -> Reply:
@@ -41,7 +43,15 @@ def last(replies) -> Reply:
 
 
 def shown_text(reply: Reply, k: int = -1) -> str:
-    return " ".join(c for c in reply.messages[k]["content"] if isinstance(c, str))
+    content = reply.messages[k]["content"]
+    assert isinstance(content, str), "every message is one markdown text (images inline)"
+    return content
+
+
+def error(reply: Reply) -> str:
+    """The reply's error toast (errors are never chat messages)."""
+    assert all(m["content"].find("**Error:**") < 0 for m in reply.messages)
+    return " ".join(reply.errors)
 
 
 def user_texts(session) -> list[str]:
@@ -55,10 +65,17 @@ def test_send_shows_the_message_and_streams_the_answer(h):
     replies = list(h.send(None, {"text": "look", "files": [str(CAT)]}, **IMAGES))
     session = replies[-1].session
     assert all(r.session is session for r in replies)  # the first action makes the tab's session
-    assert replies[0].clear_box and replies[-1].clear_box  # the model took the message: the box empties
+    cleared = [r.clear_box for r in replies]
+    assert cleared.count(True) == 1, "cleared once, when the model took the message"
+    assert [r.running for r in replies] == [True] * (len(replies) - 1) + [False]
     assert [m["role"] for m in replies[-1].messages] == ["user", "user", "assistant"]  # image, text, answer
-    assert replies[-1].messages[0]["content"][0]["path"].endswith(".png") and shown_text(replies[-1], 1) == "look"
-    assert "**Retrieved** (score" in shown_text(replies[-1])
+    image = re.fullmatch(r"!\[image\]\(/gradio_api/file=(.+\.png)\)", shown_text(replies[-1], 0))
+    assert image and Path(image[1]).parent == session.image_dir and shown_text(replies[-1], 1) == "look"
+    answer = shown_text(replies[-1])  # one message: text, the image inline, its label under it
+    found = re.search(
+        r"!\[Retrieved \(score -?[0-9.]+\)[^\]]*\]\(/gradio_api/file=(\S+\.png)\)\n\n\*\*Retrieved\*\*", answer
+    )
+    assert found and Path(found[1]).is_file() and Path(found[1]).parent == session.image_dir
     summary = h.history(session)
     assert [t["role"] for t in summary["turns"]] == ["user", "assistant"]
     assert isinstance(summary["seeds"]["1"], int) and summary["settings"]["mode"] == "retrieve"
@@ -76,9 +93,10 @@ def test_send_shows_the_message_and_streams_the_answer(h):
 def test_refused_message_is_an_error_note_and_keeps_the_box(h, message, ui, needle):
     session = last(h.send(None, {"text": "hello", "files": []}, **TEXT)).session
     before = session.summary()["turns"]
-    reply = last(h.send(session, message, **ui))
-    assert not reply.clear_box, "the box keeps what was typed, to fix and send again"
-    assert shown_text(reply).startswith("**Error:**") and needle in shown_text(reply)
+    replies = list(h.send(session, message, **ui))
+    reply = last(replies)
+    assert not any(r.clear_box for r in replies), "the box keeps what was typed, to fix and send again"
+    assert needle in error(reply) and len(reply.messages) == 2
     assert session.summary()["turns"] == before
 
 
@@ -92,7 +110,7 @@ def test_regenerate_takes_a_new_seed_even_when_one_is_set(h):
 
 def test_regenerate_before_any_answer(h):
     reply = last(h.regenerate(None))
-    assert shown_text(reply) == "**Error:** Nothing to regenerate yet: send a message first."
+    assert error(reply) == "Nothing to regenerate yet: send a message first." and reply.messages == []
 
 
 def test_edit_branches_from_a_past_message_and_keeps_its_images(h):
@@ -111,7 +129,7 @@ def test_edit_branches_from_a_past_message_and_keeps_its_images(h):
     assert user_texts(session) == ["edited in the chat"] and len(session.chat.history[0].images) == 1
 
     reply = last(h.edit(session, 1, "x"))  # an answer, not a user message
-    assert "Turn 1 is not one of your messages (yours are turns [0])" in shown_text(reply)
+    assert "Turn 1 is not one of your messages (yours are turns [0])" in error(reply)
     assert len(session.chat.history) == 2
 
 
@@ -120,7 +138,7 @@ def test_refused_edit_puts_the_conversation_back(h):
     last(h.send(session, {"text": "second", "files": []}, **TEXT))
     before = session.summary()["turns"]
     reply = last(h.edit(session, 0, "word " * 3000, **TEXT))
-    assert "fits 512" in shown_text(reply) and session.summary()["turns"] == before
+    assert "fits 512" in error(reply) and session.summary()["turns"] == before
 
 
 def test_undo_and_clear(h):
@@ -129,7 +147,7 @@ def test_undo_and_clear(h):
     reply = h.undo(session)
     assert user_texts(reply.session) == ["one"] and len(reply.messages) == 2
     h.undo(session)
-    assert shown_text(h.undo(session)) == "**Error:** Nothing to undo."
+    assert error(h.undo(session)) == "Nothing to undo."
 
     last(h.send(session, {"text": "three", "files": []}, **TEXT))
     image_dir = session.image_dir
@@ -146,20 +164,24 @@ def test_stop_mid_answer_keeps_what_streamed(h):
             break
     assert h.stop(session) is session
     rest = list(turn)
-    assert rest[-1].clear_box and h.history(session)["end_reasons"] == {"1": "stopped"}
+    assert not rest[-1].running and h.history(session)["end_reasons"] == {"1": "stopped"}
     assert shown_text(rest[-1]).endswith("*(stopped)*") and len(session.chat.history[1].segments[0]) > 0
 
 
-def test_second_message_while_answering_is_refused(h):
+def test_a_message_sent_while_answering_is_queued_and_sent_next(h):
     session = h.new_session()
     turn = h.send(session, {"text": "long", "files": []}, mode="text", max_new_tokens=50)
     next(turn)  # the turn runs (and holds the session) until its generator ends
-    refused = last(h.send(session, {"text": "me too", "files": []}, **TEXT))
-    assert shown_text(refused) == "**Error:** Still answering: wait for the answer or press Stop."
-    assert "Still answering: press Stop first" in shown_text(h.undo(session))
-    h.stop(session)
-    list(turn)
-    assert user_texts(session) == ["long"]
+    queued = h.send(session, {"text": "me too", "files": []}, **TEXT)
+    told = next(queued)
+    assert "Queued: your message is sent when this answer ends" in told.notes[0].text and not told.clear_box
+    assert "Still answering: press Stop first" in error(h.undo(session))
+    assert "Still answering" in error(last(h.regenerate(session, **TEXT)))
+    done = threading.Thread(target=lambda: list(turn))
+    done.start()  # the first answer ends; the queued message goes next
+    replies = list(queued)
+    done.join(60)
+    assert any(r.clear_box for r in replies) and user_texts(session) == ["long", "me too"]
 
 
 def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
@@ -171,7 +193,8 @@ def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
     reply = next(waiting)
     assert "*Busy: 1 ahead of you.*" in shown_text(reply) and not reply.clear_box
     h.stop(b)  # withdrawn before the model started
-    assert "Stopped before the model started; nothing was sent." in shown_text(last(waiting))
+    withdrawn = last(waiting)
+    assert [n.text for n in withdrawn.notes] == ["Stopped before the model started; nothing was sent."]
     assert b.chat.history == []
     first.close()
     assert h.gate.busy == 0
@@ -219,7 +242,7 @@ def test_no_index_at_all(tiny_gill):
     bare = ChatHandlers(tiny_gill)
     assert bare.index_names == [] and list(bare.pipelines) == [controls.NO_INDEX]
     reply = last(bare.send(None, {"text": "show me", "files": []}, mode="retrieve", index=controls.NO_INDEX))
-    assert "needs an image index" in shown_text(reply)
+    assert "needs an image index" in error(reply)
 
 
 # ---------------------------------------------------------------------------------------------- export / import
@@ -238,7 +261,7 @@ def test_export_json_loads_back_with_its_settings(h):
     after = h.history(reply.session)
     assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
     assert reply.controls["mode"] == "text" and reply.controls["seed"] == "5" and "index" not in reply.controls
-    assert shown_text(reply) == "*Note:* Loaded a conversation of 4 turns from conversation.json."
+    assert [n.text for n in reply.notes] == ["Loaded a conversation of 4 turns from conversation.json."]
     last(h.send(reply.session, {"text": "and now?", "files": []}, **TEXT))
     assert len(reply.session.chat.history) == 6
 
@@ -258,8 +281,8 @@ def test_nonsense_export_is_refused(h, tmp_path, content, needle):
     f.write_bytes(content)
     reply = h.load_json(session, str(f))
     assert reply.controls is None and session.summary()["turns"] == before
-    assert shown_text(reply).startswith("**Error:** Could not load the conversation: ") and needle in shown_text(reply)
-    assert "No file" in shown_text(h.load_json(session, None))
+    assert error(reply).startswith("Could not load the conversation: ") and needle in error(reply)
+    assert "No file" in error(h.load_json(session, None))
 
 
 def test_export_html_is_self_contained(h):

@@ -11,10 +11,12 @@ an error note in the chat, and the conversation stays as it was.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from .controls import NO_INDEX, control_values, default_settings, make_settings
 from .gate import ModelGate
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
-from .session import ChatSession
+from .session import ChatSession, Note
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +40,21 @@ STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the 
 @dataclass
 class Reply:
     """What a handler shows: the tab's session, the chat's messages, whether the message box is cleared (the model
-    took the message) or keeps what was typed (to fix and send again), and after loading a conversation the
-    settings controls' new values (None: unchanged)."""
+    took the message; every other reply keeps what is typed there, to fix and send again or to send next), the
+    notes to show once as toasts (errors, the engine's notices), whether a turn is running (the app then turns Send
+    into Stop and disables the buttons that cannot act), and after loading a conversation the settings controls'
+    new values (None: unchanged)."""
 
     session: ChatSession
     messages: list[dict[str, Any]]
     clear_box: bool = False
     controls: dict[str, Any] | None = None
+    notes: list[Note] = dataclasses.field(default_factory=list)
+    running: bool = False
+
+    @property
+    def errors(self) -> list[str]:
+        return [n.text for n in self.notes if n.kind == "error"]
 
 
 class ChatHandlers:
@@ -63,12 +73,15 @@ class ChatHandlers:
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
         self.pipelines = self.pipelines or {NO_INDEX: pipeline}
         self.gate = ModelGate(self.options.concurrency)
+        self.image_root = self.options.cache_dir / "images"  # one folder per session; the app serves these files
+        self.image_root.mkdir(parents=True, exist_ok=True)
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
     def new_session(self, index_name: str | None = None) -> ChatSession:
         name = index_name if index_name in self.pipelines else next(iter(self.pipelines))
-        return ChatSession(Chat(self.pipelines[name]), index_name=name)
+        sid = uuid.uuid4().hex  # unguessable: the session's image URLs contain it
+        return ChatSession(Chat(self.pipelines[name]), index_name=name, id=sid, image_dir=self.image_root / sid)
 
     def use_index(self, session: ChatSession, index_name: str | None) -> None:
         """Retrieve from another index from now on. The same Chat goes on (the engine reads ``pipeline.index`` at
@@ -91,7 +104,10 @@ class ChatHandlers:
     def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session))
+        if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
+            session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
+            yield self._reply(session)
+        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
 
     def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
@@ -118,7 +134,6 @@ class ChatHandlers:
         yield from self.edit(session, turn, text_of(value), part, **ui)
 
     def _send(self, session: ChatSession, message: dict | None, ui: dict) -> Iterator[Reply]:
-        session.clear_errors()
         message = message or {}
         try:
             self.use_index(session, ui.get("index"))
@@ -134,7 +149,6 @@ class ChatHandlers:
         yield from self._run_turn(session, lambda: session.chat.send(segments, settings), segments)
 
     def _regenerate(self, session: ChatSession, ui: dict) -> Iterator[Reply]:
-        session.clear_errors()
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
             yield self._reply(session)
@@ -153,7 +167,6 @@ class ChatHandlers:
     def _edit(
         self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict
     ) -> Iterator[Reply]:
-        session.clear_errors()
         history = session.chat.history
         try:
             i = int(turn_index) if turn_index is not None else -1
@@ -205,9 +218,11 @@ class ChatHandlers:
                 ]
                 yield self._reply(session)
             session.live = []
+            events = iter(start())  # a refusal (too long, bad settings) raises here: the box keeps the message
+            first = next(events, None)
             yield self._reply(session, clear_box=True)
             last = 0.0
-            for event in start():
+            for event in itertools.chain([] if first is None else [first], events):
                 session.apply(event)
                 now = time.monotonic()
                 if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
@@ -222,7 +237,7 @@ class ChatHandlers:
         finally:
             self.gate.leave(ticket)
             session.end_streaming()
-        yield self._reply(session, clear_box=True)
+        yield self._reply(session)
 
     def _refused(self, session: ChatSession) -> Callable[[], Iterator[Reply]]:
         def still_answering() -> Iterator[Reply]:
@@ -233,7 +248,9 @@ class ChatHandlers:
 
     @staticmethod
     def _reply(session: ChatSession, **kwargs: Any) -> Reply:
-        return Reply(session, chatbot_messages(session), **kwargs)
+        return Reply(
+            session, chatbot_messages(session), notes=session.take_notes(), running=session.streaming, **kwargs
+        )
 
     # -- quick actions ------------------------------------------------------------------------------------------
 
@@ -244,7 +261,6 @@ class ChatHandlers:
 
     def undo(self, session: ChatSession | None) -> Reply:
         session = session or self.new_session()
-        session.clear_errors()
         if session.running:
             session.note("Still answering: press Stop first, then Undo.", kind="error")
         elif not session.chat.history:
@@ -282,7 +298,6 @@ class ChatHandlers:
         """Continue a conversation from a JSON export (a path, ``{"path": ...}`` or an object with ``.path``); its
         settings come back as the controls' values."""
         session = session or self.new_session()
-        session.clear_errors()
         path = getattr(file, "path", None) or (file.get("path") if isinstance(file, dict) else file)
         if session.running:
             session.note("Still answering: press Stop before loading a conversation.", kind="error")
@@ -300,7 +315,6 @@ class ChatHandlers:
             return self._reply(session)
         session.chat = chat
         session.settings = settings
-        session.notes = []
         session.seeds = data["seeds"]
         session.reasons = {}
         session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
