@@ -49,8 +49,10 @@ API_ENDPOINTS = (
 )
 
 CSS = """
-#chatbot .message-row img { max-height: 240px; width: auto; object-fit: contain; }
+#chatbot .message-row img { max-height: 240px; max-width: 100%; width: auto; object-fit: contain; }
 #chatbot .message figcaption, #chatbot small { opacity: .8; }
+/* an image you sent is not text to edit: only the text parts of your messages get an Edit button */
+#chatbot .message-row.user-row:has(img) + .message-buttons button[aria-label='Edit'] { display: none; }
 #buttons button { min-width: 0; }
 .setting-help { font-size: .85em; opacity: .75; margin-top: -6px; }
 """

@@ -130,7 +130,14 @@ class ChatHandlers:
     def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
         where = session.turn_of_message(message_index) if session is not None else None
-        turn, part = where if where is not None else (-1, None)
+        if where is None:
+            session = session or self.new_session(ui.get("index"))
+            session.note(
+                "Only the text of your messages can be edited; send a new message to change an image.", "error"
+            )
+            yield self._reply(session)
+            return
+        turn, part = where
         yield from self.edit(session, turn, text_of(value), part, **ui)
 
     def _send(self, session: ChatSession, message: dict | None, ui: dict) -> Iterator[Reply]:
