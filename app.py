@@ -27,7 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from fromage_gill.chat.controls import NO_INDEX, SETTINGS_HELP, decoding_choices  # noqa: E402
+from fromage_gill.chat.controls import NO_INDEX, SETTINGS_HELP  # noqa: E402
 from fromage_gill.chat.handlers import ChatHandlers, Reply  # noqa: E402
 from fromage_gill.chat.messages import IMAGE_PLACEHOLDER  # noqa: E402
 from fromage_gill.chat.options import AppOptions, add_serve_args, load_app, load_indexes  # noqa: E402
@@ -103,7 +103,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 elem_id="examples",
             )
         with gr.Accordion("Settings", open=False, elem_id="settings"):
-            controls = settings_controls(h.defaults, h.index_names, decoding_choices())
+            controls = settings_controls(h.defaults, h.index_names, h.decodings, max_new_tokens=h.max_new_tokens)
         with gr.Accordion("Export / load", open=False, elem_id="export"):
             with gr.Row():
                 html_btn = gr.Button("Export HTML", elem_id="export_html", size="sm")
@@ -213,8 +213,11 @@ def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any
     return returned
 
 
-def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decodings: list[str]) -> dict[str, Any]:
-    """The settings accordion's components, keyed by the API parameter name."""
+def settings_controls(
+    defaults: Mapping[str, Any], index_names: list[str], decodings: list[str], *, max_new_tokens: int = 512
+) -> dict[str, Any]:
+    """The settings accordion's components, keyed by the API parameter name; ``max_new_tokens``: the most a short
+    message leaves room for in the model's context, ``decodings``: those that can run on the model."""
     c: dict[str, Any] = {}
     help_ = SETTINGS_HELP.get
     c["mode"] = gr.Radio(
@@ -227,7 +230,7 @@ def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decod
     with gr.Row():
         c["max_new_tokens"] = gr.Slider(
             1,
-            512,
+            max_new_tokens,
             value=defaults["max_new_tokens"],
             step=1,
             label="Max new tokens",

@@ -377,3 +377,28 @@ def test_settings_refuse_values_that_are_not_whole_numbers(tiny_gill, value):
     with pytest.raises(ValueError, match=r"max_new_tokens must be a whole number"):
         make_settings({}, {"max_new_tokens": value})
     assert make_settings({}, {"max_new_tokens": 3.0}).max_new_tokens == 3
+
+
+# ---------------------------------------------------------------------------------------------- settings that can work
+
+
+def test_the_seed_shown_on_an_image_reproduces_it(h):
+    draw = dict(mode="generate", image_logit_bias=20.0, max_images=1, max_new_tokens=6, num_inference_steps=2)
+    first = last(h.send(None, {"text": "draw", "files": []}, seed="7", **draw))
+    assert "**Generated** (seed 7)" in shown_text(first), "the shown seed is the Seed setting"
+    assert h.history(first.session)["seeds"] == {"1": 7}
+    again = last(h.send(None, {"text": "draw", "files": []}, seed="7", **draw))
+    images = [s.session.chat.history[1].images[0].key for s in (first, again)]
+    assert images[0] == images[1], "typing the shown seed makes the same image"
+
+
+def test_settings_offer_only_what_can_work(h, tiny_gill):
+    assert "magic" not in h.decodings and h.decodings == ["default", "contrastive"]  # no CLIP attached
+    assert controls.default_settings(tiny_gill, {"decoding": "magic"})["decoding"] == "default"
+    limit = h.max_new_tokens
+    assert 400 < limit < 512  # the LM fits 512 positions; a short message and its image take the rest
+    message = {"text": controls.SHORT_MESSAGE, "files": [str(CAT)]}
+    ok = last(h.send(None, message, mode="text", max_new_tokens=limit, temperature=0.0))
+    assert not ok.errors and len(ok.session.chat.history) == 2, "the largest value offered works"
+    refused = last(h.send(None, message, mode="text", max_new_tokens=limit + 40))
+    assert "fits 512" in error(refused)

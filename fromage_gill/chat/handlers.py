@@ -25,7 +25,14 @@ from typing import Any
 from ..generate import Chat, TextDelta
 from ..pipeline import Pipeline
 from . import export
-from .controls import NO_INDEX, control_values, default_settings, make_settings
+from .controls import (
+    NO_INDEX,
+    control_values,
+    decoding_choices,
+    default_settings,
+    make_settings,
+    max_new_tokens_limit,
+)
 from .gate import ModelGate
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
@@ -65,6 +72,9 @@ class ChatHandlers:
         self.options = options or AppOptions()
         self.model_name = pipeline.config.name
         self.defaults = default_settings(pipeline, self.options.defaults)
+        self.max_new_tokens = max_new_tokens_limit(pipeline, self.defaults)  # the control's range: what can fit
+        self.defaults["max_new_tokens"] = min(self.defaults["max_new_tokens"], self.max_new_tokens)
+        self.decodings = decoding_choices(pipeline)  # only those that can run here
         indexes = dict(self.options.indexes) if self.options.indexes else {}
         if not indexes and pipeline.index is not None:
             indexes = {"default": pipeline.index}
