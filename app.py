@@ -65,6 +65,11 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     gr.set_static_paths([h.image_root])  # the chat shows its images as links to these files (messages.py)
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=h.close_session)
+        # The browser keeps only its owner id; its conversations are stored on the server (chat/store.py).
+        browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_secret)
+        with gr.Sidebar(open=False, elem_id="sidebar", label="Conversations"):
+            new_btn = gr.Button("New chat", elem_id="new_chat", variant="primary", size="sm")
+            saved = gr.Radio([], label="Earlier conversations", elem_id="conversations", interactive=True)
         gr.Markdown(header_markdown(pipeline, h.index_names), elem_id="header")
         chatbot = gr.Chatbot(
             elem_id="chatbot",
@@ -136,18 +141,24 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             concurrency_id="model",
             concurrency_limit=options.max_queue,
         )
-        message.submit(shown(h.send), inputs=[state, message], api_name="send", **turn)
-        regen_btn.click(shown(h.regenerate), inputs=[state], api_name="regenerate", **turn)
-        chatbot.retry(shown(h.regenerate), inputs=[state], api_visibility="private", **turn)
-        edit_btn.click(shown(h.edit), inputs=[state, edit_turn, edit_text], api_name="edit", **turn)
-        chatbot.edit(shown(ui_edit), inputs=[state], api_visibility="private", **turn)
+        changes = [
+            message.submit(shown(h.send), inputs=[state, message], api_name="send", **turn),
+            regen_btn.click(shown(h.regenerate), inputs=[state], api_name="regenerate", **turn),
+            chatbot.retry(shown(h.regenerate), inputs=[state], api_visibility="private", **turn),
+            edit_btn.click(shown(h.edit), inputs=[state, edit_turn, edit_text], api_name="edit", **turn),
+            chatbot.edit(shown(ui_edit), inputs=[state], api_visibility="private", **turn),
+        ]
 
         quick = dict(concurrency_limit=None)
         stop_btn.click(h.stop, inputs=[state], outputs=[state], api_name="stop", **quick)
         message.stop(h.stop, inputs=[state], outputs=[state], api_visibility="private", **quick)
-        undo_btn.click(shown(h.undo, box=False), inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
-        clear_btn.click(
-            shown(h.clear), inputs=[state], outputs=[state, chatbot, message, *buttons], api_name="clear", **quick
+        changes.append(
+            undo_btn.click(shown(h.undo, box=False), inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
+        )
+        changes.append(
+            clear_btn.click(
+                shown(h.clear), inputs=[state], outputs=[state, chatbot, message, *buttons], api_name="clear", **quick
+            )
         )
         chatbot.clear(
             shown(h.clear),
@@ -156,19 +167,69 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             api_visibility="private",
             **quick,
         )
-        html_btn.click(h.export_html, inputs=[state], outputs=[export_file], api_name="export_html", **quick)
-        json_btn.click(h.export_json, inputs=[state], outputs=[export_file], api_name="export_json", **quick)
-        load_btn.upload(
+        html_btn.click(exported(h.export_html), inputs=[state], outputs=[export_file], api_name="export_html", **quick)
+        json_btn.click(exported(h.export_json), inputs=[state], outputs=[export_file], api_name="export_json", **quick)
+        loaded = load_btn.upload(
             load_json,
             inputs=[state, load_btn],
             outputs=[state, chatbot, *controls.values()],
             api_name="load_json",
             **quick,
         )
+        changes.append(loaded)
         history_btn.click(h.history, inputs=[state], outputs=[history_json], api_name="history", **quick)
-        demo.load(h.view, inputs=[state], outputs=[chatbot], api_visibility="private")
+
+        # -- the sidebar: conversations kept across reloads and restarts ----------------------------------------
+
+        def listed(session):
+            convs = h.conversations(session)
+            current = session.conversation if session is not None else None
+            return gr.update(
+                choices=[(c.title, c.id) for c in convs], value=current if current in {c.id for c in convs} else None
+            )
+
+        def restore(kept):
+            session, kept = h.restore(kept)
+            return session, h.view(session), kept, listed(session)
+
+        def switch(reply_of):
+            def run(session, *args):
+                reply = reply_of(session, *args)
+                toast(reply)
+                values = reply.controls or {}
+                return (
+                    reply.session,
+                    reply.messages,
+                    listed(reply.session),
+                    *[values.get(k, gr.update()) for k in controls],
+                )
+
+            return run
+
+        sidebar_out = [state, chatbot, saved, *controls.values()]
+        demo.load(restore, inputs=[browser], outputs=[state, chatbot, browser, saved], api_visibility="private")
+        new_btn.click(switch(h.new_chat), inputs=[state], outputs=sidebar_out, api_visibility="private", **quick)
+        saved.input(
+            switch(h.open_conversation), inputs=[state, saved], outputs=sidebar_out, api_visibility="private", **quick
+        )
+        for changed in changes:  # the list shows each conversation's title and the current one
+            changed.then(listed, inputs=[state], outputs=[saved], api_visibility="private", **quick)
     demo.queue(max_size=options.max_queue, default_concurrency_limit=options.max_queue)
     return demo
+
+
+def exported(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """An export handler whose refusal (too many at once) is a toast."""
+
+    @functools.wraps(handler)
+    def run(session):
+        path = handler(session)
+        if session is not None:
+            for note in session.take_notes():
+                gr.Warning(note.text, duration=8)
+        return path
+
+    return run
 
 
 def toast(reply: Reply) -> None:

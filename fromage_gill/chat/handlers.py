@@ -14,7 +14,8 @@ import dataclasses
 import itertools
 import json
 import logging
-import tempfile
+import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,11 +38,21 @@ from .gate import ModelGate
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .session import ChatSession, Note
+from .store import (
+    ConversationStore,
+    StoredConversation,
+    browser_secret,
+    check_id,
+    new_id,
+    record_chat,
+    session_record,
+)
 
 logger = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
 STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
+SAVE_EVERY_S = 5.0  # while answering, the answer so far is stored this often (what a crash leaves)
 
 
 @dataclass
@@ -85,13 +96,18 @@ class ChatHandlers:
         self.gate = ModelGate(self.options.concurrency)
         self.image_root = self.options.cache_dir / "images"  # one folder per session; the app serves these files
         self.image_root.mkdir(parents=True, exist_ok=True)
+        self.export_root = self.options.cache_dir / "exports"  # one folder per session, removed with it
+        self._exports = threading.BoundedSemaphore(self.options.max_exports)
+        self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
+        self.browser_secret = browser_secret(self.options.cache_dir)
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
-    def new_session(self, index_name: str | None = None) -> ChatSession:
+    def new_session(self, index_name: str | None = None, owner: str | None = None) -> ChatSession:
         name = index_name if index_name in self.pipelines else next(iter(self.pipelines))
         sid = uuid.uuid4().hex  # unguessable: the session's image URLs contain it
-        return ChatSession(Chat(self.pipelines[name]), index_name=name, id=sid, image_dir=self.image_root / sid)
+        chat = Chat(self.pipelines[name])
+        return ChatSession(chat, index_name=name, id=sid, image_dir=self.image_root / sid, owner=owner)
 
     def use_index(self, session: ChatSession, index_name: str | None) -> None:
         """Retrieve from another index from now on. The same Chat goes on (the engine reads ``pipeline.index`` at
@@ -105,9 +121,11 @@ class ChatHandlers:
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
+        """The tab is gone (or starts another conversation): stop its turn, delete its images and exports."""
         if session is not None:
             session.stop()
             session.close()
+            shutil.rmtree(self.export_root / session.id, ignore_errors=True)
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
@@ -237,14 +255,18 @@ class ChatHandlers:
             session.live = []
             events = iter(start())  # a refusal (too long, bad settings) raises here: the box keeps the message
             first = next(events, None)
+            self.save(session, running=True)  # from now on a crash leaves this turn marked as interrupted
             yield self._reply(session, clear_box=True)
-            last = 0.0
+            last = saved = time.monotonic()
             for event in itertools.chain([] if first is None else [first], events):
                 session.apply(event)
                 now = time.monotonic()
                 if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
                     last = now
                     yield self._reply(session)
+                if now - saved >= SAVE_EVERY_S:
+                    saved = now
+                    self.save(session, running=True)
         except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
             logger.info("turn refused: %s", e)
             session.end_streaming()
@@ -254,6 +276,7 @@ class ChatHandlers:
         finally:
             self.gate.leave(ticket)
             session.end_streaming()
+        self.save(session)
         yield self._reply(session)
 
     def _refused(self, session: ChatSession) -> Callable[[], Iterator[Reply]]:
@@ -287,11 +310,16 @@ class ChatHandlers:
                 session.chat.undo()
             except ValueError as e:
                 session.note(str(e), kind="error")
+            self.save(session)
         return self._reply(session)
 
     def clear(self, session: ChatSession | None) -> Reply:
+        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts."""
+        owner = session.owner if session is not None else None
+        if session is not None and owner is not None:
+            self.store.delete(owner, session.conversation)
         self.close_session(session)
-        return Reply(self.new_session(), [], clear_box=True)
+        return Reply(self.new_session(owner=owner), [], clear_box=True)
 
     def history(self, session: ChatSession | None) -> dict[str, Any]:
         """The conversation as JSON-friendly data: turns (text and image labels), seeds, settings."""
@@ -301,15 +329,37 @@ class ChatHandlers:
 
     # -- export and import --------------------------------------------------------------------------------------
 
-    def export_html(self, session: ChatSession | None) -> str:
-        """The path of a new self-contained HTML page of the conversation."""
-        page = export.export_html(session or self.new_session(), model_name=self.model_name)
-        return _write_export("conversation.html", page)
+    def export_html(self, session: ChatSession | None) -> str | None:
+        """The path of a new self-contained HTML page of the conversation (None when too many exports run)."""
+        session = session or self.new_session()
+        return self._export(
+            session, "conversation.html", lambda: export.export_html(session, model_name=self.model_name)
+        )
 
-    def export_json(self, session: ChatSession | None) -> str:
+    def export_json(self, session: ChatSession | None) -> str | None:
         """The path of a new JSON export of the conversation, to continue it later with load_json."""
-        data = export.export_json(session or self.new_session(), model_name=self.model_name)
-        return _write_export("conversation.json", json.dumps(data))
+        session = session or self.new_session()
+        return self._export(
+            session, "conversation.json", lambda: json.dumps(export.export_json(session, model_name=self.model_name))
+        )
+
+    def _export(self, session: ChatSession, name: str, text: Callable[[], str]) -> str | None:
+        """Write an export into the session's folder (replacing its previous one; the folder goes with the
+        session), at most ``max_exports`` at once: more are refused with a note, never queued behind a big one."""
+        if not self._exports.acquire(blocking=False):
+            session.note(
+                f"{self.options.max_exports} exports are being written right now; try again in a moment.", "error"
+            )
+            return None
+        try:
+            path = self.export_root / session.id / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text(), encoding="utf-8")
+            tmp.replace(path)
+            return str(path)
+        finally:
+            self._exports.release()
 
     def load_json(self, session: ChatSession | None, file: Any) -> Reply:
         """Continue a conversation from a JSON export (a path, ``{"path": ...}`` or an object with ``.path``); its
@@ -324,8 +374,7 @@ class ChatHandlers:
                 raise export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
             data = export.read_export(path)
             chat = Chat.from_dict(self.pipelines[session.index_name], data)
-            seed = data["settings"].get("seed")
-            settings = make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
+            settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             session.note(f"Could not load the conversation: {msg}", kind="error")
@@ -334,11 +383,98 @@ class ChatHandlers:
         session.settings = settings
         session.seeds = data["seeds"]
         session.reasons = {}
+        session.conversation = new_id()  # a conversation of its own in the sidebar's list
+        self.save(session)
         session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
+    def _settings_of(self, data: dict[str, Any]) -> Any:
+        """The GenerationSettings of a JSON export (ValueError naming a bad one)."""
+        seed = data["settings"].get("seed")
+        return make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
 
-def _write_export(name: str, text: str) -> str:
-    path = Path(tempfile.mkdtemp(prefix="fromage_gill_export_")) / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    # -- conversations kept across reloads and restarts (browser tabs only: an API session has no owner) --------
+
+    def save(self, session: ChatSession, *, running: bool = False) -> None:
+        """Store the session's conversation; ``running``: a turn is under way (its text so far is stored too)."""
+        if session.owner is None:
+            return
+        if not session.chat.history:
+            self.store.delete(session.owner, session.conversation)
+            return
+        partial = "".join(s for s in session.live or [] if isinstance(s, str)) if running else ""
+        record = session_record(session, model_name=self.model_name, running=running, partial=partial)
+        try:
+            self.store.save(session.owner, session.conversation, record)
+        except OSError as e:  # a full disk costs the restore after a restart, never the conversation itself
+            logger.warning("could not store the conversation: %s", e)
+
+    def restore(self, saved: Any) -> tuple[ChatSession, dict[str, str]]:
+        """On page load: the browser's kept value (``{"owner": id}``) -> the tab's session, its most recent stored
+        conversation (or a new one), and the value for the browser to keep (a new owner id the first time)."""
+        owner = saved.get("owner") if isinstance(saved, dict) else None
+        try:
+            owner = check_id(owner, "owner")
+        except ValueError:
+            owner = new_id()
+        for stored in self.store.list(owner):
+            session = self._open(owner, stored.id)
+            if session is not None:
+                return session, {"owner": owner}
+        return self.new_session(owner=owner), {"owner": owner}
+
+    def conversations(self, session: ChatSession | None) -> list[StoredConversation]:
+        """The browser's stored conversations, the most recent first (the sidebar's list)."""
+        if session is None or session.owner is None:
+            return []
+        return self.store.list(session.owner)
+
+    def new_chat(self, session: ChatSession | None) -> Reply:
+        """Start another conversation; the current one stays in the list."""
+        if session is not None and session.running:
+            session.note("Still answering: press Stop before starting a new chat.", kind="error")
+            return self._reply(session)
+        owner = session.owner if session is not None else None
+        self.close_session(session)
+        return Reply(self.new_session(owner=owner), [])
+
+    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> Reply:
+        """Go back to a stored conversation of this browser."""
+        session = session or self.new_session()
+        if session.running:
+            session.note("Still answering: press Stop before opening another conversation.", kind="error")
+            return self._reply(session)
+        if conversation == session.conversation:
+            return self._reply(session)
+        opened = None
+        if (
+            session.owner is not None
+            and isinstance(conversation, str)
+            and conversation in {c.id for c in self.store.list(session.owner)}
+        ):
+            opened = self._open(session.owner, conversation)
+        if opened is None:
+            session.note("That conversation is no longer stored (it expired or was cleared).", kind="error")
+            return self._reply(session)
+        self.close_session(session)
+        return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
+
+    def _open(self, owner: str, conversation: str) -> ChatSession | None:
+        """A session on a stored conversation; a turn cut short by a crash is shown as interrupted (and stored so)."""
+        record = self.store.load(owner, conversation)
+        if record is None:
+            return None
+        session = self.new_session(owner=owner)
+        try:
+            data, reasons = record_chat(record)
+            session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            session.settings = self._settings_of(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)
+            session.close()
+            return None
+        session.conversation = conversation
+        session.seeds, session.reasons = data["seeds"], reasons
+        if record.get("running"):
+            self.save(session)  # stored as it is now shown: an interrupted answer, no turn running
+        return session

@@ -65,7 +65,9 @@ class ChatSession:
     stop_requested: bool = False
     progress: tuple[int, int] | None = None  # (step, steps) of the image being generated
     image_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fromage_gill_chat_")))
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str | None = None  # the browser it belongs to (its conversations are stored); None: not stored (API)
+    conversation: str = field(default_factory=lambda: uuid.uuid4().hex)  # its id in the store
     # The chatbot messages last shown (messages.chatbot_messages): message -> (turn, segment) of a user text
     message_turns: list[tuple[int, int] | None] = field(default_factory=list)
     _shown_turns: int | None = None  # while streaming: how many history turns precede the live exchange
