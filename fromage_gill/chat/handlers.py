@@ -11,19 +11,17 @@ an error note in the chat, and the conversation stays as it was.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..generate import Chat, TextDelta
+from ..generate import Chat
 from ..pipeline import Pipeline
 from . import export
 from .controls import (
@@ -37,6 +35,7 @@ from .controls import (
 from .gate import ModelGate
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
+from .running import turn_updates
 from .session import ChatSession, Note
 from .store import (
     ConversationStore,
@@ -51,8 +50,6 @@ from .store import (
 logger = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
-STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
-SAVE_EVERY_S = 5.0  # while answering, the answer so far is stored this often (what a crash leaves)
 
 
 @dataclass
@@ -257,16 +254,10 @@ class ChatHandlers:
             first = next(events, None)
             self.save(session, running=True)  # from now on a crash leaves this turn marked as interrupted
             yield self._reply(session, clear_box=True)
-            last = saved = time.monotonic()
-            for event in itertools.chain([] if first is None else [first], events):
-                session.apply(event)
-                now = time.monotonic()
-                if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
-                    last = now
-                    yield self._reply(session)
-                if now - saved >= SAVE_EVERY_S:
-                    saved = now
-                    self.save(session, running=True)
+            if first is not None:
+                session.apply(first)
+            for _ in turn_updates(session, events, save=lambda: self.save(session, running=True)):
+                yield self._reply(session)
         except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
             logger.info("turn refused: %s", e)
             session.end_streaming()

@@ -33,6 +33,14 @@ PENDING = _Pending()  # in the live answer: an image the engine is still making
 
 
 @dataclass(frozen=True)
+class DiffusionStep:
+    """Progress of the image being generated (from diffusers' step callback): ``step`` of ``steps`` done."""
+
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class Note:
     """A notice that is not part of the conversation (an error, the engine's notices): shown once as a toast by the
     app, never as a chat message."""
@@ -208,8 +216,12 @@ class ChatSession:
                 else:
                     self.live.append(text)
             case ImagePending():
+                self.progress = None
                 self.live.append(PENDING)
+            case DiffusionStep(step=step, steps=steps):
+                self.progress = (step, steps)
             case ImageResult():
+                self.progress = None
                 for i in range(len(self.live) - 1, -1, -1):
                     if self.live[i] is PENDING:
                         self.live[i] = event
