@@ -54,6 +54,14 @@ CSS = """
 /* an image you sent is not text to edit: only the text parts of your messages get an Edit button */
 #chatbot .message-row.user-row:has(img) + .message-buttons button[aria-label='Edit'] { display: none; }
 #buttons button { min-width: 0; }
+/* the chat's own icons (copy all, clear) get a row of their own above the messages, never on one */
+#chatbot .top-panel { position: static !important; display: flex; justify-content: flex-end; margin: 4px 8px 0 auto; }
+/* a phone (390 px wide): a shorter chat keeps the message box on screen; images fit the bubble */
+@media (max-width: 480px) {
+  #chatbot { height: 58vh !important; min-height: 300px !important; }
+  #chatbot .message-row img { max-height: 180px; }
+  #header h2 { font-size: 1.05rem; }
+}
 .setting-help { font-size: .85em; opacity: .75; margin-top: -6px; }
 """
 
@@ -74,6 +82,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
         chatbot = gr.Chatbot(
             elem_id="chatbot",
             label="Conversation",
+            show_label=False,
             height="68vh",
             min_height=420,
             editable="user",
