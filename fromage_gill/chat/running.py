@@ -14,14 +14,15 @@ from typing import Any
 from ..generate import TextDelta
 from .session import ChatSession, DiffusionStep
 
-STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
+STREAM_EVERY_S = 0.05  # while catching up with a backlog of text, the answer is re-sent at least this often
 SAVE_EVERY_S = 5.0  # while answering, the answer so far is stored this often (what a crash leaves)
 
 
 def turn_updates(session: ChatSession, events: Iterator[Any], *, save: Callable[[], None]) -> Iterator[None]:
-    """Apply ``events`` to ``session``; yield whenever it should be shown again (text at most every
-    ``STREAM_EVERY_S``, anything else at once); call ``save`` every ``SAVE_EVERY_S``. An engine error is raised
-    here. Closing this generator (the tab went away) stops the turn and waits for it: what it made is kept."""
+    """Apply ``events`` to ``session``; yield whenever it should be shown again (each event once caught up with the
+    engine, a backlog of text at least every ``STREAM_EVERY_S``, anything else at once); call ``save`` every
+    ``SAVE_EVERY_S``. An engine error is raised here. Closing this generator (the tab went away) stops the turn
+    and waits for it: what it made is kept."""
     feed: queue.Queue = queue.Queue()
     done = object()
     generator = getattr(session.chat.pipeline, "image_generator", None)
@@ -46,7 +47,8 @@ def turn_updates(session: ChatSession, events: Iterator[Any], *, save: Callable[
                 raise event
             session.apply(event)
             now = time.monotonic()
-            if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
+            # Shown when caught up with the engine, or at least every STREAM_EVERY_S while a backlog is folded in
+            if feed.empty() or now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
                 last = now
                 yield
             if now - saved >= SAVE_EVERY_S:
