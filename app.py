@@ -27,7 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from fromage_gill.chat.controls import NO_INDEX, SETTINGS_HELP, decoding_choices  # noqa: E402
+from fromage_gill.chat.controls import NO_INDEX, SETTINGS_HELP  # noqa: E402
 from fromage_gill.chat.handlers import ChatHandlers, Reply  # noqa: E402
 from fromage_gill.chat.messages import IMAGE_PLACEHOLDER  # noqa: E402
 from fromage_gill.chat.options import AppOptions, add_serve_args, load_app, load_indexes  # noqa: E402
@@ -50,9 +50,19 @@ API_ENDPOINTS = (
 )
 
 CSS = """
-#chatbot .message-row img { max-height: 240px; width: auto; object-fit: contain; }
+#chatbot .message-row img { max-height: 240px; max-width: 100%; width: auto; object-fit: contain; }
 #chatbot .message figcaption, #chatbot small { opacity: .8; }
+/* an image you sent is not text to edit: only the text parts of your messages get an Edit button */
+#chatbot .message-row.user-row:has(img) + .message-buttons button[aria-label='Edit'] { display: none; }
 #buttons button { min-width: 0; }
+/* the chat's own icons (copy all, clear) get a row of their own above the messages, never on one */
+#chatbot .top-panel { position: static !important; display: flex; justify-content: flex-end; margin: 4px 8px 0 auto; }
+/* a phone (390 px wide): a shorter chat keeps the message box on screen; images fit the bubble */
+@media (max-width: 480px) {
+  #chatbot { height: 58vh !important; min-height: 300px !important; }
+  #chatbot .message-row img { max-height: 180px; }
+  #header h2 { font-size: 1.05rem; }
+}
 .setting-help { font-size: .85em; opacity: .75; margin-top: -6px; }
 """
 
@@ -61,12 +71,19 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     """The chat UI for ``pipeline``; every action is also an API endpoint named in ``API_ENDPOINTS``."""
     h = ChatHandlers(pipeline, options)
     options = h.options
+    gr.set_static_paths([h.image_root])  # the chat shows its images as links to these files (messages.py)
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=h.close_session)
+        # The browser keeps only its owner id; its conversations are stored on the server (chat/store.py).
+        browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_secret)
+        with gr.Sidebar(open=False, elem_id="sidebar", label="Conversations"):
+            new_btn = gr.Button("New chat", elem_id="new_chat", variant="primary", size="sm")
+            saved = gr.Radio([], label="Earlier conversations", elem_id="conversations", interactive=True)
         gr.Markdown(header_markdown(pipeline, h.index_names), elem_id="header")
         chatbot = gr.Chatbot(
             elem_id="chatbot",
             label="Conversation",
+            show_label=False,
             height="68vh",
             min_height=420,
             editable="user",
@@ -82,11 +99,13 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
             label="Message",
             show_label=False,
             autofocus=True,
+            stop_btn=True,  # while an answer runs, Send turns into Stop
+            max_plain_text_length=100_000,  # a long paste stays text (gradio's default turns >1000 chars into a file)
             placeholder="Message (attach images with the clip, paste or drop them; "
             f"{IMAGE_PLACEHOLDER} places an image within the text)",
         )
         with gr.Row(elem_id="buttons"):
-            stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm")
+            stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", interactive=False)
             regen_btn = gr.Button("Regenerate", elem_id="regenerate", size="sm")
             undo_btn = gr.Button("Undo", elem_id="undo", size="sm")
             clear_btn = gr.Button("Clear", elem_id="clear", size="sm")
@@ -99,7 +118,7 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
                 elem_id="examples",
             )
         with gr.Accordion("Settings", open=False, elem_id="settings"):
-            controls = settings_controls(h.defaults, h.index_names, decoding_choices())
+            controls = settings_controls(h.defaults, h.index_names, h.decodings, max_new_tokens=h.max_new_tokens)
         with gr.Accordion("Export / load", open=False, elem_id="export"):
             with gr.Row():
                 html_btn = gr.Button("Export HTML", elem_id="export_html", size="sm")
@@ -121,51 +140,133 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
         def load_json(session, file):
             reply = h.load_json(session, file)
+            toast(reply)
             values = reply.controls or {}
             return reply.session, reply.messages, *[values.get(key, gr.update()) for key in controls]
 
+        buttons = [stop_btn, regen_btn, undo_btn, clear_btn]
         turn = dict(
-            outputs=[state, chatbot, message],
+            outputs=[state, chatbot, message, *buttons],
             inputs_kwargs=controls,
             concurrency_id="model",
             concurrency_limit=options.max_queue,
         )
-        message.submit(shown(h.send), inputs=[state, message], api_name="send", **turn)
-        regen_btn.click(shown(h.regenerate), inputs=[state], api_name="regenerate", **turn)
-        chatbot.retry(shown(h.regenerate), inputs=[state], api_visibility="private", **turn)
-        edit_btn.click(shown(h.edit), inputs=[state, edit_turn, edit_text], api_name="edit", **turn)
-        chatbot.edit(shown(ui_edit), inputs=[state], api_visibility="private", **turn)
+        changes = [
+            message.submit(shown(h.send), inputs=[state, message], api_name="send", **turn),
+            regen_btn.click(shown(h.regenerate), inputs=[state], api_name="regenerate", **turn),
+            chatbot.retry(shown(h.regenerate), inputs=[state], api_visibility="private", **turn),
+            edit_btn.click(shown(h.edit), inputs=[state, edit_turn, edit_text], api_name="edit", **turn),
+            chatbot.edit(shown(ui_edit), inputs=[state], api_visibility="private", **turn),
+        ]
 
         quick = dict(concurrency_limit=None)
         stop_btn.click(h.stop, inputs=[state], outputs=[state], api_name="stop", **quick)
-        undo_btn.click(shown(h.undo, box=False), inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
-        clear_btn.click(shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_name="clear", **quick)
-        chatbot.clear(
-            shown(h.clear), inputs=[state], outputs=[state, chatbot, message], api_visibility="private", **quick
+        message.stop(h.stop, inputs=[state], outputs=[state], api_visibility="private", **quick)
+        changes.append(
+            undo_btn.click(shown(h.undo, box=False), inputs=[state], outputs=[state, chatbot], api_name="undo", **quick)
         )
-        html_btn.click(h.export_html, inputs=[state], outputs=[export_file], api_name="export_html", **quick)
-        json_btn.click(h.export_json, inputs=[state], outputs=[export_file], api_name="export_json", **quick)
-        load_btn.upload(
+        changes.append(
+            clear_btn.click(
+                shown(h.clear), inputs=[state], outputs=[state, chatbot, message, *buttons], api_name="clear", **quick
+            )
+        )
+        chatbot.clear(
+            shown(h.clear),
+            inputs=[state],
+            outputs=[state, chatbot, message, *buttons],
+            api_visibility="private",
+            **quick,
+        )
+        html_btn.click(exported(h.export_html), inputs=[state], outputs=[export_file], api_name="export_html", **quick)
+        json_btn.click(exported(h.export_json), inputs=[state], outputs=[export_file], api_name="export_json", **quick)
+        loaded = load_btn.upload(
             load_json,
             inputs=[state, load_btn],
             outputs=[state, chatbot, *controls.values()],
             api_name="load_json",
             **quick,
         )
+        changes.append(loaded)
         history_btn.click(h.history, inputs=[state], outputs=[history_json], api_name="history", **quick)
-        demo.load(h.view, inputs=[state], outputs=[chatbot], api_visibility="private")
+
+        # -- the sidebar: conversations kept across reloads and restarts ----------------------------------------
+
+        def listed(session):
+            convs = h.conversations(session)
+            current = session.conversation if session is not None else None
+            return gr.update(
+                choices=[(c.title, c.id) for c in convs], value=current if current in {c.id for c in convs} else None
+            )
+
+        def restore(kept):
+            session, kept = h.restore(kept)
+            return session, h.view(session), kept, listed(session)
+
+        def switch(reply_of):
+            def run(session, *args):
+                reply = reply_of(session, *args)
+                toast(reply)
+                values = reply.controls or {}
+                return (
+                    reply.session,
+                    reply.messages,
+                    listed(reply.session),
+                    *[values.get(k, gr.update()) for k in controls],
+                )
+
+            return run
+
+        sidebar_out = [state, chatbot, saved, *controls.values()]
+        demo.load(restore, inputs=[browser], outputs=[state, chatbot, browser, saved], api_visibility="private")
+        new_btn.click(switch(h.new_chat), inputs=[state], outputs=sidebar_out, api_visibility="private", **quick)
+        saved.input(
+            switch(h.open_conversation), inputs=[state, saved], outputs=sidebar_out, api_visibility="private", **quick
+        )
+        for changed in changes:  # the list shows each conversation's title and the current one
+            changed.then(listed, inputs=[state], outputs=[saved], api_visibility="private", **quick)
     demo.queue(max_size=options.max_queue, default_concurrency_limit=options.max_queue)
     return demo
 
 
+def exported(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """An export handler whose refusal (too many at once) is a toast."""
+
+    @functools.wraps(handler)
+    def run(session):
+        path = handler(session)
+        if session is not None:
+            for note in session.take_notes():
+                gr.Warning(note.text, duration=8)
+        return path
+
+    return run
+
+
+def toast(reply: Reply) -> None:
+    """A reply's notes as toasts that clear themselves: errors as warnings, the rest as information."""
+    for note in reply.notes:
+        (gr.Warning if note.kind == "error" else gr.Info)(note.text, duration=8)
+
+
 def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any]:
-    """``handler`` with its Replies as the values of (state, chatbot[, message box]); its signature is kept, since
-    gradio names the API's parameters after it and passes the settings controls by name."""
+    """``handler`` with its Replies as the values of (state, chatbot[, message box, Stop, Regenerate, Undo,
+    Clear]), its notes as toasts; its signature is kept, since gradio names the API's parameters after it and
+    passes the settings controls by name."""
 
     def values(reply: Reply) -> tuple:
+        toast(reply)
         if not box:
             return reply.session, reply.messages
-        return reply.session, reply.messages, gr.update(value=None) if reply.clear_box else gr.update()
+        idle = gr.update(interactive=not reply.running)
+        return (
+            reply.session,
+            reply.messages,
+            gr.update(value=None) if reply.clear_box else gr.update(),
+            gr.update(interactive=reply.running),  # Stop
+            idle,  # Regenerate, Undo, Clear: nothing they can do while an answer runs
+            idle,
+            idle,
+        )
 
     if inspect.isgeneratorfunction(handler):
 
@@ -183,8 +284,11 @@ def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any
     return returned
 
 
-def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decodings: list[str]) -> dict[str, Any]:
-    """The settings accordion's components, keyed by the API parameter name."""
+def settings_controls(
+    defaults: Mapping[str, Any], index_names: list[str], decodings: list[str], *, max_new_tokens: int = 512
+) -> dict[str, Any]:
+    """The settings accordion's components, keyed by the API parameter name; ``max_new_tokens``: the most a short
+    message leaves room for in the model's context, ``decodings``: those that can run on the model."""
     c: dict[str, Any] = {}
     help_ = SETTINGS_HELP.get
     c["mode"] = gr.Radio(
@@ -197,7 +301,7 @@ def settings_controls(defaults: Mapping[str, Any], index_names: list[str], decod
     with gr.Row():
         c["max_new_tokens"] = gr.Slider(
             1,
-            512,
+            max_new_tokens,
             value=defaults["max_new_tokens"],
             step=1,
             label="Max new tokens",

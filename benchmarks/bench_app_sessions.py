@@ -1,8 +1,10 @@
-"""Eight simultaneous chat sessions against the app: each a gradio_client.Client (one browser session), each
-five turns; checks that every session sees only its own history, and reports per-turn latency (median, p95).
+"""The app end to end through gradio_client (one Client = one browser session): first one session of 30 turns
+alone (is turn 30 as quick as turn 1?), then eight simultaneous sessions of five turns each (checking that every
+session sees only its own history); reports per-turn latency (median, p95).
 
     python benchmarks/bench_app_sessions.py                       # launches tiny-gill in-process on 127.0.0.1
     python benchmarks/bench_app_sessions.py --url http://HOST:7860/ --sessions 8 --turns 5   # a running app
+    python benchmarks/bench_app_sessions.py --long-turns 0        # skip the long session
 
 Latency is from submitting a message to the end of its streamed answer, so it includes waiting for the model
 (one turn at a time by default: ``--concurrency 1``); "first update" is when the first piece of the answer
@@ -45,16 +47,27 @@ def launch(model: str, concurrency: int, max_queue: int) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}/", demo
 
 
-def session(url: str, k: int, turns: int, settings: dict, results: list, errors: list, start: threading.Barrier):
+def session(
+    url: str,
+    k: int,
+    turns: int,
+    settings: dict,
+    results: list,
+    errors: list,
+    start: threading.Barrier,
+    photo_every: int = 0,
+):
+    """``turns`` turns of session ``k``: a photo with the first message (and every ``photo_every``-th)."""
     from gradio_client import Client, handle_file
 
     try:
         client = Client(url, verbose=False)
         start.wait()
         for t in range(turns):
+            photo = t == 0 or (photo_every and t % photo_every == 0)
             message = {
                 "text": f"session {k} turn {t}: what do you see?",
-                "files": [handle_file(str(PHOTO))] if t == 0 else [],
+                "files": [handle_file(str(PHOTO))] if photo else [],
             }
             t0 = time.perf_counter()
             job = client.submit(message=message, api_name="/send", **settings)
@@ -63,7 +76,7 @@ def session(url: str, k: int, turns: int, settings: dict, results: list, errors:
                 if first is None and job.outputs():
                     first = time.perf_counter() - t0
                 time.sleep(0.01)
-            chat, _ = job.result()
+            chat = job.result()[0]
             total = time.perf_counter() - t0
             results.append(
                 {"session": k, "turn": t, "latency_s": total, "first_update_s": first or total, "messages": len(chat)}
@@ -77,6 +90,13 @@ def session(url: str, k: int, turns: int, settings: dict, results: list, errors:
             errors.append(f"session {k} has {len(h['turns'])} turns, expected {2 * turns}")
     except Exception as e:  # a failed session is a finding of the benchmark, reported below
         errors.append(f"session {k}: {type(e).__name__}: {e}")
+
+
+def long_session(url: str, turns: int, settings: dict, errors: list) -> list[dict]:
+    """One session alone for ``turns`` turns: its per-turn results, in order."""
+    results: list[dict] = []
+    session(url, 0, turns, settings, results, errors, threading.Barrier(1), photo_every=5)
+    return sorted(results, key=lambda r: r["turn"])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -94,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="turns using the model at once (in-process app)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--steps", type=int, default=4, help="diffusion steps of generated images")
+    p.add_argument("--long-turns", type=int, default=30, help="turns of the long single session (0: skip it)")
     p.add_argument("--json", type=Path, help="also write the per-turn results here")
     args = p.parse_args(argv)
 
@@ -102,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         url, demo = launch(args.model, args.concurrency, max_queue=max(16, args.sessions))
     settings = dict(max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps)
+    long_errors: list[str] = []
+    long = long_session(url, args.long_turns, settings, long_errors) if args.long_turns else []
     results: list[dict] = []
     errors: list[str] = []
     barrier = threading.Barrier(args.sessions)
@@ -117,6 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     if demo is not None:
         demo.close()
+
+    if long:
+        lat = [r["latency_s"] for r in long]
+        n = len(lat)
+        print(
+            f"one session of {args.long_turns} turns on {args.model} (a photo every 5th message, "
+            f"max_new_tokens {args.max_new_tokens}): completed {n}/{args.long_turns}"
+        )
+        if n >= 6:
+            head, tail = statistics.median(lat[:3]), statistics.median(lat[-3:])
+            print(
+                f"| | turn 1 | turn {n} | turn {n} / turn 1 |\n|---|---|---|---|\n"
+                f"| latency (s) | {lat[0]:.2f} | {lat[-1]:.2f} | {lat[-1] / lat[0]:.2f} |\n"
+                f"| median of 3 (turns 1-3, {n - 2}-{n}) | {head:.2f} | {tail:.2f} | {tail / head:.2f} |"
+            )
+    errors = long_errors + errors
 
     lat = [r["latency_s"] for r in results]
     first = [r["first_update_s"] for r in results]
@@ -135,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors:
         print("ERROR:", e)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "errors": errors, "wall_s": wall}, indent=1))
+        args.json.write_text(
+            json.dumps({"long_session": long, "results": results, "errors": errors, "wall_s": wall}, indent=1)
+        )
     return 1 if errors or len(results) != args.sessions * args.turns else 0
 
 

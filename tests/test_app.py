@@ -4,6 +4,7 @@ on 127.0.0.1 with tiny-gill (one gradio_client.Client = one browser session)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -54,12 +55,31 @@ def client(server):
     return Client(server, verbose=False)
 
 
+IMAGE_MD = re.compile(r"!\[[^\]]*\]\(/gradio_api/file=([^)\s]+)\)")
+
+
 def texts(message: dict) -> str:
-    return " ".join(c["text"] for c in message["content"] if c.get("type") == "text")
+    """The message's text parts (a part that is only an inline image is not text)."""
+    return " ".join(
+        c["text"] for c in message["content"] if c.get("type") == "text" and not IMAGE_MD.fullmatch(c["text"])
+    )
 
 
 def files(message: dict) -> list[str]:
-    return [c["file"] for c in message["content"] if c.get("type") == "file"]
+    """The images a message shows: inline in its markdown (the app's way) or as file parts."""
+    inline = [f for c in message["content"] if c.get("type") == "text" for f in IMAGE_MD.findall(c["text"])]
+    return inline + [c["file"] for c in message["content"] if c.get("type") == "file"]
+
+
+def kinds(message: dict) -> list[str]:
+    """What each part of a (grouped) message is: "image" (a part that is only an inline image) or "text"."""
+    return ["image" if IMAGE_MD.fullmatch(c.get("text", "")) else c.get("type") for c in message["content"]]
+
+
+def last_note(client: Client) -> str:
+    """The last toast the session was shown (errors are toasts, not chat messages; /history keeps their text)."""
+    notes = history(client)["notes"]
+    return notes[-1] if notes else ""
 
 
 def grouped(chat: list[dict]) -> list[dict]:
@@ -104,8 +124,9 @@ def test_multi_turn_conversation_with_interleaved_images(client):
     assert [m["role"] for m in chat] == ["user", "assistant"]
     user = chat[0]
     assert len(files(user)) == 2 and texts(user) == "How are these two pictures different?"
-    assert user["content"][0]["type"] == "file" and user["content"][-1]["type"] == "text"  # images first, in order
+    assert kinds(user) == ["image", "image", "text"]  # images first, in order
     answer = chat[1]
+    assert len(answer["content"]) == 1, "one answer is one message: its text, images and labels"
     assert files(answer), "mode=retrieve with a large image bias shows an image"
     assert "**Retrieved** (score" in texts(answer)
     assert "decision: p(generate) =" in texts(answer)
@@ -114,7 +135,7 @@ def test_multi_turn_conversation_with_interleaved_images(client):
 
     chat = send(client, "Draw it <image> again", [CAT], mode="generate", **IMAGES)
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
-    assert [c["type"] for c in chat[2]["content"]] == ["text", "file", "text"]  # <image> placed it mid-text
+    assert kinds(chat[2]) == ["text", "image", "text"]  # <image> placed it mid-text
     assert "**Generated** (seed" in texts(chat[3])
 
     h = history(client)
@@ -177,17 +198,19 @@ def test_stop_mid_stream_keeps_what_streamed(client):
     assert len(history(client)["turns"]) == 4
 
 
-def test_second_message_while_answering_is_refused(client):
+def test_second_message_while_answering_is_queued(client):
     job = client.submit(message={"text": "long", "files": []}, mode="text", max_new_tokens=400, api_name="/send")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (job.outputs() and job.outputs()[-1][0]):
         time.sleep(0.05)
-    chat = send(client, "me too", mode="text", max_new_tokens=3)
-    assert "Still answering" in texts(chat[-1])
+    queued = client.submit(message={"text": "me too", "files": []}, mode="text", max_new_tokens=3, api_name="/send")
+    while time.monotonic() < deadline and "Queued" not in last_note(client):
+        time.sleep(0.05)
     client.predict(api_name="/stop")
     job.result()
+    queued.result()
     h = history(client)
-    assert [t["segments"][0]["text"] for t in h["turns"] if t["role"] == "user"] == ["long"]
+    assert [t["segments"][0]["text"] for t in h["turns"] if t["role"] == "user"] == ["long", "me too"]
 
 
 def test_edit_past_message_branches(client):
@@ -203,7 +226,8 @@ def test_edit_past_message_branches(client):
     assert len(files(chat[0])) == 1  # the image of the edited message is kept
 
     chat, _ = client.predict(turn_index=1, text="x", api_name="/edit")  # an answer, not a user message
-    assert "Error:" in texts(chat[-1]) and len(history(client)["turns"]) == 2
+    assert "is not one of your messages" in last_note(client) and len(history(client)["turns"]) == 2
+    assert len(grouped(chat)) == 2, "an error is a toast, not a message in the chat"
 
 
 def test_sessions_are_isolated(server):
@@ -285,7 +309,7 @@ def test_export_json_loads_back_and_continues(server, client):
     assert settings_mode == "text"  # the settings come back too
     after = history(other)
     assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
-    assert "Loaded a conversation of 4 turns" in texts(chat[-1])
+    assert "Loaded a conversation of 4 turns" in last_note(other) and len(chat) == 4
     send(other, "and now?", mode="text", max_new_tokens=3)
     assert len(history(other)["turns"]) == 6
 
@@ -302,12 +326,11 @@ def chatting(client):
 
 def assert_refused(client, chat, turns_before, *needles):
     chat = grouped(chat)
-    last = texts(chat[-1])
-    assert last.startswith("**Error:**"), last
+    last = last_note(client)
     for needle in needles:
         assert needle.lower() in last.lower(), (needle, last)
     assert history(client)["turns"] == turns_before, "the conversation so far stays intact"
-    assert [m["role"] for m in chat[:2]] == ["user", "assistant"]
+    assert [m["role"] for m in chat] == ["user", "assistant"], "the error is a toast, not a chat message"
 
 
 def test_non_image_file(chatting, tmp_path):
@@ -350,7 +373,7 @@ def test_twenty_images(chatting):
 
 def test_regenerate_with_no_history(client):
     chat, _ = client.predict(api_name="/regenerate")
-    assert texts(chat[-1]) == "**Error:** Nothing to regenerate yet: send a message first."
+    assert chat == [] and last_note(client) == "Nothing to regenerate yet: send a message first."
     assert history(client)["turns"] == []
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from fromage_gill.chat import controls, handlers
+from fromage_gill.chat import controls, handlers, store
 from fromage_gill.chat.handlers import ChatHandlers, Reply
+from fromage_gill.chat.messages import chatbot_messages
 from fromage_gill.chat.options import AppOptions, add_serve_args, load_indexes
 from fromage_gill.chat.page import example_messages, header_markdown
 from fromage_gill.retrieve.index import ImageIndex
@@ -30,8 +34,9 @@ def indexes(tiny_gill):
 
 
 @pytest.fixture
-def h(tiny_gill, indexes):
-    return ChatHandlers(tiny_gill, AppOptions(indexes=indexes, defaults=dict(num_inference_steps=2)))
+def h(tiny_gill, indexes, tmp_path):
+    options = AppOptions(indexes=indexes, defaults=dict(num_inference_steps=2), cache_dir=tmp_path / "cache")
+    return ChatHandlers(tiny_gill, options)
 
 
 def last(replies) -> Reply:
@@ -41,7 +46,15 @@ def last(replies) -> Reply:
 
 
 def shown_text(reply: Reply, k: int = -1) -> str:
-    return " ".join(c for c in reply.messages[k]["content"] if isinstance(c, str))
+    content = reply.messages[k]["content"]
+    assert isinstance(content, str), "every message is one markdown text (images inline)"
+    return content
+
+
+def error(reply: Reply) -> str:
+    """The reply's error toast (errors are never chat messages)."""
+    assert all(m["content"].find("**Error:**") < 0 for m in reply.messages)
+    return " ".join(reply.errors)
 
 
 def user_texts(session) -> list[str]:
@@ -55,10 +68,17 @@ def test_send_shows_the_message_and_streams_the_answer(h):
     replies = list(h.send(None, {"text": "look", "files": [str(CAT)]}, **IMAGES))
     session = replies[-1].session
     assert all(r.session is session for r in replies)  # the first action makes the tab's session
-    assert replies[0].clear_box and replies[-1].clear_box  # the model took the message: the box empties
+    cleared = [r.clear_box for r in replies]
+    assert cleared.count(True) == 1, "cleared once, when the model took the message"
+    assert [r.running for r in replies] == [True] * (len(replies) - 1) + [False]
     assert [m["role"] for m in replies[-1].messages] == ["user", "user", "assistant"]  # image, text, answer
-    assert replies[-1].messages[0]["content"][0]["path"].endswith(".png") and shown_text(replies[-1], 1) == "look"
-    assert "**Retrieved** (score" in shown_text(replies[-1])
+    image = re.fullmatch(r"!\[image\]\(/gradio_api/file=(.+\.png)\)", shown_text(replies[-1], 0))
+    assert image and Path(image[1]).parent == session.image_dir and shown_text(replies[-1], 1) == "look"
+    answer = shown_text(replies[-1])  # one message: text, the image inline, its label under it
+    found = re.search(
+        r"!\[Retrieved \(score -?[0-9.]+\)[^\]]*\]\(/gradio_api/file=(\S+\.png)\)\n\n\*\*Retrieved\*\*", answer
+    )
+    assert found and Path(found[1]).is_file() and Path(found[1]).parent == session.image_dir
     summary = h.history(session)
     assert [t["role"] for t in summary["turns"]] == ["user", "assistant"]
     assert isinstance(summary["seeds"]["1"], int) and summary["settings"]["mode"] == "retrieve"
@@ -76,9 +96,10 @@ def test_send_shows_the_message_and_streams_the_answer(h):
 def test_refused_message_is_an_error_note_and_keeps_the_box(h, message, ui, needle):
     session = last(h.send(None, {"text": "hello", "files": []}, **TEXT)).session
     before = session.summary()["turns"]
-    reply = last(h.send(session, message, **ui))
-    assert not reply.clear_box, "the box keeps what was typed, to fix and send again"
-    assert shown_text(reply).startswith("**Error:**") and needle in shown_text(reply)
+    replies = list(h.send(session, message, **ui))
+    reply = last(replies)
+    assert not any(r.clear_box for r in replies), "the box keeps what was typed, to fix and send again"
+    assert needle in error(reply) and len(reply.messages) == 2
     assert session.summary()["turns"] == before
 
 
@@ -92,7 +113,7 @@ def test_regenerate_takes_a_new_seed_even_when_one_is_set(h):
 
 def test_regenerate_before_any_answer(h):
     reply = last(h.regenerate(None))
-    assert shown_text(reply) == "**Error:** Nothing to regenerate yet: send a message first."
+    assert error(reply) == "Nothing to regenerate yet: send a message first." and reply.messages == []
 
 
 def test_edit_branches_from_a_past_message_and_keeps_its_images(h):
@@ -111,7 +132,7 @@ def test_edit_branches_from_a_past_message_and_keeps_its_images(h):
     assert user_texts(session) == ["edited in the chat"] and len(session.chat.history[0].images) == 1
 
     reply = last(h.edit(session, 1, "x"))  # an answer, not a user message
-    assert "Turn 1 is not one of your messages (yours are turns [0])" in shown_text(reply)
+    assert "Turn 1 is not one of your messages (yours are turns [0])" in error(reply)
     assert len(session.chat.history) == 2
 
 
@@ -120,7 +141,7 @@ def test_refused_edit_puts_the_conversation_back(h):
     last(h.send(session, {"text": "second", "files": []}, **TEXT))
     before = session.summary()["turns"]
     reply = last(h.edit(session, 0, "word " * 3000, **TEXT))
-    assert "fits 512" in shown_text(reply) and session.summary()["turns"] == before
+    assert "fits 512" in error(reply) and session.summary()["turns"] == before
 
 
 def test_undo_and_clear(h):
@@ -129,7 +150,7 @@ def test_undo_and_clear(h):
     reply = h.undo(session)
     assert user_texts(reply.session) == ["one"] and len(reply.messages) == 2
     h.undo(session)
-    assert shown_text(h.undo(session)) == "**Error:** Nothing to undo."
+    assert error(h.undo(session)) == "Nothing to undo."
 
     last(h.send(session, {"text": "three", "files": []}, **TEXT))
     image_dir = session.image_dir
@@ -146,20 +167,24 @@ def test_stop_mid_answer_keeps_what_streamed(h):
             break
     assert h.stop(session) is session
     rest = list(turn)
-    assert rest[-1].clear_box and h.history(session)["end_reasons"] == {"1": "stopped"}
+    assert not rest[-1].running and h.history(session)["end_reasons"] == {"1": "stopped"}
     assert shown_text(rest[-1]).endswith("*(stopped)*") and len(session.chat.history[1].segments[0]) > 0
 
 
-def test_second_message_while_answering_is_refused(h):
+def test_a_message_sent_while_answering_is_queued_and_sent_next(h):
     session = h.new_session()
     turn = h.send(session, {"text": "long", "files": []}, mode="text", max_new_tokens=50)
     next(turn)  # the turn runs (and holds the session) until its generator ends
-    refused = last(h.send(session, {"text": "me too", "files": []}, **TEXT))
-    assert shown_text(refused) == "**Error:** Still answering: wait for the answer or press Stop."
-    assert "Still answering: press Stop first" in shown_text(h.undo(session))
-    h.stop(session)
-    list(turn)
-    assert user_texts(session) == ["long"]
+    queued = h.send(session, {"text": "me too", "files": []}, **TEXT)
+    told = next(queued)
+    assert "Queued: your message is sent when this answer ends" in told.notes[0].text and not told.clear_box
+    assert "Still answering: press Stop first" in error(h.undo(session))
+    assert "Still answering" in error(last(h.regenerate(session, **TEXT)))
+    done = threading.Thread(target=lambda: list(turn))
+    done.start()  # the first answer ends; the queued message goes next
+    replies = list(queued)
+    done.join(60)
+    assert any(r.clear_box for r in replies) and user_texts(session) == ["long", "me too"]
 
 
 def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
@@ -171,7 +196,8 @@ def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
     reply = next(waiting)
     assert "*Busy: 1 ahead of you.*" in shown_text(reply) and not reply.clear_box
     h.stop(b)  # withdrawn before the model started
-    assert "Stopped before the model started; nothing was sent." in shown_text(last(waiting))
+    withdrawn = last(waiting)
+    assert [n.text for n in withdrawn.notes] == ["Stopped before the model started; nothing was sent."]
     assert b.chat.history == []
     first.close()
     assert h.gate.busy == 0
@@ -219,7 +245,7 @@ def test_no_index_at_all(tiny_gill):
     bare = ChatHandlers(tiny_gill)
     assert bare.index_names == [] and list(bare.pipelines) == [controls.NO_INDEX]
     reply = last(bare.send(None, {"text": "show me", "files": []}, mode="retrieve", index=controls.NO_INDEX))
-    assert "needs an image index" in shown_text(reply)
+    assert "needs an image index" in error(reply)
 
 
 # ---------------------------------------------------------------------------------------------- export / import
@@ -238,7 +264,7 @@ def test_export_json_loads_back_with_its_settings(h):
     after = h.history(reply.session)
     assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
     assert reply.controls["mode"] == "text" and reply.controls["seed"] == "5" and "index" not in reply.controls
-    assert shown_text(reply) == "*Note:* Loaded a conversation of 4 turns from conversation.json."
+    assert [n.text for n in reply.notes] == ["Loaded a conversation of 4 turns from conversation.json."]
     last(h.send(reply.session, {"text": "and now?", "files": []}, **TEXT))
     assert len(reply.session.chat.history) == 6
 
@@ -258,8 +284,8 @@ def test_nonsense_export_is_refused(h, tmp_path, content, needle):
     f.write_bytes(content)
     reply = h.load_json(session, str(f))
     assert reply.controls is None and session.summary()["turns"] == before
-    assert shown_text(reply).startswith("**Error:** Could not load the conversation: ") and needle in shown_text(reply)
-    assert "No file" in shown_text(h.load_json(session, None))
+    assert error(reply).startswith("Could not load the conversation: ") and needle in error(reply)
+    assert "No file" in error(h.load_json(session, None))
 
 
 def test_export_html_is_self_contained(h):
@@ -354,3 +380,116 @@ def test_settings_refuse_values_that_are_not_whole_numbers(tiny_gill, value):
     with pytest.raises(ValueError, match=r"max_new_tokens must be a whole number"):
         make_settings({}, {"max_new_tokens": value})
     assert make_settings({}, {"max_new_tokens": 3.0}).max_new_tokens == 3
+
+
+# ---------------------------------------------------------------------------------------------- settings that can work
+
+
+def test_the_seed_shown_on_an_image_reproduces_it(h):
+    draw = dict(mode="generate", image_logit_bias=20.0, max_images=1, max_new_tokens=6, num_inference_steps=2)
+    first = last(h.send(None, {"text": "draw", "files": []}, seed="7", **draw))
+    assert "**Generated** (seed 7)" in shown_text(first), "the shown seed is the Seed setting"
+    assert h.history(first.session)["seeds"] == {"1": 7}
+    again = last(h.send(None, {"text": "draw", "files": []}, seed="7", **draw))
+    images = [s.session.chat.history[1].images[0].key for s in (first, again)]
+    assert images[0] == images[1], "typing the shown seed makes the same image"
+
+
+def test_settings_offer_only_what_can_work(h, tiny_gill):
+    assert "magic" not in h.decodings and h.decodings == ["default", "contrastive"]  # no CLIP attached
+    assert controls.default_settings(tiny_gill, {"decoding": "magic"})["decoding"] == "default"
+    limit = h.max_new_tokens
+    assert 400 < limit < 512  # the LM fits 512 positions; a short message and its image take the rest
+    message = {"text": controls.SHORT_MESSAGE, "files": [str(CAT)]}
+    ok = last(h.send(None, message, mode="text", max_new_tokens=limit, temperature=0.0))
+    assert not ok.errors and len(ok.session.chat.history) == 2, "the largest value offered works"
+    refused = last(h.send(None, message, mode="text", max_new_tokens=limit + 40))
+    assert "fits 512" in error(refused)
+
+
+# ---------------------------------------------------------------------------------------------- kept conversations
+
+
+def test_a_conversation_outlives_a_reload_and_a_restart(tiny_gill, indexes, tmp_path):
+    options = AppOptions(indexes=indexes, cache_dir=tmp_path)
+    h = ChatHandlers(tiny_gill, options)
+    session, kept = h.restore(None)  # a new browser: a new owner id for it to keep
+    assert store.ID.fullmatch(kept["owner"]) and session.owner == kept["owner"] and h.conversations(session) == []
+    last(h.send(session, {"text": "first question", "files": [str(CAT)]}, seed="3", **TEXT))
+    last(h.send(session, {"text": "second", "files": []}, **TEXT))
+    before = h.history(session)
+
+    reloaded, _ = h.restore(kept)  # the page is reloaded: a new tab session, the same conversation
+    assert reloaded is not session and h.history(reloaded)["turns"] == before["turns"]
+    restarted = ChatHandlers(tiny_gill, options)  # the app is restarted: only the disk is left
+    assert restarted.browser_secret == h.browser_secret, "the browser's kept value stays readable"
+    again, kept_again = restarted.restore(kept)
+    assert kept_again == kept and h.history(again)["turns"] == before["turns"]
+    assert h.history(again)["seeds"] == before["seeds"] and again.settings == session.settings
+    assert [c.title for c in restarted.conversations(again)] == ["first question"]
+    assert len(again.chat.history[0].images) == 1
+    last(restarted.send(again, {"text": "third", "files": []}, **TEXT))
+    assert len(again.chat.history) == 6
+
+    assert restarted.restore({"owner": "../../etc"})[1]["owner"] != "../../etc"  # never a path
+
+
+def test_a_turn_cut_short_by_a_crash_is_marked_interrupted(tiny_gill, tmp_path):
+    h = ChatHandlers(tiny_gill, AppOptions(cache_dir=tmp_path))
+    session, kept = h.restore(None)
+    last(h.send(session, {"text": "hello", "files": []}, **TEXT))
+    turn = h.send(session, {"text": "tell me a long story", "files": []}, mode="text", max_new_tokens=200)
+    while not next(turn).clear_box:  # the model took the message: it is stored as a running turn
+        pass
+    # The process dies here: the generator is never finished (nor closed).
+    restarted = ChatHandlers(tiny_gill, AppOptions(cache_dir=tmp_path))
+    restored, _ = restarted.restore(kept)
+    h_ = restarted.history(restored)
+    assert [t["role"] for t in h_["turns"]] == ["user", "assistant"] * 2 and h_["end_reasons"]["3"] == "interrupted"
+    assert "*(interrupted" in chatbot_messages(restored)[-1]["content"]
+    assert user_texts(restored) == ["hello", "tell me a long story"]
+    assert not restarted.store.load(kept["owner"], restored.conversation)["running"], "stored as shown now"
+    turn.close()
+
+
+def test_new_chat_keeps_the_old_one_in_the_list_and_clear_deletes(h):
+    session, kept = h.restore(None)
+    last(h.send(session, {"text": "about cats", "files": []}, **TEXT))
+    first = session.conversation
+    fresh = h.new_chat(session)
+    assert fresh.messages == [] and fresh.session.owner == kept["owner"] and fresh.session.conversation != first
+    last(h.send(fresh.session, {"text": "about rockets", "files": []}, **TEXT))
+    assert [c.title for c in h.conversations(fresh.session)] == ["about rockets", "about cats"]
+    back = h.open_conversation(fresh.session, first)
+    assert user_texts(back.session) == ["about cats"] and back.session.conversation == first
+    gone = h.clear(back.session)
+    assert [c.title for c in h.conversations(gone.session)] == ["about rockets"]
+    refused = h.open_conversation(gone.session, first)
+    assert "no longer stored" in error(refused)
+
+
+def test_stored_conversations_expire(tmp_path):
+    kept = store.ConversationStore(tmp_path, ttl_s=60)
+    owner, conv = store.new_id(), store.new_id()
+    kept.save(owner, conv, {"title": "old", "chat": {}})
+    assert [c.title for c in kept.list(owner)] == ["old"]
+    path = tmp_path / owner / f"{conv}.json"
+    os.utime(path, (path.stat().st_atime - 120, path.stat().st_mtime - 120))  # last touched two minutes ago
+    assert kept.list(owner) == [] and not path.exists() and not (tmp_path / owner).exists()
+    with pytest.raises(ValueError, match="owner must be 32 hexadecimal digits"):
+        kept.load("../x", conv)
+
+
+def test_exports_are_limited_and_removed_with_their_session(h, monkeypatch):
+    session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, **TEXT)).session
+    path = Path(h.export_json(session))
+    assert path.is_file() and path.parent == h.export_root / session.id
+    assert Path(h.export_json(session)) == path, "a new export replaces the tab's previous one"
+    for _ in range(h.options.max_exports):  # that many exports are being written
+        h._exports.acquire()
+    assert h.export_html(session) is None
+    assert "2 exports are being written right now" in session.take_notes()[0].text
+    for _ in range(h.options.max_exports):
+        h._exports.release()
+    h.close_session(session)
+    assert not path.parent.exists() and not list(Path(tempfile.gettempdir()).glob(f"*{session.id}*"))

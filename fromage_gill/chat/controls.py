@@ -7,7 +7,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from PIL import Image
+
 from ..generate import GenerationSettings
+from ..generate.limits import context_length, image_positions
+from ..generate.prompt import Turn, dialogue_pieces, encode_pieces, normalize_message
 from ..pipeline import Pipeline
 from ..settings import DECODINGS
 
@@ -54,12 +58,30 @@ def default_settings(pipeline: Pipeline, overrides: Mapping[str, Any]) -> dict[s
     if pipeline.config.is_random:  # the tiny offline demo: short answers and few diffusion steps keep it snappy
         values.update(max_new_tokens=24, num_inference_steps=4)
     values.update(overrides)
+    if values.get("decoding") not in decoding_choices(pipeline):
+        values["decoding"] = "default"
     return values
 
 
-def decoding_choices() -> list[str]:
-    """The decoding strategies the engine knows."""
-    return list(DECODINGS)
+def decoding_choices(pipeline: Pipeline | None = None) -> list[str]:
+    """The decoding strategies that can run on ``pipeline`` (all the engine knows when None): "magic" steers
+    towards the images with a full CLIP, so it is offered only when one is attached (``--clip``)."""
+    return [d for d in DECODINGS if d != "magic" or pipeline is None or pipeline.clip is not None]
+
+
+SHORT_MESSAGE = "What is in this image?"  # with one image: the smallest first message that max_new_tokens must fit
+
+
+def max_new_tokens_limit(pipeline: Pipeline, settings: Mapping[str, Any]) -> int:
+    """The most new tokens a first message of one image and a few words leaves room for in the LM's context (with
+    the image tokens an answer's images may take): the Max new tokens control goes no higher, so that no value it
+    offers fails every message with "needs N positions, but the LM fits M"."""
+    message = normalize_message([Image.new("RGB", (8, 8)), SHORT_MESSAGE])
+    pieces = dialogue_pieces([Turn("user", message)], pipeline.config.dialogue, pipeline.model.image_token_ids)
+    prompt = encode_pieces(pipeline.tokenizer, pieces, pipeline.config.n_visual_tokens)
+    known = {f.name for f in dataclasses.fields(GenerationSettings)}
+    extra = image_positions(pipeline, GenerationSettings(**{k: v for k, v in settings.items() if k in known}))
+    return max(1, context_length(pipeline) - len(prompt) - extra)
 
 
 def _whole(key: str, value: Any) -> int:

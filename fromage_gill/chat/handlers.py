@@ -13,38 +13,63 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
-import time
+import shutil
+import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..generate import Chat, TextDelta
+from ..generate import Chat
 from ..pipeline import Pipeline
 from . import export
-from .controls import NO_INDEX, control_values, default_settings, make_settings
+from .controls import (
+    NO_INDEX,
+    control_values,
+    decoding_choices,
+    default_settings,
+    make_settings,
+    max_new_tokens_limit,
+)
 from .gate import ModelGate
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
-from .session import ChatSession
+from .running import turn_updates
+from .session import ChatSession, Note
+from .store import (
+    ConversationStore,
+    StoredConversation,
+    browser_secret,
+    check_id,
+    new_id,
+    record_chat,
+    session_record,
+)
 
 logger = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
-STREAM_EVERY_S = 0.05  # at most this often a streamed answer is re-sent to the browser
 
 
 @dataclass
 class Reply:
     """What a handler shows: the tab's session, the chat's messages, whether the message box is cleared (the model
-    took the message) or keeps what was typed (to fix and send again), and after loading a conversation the
-    settings controls' new values (None: unchanged)."""
+    took the message; every other reply keeps what is typed there, to fix and send again or to send next), the
+    notes to show once as toasts (errors, the engine's notices), whether a turn is running (the app then turns Send
+    into Stop and disables the buttons that cannot act), and after loading a conversation the settings controls'
+    new values (None: unchanged)."""
 
     session: ChatSession
     messages: list[dict[str, Any]]
     clear_box: bool = False
     controls: dict[str, Any] | None = None
+    notes: list[Note] = dataclasses.field(default_factory=list)
+    running: bool = False
+
+    @property
+    def errors(self) -> list[str]:
+        return [n.text for n in self.notes if n.kind == "error"]
 
 
 class ChatHandlers:
@@ -55,6 +80,9 @@ class ChatHandlers:
         self.options = options or AppOptions()
         self.model_name = pipeline.config.name
         self.defaults = default_settings(pipeline, self.options.defaults)
+        self.max_new_tokens = max_new_tokens_limit(pipeline, self.defaults)  # the control's range: what can fit
+        self.defaults["max_new_tokens"] = min(self.defaults["max_new_tokens"], self.max_new_tokens)
+        self.decodings = decoding_choices(pipeline)  # only those that can run here
         indexes = dict(self.options.indexes) if self.options.indexes else {}
         if not indexes and pipeline.index is not None:
             indexes = {"default": pipeline.index}
@@ -63,12 +91,20 @@ class ChatHandlers:
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
         self.pipelines = self.pipelines or {NO_INDEX: pipeline}
         self.gate = ModelGate(self.options.concurrency)
+        self.image_root = self.options.cache_dir / "images"  # one folder per session; the app serves these files
+        self.image_root.mkdir(parents=True, exist_ok=True)
+        self.export_root = self.options.cache_dir / "exports"  # one folder per session, removed with it
+        self._exports = threading.BoundedSemaphore(self.options.max_exports)
+        self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
+        self.browser_secret = browser_secret(self.options.cache_dir)
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
-    def new_session(self, index_name: str | None = None) -> ChatSession:
+    def new_session(self, index_name: str | None = None, owner: str | None = None) -> ChatSession:
         name = index_name if index_name in self.pipelines else next(iter(self.pipelines))
-        return ChatSession(Chat(self.pipelines[name]), index_name=name)
+        sid = uuid.uuid4().hex  # unguessable: the session's image URLs contain it
+        chat = Chat(self.pipelines[name])
+        return ChatSession(chat, index_name=name, id=sid, image_dir=self.image_root / sid, owner=owner)
 
     def use_index(self, session: ChatSession, index_name: str | None) -> None:
         """Retrieve from another index from now on. The same Chat goes on (the engine reads ``pipeline.index`` at
@@ -82,16 +118,21 @@ class ChatHandlers:
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
+        """The tab is gone (or starts another conversation): stop its turn, delete its images and exports."""
         if session is not None:
             session.stop()
             session.close()
+            shutil.rmtree(self.export_root / session.id, ignore_errors=True)
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
     def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session))
+        if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
+            session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
+            yield self._reply(session)
+        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
 
     def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
@@ -114,11 +155,17 @@ class ChatHandlers:
     def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
         where = session.turn_of_message(message_index) if session is not None else None
-        turn, part = where if where is not None else (-1, None)
+        if where is None:
+            session = session or self.new_session(ui.get("index"))
+            session.note(
+                "Only the text of your messages can be edited; send a new message to change an image.", "error"
+            )
+            yield self._reply(session)
+            return
+        turn, part = where
         yield from self.edit(session, turn, text_of(value), part, **ui)
 
     def _send(self, session: ChatSession, message: dict | None, ui: dict) -> Iterator[Reply]:
-        session.clear_errors()
         message = message or {}
         try:
             self.use_index(session, ui.get("index"))
@@ -134,7 +181,6 @@ class ChatHandlers:
         yield from self._run_turn(session, lambda: session.chat.send(segments, settings), segments)
 
     def _regenerate(self, session: ChatSession, ui: dict) -> Iterator[Reply]:
-        session.clear_errors()
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
             yield self._reply(session)
@@ -153,7 +199,6 @@ class ChatHandlers:
     def _edit(
         self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict
     ) -> Iterator[Reply]:
-        session.clear_errors()
         history = session.chat.history
         try:
             i = int(turn_index) if turn_index is not None else -1
@@ -205,14 +250,14 @@ class ChatHandlers:
                 ]
                 yield self._reply(session)
             session.live = []
+            events = iter(start())  # a refusal (too long, bad settings) raises here: the box keeps the message
+            first = next(events, None)
+            self.save(session, running=True)  # from now on a crash leaves this turn marked as interrupted
             yield self._reply(session, clear_box=True)
-            last = 0.0
-            for event in start():
-                session.apply(event)
-                now = time.monotonic()
-                if now - last >= STREAM_EVERY_S or not isinstance(event, TextDelta):
-                    last = now
-                    yield self._reply(session)
+            if first is not None:
+                session.apply(first)
+            for _ in turn_updates(session, events, save=lambda: self.save(session, running=True)):
+                yield self._reply(session)
         except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
             logger.info("turn refused: %s", e)
             session.end_streaming()
@@ -222,7 +267,8 @@ class ChatHandlers:
         finally:
             self.gate.leave(ticket)
             session.end_streaming()
-        yield self._reply(session, clear_box=True)
+        self.save(session)
+        yield self._reply(session)
 
     def _refused(self, session: ChatSession) -> Callable[[], Iterator[Reply]]:
         def still_answering() -> Iterator[Reply]:
@@ -233,7 +279,9 @@ class ChatHandlers:
 
     @staticmethod
     def _reply(session: ChatSession, **kwargs: Any) -> Reply:
-        return Reply(session, chatbot_messages(session), **kwargs)
+        return Reply(
+            session, chatbot_messages(session), notes=session.take_notes(), running=session.streaming, **kwargs
+        )
 
     # -- quick actions ------------------------------------------------------------------------------------------
 
@@ -244,7 +292,6 @@ class ChatHandlers:
 
     def undo(self, session: ChatSession | None) -> Reply:
         session = session or self.new_session()
-        session.clear_errors()
         if session.running:
             session.note("Still answering: press Stop first, then Undo.", kind="error")
         elif not session.chat.history:
@@ -254,11 +301,16 @@ class ChatHandlers:
                 session.chat.undo()
             except ValueError as e:
                 session.note(str(e), kind="error")
+            self.save(session)
         return self._reply(session)
 
     def clear(self, session: ChatSession | None) -> Reply:
+        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts."""
+        owner = session.owner if session is not None else None
+        if session is not None and owner is not None:
+            self.store.delete(owner, session.conversation)
         self.close_session(session)
-        return Reply(self.new_session(), [], clear_box=True)
+        return Reply(self.new_session(owner=owner), [], clear_box=True)
 
     def history(self, session: ChatSession | None) -> dict[str, Any]:
         """The conversation as JSON-friendly data: turns (text and image labels), seeds, settings."""
@@ -268,21 +320,42 @@ class ChatHandlers:
 
     # -- export and import --------------------------------------------------------------------------------------
 
-    def export_html(self, session: ChatSession | None) -> str:
-        """The path of a new self-contained HTML page of the conversation."""
-        page = export.export_html(session or self.new_session(), model_name=self.model_name)
-        return _write_export("conversation.html", page)
+    def export_html(self, session: ChatSession | None) -> str | None:
+        """The path of a new self-contained HTML page of the conversation (None when too many exports run)."""
+        session = session or self.new_session()
+        return self._export(
+            session, "conversation.html", lambda: export.export_html(session, model_name=self.model_name)
+        )
 
-    def export_json(self, session: ChatSession | None) -> str:
+    def export_json(self, session: ChatSession | None) -> str | None:
         """The path of a new JSON export of the conversation, to continue it later with load_json."""
-        data = export.export_json(session or self.new_session(), model_name=self.model_name)
-        return _write_export("conversation.json", json.dumps(data))
+        session = session or self.new_session()
+        return self._export(
+            session, "conversation.json", lambda: json.dumps(export.export_json(session, model_name=self.model_name))
+        )
+
+    def _export(self, session: ChatSession, name: str, text: Callable[[], str]) -> str | None:
+        """Write an export into the session's folder (replacing its previous one; the folder goes with the
+        session), at most ``max_exports`` at once: more are refused with a note, never queued behind a big one."""
+        if not self._exports.acquire(blocking=False):
+            session.note(
+                f"{self.options.max_exports} exports are being written right now; try again in a moment.", "error"
+            )
+            return None
+        try:
+            path = self.export_root / session.id / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text(), encoding="utf-8")
+            tmp.replace(path)
+            return str(path)
+        finally:
+            self._exports.release()
 
     def load_json(self, session: ChatSession | None, file: Any) -> Reply:
         """Continue a conversation from a JSON export (a path, ``{"path": ...}`` or an object with ``.path``); its
         settings come back as the controls' values."""
         session = session or self.new_session()
-        session.clear_errors()
         path = getattr(file, "path", None) or (file.get("path") if isinstance(file, dict) else file)
         if session.running:
             session.note("Still answering: press Stop before loading a conversation.", kind="error")
@@ -292,22 +365,107 @@ class ChatHandlers:
                 raise export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
             data = export.read_export(path)
             chat = Chat.from_dict(self.pipelines[session.index_name], data)
-            seed = data["settings"].get("seed")
-            settings = make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
+            settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             session.note(f"Could not load the conversation: {msg}", kind="error")
             return self._reply(session)
         session.chat = chat
         session.settings = settings
-        session.notes = []
         session.seeds = data["seeds"]
         session.reasons = {}
+        session.conversation = new_id()  # a conversation of its own in the sidebar's list
+        self.save(session)
         session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
+    def _settings_of(self, data: dict[str, Any]) -> Any:
+        """The GenerationSettings of a JSON export (ValueError naming a bad one)."""
+        seed = data["settings"].get("seed")
+        return make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
 
-def _write_export(name: str, text: str) -> str:
-    path = Path(tempfile.mkdtemp(prefix="fromage_gill_export_")) / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    # -- conversations kept across reloads and restarts (browser tabs only: an API session has no owner) --------
+
+    def save(self, session: ChatSession, *, running: bool = False) -> None:
+        """Store the session's conversation; ``running``: a turn is under way (its text so far is stored too)."""
+        if session.owner is None:
+            return
+        if not session.chat.history:
+            self.store.delete(session.owner, session.conversation)
+            return
+        partial = "".join(s for s in session.live or [] if isinstance(s, str)) if running else ""
+        record = session_record(session, model_name=self.model_name, running=running, partial=partial)
+        try:
+            self.store.save(session.owner, session.conversation, record)
+        except OSError as e:  # a full disk costs the restore after a restart, never the conversation itself
+            logger.warning("could not store the conversation: %s", e)
+
+    def restore(self, saved: Any) -> tuple[ChatSession, dict[str, str]]:
+        """On page load: the browser's kept value (``{"owner": id}``) -> the tab's session, its most recent stored
+        conversation (or a new one), and the value for the browser to keep (a new owner id the first time)."""
+        owner = saved.get("owner") if isinstance(saved, dict) else None
+        try:
+            owner = check_id(owner, "owner")
+        except ValueError:
+            owner = new_id()
+        for stored in self.store.list(owner):
+            session = self._open(owner, stored.id)
+            if session is not None:
+                return session, {"owner": owner}
+        return self.new_session(owner=owner), {"owner": owner}
+
+    def conversations(self, session: ChatSession | None) -> list[StoredConversation]:
+        """The browser's stored conversations, the most recent first (the sidebar's list)."""
+        if session is None or session.owner is None:
+            return []
+        return self.store.list(session.owner)
+
+    def new_chat(self, session: ChatSession | None) -> Reply:
+        """Start another conversation; the current one stays in the list."""
+        if session is not None and session.running:
+            session.note("Still answering: press Stop before starting a new chat.", kind="error")
+            return self._reply(session)
+        owner = session.owner if session is not None else None
+        self.close_session(session)
+        return Reply(self.new_session(owner=owner), [])
+
+    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> Reply:
+        """Go back to a stored conversation of this browser."""
+        session = session or self.new_session()
+        if session.running:
+            session.note("Still answering: press Stop before opening another conversation.", kind="error")
+            return self._reply(session)
+        if conversation == session.conversation:
+            return self._reply(session)
+        opened = None
+        if (
+            session.owner is not None
+            and isinstance(conversation, str)
+            and conversation in {c.id for c in self.store.list(session.owner)}
+        ):
+            opened = self._open(session.owner, conversation)
+        if opened is None:
+            session.note("That conversation is no longer stored (it expired or was cleared).", kind="error")
+            return self._reply(session)
+        self.close_session(session)
+        return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
+
+    def _open(self, owner: str, conversation: str) -> ChatSession | None:
+        """A session on a stored conversation; a turn cut short by a crash is shown as interrupted (and stored so)."""
+        record = self.store.load(owner, conversation)
+        if record is None:
+            return None
+        session = self.new_session(owner=owner)
+        try:
+            data, reasons = record_chat(record)
+            session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            session.settings = self._settings_of(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)
+            session.close()
+            return None
+        session.conversation = conversation
+        session.seeds, session.reasons = data["seeds"], reasons
+        if record.get("running"):
+            self.save(session)  # stored as it is now shown: an interrupted answer, no turn running
+        return session

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..images import ImageError, load_image
 from .labels import image_label, plain_text
-from .session import PENDING, ChatSession, Note
+from .session import PENDING, ChatSession
 
 MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more than this is almost surely a mistake
 IMAGE_PLACEHOLDER = "<image>"  # in a message's text: where the next attached image goes
@@ -101,79 +101,73 @@ def _open_attachment(f: Any) -> Image.Image:
 
 
 def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
-    """What the chat shows: the turns, the notes where they happened, the live exchange.
+    """What the chat shows: the turns and the live exchange (notes and errors are toasts, not messages).
 
     A user turn is shown as one chat message per segment (grouped into one bubble by the chat), so that each text
-    can be edited on its own: Gradio's message editor only handles single-part messages. An answer is one message
-    of text, images and their labels, in order. Records in ``session.message_turns`` which user text each message
-    shows, and drops the notes of turns that are gone (undone, edited away).
+    can be edited on its own: Gradio's message editor only handles single-part messages. An answer is one message:
+    one markdown text with its images inline (``![alt](url)``) and their labels, in the order produced. Images are
+    links to files, not file entries, so that an update re-sends (and an API client re-downloads) none of the
+    history's images: each update costs the same at turn 30 as at turn 1. Records in ``session.message_turns``
+    which user text each message shows.
     """
     out: list[dict[str, Any]] = []
     where: list[tuple[int, int] | None] = []
     history = session.chat.history
-    shown = session.shown_turns
-    session.notes = [n for n in session.notes if n.after_turns <= shown]
-    notes = sorted((n for n in session.notes if n.kind != "error"), key=lambda n: n.after_turns)
-    errors = [n for n in session.notes if n.kind == "error"]  # the answer to the last action: shown last
-    k = 0
-
-    def add(role: str, content: list[Any], at: tuple[int, int] | None = None) -> None:
-        out.append({"role": role, "content": content})
-        where.append(at)
 
     def add_user(segments: Sequence[Any], i: int | None) -> None:
         for j, seg in enumerate(segments):
-            content = _content(session, [seg])
-            if content:
-                add("user", content, (i, j) if i is not None and isinstance(seg, str) else None)
+            text = _markdown(session, [seg])
+            if text:
+                out.append({"role": "user", "content": text})
+                where.append((i, j) if i is not None and isinstance(seg, str) else None)
 
-    for i in range(shown):
-        while k < len(notes) and notes[k].after_turns <= i:
-            add("assistant", _note_content(notes[k]))
-            k += 1
+    for i in range(session.shown_turns):
         turn = history[i]
         if turn.role == "user":
             add_user(turn.segments, i)
             continue
-        content = _content(session, turn.segments)
-        if session.reasons.get(i) == "stopped":
-            if content and isinstance(content[-1], str):
-                content[-1] += " *(stopped)*"
-            else:
-                content.append("*(stopped)*")
-        add("assistant", content or [" "])
-    while k < len(notes) and notes[k].after_turns <= shown:
-        add("assistant", _note_content(notes[k]))
-        k += 1
+        text = _markdown(session, turn.segments)
+        mark = END_MARKS.get(session.reasons.get(i, ""))
+        if mark:
+            text = f"{text} {mark}" if text else mark
+        out.append({"role": "assistant", "content": text or " "})
+        where.append(None)
     if session.pending_user is not None:
         add_user(session.pending_user, None)
     if session.live is not None:
-        add("assistant", _content(session, session.live) or ["…"])
-    for note in notes[k:] + errors:
-        add("assistant", _note_content(note))
+        out.append({"role": "assistant", "content": _markdown(session, session.live) or "…"})
+        where.append(None)
     session.message_turns = where
     return out
 
 
-def _note_content(note: Note) -> list[str]:
-    prefix = "**Error:** " if note.kind == "error" else "*Note:* "
-    return [prefix + note.text]
+END_MARKS = {
+    "stopped": "*(stopped)*",
+    "interrupted": "*(interrupted: the app stopped before this answer was complete)*",
+}
 
 
-def _content(session: ChatSession, segments: Sequence[Any]) -> list[Any]:
-    content: list[Any] = []
+def image_markdown(url: str, alt: str) -> str:
+    """An inline image in a chat message; the alt text cannot break out of its brackets."""
+    alt = alt.replace("\\", "").replace("[", "(").replace("]", ")").replace("\n", " ")
+    return f"![{alt}]({url.replace(' ', '%20').replace(')', '%29')})"
+
+
+def _markdown(session: ChatSession, segments: Sequence[Any]) -> str:
+    """Segments as one markdown text: texts, images inline with the label under each, a pending image's progress."""
+    parts: list[str] = []
     for seg in segments:
         if isinstance(seg, str):
             if seg:
-                content.append(seg)
+                parts.append(seg)
         elif seg is PENDING:
-            content.append("*(making an image…)*")
+            parts.append(session.progress_text())
         else:
             img = seg if isinstance(seg, Image.Image) else getattr(seg, "image", None)
             if img is None:
                 continue
             label = image_label(seg)
-            content.append({"path": session.image_path(img), "alt_text": plain_text(label) or "image"})
+            parts.append(image_markdown(session.image_url(img), plain_text(label) or "image"))
             if label:
-                content.append(label)
-    return content
+                parts.append(label)
+    return "\n\n".join(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ from ..pipeline import Pipeline, load_pipeline
 from .messages import MAX_IMAGES_PER_MESSAGE
 
 DEFAULT_MODEL = "gill"  # the published GILL model; offline, use --model toy-gill
+
+
+def default_cache_dir() -> Path:
+    """Where the app keeps the images it shows and the conversations it restores after a reload or a restart:
+    $FROMAGE_GILL_APP_CACHE, else a folder in the system's temporary directory (the same one at every start)."""
+    return Path(os.environ.get("FROMAGE_GILL_APP_CACHE") or Path(tempfile.gettempdir()) / "fromage_gill_app")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +37,18 @@ class AppOptions:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # GenerationSettings overrides
     max_images_per_message: int = MAX_IMAGES_PER_MESSAGE
     session_ttl_s: float = 6 * 3600
+    cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
+    conversation_ttl_s: float = 7 * 24 * 3600  # a stored conversation not touched for this long is deleted
+    max_exports: int = 2  # exports being written at once; more are refused with "busy, try again"
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {self.max_queue}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.max_exports < 1:
+            raise ValueError(f"max_exports must be >= 1, got {self.max_exports}")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -49,7 +49,9 @@ def example_messages(pipeline: Pipeline | None = None) -> list[dict[str, Any]]:
             ("What is in this image?", singles[:1]),
             ("Show me a photo of a green triangle.", []),
             ("Draw a red circle.", []),
-            ("What shape is this?", singles[1:2]),
+            # Not "What shape is this?": on this picture the toy LM runs on past "it is a ring" (measured); it was
+            # trained on both questions, and describes the picture in one clean sentence.
+            ("Describe the picture.", singles[1:2]),
         ]
         return [{"text": text, "files": files} for text, files in wanted if len(singles) >= 2]
     photos = {p.stem: p for p in (ASSETS / "images").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}

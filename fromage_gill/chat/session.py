@@ -20,6 +20,8 @@ from ..images import image_hash
 from .labels import image_label, plain_text
 
 MIN_SHOWN_PX = 192  # smaller images are shown enlarged (pixelated); exports keep the original
+QUEUED_WAIT_S = 600.0  # how long a message sent during an answer waits for it to end
+FILE_URL = "/gradio_api/file="  # how the app serves a file under its allowed paths (ChatHandlers.image_root)
 
 
 class _Pending:
@@ -30,13 +32,25 @@ class _Pending:
 PENDING = _Pending()  # in the live answer: an image the engine is still making
 
 
-@dataclass
+@dataclass(frozen=True)
+class DiffusionStep:
+    """Progress of the image being generated (from diffusers' step callback): ``step`` of ``steps`` done."""
+
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class Note:
-    """A message shown in the chat that is not part of the conversation (errors, the engine's notices)."""
+    """A notice that is not part of the conversation (an error, the engine's notices): shown once as a toast by the
+    app, never as a chat message."""
 
     text: str
-    after_turns: int  # shown after this many turns of history
     kind: str = "info"  # "info" | "error"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("info", "error"):
+            raise ValueError(f"a note's kind must be 'info' or 'error', got {self.kind!r}")
 
 
 @dataclass
@@ -50,14 +64,18 @@ class ChatSession:
     chat: Chat
     settings: Any = None  # the GenerationSettings of the last turn
     index_name: str | None = None  # the image index this chat retrieves from
-    notes: list[Note] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)  # not yet shown (Reply.notes drains them)
+    log: list[str] = field(default_factory=list)  # every note's text, for the API's /history (the last 50)
     seeds: dict[int, int | None] = field(default_factory=dict)  # assistant turn index -> the seed that produced it
     reasons: dict[int, str] = field(default_factory=dict)  # assistant turn index -> why it ended (TurnEnd.reason)
     live: list[Any] | None = None  # the assistant turn being streamed: segments (str | ImageResult | PENDING)
     pending_user: list[Any] | None = None  # the user message of the turn being streamed
     stop_requested: bool = False
+    progress: tuple[int, int] | None = None  # (step, steps) of the image being generated
     image_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fromage_gill_chat_")))
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str | None = None  # the browser it belongs to (its conversations are stored); None: not stored (API)
+    conversation: str = field(default_factory=lambda: uuid.uuid4().hex)  # its id in the store
     # The chatbot messages last shown (messages.chatbot_messages): message -> (turn, segment) of a user text
     message_turns: list[tuple[int, int] | None] = field(default_factory=list)
     _shown_turns: int | None = None  # while streaming: how many history turns precede the live exchange
@@ -70,16 +88,24 @@ class ChatSession:
         return self._shown_turns is not None or self._turn_lock.locked()
 
     @property
+    def streaming(self) -> bool:
+        """A turn of this session is queued for the model or being answered (between start and end_streaming)."""
+        return self._shown_turns is not None
+
+    @property
     def shown_turns(self) -> int:
         """How many turns of the history are shown as such: all of them, or while streaming those before the live
         exchange (the engine updates its history meanwhile)."""
         n = len(self.chat.history)
         return n if self._shown_turns is None else min(self._shown_turns, n)
 
-    def exclusive(self, turn: Callable[[], Iterator[Any]], refused: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    def exclusive(
+        self, turn: Callable[[], Iterator[Any]], refused: Callable[[], Iterator[Any]], *, wait: bool = False
+    ) -> Iterator[Any]:
         """Run the generator ``turn()`` unless another turn of this session runs (e.g. a double submit): then
-        ``refused()``. The claim is released when the generator ends or is closed."""
-        if not self._turn_lock.acquire(blocking=False):
+        ``refused()``, or with ``wait`` once that turn ends (at most ``QUEUED_WAIT_S``). The claim is released when
+        the generator ends or is closed."""
+        if not self._turn_lock.acquire(blocking=wait, timeout=QUEUED_WAIT_S if wait else -1):
             yield from refused()
             return
         try:
@@ -119,12 +145,13 @@ class ChatSession:
         shutil.rmtree(self.image_dir, ignore_errors=True)
 
     def note(self, text: str, kind: str = "info") -> None:
-        after = self._shown_turns if self._shown_turns is not None else len(self.chat.history)
-        self.notes.append(Note(text, after, kind))
+        self.notes.append(Note(text, kind))
+        self.log = [*self.log[-49:], text]
 
-    def clear_errors(self) -> None:
-        n = len(self.chat.history)
-        self.notes = [note for note in self.notes if note.kind != "error" and note.after_turns <= n]
+    def take_notes(self) -> list[Note]:
+        """The notes not shown yet (each is shown once)."""
+        notes, self.notes = self.notes, []
+        return notes
 
     def image_path(self, img: Image.Image) -> str:
         path = self.image_dir / f"{image_hash(img)}.png"
@@ -135,6 +162,17 @@ class ChatSession:
                 img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
             img.save(path)
         return str(path)
+
+    def image_url(self, img: Image.Image) -> str:
+        return FILE_URL + self.image_path(img)
+
+    def progress_text(self) -> str:
+        """The pending image's line in the live answer: a progress bar with the step count once diffusion runs."""
+        if self.progress is None:
+            return "*(finding an image…)*"
+        step, steps = self.progress
+        done = round(10 * step / max(steps, 1))
+        return f"*(generating an image: step {step}/{steps})* `{'█' * done}{'░' * (10 - done)}`"
 
     def turn_of_message(self, message_index: int) -> tuple[int, int] | None:
         """(turn index, segment index) of the user text shown as chatbot message ``message_index``, else None."""
@@ -164,7 +202,7 @@ class ChatSession:
             "seeds": {str(k): v for k, v in self.seeds.items() if k < n},
             "end_reasons": {str(k): v for k, v in self.reasons.items() if k < n},
             "settings": settings_dict(self.settings),
-            "notes": [n.text for n in self.notes],
+            "notes": list(self.log),
         }
 
     def apply(self, event: Any) -> None:
@@ -178,8 +216,12 @@ class ChatSession:
                 else:
                     self.live.append(text)
             case ImagePending():
+                self.progress = None
                 self.live.append(PENDING)
+            case DiffusionStep(step=step, steps=steps):
+                self.progress = (step, steps)
             case ImageResult():
+                self.progress = None
                 for i in range(len(self.live) - 1, -1, -1):
                     if self.live[i] is PENDING:
                         self.live[i] = event

@@ -9,8 +9,10 @@ be switched off per generator; and a running generation can be interrupted betwe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,18 @@ class ImageGenerator:
         self.safety_checker = safety_checker
         self._lock = threading.Lock()
         self._negative: torch.Tensor | None = None
+        self._local = threading.local()  # this thread's progress listener (``reporting``)
+
+    @contextlib.contextmanager
+    def reporting(self, on_step: Callable[[int, int], None]) -> Iterator[None]:
+        """Within the block, generations run by this thread call ``on_step(step, steps)`` after each denoising step
+        (how a chat app shows progress without the generation loop passing a callback through every layer)."""
+        previous = getattr(self._local, "on_step", None)
+        self._local.on_step = on_step
+        try:
+            yield
+        finally:
+            self._local.on_step = previous
 
     @torch.no_grad()
     def negative_prompt_embeds(self) -> torch.Tensor:
@@ -57,9 +71,12 @@ class ImageGenerator:
         num_inference_steps: int = 50,
         seed: int = 0,
         interrupt=None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> GeneratedImages:
         """``prompt_embeds``: ``(N, Q, D)``. ``interrupt``: a callable checked after every denoising step; when it
-        returns True the generation stops and ``interrupted`` is set (no images)."""
+        returns True the generation stops and ``interrupted`` is set (no images). ``on_step(step, steps)``: called
+        after each denoising step (step counts from 1; default: this thread's ``reporting`` listener, if any)."""
+        on_step = on_step or getattr(self._local, "on_step", None)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
@@ -82,6 +99,8 @@ class ImageGenerator:
 
         def on_step_end(p, step, timestep, tensors):
             nonlocal stopped
+            if on_step is not None:
+                on_step(step + 1, num_inference_steps)
             if interrupt is not None and interrupt():
                 stopped = True
                 p._interrupt = True  # diffusers' documented way to end the denoising loop early

@@ -114,7 +114,9 @@ class ImageResolver:
 
     def _generate(self, hidden: torch.Tensor, slot: int, decision) -> list[Event]:
         m, s = self.m, self.s
-        seed = (self.seed + 1 + slot) % MAX_SEED
+        # The first image's seed is the turn's own: the seed shown under it, typed as the Seed setting, makes the
+        # same answer and the same image again (a later image of the turn follows it: seed + slot).
+        seed = (self.seed + slot) % MAX_SEED
         prompt_embeds = m.map_to_diffusion(hidden[None])  # (1, Q, D)
         out = image_generator(self.p)(
             prompt_embeds,
