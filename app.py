@@ -402,6 +402,21 @@ def settings_controls(
             visible=len(decodings) > 1,
             elem_id="set_decoding",
         )
+    with gr.Row():  # docs/fidelity.md: the published demos' behaviour, to reproduce the papers
+        c["answer_style"] = gr.Radio(
+            ["full", "published"],
+            value=defaults.get("answer_style", "full"),
+            label="Answer style",
+            info=help_("answer_style"),
+            elem_id="set_answer_style",
+        )
+        c["history_layout"] = gr.Radio(
+            ["exact", "published"],
+            value=defaults.get("history_layout", "exact"),
+            label="History layout",
+            info=help_("history_layout"),
+            elem_id="set_history_layout",
+        )
     return c
 
 

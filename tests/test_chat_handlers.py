@@ -335,6 +335,11 @@ def test_settings_from_the_controls(tiny_gill):
     with pytest.raises(ValueError, match="temperature"):
         controls.make_settings(base, {"temperature": -1.0})
     assert "magic" in controls.decoding_choices() and set(controls.SETTINGS_HELP) >= {"mode", "seed", "index"}
+    # the published demos' answer cut and history layout (docs/fidelity.md) are app settings too
+    published = controls.make_settings(base, {"answer_style": "published", "history_layout": "published"})
+    assert published.answer_style == "published" and published.history_layout == "published"
+    with pytest.raises(ValueError, match="answer_style"):
+        controls.make_settings(base, {"answer_style": "short"})
 
 
 def test_page_text(tiny_gill):

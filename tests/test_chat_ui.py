@@ -101,10 +101,13 @@ def test_image_label():
     "content, match",
     [
         (b"{oops", "not valid JSON"),
-        (b"[1, 2]", "not a fromage_gill chat export"),
+        (b"[1, 2]", "not a saved chat"),
         (b'{"format": "fromage_gill.chat", "version": 2}', "unsupported export version 2"),
         (b'{"format": "fromage_gill.chat", "version": 1, "settings": []}', "'settings' must be a JSON object"),
         (b'{"format": "fromage_gill.chat", "version": 1, "seeds": {"x": 1}}', "'seeds' must map turn numbers"),
+        # a crafted export: json.loads would recurse until RecursionError (an uncaught traceback in the app)
+        (b"[" * 200_000 + b"]" * 200_000, "nests more than 16 levels deep"),
+        (b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "score": NaN}', "not a number"),
     ],
 )
 def test_read_export_refusals(tmp_path, content, match):

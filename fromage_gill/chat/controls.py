@@ -17,6 +17,10 @@ from ..settings import DECODINGS
 
 # One line per setting, shown under its control in the app.
 SETTINGS_HELP: dict[str, str] = {
+    "answer_style": "full: every word up to a stop; published: the authors' demo cut (first line, first full stop), "
+    "to reproduce the papers.",
+    "history_layout": "exact: earlier answers fed back as generated; published: re-tokenized from their cut text, "
+    "as the authors' demo does.",
     "mode": "auto: the model decides when to show an image and whether to retrieve or generate it; "
     "retrieve / generate: always that source; text: never an image.",
     "max_new_tokens": "Upper bound on the length of each answer (in tokens).",
@@ -48,6 +52,8 @@ SETTING_KEYS = (
     "guidance_scale",
     "num_inference_steps",
     "decoding",
+    "answer_style",
+    "history_layout",
 )
 _INTEGER_KEYS = ("max_new_tokens", "max_images", "retrieval_candidates", "num_inference_steps")
 

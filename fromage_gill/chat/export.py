@@ -7,7 +7,6 @@ import base64
 import datetime
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from ..generate.history import FORMAT as EXPORT_FORMAT
 from ..generate.history import VERSION as EXPORT_VERSION
+from ..generate.history import read_history_json
 from .labels import html_label, image_label, plain_text
 from .session import ChatSession, settings_dict
 
@@ -49,10 +49,10 @@ def read_export(source: str | Path | bytes) -> dict[str, Any]:
         if path.stat().st_size > MAX_EXPORT_BYTES:
             raise ChatExportError(f"{path.name} is larger than {MAX_EXPORT_BYTES // 2**20} MB; not a chat export")
         source = path.read_bytes()
-    try:
-        data = json.loads(source)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatExportError(f"the file is not valid JSON ({e}); load a file saved with 'Export JSON'") from None
+    try:  # bounded parse: bytes, nesting depth, number of values, no NaN (a crafted file cannot recurse or balloon)
+        data = read_history_json(source, max_bytes=MAX_EXPORT_BYTES)
+    except ValueError as e:  # its messages name the limit crossed and say to load a file saved with 'Export JSON'
+        raise ChatExportError(str(e)) from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ChatExportError(
             f'the file is not a fromage_gill chat export (its "format" must be '

@@ -13,11 +13,11 @@ from typing import Any
 
 from PIL import Image
 
+from ..generate.limits import MAX_IMAGES_PER_MESSAGE
 from ..images import ImageError, load_image
 from .labels import image_label, plain_text
 from .session import PENDING, ChatSession
 
-MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more than this is almost surely a mistake
 IMAGE_PLACEHOLDER = "<image>"  # in a message's text: where the next attached image goes
 
 
