@@ -309,12 +309,26 @@ def load_vision(
 # ------------------------------------------------------------------------------------------ diffusion
 
 
+def sd_scheduler():
+    """Stable Diffusion v1's DDIM scheduler (its published ``scheduler_config.json``), for pipelines built here."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
     """A diffusers StableDiffusionPipeline (frozen). ``tokenizer`` is used only for a random text encoder."""
     from diffusers import StableDiffusionPipeline
 
     if spec.source == RANDOM:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         torch.manual_seed(seed + 2)
@@ -322,14 +336,7 @@ def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        scheduler = sd_scheduler()
         sd_tok = train_tiny_tokenizer(
             int(cfg["text_encoder"].get("vocab_size", 512)),
             model_max_length=int(cfg["text_encoder"].get("max_position_embeddings", 77)),

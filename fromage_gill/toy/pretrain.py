@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..backbones import sd_scheduler
 from ..images import CLIP_MEAN, CLIP_STD
 from . import world as W
 
@@ -632,7 +633,7 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
     """A text-conditioned UNet2DConditionModel on the VAE's latents (epsilon prediction, DDPM schedule of
     Stable Diffusion), conditioned on the frozen CLIP text tower's last hidden states. 10% of captions are
     dropped to "" so that classifier-free guidance works. Saves the whole StableDiffusionPipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tok = load_clip_tokenizer(out)
@@ -675,14 +676,7 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
 
     losses = _loop("pretrain unet", recipe.unet_steps, unet.parameters(), recipe.unet_lr, step, weight_decay=0.0)
     unet.eval()
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
