@@ -40,9 +40,15 @@ def read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{path} is not valid JSON ({e}); expected the {what}") from None
 
 
-def _need(obj: Any, key: str, path: Path, where: str, expected: str) -> Any:
+def _need(obj: Any, key: str, path: Path, where: str, expected: str, kind: type | None = None) -> Any:
+    """``obj[key]``, refused naming the file and the place when ``obj`` has no such key or (``kind``) its value
+    is of another type: a file in another format fails here, not as a TypeError deep in a task."""
     if not isinstance(obj, dict) or key not in obj:
         raise DataError(f"{path}: {where} has no {key!r}; expected {expected}")
+    if kind is not None and not isinstance(obj[key], kind):
+        raise DataError(
+            f"{path}: {where}'s {key!r} is a {type(obj[key]).__name__}, not a {kind.__name__}; expected {expected}"
+        )
     return obj[key]
 
 
@@ -101,7 +107,7 @@ class Story:
 def read_vist(path: str | Path) -> list[Story]:
     path = Path(path)
     data = read_json(path, "VIST story-in-sequence JSON (e.g. sis/val.story-in-sequence.json)")
-    anns = _need(data, "annotations", path, "the file", "VIST's story-in-sequence format (a list of annotations)")
+    anns = _need(data, "annotations", path, "the file", "VIST's story-in-sequence format (a list of annotations)", list)
     stories: dict[str, list[tuple[int, StoryItem]]] = defaultdict(list)
     for i, ann in enumerate(anns):
         a = ann[0] if isinstance(ann, list) and len(ann) == 1 else ann
@@ -139,14 +145,14 @@ def read_visdial(path: str | Path) -> list[Dialog]:
     data = read_json(path, "VisDial v1.0 JSON (e.g. visdial_1.0_val.json)")
     expected = "VisDial v1.0's {'data': {'questions', 'answers', 'dialogs'}}"
     body = _need(data, "data", path, "the file", expected)
-    questions = _need(body, "questions", path, "data", expected)
-    answers = _need(body, "answers", path, "data", expected)
-    dialogs = _need(body, "dialogs", path, "data", expected)
+    questions = _need(body, "questions", path, "data", expected, list)
+    answers = _need(body, "answers", path, "data", expected, list)
+    dialogs = _need(body, "dialogs", path, "data", expected, list)
     out = []
     for i, d in enumerate(dialogs):
         where = f"data.dialogs[{i}]"
         rounds = []
-        for j, r in enumerate(_need(d, "dialog", path, where, "image_id and dialog")):
+        for j, r in enumerate(_need(d, "dialog", path, where, "image_id and dialog", list)):
             q = _need(r, "question", path, f"{where}.dialog[{j}]", "question (an index into data.questions)")
             try:
                 answer = answers[r["answer"]] if "answer" in r else None
@@ -196,7 +202,7 @@ def read_captions(path: str | Path, split: str | None = "test") -> list[Captione
     data = read_json(path, "caption annotations (Karpathy's dataset_coco.json, or COCO captions_*.json)")
     if isinstance(data, dict) and "annotations" in data and "images" in data:
         return _coco_captions(path, data)
-    images = _need(data, "images", path, "the file", "Karpathy's {'images': [{split, filename, sentences}]}")
+    images = _need(data, "images", path, "the file", "Karpathy's {'images': [{split, filename, sentences}]}", list)
     out = []
     for i, im in enumerate(images):
         where = f"images[{i}]"
