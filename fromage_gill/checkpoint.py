@@ -243,6 +243,7 @@ def config_from_published_args(args: dict[str, Any], base: ModelConfig) -> Model
         changes["retrieval_dim"] = need("ret_emb_dim", int)
         r = need("num_tokens", int)
         changes["image_tokens"] = tuple(f"[IMG{i}]" for i in range(r))
+        assert base.mapper is not None, "a GILL preset has a mapper (ModelConfig checks it)"
         mapper = dataclasses.replace(
             base.mapper, num_queries=need("num_clip_tokens", int), out_dim=need("gen_emb_dim", int)
         )
