@@ -14,7 +14,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -22,12 +22,18 @@ from PIL import Image
 from ..backbones import pad_token_id
 from ..settings import GenerationSettings
 from .decoding import STRATEGIES, StepState
-from .events import Event, ImagePending, ImageResult, TextDelta, TurnEnd
+from .events import EndReason, Event, ImagePending, ImageResult, TextDelta, TurnEnd
 from .limits import image_paths
 from .prompt import ImageSegment
 from .resolve import ImageResolver
 from .sampling import image_token_logits, sample
 from .stream import TextStream, published_cut
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from transformers.cache_utils import Cache
+
+    from ..model import LMOutput
+    from ..pipeline import Pipeline
 
 
 def fresh_seed() -> int:
@@ -45,7 +51,7 @@ class Row:
     fed: list[int] = field(default_factory=list)  # tokens fed to the LM after the prompt (cache bookkeeping)
     n_sampled: int = 0
     n_images: int = 0
-    reason: str | None = None
+    reason: EndReason | None = None
 
 
 class DecodeLoop:
@@ -53,12 +59,12 @@ class DecodeLoop:
 
     def __init__(
         self,
-        pipeline,
+        pipeline: Pipeline,
         settings: GenerationSettings,
         rows: list[Row],
         *,
         seed: int,
-        cache: Any = None,
+        cache: Cache | None = None,
         n_past: int = 0,
         stop_event: threading.Event | None = None,
     ):
@@ -96,7 +102,7 @@ class DecodeLoop:
 
     # -- LM ---------------------------------------------------------------------------------------------------
 
-    def _forward(self, embeds: torch.Tensor, new_mask: torch.Tensor):
+    def _forward(self, embeds: torch.Tensor, new_mask: torch.Tensor) -> LMOutput:
         """Run the LM on (B, T, d) embeddings of the active rows; positions follow each row's real tokens."""
         new_mask = new_mask.to(torch.long)
         pos = self.n_pos[self.active][:, None] + new_mask.cumsum(1) - 1
@@ -228,7 +234,7 @@ class DecodeLoop:
                 out = dataclasses.replace(out, logits=out.logits[keep], hidden=out.hidden[keep])
                 last_mask = last_mask[keep]
 
-    def _choose(self, logits: torch.Tensor, out, last_mask: torch.Tensor) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, out: LMOutput, last_mask: torch.Tensor) -> torch.Tensor:
         if self.choose is None:
             return sample(
                 logits, temperature=self.s.temperature, top_p=self.s.top_p, top_k=self.s.top_k, generator=self.generator
@@ -264,7 +270,7 @@ class DecodeLoop:
             row.segments.append(text)
         row.stream = TextStream(row.stream.tok, row.stream.stops)
 
-    def _finish(self, b: int, reason: str) -> Iterator[tuple[int, Event]]:
+    def _finish(self, b: int, reason: EndReason) -> Iterator[tuple[int, Event]]:
         row = self.rows[b]
         if row.reason is not None:
             return
@@ -272,7 +278,7 @@ class DecodeLoop:
         row.reason = reason
         yield b, TurnEnd(reason, self.seed)
 
-    def finish_silently(self, b: int, reason: str) -> None:
+    def finish_silently(self, b: int, reason: EndReason) -> None:
         """End a row without events (the consumer went away): keep what was generated."""
         for _ in self._finish(b, reason):
             pass
