@@ -15,12 +15,15 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from .model import GroundedLM
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class CheckpointError(ValueError):
 
 
 def load_trained_layers(
-    model, state_dict: dict[str, torch.Tensor], *, source: str, names: dict[str, str] | None = None
+    model: GroundedLM, state_dict: dict[str, torch.Tensor], *, source: str, names: dict[str, str] | None = None
 ) -> None:
     """Copy ``state_dict`` into the model's trained layers, refusing any missing, unexpected or mis-shaped tensor.
     ``names`` maps our key -> the key as the file spells it, for messages about published checkpoints."""
@@ -68,7 +71,7 @@ def load_trained_layers(
 # ------------------------------------------------------------------------------------------ native
 
 
-def save_native(model, directory: str | Path, config: ModelConfig | None = None) -> Path:
+def save_native(model: GroundedLM, directory: str | Path, config: ModelConfig | None = None) -> Path:
     """Write config.json + model.safetensors atomically (temporary names, then rename)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -171,7 +174,7 @@ def map_published(state_dict: dict[str, torch.Tensor], kind: str) -> tuple[dict[
     return mapped, names
 
 
-def published_names(model, kind: str) -> dict[str, str]:
+def published_names(model: GroundedLM, kind: str) -> dict[str, str]:
     table = _FROMAGE_KEYS if kind == "fromage" else _GILL_KEYS
     out = {}
     for ours in model.trained_parameters():
@@ -184,7 +187,7 @@ def published_names(model, kind: str) -> dict[str, str]:
     return out
 
 
-def read_published(directory: Path, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_published(directory: Path, model: GroundedLM) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     kind = model.config.kind
     ckpt = safe_torch_load(directory / PUBLISHED_CKPT)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import add_model_args, load_from_args
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 DEFAULT_JUDGE = "openai/clip-vit-large-patch14"  # GILL's image-image similarity model
 
@@ -100,7 +104,7 @@ def _load_magic(args):
     return load_magic(cfg, device=args.device, dtype=args.dtype, lm=args.lm, clip=args.clip)
 
 
-def _generation_metrics(args, pipeline) -> dict:
+def _generation_metrics(args, pipeline: Pipeline) -> dict:
     from ..config import ClipSpec, MagicConfig, list_presets, load_config
     from ..hub import HubUnavailableError
     from ..magic import load_clip

@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import add_model_args, load_from_args
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 
 def register(subparsers) -> None:
@@ -226,7 +230,7 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def text_query(pipeline, text: str):
+def text_query(pipeline: Pipeline, text: str):
     """(1, D) text embedding of ``text`` followed by the model's image tokens, read at the first of them
     ([RET] for FROMAGe, [IMG0] for GILL), as the model emits them when it retrieves."""
     import torch

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import captioning, generation, visdial_rank, visdial_t2i, vist_retrieval
 from .common import EvalOptions
 from .readers import DataError
 from .report import EvalReport
+
+if TYPE_CHECKING:
+    from ..magic.model import MagicModel
+    from ..pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ TASKS: dict[str, Task] = {
 }
 
 
-def evaluate(task: str, model, opts: EvalOptions, *, model_name: str, **kwargs) -> EvalReport:
+def evaluate(task: str, model: Pipeline | MagicModel, opts: EvalOptions, *, model_name: str, **kwargs) -> EvalReport:
     """Run ``task`` on ``model`` (a Pipeline, or a MagicModel for captioning) and write ``opts.out/metrics.json``."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

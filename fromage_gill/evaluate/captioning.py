@@ -10,16 +10,20 @@ where only the first N images are captioned. The table prints the paper's MSCOCO
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .caption_metrics import score_captions
 from .common import EvalOptions, limited, open_image, progress
 from .readers import DataError, ImageFolder, read_captions
 from .report import EvalReport, Results
 
+if TYPE_CHECKING:
+    from ..magic.model import MagicModel
+
 logger = logging.getLogger(__name__)
 
 
-def run(magic, opts: EvalOptions, *, model_name: str) -> EvalReport:
+def run(magic: MagicModel, opts: EvalOptions, *, model_name: str) -> EvalReport:
     items = limited(read_captions(opts.data, opts.split), opts.limit)
     folder = ImageFolder(opts.need_images("COCO_val2014_000000391895.jpg"))
     absent = [it for it in items if folder.find(it.file) is None]

@@ -9,13 +9,16 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from PIL import Image
 
 from ..images import ImageError, load_image
 from ..probe import embed_images
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def open_image(path: Path, *, squash_to: int | None = None) -> Image.Image:
 
 
 def candidate_embeddings(
-    pipeline,
+    pipeline: Pipeline,
     ids: Sequence[str],
     paths: Sequence[Path],
     out: Path,

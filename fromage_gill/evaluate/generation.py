@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -26,6 +27,9 @@ from .image_metrics import MetricUnavailable, clip_similarities, fid, fid_metric
 from .readers import DataError, ImageFolder, read_visdial, read_vist
 from .report import EvalReport, Results
 from .visdial_t2i import visdial_images
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class Example:
     truth: Path
 
 
-def vist_examples(pipeline, opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
+def vist_examples(pipeline: Pipeline, opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
     stories = limited(read_vist(opts.data), opts.limit)
     folder = ImageFolder(opts.need_images("<photo_flickr_id>.png"))
     folder.require_some("the VIST images named by photo_flickr_id", "4368632.png")
@@ -62,7 +66,7 @@ def vist_examples(pipeline, opts: EvalOptions) -> tuple[list[Example], dict[str,
     return out, {"stories": len(stories), "skipped (an image missing from the folder)": missing}
 
 
-def visdial_examples(pipeline, opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
+def visdial_examples(pipeline: Pipeline, opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
     dialogs = limited(read_visdial(opts.data), opts.limit)
     folder, found, missing = visdial_images(opts, dialogs)
     out = []
@@ -77,19 +81,19 @@ def visdial_examples(pipeline, opts: EvalOptions) -> tuple[list[Example], dict[s
     return out, {"dialogues": len(dialogs), "skipped (image missing from the folder)": missing}
 
 
-def run_vist(pipeline, opts: EvalOptions, *, model_name: str, **metrics) -> EvalReport:
+def run_vist(pipeline: Pipeline, opts: EvalOptions, *, model_name: str, **metrics) -> EvalReport:
     examples, counts = vist_examples(pipeline, opts)
     return _run("vist-generation", pipeline, opts, examples, counts, model_name, **metrics)
 
 
-def run_visdial(pipeline, opts: EvalOptions, *, model_name: str, **metrics) -> EvalReport:
+def run_visdial(pipeline: Pipeline, opts: EvalOptions, *, model_name: str, **metrics) -> EvalReport:
     examples, counts = visdial_examples(pipeline, opts)
     return _run("visdial-generation", pipeline, opts, examples, counts, model_name, **metrics)
 
 
 def _run(
     task: str,
-    pipeline,
+    pipeline: Pipeline,
     opts: EvalOptions,
     examples: list[Example],
     counts: dict[str, int],
@@ -149,7 +153,7 @@ def _run(
 
 
 @torch.no_grad()
-def _sd_embeds(pipeline, text: str) -> torch.Tensor:
+def _sd_embeds(pipeline: Pipeline, text: str) -> torch.Tensor:
     """(1, L, D) Stable Diffusion's own text-encoder output for ``text`` (truncated to its 77 tokens)."""
     sd = pipeline.diffusion
     embeds, _ = sd.encode_prompt(text, sd.text_encoder.device, 1, False)

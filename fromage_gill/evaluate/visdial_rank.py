@@ -13,6 +13,7 @@ if it were 0-based; VisDial's ``round_id`` is 1-based, and it is read as such he
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from .metrics import mean_reciprocal_rank, ndcg, rank_of, recall_at
 from .readers import Dialog, read_dense, read_visdial
 from .report import EvalReport, Results
 from .visdial_t2i import visdial_images
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 
 def round_context(dialog: Dialog, i: int) -> str:
@@ -33,7 +37,7 @@ def round_context(dialog: Dialog, i: int) -> str:
     return "\n".join(lines) + "\nA: "
 
 
-def run(pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
+def run(pipeline: Pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
     dialogs = limited(read_visdial(opts.data), opts.limit)
     dense = read_dense(opts.dense) if opts.dense is not None else {}
     folder, found, missing = visdial_images(opts, dialogs)

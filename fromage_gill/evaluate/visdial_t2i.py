@@ -9,6 +9,8 @@ score matrix along its text axis (for each image, the dialogues); ``i2t R@k`` re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..probe import embed_prompts
@@ -16,6 +18,9 @@ from .common import EvalOptions, batched, candidate_embeddings, limited, progres
 from .metrics import rank_of, recall_at
 from .readers import DataError, Dialog, ImageFolder, read_visdial
 from .report import EvalReport, Results
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 
 def dialogue_text(dialog: Dialog) -> str:
@@ -40,7 +45,7 @@ def visdial_images(opts: EvalOptions, dialogs: list[Dialog]) -> tuple[ImageFolde
     return folder, found, len(dialogs) - len(found)
 
 
-def run(pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
+def run(pipeline: Pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
     dialogs = limited(read_visdial(opts.data), opts.limit)
     folder, found, missing = visdial_images(opts, dialogs)
     size = pipeline.image_processor.size

@@ -13,6 +13,7 @@ A story whose images are not all in the folder is skipped and counted, as the sc
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,12 +25,15 @@ from .papers import VIST_SETTINGS
 from .readers import DataError, ImageFolder, Story, read_vist
 from .report import EvalReport, Results
 
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
 logger = logging.getLogger(__name__)
 
 TOP = 10
 
 
-def run(pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
+def run(pipeline: Pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
     stories = limited(read_vist(opts.data), opts.limit)
     folder = ImageFolder(opts.need_images("<photo_flickr_id>.jpg"))
     folder.require_some("the VIST images named by photo_flickr_id", "4368632.jpg")
@@ -73,7 +77,7 @@ def run(pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
     return EvalReport("vist-retrieval", model_name, metrics, counts, notes)
 
 
-def _evaluate(pipeline, stories: list[Story], folder: ImageFolder, matrix, position, ids) -> list[dict]:
+def _evaluate(pipeline: Pipeline, stories: list[Story], folder: ImageFolder, matrix, position, ids) -> list[dict]:
     tok = pipeline.tokenizer
     bos = () if tok.bos_token_id is None else (tok.bos_token_id,)
     captions = [[TokenIds((*bos, *tok(i.text, add_special_tokens=False).input_ids)) for i in s.items] for s in stories]

@@ -15,12 +15,14 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..images import MAX_IMAGE_BYTES, ImageError, load_image
 from .fetch import FetchConfig, ImageFetcher
@@ -40,6 +42,9 @@ from .storage import (
     write_embeddings,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +75,11 @@ class _BuildState:
     rows: int = 0  # vectors in vectors.bin
     records_bytes: int = 0
     skipped_bytes: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 def build_index(
-    pipeline,
+    pipeline: Pipeline,
     images_source: str | Path,
     out_dir: str | Path,
     *,
@@ -99,46 +104,22 @@ def build_index(
     """
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if dtype not in ST_DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    model = pipeline.model
     out = Path(out_dir)
-    if (out / META_FILE).exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds an index; choose another --out or pass overwrite=True (--overwrite)"
-        )
-    fingerprint = model.retrieval_fingerprint()
-    dim = pipeline.config.retrieval_dim
+    _check_build_arguments(out, batch_size, dtype, overwrite)
     source = str(images_source)
     started = time.monotonic()
     total = sum(1 for _ in iter_image_caption_items(images_source, image_root))  # also checks the source early
     build = out / BUILD_DIR
-    state = _open_build(build, fingerprint, source, dim, resume)
-    fetcher = ImageFetcher(fetch_config or FetchConfig())
-    items = iter_image_caption_items(images_source, image_root)
-    skipped_now: list[tuple[str, str]] = []
+    dim = pipeline.config.retrieval_dim
+    state = _open_build(build, pipeline.model.retrieval_fingerprint(), source, dim, resume)
     resumed_from = state.items_done
     if resumed_from:
         logger.info("resuming the build in %s after %d of %d images", out, resumed_from, total)
+    items = iter_image_caption_items(images_source, image_root)
     for _ in range(resumed_from):  # already embedded or skipped by the earlier run
         next(items, None)
 
-    def load(item: ImageItem):
-        try:
-            data = fetcher.fetch_bytes(item.url) if item.is_url else read_item_bytes(item, max_image_bytes)
-            img = load_image(data, name=item.name, max_bytes=max(max_image_bytes, len(data)))
-            return item, img, data
-        except ImageError as e:
-            return item, None, str(e).removeprefix(f"{item.name}: ")
-        except OSError as e:  # unreadable file, permissions...
-            return item, None, f"{type(e).__name__}: {e}"
-
-    vec_f = open(build / "vectors.bin", "r+b")  # noqa: SIM115 -- closed in finally
-    rec_f = open(build / RECORDS_FILE, "r+b")  # noqa: SIM115
-    skip_f = open(build / SKIPPED_FILE, "r+b")  # noqa: SIM115
-    pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="index-load")
+    loader = _ImageLoader(ImageFetcher(fetch_config or FetchConfig()), max_image_bytes)
     bar = tqdm(
         total=total,
         initial=resumed_from,
@@ -147,50 +128,134 @@ def build_index(
         disable=not progress,
         dynamic_ncols=True,
     )
+    pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="index-load")
     try:
-        for f, size in ((vec_f, state.rows * dim * 4), (rec_f, state.records_bytes), (skip_f, state.skipped_bytes)):
-            f.truncate(size)  # drop whatever an interrupted batch wrote after the last commit
-            f.seek(size)
-        pending = _submit_batch(pool, load, items, batch_size)
-        while pending:
-            batch = [f.result() for f in pending]
-            pending = _submit_batch(pool, load, items, batch_size)  # the next batch loads while this one encodes
-            good = [(item, img, data) for item, img, data in batch if img is not None]
-            for item, _, reason in (b for b in batch if b[1] is None):
-                logger.warning("skipping %s: %s", item.name, reason)
-                skipped_now.append((item.name, reason))
-                skip_f.write(f"{_tsv(item.name)}\t{_tsv(reason)}\n".encode())
-            if good:
-                with torch.no_grad():
-                    pixels = pipeline.image_processor([img for _, img, _ in good])
-                    emb = model.image_embedding(model.encode_images(pixels))  # (B, D) normalised float32
-                vec_f.write(np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32).tobytes())
-                for item, _, data in good:
-                    rec = _record_for(item, data, out, relative_paths, source)
-                    rec_f.write(record_line(rec))
-            for f in (vec_f, rec_f, skip_f):
-                f.flush()
-                os.fsync(f.fileno())
-            state.items_done += len(batch)
-            state.rows += len(good)
-            state.records_bytes, state.skipped_bytes = rec_f.tell(), skip_f.tell()
-            write_json(build / "state.json", state.__dict__)  # the batch is committed
-            bar.update(len(batch))
-            bar.set_postfix(skipped=state.items_done - state.rows, refresh=False)
+        with _BuildFiles(build, state) as files:
+            pending = _submit_batch(pool, loader, items, batch_size)
+            while pending:
+                batch = [f.result() for f in pending]
+                pending = _submit_batch(pool, loader, items, batch_size)  # the next batch loads while this one encodes
+                good = [b for b in batch if b.image is not None]
+                for bad in (b for b in batch if b.image is None):
+                    logger.warning("skipping %s: %s", bad.item.name, bad.reason)
+                    files.skip(bad.item.name, bad.reason)
+                if good:
+                    files.add(_embed(pipeline, [b.image for b in good if b.image is not None]))
+                    for b in good:
+                        files.record(_record_for(b.item, b.data, out, relative_paths, source))
+                files.commit(items_done=len(batch), rows=len(good))
+                bar.update(len(batch))
+                bar.set_postfix(skipped=state.items_done - state.rows, refresh=False)
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
-        for f in (vec_f, rec_f, skip_f):
-            f.close()
-        fetcher.close()
+        loader.fetcher.close()
+    return _finish_and_report(build, out, state, pipeline.model.config.name, dtype, resumed_from, started)
 
+
+def _check_build_arguments(out: Path, batch_size: int, dtype: str, overwrite: bool) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dtype not in ST_DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if (out / META_FILE).exists() and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds an index; choose another --out or pass overwrite=True (--overwrite)"
+        )
+
+
+@dataclass
+class _Loaded:
+    """One source item after loading: its decoded image and raw bytes, or why it cannot be used."""
+
+    item: ImageItem
+    image: Image.Image | None = None
+    data: bytes = b""
+    reason: str = ""
+
+
+@dataclass
+class _ImageLoader:
+    """Reads one item's bytes (fetching URLs) and decodes them, in a worker thread; never raises for a bad image."""
+
+    fetcher: ImageFetcher
+    max_image_bytes: int
+
+    def __call__(self, item: ImageItem) -> _Loaded:
+        try:
+            if item.url is not None:
+                data = self.fetcher.fetch_bytes(item.url)
+            else:
+                data = read_item_bytes(item, self.max_image_bytes)
+            img = load_image(data, name=item.name, max_bytes=max(self.max_image_bytes, len(data)))
+            return _Loaded(item, img, data)
+        except ImageError as e:
+            return _Loaded(item, reason=str(e).removeprefix(f"{item.name}: "))
+        except OSError as e:  # unreadable file, permissions...
+            return _Loaded(item, reason=f"{type(e).__name__}: {e}")
+
+
+def _embed(pipeline: Pipeline, images: list[Image.Image]) -> np.ndarray:
+    """(B,) images -> (B, D) normalised float32 vectors, as the retrieval head saw them in training."""
+    model = pipeline.model
+    with torch.no_grad():
+        emb = model.image_embedding(model.encode_images(pipeline.image_processor(images)))
+    return np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32)
+
+
+class _BuildFiles:
+    """The build folder's three growing files and its state: a batch is written, then committed at once
+    (flushed, fsynced, and ``state.json`` moved past it), so an interrupted batch is truncated on resume."""
+
+    def __init__(self, build: Path, state: _BuildState):
+        self.build, self.state = build, state
+        self.vectors = open(build / "vectors.bin", "r+b")  # noqa: SIM115 -- closed in __exit__
+        self.records = open(build / RECORDS_FILE, "r+b")  # noqa: SIM115
+        self.skipped = open(build / SKIPPED_FILE, "r+b")  # noqa: SIM115
+        committed = (state.rows * state.dim * 4, state.records_bytes, state.skipped_bytes)
+        for f, size in zip(self._files(), committed, strict=True):
+            f.truncate(size)  # drop whatever an interrupted batch wrote after the last commit
+            f.seek(size)
+
+    def _files(self) -> tuple[BinaryIO, BinaryIO, BinaryIO]:
+        return self.vectors, self.records, self.skipped
+
+    def __enter__(self) -> _BuildFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files():
+            f.close()
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.write(f"{_tsv(name)}\t{_tsv(reason)}\n".encode())
+
+    def add(self, vectors: np.ndarray) -> None:
+        self.vectors.write(vectors.tobytes())
+
+    def record(self, rec: dict[str, object]) -> None:
+        self.records.write(record_line(rec))
+
+    def commit(self, items_done: int, rows: int) -> None:
+        for f in self._files():
+            f.flush()
+            os.fsync(f.fileno())
+        self.state.items_done += items_done
+        self.state.rows += rows
+        self.state.records_bytes, self.state.skipped_bytes = self.records.tell(), self.skipped.tell()
+        write_json(self.build / "state.json", self.state.__dict__)  # the batch is committed
+
+
+def _finish_and_report(
+    build: Path, out: Path, state: _BuildState, model_name: str, dtype: str, resumed_from: int, started: float
+) -> BuildReport:
     skipped = _read_skipped(build / SKIPPED_FILE)
     if state.rows == 0:
         raise ValueError(
-            f"no image of {source} could be read ({len(skipped)} skipped, e.g. "
+            f"no image of {state.source} could be read ({len(skipped)} skipped, e.g. "
             f"{'; '.join(f'{n}: {r}' for n, r in skipped[:3]) or 'none found'})"
         )
-    _finish_build(build, out, state, model.config.name, dtype)
+    _finish_build(build, out, state, model_name, dtype)
     report = BuildReport(
         out_dir=out,
         count=state.rows,
@@ -209,8 +274,10 @@ def build_index(
     return report
 
 
-def _submit_batch(pool: ThreadPoolExecutor, load, items: Iterator[ImageItem], n: int) -> list:
-    futures = []
+def _submit_batch(
+    pool: ThreadPoolExecutor, load: _ImageLoader, items: Iterator[ImageItem], n: int
+) -> list[Future[_Loaded]]:
+    futures: list[Future[_Loaded]] = []
     for item in items:
         futures.append(pool.submit(load, item))
         if len(futures) == n:
@@ -222,7 +289,7 @@ def _tsv(s: str) -> str:
     return s.replace("\t", " ").replace("\n", " ")
 
 
-def _record_for(item: ImageItem, data: bytes, out: Path, relative_paths: bool, source: str) -> dict:
+def _record_for(item: ImageItem, data: bytes, out: Path, relative_paths: bool, source: str) -> dict[str, object]:
     rec = item.record()
     rec.setdefault("source", source)  # the image set it came from, unless the list names a better source
     rec.setdefault("license", "unknown")  # never guessed: lists can carry a license column
@@ -264,7 +331,7 @@ def _open_build(build: Path, fingerprint: str, source: str, dim: int, resume: bo
 
 
 def _read_skipped(path: Path) -> list[tuple[str, str]]:
-    out = []
+    out: list[tuple[str, str]] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         name, _, reason = line.partition("\t")
         out.append((name, reason))

@@ -16,10 +16,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import checkpoint as ckpt
 from ..config import ModelConfig
 from ..resume_state import get_rng, load_state, save_state, set_rng
+
+if TYPE_CHECKING:
+    from ..model import GroundedLM
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, accelerator, *, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, model: GroundedLM, optimizer, scheduler, accelerator, *, keep: int) -> Path:
     """OUT/checkpoints/step-N, complete or absent: written under a temporary name, renamed at the end. The newest
     trained layers are also copied to OUT/ (config.json + model.safetensors) so ``load_pipeline(OUT)`` works."""
     final = out / CHECKPOINTS / f"step-{step:07d}"
@@ -93,7 +97,7 @@ def check_fresh_run(out: Path) -> None:
         )
 
 
-def load_trained_layers(model, resume: Path) -> None:
+def load_trained_layers(model: GroundedLM, resume: Path) -> None:
     """The checkpoint's trained layers into ``model``."""
     ckpt.load_trained_layers(model, ckpt.read_native(resume / ckpt.WEIGHTS_NAME), source=str(resume))
 

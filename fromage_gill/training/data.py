@@ -23,12 +23,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ..images import MAX_IMAGE_BYTES, ImageError, load_image
 from ..retrieve.sources import ImageItem, iter_image_caption_items, read_item_bytes, unescape_text
+
+if TYPE_CHECKING:
+    from ..model import GroundedLM
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +286,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def image_features(self, model, device) -> torch.Tensor:
+    def image_features(self, model: GroundedLM, device) -> torch.Tensor:
         """(B, vision_dim) frozen image features in fp32: the precomputed ones, or ``model`` encodes the pixels."""
         if self.features is not None:
             return self.features.to(device=device, dtype=torch.float32)

@@ -14,6 +14,7 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from ..layout import layout, retrieval_rows
 from ..model import DECISION_GENERATE, DECISION_RETRIEVE
 from .data import DataError
 from .losses import decision_loss
+
+if TYPE_CHECKING:
+    from ..model import GroundedLM
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,9 @@ def read_decision_data(path: str | Path) -> tuple[list[str], list[int]]:
 
 
 @torch.no_grad()
-def img0_hidden(model, tokenizer, prompts: list[str], *, batch_size: int = 32, max_tokens: int = 64) -> torch.Tensor:
+def img0_hidden(
+    model: GroundedLM, tokenizer, prompts: list[str], *, batch_size: int = 32, max_tokens: int = 64
+) -> torch.Tensor:
     """(N, d) last-layer hidden states at [IMG0] after each prompt (the decision head's input), fp32.
 
     The same layout and states as ``generate.image_token_states(pipeline, prompts)[:, 0]`` (a test holds them
@@ -93,7 +99,7 @@ def img0_hidden(model, tokenizer, prompts: list[str], *, batch_size: int = 32, m
 
 
 def train_decision_head(
-    model,
+    model: GroundedLM,
     tokenizer,
     prompts: list[str],
     labels: list[int],

@@ -17,6 +17,8 @@ treatment against the LM's output rows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -26,6 +28,9 @@ from .distributed import gather_with_grad
 from .losses import LossWeights, contrastive_loss, l2_loss, next_token_loss, token_accuracy
 from .precompute import encode_captions_for_diffusion
 
+if TYPE_CHECKING:
+    from ..model import GroundedLM
+
 LOSS_NAMES = ("caption", "retrieval_lm", "contrastive", "generation")
 
 
@@ -34,7 +39,7 @@ class Objective(nn.Module):
 
     def __init__(
         self,
-        model,
+        model: GroundedLM,
         tokenizer,
         *,
         weights: LossWeights,
@@ -177,7 +182,7 @@ class Objective(nn.Module):
         return out
 
 
-def check_vocabulary(model, tokenizer) -> None:
+def check_vocabulary(model: GroundedLM, tokenizer) -> None:
     """Every id the training feeds or predicts must exist in the LM (or be one of the new image tokens)."""
     n_base = model.n_base
     head = model.lm.get_output_embeddings()
@@ -198,7 +203,7 @@ def check_vocabulary(model, tokenizer) -> None:
 
 
 @torch.no_grad()
-def mean_embedding_norm(model) -> tuple[float, float | None]:
+def mean_embedding_norm(model: GroundedLM) -> tuple[float, float | None]:
     """Mean L2 norm of the LM's input embedding rows (and of its output rows when untied)."""
 
     def mean_norm(weight: torch.Tensor) -> float:
@@ -209,7 +214,7 @@ def mean_embedding_norm(model) -> tuple[float, float | None]:
 
 
 @torch.no_grad()
-def renormalize_image_tokens(model, norms: tuple[float, float | None]) -> None:
+def renormalize_image_tokens(model: GroundedLM, norms: tuple[float, float | None]) -> None:
     """Rescale every trained image-token row to ``norms`` (from ``mean_embedding_norm``): input rows, output rows."""
     rows = [(model.image_token_embeddings, norms[0])]
     if model.image_token_output is not None:

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -27,6 +28,9 @@ from safetensors.torch import save_file
 from ..checkpoint import atomic_write
 from ..images import ImageError
 from .data import DataError, Records, load_record_image, records_fingerprint
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def encode_captions_for_diffusion(diffusion, captions: list[str]) -> torch.Tenso
 
 
 def precompute(
-    pipeline,
+    pipeline: Pipeline,
     records: Records,
     out: str | Path,
     *,
