@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from fromage_gill.generate.history import FORMAT, VERSION, history_from_dict, read_history_json
-from fromage_gill.generate.limits import kept_message
+from fromage_gill.generate.prompt import normalize_message
 from fromage_gill.images import ImageProcessor, load_image
 
 BUDGET_MB = 300
@@ -247,7 +247,7 @@ def _handle(data: bytes, case: Case, headroom_mb: int) -> tuple[str, str, object
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
         if case.kind == "message":
-            segments = kept_message(["look", *[data] * 8])
+            segments = normalize_message(["look", *[data] * 8])
             images = [s.image for s in segments[1:]]
             return "accepted", f"{len(images)} images kept at {images[0].size[0]}x{images[0].size[1]}", segments
         if case.kind == "import":

@@ -15,13 +15,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import checkpoint as ckpt
 from .backbones import Quantization, load_diffusion, load_lm, load_tokenizer, load_vision
-from .config import RANDOM, ConfigError, ModelConfig, list_presets, load_config
+from .config import RANDOM, ConfigError, MagicConfig, ModelConfig, list_presets, load_config
 from .devices import default_device, default_dtype, parse_dtype
 from .generate.diffusion import ImageGenerator
 from .hub import fetch_file
@@ -103,17 +103,18 @@ class Pipeline:
         return "\n".join(lines)
 
 
-def resolve_config(name_or_path: str | Path, *, preset: str | None = None) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config, where its weights live). Published layouts are applied on top of ``preset`` (default: guessed
-    from the args: GILL's name ``num_tokens``, FROMAGe's do not)."""
+def resolve_config(name_or_path: str | Path, *, preset: str | None = None) -> ModelConfig | MagicConfig:
+    """The config of ``name_or_path`` (its ``weights`` say where the trained layers live); a "magic" preset gives a
+    ``MagicConfig``. Published layouts are applied on top of ``preset`` (default: guessed from the args: GILL's
+    name ``num_tokens``, FROMAGe's do not)."""
     path = Path(name_or_path)
     if path.is_dir() and (path / ckpt.CONFIG_NAME).is_file():
         cfg = load_config(path)
-        if cfg.weights == ".":
+        if isinstance(cfg, ModelConfig) and cfg.weights == ".":
             cfg = dataclasses.replace(cfg, weights=str(path))
-        return cfg, {}
+        return cfg
     if path.is_dir() and (path / ckpt.PUBLISHED_ARGS).is_file():
-        return _published_config(path, path / ckpt.PUBLISHED_ARGS, preset), {}
+        return _published_config(path, path / ckpt.PUBLISHED_ARGS, preset)
     if path.is_dir():
         raise FileNotFoundError(
             f"{path} holds neither {ckpt.CONFIG_NAME} (this project's format) nor {ckpt.PUBLISHED_ARGS} + "
@@ -121,7 +122,7 @@ def resolve_config(name_or_path: str | Path, *, preset: str | None = None) -> tu
         )
     name = str(name_or_path)
     if name in list_presets() or path.suffix == ".json":
-        return load_config(name_or_path), {}
+        return load_config(name_or_path)
     if name.count("/") == 1 and not path.exists():  # a Hub repo id
         try:
             return resolve_config(fetch_file(name, ckpt.CONFIG_NAME, what="model config").parent, preset=preset)
@@ -130,8 +131,8 @@ def resolve_config(name_or_path: str | Path, *, preset: str | None = None) -> tu
         except OSError:
             args = fetch_file(name, ckpt.PUBLISHED_ARGS, what="published model config")
             cfg = _published_config(Path(name), args, preset)
-            return dataclasses.replace(cfg, weights=name), {}
-    return load_config(name_or_path), {}  # raises with the list of presets
+            return dataclasses.replace(cfg, weights=name)
+    return load_config(name_or_path)  # raises with the list of presets
 
 
 def _published_config(where: Path, args_path: Path, preset: str | None) -> ModelConfig:
@@ -187,7 +188,7 @@ def load_pipeline(
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
-    cfg, _ = resolve_config(name_or_path, preset=preset)
+    cfg = resolve_config(name_or_path, preset=preset)
     if not isinstance(cfg, ModelConfig):  # kind "magic": a plain LM + CLIP, no grounded model to build
         raise ConfigError(
             f"{cfg.name!r} is a {cfg.kind!r} preset (a plain LM + CLIP): load it with "

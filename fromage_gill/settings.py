@@ -6,12 +6,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 MODES = ("auto", "retrieve", "generate", "text")
 MAX_SEED = 2**63 - 1
 # The decoding strategies (generate/decoding.py implements each): known statically, never by import side effects.
 DECODINGS = ("default", "magic", "contrastive")
+
+
+class WithGenerationDefaults(Protocol):
+    """A model config's defaults for these settings (``ModelConfig``, which imports this module: named, not
+    imported); values are a preset JSON's, arbitrary until the settings check them."""
+
+    @property
+    def generation(self) -> Mapping[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,8 @@ class GenerationSettings:
     decoding: str = "default"
     stop_at_eos: bool = True
     stop_strings: tuple[str, ...] | None = None  # None = the model's dialogue stop strings
-    decoding_options: Mapping[str, Any] | None = None  # passed through to a registered decoding strategy
+    # passed to the decoding strategy (generate/decoding.py says which options each takes); values are arbitrary JSON
+    decoding_options: Mapping[str, Any] | None = None
     # How the answer is cut (docs/fidelity.md): "full" (the project's) keeps every word up to a stop; "published"
     # as the authors' code: decoding ends at the first newline, each text run is cut after its first full stop
     # (utils.truncate_caption), the text after the answer's last image is dropped, and text is shown a run at a time
@@ -52,18 +61,18 @@ class GenerationSettings:
     history_layout: Literal["exact", "published"] = "exact"
 
     @classmethod
-    def for_model(cls, config, **overrides: Any) -> GenerationSettings:
+    def for_model(cls, config: WithGenerationDefaults, **overrides: Any) -> GenerationSettings:  # Any: a field's value
         """The model's defaults (``ModelConfig.generation``) with ``overrides`` on top."""
-        return cls(**{**(getattr(config, "generation", None) or {}), **overrides})
+        return cls(**{**(config.generation or {}), **overrides})
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
             return ValueError(f"GenerationSettings.{name}={getattr(self, name)!r}: {fix}")
 
-        def is_int(v) -> bool:
+        def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v) -> bool:
+        def is_num(v: object) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:

@@ -258,7 +258,8 @@ def test_export_json_loads_back_with_its_settings(h):
     path = Path(h.export_json(session))
     data = json.loads(path.read_text())
     assert path.name == "conversation.json" and data["format"] == "fromage_gill.chat"
-    assert data["seeds"] == before["seeds"] and data["settings"]["mode"] == "text"
+    answers = {str(i): t["seed"] for i, t in enumerate(data["turns"]) if t["role"] == "assistant"}
+    assert answers == before["seeds"] and data["settings"]["mode"] == "text"  # each answer holds its seed
 
     reply = h.load_json(None, {"path": str(path)})
     after = h.history(reply.session)

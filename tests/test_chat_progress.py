@@ -1,15 +1,21 @@
-"""Progress while an image is generated: ImageGenerator's step callback (``on_step`` and a thread's ``reporting``
-listener) and the app's live answer, which shows the step count while the image is being made."""
+"""Progress while an image is generated: ImageGenerator's step callback and its ``steps`` iterator, the engine's
+``ImageProgress`` events, and the app's live answer, which shows the step count while the image is being made
+(all without gradio)."""
 
 from __future__ import annotations
 
 import threading
 
 import torch
+from PIL import Image
 
 from fromage_gill.chat.handlers import ChatHandlers
 from fromage_gill.chat.options import AppOptions
-from fromage_gill.generate.diffusion import ImageGenerator
+from fromage_gill.chat.running import turn_updates
+from fromage_gill.chat.session import ChatSession
+from fromage_gill.generate import Chat, GenerationSettings, ImageResult, TurnEnd
+from fromage_gill.generate.diffusion import GeneratedImages, ImageGenerator
+from fromage_gill.generate.events import ImagePending, ImageProgress
 
 DRAW = dict(mode="generate", image_logit_bias=20.0, max_images=1, max_new_tokens=6, seed="1")
 
@@ -25,14 +31,53 @@ def test_each_denoising_step_is_reported(tiny_gill):
     out = gen(embeds(tiny_gill.diffusion), num_inference_steps=3, seed=0, on_step=lambda k, n: steps.append((k, n)))
     assert steps == [(1, 3), (2, 3), (3, 3)] and len(out.images) == 1
 
-    heard: list[tuple[str, int]] = []
-    with gen.reporting(lambda k, n: heard.append((threading.current_thread().name, k))):
-        other = threading.Thread(target=gen, args=(embeds(tiny_gill.diffusion),), kwargs=dict(num_inference_steps=2))
-        other.start()
-        other.join()  # another thread's generation is not this thread's to report
-        gen(embeds(tiny_gill.diffusion), num_inference_steps=2, seed=0)
-    gen(embeds(tiny_gill.diffusion), num_inference_steps=2, seed=0)  # the block is over: nobody listens
-    assert heard == [(threading.current_thread().name, 1), (threading.current_thread().name, 2)]
+    streamed = list(gen.steps(embeds(tiny_gill.diffusion), num_inference_steps=3, seed=0))
+    assert streamed[:3] == [1, 2, 3] and len(streamed) == 4
+    last = streamed[-1]
+    assert isinstance(last, GeneratedImages) and last.images[0].tobytes() == out.images[0].tobytes(), (
+        "the streamed generation makes the same image as the direct call"
+    )
+
+
+def test_closing_the_steps_early_interrupts_the_generation(tiny_gill):
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False)
+    steps = gen.steps(embeds(tiny_gill.diffusion), num_inference_steps=50, seed=0)
+    assert next(steps) == 1
+    steps.close()  # interrupts and waits for the helper thread
+    assert not any(t.name == "diffusion" for t in threading.enumerate())
+    assert gen._lock.acquire(timeout=0) and gen._lock.release() is None, "the generator is free again"
+
+
+def test_the_engine_streams_progress_as_events_of_the_turn(tiny_gill):
+    chat = Chat(tiny_gill)
+    settings = GenerationSettings(
+        mode="generate", image_logit_bias=20.0, max_images=1, max_new_tokens=6, seed=1, num_inference_steps=3
+    )
+    events = list(chat.send(["draw a cat"], settings))
+    kinds = [type(e).__name__ for e in events]
+    first = kinds.index("ImagePending")
+    assert kinds[first : first + 5] == ["ImagePending", *["ImageProgress"] * 3, "ImageResult"], kinds
+    assert [e for e in events if isinstance(e, ImageProgress)] == [ImageProgress(0, k, 3) for k in (1, 2, 3)]
+    assert isinstance(events[-1], TurnEnd)
+
+
+def test_progress_events_reach_the_session_without_gradio(tiny_gill, tmp_path):
+    session = ChatSession(Chat(tiny_gill), image_dir=tmp_path)
+    session.start_streaming(["draw a cat"])
+    picture = Image.new("RGB", (8, 8), (200, 10, 10))
+
+    def engine():
+        yield ImagePending(0)
+        for k in (1, 2):
+            yield ImageProgress(0, k, 2)
+        yield ImageResult(image=picture, source="generated", seed=5)
+        yield TurnEnd("image", 5)
+
+    shown = [session.progress for _ in turn_updates(session, engine(), save=lambda: None)]
+    assert shown == [None, (1, 2), (2, 2), None, None], "every event is shown; the image replaces the progress"
+    session.progress = (1, 2)
+    assert session.progress_text() == "*(generating an image: step 1/2)* `█████░░░░░`"
+    assert isinstance(session.live[-1], ImageResult) and session.live[-1].image is picture
 
 
 def test_the_live_answer_shows_the_step_count_while_drawing(tiny_gill, tmp_path):

@@ -104,7 +104,6 @@ def test_image_label():
         (b"[1, 2]", "not a saved chat"),
         (b'{"format": "fromage_gill.chat", "version": 2}', "unsupported export version 2"),
         (b'{"format": "fromage_gill.chat", "version": 1, "settings": []}', "'settings' must be a JSON object"),
-        (b'{"format": "fromage_gill.chat", "version": 1, "seeds": {"x": 1}}', "'seeds' must map turn numbers"),
         # a crafted export: json.loads would recurse until RecursionError (an uncaught traceback in the app)
         (b"[" * 200_000 + b"]" * 200_000, "nests more than 16 levels deep"),
         (b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "score": NaN}', "not a number"),
@@ -117,9 +116,9 @@ def test_read_export_refusals(tmp_path, content, match):
         read_export(f)
 
 
-def test_read_export_defaults_and_seed_keys():
-    data = read_export(b'{"format": "fromage_gill.chat", "version": 1, "turns": [], "seeds": {"1": 5}}')
-    assert data["seeds"] == {1: 5} and data["settings"] == {}
+def test_read_export_defaults_its_settings():
+    data = read_export(b'{"format": "fromage_gill.chat", "version": 1, "turns": []}')
+    assert data["settings"] == {}
 
 
 def test_session_files_are_removed_on_close(images):

@@ -13,14 +13,8 @@ from PIL import Image
 
 from fromage_gill.generate import Chat
 from fromage_gill.generate.history import FORMAT, VERSION, history_from_dict, read_history_json
-from fromage_gill.generate.limits import (
-    MAX_IMAGES_PER_CONVERSATION,
-    MAX_IMAGES_PER_MESSAGE,
-    MAX_KEPT_IMAGE_PIXELS,
-    kept_image,
-    kept_message,
-)
-from fromage_gill.generate.prompt import ImageSegment, Turn, normalize_message
+from fromage_gill.generate.limits import MAX_IMAGES_PER_CONVERSATION, MAX_IMAGES_PER_MESSAGE
+from fromage_gill.generate.prompt import MAX_KEPT_IMAGE_PIXELS, ImageSegment, Turn, kept_image, normalize_message
 from fromage_gill.images import ImageError
 from fromage_gill.settings import GenerationSettings
 
@@ -184,14 +178,14 @@ def test_each_image_of_a_message_is_decoded_and_kept_small_in_turn(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees to view
     Image.new("RGB", (40, 20)).save(rotated, "JPEG", exif=exif)
-    segs = kept_message(["look", big, rotated.getvalue(), ImageSegment(Image.new("RGB", (3000, 1000)), score=0.2)])
+    segs = normalize_message(["look", big, rotated.getvalue(), ImageSegment(Image.new("RGB", (3000, 1000)), score=0.2)])
     assert segs[0] == "look" and all(isinstance(s, ImageSegment) for s in segs[1:])
     assert segs[1].image.mode == "RGB" and segs[1].image.getpixel((0, 0)) == (255, 255, 255)  # over white
     assert segs[1].image.width * segs[1].image.height <= MAX_KEPT_IMAGE_PIXELS
     assert segs[2].image.size == (20, 40)  # upright
     assert segs[3].image.size == (2449, 816) and segs[3].score == 0.2
     with pytest.raises(ImageError, match="message item 1"):
-        kept_message(["look", b"not an image"])
+        normalize_message(["look", b"not an image"])
 
 
 def test_chat_keeps_a_big_upload_small(tiny_gill):

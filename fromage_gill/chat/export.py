@@ -1,5 +1,6 @@
-"""Export and import of a conversation: JSON (the engine's saved chat plus the app's settings and seeds, to
-continue elsewhere) and a self-contained HTML page; ``read_export`` checks a JSON export before it is loaded."""
+"""Export and import of a conversation: JSON (the engine's saved chat, each answer with its seed and end reason,
+plus the app's settings, to continue elsewhere) and a self-contained HTML page; ``read_export`` checks a JSON
+export before it is loaded."""
 
 from __future__ import annotations
 
@@ -25,25 +26,24 @@ class ChatExportError(ValueError):
     """A conversation export that cannot be loaded; the message says what is wrong with it."""
 
 
-def export_json(session: ChatSession, *, model_name: str) -> dict[str, Any]:
+def export_json(session: ChatSession, *, model_name: str) -> dict[str, Any]:  # JSON
     """Everything needed to continue the chat elsewhere: the engine's saved chat (``Chat.to_dict``: text, images as
-    PNG, their labels, each answer's tokens) plus the settings last used and the seed of each answer."""
+    PNG, their labels, each answer's tokens, seed and end reason) plus the settings last used."""
     data = session.chat.to_dict()
     data.update(
         {
             "model": model_name,
             "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "settings": settings_dict(session.settings),
-            "seeds": {str(k): v for k, v in session.seeds.items() if k < len(session.chat.history)},
         }
     )
     return data
 
 
-def read_export(source: str | Path | bytes) -> dict[str, Any]:
+def read_export(source: str | Path | bytes) -> dict[str, Any]:  # JSON
     """Parse a JSON export and check what the app adds to the engine's saved chat (``Chat.from_dict`` checks the
-    turns); ``ChatExportError`` says what is wrong. ``settings`` and ``seeds`` come back as dicts (``seeds`` keyed
-    by turn number)."""
+    turns, and the ``seeds`` of an older export); ``ChatExportError`` says what is wrong. ``settings`` comes back
+    as a dict."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.stat().st_size > MAX_EXPORT_BYTES:
@@ -62,38 +62,28 @@ def read_export(source: str | Path | bytes) -> dict[str, Any]:
         raise ChatExportError(
             f"unsupported export version {data.get('version')!r}; this app reads version {EXPORT_VERSION}"
         )
-    for key in ("settings", "seeds"):
-        data.setdefault(key, {})
-        if not isinstance(data[key], dict):
-            raise ChatExportError(f"the export's {key!r} must be a JSON object; the file was edited or is damaged")
-    try:
-        data["seeds"] = {int(k): (None if v is None else int(v)) for k, v in data["seeds"].items()}
-    except (TypeError, ValueError):
-        raise ChatExportError(
-            "the export's 'seeds' must map turn numbers to whole numbers; the file was edited or is damaged"
-        ) from None
+    data.setdefault("settings", {})
+    if not isinstance(data["settings"], dict):
+        raise ChatExportError("the export's 'settings' must be a JSON object; the file was edited or is damaged")
     return data
 
 
 def export_html(session: ChatSession, *, model_name: str, title: str = "fromage_gill conversation") -> str:
     """A self-contained HTML page of the conversation: images embedded as data URIs, labels, settings and seeds."""
     rows = []
-    for i, turn in enumerate(session.chat.history):
+    for turn in session.chat.history:
         parts = []
         for seg in turn.segments:
             if isinstance(seg, str):
                 parts.append(f"<p>{html.escape(seg).replace(chr(10), '<br>')}</p>")
                 continue
-            img = seg if isinstance(seg, Image.Image) else getattr(seg, "image", None)
-            if img is None:
-                continue
             label = plain_text(image_label(seg))
             parts.append(
-                f'<figure><img src="{_data_uri(img)}" alt="{html.escape(label or "image")}">'
+                f'<figure><img src="{_data_uri(seg.image)}" alt="{html.escape(label or "image")}">'
                 + (f"<figcaption>{html_label(seg)}</figcaption>" if label else "")
                 + "</figure>"
             )
-        seed = f'<div class="seed">seed {session.seeds[i]}</div>' if session.seeds.get(i) is not None else ""
+        seed = f'<div class="seed">seed {turn.seed}</div>' if turn.seed is not None else ""
         rows.append(
             f'<div class="msg {html.escape(turn.role)}"><div class="role">{html.escape(turn.role)}</div>'
             f"{''.join(parts)}{seed}</div>"

@@ -16,12 +16,14 @@ import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..generate import Chat
+from ..generate import Chat, GenerationSettings
+from ..generate.events import TurnEvents
+from ..generate.prompt import ImageSegment
 from ..pipeline import Pipeline
 from . import export
 from .controls import (
@@ -215,7 +217,7 @@ class ChatHandlers:
         session.settings = settings
         saved = session.chat.to_dict()
 
-        def start() -> Iterator[Any]:
+        def start() -> TurnEvents:
             session.chat.truncate(i)
             try:
                 yield from session.chat.send(segments, settings)
@@ -229,28 +231,18 @@ class ChatHandlers:
     def _run_turn(
         self,
         session: ChatSession,
-        start: Callable[[], Iterator[Any]],
-        pending_user: list | None,
+        start: Callable[[], TurnEvents],
+        pending_user: list[str | ImageSegment] | None,
         shown_turns: int | None = None,
     ) -> Iterator[Reply]:
         """Wait for the model (showing the queue position), stream the turn, and fold errors into the chat."""
-        session.stop_requested = False
         session.start_streaming(pending_user, shown_turns)
         ticket = self.gate.join()
         try:
-            while not self.gate.wait(ticket, WAIT_POLL_S):
-                if session.stop_requested:
-                    session.end_streaming()
-                    session.note("Stopped before the model started; nothing was sent.")
-                    yield self._reply(session)
-                    return
-                ahead = self.gate.ahead(ticket)
-                session.live = [
-                    f"*Busy: {ahead} ahead of you.* Your message starts when they finish *(press Stop to withdraw it)*"
-                ]
-                yield self._reply(session)
+            if not (yield from self._wait_for_model(session, ticket)):
+                return
             session.live = []
-            events = iter(start())  # a refusal (too long, bad settings) raises here: the box keeps the message
+            events = start()  # a refusal (too long, bad settings) raises here or at its first event
             first = next(events, None)
             self.save(session, running=True)  # from now on a crash leaves this turn marked as interrupted
             yield self._reply(session, clear_box=True)
@@ -269,6 +261,22 @@ class ChatHandlers:
             session.end_streaming()
         self.save(session)
         yield self._reply(session)
+
+    def _wait_for_model(self, session: ChatSession, ticket: int) -> Generator[Reply, None, bool]:
+        """Show the queue position until ``ticket`` may use the model (True), or the user withdrew it (False)."""
+        session.chat.stop_requested.clear()  # a Stop from now on withdraws this message
+        while not self.gate.wait(ticket, WAIT_POLL_S):
+            if session.chat.stop_requested.is_set():
+                session.end_streaming()
+                session.note("Stopped before the model started; nothing was sent.")
+                yield self._reply(session)
+                return False
+            ahead = self.gate.ahead(ticket)
+            session.live = [
+                f"*Busy: {ahead} ahead of you.* Your message starts when they finish *(press Stop to withdraw it)*"
+            ]
+            yield self._reply(session)
+        return True
 
     def _refused(self, session: ChatSession) -> Callable[[], Iterator[Reply]]:
         def still_answering() -> Iterator[Reply]:
@@ -372,14 +380,12 @@ class ChatHandlers:
             return self._reply(session)
         session.chat = chat
         session.settings = settings
-        session.seeds = data["seeds"]
-        session.reasons = {}
         session.conversation = new_id()  # a conversation of its own in the sidebar's list
         self.save(session)
         session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
-    def _settings_of(self, data: dict[str, Any]) -> Any:
+    def _settings_of(self, data: dict[str, Any]) -> GenerationSettings:
         """The GenerationSettings of a JSON export (ValueError naming a bad one)."""
         seed = data["settings"].get("seed")
         return make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
@@ -457,7 +463,7 @@ class ChatHandlers:
             return None
         session = self.new_session(owner=owner)
         try:
-            data, reasons = record_chat(record)
+            data = record_chat(record)
             session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
             session.settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -465,7 +471,6 @@ class ChatHandlers:
             session.close()
             return None
         session.conversation = conversation
-        session.seeds, session.reasons = data["seeds"], reasons
         if record.get("running"):
             self.save(session)  # stored as it is now shown: an interrupted answer, no turn running
         return session

@@ -127,7 +127,7 @@ def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
             add_user(turn.segments, i)
             continue
         text = _markdown(session, turn.segments)
-        mark = END_MARKS.get(session.reasons.get(i, ""))
+        mark = END_MARKS.get(turn.end_reason or "")
         if mark:
             text = f"{text} {mark}" if text else mark
         out.append({"role": "assistant", "content": text or " "})

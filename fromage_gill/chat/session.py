@@ -1,5 +1,6 @@
 """One browser tab's conversation: the engine's ``Chat``, the settings last used, the notes shown among its turns,
-and the answer being streamed (folded from the engine's events)."""
+and the answer being streamed (folded from the engine's events). A turn's facts (its seed, why it ended) live on
+the engine's ``Turn``, not here."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
-from ..generate import Chat, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
+from ..generate import Chat, Event, GenerationSettings, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
+from ..generate.events import ImageProgress
+from ..generate.prompt import ImageSegment
 from ..images import image_hash
 from .labels import image_label, plain_text
 
 MIN_SHOWN_PX = 192  # smaller images are shown enlarged (pixelated); exports keep the original
 QUEUED_WAIT_S = 600.0  # how long a message sent during an answer waits for it to end
-FILE_URL = "/gradio_api/file="  # how the app serves a file under its allowed paths (ChatHandlers.image_root)
+FILE_URL = "/gradio_api/file="
+T = TypeVar("T")  # how the app serves a file under its allowed paths (ChatHandlers.image_root)
 
 
 class _Pending:
@@ -30,14 +34,7 @@ class _Pending:
 
 
 PENDING = _Pending()  # in the live answer: an image the engine is still making
-
-
-@dataclass(frozen=True)
-class DiffusionStep:
-    """Progress of the image being generated (from diffusers' step callback): ``step`` of ``steps`` done."""
-
-    step: int
-    steps: int
+LivePart = str | ImageSegment | _Pending  # what the answer being streamed holds (ImageResult is an ImageSegment)
 
 
 @dataclass(frozen=True)
@@ -62,16 +59,13 @@ class ChatSession:
     """
 
     chat: Chat
-    settings: Any = None  # the GenerationSettings of the last turn
+    settings: GenerationSettings | None = None  # those of the last turn
     index_name: str | None = None  # the image index this chat retrieves from
     notes: list[Note] = field(default_factory=list)  # not yet shown (Reply.notes drains them)
     log: list[str] = field(default_factory=list)  # every note's text, for the API's /history (the last 50)
-    seeds: dict[int, int | None] = field(default_factory=dict)  # assistant turn index -> the seed that produced it
-    reasons: dict[int, str] = field(default_factory=dict)  # assistant turn index -> why it ended (TurnEnd.reason)
-    live: list[Any] | None = None  # the assistant turn being streamed: segments (str | ImageResult | PENDING)
-    pending_user: list[Any] | None = None  # the user message of the turn being streamed
-    stop_requested: bool = False
-    progress: tuple[int, int] | None = None  # (step, steps) of the image being generated
+    live: list[LivePart] | None = None  # the assistant turn being streamed
+    pending_user: list[str | ImageSegment] | None = None  # the user message of the turn being streamed
+    progress: tuple[int, int] | None = None  # (step, total) of the image being generated
     image_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fromage_gill_chat_")))
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     owner: str | None = None  # the browser it belongs to (its conversations are stored); None: not stored (API)
@@ -79,13 +73,13 @@ class ChatSession:
     # The chatbot messages last shown (messages.chatbot_messages): message -> (turn, segment) of a user text
     message_turns: list[tuple[int, int] | None] = field(default_factory=list)
     _shown_turns: int | None = None  # while streaming: how many history turns precede the live exchange
-    _turn_end: TurnEnd | None = None  # the TurnEnd event, until the answer is in the history
-
-    _turn_lock: threading.Lock = field(default_factory=threading.Lock)  # one turn at a time per session
+    # One turn at a time per session (a double submit waits or is refused); the model's slots are the gate's, and
+    # stopping a turn is its Chat's one stop flag
+    _one_turn: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def running(self) -> bool:
-        return self._shown_turns is not None or self._turn_lock.locked()
+        return self._shown_turns is not None or self._one_turn.locked()
 
     @property
     def streaming(self) -> bool:
@@ -100,20 +94,20 @@ class ChatSession:
         return n if self._shown_turns is None else min(self._shown_turns, n)
 
     def exclusive(
-        self, turn: Callable[[], Iterator[Any]], refused: Callable[[], Iterator[Any]], *, wait: bool = False
-    ) -> Iterator[Any]:
+        self, turn: Callable[[], Iterator[T]], refused: Callable[[], Iterator[T]], *, wait: bool = False
+    ) -> Iterator[T]:
         """Run the generator ``turn()`` unless another turn of this session runs (e.g. a double submit): then
         ``refused()``, or with ``wait`` once that turn ends (at most ``QUEUED_WAIT_S``). The claim is released when
         the generator ends or is closed."""
-        if not self._turn_lock.acquire(blocking=wait, timeout=QUEUED_WAIT_S if wait else -1):
+        if not self._one_turn.acquire(blocking=wait, timeout=QUEUED_WAIT_S if wait else -1):
             yield from refused()
             return
         try:
             yield from turn()
         finally:
-            self._turn_lock.release()
+            self._one_turn.release()
 
-    def start_streaming(self, pending_user: list[Any] | None, shown_turns: int | None = None) -> None:
+    def start_streaming(self, pending_user: list[str | ImageSegment] | None, shown_turns: int | None = None) -> None:
         """Show the first ``shown_turns`` turns of history (default: all), then ``pending_user`` (None: regenerating
         the last answer), then the live answer, until ``end_streaming``; the engine updates its history meanwhile."""
         n = len(self.chat.history) if shown_turns is None else shown_turns
@@ -124,21 +118,15 @@ class ChatSession:
         self.live = []
 
     def end_streaming(self) -> None:
-        history = self.chat.history
-        if self._turn_end is not None and history and history[-1].role == "assistant":
-            n = len(history) - 1  # the engine adds the answer to its history after yielding TurnEnd
-            self.seeds[n] = self._turn_end.seed
-            self.reasons[n] = self._turn_end.reason
-        self._turn_end = None
         self._shown_turns = None
         self.pending_user = None
         self.live = None
-        self.stop_requested = False
+        self.progress = None
 
     def stop(self) -> None:
-        """End the running turn; what streamed so far stays (the engine keeps it as the answer)."""
+        """End the running turn (or withdraw it while it waits for the model); what streamed so far stays (the
+        engine keeps it as the answer)."""
         if self.running:
-            self.stop_requested = True
             self.chat.stop()
 
     def close(self) -> None:
@@ -180,33 +168,30 @@ class ChatSession:
             return self.message_turns[message_index]
         return None
 
-    def summary(self) -> dict[str, Any]:
-        """The conversation as plain data (the API's ``/history``): per turn its role, text and image labels."""
-        turns = []
+    def summary(self) -> dict[str, Any]:  # JSON
+        """The conversation as plain data (the API's ``/history``): per turn its role, text and image labels; the
+        seed and end reason of each answer, by turn number."""
+        turns: list[dict[str, Any]] = []
         for turn in self.chat.history:
-            segs = []
-            for seg in turn.segments:
-                if isinstance(seg, str):
-                    segs.append({"text": seg})
-                else:
-                    segs.append(
-                        {
-                            "image": plain_text(image_label(seg)) or "image",
-                            "source": getattr(seg, "source", None) or "user",
-                        }
-                    )
+            segs = [
+                {"text": seg}
+                if isinstance(seg, str)
+                else {"image": plain_text(image_label(seg)) or "image", "source": seg.source}
+                for seg in turn.segments
+            ]
             turns.append({"role": turn.role, "segments": segs})
-        n = len(self.chat.history)
+        answers = [(str(i), t) for i, t in enumerate(self.chat.history) if t.role == "assistant"]
         return {
             "turns": turns,
-            "seeds": {str(k): v for k, v in self.seeds.items() if k < n},
-            "end_reasons": {str(k): v for k, v in self.reasons.items() if k < n},
+            "seeds": {i: t.seed for i, t in answers if t.seed is not None},
+            "end_reasons": {i: t.end_reason for i, t in answers if t.end_reason is not None},
             "settings": settings_dict(self.settings),
             "notes": list(self.log),
         }
 
-    def apply(self, event: Any) -> None:
-        """Fold one engine event into the live turn shown while streaming."""
+    def apply(self, event: Event) -> None:
+        """Fold one engine event into the live turn shown while streaming (a turn's end needs nothing: the engine
+        keeps its facts on the answer's ``Turn``)."""
         if self.live is None:
             self.live = []
         match event:
@@ -218,8 +203,8 @@ class ChatSession:
             case ImagePending():
                 self.progress = None
                 self.live.append(PENDING)
-            case DiffusionStep(step=step, steps=steps):
-                self.progress = (step, steps)
+            case ImageProgress(step=step, total=total):
+                self.progress = (step, total)
             case ImageResult():
                 self.progress = None
                 for i in range(len(self.live) - 1, -1, -1):
@@ -231,9 +216,9 @@ class ChatSession:
             case Notice(text=text):
                 self.note(text)
             case TurnEnd():
-                self._turn_end = event
+                pass
 
 
-def settings_dict(settings: Any) -> dict[str, Any]:
+def settings_dict(settings: GenerationSettings | None) -> dict[str, Any]:  # JSON
     """GenerationSettings as a plain dict ({} before the first turn)."""
     return dataclasses.asdict(settings) if settings is not None else {}

@@ -109,32 +109,40 @@ class ConversationStore:
 
 
 def session_record(session: ChatSession, *, model_name: str, running: bool = False, partial: str = "") -> dict:
-    """What is stored of a session: its JSON export, title, why each answer ended, and while a turn runs
-    ``running`` with the answer's text so far (``partial``), so that a crash leaves it marked as interrupted."""
+    """What is stored of a session: its JSON export (each answer with its seed and why it ended), title, and while a
+    turn runs ``running`` with the answer's text so far (``partial``), so that a crash leaves it marked as
+    interrupted."""
     first = next((t.text for t in session.chat.history if t.role == "user" and t.text.strip()), "")
     title = " ".join(first.split())[:TITLE_CHARS] or ("Images" if session.chat.history else "New chat")
     return {
         "chat": export_json(session, model_name=model_name),
         "title": title,
-        "reasons": {str(k): v for k, v in session.reasons.items()},
         "running": running,
         "partial": partial,
     }
 
 
-def record_chat(record: dict[str, Any]) -> tuple[dict[str, Any], dict[int, str]]:
-    """The JSON export of a stored record (checked by ``read_export``) and the end reason of each answer; a turn
-    that was running when the app stopped becomes an answer of the text it had, marked "interrupted"."""
+def record_chat(record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON export of a stored record (checked by ``read_export``); a turn that was running when the app stopped
+    becomes an answer of the text it had, whose end reason is "interrupted". A record stored before the answers held
+    their end reasons keeps them in ``"reasons"`` (turn number -> reason): they are put on the turns."""
     if not isinstance(record, dict) or not isinstance(record.get("chat"), dict):
         raise ChatExportError("the stored conversation has no 'chat' object")
     data = read_export(json.dumps(record["chat"]).encode())
-    reasons = {int(k): str(v) for k, v in (record.get("reasons") or {}).items() if str(k).isdigit()}
     turns = data.get("turns")
-    if record.get("running") and isinstance(turns, list) and turns and turns[-1].get("role") == "user":
+    if not isinstance(turns, list):
+        return data  # Chat.from_dict says what is wrong
+    old = record.get("reasons")
+    for k, reason in old.items() if isinstance(old, dict) else ():
+        i = int(k) if str(k).isdigit() else -1
+        if 0 <= i < len(turns) and isinstance(turns[i], dict) and turns[i].get("end_reason") is None:
+            turns[i]["end_reason"] = str(reason)
+    if record.get("running") and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user":
         partial = record.get("partial") if isinstance(record.get("partial"), str) else ""
-        turns.append({"role": "assistant", "segments": [{"type": "text", "text": partial}]})
-        reasons[len(turns) - 1] = "interrupted"
-    return data, reasons
+        turns.append(
+            {"role": "assistant", "segments": [{"type": "text", "text": partial}], "end_reason": "interrupted"}
+        )
+    return data
 
 
 def browser_secret(cache_dir: Path) -> str:

@@ -56,7 +56,7 @@ def run(args) -> int:
     )
     config = pipe.config
     if args.random_weights:  # the layers were checked against random stand-ins; they belong to the real backbones
-        real, _ = resolve_config(args.src, preset=args.preset)
+        real = resolve_config(args.src, preset=args.preset)
         config = dataclasses.replace(config, lm=real.lm, vision=real.vision, diffusion=real.diffusion)
     out = save_native(pipe.model, args.out, config)
     n = sum(p.numel() for p in pipe.model.trained_parameters().values())

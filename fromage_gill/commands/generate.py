@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..generate.events import Event, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
+from ..images import load_image
+from ..settings import GenerationSettings
 from .common import add_model_args, load_from_args
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..retrieve import ImageIndex
 
 logger = logging.getLogger(__name__)
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "generate",
         help="answer a message (text and images) with streamed text and inline images",
@@ -76,11 +85,39 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..generate import Chat, GenerationSettings, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
-    from ..images import load_image
+def run(args: argparse.Namespace) -> int:
+    from ..generate import Chat
 
-    # Everything the user typed is checked before the model loads.
+    given = _given_settings(args)  # everything the user typed is checked before the model loads
+    images = [load_image(Path(path)) for path in args.image]
+    if args.index is not None and not Path(args.index).is_dir():
+        raise FileNotFoundError(f"--index {args.index}: no such directory")
+
+    pipeline = load_from_args(args, load_diffusion_pipeline=args.mode in (None, "auto", "generate"))
+    settings = GenerationSettings.for_model(pipeline.config, **given)
+    pipeline.index = _load_index(args.index, pipeline)
+    answer = _Answer(Path(args.out), echo=not args.json)
+    for event in Chat(pipeline).send([*images, args.text], settings):
+        answer.add(event)
+    end = answer.end
+    if args.json:
+        doc = {
+            "model": pipeline.config.name,
+            "segments": answer.segments,
+            "notices": answer.notices,
+            "reason": end.reason if end else None,
+            "seed": end.seed if end else None,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        sys.stdout.write("\n")
+        logger.info("stopped: %s (seed %s)", end.reason if end else "?", end.seed if end else "?")
+    return 0
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:  # Any: the options' values, checked here
+    """The settings the user set (unset options take the model's defaults), checked: a bad value fails here,
+    naming its option, before the model loads."""
     given = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -98,76 +135,68 @@ def run(args) -> int:
         guidance_scale=args.guidance_scale,
     )
     given = {k: v for k, v in given.items() if v is not None}
-    GenerationSettings(**given)  # a bad value fails here, naming its option
+    GenerationSettings(**given)
+    return given
 
-    images = [load_image(Path(path)) for path in args.image]
-    if args.index is not None and not Path(args.index).is_dir():
-        raise FileNotFoundError(f"--index {args.index}: no such directory")
-    out_dir = Path(args.out)
 
-    pipeline = load_from_args(args, load_diffusion_pipeline=args.mode in (None, "auto", "generate"))
-    settings = GenerationSettings.for_model(pipeline.config, **given)
-    pipeline.index = _load_index(args.index, pipeline)
-    chat = Chat(pipeline)
-    segments: list[dict] = []
-    notices: list[str] = []
-    end = None
-    stream = sys.stdout
-    for ev in chat.send([*images, args.text], settings):
-        if isinstance(ev, TextDelta):
-            if segments and segments[-1]["type"] == "text":
-                segments[-1]["text"] += ev.text
-            else:
-                segments.append({"type": "text", "text": ev.text})
-            if not args.json:
-                stream.write(ev.text)
-                stream.flush()
-        elif isinstance(ev, ImagePending) and not args.json:
-            print(f"\n[image {ev.slot + 1}: resolving...]", file=sys.stderr, flush=True)
-        elif isinstance(ev, ImageResult):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"answer-image{ev.slot + 1}.png"
-            ev.image.save(path)
-            seg = {
+class _Answer:
+    """The answer as it streams: echoed to the terminal (``echo``), its images written to ``out_dir``, and kept as
+    the JSON document's segments (an image as the history saves one: its decision ``{p_generate, p_retrieve}``)."""
+
+    def __init__(self, out_dir: Path, *, echo: bool):
+        self.out_dir, self.echo = out_dir, echo
+        self.segments: list[dict[str, Any]] = []  # JSON
+        self.notices: list[str] = []
+        self.end: TurnEnd | None = None
+
+    def add(self, event: Event) -> None:
+        match event:
+            case TextDelta(text=text):
+                if self.segments and self.segments[-1]["type"] == "text":
+                    self.segments[-1]["text"] += text
+                else:
+                    self.segments.append({"type": "text", "text": text})
+                self._say(text)
+            case ImagePending(slot=slot) if self.echo:
+                print(f"\n[image {slot + 1}: resolving...]", file=sys.stderr, flush=True)
+            case ImageResult():
+                self._image(event)
+            case Notice(text=text):
+                self.notices.append(text)
+                if self.echo:
+                    print(f"note: {text}", file=sys.stderr, flush=True)
+            case TurnEnd():
+                self.end = event
+            case _:  # a generated image's progress: the terminal shows the image once it is there
+                pass
+
+    def _image(self, image: ImageResult) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"answer-image{image.slot + 1}.png"
+        image.image.save(path)
+        self.segments.append(
+            {
                 "type": "image",
-                "source": ev.source,
+                "source": image.source,
                 "path": str(path),
-                "score": ev.score,
-                "decision": None
-                if ev.decision is None
-                else {"p_generate": ev.decision[0], "p_retrieve": ev.decision[1]},
-                "caption": ev.caption,
-                "url": ev.url,
-                "index_id": ev.index_id,
-                "seed": ev.seed,
+                "score": image.score,
+                "decision": image.decision.to_json() if image.decision else None,
+                "caption": image.caption,
+                "url": image.url,
+                "index_id": image.index_id,
+                "seed": image.seed,
             }
-            segments.append(seg)
-            if not args.json:
-                score = f" ({ev.score:.2f})" if ev.score is not None else ""
-                stream.write(f"\n[{ev.source}{score}: {path}]\n")
-                stream.flush()
-        elif isinstance(ev, Notice):
-            notices.append(ev.text)
-            if not args.json:
-                print(f"note: {ev.text}", file=sys.stderr, flush=True)
-        elif isinstance(ev, TurnEnd):
-            end = ev
-    if args.json:
-        doc = {
-            "model": pipeline.config.name,
-            "segments": segments,
-            "notices": notices,
-            "reason": end.reason if end else None,
-            "seed": end.seed if end else None,
-        }
-        print(json.dumps(doc, indent=2))
-    else:
-        stream.write("\n")
-        logger.info("stopped: %s (seed %s)", end.reason if end else "?", end.seed if end else "?")
-    return 0
+        )
+        score = f" ({image.score:.2f})" if image.score is not None else ""
+        self._say(f"\n[{image.source}{score}: {path}]\n")
+
+    def _say(self, text: str) -> None:
+        if self.echo:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
 
-def _load_index(directory: str | None, pipeline):
+def _load_index(directory: str | None, pipeline: Pipeline) -> ImageIndex | None:
     from ..retrieve import ImageIndex, shipped_index_dir
 
     fingerprint = pipeline.model.retrieval_fingerprint()

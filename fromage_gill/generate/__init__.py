@@ -5,17 +5,19 @@ from ..settings import GenerationSettings
 from .batch import generate_batch
 from .chat import Chat
 from .decoding import StepState
-from .events import Event, GenerationOutput, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
+from .events import Event, GenerationOutput, ImagePending, ImageProgress, ImageResult, Notice, TextDelta, TurnEnd
 from .limits import check_settings, context_length
-from .prompt import ImageSegment, TokenIds, Turn
+from .prompt import Decision, ImageSegment, TokenIds, Turn
 from .resolve import image_token_states
 
 __all__ = [
     "Chat",
+    "Decision",
     "Event",
     "GenerationOutput",
     "GenerationSettings",
     "ImagePending",
+    "ImageProgress",
     "ImageResult",
     "ImageSegment",
     "Notice",

@@ -9,65 +9,76 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image
 
+from ..config import DialogueSpec
 from ..settings import GenerationSettings
-from .events import Event, Notice, TurnEnd
+from .events import Notice, TurnEnd, TurnEvents
 from .history import history_from_dict, history_to_dict
-from .limits import (
-    check_image_counts,
-    check_settings,
-    context_length,
-    image_paths,
-    image_positions,
-    kept_message,
-    too_long,
-)
+from .limits import check_image_counts, check_settings, context_length, image_paths, image_positions, too_long
 from .loop import DecodeLoop, Row, fresh_seed
-from .prompt import Prompt, Turn, VisionCache, dialogue_pieces, encode_pieces, normalize_message
+from .prompt import (
+    ImageSegment,
+    Prompt,
+    Turn,
+    VisionCache,
+    dialogue_pieces,
+    encode_pieces,
+    message_items,
+    normalize_message,
+)
 from .stream import TextStream
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from transformers.cache_utils import Cache
+
+    from ..pipeline import Pipeline
 
 
 class Chat:
     """One conversation: its history, the vision features of its images, and the KV cache of its prompt so far.
 
     ``send`` validates at once (raising before anything changes) and returns an iterator of events; the turn is
-    added to the history as it runs. Use one thread per Chat; ``stop()`` may be called from any thread.
+    added to the history as it runs. Use one thread per Chat; ``stop()`` may be called from any thread. A
+    ``send`` or ``regenerate`` starts unstopped: a ``stop()`` after it (even before its first event) ends that turn.
     """
 
-    def __init__(self, pipeline, *, dialogue=None):
+    def __init__(self, pipeline: Pipeline, *, dialogue: DialogueSpec | None = None):
         self.pipeline = pipeline
         self.dialogue = dialogue or pipeline.config.dialogue
         self.history: list[Turn] = []
         self.vision_cache = VisionCache()
-        self._cache: Any = None
-        self._cache_keys: list = []  # what each cached position holds (see Prompt.keys)
+        self._cache: Cache | None = None
+        self._cache_keys: list[Hashable] = []  # what each cached position holds (see Prompt.keys)
         self._first = 0  # first history turn still in the prompt (older ones were left out to fit)
-        self._stop = threading.Event()
-        self._active: Iterator[Event] | None = None
+        # The one stop flag of a turn: set by stop() from any thread, read by the decode loop and the diffusion;
+        # cleared when a turn starts (an app may also clear it earlier, when it queues a message for the model)
+        self.stop_requested = threading.Event()
+        self._active: TurnEvents | None = None
         self._told_no_images = False
 
     # -- public API ------------------------------------------------------------------------------------------------
 
-    def send(self, message: Sequence[str | Image.Image], settings: GenerationSettings | None = None) -> Iterator[Event]:
+    def send(
+        self, message: Sequence[str | Image.Image | ImageSegment | bytes], settings: GenerationSettings | None = None
+    ) -> TurnEvents:
         """Add a user message (str and images, in order) and stream the answer's events. A message holds at most
         ``limits.MAX_IMAGES_PER_MESSAGE`` images and a conversation ``MAX_IMAGES_PER_CONVERSATION``; images over
-        ``MAX_KEPT_IMAGE_PIXELS`` are kept (and seen) scaled down to it."""
+        ``prompt.MAX_KEPT_IMAGE_PIXELS`` are kept (and seen) scaled down to it."""
         settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
         check_settings(self.pipeline, settings)
-        # the image limits before any image is decoded, then each decoded and kept at a bounded size in turn
-        items = message if isinstance(message, (list, tuple)) else [message]
+        items = message_items(message)  # the image limits before any image is decoded
         check_image_counts(sum(len(t.images) for t in self.history), sum(not isinstance(m, str) for m in items))
-        user = Turn("user", normalize_message(kept_message(message)))
+        user = Turn("user", normalize_message(items))
         prompt, first = self._plan([*self.history, user], settings)
         return self._start(self._turn(prompt, first, settings, add=user))
 
-    def regenerate(self, settings: GenerationSettings | None = None) -> Iterator[Event]:
+    def regenerate(self, settings: GenerationSettings | None = None) -> TurnEvents:
         """Run the last answer again (a new seed unless ``settings.seed`` is set)."""
         settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
@@ -79,7 +90,7 @@ class Chat:
 
     def stop(self) -> None:
         """End the running turn at the next token (thread-safe); what streamed so far is kept."""
-        self._stop.set()
+        self.stop_requested.set()
 
     def undo(self) -> list[Turn]:
         """Drop the last user + assistant exchange; returns the removed turns ([] if the chat is empty)."""
@@ -114,12 +125,12 @@ class Chat:
 
     # -- export / import ---------------------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict:
-        """JSON-able: text, images as PNG base64 with their metadata, and each answer's tokens."""
+    def to_dict(self) -> dict[str, Any]:  # JSON
+        """JSON-able: text, images as PNG base64 with their metadata, and each answer's tokens, seed, end reason."""
         return history_to_dict(self.history, model=self.pipeline.config.name)
 
     @classmethod
-    def from_dict(cls, pipeline, data: Mapping) -> Chat:
+    def from_dict(cls, pipeline: Pipeline, data: Mapping[str, Any]) -> Chat:
         """Rebuild a chat from ``to_dict`` output; raises ``ValueError`` saying what is wrong."""
         chat = cls(pipeline)
         chat.history = history_from_dict(data, model=pipeline.config.name, vocab_size=pipeline.model.vocab_size)
@@ -127,7 +138,8 @@ class Chat:
 
     # -- internals ---------------------------------------------------------------------------------------------------
 
-    def _start(self, gen: Iterator[Event]) -> Iterator[Event]:
+    def _start(self, gen: TurnEvents) -> TurnEvents:
+        self.stop_requested.clear()  # a new turn starts unstopped (here, not when it runs: a stop may come first)
         self._active = gen
         return gen
 
@@ -142,7 +154,7 @@ class Chat:
         if gen is not None and inspect.getgeneratorstate(gen) == inspect.GEN_SUSPENDED:
             gen.close()  # the abandoned turn ends as "stopped", keeping what it produced
 
-    def _encode(self, turns: Sequence[Turn], history_layout: str = "exact") -> Prompt:
+    def _encode(self, turns: Sequence[Turn], history_layout: Literal["exact", "published"] = "exact") -> Prompt:
         cfg = self.pipeline.config
         pieces = dialogue_pieces(
             turns,
@@ -181,11 +193,10 @@ class Chat:
         *,
         add: Turn | None = None,
         drop_last: bool = False,
-    ) -> Iterator[Event]:
+    ) -> TurnEvents:
         removed = self.history.pop() if drop_last else None
         if add is not None:
             self.history.append(add)
-        self._stop.clear()
         seed = settings.seed if settings.seed is not None else fresh_seed()
         old_first, loop = self._first, None
 
@@ -218,7 +229,7 @@ class Chat:
                 seed=seed,
                 cache=self._cache,
                 n_past=len(self._cache_keys),
-                stop_event=self._stop,
+                stop_event=self.stop_requested,
             )
             self._cache_keys = list(prompt.keys)  # from the first forward on, the cache holds the prompt
             yield from notices
@@ -264,4 +275,4 @@ class Chat:
         row = loop.rows[0]
         self._cache = loop.cache
         self._cache_keys = list(prompt.keys) + list(row.fed)
-        self.history.append(Turn("assistant", list(row.segments), tuple(row.tokens)))
+        self.history.append(Turn("assistant", list(row.segments), tuple(row.tokens), loop.seed, row.reason))

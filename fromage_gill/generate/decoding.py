@@ -10,15 +10,28 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ..config import ConfigError, MagicDecoding
 from ..magic.clip import attached_clip
-from ..magic.search import ClipLogitsFn, continuation_ids, degeneration_penalty, magic_scores, resolve_decoding
+from ..magic.search import (
+    ClipLogitsFn,
+    continuation_ids,
+    degeneration_penalty,
+    magic_choice,
+    resolve_decoding,
+    top_candidates,
+)
 from ..settings import DECODINGS, GenerationSettings
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from transformers.cache_utils import Cache
+
+    from ..model import GroundedLM
+    from ..pipeline import Pipeline
 
 
 @dataclass
@@ -26,11 +39,11 @@ class StepState:
     """What a decoding strategy sees at each step. It returns the ``(B,)`` next tokens; it may run the LM on
     ``past_key_values`` (e.g. to score candidates) but must leave the cache as it found it (``crop`` back)."""
 
-    model: Any  # GroundedLM
+    model: GroundedLM
     logits: torch.Tensor  # (B, V) float32 after the image-token rules
     hidden: torch.Tensor  # (B, T, d) last-layer hidden states of the last forward
     new_mask: torch.Tensor  # (B, T) 1 for the real positions of the last forward
-    past_key_values: Any
+    past_key_values: Cache
     attention_mask: torch.Tensor | None  # (B, L) over the cache, None when nothing is padded
     next_positions: torch.Tensor  # (B,) position id the next token gets
     generated: list[list[int]]  # per row: the tokens of this turn so far
@@ -39,14 +52,15 @@ class StepState:
     rows: list[int]  # which prompt each batch row is (finished rows leave the batch)
 
 
-DecodingFactory = Callable[[Any, GenerationSettings, list[list[Image.Image]]], Callable[[StepState], torch.Tensor]]
+Choose = Callable[[StepState], torch.Tensor]  # a step's state -> (B,) next tokens
+DecodingFactory = Callable[["Pipeline", GenerationSettings, list[list[Image.Image]]], Choose]
 
 
 # Defaults for a FROMAGe/GILL conversation: the published open-ended (story) setting, not the caption one.
 ENGINE_DEFAULTS = MagicDecoding(k=5, alpha=0.6, beta=0.15)
 
 
-def engine_settings(decoding: str, settings: Any) -> MagicDecoding:
+def engine_settings(decoding: str, settings: GenerationSettings) -> MagicDecoding:
     """MagicDecoding for the engine's ``GenerationSettings``: ``decoding_options`` may set k, alpha, beta,
     clip_text_max_tokens; ``max_new_tokens`` is the engine's own."""
     options = dict(settings.decoding_options or {})
@@ -62,8 +76,8 @@ def engine_settings(decoding: str, settings: Any) -> MagicDecoding:
     return resolve_decoding(decoding, base)
 
 
-def engine_strategy(decoding: str) -> Callable:
-    """A decoding strategy for ``generate.register_decoding``: ``factory(pipeline, settings, images_per_row)``
+def engine_strategy(decoding: str) -> DecodingFactory:
+    """MAGIC's rule as a decoding strategy (``STRATEGIES``): ``factory(pipeline, settings, images_per_row)``
     returns ``choose(state) -> (B,) tokens``. Each step scores the k candidates of every row in one batched LM
     forward (cache repeated k ways, then cropped back as the engine requires) and one CLIP batch per row.
 
@@ -71,7 +85,7 @@ def engine_strategy(decoding: str) -> Callable:
     of this turn's prompt that were not already cached, and every token since. On a first turn that is the whole
     prefix, as in the paper; in a follow-up turn the earlier turns, served from the KV cache, are not included."""
 
-    def factory(pipeline: Any, settings: Any, images_per_row: list[list[Image.Image]]) -> Callable:
+    def factory(pipeline: Pipeline, settings: GenerationSettings, images_per_row: list[list[Image.Image]]) -> Choose:
         s = engine_settings(decoding, settings)
         model, tokenizer = pipeline.model, pipeline.tokenizer
         guides: list[ClipLogitsFn | None] = [None] * len(images_per_row)
@@ -90,14 +104,12 @@ def engine_strategy(decoding: str) -> Callable:
             return tokenizer.decode(ids, skip_special_tokens=True)  # image tokens add no words for CLIP
 
         @torch.no_grad()
-        def choose(state: Any) -> torch.Tensor:
+        def choose(state: StepState) -> torch.Tensor:
             b, k = state.logits.shape[0], min(s.k, state.logits.shape[-1])
             for j, row in enumerate(state.rows):
                 new = state.hidden[j][state.new_mask[j].to(state.hidden.device) == 1].float()
                 history[row] = new if row not in history else torch.cat([history[row], new.to(history[row].device)])
-            logits = state.logits.float()
-            top_logits, top_ids = logits.topk(k, dim=-1)  # (B, k)
-            probs = (top_logits - logits.logsumexp(-1, keepdim=True)).exp()
+            top_logits, top_ids, probs = top_candidates(state.logits, k)  # (B, k) each
 
             cache = state.past_key_values
             cache.batch_repeat_interleave(k)
@@ -127,9 +139,8 @@ def engine_strategy(decoding: str) -> Callable:
                         for v in top_ids[j].tolist()
                     ]
                     clip = guides[row](texts)
-                scores = magic_scores(probs[j], penalty.to(probs.device), clip, s.alpha, s.beta)
-                scores = scores.masked_fill(~torch.isfinite(top_logits[j]), -torch.inf)  # forbidden stays forbidden
-                chosen.append(top_ids[j, int(scores.argmax())])
+                _, best = magic_choice(top_logits[j], probs[j], penalty, clip, s.alpha, s.beta)
+                chosen.append(top_ids[j, best])
             return torch.stack(chosen)
 
         return choose

@@ -4,19 +4,26 @@ What differs from the published GILL code: the negative (unconditional) embeddin
 computed once per diffusion pipeline and passed explicitly, so classifier-free guidance contrasts the request with
 the same baseline the text-to-image model was trained with; the caller decides whether to run it at all (the
 generation loop only calls it on the "generate" path); the generator is seeded per image; the safety checker can
-be switched off per generator; and a running generation can be interrupted between denoising steps.
+be switched off per generator; a running generation can be interrupted between denoising steps; and
+``ImageGenerator.steps`` yields each finished step while the image is made (the progress a chat shows).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
+
+from ..config import ModelConfig
+
+if TYPE_CHECKING:  # types only: importing diffusers is slow
+    from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +43,11 @@ class ImageGenerator:
     A ``Pipeline`` makes one for its diffusion pipeline (``Pipeline.image_generator``).
     """
 
-    def __init__(self, sd_pipe, *, safety_checker: bool = True):
+    def __init__(self, sd_pipe: StableDiffusionPipeline, *, safety_checker: bool = True):
         self.pipe = sd_pipe
         self.safety_checker = safety_checker
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time: the pipeline's scheduler holds its state
         self._negative: torch.Tensor | None = None
-        self._local = threading.local()  # this thread's progress listener (``reporting``)
-
-    @contextlib.contextmanager
-    def reporting(self, on_step: Callable[[int, int], None]) -> Iterator[None]:
-        """Within the block, generations run by this thread call ``on_step(step, steps)`` after each denoising step
-        (how a chat app shows progress without the generation loop passing a callback through every layer)."""
-        previous = getattr(self._local, "on_step", None)
-        self._local.on_step = on_step
-        try:
-            yield
-        finally:
-            self._local.on_step = previous
 
     @torch.no_grad()
     def negative_prompt_embeds(self) -> torch.Tensor:
@@ -70,13 +65,12 @@ class ImageGenerator:
         guidance_scale: float = 7.5,
         num_inference_steps: int = 50,
         seed: int = 0,
-        interrupt=None,
+        interrupt: Callable[[], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GeneratedImages:
         """``prompt_embeds``: ``(N, Q, D)``. ``interrupt``: a callable checked after every denoising step; when it
         returns True the generation stops and ``interrupted`` is set (no images). ``on_step(step, steps)``: called
-        after each denoising step (step counts from 1; default: this thread's ``reporting`` listener, if any)."""
-        on_step = on_step or getattr(self._local, "on_step", None)
+        after each denoising step (step counts from 1)."""
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
@@ -97,7 +91,7 @@ class ImageGenerator:
         generator = torch.Generator("cpu").manual_seed(int(seed))
         stopped = False
 
-        def on_step_end(p, step, timestep, tensors):
+        def on_step_end(p: StableDiffusionPipeline, step: int, timestep: object, tensors: dict[str, torch.Tensor]):
             nonlocal stopped
             if on_step is not None:
                 on_step(step + 1, num_inference_steps)
@@ -129,8 +123,63 @@ class ImageGenerator:
             logger.info("the safety checker blanked %d of %d generated image(s)", sum(nsfw), n)
         return GeneratedImages(images, nsfw)
 
+    def steps(
+        self,
+        prompt_embeds: torch.Tensor,
+        *,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> Iterator[int | GeneratedImages]:
+        """The same generation as calling this generator, yielding the number of each finished denoising step (from
+        1) while it runs, then the ``GeneratedImages``. diffusers reports a step through a callback, in the middle
+        of its loop, so the generation runs in a helper thread and hands the steps over; closing the iterator
+        early interrupts the generation and waits for it to end."""
+        handed: queue.SimpleQueue[int | GeneratedImages | BaseException] = queue.SimpleQueue()
+        abandoned = threading.Event()  # the consumer went away: nobody wants the image any more
 
-def image_generator(pipeline) -> ImageGenerator:
+        def stop() -> bool:
+            return abandoned.is_set() or (interrupt is not None and interrupt())
+
+        def work() -> None:
+            try:
+                handed.put(
+                    self(
+                        prompt_embeds,
+                        guidance_scale=guidance_scale,
+                        num_inference_steps=num_inference_steps,
+                        seed=seed,
+                        interrupt=stop,
+                        on_step=lambda step, _: handed.put(step),
+                    )
+                )
+            except BaseException as e:  # raised in the consumer's thread
+                handed.put(e)
+
+        worker = threading.Thread(target=work, name="diffusion", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = handed.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GeneratedImages):
+                    return
+        finally:
+            abandoned.set()
+            worker.join()
+
+
+class WithImageGenerator(Protocol):
+    """What ``image_generator`` reads of a ``Pipeline`` (which imports this module: named here, not imported)."""
+
+    config: ModelConfig
+    image_generator: ImageGenerator | None
+
+
+def image_generator(pipeline: WithImageGenerator) -> ImageGenerator:
     """The ``ImageGenerator`` of a ``Pipeline``, or a ``ValueError`` saying why it has none."""
     if pipeline.image_generator is None:
         if not pipeline.config.can_generate:

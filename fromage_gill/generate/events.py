@@ -1,7 +1,9 @@
-"""What a turn streams: text as it is decoded, images as they are resolved, notices and the turn's end."""
+"""What a turn streams: text as it is decoded, images as they are resolved (and a generated one's progress while it
+is made), notices and the turn's end."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +20,15 @@ class ImagePending:
     slot: int  # index of the image within the turn
 
 
+@dataclass(frozen=True)
+class ImageProgress:
+    """The image of ``slot`` is being generated: ``step`` of its ``total`` denoising steps are done."""
+
+    slot: int
+    step: int
+    total: int
+
+
 @dataclass(frozen=True, eq=False)
 class ImageResult(ImageSegment):
     """An image the answer produced (retrieved or generated): an ``ImageSegment`` that also knows its ``slot``, the
@@ -31,13 +42,18 @@ class Notice:
     text: str
 
 
+EndReason = Literal["eos", "turn_boundary", "max_new_tokens", "stopped", "image"]
+
+
 @dataclass(frozen=True)
 class TurnEnd:
-    reason: Literal["eos", "turn_boundary", "max_new_tokens", "stopped", "image"]
+    reason: EndReason
     seed: int
 
 
-Event = TextDelta | ImagePending | ImageResult | Notice | TurnEnd
+Event = TextDelta | ImagePending | ImageProgress | ImageResult | Notice | TurnEnd
+# One turn's events as ``Chat`` streams them; closing it early ends the turn as "stopped", keeping what it made
+TurnEvents = Generator[Event, None, None]
 
 
 @dataclass

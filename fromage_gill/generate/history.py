@@ -6,7 +6,12 @@ bounds the bytes, the nesting depth and the number of JSON values before ``json.
 refuses NaN and Infinity; ``history_from_dict`` checks every field, the role order (user first, then alternating),
 the images per message and per conversation (``limits``) before any image is decoded, finite scores, and decodes
 each image through ``images.load_image`` (its byte, pixel, side and aspect limits) one at a time, keeping it at
-``limits.MAX_KEPT_IMAGE_PIXELS``.
+``prompt.MAX_KEPT_IMAGE_PIXELS``.
+
+An answer keeps the facts of its turn: ``seed`` and ``end_reason``; an image its ``decision`` as
+``{"p_generate", "p_retrieve"}``. Older files are still read: a decision as a ``[p_generate, p_retrieve]`` pair, and
+the seeds in a top-level ``"seeds"`` object keyed by turn number (the app's exports before the facts moved onto
+the turns).
 """
 
 from __future__ import annotations
@@ -17,47 +22,52 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..images import load_image
-from .limits import MAX_IMAGES_PER_MESSAGE, check_image_counts, kept_image
-from .prompt import SOURCES, ImageSegment, Turn
+from .limits import MAX_IMAGES_PER_MESSAGE, check_image_counts
+from .prompt import SOURCES, Decision, ImageSegment, Turn, kept_image
 
 FORMAT, VERSION = "fromage_gill.chat", 1
 MAX_HISTORY_BYTES = 200 * 1024 * 1024  # 64 kept images as PNG base64 and the text fit several times over
-MAX_HISTORY_DEPTH = 16  # the format nests 5 deep (turns, a turn, its segments, a segment, a decision pair)
+MAX_HISTORY_DEPTH = 16  # the format nests 5 deep (turns, a turn, its segments, a segment, a decision)
 MAX_HISTORY_VALUES = 2_000_000  # strings, numbers, literals and containers: the answers' token ids are most
 # A JSON string (escapes included), a bracket, or any other value (number or literal) -- one token of the scan
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|[^\s,:\[\]{}"]+')
 
 
-def history_to_dict(history: Sequence[Turn], *, model: str) -> dict:
-    turns = []
+# A saved chat is JSON: its values are whatever a file holds until ``history_from_dict`` has checked them.
+JSON = dict[str, Any]
+
+
+def history_to_dict(history: Sequence[Turn], *, model: str) -> JSON:
+    turns: list[JSON] = []
     for t in history:
-        segs = []
-        for s in t.segments:
-            if isinstance(s, str):
-                segs.append({"type": "text", "text": s})
-            else:
-                buf = io.BytesIO()
-                s.image.save(buf, format="PNG")
-                segs.append(
-                    {
-                        "type": "image",
-                        "png": base64.b64encode(buf.getvalue()).decode("ascii"),
-                        "source": s.source,
-                        "score": s.score,
-                        "caption": s.caption,
-                        "url": s.url,
-                        "index_id": s.index_id,
-                        "decision": list(s.decision) if s.decision else None,
-                        "seed": s.seed,
-                    }
-                )
-        turn = {"role": t.role, "segments": segs}
+        turn: JSON = {"role": t.role, "segments": [_segment_to_dict(s) for s in t.segments]}
         if t.tokens is not None:
             turn["tokens"] = list(t.tokens)
+        if t.role == "assistant":
+            turn.update(seed=t.seed, end_reason=t.end_reason)
         turns.append(turn)
     return {"format": FORMAT, "version": VERSION, "model": model, "turns": turns}
+
+
+def _segment_to_dict(s: str | ImageSegment) -> JSON:
+    if isinstance(s, str):
+        return {"type": "text", "text": s}
+    buf = io.BytesIO()
+    s.image.save(buf, format="PNG")
+    return {
+        "type": "image",
+        "png": base64.b64encode(buf.getvalue()).decode("ascii"),
+        "source": s.source,
+        "score": s.score,
+        "caption": s.caption,
+        "url": s.url,
+        "index_id": s.index_id,
+        "decision": s.decision.to_json() if s.decision else None,
+        "seed": s.seed,
+    }
 
 
 def read_history_json(
@@ -96,7 +106,7 @@ def read_history_json(
         if values > max_values:
             raise ValueError(f"the saved chat holds more than {max_values:,} JSON values; not a chat export")
 
-    def refuse_constant(name: str):
+    def refuse_constant(name: str) -> None:
         raise ValueError(f"the saved chat holds {name}, which is not a number a chat export holds")
 
     try:
@@ -110,7 +120,7 @@ def read_history_json(
     return data
 
 
-def history_from_dict(data: Mapping, *, model: str, vocab_size: int) -> list[Turn]:
+def history_from_dict(data: Mapping[str, Any], *, model: str, vocab_size: int) -> list[Turn]:
     """The turns of ``history_to_dict`` output; raises ``ValueError`` saying what is wrong. Token ids are kept only
     when ``data`` was saved by ``model`` (another model's tokens mean nothing here: its answers are re-encoded).
     The structure, role order and image counts are checked before any image is decoded."""
@@ -123,25 +133,54 @@ def history_from_dict(data: Mapping, *, model: str, vocab_size: int) -> list[Tur
         raise ValueError("chat 'turns' must be a list")
     _check_turns(turns)
     same_model = data.get("model") == model
+    old_seeds = _old_seeds(data.get("seeds"))
     out: list[Turn] = []
     for i, t in enumerate(turns):
         where = f"turns[{i}]"
         segs = [_segment_from_dict(s, f"{where}.segments[{j}]") for j, s in enumerate(t["segments"])]
         if t["role"] == "user" and not any(not isinstance(s, str) or s.strip() for s in segs):
             raise ValueError(f"{where} is an empty user message (no text, no image); the file was edited")
-        tokens = t.get("tokens")
-        if tokens is not None:
-            if not isinstance(tokens, list) or not all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab_size for x in tokens
-            ):
-                raise ValueError(f"{where}.tokens must be a list of token ids in [0, {vocab_size})")
-            if t["role"] != "assistant":
-                raise ValueError(f"{where}.tokens: only assistant turns carry tokens")
-        out.append(Turn(t["role"], segs, tuple(tokens) if tokens is not None and same_model else None))
+        tokens = _tokens(t.get("tokens"), t["role"], where, vocab_size)
+        if t["role"] == "user":
+            out.append(Turn("user", segs))
+            continue
+        seed, end_reason = t.get("seed", old_seeds.get(i)), t.get("end_reason")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"{where}.seed must be a whole number or null, got {seed!r}")
+        if end_reason is not None and not isinstance(end_reason, str):
+            raise ValueError(f"{where}.end_reason must be a string or null, got {end_reason!r}")
+        out.append(Turn("assistant", segs, tokens if same_model else None, seed, end_reason))
     return out
 
 
-def _check_turns(turns: list) -> None:
+def _tokens(tokens: object, role: str, where: str, vocab_size: int) -> tuple[int, ...] | None:
+    if tokens is None:
+        return None
+    if not isinstance(tokens, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab_size
+        for x in tokens  # pyright: ignore[reportUnknownVariableType]  # JSON: checked here
+    ):
+        raise ValueError(f"{where}.tokens must be a list of token ids in [0, {vocab_size})")
+    if role != "assistant":
+        raise ValueError(f"{where}.tokens: only assistant turns carry tokens")
+    return tuple(tokens)  # pyright: ignore[reportUnknownArgumentType]
+
+
+def _old_seeds(seeds: object) -> dict[int, int | None]:
+    """The top-level ``"seeds"`` of an export written before each answer held its own (turn number -> seed)."""
+    if seeds is None:
+        return {}
+    try:
+        if not isinstance(seeds, Mapping):
+            raise TypeError
+        return {int(k): (None if v is None else int(v)) for k, v in seeds.items()}  # pyright: ignore
+    except (TypeError, ValueError):
+        raise ValueError(
+            "the saved chat's 'seeds' must map turn numbers to whole numbers; the file was edited or is damaged"
+        ) from None
+
+
+def _check_turns(turns: list[Any]) -> None:
     """Roles, segment types and image counts, as live input has them, before anything is decoded."""
     images = 0
     for i, t in enumerate(turns):
@@ -171,7 +210,23 @@ def _check_turns(turns: list) -> None:
         )
 
 
-def _segment_from_dict(s: Mapping, where: str) -> str | ImageSegment:
+def _decision(value: object, where: str) -> Decision | None:
+    """``{"p_generate", "p_retrieve"}``, or the ``[p_generate, p_retrieve]`` pair older files hold."""
+    if value is None:
+        return None
+    pair: list[object] = []
+    if isinstance(value, Mapping) and set(value) == {"p_generate", "p_retrieve"}:
+        pair = [value["p_generate"], value["p_retrieve"]]
+    elif isinstance(value, list):
+        pair = list(value)  # pyright: ignore[reportUnknownArgumentType]  # JSON: checked below
+    if len(pair) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in pair):
+        raise ValueError(
+            f'{where}.decision must be null or {{"p_generate": p, "p_retrieve": q}}, two probabilities in [0, 1]'
+        )
+    return Decision(float(pair[0]), float(pair[1]))  # pyright: ignore[reportArgumentType]  # numbers: checked
+
+
+def _segment_from_dict(s: Mapping[str, Any], where: str) -> str | ImageSegment:
     if s["type"] == "text":
         if not isinstance(s.get("text"), str):
             raise ValueError(f"{where}.text must be a string")
@@ -183,13 +238,7 @@ def _segment_from_dict(s: Mapping, where: str) -> str | ImageSegment:
         data = base64.b64decode(png, validate=True)
     except ValueError:
         raise ValueError(f"{where}.png is not valid base64") from None
-    decision = s.get("decision")
-    if decision is not None and (
-        not isinstance(decision, list)
-        or len(decision) != 2
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in decision)
-    ):
-        raise ValueError(f"{where}.decision must be null or [p_generate, p_retrieve], two probabilities in [0, 1]")
+    decision = _decision(s.get("decision"), where)
     for name, types in (("score", (int, float)), ("caption", str), ("url", str), ("index_id", int), ("seed", int)):
         v = s.get(name)
         if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
@@ -207,6 +256,6 @@ def _segment_from_dict(s: Mapping, where: str) -> str | ImageSegment:
         s.get("caption"),
         s.get("url"),
         s.get("index_id"),
-        tuple(decision) if decision else None,
+        decision,
         s.get("seed"),
     )

@@ -1,32 +1,24 @@
 """What a pipeline can serve: its context length, which image paths a mode has, and the errors that say so; how
-many images a message and a conversation may hold, and the size an image is kept at (live input and imports
-alike)."""
+many images a message and a conversation may hold (live input and imports alike). It counts and checks; images
+are decoded in one place, ``prompt.normalize_message``."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
-
-from ..images import load_image
 from ..settings import GenerationSettings
-from .prompt import ImageSegment
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from ..pipeline import Pipeline
 
 MAX_IMAGES_PER_MESSAGE = 8  # each image costs n_visual_tokens of context; more is almost surely a mistake
 # A message is refused once the conversation holds this many images (any source), and one that would take it past:
 # the images stay resident (and in the vision cache) as long as the conversation. An answer after the last
 # accepted message may still add its own (at most MAX_IMAGES_PER_MESSAGE), so an export holds at most the sum.
 MAX_IMAGES_PER_CONVERSATION = 64
-# Images are kept at most this large (aspect kept): the model sees 224 px, the chat shows a few hundred, and with
-# the 32:1 aspect limit the short side stays >= 250 px. A 64-megapixel upload would otherwise stay resident at
-# 192 MB.
-MAX_KEPT_IMAGE_PIXELS = 2_000_000
 
 
-def context_length(pipeline) -> int:
+def context_length(pipeline: Pipeline) -> int:
     """Positions the LM can attend over (``max_position_embeddings`` of its config)."""
     cfg = pipeline.model.lm.config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -36,14 +28,14 @@ def context_length(pipeline) -> int:
     return 2048
 
 
-def image_paths(pipeline, settings: GenerationSettings) -> tuple[bool, bool]:
+def image_paths(pipeline: Pipeline, settings: GenerationSettings) -> tuple[bool, bool]:
     """(can retrieve, can generate) for this pipeline and mode."""
     can_ret = pipeline.index is not None and settings.mode in ("auto", "retrieve")
     can_gen = pipeline.config.can_generate and pipeline.diffusion is not None and settings.mode in ("auto", "generate")
     return can_ret, can_gen
 
 
-def check_settings(pipeline, settings: GenerationSettings) -> None:
+def check_settings(pipeline: Pipeline, settings: GenerationSettings) -> None:
     """Refuse a mode the pipeline cannot serve, and more images per answer than a message may hold, with the fix."""
     name = pipeline.config.name
     if settings.max_images > MAX_IMAGES_PER_MESSAGE:  # an answer is a message: it is saved and imported as one
@@ -69,14 +61,14 @@ def check_settings(pipeline, settings: GenerationSettings) -> None:
             )
 
 
-def image_positions(pipeline, settings: GenerationSettings) -> int:
+def image_positions(pipeline: Pipeline, settings: GenerationSettings) -> int:
     """Extra positions the forced [IMG1..r-1] tokens may take in one turn."""
     if settings.mode == "text" or not any(image_paths(pipeline, settings)):
         return 0
     return (pipeline.model.config.num_image_tokens - 1) * settings.max_images
 
 
-def too_long(pipeline, settings: GenerationSettings, n_prompt: int, what: str) -> ValueError:
+def too_long(pipeline: Pipeline, settings: GenerationSettings, n_prompt: int, what: str) -> ValueError:
     n_ctx = context_length(pipeline)
     extra = image_positions(pipeline, settings)
     more = f" + {extra} for image tokens" if extra else ""
@@ -103,35 +95,3 @@ def check_image_counts(history_images: int, message_images: int, *, where: str =
             f"{where}: the conversation {now}, but one conversation keeps at most {most}; start a new "
             f"conversation (or undo turns with images)"
         )
-
-
-def kept_image(image: Image.Image, max_pixels: int = MAX_KEPT_IMAGE_PIXELS) -> Image.Image:
-    """``image`` itself when it has at most ``max_pixels`` pixels, else a copy scaled down to fit (aspect kept)."""
-    w, h = image.size
-    if w * h <= max_pixels:
-        return image
-    scale = math.sqrt(max_pixels / (w * h))
-    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)  # a box reduce() first: 3x faster
-
-
-def kept_message(message: object) -> list:
-    """``message`` (as ``Chat.send`` takes it) with each picture decoded through ``load_image`` and kept at
-    ``MAX_KEPT_IMAGE_PIXELS`` before the next is decoded: a message of eight 64-megapixel images peaks at one
-    full-size image, not eight. Text and anything else are left for ``normalize_message`` to check."""
-    if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
-        message = [message]
-    out: list = []
-    for i, item in enumerate(message):
-        if isinstance(item, ImageSegment):
-            image = kept_image(load_image(item.image, name=f"message item {i}"))
-            out.append(item if image is item.image else dataclasses.replace(item, image=image, key=""))
-        elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
-            what = str(item) if isinstance(item, Path) else f"message item {i}"
-            # one expression: the full-size decode is freed before the next item's (a variable would hold it)
-            out.append(
-                ImageSegment(kept_image(load_image(bytes(item) if isinstance(item, bytearray) else item, name=what)))
-            )
-        else:
-            out.append(item)
-    return out

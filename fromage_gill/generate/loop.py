@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -22,12 +22,18 @@ from PIL import Image
 from ..backbones import pad_token_id
 from ..settings import GenerationSettings
 from .decoding import STRATEGIES, StepState
-from .events import Event, ImagePending, ImageResult, TextDelta, TurnEnd
+from .events import EndReason, Event, ImagePending, ImageResult, TextDelta, TurnEnd
 from .limits import image_paths
 from .prompt import ImageSegment
 from .resolve import ImageResolver
 from .sampling import image_token_logits, sample
 from .stream import TextStream, published_cut
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from transformers.cache_utils import Cache
+
+    from ..model import LMOutput
+    from ..pipeline import Pipeline
 
 
 def fresh_seed() -> int:
@@ -45,7 +51,7 @@ class Row:
     fed: list[int] = field(default_factory=list)  # tokens fed to the LM after the prompt (cache bookkeeping)
     n_sampled: int = 0
     n_images: int = 0
-    reason: str | None = None
+    reason: EndReason | None = None
 
 
 class DecodeLoop:
@@ -53,12 +59,12 @@ class DecodeLoop:
 
     def __init__(
         self,
-        pipeline,
+        pipeline: Pipeline,
         settings: GenerationSettings,
         rows: list[Row],
         *,
         seed: int,
-        cache: Any = None,
+        cache: Cache | None = None,
         n_past: int = 0,
         stop_event: threading.Event | None = None,
     ):
@@ -96,7 +102,7 @@ class DecodeLoop:
 
     # -- LM ---------------------------------------------------------------------------------------------------
 
-    def _forward(self, embeds: torch.Tensor, new_mask: torch.Tensor):
+    def _forward(self, embeds: torch.Tensor, new_mask: torch.Tensor) -> LMOutput:
         """Run the LM on (B, T, d) embeddings of the active rows; positions follow each row's real tokens."""
         new_mask = new_mask.to(torch.long)
         pos = self.n_pos[self.active][:, None] + new_mask.cumsum(1) - 1
@@ -144,91 +150,105 @@ class DecodeLoop:
                 for b in self.active:
                     yield from self._finish(b, "stopped")
                 break
-            logits = out.logits[:, -1].float()  # (B', V)
-            allow = torch.tensor(
-                [
-                    self.images_on
-                    and self.rows[b].n_images < self.s.max_images
-                    and self.rows[b].n_sampled >= self.s.min_word_tokens
-                    for b in self.active
-                ]
-            )
-            logits = image_token_logits(
-                logits,
-                self.image_ids,
-                allow_image=allow.to(logits.device),
-                style=self.style,
-                ret_scale_factor=self.s.ret_scale_factor,
-                gen_scale_factor=self.s.gen_scale_factor,
-                bias=self.s.image_logit_bias,
-            )
-            next_tokens = self._choose(logits, out, last_mask)
-
-            feeds: dict[int, list[int]] = {}
+            next_tokens = self._choose(self._rule_logits(out), out, last_mask)
+            feeds: dict[int, list[int]] = {}  # row -> the tokens it feeds next (all r image tokens after [IMG0])
             for j, b in enumerate(self.active):
-                row, tok = self.rows[b], int(next_tokens[j])
-                if self.eos is not None and tok == self.eos:
-                    yield from self._finish(b, "eos")
-                    continue
-                row.n_sampled += 1
-                if tok == self.image_ids[0]:
-                    yield from self._end_text_run(b)
-                    yield b, ImagePending(row.n_images)
-                    feeds[b] = list(self.image_ids)
-                    continue
-                row.tokens.append(tok)
-                row.stream.add(tok)
-                at = row.stream.find_stop()
-                if at is not None:
-                    row.tokens[row.run_start :] = row.stream.cut(at)
-                    row.stream.truncate(at)
-                    yield from self._finish(b, "turn_boundary")
-                    continue
-                delta = "" if self.published else row.stream.delta()
-                if delta:
-                    yield b, TextDelta(delta)
-                if row.n_sampled >= self.s.max_new_tokens:
-                    yield from self._finish(b, "max_new_tokens")
-                    continue
-                feeds[b] = [tok]
-
+                feed = yield from self._take(b, int(next_tokens[j]))
+                if feed is not None:
+                    feeds[b] = feed
             self._drop_finished()
             if not self.active:
                 break
-            width = max(len(feeds[b]) for b in self.active)
-            ids = torch.full((len(self.active), width), self.pad, dtype=torch.long)
-            mask = torch.zeros(len(self.active), width, dtype=torch.long)
-            for j, b in enumerate(self.active):
-                f = feeds[b]
-                ids[j, width - len(f) :] = torch.tensor(f)
-                mask[j, width - len(f) :] = 1
-                self.rows[b].fed += f
-            out = self._forward(self._embed(ids), mask)
-            last_mask = mask
-
-            for j, b in enumerate(self.active):
-                if feeds[b][0] == self.image_ids[0]:
-                    row = self.rows[b]
-                    row.tokens += self.image_ids
-                    row.run_start = len(row.tokens)
-                    hidden = out.hidden[j, width - len(self.image_ids) :]  # (r, d) at [IMG0..r-1]
-                    for event in self.resolver.resolve(row.n_images, hidden, row.segments, row.exclude):
-                        if isinstance(event, ImageResult):
-                            row.segments.append(event)
-                        yield b, event
-                    row.n_images += 1
-                    if self.stop_event.is_set():
-                        yield from self._finish(b, "stopped")
-                    elif not self.s.text_after_images or (self.published and row.n_images >= self.s.max_images):
-                        yield from self._finish(b, "image")
-                    elif row.n_sampled >= self.s.max_new_tokens:
-                        yield from self._finish(b, "max_new_tokens")
+            out, last_mask = self._feed(feeds)
+            yield from self._resolve_images(out, feeds)
             keep = self._drop_finished()
             if keep and len(keep) < out.logits.shape[0]:  # the next step reads the kept rows' logits
                 out = dataclasses.replace(out, logits=out.logits[keep], hidden=out.hidden[keep])
                 last_mask = last_mask[keep]
 
-    def _choose(self, logits: torch.Tensor, out, last_mask: torch.Tensor) -> torch.Tensor:
+    def _rule_logits(self, out: LMOutput) -> torch.Tensor:
+        """(B', V) next-token logits of the active rows after the image-token rules (images allowed per row)."""
+        logits = out.logits[:, -1].float()
+        allow = torch.tensor(
+            [
+                self.images_on
+                and self.rows[b].n_images < self.s.max_images
+                and self.rows[b].n_sampled >= self.s.min_word_tokens
+                for b in self.active
+            ]
+        )
+        return image_token_logits(
+            logits,
+            self.image_ids,
+            allow_image=allow.to(logits.device),
+            style=self.style,
+            ret_scale_factor=self.s.ret_scale_factor,
+            gen_scale_factor=self.s.gen_scale_factor,
+            bias=self.s.image_logit_bias,
+        )
+
+    def _take(self, b: int, tok: int) -> Generator[tuple[int, Event], None, list[int] | None]:
+        """Row ``b`` takes the chosen token: its events, and what it feeds next (None once the row ended)."""
+        row = self.rows[b]
+        if self.eos is not None and tok == self.eos:
+            yield from self._finish(b, "eos")
+            return None
+        row.n_sampled += 1
+        if tok == self.image_ids[0]:
+            yield from self._end_text_run(b)
+            yield b, ImagePending(row.n_images)
+            return list(self.image_ids)
+        row.tokens.append(tok)
+        row.stream.add(tok)
+        at = row.stream.find_stop()
+        if at is not None:
+            row.tokens[row.run_start :] = row.stream.cut(at)
+            row.stream.truncate(at)
+            yield from self._finish(b, "turn_boundary")
+            return None
+        delta = "" if self.published else row.stream.delta()
+        if delta:
+            yield b, TextDelta(delta)
+        if row.n_sampled >= self.s.max_new_tokens:
+            yield from self._finish(b, "max_new_tokens")
+            return None
+        return [tok]
+
+    def _feed(self, feeds: dict[int, list[int]]) -> tuple[LMOutput, torch.Tensor]:
+        """One forward of every active row's feed, left-padded to the longest; the output and its (B', W) mask."""
+        width = max(len(feeds[b]) for b in self.active)
+        ids = torch.full((len(self.active), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(self.active), width, dtype=torch.long)
+        for j, b in enumerate(self.active):
+            f = feeds[b]
+            ids[j, width - len(f) :] = torch.tensor(f)
+            mask[j, width - len(f) :] = 1
+            self.rows[b].fed += f
+        return self._forward(self._embed(ids), mask), mask
+
+    def _resolve_images(self, out: LMOutput, feeds: dict[int, list[int]]) -> Iterator[tuple[int, Event]]:
+        """The rows that fed image tokens get their image (``ImageResolver``), then go on or end."""
+        r = len(self.image_ids)
+        for j, b in enumerate(self.active):
+            if feeds[b][0] != self.image_ids[0]:
+                continue
+            row = self.rows[b]
+            row.tokens += self.image_ids
+            row.run_start = len(row.tokens)
+            hidden = out.hidden[j, out.hidden.shape[1] - r :]  # (r, d) at [IMG0..r-1], the last r positions
+            for event in self.resolver.resolve(row.n_images, hidden, row.segments, row.exclude):
+                if isinstance(event, ImageResult):
+                    row.segments.append(event)
+                yield b, event
+            row.n_images += 1
+            if self.stop_event.is_set():
+                yield from self._finish(b, "stopped")
+            elif not self.s.text_after_images or (self.published and row.n_images >= self.s.max_images):
+                yield from self._finish(b, "image")
+            elif row.n_sampled >= self.s.max_new_tokens:
+                yield from self._finish(b, "max_new_tokens")
+
+    def _choose(self, logits: torch.Tensor, out: LMOutput, last_mask: torch.Tensor) -> torch.Tensor:
         if self.choose is None:
             return sample(
                 logits, temperature=self.s.temperature, top_p=self.s.top_p, top_k=self.s.top_k, generator=self.generator
@@ -264,7 +284,7 @@ class DecodeLoop:
             row.segments.append(text)
         row.stream = TextStream(row.stream.tok, row.stream.stops)
 
-    def _finish(self, b: int, reason: str) -> Iterator[tuple[int, Event]]:
+    def _finish(self, b: int, reason: EndReason) -> Iterator[tuple[int, Event]]:
         row = self.rows[b]
         if row.reason is not None:
             return
@@ -272,7 +292,7 @@ class DecodeLoop:
         row.reason = reason
         yield b, TurnEnd(reason, self.seed)
 
-    def finish_silently(self, b: int, reason: str) -> None:
+    def finish_silently(self, b: int, reason: EndReason) -> None:
         """End a row without events (the consumer went away): keep what was generated."""
         for _ in self._finish(b, reason):
             pass

@@ -28,12 +28,13 @@ of two ways (``GenerationSettings.history_layout``):
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple, overload
 
 import torch
 from PIL import Image
@@ -43,8 +44,29 @@ from ..images import image_hash, load_image
 from ..layout import splice_visual
 from .stream import truncate_caption
 
+if TYPE_CHECKING:  # types only: the model module pulls in the backbones
+    from transformers import PreTrainedTokenizerBase
+
+    from ..model import GroundedLM
+
 ImageSource = Literal["user", "retrieved", "generated"]
 SOURCES = ("user", "retrieved", "generated")
+# Images are kept at most this large (aspect kept): the model sees 224 px, the chat shows a few hundred, and with
+# the 32:1 aspect limit the short side stays >= 250 px. A 64-megapixel upload would otherwise stay resident at
+# 192 MB.
+MAX_KEPT_IMAGE_PIXELS = 2_000_000
+
+
+class Decision(NamedTuple):
+    """GILL's decision head on an image token: the probabilities of generating and of retrieving the image. Saved
+    as ``{"p_generate": ..., "p_retrieve": ...}`` (``to_json``) by the history and by ``fromage-gill generate
+    --json`` alike."""
+
+    p_generate: float
+    p_retrieve: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"p_generate": self.p_generate, "p_retrieve": self.p_retrieve}
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,7 +79,7 @@ class ImageSegment:
     caption: str | None = None
     url: str | None = None  # index record's url or path
     index_id: int | None = None
-    decision: tuple[float, float] | None = None  # (p_generate, p_retrieve) from GILL's decision head
+    decision: Decision | None = None  # from GILL's decision head
     seed: int | None = None  # diffusion seed of a generated image
     key: str = ""
 
@@ -90,11 +112,15 @@ Piece = str | ImageSegment | TokenIds | Alone
 class Turn:
     """One turn of a conversation. ``tokens`` (assistant turns): exactly the LM tokens the turn put in the
     context, text and image tokens, so that encoding the history again reproduces the cached positions; None
-    means "encode from the segments"."""
+    means "encode from the segments". An answer also keeps the facts of the turn that made it: its ``seed`` and
+    why it ended (``end_reason``: a ``TurnEnd.reason``, or "interrupted" for one a crash cut short); each of its
+    images keeps its own (source, score, GILL's ``Decision``)."""
 
     role: Literal["user", "assistant"]
     segments: list[str | ImageSegment]
     tokens: tuple[int, ...] | None = None
+    seed: int | None = None
+    end_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("user", "assistant"):
@@ -112,32 +138,63 @@ class Turn:
 # ---------------------------------------------------------------------------------------------- messages
 
 
+def message_items(message: object) -> list[object]:
+    """A message as the list of its items (a lone str, image or bytes is a message of one item); a list is used
+    as it is, so listing a message twice costs nothing."""
+    if isinstance(message, list):
+        return message
+    if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
+        return [message]
+    return list(message)
+
+
+def kept_image(image: Image.Image, max_pixels: int = MAX_KEPT_IMAGE_PIXELS) -> Image.Image:
+    """``image`` itself when it has at most ``max_pixels`` pixels, else a copy scaled down to fit (aspect kept)."""
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (w * h))
+    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)  # a box reduce() first: 3x faster
+
+
+@overload
 def normalize_message(
-    message: Sequence[object], *, name: str = "message", allow_token_ids: bool = False
-) -> list[str | ImageSegment]:
-    """Check a user message (a list of str and images, in order) and load its images.
+    message: object, *, name: str = ..., allow_token_ids: Literal[False] = ...
+) -> list[str | ImageSegment]: ...
+@overload
+def normalize_message(
+    message: object, *, name: str = ..., allow_token_ids: bool
+) -> list[str | ImageSegment | TokenIds]: ...
+def normalize_message(
+    message: object, *, name: str = "message", allow_token_ids: bool = False
+) -> list[str | ImageSegment | TokenIds]:
+    """A user message (a list of str and images, in order) as the parts of a turn: the one place a message's
+    images are decoded.
 
     Images may be PIL images, ``ImageSegment``s, ``bytes`` or ``pathlib.Path`` (a ``str`` is always text); each
-    goes through ``images.load_image`` (corrupt, empty and oversized images raise ``ImageError``). Raises
-    ``ValueError`` for an empty message. ``allow_token_ids``: also accept ``TokenIds`` (ids used verbatim, for
-    evaluation scripts and benchmarks that need exact prompts; BOS still goes before the first text or ids, so
-    ``[image, TokenIds(())]`` is the captioning layout ``[image][BOS]``).
+    goes through ``images.load_image`` (corrupt, empty and oversized images raise ``ImageError``) and is kept at
+    ``MAX_KEPT_IMAGE_PIXELS`` before the next is decoded, so a message of eight 64-megapixel images peaks at one
+    full-size image, not eight. Raises ``ValueError`` for an empty message. ``allow_token_ids``: also accept
+    ``TokenIds`` (ids used verbatim, for evaluation scripts and benchmarks that need exact prompts; BOS still goes
+    before the first text or ids, so ``[image, TokenIds(())]`` is the captioning layout ``[image][BOS]``).
     """
-    if isinstance(message, (str, Image.Image, bytes)) or not isinstance(message, Sequence):
-        message = [message]
-    out: list[str | ImageSegment] = []
-    for i, item in enumerate(message):
+    out: list[str | ImageSegment | TokenIds] = []
+    for i, item in enumerate(message_items(message)):
         if isinstance(item, str):
             if item:
                 out.append(item)
         elif isinstance(item, ImageSegment):  # its picture meets the same limits as any other (a lazy one decodes)
-            image = load_image(item.image, name=f"{name} item {i}")
+            image = kept_image(load_image(item.image, name=f"{name} item {i}"))
             out.append(item if image is item.image else replace(item, image=image, key=""))
         elif allow_token_ids and isinstance(item, TokenIds):
             out.append(item)
         elif isinstance(item, (Image.Image, bytes, bytearray, Path)):
             what = str(item) if isinstance(item, Path) else f"{name} item {i}"
-            out.append(ImageSegment(load_image(bytes(item) if isinstance(item, bytearray) else item, name=what)))
+            # one expression: the full-size decode is freed before the next item's (a variable would hold it)
+            out.append(
+                ImageSegment(kept_image(load_image(bytes(item) if isinstance(item, bytearray) else item, name=what)))
+            )
         else:
             raise ValueError(
                 f"{name} item {i} is a {type(item).__name__}; a message is a list of str (text) and "
@@ -263,7 +320,7 @@ class Prompt:
             pos += n
         return out
 
-    def embed(self, model, vision_cache: VisionCache, start: int = 0) -> torch.Tensor:
+    def embed(self, model: GroundedLM, vision_cache: VisionCache, start: int = 0) -> torch.Tensor:
         """``(len - start, d)`` input embeddings of positions ``start..``; images through ``vision_cache``. The
         positions are laid out as ``layout.py`` lays out training rows (token ids, and the visual slots of each
         image), and the images' embeddings go in with ``splice_visual``, as in ``GroundedLM.forward``."""
@@ -290,7 +347,9 @@ class Prompt:
         return splice_visual(model.embed_tokens(input_ids), visual, visual_slot)[0]
 
 
-def encode_pieces(tokenizer, pieces: Sequence[Piece], n_visual: int, *, bos: bool = True) -> Prompt:
+def encode_pieces(
+    tokenizer: PreTrainedTokenizerBase, pieces: Sequence[Piece], n_visual: int, *, bos: bool = True
+) -> Prompt:
     """Tokenize text pieces (consecutive strings joined first; an ``Alone`` on its own) and put BOS before the
     first text."""
     parts: list[tuple[int, ...] | ImageSegment] = []
@@ -351,7 +410,7 @@ class VisionCache:
         return key in self._features
 
     @torch.no_grad()
-    def features(self, model, images: Sequence[ImageSegment]) -> torch.Tensor:
+    def features(self, model: GroundedLM, images: Sequence[ImageSegment]) -> torch.Tensor:
         """``(N, vision_dim)`` features of ``images`` (missing ones encoded in one batch)."""
         with self._lock:
             missing = list({img.key: img for img in images if img.key not in self._features}.values())

@@ -8,20 +8,24 @@ already in the conversation; generation sends ``map_to_diffusion`` of the r stat
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..backbones import pad_token_id
 from ..layout import layout, retrieval_rows
 from ..settings import MAX_SEED, GenerationSettings
-from .diffusion import image_generator
-from .events import Event, ImageResult, Notice
-from .prompt import ImageSegment
+from .diffusion import GeneratedImages, image_generator
+from .events import Event, ImageProgress, ImageResult, Notice
+from .prompt import Decision, ImageSegment
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from ..pipeline import Pipeline
 
 
 @torch.no_grad()
-def image_token_states(pipeline, texts: Sequence[str]) -> torch.Tensor:
+def image_token_states(pipeline: Pipeline, texts: Sequence[str]) -> torch.Tensor:
     """(N, r, d) last-layer LM hidden states at the r image tokens ([RET] or [IMG0..r-1]) appended to each text,
     laid out as training lays out a caption (``BOS text [IMG0..r-1]``): what ``text_embedding`` (retrieval) and
     ``map_to_diffusion`` (generation) read."""
@@ -39,7 +43,7 @@ class ImageResolver:
 
     def __init__(
         self,
-        pipeline,
+        pipeline: Pipeline,
         settings: GenerationSettings,
         *,
         seed: int,
@@ -54,15 +58,16 @@ class ImageResolver:
 
     def resolve(
         self, slot: int, hidden: torch.Tensor, answer: Sequence[str | ImageSegment], exclude: set[int]
-    ) -> list[Event]:
+    ) -> Iterator[Event]:
         """``hidden``: (r, d) at the image tokens; ``answer``: the turn's segments so far; ``exclude``: index ids not
-        to show again (a retrieved id is added). Returns [ImageResult], [ImageResult, Notice], [Notice] (no image
-        could be had) or [] (interrupted)."""
+        to show again (a retrieved id is added). Yields an ``ImageResult`` (after an ``ImageProgress`` per denoising
+        step when generated) and maybe a ``Notice``, a ``Notice`` alone (no image could be had), or nothing more
+        once interrupted."""
         m, s = self.m, self.s
         decision = None
         if m.decision is not None:
             probs = m.decide(hidden[:1])[0].tolist()
-            decision = (float(probs[0]), float(probs[1]))
+            decision = Decision(float(probs[0]), float(probs[1]))
         if s.mode in ("retrieve", "generate"):
             path = s.mode
         elif self.can_retrieve and self.can_generate and decision is not None:
@@ -72,8 +77,9 @@ class ImageResolver:
         if s.image_query == "answer":
             hidden = self._answer_states(answer, hidden)
         if path == "retrieve":
-            return self._retrieve(hidden, slot, decision, exclude)
-        return self._generate(hidden, slot, decision)
+            yield from self._retrieve(hidden, slot, decision, exclude)
+        else:
+            yield from self._generate(hidden, slot, decision)
 
     def _answer_states(self, answer: Sequence[str | ImageSegment], hidden: torch.Tensor) -> torch.Tensor:
         """The image tokens' states after the answer's words since the previous image alone (``image_query``)."""
@@ -87,8 +93,9 @@ class ImageResolver:
             return hidden
         return image_token_states(self.p, [text])[0].to(hidden.device, hidden.dtype)
 
-    def _retrieve(self, hidden: torch.Tensor, slot: int, decision, exclude: set[int]) -> list[Event]:
+    def _retrieve(self, hidden: torch.Tensor, slot: int, decision: Decision | None, exclude: set[int]) -> list[Event]:
         index = self.p.index
+        assert index is not None, "the retrieve path is taken only with an index (limits.image_paths)"
         query = self.m.text_embedding(hidden[:1]).cpu()  # (1, D), L2-normalised
         found = index.search(query, self.s.retrieval_candidates, exclude=set(exclude) or None)
         ids = [int(i) for i in found.ids[0] if int(i) >= 0]
@@ -112,21 +119,26 @@ class ImageResolver:
             )
         ]
 
-    def _generate(self, hidden: torch.Tensor, slot: int, decision) -> list[Event]:
+    def _generate(self, hidden: torch.Tensor, slot: int, decision: Decision | None) -> Iterator[Event]:
         m, s = self.m, self.s
         # The first image's seed is the turn's own: the seed shown under it, typed as the Seed setting, makes the
         # same answer and the same image again (a later image of the turn follows it: seed + slot).
         seed = (self.seed + slot) % MAX_SEED
         prompt_embeds = m.map_to_diffusion(hidden[None])  # (1, Q, D)
-        out = image_generator(self.p)(
+        out = None
+        for step in image_generator(self.p).steps(
             prompt_embeds,
             guidance_scale=s.guidance_scale,
             num_inference_steps=s.num_inference_steps,
             seed=seed,
             interrupt=self.stop_event.is_set,
-        )
-        if out.interrupted:
-            return []
+        ):
+            if isinstance(step, GeneratedImages):
+                out = step
+            else:
+                yield ImageProgress(slot, step, s.num_inference_steps)
+        if out is None or out.interrupted:
+            return
         image = out.images[0]
         # How well the picture matches what the model asked for, in the model's own retrieval space.
         feats = m.encode_images(m.vision.processor([image]))
@@ -136,4 +148,4 @@ class ImageResolver:
         ]
         if out.nsfw[0]:
             events.append(Notice(f"image {slot + 1}: the safety checker replaced the generated image"))
-        return events
+        yield from events

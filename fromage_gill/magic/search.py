@@ -54,6 +54,31 @@ def magic_scores(
     return scores
 
 
+def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., V) logits -> the k likeliest tokens of each row, likeliest first (ties go to the lower id, as
+    published): their logits, ids and probabilities p(v | x), each (..., k)."""
+    logits = logits.float()
+    top_logits, top_ids = logits.topk(k, dim=-1)
+    probs = (top_logits - logits.logsumexp(-1, keepdim=True)).exp()
+    return top_logits, top_ids, probs
+
+
+def magic_choice(
+    top_logits: torch.Tensor,
+    probs: torch.Tensor,
+    penalty: torch.Tensor,
+    clip_logits: torch.Tensor | None,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, int]:
+    """MAGIC's rule over one row's k candidates (``top_candidates``): their (k,) scores and the index of the best;
+    a forbidden candidate (logit -inf) is never chosen. The one place the rule picks a token, for the plain LM's
+    search (``magic_search``) and the chat engine's strategies (``generate/decoding.py``) alike."""
+    scores = magic_scores(probs, penalty.to(probs.device), clip_logits, alpha, beta)
+    allowed = torch.isfinite(top_logits.to(scores.device))
+    return scores, int(scores.masked_fill(~allowed, -torch.inf).argmax())
+
+
 def continuation_ids(generated: Sequence[int], candidate: int, max_tokens: int) -> list[int]:
     """What CLIP reads for a candidate: the continuation (never the prompt) plus the candidate, last tokens only."""
     return [*generated, int(candidate)][-max_tokens:]
@@ -151,8 +176,7 @@ def _search(
         if vocab_limit is not None:
             logits = logits[:vocab_limit]
         k = min(settings.k, logits.shape[-1])
-        top_logits, top_ids = logits.float().topk(k)  # (k,), sorted: ties go to the likelier token, as published
-        probs = (top_logits - logits.float().logsumexp(-1)).exp()
+        top_logits, top_ids, probs = top_candidates(logits, k)  # (k,) each
 
         cache.batch_repeat_interleave(k)  # (1, ...) -> (k, ...): every candidate continues the same prefix
         out = step(top_ids.view(k, 1).to(_device_of(start)), cache)
@@ -162,8 +186,7 @@ def _search(
         if settings.beta > 0:
             texts = [decode(continuation_ids(generated, v, settings.clip_text_max_tokens)) for v in top_ids.tolist()]
             guide = clip_logits(texts)
-        scores = magic_scores(probs, penalty, guide, settings.alpha, settings.beta)
-        best = int(scores.masked_fill(~torch.isfinite(top_logits), -torch.inf).argmax())  # -inf: never chosen
+        scores, best = magic_choice(top_logits, probs, penalty, guide, settings.alpha, settings.beta)
 
         token = int(top_ids[best])
         if trace is not None:

@@ -222,7 +222,7 @@ def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
     from ..pipeline import resolve_config
 
     out = Path(tc.out)
-    cfg, _ = resolve_config(tc.model)
+    cfg = resolve_config(tc.model)
     if cfg.weights is None or tc.from_scratch:
         cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights, or asked: start from scratch
     records = read_records(tc.data, tc.image_root, allow_outside_root=tc.allow_images_outside_root)
