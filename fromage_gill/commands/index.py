@@ -215,6 +215,13 @@ def _search(args: argparse.Namespace) -> int:
         else:
             query = text_query(pipeline, args.text)
     result = index.search(query, args.k, method=args.method)
+    if len(result.ids[0]) == 0 or result.ids[0][0] < 0:  # never an empty answer that looks like success
+        print(
+            f"error: {args.dir} returned no image for this query ({len(index)} images indexed); if it holds "
+            f"images, check it with `fromage-gill index info {args.dir}` or rebuild it",
+            file=sys.stderr,
+        )
+        return 1
     for rank, (i, score) in enumerate(zip(result.ids[0], result.scores[0], strict=True), 1):
         if i < 0:
             break

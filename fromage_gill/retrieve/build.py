@@ -164,6 +164,14 @@ def build_index(
                 with torch.no_grad():
                     pixels = pipeline.image_processor([img for _, img, _ in good])
                     emb = model.image_embedding(model.encode_images(pixels))  # (B, D) normalised float32
+                bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()
+                if bad:  # before the batch is committed: an index of NaN rows finds nothing for any query
+                    raise ValueError(
+                        f"the model's embedding of {good[bad[0]][0].name} holds NaN or infinite values"
+                        f"{f' (and {len(bad) - 1} more of this batch)' if len(bad) > 1 else ''}: its trained layers "
+                        f"or vision encoder give non-finite output (in {model.dtype}? try --dtype fp32), so the index "
+                        f"would rank nothing; fix the model, then run the same build again to resume"
+                    )
                 vec_f.write(np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32).tobytes())
                 for item, _, data in good:
                     rec = _record_for(item, data, out, relative_paths, source)
