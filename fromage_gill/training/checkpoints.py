@@ -23,6 +23,7 @@ from .. import checkpoint as ckpt
 from ..config import RANDOM, ModelConfig
 from ..paths import checkout_path
 from ..resume_state import get_rng, load_state, save_state, set_rng
+from ..typed_json import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,9 @@ def check_resume(resume: Path, config: ModelConfig) -> None:
     """Refuse a checkpoint written by another model than ``config`` (weights and description may differ). The
     frozen backbones are compared by what they are (``backbone_fingerprints``), not by how their path is spelled:
     ``repo:checkpoints/toy/lm`` and its absolute path, or a copy of the same files elsewhere, agree."""
-    theirs = json.loads((resume / ckpt.CONFIG_NAME).read_text()) if (resume / ckpt.CONFIG_NAME).is_file() else None
-    if theirs is None:
+    if not (resume / ckpt.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"--resume {resume} has no {ckpt.CONFIG_NAME}")
-    their_config = ModelConfig.from_dict(theirs)
+    their_config = ModelConfig.from_dict(read_json_file(resume / ckpt.CONFIG_NAME))
     stored = resume / BACKBONES
     # a checkpoint of an earlier version has no backbones.json: its config's paths are fingerprinted now
     their_prints = json.loads(stored.read_text()) if stored.is_file() else backbone_fingerprints(their_config)
