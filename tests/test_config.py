@@ -359,3 +359,15 @@ def test_repo_paths_stay_inside_the_checkout(tmp_path, source, field):
         checkout_path(source, must_exist=False)
     inside = checkout_path("repo:checkpoints/./toy/../toy/lm", must_exist=False)
     assert inside == str(CHECKOUT_ROOT / "checkpoints" / "toy" / "lm")
+
+
+def test_the_worked_example_for_another_lm_in_docs_training_is_a_valid_config(tmp_path):
+    text = (CHECKOUT_ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Grounding another LM and vision encoder") :]
+    block = section[section.index("```json\n") + len("```json\n") : section.index("\n```", section.index("```json"))]
+    path = tmp_path / "qwen-fromage.json"
+    path.write_text(block)
+    cfg = load_config(path)  # parsed and validated as `train --model qwen-fromage.json` reads it; nothing downloaded
+    assert isinstance(cfg, ModelConfig) and cfg.kind == "fromage" and cfg.weights is None
+    assert cfg.lm.source == "Qwen/Qwen2.5-1.5B" and cfg.vision.backend == "hf_clip"
+    assert cfg.dialogue.assistant_prefix == "\nA:"
