@@ -154,3 +154,17 @@ def test_offsets_into_the_middle_of_a_line_name_both_files(tmp_path):
         BrokenIndexError, match=rf"records.jsonl: record 10 .* is not a JSON line .*delete .*{OFFSETS_FILE}"
     ):
         index.record(10)
+
+
+def test_index_sources_that_are_not_utf8_or_too_long_a_query_name_the_problem(tmp_path, capsys):
+    from fromage_gill.retrieve.sources import iter_image_caption_items
+
+    listing = tmp_path / "images.tsv"
+    listing.write_bytes("caption\timage\nun café\ta.png\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"images.tsv:2: is not UTF-8 text .*iconv -f latin1 -t utf-8"):
+        list(iter_image_caption_items(listing))
+    d = shipped_index_dir("tiny-fromage")
+    long = " ".join(["cat"] * 10_000)
+    argv = ["index", "search", str(d), "--model", "tiny-fromage", "--device", "cpu", "--text", long]
+    assert cli_main(argv) == 2
+    assert "--text is" in capsys.readouterr().err

@@ -238,9 +238,16 @@ def text_query(pipeline, text: str):
     ([RET] for FROMAGe, [IMG0] for GILL), as the model emits them when it retrieves."""
     import torch
 
+    from ..generate import context_length
+
     model, tok = pipeline.model, pipeline.tokenizer
     ids = tok(text, return_tensors="pt").input_ids
     ids = torch.cat([ids, torch.tensor([model.image_token_ids])], dim=1)
+    if ids.shape[1] > context_length(pipeline):
+        raise ValueError(
+            f"--text is {ids.shape[1]} tokens with the image tokens, but {pipeline.config.name}'s LM reads at most "
+            f"{context_length(pipeline)}: shorten it"
+        )
     out = model.forward_lm(model.embed_tokens(ids), logits="none")
     return model.text_embedding(out.hidden[:, ids.shape[1] - len(model.image_token_ids)])
 
