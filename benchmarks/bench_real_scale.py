@@ -10,6 +10,13 @@ published models without their weights. Sections (``--only`` runs some; each bui
   random memory-mapped index of ``--index-rows`` rows, one that generates an image with 2 denoising steps at 512 px.
 - ``lm-8bit`` / ``lm-4bit``: FROMAGe with its LM loaded through bitsandbytes (8-bit LLM.int8, 4-bit NF4): the
   LM's bytes against its float32 bytes, build time, peak RSS, decode s/token of a text turn and of ``generate``.
+- ``lm-8bit-small``: the 8-bit prefill of our loop against ``generate``'s on an OPT-shaped LM of ``--small-width``
+  x ``--small-layers`` (minutes on a CPU, not the 6.7B's hour): medians of ``--repeats`` alternating runs, and
+  whether every int8 layer reads the same input in both prefills (``same_int8_inputs``).
+
+Each loop is timed ``--repeats`` times, the order alternating (ours first, then ``generate`` first, ...), and the
+medians are reported with each call's CPU seconds and major page faults: a prefill whose wall time far exceeds its
+CPU time waited (for pages of the memory-mapped bf16 copy a quantized LM is reloaded from, or for the neighbours).
 
 Times are wall-clock seconds (``perf_counter``) with the CPU seconds of the process beside them: the machine these
 figures come from is shared, and CPU time shows what the work costs when the neighbours are busy.
@@ -17,7 +24,7 @@ The full GILL stack needs about 17 GB: the script refuses to start a full-size s
 ``--min-free-gb`` available (``--force`` overrides). ``--tiny`` runs every section on the tiny presets in seconds
 (what the test runs, so the script cannot rot). ``--json PATH`` writes the figures.
 
-Usage: ``python benchmarks/bench_real_scale.py [--only gill lm-8bit lm-4bit] [--tiny] [--json out.json]``
+Usage: ``python benchmarks/bench_real_scale.py [--only gill lm-8bit lm-4bit lm-8bit-small] [--tiny] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import dataclasses
 import gc
 import json
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -50,7 +59,7 @@ from fromage_gill.generate import loop as generate_loop  # noqa: E402
 from fromage_gill.model import GroundedLM  # noqa: E402
 from fromage_gill.pipeline import Pipeline, add_image_tokens, load_pipeline  # noqa: E402
 
-SECTIONS = ("gill", "lm-8bit", "lm-4bit")
+SECTIONS = ("gill", "lm-8bit", "lm-4bit", "lm-8bit-small")
 warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes says it at every layer of every step
 _sample = generate_loop.sample
 GB = 1e9
@@ -157,24 +166,37 @@ def prompt_ids(pipe: Pipeline, n: int) -> list[int]:
 class StepTimes:
     """When each token of a decode was chosen: our loop's sampler and ``generate``'s logits processors are called
     once per token, so timing those calls separates the prefill (start to the first token) from the decode (first
-    to last token) within one run, which a shared machine's noise cannot push below zero."""
+    to last token) within one run, which a shared machine's noise cannot push below zero. The prefill's CPU
+    seconds and major page faults say whether it computed or waited."""
 
     def __init__(self) -> None:
         self.start, self.times = 0.0, []
+        self.cpu_start = self.cpu_first = 0.0
+        self.faults_start = self.faults_first = 0
 
     def begin(self) -> None:
         self.start, self.times = time.perf_counter(), []
+        self.cpu_start, self.faults_start = time.process_time(), _major_faults()
 
     def mark(self) -> None:
+        if not self.times:
+            self.cpu_first, self.faults_first = time.process_time(), _major_faults()
         self.times.append(time.perf_counter())
 
     def figures(self) -> dict:
         n = len(self.times)
         return {
             "prefill_s": round(self.times[0] - self.start, 3),
+            "prefill_cpu_s": round(self.cpu_first - self.cpu_start, 3),
+            "prefill_major_faults": self.faults_first - self.faults_start,
             "s_per_token": round((self.times[-1] - self.times[0]) / max(n - 1, 1), 4),
             "tokens": n,
         }
+
+
+def _major_faults() -> int:
+    """Page faults that read from disk (e.g. pages of a memory-mapped weights file the kernel had dropped)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
 STEPS = StepTimes()
@@ -221,22 +243,67 @@ def hf(pipe: Pipeline, ids: list[int], n_new: int) -> list[int]:
     return out[0, x.shape[1] :].tolist()
 
 
-def decode_speed(pipe: Pipeline, prompt_tokens: int, new_tokens: int) -> dict:
-    """Prefill seconds and decode s/token of each loop, from the times its tokens were chosen (``StepTimes``)."""
+def decode_speed(pipe: Pipeline, prompt_tokens: int, new_tokens: int, repeats: int = 1) -> dict:
+    """Prefill seconds and decode s/token of each loop, from the times its tokens were chosen (``StepTimes``):
+    medians of ``repeats`` runs each, the order alternating so neither loop always runs first."""
     ids = prompt_ids(pipe, prompt_tokens)
     for fn in (ours, hf):  # warm-up: first calls allocate caches and pick kernels
         fn(pipe, ids, 2)
-    out, tokens = {}, {}
-    for name, fn in (("ours", ours), ("generate", hf)):
-        c = time.process_time()
-        tokens[name] = fn(pipe, ids, 1 + new_tokens)
-        out[name] = {**STEPS.figures(), "cpu_s": round(time.process_time() - c, 2)}
+    runs: dict[str, list[dict]] = {"ours": [], "generate": []}
+    tokens = {}
+    loops = [("ours", ours), ("generate", hf)]
+    for r in range(repeats):
+        for name, fn in loops if r % 2 == 0 else loops[::-1]:
+            c = time.process_time()
+            tokens[name] = fn(pipe, ids, 1 + new_tokens)
+            runs[name].append({**STEPS.figures(), "cpu_s": round(time.process_time() - c, 2)})
+    out: dict = {}
+    for name, done in runs.items():
+        out[name] = {k: _median([d[k] for d in done]) for k in done[0]}
+        if repeats > 1:
+            out[name]["runs"] = done
     # in bf16 two loops that compute the same logits in a different order may break a near-tie differently
     out["same_tokens"] = tokens["ours"] == tokens["generate"]
     out["ratio"] = round(out["ours"]["s_per_token"] / max(out["generate"]["s_per_token"], 1e-9), 3)
-    out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    print(f"  decode: {json.dumps(out)}", flush=True)
+    out["prefill_ratio"] = round(out["ours"]["prefill_s"] / max(out["generate"]["prefill_s"], 1e-9), 3)
+    out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+    print(f"  decode: {json.dumps({k: v for k, v in out.items()})}", flush=True)
     return out
+
+
+def _median(values: list):
+    m = statistics.median(values)
+    return round(m, 4) if isinstance(m, float) else m
+
+
+def same_int8_inputs(pipe: Pipeline, prompt_tokens: int) -> dict:
+    """Whether every bitsandbytes int8 layer reads exactly the same input in our prefill and in ``generate``'s
+    (then the two do the same int8 work, outlier columns included), and the outlier columns (|x| >= the LLM.int8
+    threshold) each prefill meets."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in pipe.model.lm.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    seen: dict[str, list[torch.Tensor]] = {"ours": [], "generate": []}
+    current = ["ours"]
+    hooks = [m.register_forward_pre_hook(lambda _m, a: seen[current[0]].append(a[0].detach().clone())) for m in layers]
+    try:
+        ids = prompt_ids(pipe, prompt_tokens)
+        for name, fn in (("ours", ours), ("generate", hf)):
+            current[0] = name
+            fn(pipe, ids, 1)  # the prefill and one token: the first len(layers) inputs are the prefill's
+    finally:
+        for h in hooks:
+            h.remove()
+    a, b = seen["ours"][: len(layers)], seen["generate"][: len(layers)]
+    threshold = layers[0].state.threshold if layers else 0.0
+    return {
+        "int8_layers": len(layers),
+        "same_int8_inputs": all(
+            x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True)
+        ),
+        "outlier_columns": [int((x.abs() >= threshold).flatten(0, -2).any(0).sum()) for x in a],
+        "threshold": threshold,
+    }
 
 
 def chat_turn(pipe: Pipeline, settings: GenerationSettings) -> dict:
@@ -309,7 +376,7 @@ def section_gill(args, rss: PeakRSS) -> dict:
     pipe = Pipeline(config=cfg, model=model, tokenizer=tokenizer, diffusion=sd, device=device, dtype=dtype)
     out = {"components": parts, "stack_rss_gb": round(rss.now() / GB, 3)}
 
-    out["decode"] = decode_speed(pipe, args.prompt_tokens, args.new_tokens)
+    out["decode"] = decode_speed(pipe, args.prompt_tokens, args.new_tokens, args.repeats)
     text = GenerationSettings(max_new_tokens=args.new_tokens, mode="text", seed=0)
     out["turn_text"] = chat_turn(pipe, text)
     print(f"  turn (text): {json.dumps(out['turn_text'])}", flush=True)
@@ -360,9 +427,45 @@ def section_quantized(args, rss: PeakRSS, bits: str) -> dict:
         "rss_gb": round(rss.now() / GB, 3),
     }
     print(f"  build: {json.dumps(out)}", flush=True)
-    out["decode"] = decode_speed(pipe, args.prompt_tokens, args.quant_new_tokens)
+    out["decode"] = decode_speed(pipe, args.prompt_tokens, args.quant_new_tokens, args.repeats)
     out["peak_rss_gb"] = round(rss.peak / GB, 3)
     return out  # the caller frees it all
+
+
+def section_small_8bit(args, rss: PeakRSS) -> dict:
+    """FROMAGe on an OPT-shaped LM ``--small-width`` wide and ``--small-layers`` deep (random weights, 8-bit on the
+    CPU): the full-size 8-bit section's prefill comparison in minutes."""
+    width, layers = args.small_width, args.small_layers
+    print(f"## lm-8bit-small: OPT-shaped LM {width} wide x {layers} layers, 8-bit (bitsandbytes), CPU", flush=True)
+    lm = load_config("fromage").with_random_backbones().lm.config
+    lm = {**lm, "hidden_size": width, "word_embed_proj_dim": width, "ffn_dim": 4 * width, "num_hidden_layers": layers}
+    lm["num_attention_heads"] = max(1, width // 128)  # OPT-6.7B's 128-wide heads
+    cfg = load_config("fromage").to_dict()
+    cfg.update(
+        name=f"fromage-opt-{width}x{layers}",
+        lm={"source": "random", "config": lm},
+        vision=load_config("tiny-fromage").to_dict()["vision"],  # the vision tower is not what is measured
+        weights="random",
+        weights_format="native",
+        generation=None,
+    )
+    free_memory()
+    rss.reset()
+    with tempfile.TemporaryDirectory(prefix="bench_real_scale_small_") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        with timed() as t:
+            pipe = load_pipeline(tmp, quantization="8bit", dtype="bf16", device="cpu", load_diffusion_pipeline=False)
+    out = {
+        "width": width,
+        "layers": layers,
+        "build_s": round(t.wall, 2),
+        "lm_bytes": pipe.model.lm.get_memory_footprint(),
+    }
+    out.update(same_int8_inputs(pipe, args.prompt_tokens))
+    print(f"  build: {json.dumps(out)}", flush=True)
+    out["decode"] = decode_speed(pipe, args.prompt_tokens, args.quant_new_tokens, args.repeats)
+    out["peak_rss_gb"] = round(rss.peak / GB, 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -373,6 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--quant-new-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (medians; order alternates)")
+    ap.add_argument("--small-width", type=int, default=2048, help="lm-8bit-small: the LM's width")
+    ap.add_argument("--small-layers", type=int, default=4, help="lm-8bit-small: the LM's layers")
     ap.add_argument("--min-free-gb", type=float, default=19.0)
     ap.add_argument("--force", action="store_true", help="start even with less memory available")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -380,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.gill, args.fromage = ("tiny-gill", "tiny-fromage") if args.tiny else ("gill", "fromage")
     if args.tiny:
         args.index_rows = min(args.index_rows, 2048)
+        args.small_width, args.small_layers = min(args.small_width, 256), min(args.small_layers, 2)
     generate_loop.sample = _timed_sample  # this script only: the decode loop calls the sampler by this name
     rss = PeakRSS()
     result = {
@@ -393,12 +500,15 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         for section in args.only:
-            if not args.tiny:
+            if not args.tiny and section != "lm-8bit-small":
                 need = args.min_free_gb if section == "gill" else args.min_free_gb * 0.8
                 check_memory(need, args.force, f"section {section}")
-            result[section] = (
-                section_gill(args, rss) if section == "gill" else section_quantized(args, rss, section[3:])
-            )
+            if section == "gill":
+                result[section] = section_gill(args, rss)
+            elif section == "lm-8bit-small":
+                result[section] = section_small_8bit(args, rss)
+            else:
+                result[section] = section_quantized(args, rss, section[3:])
             if args.json:  # after every section: a later one that runs out of memory keeps the earlier figures
                 args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:

@@ -19,6 +19,7 @@ from torch import nn
 from .config import RANDOM, DiffusionSpec, LMSpec, VisionSpec
 from .hub import from_hub_or_path
 from .images import CLIP_MEAN, CLIP_STD, ImageProcessor
+from .typed_json import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ def load_lm(
         torch.manual_seed(seed)
         # Initialised in float32 (the values every test fixes) unless that will not fit: a full-size LM (OPT-6.7B:
         # 26.6 GB in float32) is initialised in the dtype it runs in, so building never needs more than it holds.
-        init_dtype = torch.float32 if _n_params(config) < _INIT_FP32_MAX else dtype
+        n_params = _n_params(config)
+        init_dtype = torch.float32 if n_params < _INIT_FP32_MAX else dtype
+        check_fits_in_memory("lm.config", n_params, init_dtype)
         lm = AutoModelForCausalLM.from_config(config, dtype=init_dtype)
         if kwargs.keys() - {"dtype"}:
             # Quantization and device maps are applied by from_pretrained; send the random model through the
@@ -158,6 +161,31 @@ def load_lm(
 
 
 _INIT_FP32_MAX = 500_000_000  # parameters; above this a random LM is initialised in its own dtype
+
+
+def check_fits_in_memory(part: str, n_params: int, dtype: torch.dtype) -> None:
+    """Refuse a random backbone whose inline config describes more weights than this machine's free memory,
+    before they are allocated (an inline hidden_size of 10**9 would otherwise end in the allocator's own error).
+    Random weights are made on the CPU whatever the device, so the CPU's memory is what bounds them."""
+    need = n_params * torch.empty((), dtype=dtype).element_size()
+    free = _available_memory()
+    if free is not None and need > free:
+        raise ConfigError(
+            f"{part} describes a model of {n_params:,} parameters ({need / 1e9:,.1f} GB in {dtype}), more than "
+            f"the {free / 1e9:,.1f} GB of memory available here; reduce its sizes (hidden_size, layers, vocab_size)"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _n_params(config) -> int:
@@ -271,8 +299,12 @@ def load_vision(
             processor = ImageProcessor(size=config.image_size)
             return VisionEncoder(model.eval().requires_grad_(False), "hf_clip", config.hidden_size, processor)
         if spec.source == RANDOM:
+            config = CLIPVisionConfig(**spec.config)
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in CLIPVisionModel(config).parameters())
+            check_fits_in_memory("vision.config", n_params, torch.float32)
             torch.manual_seed(seed + 1)
-            model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
+            model = CLIPVisionModel(config)
         else:
             model, info = from_hub_or_path(
                 "vision encoder",

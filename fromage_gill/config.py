@@ -17,13 +17,38 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .paths import check_confined
 from .settings import GenerationSettings
-from .typed_json import ConfigError, JSONValue, build, check_inline_config, is_int, is_number, require_int, to_jsonable
+from .typed_json import (
+    ConfigError,
+    JSONValue,
+    build,
+    check_inline_config,
+    is_int,
+    is_number,
+    parse_json,
+    read_json_file,
+    require_int,
+    to_jsonable,
+)
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable
 
 RANDOM = "random"  # component source meaning "build from the inline config with seeded random weights"
+
+# Upper bounds on the sizes a config gives the trained layers, checked when it is read (before anything is
+# allocated: retrieval_dim 5,000,000 would be a 5.8 GB projection). Each is far above any model: the published
+# ones use retrieval_dim 256, 1-4 visual tokens, 8 [IMG] tokens and a 512-wide mapper with 77 queries, and the
+# widest LMs are about 25,000 wide (a retrieval space or mapper wider than the LM's state holds nothing more).
+MAX_WIDTH = 65_536  # retrieval_dim, mapper.d_model / dim_feedforward / out_dim
+MAX_TOKENS = 1024  # n_visual_tokens, image_tokens, mapper.num_queries: each is that many LM/diffusion positions
+MAX_LAYERS = 256  # mapper encoder/decoder layers
+_WHY = {
+    "width": "wider than any model's state; the published models use 256-2048",
+    "tokens": "each takes a position of the LM or diffusion context; the published models use 1-77",
+    "layers": "the published mapper has 4",
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,8 @@ class LMSpec:
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        check_confined("lm.source", self.source)
+        check_confined("lm.tokenizer", self.tokenizer)
         if self.source != RANDOM:
             return
         config = self.config
@@ -71,6 +98,8 @@ class VisionSpec:
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        check_confined("vision.source", self.source)
+        check_confined("vision.pretrained", self.pretrained)
         if self.source != RANDOM:
             return
         config = self.config
@@ -101,6 +130,7 @@ class DiffusionSpec:
     safety_checker: bool = True
 
     def __post_init__(self) -> None:
+        check_confined("diffusion.source", self.source)
         if self.source != RANDOM:
             return
         config = self.config
@@ -141,7 +171,11 @@ class MapperSpec:
             "num_queries",
             "out_dim",
         ):
-            require_int(f"mapper.{name}", getattr(self, name), 1)
+            kind = {"num_queries": "tokens", "num_encoder_layers": "layers", "num_decoder_layers": "layers"}.get(
+                name, "width"
+            )
+            limit = {"width": MAX_WIDTH, "tokens": MAX_TOKENS, "layers": MAX_LAYERS}[kind]
+            require_int(f"mapper.{name}", getattr(self, name), 1, limit, _WHY[kind])
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"mapper.d_model ({self.d_model}) must be divisible by mapper.num_heads ({self.num_heads})"
@@ -199,6 +233,7 @@ class ModelConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
+        check_confined("weights", self.weights)
         if self.generation:
             try:
                 GenerationSettings(**self.generation)
@@ -208,8 +243,12 @@ class ModelConfig:
                 ) from None
         if self.kind not in ("fromage", "gill"):
             raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
-        for name in ("n_visual_tokens", "retrieval_dim"):
-            require_int(name, getattr(self, name), 1)
+        require_int("n_visual_tokens", self.n_visual_tokens, 1, MAX_TOKENS, _WHY["tokens"])
+        require_int("retrieval_dim", self.retrieval_dim, 1, MAX_WIDTH, _WHY["width"])
+        if len(self.image_tokens) > MAX_TOKENS:
+            raise ConfigError(
+                f"image_tokens holds {len(self.image_tokens):,} tokens, more than {MAX_TOKENS} ({_WHY['tokens']})"
+            )
         if not is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {type(self.seed).__name__} {self.seed!r}")
         if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
@@ -282,6 +321,7 @@ class ClipSpec:
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        check_confined("clip.source", self.source)
         if self.source != RANDOM:
             return
         config = self.config
@@ -392,7 +432,7 @@ def load_config(name_or_path: str | Path) -> ModelConfig | MagicConfig:
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" and path.is_file():
-        return _read_config(path.read_text(), str(path))
+        return _from_json(read_json_file(path), str(path))
     name = str(name_or_path)
     if (_preset_dir() / f"{name}.json").is_file():
         return load_preset(name)
@@ -408,7 +448,7 @@ def load_preset(name: str) -> ModelConfig | MagicConfig:
     preset = _preset_dir() / f"{name}.json"
     if not preset.is_file():
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
-    return _read_config(preset.read_text(), f"preset {name!r}")
+    return _from_json(parse_json(preset.read_text(), f"preset {name!r}"), f"preset {name!r}")
 
 
 def _architecture_dir() -> Traversable:
@@ -438,11 +478,7 @@ def architecture(source: str, part: str = "component") -> dict[str, JSONValue]:
     return json.loads((_architecture_dir() / f"{known[source]}.json").read_text())["config"]
 
 
-def _read_config(text: str, where: str) -> ModelConfig | MagicConfig:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON: {e}") from None
+def _from_json(data: JSONValue, where: str) -> ModelConfig | MagicConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a JSON object, got {type(data).__name__}")
     try:

@@ -4,8 +4,11 @@ whatever the working directory."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import overload
+
+from .typed_json import ConfigError
 
 CHECKOUT_PREFIX = "repo:"  # "repo:checkpoints/toy/lm"
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent  # the folder above fromage_gill/
@@ -30,10 +33,32 @@ def checkout_path(source: str | None, *, must_exist: bool = True) -> str | None:
     """``repo:REL`` -> the absolute path of REL in the repository checkout; anything else unchanged."""
     if source is None or not source.startswith(CHECKOUT_PREFIX):
         return source
-    path = CHECKOUT_ROOT / source[len(CHECKOUT_PREFIX) :]
+    path = CHECKOUT_ROOT / confined(source)
     if must_exist and not path.exists():
         raise FileNotFoundError(
             f"{source!r} means {path}, which does not exist. It is built inside the repository checkout; for the "
             f"toy presets run `fromage-gill toy build` from the repository root (see its README section)"
         )
     return str(path)
+
+
+def check_confined(what: str, source: str | None) -> None:
+    """Refuse, naming the field ``what``, a ``repo:`` path that leaves the checkout (anything else passes)."""
+    if source is not None and source.startswith(CHECKOUT_PREFIX):
+        confined(source, what)
+
+
+def confined(source: str, what: str = "") -> PurePosixPath:
+    """The path inside the checkout that ``repo:REL`` names (REL normalised), refused when it would leave the
+    checkout. Confined by spelling, not by resolving links: ``repo:../../etc`` or ``repo:/etc`` would let a shared
+    config name any file on the machine, while a checkpoints/ folder symlinked to a larger disk is the owner's
+    choice. ``what`` names the field in the error."""
+    rel = source[len(CHECKOUT_PREFIX) :].replace("\\", "/")
+    normal = PurePosixPath(os.path.normpath(rel or "."))
+    if normal.is_absolute() or normal.parts[:1] == ("..",) or Path(rel).is_absolute():
+        raise ConfigError(
+            f"{what + ' ' if what else ''}{source!r} leaves the repository checkout: a {CHECKOUT_PREFIX} path names "
+            f"a file or folder inside it (e.g. {CHECKOUT_PREFIX}checkpoints/toy/lm); give a path elsewhere as a "
+            f"plain absolute path"
+        )
+    return normal

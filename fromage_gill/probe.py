@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .generate.limits import context_length
 from .generate.prompt import ImageSegment, Prompt, TokenIds, VisionCache, encode_pieces, normalize_message
 from .generate.resolve import image_token_states
 from .images import load_image
@@ -91,13 +92,25 @@ class CandidateScores:
 # ---------------------------------------------------------------------------------------------- images
 
 
+ImageLike = Image.Image | str | Path | bytes
+
+
 @torch.no_grad()
 def embed_images(
-    pipeline: Pipeline, images: Sequence[Image.Image | str | Path | bytes], *, batch_size: int = DEFAULT_BATCH
+    pipeline: Pipeline, images: ImageLike | Sequence[ImageLike], *, batch_size: int = DEFAULT_BATCH
 ) -> ImageEmbeddings:
-    """Images (PIL, paths or bytes; each through ``images.load_image``) -> their retrieval embeddings, as an index
-    build computes them (the pipeline's CLIP preprocessing, the frozen encoder, ``visual_fc``, L2 norm)."""
+    """Images (PIL, paths or bytes; each through ``images.load_image``), or one image -> their retrieval embeddings
+    (N, or 1 for one image), as an index build computes them (the pipeline's CLIP preprocessing, the frozen encoder,
+    ``visual_fc``, L2 norm)."""
     _check_batch_size(batch_size)
+    if images is None:
+        raise ValueError("images is None: give an image (PIL image, path or bytes) or a list of them")
+    if isinstance(images, (Image.Image, str, Path, bytes, bytearray)):
+        images = [images]
+    if not isinstance(images, Sequence):
+        raise ValueError(
+            f"images is a {type(images).__name__}; give an image (PIL image, path or bytes) or a list of them"
+        )
     if not len(images):
         raise ValueError("images is empty: give at least one image")
     m = pipeline.model
@@ -133,11 +146,13 @@ def embed_texts(pipeline: Pipeline, texts: Sequence[str], *, batch_size: int = D
     if not texts:
         raise ValueError("texts is empty: give at least one text")
     m, tok = pipeline.model, pipeline.tokenizer
+    bos = 0 if tok.bos_token_id is None else 1
+    lengths = [bos + len(ids) + len(m.image_token_ids) for ids in tok(list(texts), add_special_tokens=False).input_ids]
+    for i, n in enumerate(lengths):
+        _check_length(pipeline, n, f"texts[{i}]")
     out = []
     for lo in range(0, len(texts), batch_size):
         out.append(m.text_embedding(image_token_states(pipeline, texts[lo : lo + batch_size])[:, 0]).cpu())
-    bos = 0 if tok.bos_token_id is None else 1
-    lengths = [bos + len(ids) + len(m.image_token_ids) for ids in tok(list(texts), add_special_tokens=False).input_ids]
     return TextEmbeddings(embeddings=torch.cat(out), lengths=lengths)
 
 
@@ -189,6 +204,8 @@ def prompt_states(
     encoded = [
         _encode(pipeline, p, f"prompts[{i}]", [TokenIds(tuple(m.image_token_ids))], bos) for i, p in enumerate(prompts)
     ]
+    for i, p in enumerate(encoded):
+        _check_length(pipeline, len(p), f"prompts[{i}]")
     cache = VisionCache(max_items=max(256, batch_size * 8))
     states = []
     for lo in range(0, len(encoded), batch_size):
@@ -248,6 +265,8 @@ def score_candidates(
     empty = [i for i, ids in enumerate(cand_ids) if not ids]
     if empty:
         raise ValueError(f"candidates {empty[:5]} tokenize to nothing: every candidate needs at least one token")
+    for i, ids in enumerate(cand_ids):
+        _check_length(pipeline, len(ctx) + len(ids), f"context + candidates[{i}]")
     cache = VisionCache()
     ctx_embeds = ctx.embed(m, cache)  # (Tc, d), computed once for every candidate
     n = len(ctx)
@@ -269,6 +288,19 @@ def score_candidates(
         counts.append(valid.sum(-1).cpu())
     s, c = torch.cat(summed), torch.cat(counts)
     return CandidateScores(summed=s, mean=s / c, n_tokens=c)
+
+
+def _check_length(pipeline: Pipeline, n: int, name: str) -> None:
+    """Refuse an input longer than the LM's positions before any memory is spent on it. An error, not a silent
+    or warned truncation: the result is read after the text (at the image tokens, or the candidate's own tokens), so
+    cutting the text changes what is measured; which end to keep is the caller's choice."""
+    limit = context_length(pipeline)
+    if n > limit:
+        raise ValueError(
+            f"{name} is {n} tokens (image tokens included) but {pipeline.config.name}'s LM reads at most {limit}; "
+            f"shorten it, e.g. keep the first tokens with pipeline.tokenizer(text, truncation=True, "
+            f"max_length=...) and decode them"
+        )
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -5,10 +5,13 @@ literals, tuples, nested dataclasses), unknown and missing fields are named, and
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
@@ -18,6 +21,13 @@ if TYPE_CHECKING:
 # arbitrary by nature. Code that reads one checks it (require_int, coerce, check_inline_config) before trusting it.
 JSONValue = Any
 D = TypeVar("D", bound="DataclassInstance")
+
+# A config (even one with inline transformers/diffusers architectures) is a few kB and nests about 5 deep
+# (diffusion.config.unet.block_out_channels); these bounds refuse a file before json.loads builds anything from it
+# (a 100,000-deep nesting would end in RecursionError, a huge file in memory spent on reading it)
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_DEPTH = 32
+_JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
 class ConfigError(ValueError):
@@ -29,12 +39,52 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def require_int(name: str, value: object, minimum: int) -> None:
-    """``value`` is a whole number >= ``minimum``. A float is refused, not truncated: 2.7 is a mistake, not a 2."""
+def require_int(name: str, value: object, minimum: int, maximum: int | None = None, why: str = "") -> None:
+    """``value`` is a whole number >= ``minimum`` (and <= ``maximum``: ``why`` says what the bound is). A float is
+    refused, not truncated: 2.7 is a mistake, not a 2."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum:,}{f' ({why})' if why else ''}, got {value:,}")
+
+
+def read_json_file(path: Path, where: str | None = None) -> JSONValue:
+    """A config file's JSON, its size bounded before it is read (``MAX_CONFIG_BYTES``), then ``parse_json``."""
+    where = where or str(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{where} is {size:,} bytes; a config is a few kB (at most {MAX_CONFIG_BYTES:,}): is it a config file?"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text ({e}); save it as UTF-8 JSON") from None
+    return parse_json(text, where)
+
+
+def parse_json(text: str, where: str) -> JSONValue:
+    """``json.loads(text)``, after a scan that refuses nesting deeper than ``MAX_CONFIG_DEPTH`` (the C parser would
+    recurse until RecursionError; nested Python objects recurse further wherever they are walked)."""
+    depth = 0
+    for m in _JSON_STRING_OR_BRACKET.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(
+                    f"{where} nests more than {MAX_CONFIG_DEPTH} levels deep (at character {m.start()}); a config "
+                    f"nests about 5: the file is not a model config"
+                )
+        elif c in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON: {e}") from None
 
 
 def is_number(value: object) -> bool:

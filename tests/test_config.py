@@ -1,10 +1,12 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
 from fromage_gill.config import ConfigError, ModelConfig, list_presets, load_config, load_preset
+from fromage_gill.paths import CHECKOUT_ROOT, checkout_path
 from fromage_gill.pipeline import build_pipeline
 
 
@@ -250,3 +252,122 @@ def test_generation_settings_refuse_truthy_strings_and_loose_options():
     with pytest.raises(ValueError, match="max_new_tokens=2.7: must be an integer"):
         GenerationSettings(max_new_tokens=2.7)
     assert GenerationSettings(decoding="magic", decoding_options={"k": 5}).decoding_options == {"k": 5}
+
+
+# ------------------------------------------------------------------------------------------ sizes, depth, paths
+
+
+def _tiny_with(tmp_path, edit) -> str:
+    data = load_config("tiny-fromage").to_dict()
+    edit(data)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("retrieval_dim", 5_000_000, r"retrieval_dim must be <= 65,536 \(wider than any model's state.*got 5,000,000"),
+        ("retrieval_dim", 10**9, r"retrieval_dim must be <= 65,536 .*got 1,000,000,000"),
+        ("n_visual_tokens", 10**9, r"n_visual_tokens must be <= 1,024 \(each takes a position"),
+        ("image_tokens", [f"[T{i}]" for i in range(2000)], r"image_tokens holds 2,000 tokens, more than 1024"),
+    ],
+)
+def test_sizes_beyond_what_a_model_holds_are_refused_when_read(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_tiny_with(tmp_path, lambda d: d.update({field: value})))
+
+
+def test_mapper_sizes_are_bounded(tmp_path):
+    def edit(d):
+        d.update(load_config("tiny-gill").to_dict())
+        d["mapper"]["dim_feedforward"] = 10**8
+
+    with pytest.raises(ConfigError, match=r"mapper.dim_feedforward must be <= 65,536"):
+        load_config(_tiny_with(tmp_path, edit))
+
+
+def test_a_wide_retrieval_space_is_refused_before_memory_is_spent(tmp_path):
+    """The issue's 5,000,000-wide config spent 5.8 GB before an error: it must be refused under 200 MB."""
+    import subprocess
+    import sys
+
+    config = _tiny_with(tmp_path, lambda d: d.update(retrieval_dim=5_000_000))
+    # Peak RSS from VmHWM, this process's own high-water mark: getrusage's ru_maxrss would carry the pytest
+    # parent's peak over fork and exec
+    script = f"""
+from fromage_gill import load_pipeline
+from fromage_gill.config import ConfigError
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
+
+before = status("VmRSS")  # torch, transformers and the package imported: what every command has already paid
+try:
+    load_pipeline({config!r}, weights="random", device="cpu", dtype="fp32")
+except ConfigError as e:
+    print("REFUSED", status("VmHWM") - before, e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
+    spent = int(out.stdout.split()[1])
+    assert spent < 200 * 1024 * 1024, f"{spent / 1e6:.0f} MB spent before the refusal"
+    assert "retrieval_dim must be <= 65,536" in out.stdout
+
+
+def test_a_random_backbone_larger_than_memory_is_refused_before_allocation(tmp_path):
+    path = _tiny_with(tmp_path, lambda d: d["lm"]["config"].update(hidden_size=2**20, ffn_dim=2**20))
+    from fromage_gill import load_pipeline
+
+    with pytest.raises(ConfigError, match=r"lm.config describes a model of [\d,]+ parameters .* GB .*reduce its sizes"):
+        load_pipeline(path, weights="random", device="cpu", dtype="fp32")
+
+
+def test_deep_nesting_and_huge_files_are_refused_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"name": "x", "kind": "fromage", "lm": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match=r"deep.json nests more than 32 levels deep \(at character \d+\)"):
+        load_config(path)
+    big = tmp_path / "big.json"
+    with open(big, "w") as f:
+        f.write('{"description": "')
+        f.write("x" * (17 * 1024 * 1024))
+        f.write('"}')
+    with pytest.raises(ConfigError, match=r"big.json is [\d,]+ bytes; a config is a few kB"):
+        load_config(big)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.json is not UTF-8 text"):
+        load_config(latin)
+
+
+@pytest.mark.parametrize("source", ["repo:../../../../etc", "repo:/etc", "repo:checkpoints/../../outside"])
+@pytest.mark.parametrize("field", ["lm.source", "vision.source", "weights"])
+def test_repo_paths_stay_inside_the_checkout(tmp_path, source, field):
+    def edit(d):
+        if field == "weights":
+            d["weights"] = source
+        else:
+            part, key = field.split(".")
+            d[part] = {**d[part], key: source}
+
+    with pytest.raises(ConfigError, match=rf"{field} '{re.escape(source)}' leaves the repository checkout"):
+        load_config(_tiny_with(tmp_path, edit))
+    with pytest.raises(ValueError, match="leaves the repository checkout"):
+        checkout_path(source, must_exist=False)
+    inside = checkout_path("repo:checkpoints/./toy/../toy/lm", must_exist=False)
+    assert inside == str(CHECKOUT_ROOT / "checkpoints" / "toy" / "lm")
+
+
+def test_the_worked_example_for_another_lm_in_docs_training_is_a_valid_config(tmp_path):
+    text = (CHECKOUT_ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Grounding another LM and vision encoder") :]
+    block = section[section.index("```json\n") + len("```json\n") : section.index("\n```", section.index("```json"))]
+    path = tmp_path / "qwen-fromage.json"
+    path.write_text(block)
+    cfg = load_config(path)  # parsed and validated as `train --model qwen-fromage.json` reads it; nothing downloaded
+    assert isinstance(cfg, ModelConfig) and cfg.kind == "fromage" and cfg.weights is None
+    assert cfg.lm.source == "Qwen/Qwen2.5-1.5B" and cfg.vision.backend == "hf_clip"
+    assert cfg.dialogue.assistant_prefix == "\nA:"

@@ -43,6 +43,40 @@ def test_a_txt_list_with_three_cells_on_a_line_is_refused(tmp_path):
     assert data.is_file()
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".txt"])
+def test_a_caption_over_the_csv_field_limit_names_file_and_line(tmp_path, suffix):
+    data = make_shapes(tmp_path, 3, fmt="tsv")
+    lines = data.read_text().splitlines()
+    sep = "," if suffix == ".csv" else "\t"
+    long = "a red circle " * 11_000  # 143,000 characters: over csv's 131,072
+    rows = [line.replace("\t", sep) for line in lines]
+    rows.insert(2, f"{long}{sep}images/00001.png")  # the 3rd line
+    table = tmp_path / f"long{suffix}"
+    table.write_text("\n".join(rows[1:] if suffix == ".txt" else rows) + "\n")
+    line = 2 if suffix == ".txt" else 3
+    if suffix == ".txt":  # a .txt list is read line by line: the caption is long but read, not an error
+        assert any(len(r.caption) > 131_072 for r in read_records(table).items)
+        return
+    with pytest.raises(DataError, match=rf"--data .*long\{suffix}:{line}: field larger than field limit .*shorten it"):
+        read_records(table)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".txt"])
+def test_a_table_that_is_not_utf8_names_the_file_line_and_the_fix(tmp_path, suffix, capsys):
+    data = make_shapes(tmp_path, 3, fmt="tsv")
+    lines = data.read_text().splitlines()
+    lines[2] = lines[2].replace("a ", "a café ", 1)
+    table = tmp_path / f"latin1{suffix}"
+    table.write_bytes(("\n".join(lines[1:] if suffix == ".txt" else lines) + "\n").encode("latin-1"))
+    line = 2 if suffix == ".txt" else 3
+    with pytest.raises(DataError, match=rf"latin1\{suffix}:{line}: is not UTF-8 text .*byte 0xe9.*iconv -f latin1"):
+        read_records(table)
+    argv = ["train", "--model", "tiny-fromage", "--data", str(table), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    assert f"{table}:{line}: is not UTF-8 text" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def outside_refs(tmp_path) -> list[str]:
     """Three ways out of tmp/a/b/c: ../ segments, an absolute path, a symlink inside the root that points out."""
     secret = tmp_path / "secret.png"

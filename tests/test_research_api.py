@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 import fromage_gill as fg
-from fromage_gill.generate import Chat, GenerationSettings, ImageResult, TokenIds, Turn, image_token_states
+from fromage_gill.generate import (
+    Chat,
+    GenerationSettings,
+    ImageResult,
+    TokenIds,
+    Turn,
+    context_length,
+    image_token_states,
+)
 from fromage_gill.generate.diffusion import GeneratedImages
 from fromage_gill.generate.prompt import dialogue_pieces, normalize_message
 from fromage_gill.layout import Context, Visual, layout
@@ -146,6 +154,30 @@ def test_bad_inputs_name_the_problem(tiny_fromage, tiny_gill):
         fg.embed_prompts(tiny_gill, ["ok", [3]])
     with pytest.raises(ValueError, match="by must be"):
         fg.score_candidates(tiny_gill, ["Q: hi\nA:"], ["ok"]).ranking(by="max")
+
+
+def test_one_image_or_none_is_read_or_refused_by_name(tiny_fromage, images):
+    with pytest.raises(ValueError, match="images is None: give an image"):
+        fg.embed_images(tiny_fromage, None)
+    with pytest.raises(ValueError, match="images is a int; give an image"):
+        fg.embed_images(tiny_fromage, 3)
+    one = fg.embed_images(tiny_fromage, images[1])  # a bare image is a batch of one
+    listed = fg.embed_images(tiny_fromage, [images[1]])
+    assert one.embeddings.shape == (1, tiny_fromage.config.retrieval_dim)
+    torch.testing.assert_close(one.embeddings, listed.embeddings, rtol=0, atol=0)
+
+
+def test_a_text_longer_than_the_lm_reads_is_refused_with_the_limit(tiny_fromage):
+    limit = context_length(tiny_fromage)
+    long = " ".join(["red"] * 10_000)
+    with pytest.raises(ValueError, match=rf"texts\[1\] is \d+ tokens .* reads at most {limit}; shorten it"):
+        fg.embed_texts(tiny_fromage, ["a red square", long])
+    with pytest.raises(ValueError, match=rf"prompts\[0\] is \d+ tokens .* at most {limit}"):
+        fg.embed_prompts(tiny_fromage, [long])
+    with pytest.raises(ValueError, match=rf"context \+ candidates\[0\] is \d+ tokens .* at most {limit}"):
+        fg.score_candidates(tiny_fromage, "Q: what is it?\nA:", [long])
+    fits = " ".join(["red"] * (limit // 4))  # a long text that fits still embeds
+    assert torch.isfinite(fg.embed_texts(tiny_fromage, [fits]).embeddings).all()
 
 
 # ---------------------------------------------------------------------------------------------- published layout

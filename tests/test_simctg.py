@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -201,3 +202,22 @@ def test_train_lm_cli_and_errors(tmp_path, captions, capsys):
     with pytest.raises(ValueError, match="--margin must be in"):
         SimCTGConfig(model="tiny-magic", data="x", out="y", margin=0)
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()  # nothing written on a bad input
+
+
+def test_train_lm_logs_its_loss_curve_to_tensorboard(tmp_path, captions):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["train-lm", "--model", "tiny-magic", "--data", str(captions), "--out", str(out), "--max-steps", "5"]
+    assert main([*argv, "--batch-size", "4", "--log-every", "2", "--lr", "3e-3", "--no-progress"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["log_every"] == 2
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    assert {"train/total", "train/mle", "train/contrastive", "train/lr"} <= set(events.Tags()["scalars"])
+    total = events.Scalars("train/total")
+    assert [e.step for e in total] == [2, 4, 5]  # every --log-every steps, and the last
+    assert all(math.isfinite(e.value) and e.value > 0 for e in total)
+    mle, cl = events.Scalars("train/mle"), events.Scalars("train/contrastive")
+    for t, m, c in zip(total, mle, cl, strict=True):  # the logged total is the two losses it sums
+        assert t.value == pytest.approx(m.value + c.value, rel=1e-5)

@@ -219,6 +219,13 @@ def _search(args: argparse.Namespace) -> int:
         else:
             query = text_query(pipeline, args.text)
     result = index.search(query, args.k, method=args.method)
+    if len(result.ids[0]) == 0 or result.ids[0][0] < 0:  # never an empty answer that looks like success
+        print(
+            f"error: {args.dir} returned no image for this query ({len(index)} images indexed); if it holds "
+            f"images, check it with `fromage-gill index info {args.dir}` or rebuild it",
+            file=sys.stderr,
+        )
+        return 1
     for rank, (i, score) in enumerate(zip(result.ids[0], result.scores[0], strict=True), 1):
         if i < 0:
             break
@@ -235,9 +242,16 @@ def text_query(pipeline: Pipeline, text: str):
     ([RET] for FROMAGe, [IMG0] for GILL), as the model emits them when it retrieves."""
     import torch
 
+    from ..generate import context_length
+
     model, tok = pipeline.model, pipeline.tokenizer
     ids = tok(text, return_tensors="pt").input_ids
     ids = torch.cat([ids, torch.tensor([model.image_token_ids])], dim=1)
+    if ids.shape[1] > context_length(pipeline):
+        raise ValueError(
+            f"--text is {ids.shape[1]} tokens with the image tokens, but {pipeline.config.name}'s LM reads at most "
+            f"{context_length(pipeline)}: shorten it"
+        )
     out = model.forward_lm(model.embed_tokens(ids), logits="none")
     return model.text_embedding(out.hidden[:, ids.shape[1] - len(model.image_token_ids)])
 

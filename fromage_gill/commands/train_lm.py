@@ -31,6 +31,7 @@ def register(sub) -> None:
     )
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars (OUT/logs) every N steps")
     p.add_argument("--resume", help="a run directory or checkpoint to continue")
     p.add_argument(
         "--trust-pickle",
@@ -60,6 +61,7 @@ def run(args) -> int:
         start_token=args.start_token,
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
         resume=args.resume,
         trust_pickle=args.trust_pickle,
         seed=args.seed,

@@ -161,9 +161,11 @@ class SimCTGConfig:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    log_every: int = 10  # TensorBoard scalars (OUT/logs, as `train` writes them) every N steps
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "max_len", "save_every", "keep_checkpoints"):
+        for name in ("max_steps", "batch_size", "max_len", "save_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -202,8 +204,6 @@ def lm_spec(model: str) -> tuple[LMSpec, int]:
 
 
 def train_lm(tc: SimCTGConfig) -> SimCTGResult:
-    from tqdm.auto import tqdm
-
     out = Path(tc.out)
     device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -252,7 +252,25 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
 
-    # 3. The loop.
+    # 3. The loop; the loss curve goes to OUT/logs as `train` writes its own (train/total, train/mle, ...).
+    writer = None
+    if tc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"))
+    try:
+        history = _steps(tc, out, lm, tokenizer, seqs, pad_id, optimizer, scheduler, step, device, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    lm.eval().requires_grad_(False)
+    return SimCTGResult(out=out, step=step + len(history), history=history, lm=lm, tokenizer=tokenizer)
+
+
+def _steps(tc, out, lm, tokenizer, seqs, pad_id, optimizer, scheduler, step, device, writer) -> list[dict[str, float]]:
+    """Optimizer steps from ``step`` to ``tc.max_steps``: each one's losses and learning rate, in order."""
+    from tqdm.auto import tqdm
+
     history: list[dict[str, float]] = []
     bar = tqdm(total=tc.max_steps, initial=step, desc="train-lm", unit="step", disable=not tc.progress)
     t0, seen = time.perf_counter(), 0
@@ -277,11 +295,13 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
             ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}",
         )
         bar.update(1)
+        if writer is not None and (step % tc.log_every == 0 or step == tc.max_steps):
+            for k, v in record.items():
+                writer.add_scalar(f"train/{k}", v, step)
         if step % tc.save_every == 0 or step == tc.max_steps:
             save_checkpoint(out, step, lm, tokenizer, optimizer, scheduler, keep=tc.keep_checkpoints)
     bar.close()
-    lm.eval().requires_grad_(False)
-    return SimCTGResult(out=out, step=step, history=history, lm=lm, tokenizer=tokenizer)
+    return history
 
 
 def resolve_resume(path: Path) -> Path:

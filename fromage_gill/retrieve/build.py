@@ -140,7 +140,9 @@ def build_index(
                     logger.warning("skipping %s: %s", bad.item.name, bad.reason)
                     files.skip(bad.item.name, bad.reason)
                 if good:
-                    files.add(_embed(pipeline, [b.image for b in good if b.image is not None]))
+                    files.add(
+                        _embed(pipeline, [b.image for b in good if b.image is not None], [b.item.name for b in good])
+                    )
                     for b in good:
                         files.record(_record_for(b.item, b.data, out, relative_paths, source))
                 files.commit(items_done=len(batch), rows=len(good))
@@ -195,11 +197,20 @@ class _ImageLoader:
             return _Loaded(item, reason=f"{type(e).__name__}: {e}")
 
 
-def _embed(pipeline: Pipeline, images: list[Image.Image]) -> np.ndarray:
-    """(B,) images -> (B, D) normalised float32 vectors, as the retrieval head saw them in training."""
+def _embed(pipeline: Pipeline, images: list[Image.Image], names: list[str]) -> np.ndarray:
+    """(B,) images -> (B, D) normalised float32 vectors, as the retrieval head saw them in training. Non-finite
+    vectors are refused before the batch is committed: an index of NaN rows finds nothing for any query."""
     model = pipeline.model
     with torch.no_grad():
         emb = model.image_embedding(model.encode_images(pipeline.image_processor(images)))
+    bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"the model's embedding of {names[bad[0]]} holds NaN or infinite values"
+            f"{f' (and {len(bad) - 1} more of this batch)' if len(bad) > 1 else ''}: its trained layers "
+            f"or vision encoder give non-finite output (in {model.dtype}? try --dtype fp32), so the index "
+            f"would rank nothing; fix the model, then run the same build again to resume"
+        )
     return np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32)
 
 

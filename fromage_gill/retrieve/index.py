@@ -31,7 +31,9 @@ from .storage import (
     FingerprintMismatchError,
     Records,
     check_normalised,
+    first_non_finite,
     new_meta,
+    non_finite_error,
     normalize_rows,
     read_embeddings,
     read_meta,
@@ -128,6 +130,12 @@ class ImageIndex:
         vectors = np.array(embeddings, dtype=np.float32 if embeddings.dtype != np.float16 else np.float16, copy=True)
         if vectors.ndim != 2:
             raise ValueError(f"embeddings must be (N, D), got shape {vectors.shape}")
+        bad = first_non_finite(vectors)
+        if bad is not None:
+            raise ValueError(
+                f"embeddings row {bad} holds NaN or infinite values, so no search could rank it: embed that image "
+                f"again (is the model's output finite in this dtype?)"
+            )
         if normalize:
             vectors = normalize_rows(vectors.astype(np.float32))
         else:
@@ -269,8 +277,15 @@ class ImageIndex:
                 "`fromage-gill index faiss DIR --kind ...`, or search with method='exact'"
             )
         if method == "exact" or self.faiss_index is None or len(self) == 0:
-            return exact_search(self.vectors, q, k, ex)
-        return self._faiss_search(q, k, ex)
+            result = exact_search(self.vectors, q, k, ex)
+        else:
+            result = self._faiss_search(q, k, ex)
+        if np.isnan(result.scores).any():  # a NaN row the sampled check at load did not meet (queries are finite)
+            row = first_non_finite(self.vectors)  # an error path: the full scan is worth naming the row
+            if self.directory is not None:
+                raise non_finite_error(self.directory, row)
+            raise BrokenIndexError(f"embeddings row {row} holds NaN values: rebuild the index")
+        return result
 
     def _faiss_search(self, q: torch.Tensor, k: int, exclude: np.ndarray | None) -> SearchResult:
         exclude = np.empty(0, np.int64) if exclude is None else exclude

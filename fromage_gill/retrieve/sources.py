@@ -24,7 +24,8 @@ import csv
 import json
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,8 +198,41 @@ def _item_for(ref: str, root: Path, **fields) -> ImageItem:
     return ImageItem(name=str(p), path=str(p), **fields)
 
 
+@contextmanager
+def text_list_errors(path: Path, line: Callable[[], int | None] = lambda: None) -> Iterator[None]:
+    """A codec or csv error while reading the list ``path`` -> a ValueError naming the file, the line and the fix
+    (``line``: where a csv reader is, for the csv errors)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start : e.start + 1].hex()
+        raise ValueError(
+            f"{path}:{first_undecodable_line(path)}: is not UTF-8 text ({e.reason}, byte 0x{bad}): save it as UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}` (or from the encoding "
+            f"it was written in)"
+        ) from None
+    except csv.Error as e:
+        at = line()
+        raise ValueError(
+            f"{path}:{at if at is not None else '?'}: {e}: a cell longer than {csv.field_size_limit():,} characters "
+            f"is not a caption or a path (training reads the first --max-caption-tokens tokens of a caption): "
+            f"shorten it; in a CSV, a quote left open makes the lines after it one cell"
+        ) from None
+
+
+def first_undecodable_line(path: Path) -> int | None:
+    """The number of the first line of ``path`` that is not UTF-8 (read in binary, for an error message)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return None
+
+
 def _iter_txt(path: Path, root: Path) -> Iterator[ImageItem]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f, text_list_errors(path):
         for line in f:
             line = line.rstrip("\n\r")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -219,7 +253,8 @@ def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
 
 
 def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
-    with open(path, encoding="utf-8", newline="") as f:
+    rows = None
+    with open(path, encoding="utf-8", newline="") as f, text_list_errors(path, lambda: rows and rows.line_num):
         rows = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         header = next(rows, None)
         if header is None:

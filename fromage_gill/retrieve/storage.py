@@ -8,12 +8,14 @@ An index is a folder:
 - ``records.jsonl``: one JSON object per row: ``path`` (relative to the folder, or absolute) or ``url``, and
   optional ``caption``, ``license``, ``source``, ``sha256`` (of the encoded file), ``member``/``offset``/``size``
   (a member of a tar shard);
-- ``records.offsets.npy``: int64 byte offsets of the lines, so record ``i`` is read without parsing the others;
+- ``records.offsets.npy``: int64 byte offsets of the lines (increasing), so record ``i`` is read without parsing
+  the others;
 - ``faiss.index`` (optional): a FAISS index over the same rows, built on request (``ImageIndex.build_faiss``);
 - ``skipped.tsv`` (built indexes): the images that could not be read, and why.
 
 Reading memory-maps the vectors (numpy over the safetensors data offset): opening a 2.6M x 256 index reads
-nothing until a search touches the pages, and the pages are the OS page cache's, never a second copy.
+nothing until a search touches the pages, and the pages are the OS page cache's, never a second copy. Rows holding
+NaN are refused (every row of an index up to ``FINITE_SCAN_BYTES``, a sample of a larger one, when it is opened).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ SCORE = "cosine similarity (dot product of L2-normalised vectors); retrieval log
 ST_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}  # storage dtype: safetensors, numpy
 NORM_TOLERANCE = 1e-2  # float16 storage rounds norms by ~1e-3
 BLOCK_ROWS = 32768  # rows per chunk when streaming vectors to disk or FAISS
+# Opening an index scans every row for NaN/inf up to this size (256 MB: ~0.1 s from the page cache); a larger one
+# is sampled (opening a 2.6M-row index must not read its 1.3 GB), and a search refuses any non-finite score it meets
+FINITE_SCAN_BYTES = 1 << 28
+FINITE_SAMPLE_ROWS = 65536
 
 
 class FingerprintMismatchError(ValueError):
@@ -186,7 +192,31 @@ def read_embeddings(directory: Path, meta: dict, *, mmap_mode: bool) -> np.ndarr
         raise _broken(
             d, path, f"holds {vectors.dtype} but {META_FILE} says {meta['dtype']}: the folder is inconsistent"
         )
+    bad = first_non_finite(vectors, sample=vectors.nbytes > FINITE_SCAN_BYTES)
+    if bad is not None:
+        raise non_finite_error(d, bad)
     return vectors
+
+
+def first_non_finite(vectors: np.ndarray, *, sample: bool = False) -> int | None:
+    """The first row holding NaN or inf (of ``FINITE_SAMPLE_ROWS`` evenly spread rows with ``sample``), or None.
+    A NaN row scores NaN against every query, which a top-k drops: searches would silently find nothing."""
+    step = max(1, vectors.shape[0] // FINITE_SAMPLE_ROWS) if sample else 1
+    for lo in range(0, vectors.shape[0], BLOCK_ROWS * step):
+        block = np.asarray(vectors[lo : lo + BLOCK_ROWS * step : step])
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if len(bad):
+            return lo + int(bad[0]) * step
+    return None
+
+
+def non_finite_error(directory: Path, row: int) -> BrokenIndexError:
+    return _broken(
+        directory,
+        directory / EMBEDDINGS_FILE,
+        f"row {row} holds NaN or infinite values (a search would rank nothing); if a rebuild gives NaN again, the "
+        f"model's trained layers are broken",
+    )
 
 
 def write_safetensors(
@@ -318,7 +348,23 @@ class JsonlRecords:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> dict:
-        return json.loads(self._map[int(self.offsets[i]) : int(self.offsets[i + 1])])
+        line = self._map[int(self.offsets[i]) : int(self.offsets[i + 1])]
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._broken(
+                f"record {i} (bytes {int(self.offsets[i])}-{int(self.offsets[i + 1])}) is not a JSON line ({e})"
+            ) from None
+        if not isinstance(record, dict):
+            raise self._broken(f"record {i} is a JSON {type(record).__name__}, not an object")
+        return record
+
+    def _broken(self, problem: str) -> BrokenIndexError:
+        offsets = self.path.with_name(OFFSETS_FILE)
+        return BrokenIndexError(
+            f"{self.path}: {problem}: either the records file or {offsets} is damaged; delete {offsets} to have the "
+            f"offsets recounted, and if that does not help {rebuild_hint(self.path.parent)}"
+        )
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
@@ -352,6 +398,15 @@ def read_records(directory: Path, count: int) -> JsonlRecords:
             offsets_path,
             f"does not fit {RECORDS_FILE} ({size} bytes): expected int64 line offsets from 0 to {size}, found "
             f"{offsets.dtype} {offsets.shape}; delete it to have the offsets recounted",
+        )
+    steps = np.flatnonzero(np.diff(offsets) <= 0)  # 8 bytes a record: 20 MB for 2.6M, read once
+    if len(steps):
+        i = int(steps[0])
+        raise _broken(
+            d,
+            offsets_path,
+            f"does not fit {RECORDS_FILE}: line offsets must increase, but record {i} runs from {int(offsets[i])} to "
+            f"{int(offsets[i + 1])}; delete it to have the offsets recounted",
         )
     if len(records) != count:
         raise _broken(d, path, f"holds {len(records)} records for {count} embeddings: the folder is inconsistent")

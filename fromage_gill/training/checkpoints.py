@@ -12,6 +12,7 @@ refused unless ``--trust-pickle``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import checkpoint as ckpt
-from ..config import ModelConfig
+from ..config import RANDOM, ModelConfig
+from ..paths import checkout_path
 from ..resume_state import get_rng, load_state, save_state, set_rng
+from ..typed_json import JSONValue, read_json_file
 
 if TYPE_CHECKING:
     from ..model import GroundedLM
@@ -29,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+BACKBONES = "backbones.json"  # what the frozen backbones were (``backbone_fingerprints``), for --resume's check
+# A large file is identified by its size and this much of its start and end: a safetensors/bin file of other weights
+# differs there (the header names and places the tensors; the first and last tensors' values follow), and reading
+# 2 MiB per shard keeps the check instant for a 13 GB LM. Smaller files are hashed whole.
+_SAMPLE_BYTES = 1 << 20
 
 
 def save_checkpoint(out: Path, step: int, model: GroundedLM, optimizer, scheduler, accelerator, *, keep: int) -> Path:
@@ -45,6 +53,7 @@ def save_checkpoint(out: Path, step: int, model: GroundedLM, optimizer, schedule
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.save_native(model, tmp)
+        (tmp / BACKBONES).write_text(json.dumps(backbone_fingerprints(model.config), indent=2) + "\n")
         save_state(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
             tmp / TRAINER_STATE,
@@ -75,18 +84,61 @@ def resolve_resume(path: str | Path) -> Path:
 
 
 def check_resume(resume: Path, config: ModelConfig) -> None:
-    """Refuse a checkpoint written by another model than ``config`` (weights and description may differ)."""
-    theirs = json.loads((resume / ckpt.CONFIG_NAME).read_text()) if (resume / ckpt.CONFIG_NAME).is_file() else None
-    if theirs is None:
+    """Refuse a checkpoint written by another model than ``config`` (weights and description may differ). The
+    frozen backbones are compared by what they are (``backbone_fingerprints``), not by how their path is spelled:
+    ``repo:checkpoints/toy/lm`` and its absolute path, or a copy of the same files elsewhere, agree."""
+    if not (resume / ckpt.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"--resume {resume} has no {ckpt.CONFIG_NAME}")
-    ours = _comparable(config)
-    theirs = _comparable(ModelConfig.from_dict(theirs))
+    their_config = ModelConfig.from_dict(read_json_file(resume / ckpt.CONFIG_NAME))
+    stored = resume / BACKBONES
+    # a checkpoint of an earlier version has no backbones.json: its config's paths are fingerprinted now
+    their_prints = json.loads(stored.read_text()) if stored.is_file() else backbone_fingerprints(their_config)
+    ours = _comparable(config, backbone_fingerprints(config))
+    theirs = _comparable(their_config, their_prints)
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if diff:
         raise ValueError(
             f"--resume {resume} was written by another model ({theirs.get('name')!r}, differing in "
             f"{', '.join(diff)}) than --model {config.name!r}; resume with the same --model"
         )
+
+
+def backbone_fingerprints(config: ModelConfig) -> dict[str, str | None]:
+    """What each frozen backbone is, whatever its path's spelling: a local file or folder (``repo:`` resolved) ->
+    a hash of its files' names, sizes and contents (``_SAMPLE_BYTES`` of each end of a large file); a Hub id or
+    "random" -> itself (a random backbone is its inline config, compared with the rest of the config)."""
+    diffusion = config.diffusion.source if config.diffusion is not None else None
+    return {
+        "lm.source": _fingerprint(config.lm.source),
+        "lm.tokenizer": _fingerprint(config.lm.tokenizer),
+        "vision.source": _fingerprint(config.vision.source),
+        "vision.pretrained": _fingerprint(config.vision.pretrained),
+        "diffusion.source": _fingerprint(diffusion),
+    }
+
+
+def _fingerprint(source: str | None) -> str | None:
+    if source is None or source == RANDOM:
+        return source
+    path = Path(checkout_path(source, must_exist=False))
+    if not path.exists():
+        return source  # a Hub id (with its revision compared in the config), or a path gone since
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue  # .cache/, .git/: what a download or a clone leaves, not the weights
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= 2 * _SAMPLE_BYTES:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(_SAMPLE_BYTES))
+                fh.seek(size - _SAMPLE_BYTES)
+                h.update(fh.read(_SAMPLE_BYTES))
+    return "sha256:" + h.hexdigest()
 
 
 def check_fresh_run(out: Path) -> None:
@@ -117,8 +169,14 @@ def restore_trainer_state(resume: Path, optimizer, scheduler, rank: int, *, trus
     return step
 
 
-def _comparable(config: ModelConfig) -> dict:
+def _comparable(config: ModelConfig, fingerprints: dict[str, str | None]) -> dict[str, JSONValue]:
+    """The config as --resume compares it: the trained weights' place and the description left out, each backbone's
+    path replaced by its fingerprint (the name is compared, so a different backbone is named in the error)."""
     d = config.to_dict()
     for k in ("weights", "weights_format", "description"):
         d.pop(k, None)
+    for key, fingerprint in fingerprints.items():
+        part, field = key.split(".")
+        if d.get(part) is not None:
+            d[part][field] = fingerprint
     return d

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ..images import MAX_IMAGE_BYTES, ImageError, load_image
-from ..retrieve.sources import ImageItem, iter_image_caption_items, read_item_bytes, unescape_text
+from ..retrieve.sources import ImageItem, iter_image_caption_items, read_item_bytes, text_list_errors, unescape_text
 
 if TYPE_CHECKING:
     from ..model import GroundedLM
@@ -163,23 +163,28 @@ def read_records(
 
 def check_table_rows(path: Path, shown: int = 5) -> None:
     """Refuse a table whose rows do not all have its header's width (a .txt list: at most one TAB per line), as
-    the reader would otherwise drop a short row silently and read a long one's extra cells as part of another."""
+    the reader would otherwise drop a short row silently and read a long one's extra cells as part of another.
+    A file that is not UTF-8, or a cell over the csv module's limit, is refused naming the file and line."""
     bad: list[str] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix.lower() == ".txt":
-            for n, line in enumerate(f, 1):
-                cells = line.count("\t") + 1
-                if cells > 2 and not line.lstrip().startswith("#"):
-                    bad.append(f"{path}:{n}: {cells} TAB-separated cells, expected image or caption<TAB>image")
-        else:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-            rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
-            header = next(rows, None)
-            width = len(header) if header else 0
-            for row in rows:
-                if row and len(row) != width:  # an empty line is no row
-                    bad.append(f"{path}:{rows.line_num}: {len(row)} cell(s), but the header has {width} ({header})")
+    rows = None
+    try:
+        with open(path, encoding="utf-8", newline="") as f, text_list_errors(path, lambda: rows and rows.line_num):
+            if path.suffix.lower() == ".txt":
+                for n, line in enumerate(f, 1):
+                    cells = line.count("\t") + 1
+                    if cells > 2 and not line.lstrip().startswith("#"):
+                        bad.append(f"{path}:{n}: {cells} TAB-separated cells, expected image or caption<TAB>image")
+            else:
+                delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+                quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+                rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
+                header = next(rows, None)
+                width = len(header) if header else 0
+                for row in rows:
+                    if row and len(row) != width:  # an empty line is no row
+                        bad.append(f"{path}:{rows.line_num}: {len(row)} cell(s), but the header has {width} ({header})")
+    except ValueError as e:  # text_list_errors': the file and line are named
+        raise DataError(f"--data {e}") from None
     if bad:
         more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
         raise DataError(
