@@ -143,6 +143,12 @@ class ConversationStore:
         self._reported: set[tuple[str, str]] = set()  # damaged rows already logged (logged once, listed always)
         full_url = database_url(url, self.root)
         try:
+            backend = sa.engine.make_url(full_url).get_backend_name()
+        except SQLAlchemyError as e:
+            raise StoreError(f"the database URL is not valid ({_reason(e)}); e.g. postgresql://user@host/db") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise StoreError(f"the conversation store supports SQLite and PostgreSQL databases, not {backend}")
+        try:
             self.engine = sa.create_engine(full_url, pool_pre_ping=not full_url.startswith("sqlite"))
         except ModuleNotFoundError as e:
             raise StoreError(

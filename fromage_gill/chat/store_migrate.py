@@ -7,9 +7,9 @@ one changes nothing (rows already there are kept as they are). A file that canno
 ``*.json.unreadable``, logged, and left for the operator. The owners of migrated conversations are recorded, so that
 a browser still holding its old, unsigned id is recognised once and handed a signed token (``owner.py``).
 
-Where the files are looked for: the store's own folder (the old layout under ``$FROMAGE_GILL_APP_CACHE``), and the
-old default, ``fromage_gill_app`` in the system's temporary folder, only when it belongs to this user (another
-local user could have planted files in a shared temporary folder).
+Where the files are looked for: the store's own folder (the old layout under ``$FROMAGE_GILL_APP_CACHE``), and,
+when the store is in the new default folder, the old default, ``fromage_gill_app`` in the system's temporary folder,
+only when it belongs to this user (another local user could have planted files in a shared temporary folder).
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ BROWSER_KEY = "browser_key"  # the store key name of the browser's kept value's 
 
 
 def legacy_folders(root: Path, old_default: Path = OLD_DEFAULT) -> list[Path]:
+    """``root``, and the old default folder when ``root`` is the new default (the app started without
+    $FROMAGE_GILL_APP_CACHE, as it was before) and the old one belongs to this user."""
+    from platformdirs import user_data_dir
+
     folders = [Path(root)]
+    if Path(root).resolve() != Path(user_data_dir("fromage_gill", appauthor=False)).resolve():
+        return folders
     try:
         st = old_default.lstat()
         ours = old_default.is_dir() and not old_default.is_symlink() and st.st_uid == os.getuid()
