@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from fromage_gill.chat.store import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from postgres_server import PostgresServer, why_not  # noqa: E402
+from store_helpers import PostgresServer, fill, small_disk, why_not  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -212,43 +211,22 @@ def test_a_kill_9_mid_write_keeps_every_other_conversation(tmp_path, db_url):
 
 
 @pytest.fixture
-def small_disk():
-    """A 4 MB tmpfs (root only); unmounted afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="fromage_gill_full_"))
-    mount = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(folder)]
-    done = subprocess.run(mount, capture_output=True)
-    if done.returncode != 0:
-        folder.rmdir()
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {done.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
-    folder.rmdir()
+def full_disk(tmp_path):
+    """A 4 MB tmpfs (root only), unmounted afterwards."""
+    with small_disk(tmp_path / "small") as why:
+        if why:
+            pytest.skip(why)
+        yield tmp_path / "small"
 
 
-def fill(folder: Path) -> Path:
-    """Fill the file system of ``folder`` to the last byte; returns the filler (delete it to free the space)."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (65536, 512, 1):  # down to the last byte
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
-
-
-def test_a_full_disk_is_a_clear_error_and_stores_nothing_half(small_disk, db_url):
+def test_a_full_disk_is_a_clear_error_and_stores_nothing_half(full_disk, db_url):
     # SQLite: the database file is on the full disk; PostgreSQL: the images folder is (its database is elsewhere).
-    store = ConversationStore(small_disk / "data", 3600, url=db_url)
+    store = ConversationStore(full_disk / "data", 3600, url=db_url)
     owner, kept, victim = new_id(), new_id(), new_id()
     store.save(owner, kept, record("kept", "safe", png_b64(5)))
     store.save(owner, victim, record("victim", "version 1"))
-    images_before = sorted((small_disk / "data").rglob("*.png"))
-    filler = fill(small_disk)
+    images_before = sorted((full_disk / "data").rglob("*.png"))
+    filler = fill(full_disk)
 
     big_image = png_b64(-1, size=600)  # ~1 MB of noise: more than is left
     with pytest.raises(StoreError, match="disk is full"):
@@ -259,8 +237,8 @@ def test_a_full_disk_is_a_clear_error_and_stores_nothing_half(small_disk, db_url
 
     assert store.load(owner, victim)["chat"]["turns"][0]["segments"][0]["text"] == "version 1", "the previous one"
     assert store.load(owner, kept)["chat"] == record("kept", "safe", png_b64(5))["chat"]
-    assert sorted((small_disk / "data").rglob("*.png")) == images_before, "no image of the failed save is left"
-    assert temporaries(small_disk) == []
+    assert sorted((full_disk / "data").rglob("*.png")) == images_before, "no image of the failed save is left"
+    assert temporaries(full_disk) == []
     filler.unlink()  # space again: the next save works
     store.save(owner, victim, record("victim", "version 3", big_image))
     assert store.load(owner, victim)["chat"]["turns"][0]["segments"][1]["png"] == big_image

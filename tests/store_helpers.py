@@ -1,6 +1,7 @@
-"""A throwaway PostgreSQL server for the store's tests, started from Debian's ``postgresql`` package binaries
-(``initdb`` and ``pg_ctl`` under /usr/lib/postgresql/<version>/bin) in a temporary folder on a free port, and a new
-empty database per test. As root (CI), the server runs as the ``postgres`` user, since PostgreSQL refuses root."""
+"""For the store's tests: a throwaway PostgreSQL server, started from Debian's ``postgresql`` package binaries
+(``initdb`` and ``pg_ctl`` under /usr/lib/postgresql/<version>/bin) in a temporary folder on a free port, with a
+new empty database per test (as root, as in CI, the server runs as the ``postgres`` user, since PostgreSQL refuses
+root); and a small tmpfs to fill to the last byte, for a full disk."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +92,39 @@ class PostgresServer:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr or done.stdout}")
+
+
+@contextmanager
+def small_disk(folder: Path, size: str = "4m") -> Iterator[str | None]:
+    """A tmpfs of ``size`` mounted on ``folder`` (created) for the block; yields None, or why it cannot be mounted
+    (mounting needs root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)]
+    try:
+        done = subprocess.run(mount, capture_output=True, text=True)
+    except FileNotFoundError:
+        yield "no mount command"
+        return
+    if done.returncode != 0:
+        yield f"cannot mount a small tmpfs to fill (needs root): {done.stderr.strip()}"
+        return
+    try:
+        yield None
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; returns the filler (delete it to free the space)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (65536, 512, 1):  # down to the last byte
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
