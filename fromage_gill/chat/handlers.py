@@ -10,11 +10,13 @@ an error note in the chat, and the conversation stays as it was.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -85,9 +87,13 @@ class ChatHandlers(KeptConversations):
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
         self.pipelines = self.pipelines or {NO_INDEX: pipeline}
         self.gate = ModelGate(self.options.concurrency)
-        self.image_root = self.options.cache_dir / "images"  # one folder per session; the app serves these files
-        self.image_root.mkdir(parents=True, exist_ok=True)
-        self.export_root = self.options.cache_dir / "exports"  # one folder per session, removed with it
+        # What the tabs show and download lives as long as their sessions: in a private temporary folder (0700, an
+        # unpredictable name) that gradio may serve files from; what outlives the app is in the store (cache_dir).
+        scratch = Path(tempfile.mkdtemp(prefix="fromage_gill_app_"))
+        atexit.register(shutil.rmtree, scratch, True)
+        self.image_root = scratch / "images"  # one folder per session; the app serves these files
+        self.image_root.mkdir()
+        self.export_root = scratch / "exports"  # one folder per session, removed with it
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.open_store()
 
