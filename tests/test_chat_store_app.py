@@ -4,16 +4,20 @@ the user (a full disk refuses the turn and keeps the message in the box)."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from fromage_gill.chat.handlers import ChatHandlers, Reply
+from fromage_gill.chat.kept import owner_tokens
 from fromage_gill.chat.options import AppOptions
 from fromage_gill.chat.owner import OwnerTokens
-from fromage_gill.chat.store import conversations
+from fromage_gill.chat.records import session_record
+from fromage_gill.chat.store import ConversationStore, StoreError, conversations, store_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "assets" / "images" / "chelsea.jpg"
@@ -61,6 +65,35 @@ def test_restore_gives_a_conversation_only_to_its_owner(tiny_gill, tmp_path):
     assert user_texts(mine) == ["my secret plans"] and again == kept and errors(mine) == []
     new, _ = h.restore(None)
     assert errors(new) == [], "a first visit is not told anything"
+
+
+def test_a_conversation_of_the_json_files_comes_back_to_its_browser_once(tiny_gill, tmp_path):
+    old = ChatHandlers(tiny_gill, AppOptions(cache_dir=tmp_path / "old"))
+    session, _ = old.restore(None)
+    last(old.send(session, {"text": "from before the database", "files": [str(CAT)]}, seed="5", **TEXT))
+    owner = session.owner  # what versions before the database kept in the browser: the bare id
+    record = {**session_record(session, model_name=old.model_name), "updated": time.time()}
+    folder = tmp_path / "new" / "conversations" / owner
+    folder.mkdir(parents=True)
+    (folder / f"{session.conversation}.json").write_text(json.dumps(record))
+
+    h = ChatHandlers(tiny_gill, AppOptions(cache_dir=tmp_path / "new"))  # the first start with the database
+    restored, kept = h.restore({"owner": owner})
+    assert user_texts(restored) == ["from before the database"] and errors(restored) == []
+    assert old.history(restored)["turns"] == old.history(session)["turns"], "text and image labels as they were"
+    assert h.owners.verify(kept["owner"]) == owner, "the browser now keeps a signed token"
+    replayed, _ = h.restore({"owner": owner})  # the bare id again (a copy of the old value): refused
+    assert replayed.owner != owner and replayed.chat.history == [] and errors(replayed)
+    assert user_texts(h.restore(kept)[0]) == ["from before the database"]
+
+
+def test_a_damaged_owner_key_stops_the_app_instead_of_hiding_every_conversation(tmp_path):
+    store = ConversationStore(tmp_path, 3600)
+    owner_tokens(store)  # made at the first start
+    with store.engine.begin() as c:
+        c.execute(sa.update(store_keys).where(store_keys.c.name == "owner_key").values(value="garbled"))
+    with pytest.raises(StoreError, match="owner key .* is damaged: restore it from a backup"):
+        owner_tokens(ConversationStore(tmp_path, 3600))
 
 
 def test_a_damaged_row_is_told_on_restore_and_the_others_come_back(tiny_gill, tmp_path):

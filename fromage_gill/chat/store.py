@@ -358,7 +358,8 @@ def _dialect_insert(engine: sa.Engine, table: sa.Table) -> Any:
 def _reason(e: BaseException) -> str:
     """A failure in words a user can act on (never the SQL statement, which would hold the conversation)."""
     orig = getattr(e, "orig", None) or e
-    if isinstance(orig, OSError) and orig.errno == errno.ENOSPC or "full" in str(orig).lower():
+    words = str(orig).lower()
+    if isinstance(orig, OSError) and orig.errno == errno.ENOSPC or "disk is full" in words or "no space left" in words:
         return "the disk is full; free some space and try again"
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     return text[:300]
