@@ -387,7 +387,7 @@ def _image_segments(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _split_images(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The record with each image's base64 PNG replaced by a file name (its SHA-256), and {name: PNG bytes}."""
-    body = json.loads(json.dumps(record))  # a copy: the caller's record stays as it was
+    body = _copy_image_segments(record)  # the caller's record stays as it was
     images: dict[str, bytes] = {}
     for seg in _image_segments(body):
         png = seg.pop("png", None)
@@ -400,6 +400,21 @@ def _split_images(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, byt
             images[name] = data
             seg["png_file"] = name
     return body, images
+
+
+def _copy_image_segments(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with new dicts down to each image segment (and the rest shared): what ``_split_images`` edits,
+    without copying megabytes of text and PNG that stay as they are."""
+    chat = record.get("chat")
+    if not isinstance(chat, dict) or not isinstance(chat.get("turns"), list):
+        return dict(record)
+
+    def turn_copy(turn: Any) -> Any:
+        if not isinstance(turn, dict) or not isinstance(turn.get("segments"), list):
+            return turn
+        return {**turn, "segments": [dict(s) if isinstance(s, dict) else s for s in turn["segments"]]}
+
+    return {**record, "chat": {**chat, "turns": [turn_copy(t) for t in chat["turns"]]}}
 
 
 def _join_images(record: dict[str, Any], folder: Path) -> dict[str, Any]:
