@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,8 +256,9 @@ class ChatHandlers(KeptConversations):
             # sent: it is withdrawn (nothing half-stored) and the message stays in the box.
             failure = self._store(session, running=True)
             if failure is not None:
-                with contextlib.suppress(StoreError):
-                    events.throw(StoreError(failure))  # the engine rolls the turn back
+                if isinstance(events, Generator):
+                    with contextlib.suppress(StoreError):
+                        events.throw(StoreError(failure))  # the engine rolls the turn back
                 session.chat.history[:] = before
                 session.end_streaming()
                 session.note(f"Not sent: {failure}. Your message is still in the box.", kind="error")
@@ -266,7 +267,11 @@ class ChatHandlers(KeptConversations):
             yield self._reply(session, clear_box=True)
             if first is not None:
                 session.apply(first)
-            for _ in turn_updates(session, events, save=lambda: self._store(session, running=True)):
+
+            def save_running() -> None:  # a failure here is logged; the turn's end says whether it was saved
+                self._store(session, running=True)
+
+            for _ in turn_updates(session, events, save=save_running):
                 yield self._reply(session)
         except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
             logger.info("turn refused: %s", e)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
 from .owner import new_key
@@ -158,7 +159,7 @@ class ConversationStore:
             raise StoreError(f"the database URL is not valid ({_reason(e)}); e.g. postgresql://user@host/db") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas)
         with self._failing("open the store"):
             metadata.create_all(self.engine)
         remove_stale_temporaries(self.images)
