@@ -272,3 +272,23 @@ def test_an_unreachable_database_is_a_clear_error(tmp_path):
         ConversationStore(tmp_path, 3600, url="postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(StoreError, match="SQLite and PostgreSQL"):
         ConversationStore(tmp_path, 3600, url="mysql+pymysql://x@127.0.0.1:1/none")
+
+
+def test_the_data_folder_is_the_users_and_the_database_url_a_flag(tmp_path, monkeypatch):
+    import argparse
+
+    from fromage_gill.chat.options import AppOptions, add_serve_args, default_cache_dir
+
+    monkeypatch.delenv("FROMAGE_GILL_APP_CACHE", raising=False)
+    monkeypatch.delenv("FROMAGE_GILL_DB_URL", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "fromage_gill", "never a predictable /tmp path"
+    monkeypatch.setenv("FROMAGE_GILL_APP_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    assert AppOptions().db_url is None, "SQLite in the data folder by default"
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    assert parser.parse_args(["--db-url", "postgresql://u@h/db"]).db_url == "postgresql://u@h/db"
+    monkeypatch.setenv("FROMAGE_GILL_DB_URL", "postgresql://u@env/db")
+    assert AppOptions().db_url == "postgresql://u@env/db"
