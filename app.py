@@ -74,8 +74,9 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
     gr.set_static_paths([h.image_root])  # the chat shows its images as links to these files (messages.py)
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
         state = gr.State(None, time_to_live=options.session_ttl_s, delete_callback=h.close_session)
-        # The browser keeps only its owner id; its conversations are stored on the server (chat/store.py).
-        browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_secret)
+        # The browser keeps only its owner token, signed by the server (chat/owner.py); its conversations are
+        # stored on the server (chat/store.py). BrowserState's key is public (gradio sends it in /config).
+        browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_key)
         with gr.Sidebar(open=False, elem_id="sidebar", label="Conversations"):
             new_btn = gr.Button("New chat", elem_id="new_chat", variant="primary", size="sm")
             saved = gr.Radio([], label="Earlier conversations", elem_id="conversations", interactive=True)
@@ -200,6 +201,8 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
         def restore(kept):
             session, kept = h.restore(kept)
+            for note in session.take_notes():  # what could not be restored, and why: shown until closed
+                (gr.Warning if note.kind == "error" else gr.Info)(note.text, duration=None)
             return session, h.view(session), kept, listed(session)
 
         def switch(reply_of):

@@ -4,7 +4,12 @@ handlers.py   ChatHandlers: one method per button / API endpoint (send, regenera
               export, load, history, new chat, open, restore), on plain values, returning or yielding a Reply
 session.py    ChatSession: one tab's conversation (the engine's Chat, notes to toast, the answer being streamed)
 running.py    a turn's events folded into its session from a worker thread (so image progress shows live)
-store.py      conversations kept on disk per browser (reload, restart), with a time-to-live
+kept.py       the handlers of stored conversations: save, restore (only to its owner), list, open
+store.py      ConversationStore: conversations per owner in SQLite or PostgreSQL, images as files, a time-to-live
+store_files.py  the store's private folders and files, written atomically
+store_migrate.py  the one-time move of earlier versions' JSON conversation files into the database
+records.py    a session as the record the store keeps, and back
+owner.py      OwnerTokens: owner ids signed with a key only the server holds
 gate.py       ModelGate: the FIFO queue in front of the model ("Busy: N ahead of you")
 messages.py   text + attached files -> a message for Chat.send; a session -> the chat's messages
 labels.py     the line under an image: Retrieved (score, caption, source) / Generated (seed), decision

@@ -10,10 +10,13 @@ an error note in the chat, and the conversation stays as it was.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -35,19 +38,12 @@ from .controls import (
     max_new_tokens_limit,
 )
 from .gate import ModelGate
+from .kept import KeptConversations
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
 from .session import ChatSession, Note
-from .store import (
-    ConversationStore,
-    StoredConversation,
-    browser_secret,
-    check_id,
-    new_id,
-    record_chat,
-    session_record,
-)
+from .store import StoreError, new_id
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +70,7 @@ class Reply:
         return [n.text for n in self.notes if n.kind == "error"]
 
 
-class ChatHandlers:
+class ChatHandlers(KeptConversations):
     """The handlers of one app: its pipeline (one view per index, sharing the model), the model gate that all of
     its sessions queue at, and the settings' defaults."""
 
@@ -93,12 +89,15 @@ class ChatHandlers:
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
         self.pipelines = self.pipelines or {NO_INDEX: pipeline}
         self.gate = ModelGate(self.options.concurrency)
-        self.image_root = self.options.cache_dir / "images"  # one folder per session; the app serves these files
-        self.image_root.mkdir(parents=True, exist_ok=True)
-        self.export_root = self.options.cache_dir / "exports"  # one folder per session, removed with it
+        # What the tabs show and download lives as long as their sessions: in a private temporary folder (0700, an
+        # unpredictable name) that gradio may serve files from; what outlives the app is in the store (cache_dir).
+        scratch = Path(tempfile.mkdtemp(prefix="fromage_gill_app_"))
+        atexit.register(shutil.rmtree, scratch, True)
+        self.image_root = scratch / "images"  # one folder per session; the app serves these files
+        self.image_root.mkdir()
+        self.export_root = scratch / "exports"  # one folder per session, removed with it
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
-        self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
-        self.browser_secret = browser_secret(self.options.cache_dir)
+        self.open_store()
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
@@ -236,6 +235,7 @@ class ChatHandlers:
         shown_turns: int | None = None,
     ) -> Iterator[Reply]:
         """Wait for the model (showing the queue position), stream the turn, and fold errors into the chat."""
+        before = list(session.chat.history)  # put back if the turn cannot be stored
         session.start_streaming(pending_user, shown_turns)
         ticket = self.gate.join()
         try:
@@ -244,11 +244,26 @@ class ChatHandlers:
             session.live = []
             events = start()  # a refusal (too long, bad settings) raises here or at its first event
             first = next(events, None)
-            self.save(session, running=True)  # from now on a crash leaves this turn marked as interrupted
+            # From now on a crash leaves this turn marked as interrupted. A turn that cannot be stored is not
+            # sent: it is withdrawn (nothing half-stored) and the message stays in the box.
+            failure = self._store(session, running=True)
+            if failure is not None:
+                if isinstance(events, Generator):
+                    with contextlib.suppress(StoreError):
+                        events.throw(StoreError(failure))  # the engine rolls the turn back
+                session.chat.history[:] = before
+                session.end_streaming()
+                session.note(f"Not sent: {failure}. Your message is still in the box.", kind="error")
+                yield self._reply(session)
+                return
             yield self._reply(session, clear_box=True)
             if first is not None:
                 session.apply(first)
-            for _ in turn_updates(session, events, save=lambda: self.save(session, running=True)):
+
+            def save_running() -> None:  # a failure here is logged; the turn's end says whether it was saved
+                self._store(session, running=True)
+
+            for _ in turn_updates(session, events, save=save_running):
                 yield self._reply(session)
         except (ValueError, RuntimeError) as e:  # ImageError is a ValueError; the engine leaves the Chat unchanged
             logger.info("turn refused: %s", e)
@@ -316,7 +331,11 @@ class ChatHandlers:
         """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts."""
         owner = session.owner if session is not None else None
         if session is not None and owner is not None:
-            self.store.delete(owner, session.conversation)
+            try:
+                self.store.delete(owner, session.conversation)
+            except StoreError as e:
+                session.note(f"The conversation could not be deleted: {e}", kind="error")
+                return self._reply(session)
         self.close_session(session)
         return Reply(self.new_session(owner=owner), [], clear_box=True)
 
@@ -390,42 +409,6 @@ class ChatHandlers:
         seed = data["settings"].get("seed")
         return make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})
 
-    # -- conversations kept across reloads and restarts (browser tabs only: an API session has no owner) --------
-
-    def save(self, session: ChatSession, *, running: bool = False) -> None:
-        """Store the session's conversation; ``running``: a turn is under way (its text so far is stored too)."""
-        if session.owner is None:
-            return
-        if not session.chat.history:
-            self.store.delete(session.owner, session.conversation)
-            return
-        partial = "".join(s for s in session.live or [] if isinstance(s, str)) if running else ""
-        record = session_record(session, model_name=self.model_name, running=running, partial=partial)
-        try:
-            self.store.save(session.owner, session.conversation, record)
-        except OSError as e:  # a full disk costs the restore after a restart, never the conversation itself
-            logger.warning("could not store the conversation: %s", e)
-
-    def restore(self, saved: Any) -> tuple[ChatSession, dict[str, str]]:
-        """On page load: the browser's kept value (``{"owner": id}``) -> the tab's session, its most recent stored
-        conversation (or a new one), and the value for the browser to keep (a new owner id the first time)."""
-        owner = saved.get("owner") if isinstance(saved, dict) else None
-        try:
-            owner = check_id(owner, "owner")
-        except ValueError:
-            owner = new_id()
-        for stored in self.store.list(owner):
-            session = self._open(owner, stored.id)
-            if session is not None:
-                return session, {"owner": owner}
-        return self.new_session(owner=owner), {"owner": owner}
-
-    def conversations(self, session: ChatSession | None) -> list[StoredConversation]:
-        """The browser's stored conversations, the most recent first (the sidebar's list)."""
-        if session is None or session.owner is None:
-            return []
-        return self.store.list(session.owner)
-
     def new_chat(self, session: ChatSession | None) -> Reply:
         """Start another conversation; the current one stays in the list."""
         if session is not None and session.running:
@@ -434,43 +417,3 @@ class ChatHandlers:
         owner = session.owner if session is not None else None
         self.close_session(session)
         return Reply(self.new_session(owner=owner), [])
-
-    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> Reply:
-        """Go back to a stored conversation of this browser."""
-        session = session or self.new_session()
-        if session.running:
-            session.note("Still answering: press Stop before opening another conversation.", kind="error")
-            return self._reply(session)
-        if conversation == session.conversation:
-            return self._reply(session)
-        opened = None
-        if (
-            session.owner is not None
-            and isinstance(conversation, str)
-            and conversation in {c.id for c in self.store.list(session.owner)}
-        ):
-            opened = self._open(session.owner, conversation)
-        if opened is None:
-            session.note("That conversation is no longer stored (it expired or was cleared).", kind="error")
-            return self._reply(session)
-        self.close_session(session)
-        return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
-
-    def _open(self, owner: str, conversation: str) -> ChatSession | None:
-        """A session on a stored conversation; a turn cut short by a crash is shown as interrupted (and stored so)."""
-        record = self.store.load(owner, conversation)
-        if record is None:
-            return None
-        session = self.new_session(owner=owner)
-        try:
-            data = record_chat(record)
-            session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
-            session.settings = self._settings_of(data)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)
-            session.close()
-            return None
-        session.conversation = conversation
-        if record.get("running"):
-            self.save(session)  # stored as it is now shown: an interrupted answer, no turn running
-        return session

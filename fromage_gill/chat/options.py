@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,8 +25,18 @@ DEFAULT_MODEL = "gill"  # the published GILL model; offline, use --model toy-gil
 
 def default_cache_dir() -> Path:
     """Where the app keeps the images it shows and the conversations it restores after a reload or a restart:
-    $FROMAGE_GILL_APP_CACHE, else a folder in the system's temporary directory (the same one at every start)."""
-    return Path(os.environ.get("FROMAGE_GILL_APP_CACHE") or Path(tempfile.gettempdir()) / "fromage_gill_app")
+    $FROMAGE_GILL_APP_CACHE, else the user's data folder (``$XDG_DATA_HOME/fromage_gill``, by default
+    ``~/.local/share/fromage_gill`` on Linux; platformdirs knows macOS's and Windows'). Never a shared temporary
+    folder, where its name would be predictable to every local user; the store makes it private (0700)."""
+    from platformdirs import user_data_dir  # when used: the CLI's parser imports this module
+
+    return Path(os.environ.get("FROMAGE_GILL_APP_CACHE") or user_data_dir("fromage_gill", appauthor=False))
+
+
+def default_db_url() -> str | None:
+    """$FROMAGE_GILL_DB_URL (e.g. ``postgresql://user@host/db``, for replicas sharing one store), else None: SQLite
+    in the data folder."""
+    return os.environ.get("FROMAGE_GILL_DB_URL") or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +51,7 @@ class AppOptions:
     session_ttl_s: float = 6 * 3600
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
     conversation_ttl_s: float = 7 * 24 * 3600  # a stored conversation not touched for this long is deleted
+    db_url: str | None = dataclasses.field(default_factory=default_db_url)  # None: SQLite in cache_dir
     max_exports: int = 2  # exports being written at once; more are refused with "busy, try again"
 
     def __post_init__(self) -> None:
@@ -83,6 +93,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="requests that may wait for the model; more are refused with 'queue is full' (default 16)",
     )
     p.add_argument("--concurrency", type=int, default=1, help="turns using the model at the same time (default 1)")
+    p.add_argument(
+        "--db-url",
+        default=default_db_url(),
+        help="database of the stored conversations, e.g. postgresql://user:password@host/db to share one store "
+        "between replicas (their data folders must then be shared too); default $FROMAGE_GILL_DB_URL, else "
+        "SQLite in the data folder ($FROMAGE_GILL_APP_CACHE, else ~/.local/share/fromage_gill)",
+    )
     p.add_argument(
         "--clip",
         metavar="SOURCE",
@@ -145,7 +162,12 @@ def load_app(args: argparse.Namespace) -> tuple[Pipeline, AppOptions]:
     indexes = load_indexes(args.index, pipeline)
     if getattr(args, "clip", None):
         attach_clip_from_args(pipeline, args.clip)
-    return pipeline, AppOptions(max_queue=args.max_queue, concurrency=args.concurrency, indexes=indexes or None)
+    return pipeline, AppOptions(
+        max_queue=args.max_queue,
+        concurrency=args.concurrency,
+        indexes=indexes or None,
+        db_url=getattr(args, "db_url", None) or default_db_url(),
+    )
 
 
 def load_indexes(specs: list[str] | None, pipeline: Pipeline) -> dict[str, ImageIndex]:
