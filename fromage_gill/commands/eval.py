@@ -87,7 +87,7 @@ def run(args) -> int:
         caption_metrics=tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
     )
     data = task.read(opts)  # a malformed file is refused here, before minutes of model loading
-    with eval_processes() as processes:
+    with eval_processes(cpu=str(args.device or "").startswith("cpu")) as processes:
         if processes.device is not None and args.device is None:
             args.device = str(processes.device)  # each process on the device its launcher gave it
         kwargs = {}

@@ -64,14 +64,16 @@ def launched() -> bool:
 
 
 @contextlib.contextmanager
-def eval_processes() -> Iterator[Processes]:
+def eval_processes(*, cpu: bool = False) -> Iterator[Processes]:
     """The run's processes: one, or those a launcher started (the process group is created here and destroyed on
-    the way out)."""
+    the way out). ``cpu``: CPU processes (gloo) even where there are GPUs; without GPUs they always are (accelerate
+    treats CPU processes as one process each unless told)."""
     if not launched():
         yield ONE
         return
     from accelerate import PartialState
 
     with owned_process_group():
-        state = PartialState()
-        yield Processes(state.process_index, state.num_processes, torch.device(state.device))
+        state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        device = torch.device(state.device)
+        yield Processes(state.process_index, state.num_processes, device if device.type != "cpu" else None)

@@ -1,0 +1,74 @@
+"""``fromage-gill eval`` on two CPU processes (torchrun, gloo): each takes every other example and writes its own
+results shard; rank 0 merges them into the metrics.json one process writes, value for value. A later run resumes
+from the shards, whatever its process count."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_evaluate_visdial import write_visdial
+from test_evaluate_vist import write_vist
+
+from fromage_gill.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(argv: list[str], tmp_path: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += ["-m", "fromage_gill.cli", *argv]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["vist-retrieval", "visdial-rank"])
+def test_two_processes_give_the_metrics_of_one_and_resume_from_the_shards(task, tmp_path, capsys):
+    if task == "vist-retrieval":
+        data, images = write_vist(tmp_path, n_stories=5)
+        extra = []
+    else:
+        data, images, dense = write_visdial(tmp_path, n=5)
+        extra = ["--dense", str(dense)]
+    base = ["eval", task, "--model", "tiny-fromage", "--device", "cpu", "--dtype", "fp32", "--no-progress"]
+    base += ["--data", str(data), "--images", str(images), "--batch-size", "2", *extra]
+
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    stdout = torchrun([*base, "--out", str(tmp_path / "two")], tmp_path)
+    assert stdout.count("this run") >= 1 and stdout.count(f"{task} (tiny-fromage)") == 1  # rank 0 prints, once
+
+    assert metrics(tmp_path / "two") == metrics(tmp_path / "one")
+    shards = [records(tmp_path / "two" / f"results.rank{r}-of-2.jsonl") for r in (0, 1)]
+    assert [len(s) for s in shards] == [3, 2]  # every other example: disjoint, and together all five
+    ids = [r["id"] for r in records(tmp_path / "one" / "results.jsonl")]
+    assert [r["id"] for r in shards[0]] == ids[0::2] and [r["id"] for r in shards[1]] == ids[1::2]
+
+    # Resume: drop rank 1's last example; one process then does that one only, and the figures do not move.
+    shard = tmp_path / "two" / "results.rank1-of-2.jsonl"
+    shard.write_text("\n".join(shard.read_text().splitlines()[:-1]) + "\n")
+    assert main([*base, "--out", str(tmp_path / "two")]) == 0
+    assert [r["id"] for r in records(tmp_path / "two" / "results.jsonl")] == [ids[3]]
+    assert metrics(tmp_path / "two") == metrics(tmp_path / "one")
