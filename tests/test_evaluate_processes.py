@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from test_evaluate_captioning import write_karpathy
 from test_evaluate_visdial import write_visdial
 from test_evaluate_vist import write_vist
 
 from fromage_gill.cli import main
+from fromage_gill.evaluate.readers import read_captions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,32 @@ def test_two_processes_give_the_metrics_of_one_and_resume_from_the_shards(task, 
     assert main([*base, "--out", str(tmp_path / "two")]) == 0
     assert [r["id"] for r in records(tmp_path / "two" / "results.jsonl")] == [ids[3]]
     assert metrics(tmp_path / "two") == metrics(tmp_path / "one")
+
+
+def test_the_benchmark_docs_evaluation_md_adds_runs_as_written(tiny_gill, tmp_path):
+    import re
+
+    import fromage_gill as fg
+    from fromage_gill.evaluate import TASKS, EvalOptions, evaluate
+    from fromage_gill.evaluate.metrics import rank_of
+
+    doc = (ROOT / "docs" / "evaluation.md").read_text()
+    section = doc[doc.index("## Adding a benchmark") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    try:
+        exec(compile(code, "docs/evaluation.md", "exec"), {"__name__": "coco_t2i"})
+        assert "coco-t2i" in TASKS
+        data, images = write_karpathy(tmp_path, splits=("test", "test", "test"))
+        opts = EvalOptions(data=data, images=images, out=tmp_path / "o", batch_size=2, progress=False)
+        report = evaluate("coco-t2i", tiny_gill, opts, model_name="tiny-gill")
+    finally:
+        TASKS.pop("coco-t2i", None)
+    items = read_captions(data, "test")
+    photos = [Image.open(images / it.file).convert("RGB") for it in items]
+    scores = fg.embed_texts(tiny_gill, [it.references[0] for it in items]).scores(fg.embed_images(tiny_gill, photos))
+    ranks = [rank_of(scores[i], i) for i in range(len(items))]
+    assert report.metrics["t2i"]["R@1"] == pytest.approx(100 * sum(r == 1 for r in ranks) / len(ranks))
+    assert [
+        json.loads(line)["rank"] for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()[1:]
+    ] == ranks
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"] == report.metrics
