@@ -249,9 +249,19 @@ class _TinyFeatures(torch.nn.Module):
         return self.conv(x.float() / 255).mean((2, 3)).double()
 
 
-def test_visdial_generation_runs_every_metric_with_offline_networks(tiny_gill, tmp_path):
+def test_visdial_generation_runs_every_metric_with_offline_networks(tiny_gill, tmp_path, monkeypatch):
     from fromage_gill.config import load_config
+    from fromage_gill.generate.diffusion import ImageGenerator
     from fromage_gill.magic import load_clip
+
+    calls = []
+    original = ImageGenerator.__call__
+
+    def recording(self, prompt_embeds, **kwargs):
+        calls.append(prompt_embeds.shape[0])
+        return original(self, prompt_embeds, **kwargs)
+
+    monkeypatch.setattr(ImageGenerator, "__call__", recording)
 
     data, images, _ = write_visdial(tmp_path, n=3)
     judge = load_clip(load_config("tiny-magic").clip, device="cpu", dtype=torch.float32)
@@ -268,6 +278,7 @@ def test_visdial_generation_runs_every_metric_with_offline_networks(tiny_gill, t
         fid_feature=_TinyFeatures(),
     )
     assert len(report.notes) == 1 and report.notes[0].startswith("2 prompts per diffusion call")
+    assert calls == [2, 2, 1, 1]  # --batch-size 2 over 3 dialogues: GILL's and SD's batch, then the last one
     for system in ("GILL", "Stable Diffusion alone"):
         assert set(report.metrics[system]) == {"CLIP sim", "LPIPS", "FID"}
         assert -1 <= report.metrics[system]["CLIP sim"] <= 1 and report.metrics[system]["LPIPS"] > 0

@@ -106,11 +106,16 @@ class EvalReport:
     counts: dict[str, int] = field(default_factory=dict)  # examples evaluated, skipped (and why), candidates
     notes: list[str] = field(default_factory=list)  # metrics that did not run and why, protocol remarks
     paper: str | None = None  # which paper row(s) the table shows beside the run (papers.PAPERS key)
+    figures: dict[str, dict[str, float]] | None = None  # those rows given directly (a task's own ``paper``)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["paper_figures"] = PAPERS.get(self.paper or self.task, {})
+        out["paper_figures"] = self.paper_figures()
+        del out["figures"]
         return out
+
+    def paper_figures(self) -> dict[str, dict[str, float]]:
+        return self.figures if self.figures is not None else PAPERS.get(self.paper or self.task, {})
 
     def save(self, out: str | Path) -> Path:
         path = Path(out) / METRICS_FILE
@@ -119,7 +124,7 @@ class EvalReport:
 
     def table(self) -> str:
         """The run's rows and the papers' rows under the same columns."""
-        papers = PAPERS.get(self.paper or self.task, {})
+        papers = self.paper_figures()
         rows: list[tuple[str, Mapping[str, float | None]]] = []
         for setting, values in self.metrics.items():
             rows.append((f"this run: {setting}" if setting else "this run", values))

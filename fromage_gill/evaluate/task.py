@@ -45,7 +45,9 @@ class EvalTask:
     name: ClassVar[str]
     help: ClassVar[str]
     needs: ClassVar[str] = "pipeline"
-    paper: ClassVar[dict[str, dict[str, float]]] = {}
+    paper: ClassVar[
+        dict[str, dict[str, float]]
+    ] = {}  # {row name: {metric: value}}; the built-in tasks' are papers.py's
 
     def read(self, opts: EvalOptions) -> Any:
         raise NotImplementedError
@@ -96,5 +98,7 @@ def run_task(
     results.reload()
     records = [r for r in (results.get(task.id_of(e)) for e in plan.examples) if r is not None]
     report = task.report(model, plan, records, opts, model_name)
+    if report.figures is None and task.paper:
+        report.figures = task.paper
     report.save(opts.out)
     return report
