@@ -58,9 +58,12 @@ class Processes:
 ONE = Processes()
 
 
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun, MPIs
+
+
 def launched() -> bool:
-    """Whether a launcher (torchrun, accelerate launch) started more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether a launcher (torchrun, accelerate launch, mpirun) started more than one process."""
+    return any(int(os.environ.get(name, "1")) > 1 for name in WORLD_SIZE_VARIABLES)
 
 
 @contextlib.contextmanager
