@@ -104,3 +104,23 @@ def test_the_benchmark_docs_evaluation_md_adds_runs_as_written(tiny_gill, tmp_pa
         json.loads(line)["rank"] for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()[1:]
     ] == ranks
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"] == report.metrics
+
+
+def test_shards_written_one_after_the_other_merge_into_the_metrics_of_one_process(tiny_gill, tmp_path, monkeypatch):
+    """The merge without a launcher: rank 1 of 2 runs first (its shard only, no report), then rank 0 (its shard,
+    then the merged report); barriers are no-ops as the two never run at once."""
+    from fromage_gill.evaluate import EvalOptions, Processes, evaluate
+
+    monkeypatch.setattr(Processes, "barrier", lambda self: None)
+    data, images, dense = write_visdial(tmp_path, n=3)
+
+    def opts(out: str) -> EvalOptions:
+        return EvalOptions(data=data, images=images, out=tmp_path / out, dense=dense, progress=False)
+
+    one = evaluate("visdial-rank", tiny_gill, opts("one"), model_name="tiny-gill")
+    assert evaluate("visdial-rank", tiny_gill, opts("two"), model_name="tiny-gill", processes=Processes(1, 2)) is None
+    assert not (tmp_path / "two" / "metrics.json").exists()
+    merged = evaluate("visdial-rank", tiny_gill, opts("two"), model_name="tiny-gill", processes=Processes(0, 2))
+    assert merged.metrics == one.metrics and merged.counts == one.counts
+    assert metrics(tmp_path / "two") == metrics(tmp_path / "one")
+    assert [len(records(tmp_path / "two" / f"results.rank{r}-of-2.jsonl")) for r in (0, 1)] == [2, 1]
