@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -57,8 +58,8 @@ def vist_examples(opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
         for k, item in enumerate(s.items):
             prompt.append(item.text)
             if k < len(s.items) - 1:
-                prompt.append(paths[k])
-        out.append(Example(s.story_id, prompt, " ".join(i.text for i in s.items), paths[-1]))
+                prompt.append(folder.path(item.image_id))
+        out.append(Example(s.story_id, prompt, " ".join(i.text for i in s.items), folder.path(s.items[-1].image_id)))
     if not out:
         raise DataError(f"none of the {len(stories)} stories has all its images in {folder.root}")
     return out, {"stories": len(stories), "skipped (an image missing from the folder)": missing}
@@ -75,7 +76,7 @@ def visdial_examples(opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
             if r.answer is not None:
                 lines.append(f"A: {r.answer}")
         text = "\n".join(lines)
-        out.append(Example(str(d.image_id), [text], text, folder.find(d.image_id)))
+        out.append(Example(str(d.image_id), [text], text, folder.path(d.image_id)))
     return out, {"dialogues": len(dialogs), "skipped (image missing from the folder)": missing}
 
 
@@ -133,7 +134,7 @@ class _Generation(EvalTask):
         records = []
         for b, e in enumerate(batch):
             truth = open_image(e.truth)
-            record = {"id": e.id, "truth": str(e.truth)}
+            record: dict[str, Any] = {"id": e.id, "truth": str(e.truth)}
             for system in SYSTEMS:
                 image = images[system][b]
                 image.save(f["dirs"][system] / f"{e.id}.png")

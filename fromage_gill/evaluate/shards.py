@@ -78,5 +78,5 @@ def eval_processes(*, cpu: bool = False) -> Iterator[Processes]:
 
     with owned_process_group():
         state = PartialState(cpu=cpu or not torch.cuda.is_available())
-        device = torch.device(state.device)
+        device = torch.device(str(state.device))
         yield Processes(state.process_index, state.num_processes, device if device.type != "cpu" else None)

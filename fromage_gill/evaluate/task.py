@@ -49,23 +49,24 @@ class EvalTask:
         dict[str, dict[str, float]]
     ] = {}  # {row name: {metric: value}}; the built-in tasks' are papers.py's
 
-    def read(self, opts: EvalOptions) -> Any:
+    def read(self, opts: EvalOptions, /) -> Any:
         raise NotImplementedError
 
-    def plan(self, model, data: Any, opts: EvalOptions, processes: Processes, **extra) -> Plan:
+    def plan(self, model: Any, data: Any, opts: EvalOptions, processes: Processes, /) -> Plan:
+        """(A task may take keyword arguments after these: ``evaluate(..., **extra)`` passes them on.)"""
         raise NotImplementedError
 
-    def id_of(self, example: Any) -> str:
+    def id_of(self, example: Any, /) -> str:
         return str(example.id)
 
-    def batch_size(self, opts: EvalOptions) -> int:
+    def batch_size(self, opts: EvalOptions, /) -> int:
         """Examples per ``run_batch`` call (default ``--batch-size``)."""
         return opts.batch_size
 
-    def run_batch(self, model, plan: Plan, batch: list[Any], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, model: Any, plan: Plan, batch: list[Any], opts: EvalOptions, /) -> list[dict]:
         raise NotImplementedError
 
-    def report(self, model, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(self, model: Any, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str, /) -> EvalReport:
         raise NotImplementedError
 
 
@@ -82,7 +83,7 @@ def run_task(
     """Run ``task`` on this process's shard of the examples; on rank 0, merge every shard and write
     ``opts.out/metrics.json``. Returns the report on rank 0, None on the others."""
     data = task.read(opts) if data is None else data
-    plan = task.plan(model, data, opts, processes, **extra)
+    plan = task.plan(model, data, opts, processes, **extra)  # a task's own keywords after the four
     results = Results(opts.out, task.name, plan.key, processes)
     processes.barrier()  # every shard file is rewritten before any process reads the others (resume)
     results.reload()

@@ -104,7 +104,7 @@ def _evaluate(pipeline, stories: list[Story], folder: ImageFolder, matrix, posit
         "1 caption": [c[-1:] for c in captions],
         "5 captions": captions,
         "5 captions + 4 images": [
-            [p for k, cap in enumerate(c[:-1]) for p in (cap, open_image(folder.find(s.items[k].image_id)))] + c[-1:]
+            [p for k, cap in enumerate(c[:-1]) for p in (cap, open_image(folder.path(s.items[k].image_id)))] + c[-1:]
             for s, c in zip(stories, captions, strict=True)
         ],
     }
