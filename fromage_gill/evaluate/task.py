@@ -45,9 +45,8 @@ class EvalTask:
     name: ClassVar[str]
     help: ClassVar[str]
     needs: ClassVar[str] = "pipeline"
-    paper: ClassVar[
-        dict[str, dict[str, float]]
-    ] = {}  # {row name: {metric: value}}; the built-in tasks' are papers.py's
+    # The papers' rows printed beside a run, {row name: {metric: value}}; the built-in tasks' are in papers.py.
+    paper: ClassVar[dict[str, dict[str, float]]] = {}
 
     def read(self, opts: EvalOptions, /) -> Any:
         raise NotImplementedError
