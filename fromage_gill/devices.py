@@ -1,7 +1,10 @@
-"""Devices and dtypes: the defaults every loader uses, and where a (possibly offloaded) module computes."""
+"""Devices and dtypes: the defaults every loader uses, where a (possibly offloaded) module computes, and the
+``torch.distributed`` process group of a run on many processes (training, evaluation)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import overload
 
 import torch
@@ -44,3 +47,24 @@ def execution_device(module: nn.Module) -> torch.device:
         dev = hook.execution_device
         return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
     return next(module.parameters()).device
+
+
+def process_group_exists() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def owned_process_group() -> Iterator[None]:
+    """Destroy, on the way out, the ``torch.distributed`` process group created inside the block (accelerate's first
+    ``PartialState`` creates it from the ``torchrun`` / ``accelerate launch`` environment). Left alive, gloo's threads
+    are still running at interpreter exit and take the process down ("terminate called without an active
+    exception", SIGABRT) about one run in three on a 2-core machine. A group that existed before is its owner's."""
+    had_group = process_group_exists()
+    try:
+        yield
+    finally:
+        if not had_group and process_group_exists():
+            # accelerate's shared state is kept: a later Accelerator in this process then fails on its first
+            # collective with a clear error. Letting it set the group up again from the environment could hang:
+            # torch names the new default group like the old one, whose keys are still in torchrun's store.
+            torch.distributed.destroy_process_group()

@@ -53,15 +53,15 @@ def test_captioning_scores_magics_captions_with_pycocoevalcap_and_prints_both_pa
     want = score_captions(
         {r["id"]: r["caption"] for r in records}, {r["id"]: r["references"] for r in records}, metrics=fast
     )
-    assert {k: report.metrics[""][k] for k in fast} == pytest.approx(want.scores)
+    assert {k: report.metrics["test split"][k] for k in fast} == pytest.approx(want.scores)
     if caption_metrics.java_available():
-        assert 0 <= report.metrics[""]["METEOR"] <= 100
+        assert 0 <= report.metrics["test split"]["METEOR"] <= 100
     else:
         assert any(n.startswith("METEOR not run: needs Java") for n in report.notes)
     table = report.table()
     assert "MAGIC paper: MSCOCO" in table and "56.80" in table and "49.30" in table and "11.30" in table
     assert "MAGIC paper: Flickr30k" in table
-    assert any(n.startswith("SPICE not run") for n in report.notes) or "SPICE" in report.metrics[""]
+    assert any(n.startswith("SPICE not run") for n in report.notes) or "SPICE" in report.metrics["test split"]
     coco = json.loads((tmp_path / "o" / "captions.json").read_text())
     assert {c["image_id"] for c in coco} == {"100", "101"}
 
@@ -88,15 +88,19 @@ def test_captioning_errors_name_the_problem(tiny_magic, tmp_path, capsys):
     with pytest.raises(DataError, match=r"1 of the 2 images .* are not in .*COCO_val2014_000000000001\.jpg"):
         evaluate("captioning", tiny_magic, opts, model_name="tiny-magic")
     argv = ["eval", "captioning", "--model", "tiny-gill", "--data", str(data), "--images", str(images)]
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 2  # the data is checked first, before any model loads
+    assert "1 of the 2 images" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(images / "val2014" / "COCO_val2014_000000000001.jpg")
     assert main([*argv, "--out", str(tmp_path / "c")]) == 2
-    assert "captioning runs MAGIC: --model must be a MAGIC preset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "captioning runs MAGIC: --model must be a MAGIC config" in err and "got 'tiny-gill', a gill model" in err
 
 
 def test_captioning_resumes_and_a_metric_subset_runs_only_those(tiny_magic, tmp_path, monkeypatch):
     data, images = write_karpathy(tmp_path)
     opts = EvalOptions(data=data, images=images, out=tmp_path / "o", progress=False, caption_metrics=("B@1", "CIDEr"))
     first = evaluate("captioning", tiny_magic, opts, model_name="tiny-magic")
-    assert set(first.metrics[""]) == {"B@1", "CIDEr"}
+    assert set(first.metrics["test split"]) == {"B@1", "CIDEr"}
     from fromage_gill.magic import MagicModel
 
     monkeypatch.setattr(MagicModel, "generate", lambda *a, **k: pytest.fail("a resumed run captioned again"))
@@ -112,4 +116,4 @@ def test_cli_captioning(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "this run" in out and "MAGIC paper: MSCOCO" in out and "ROUGE-L" in out
-    assert set(json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"][""]) == {"B@4", "ROUGE-L"}
+    assert set(json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]["test split"]) == {"B@4", "ROUGE-L"}

@@ -11,8 +11,8 @@ from PIL import Image
 
 from fromage_gill.chat.handlers import ChatHandlers
 from fromage_gill.chat.options import AppOptions
-from fromage_gill.chat.session import ChatSession
 from fromage_gill.chat.records import record_chat
+from fromage_gill.chat.session import ChatSession
 from fromage_gill.generate import Chat, GenerationSettings, TurnEnd
 from fromage_gill.generate.history import history_from_dict, history_to_dict
 from fromage_gill.generate.prompt import Decision, ImageSegment, Turn

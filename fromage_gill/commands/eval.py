@@ -21,6 +21,8 @@ def register(sub) -> None:
         help="reproduce a paper table: retrieval, answer ranking, image generation or captioning",
         description="Run one of the papers' evaluations on its public annotations and a local image folder; "
         "writes OUT/metrics.json and OUT/results.jsonl (a rerun resumes) and prints the run beside the paper. "
+        "Under `accelerate launch` or `torchrun` every process takes its share of the examples and rank 0 "
+        "writes the merged metrics. "
         "Tasks: " + "; ".join(f"{name}: {t.help}" for name, t in TASKS.items()),
     )
     p.add_argument("task", choices=list(TASKS), metavar="TASK", help=", ".join(TASKS))
@@ -33,6 +35,13 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, help="only the first N examples (quick runs; candidates shrink with them)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts (or answer options) per forward (default 16)")
     p.add_argument("--dense", type=Path, help="visdial-rank: the dense annotations JSON, for NDCG")
+    p.add_argument(
+        "--scoring",
+        choices=["published", "next-token"],
+        default="published",
+        help="visdial-rank: 'published' (default: the authors' script, '\\nA: ' then each option with its own "
+        "special tokens, loss without shift) or 'next-token' ('\\nA:' then ' option', next-token likelihood)",
+    )
     p.add_argument("--split", default="test", help="captioning: the Karpathy split (default test)")
     p.add_argument("--seed", type=int, default=42, help="generation: the diffusion seed (default 42, as published)")
     p.add_argument("--steps", type=int, default=50, help="generation: denoising steps (default 50)")
@@ -56,12 +65,15 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..evaluate import TASKS, EvalOptions, evaluate
     from ..evaluate.readers import DataError
+    from ..evaluate.shards import eval_processes
 
     task = TASKS[args.task]
     if not args.data.is_file():
         raise DataError(f"--data {args.data}: no such file")
     if args.images is not None and not args.images.is_dir():
         raise DataError(f"--images {args.images}: no such folder")
+    if args.dense is not None and not args.dense.is_file():
+        raise DataError(f"--dense {args.dense}: no such file")
     out = args.out or Path("eval") / f"{args.task}-{Path(str(args.model)).name}"
     opts = EvalOptions(
         data=args.data,
@@ -74,21 +86,25 @@ def run(args) -> int:
         seed=args.seed,
         guidance_scale=args.guidance,
         num_inference_steps=args.steps,
+        scoring=args.scoring,
         progress=args.progress,
         caption_metrics=tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
     )
-    if args.dense is not None and not args.dense.is_file():
-        raise DataError(f"--dense {args.dense}: no such file")
-    kwargs = {}
-    if task.needs == "magic":
-        model = _load_magic(args)
-    else:
-        model = load_from_args(args, load_diffusion_pipeline=task.needs == "gill")
-        if task.needs == "gill":
-            kwargs = _generation_metrics(args, model)
-    report = evaluate(args.task, model, opts, model_name=str(args.model), **kwargs)
-    print(report.table())
-    print(f"wrote {out / 'metrics.json'} and {out / 'results.jsonl'}")
+    data = task.read(opts)  # a malformed file is refused here, before minutes of model loading
+    with eval_processes(cpu=str(args.device or "").startswith("cpu")) as processes:
+        if processes.device is not None and args.device is None:
+            args.device = str(processes.device)  # each process on the device its launcher gave it
+        kwargs = {}
+        if task.needs == "magic":
+            model = _load_magic(args)
+        else:
+            model = load_from_args(args, load_diffusion_pipeline=task.needs == "gill")
+            if task.needs == "gill":
+                kwargs = _generation_metrics(args, model)
+        report = evaluate(task, model, opts, model_name=str(args.model), processes=processes, data=data, **kwargs)
+    if report is not None:  # rank 0: the merged run
+        print(report.table())
+        print(f"wrote {out / 'metrics.json'} and the per-example results in {out}")
     return 0
 
 
@@ -99,7 +115,9 @@ def _load_magic(args):
     cfg = load_config(args.model)
     if not isinstance(cfg, MagicConfig):
         raise ValueError(
-            f"captioning runs MAGIC: --model must be a MAGIC preset (magic-mscoco, magic-flickr30k), got {args.model!r}"
+            f"captioning runs MAGIC: --model must be a MAGIC config (a preset such as magic-mscoco, magic-flickr30k or "
+            f'tiny-magic, or a directory whose config.json has "kind": "magic"), got {args.model!r}, a '
+            f"{getattr(cfg, 'kind', type(cfg).__name__)} model"
         )
     return load_magic(cfg, device=args.device, dtype=args.dtype, lm=args.lm, clip=args.clip)
 

@@ -1,58 +1,77 @@
 """Reproducing the papers' tables: ``fromage-gill eval TASK`` (docs/evaluation.md).
 
-One file per task, reading the public annotation formats (``readers.py``) with local image folders, batching
-through the research API (``fromage_gill.probe``), resuming from a per-example JSONL and writing a metrics JSON
-(``report.py``) beside the papers' figures (``papers.py``). Metrics: ranking (``metrics.py``), images
-(``image_metrics.py``: CLIP similarity, LPIPS, FID via torchmetrics), captions (``caption_metrics.py``:
-pycocoevalcap).
+Each task is an ``EvalTask`` (``task.py``) in a file of its own, reading the public annotation formats
+(``readers.py``) with local image folders and batching through the research API (``fromage_gill.probe``);
+``task.run_task`` runs any of them on one process or many (``shards.py``), resuming from per-example JSONL shards
+and writing a metrics JSON (``report.py``) beside the papers' figures (``papers.py``). Metrics: ranking
+(``metrics.py``), images (``image_metrics.py``: CLIP similarity, LPIPS, FID via torchmetrics), captions
+(``caption_metrics.py``: pycocoevalcap).
 
     vist_retrieval.py   VIST contextual image retrieval, the 3 settings (FROMAGe Table 1)
     visdial_t2i.py      VisDial text-to-image retrieval (FROMAGe Table 2)
-    visdial_rank.py     VisDial answer ranking by summed log-likelihood: R@k, MRR, NDCG
+    visdial_rank.py     VisDial answer ranking by the published loss (or next-token likelihood): R@k, MRR, NDCG
     generation.py       VIST / VisDial contextual image generation vs Stable Diffusion alone (GILL)
     captioning.py       MAGIC zero-shot captioning, COCO / Flickr30k Karpathy test (MAGIC Table 1)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from . import captioning, generation, visdial_rank, visdial_t2i, vist_retrieval
+from .captioning import Captioning
 from .common import EvalOptions
+from .generation import VisdialGeneration, VistGeneration
 from .readers import DataError
 from .report import EvalReport
+from .shards import Processes
+from .task import EvalTask, Plan, run_task
+from .visdial_rank import VisdialRank
+from .visdial_t2i import VisdialT2I
+from .vist_retrieval import VistRetrieval
 
-if TYPE_CHECKING:
-    from ..magic.model import MagicModel
-    from ..pipeline import Pipeline
-
-
-@dataclass(frozen=True)
-class Task:
-    run: Callable[..., EvalReport]
-    needs: str  # "pipeline" (a FROMAGe/GILL Pipeline), "gill" (one that generates) or "magic" (a MagicModel)
-    help: str
+TASKS: dict[str, EvalTask] = {}
 
 
-TASKS: dict[str, Task] = {
-    "vist-retrieval": Task(vist_retrieval.run, "pipeline", "VIST contextual image retrieval, R@1/5/10 (3 settings)"),
-    "visdial-t2i": Task(visdial_t2i.run, "pipeline", "VisDial text-to-image retrieval, R@1/5/10"),
-    "visdial-rank": Task(visdial_rank.run, "pipeline", "VisDial answer ranking: R@1/5/10, MRR, NDCG"),
-    "vist-generation": Task(generation.run_vist, "gill", "VIST image generation: CLIP sim, LPIPS, FID vs SD"),
-    "visdial-generation": Task(generation.run_visdial, "gill", "VisDial image generation: CLIP sim, LPIPS, FID vs SD"),
-    "captioning": Task(captioning.run, "magic", "MAGIC captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"),
-}
+def register(task: EvalTask) -> EvalTask:
+    """Add ``task`` to ``TASKS`` (the CLI's list) under ``task.name``; a name already taken is refused."""
+    if task.name in TASKS and TASKS[task.name] is not task:
+        raise ValueError(f"an evaluation task named {task.name!r} is already registered: choose another name")
+    TASKS[task.name] = task
+    return task
 
 
-def evaluate(task: str, model: Pipeline | MagicModel, opts: EvalOptions, *, model_name: str, **kwargs) -> EvalReport:
-    """Run ``task`` on ``model`` (a Pipeline, or a MagicModel for captioning) and write ``opts.out/metrics.json``."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    report = TASKS[task].run(model, opts, model_name=model_name, **kwargs)
-    report.save(opts.out)
-    return report
+for _task in (VistRetrieval(), VisdialT2I(), VisdialRank(), VistGeneration(), VisdialGeneration(), Captioning()):
+    register(_task)
 
 
-__all__ = ["TASKS", "DataError", "EvalOptions", "EvalReport", "Task", "evaluate"]
+def evaluate(
+    task: str | EvalTask,
+    model,
+    opts: EvalOptions,
+    *,
+    model_name: str,
+    processes: Processes | None = None,
+    data: object = None,
+    **extra,
+) -> EvalReport | None:
+    """Run ``task`` (a registered name, or an ``EvalTask``) on ``model`` (a Pipeline, or a MagicModel for
+    captioning) and write ``opts.out/metrics.json``. ``data``: what ``task.read(opts)`` returned, when the caller
+    read the files before loading the model (the CLI does). On many processes (``shards.eval_processes``) every process
+    calls this; rank 0 returns the merged report, the others None."""
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        task = TASKS[task]
+    return run_task(task, model, opts, model_name=model_name, data=data, processes=processes or Processes(), **extra)
+
+
+__all__ = [
+    "TASKS",
+    "DataError",
+    "EvalOptions",
+    "EvalReport",
+    "EvalTask",
+    "Plan",
+    "Processes",
+    "evaluate",
+    "register",
+    "run_task",
+]

@@ -41,6 +41,7 @@ class EvalOptions:
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
     caption_metrics: tuple[str, ...] | None = None  # captioning: a subset of caption_metrics.ALL_METRICS
+    scoring: str = "published"  # visdial-rank: "published" (the authors' script) or "next-token"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class EvalOptions:
             bad = [m for m in self.caption_metrics if m not in ALL_METRICS]
             if bad or not self.caption_metrics:
                 raise ValueError(f"--metrics: {bad or 'none given'}; choose from {', '.join(ALL_METRICS)}")
+        if self.scoring not in ("published", "next-token"):
+            raise ValueError(f"--scoring must be 'published' or 'next-token', got {self.scoring!r}")
         if self.num_inference_steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.num_inference_steps}")
 

@@ -82,6 +82,13 @@ class ImageFolder:
         key = str(key)
         return self.by_relative.get(key) or self.by_stem.get(Path(key).stem)
 
+    def path(self, key: str | int) -> Path:
+        """``find``, for an image a task has already found there."""
+        hit = self.find(key)
+        if hit is None:
+            raise DataError(f"no image file for {key!r} in {self.root}")
+        return hit
+
     def require_some(self, what: str, example: str) -> None:
         if not self.by_stem:
             raise DataError(

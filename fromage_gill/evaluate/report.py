@@ -2,7 +2,8 @@
 figures beside the papers'.
 
 ``Results`` appends one JSON line per finished example (flushed at once); a rerun with the same ``--out`` reads
-them back and skips those examples. A half-written last line (the run was killed mid-write) is dropped.
+them back and skips those examples. A half-written last line (the run was killed mid-write) is dropped. On many
+processes each writes its own shard file and all of them count (``shards.py``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .papers import PAPERS
+from .shards import ONE, Processes
 
 logger = logging.getLogger(__name__)
 
@@ -24,47 +27,64 @@ METRICS_FILE = "metrics.json"
 
 
 class Results:
-    """Per-example results of one task in ``out/results.jsonl``, by example id."""
+    """Per-example results of one task, by example id: this process's shard in ``out/results.jsonl`` (one process)
+    or ``out/results.rank<R>-of-<N>.jsonl`` (rank R of N, ``shards.py``). Every results file of the folder counts
+    as done, whichever process count wrote it, so a run resumes with more or fewer processes."""
 
-    def __init__(self, out: str | Path, task: str, run_key: Mapping[str, Any]):
+    def __init__(self, out: str | Path, task: str, run_key: Mapping[str, Any], processes: Processes = ONE):
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / RESULTS_FILE
+        name = RESULTS_FILE if processes.world == 1 else f"results.rank{processes.rank}-of-{processes.world}.jsonl"
+        self.path = self.dir / name
+        self.header = {"task": task, **run_key}
         self.records: dict[str, dict] = {}
-        header = {"task": task, **run_key}
-        if self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            try:
-                first = json.loads(lines[0]) if lines else None
-            except json.JSONDecodeError:
-                first = None
-            if first is not None and first.get("header") != header:
-                raise ValueError(
-                    f"{self.path} holds results of another run ({first.get('header')}); this run is {header}: "
-                    f"pass another --out, or delete the file to start over"
-                )
-            for line in lines[1:]:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s: dropping a half-written line (the last run stopped mid-write)", self.path)
-                    continue
-                self.records[str(rec["id"])] = rec
-            self._rewrite(header)
-            if self.records:
-                logger.info("resuming: %d example(s) already done in %s", len(self.records), self.path)
-        else:
-            self._rewrite(header)
+        own = self._read(self.path)
+        self._rewrite(own)  # drops a half-written last line; atomically, as other processes may be reading it
+        self.reload()
+        if self.records:
+            logger.info("resuming: %d example(s) already done in %s", len(self.records), self.dir)
 
-    def _rewrite(self, header: dict) -> None:
-        lines = [json.dumps({"header": header})] + [json.dumps(r) for r in self.records.values()]
-        self.path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    def _read(self, path: Path) -> list[dict]:
+        if not path.is_file():
+            return []
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            first = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            first = None
+        if first is not None and first.get("header") != self.header:
+            raise ValueError(
+                f"{path} holds results of another run ({first.get('header')}); this run is {self.header}: "
+                f"pass another --out, or delete the file to start over"
+            )
+        out = []
+        for line in lines[1:]:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s: dropping a half-written line (the last run stopped mid-write)", path)
+        return out
+
+    def _rewrite(self, records: list[dict]) -> None:
+        lines = [json.dumps({"header": self.header})] + [json.dumps(r) for r in records]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def reload(self) -> None:
+        """Read every results file of the folder again (rank 0 does, once the other processes are done)."""
+        for path in sorted(self.dir.glob("results*.jsonl")):
+            for rec in self._read(path):
+                self.records[str(rec["id"])] = rec
 
     def __contains__(self, example_id: object) -> bool:
         return str(example_id) in self.records
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def get(self, example_id: object) -> dict | None:
+        return self.records.get(str(example_id))
 
     def add(self, record: dict) -> None:
         record = {**record, "id": str(record["id"])}
@@ -86,11 +106,16 @@ class EvalReport:
     counts: dict[str, int] = field(default_factory=dict)  # examples evaluated, skipped (and why), candidates
     notes: list[str] = field(default_factory=list)  # metrics that did not run and why, protocol remarks
     paper: str | None = None  # which paper row(s) the table shows beside the run (papers.PAPERS key)
+    figures: dict[str, dict[str, float]] | None = None  # those rows given directly (a task's own ``paper``)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["paper_figures"] = PAPERS.get(self.paper or self.task, {})
+        out["paper_figures"] = self.paper_figures()
+        del out["figures"]
         return out
+
+    def paper_figures(self) -> dict[str, dict[str, float]]:
+        return self.figures if self.figures is not None else PAPERS.get(self.paper or self.task, {})
 
     def save(self, out: str | Path) -> Path:
         path = Path(out) / METRICS_FILE
@@ -99,7 +124,7 @@ class EvalReport:
 
     def table(self) -> str:
         """The run's rows and the papers' rows under the same columns."""
-        papers = PAPERS.get(self.paper or self.task, {})
+        papers = self.paper_figures()
         rows: list[tuple[str, Mapping[str, float | None]]] = []
         for setting, values in self.metrics.items():
             rows.append((f"this run: {setting}" if setting else "this run", values))

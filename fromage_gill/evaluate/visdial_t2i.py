@@ -9,18 +9,15 @@ score matrix along its text axis (for each image, the dialogues); ``i2t R@k`` re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..probe import embed_prompts
-from .common import EvalOptions, batched, candidate_embeddings, limited, progress
+from .common import EvalOptions, candidate_embeddings, limited
 from .metrics import rank_of, recall_at
 from .readers import DataError, Dialog, ImageFolder, read_visdial
-from .report import EvalReport, Results
-
-if TYPE_CHECKING:
-    from ..pipeline import Pipeline
+from .report import EvalReport
+from .shards import Processes
+from .task import EvalTask, Plan
 
 
 def dialogue_text(dialog: Dialog) -> str:
@@ -45,34 +42,43 @@ def visdial_images(opts: EvalOptions, dialogs: list[Dialog]) -> tuple[ImageFolde
     return folder, found, len(dialogs) - len(found)
 
 
-def run(pipeline: Pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
-    dialogs = limited(read_visdial(opts.data), opts.limit)
-    folder, found, missing = visdial_images(opts, dialogs)
-    size = pipeline.image_processor.size
-    ids = [str(d.image_id) for d in found]
-    ok, matrix, unreadable = candidate_embeddings(
-        pipeline,
-        ids,
-        [folder.find(d.image_id) for d in found],
-        opts.out,
-        batch_size=opts.batch_size,
-        squash_to=size,
-        show_progress=opts.progress,
-    )
-    position = {image_id: k for k, image_id in enumerate(ok)}
-    usable = [d for d in found if str(d.image_id) in position]
-    results = Results(
-        opts.out, "visdial-t2i", {"model": pipeline.model.retrieval_fingerprint(), "data": str(opts.data)}
-    )
-    todo = [d for d in usable if str(d.image_id) not in results]
-    for chunk in progress(
-        batched(todo, opts.batch_size), -(-len(todo) // opts.batch_size), "visdial-t2i", opts.progress
-    ):
-        query = embed_prompts(pipeline, [dialogue_text(d) for d in chunk], batch_size=opts.batch_size)
+class VisdialT2I(EvalTask):
+    name = "visdial-t2i"
+    help = "VisDial text-to-image retrieval, R@1/5/10"
+
+    def read(self, opts: EvalOptions) -> tuple[list[Dialog], ImageFolder, list[Dialog], int]:
+        dialogs = limited(read_visdial(opts.data), opts.limit)
+        return (dialogs, *visdial_images(opts, dialogs))
+
+    def id_of(self, example: Dialog) -> str:
+        return str(example.image_id)
+
+    def plan(self, pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
+        dialogs, folder, found, missing = data
+        with processes.main_first():  # rank 0 embeds the candidates once; the others read its cache
+            ok, matrix, unreadable = candidate_embeddings(
+                pipeline,
+                [str(d.image_id) for d in found],
+                [folder.find(d.image_id) for d in found],
+                opts.out,
+                batch_size=opts.batch_size,
+                squash_to=pipeline.image_processor.size,
+                show_progress=opts.progress and processes.is_main,
+            )
+        position = {image_id: k for k, image_id in enumerate(ok)}
+        usable = [d for d in found if str(d.image_id) in position]
+        key = {"model": pipeline.model.retrieval_fingerprint(), "data": str(opts.data)}
+        fields = {"dialogs": dialogs, "missing": missing, "unreadable": unreadable, "ok": ok}
+        return Plan(usable, key, {**fields, "matrix": matrix, "position": position})
+
+    def run_batch(self, pipeline, plan: Plan, batch: list[Dialog], opts: EvalOptions) -> list[dict]:
+        matrix, position, ok = plan.fields["matrix"], plan.fields["position"], plan.fields["ok"]
+        query = embed_prompts(pipeline, [dialogue_text(d) for d in batch], batch_size=opts.batch_size)
         scores = query.embeddings @ matrix.T
-        for b, d in enumerate(chunk):
+        records = []
+        for b, d in enumerate(batch):
             top = torch.argsort(scores[b], descending=True, stable=True)[:10]
-            results.add(
+            records.append(
                 {
                     "id": d.image_id,
                     "rank": rank_of(scores[b], position[str(d.image_id)]),
@@ -80,19 +86,22 @@ def run(pipeline: Pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport
                     "query": [round(float(x), 7) for x in query.embeddings[b]],
                 }
             )
-    done = [r for r in results if r["id"] in position]
-    metrics = {"t2i": recall_at([r["rank"] for r in done])}
-    if done:  # the published orientation: for each image, the rank of its dialogue among all dialogues
-        queries = torch.tensor([r["query"] for r in done])
-        images = matrix[[position[r["id"]] for r in done]]
-        by_image = images @ queries.T  # (N, N)
-        metrics["i2t (published script's axis)"] = recall_at([rank_of(by_image[i], i) for i in range(len(done))])
-    counts = {
-        "dialogues": len(dialogs),
-        "evaluated": len(done),
-        "skipped (image missing from the folder)": missing,
-        "skipped (image does not open)": len(unreadable),
-        "candidate images": len(ok),
-    }
-    notes = [f"--limit {opts.limit}: candidates are those dialogues' images only"] if opts.limit else []
-    return EvalReport("visdial-t2i", model_name, metrics, counts, notes)
+        return records
+
+    def report(self, pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+        f = plan.fields
+        metrics = {"t2i": recall_at([r["rank"] for r in done])}
+        if done:  # the published orientation: for each image, the rank of its dialogue among all dialogues
+            queries = torch.tensor([r["query"] for r in done])
+            images = f["matrix"][[f["position"][r["id"]] for r in done]]
+            by_image = images @ queries.T  # (N, N)
+            metrics["i2t (published script's axis)"] = recall_at([rank_of(by_image[i], i) for i in range(len(done))])
+        counts = {
+            "dialogues": len(f["dialogs"]),
+            "evaluated": len(done),
+            "skipped (image missing from the folder)": f["missing"],
+            "skipped (image does not open)": len(f["unreadable"]),
+            "candidate images": len(f["ok"]),
+        }
+        notes = [f"--limit {opts.limit}: candidates are those dialogues' images only"] if opts.limit else []
+        return EvalReport(self.name, model_name, metrics, counts, notes)

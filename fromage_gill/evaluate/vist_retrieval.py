@@ -13,71 +13,90 @@ A story whose images are not all in the folder is skipped and counted, as the sc
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..generate.prompt import TokenIds
 from ..probe import embed_prompts
-from .common import EvalOptions, batched, candidate_embeddings, limited, open_image, progress
+from .common import EvalOptions, candidate_embeddings, limited, open_image
 from .metrics import rank_of, recall_at
 from .papers import VIST_SETTINGS
 from .readers import DataError, ImageFolder, Story, read_vist
-from .report import EvalReport, Results
-
-if TYPE_CHECKING:
-    from ..pipeline import Pipeline
+from .report import EvalReport
+from .shards import Processes
+from .task import EvalTask, Plan
 
 logger = logging.getLogger(__name__)
 
 TOP = 10
 
 
-def run(pipeline: Pipeline, opts: EvalOptions, *, model_name: str) -> EvalReport:
-    stories = limited(read_vist(opts.data), opts.limit)
-    folder = ImageFolder(opts.need_images("<photo_flickr_id>.jpg"))
-    folder.require_some("the VIST images named by photo_flickr_id", "4368632.jpg")
-    usable = [s for s in stories if len(s.items) >= 2 and all(folder.find(i.image_id) for i in s.items)]
-    short = sum(len(s.items) < 2 for s in stories)
-    if not usable:
-        missing = next(i.image_id for s in stories for i in s.items if folder.find(i.image_id) is None)
-        raise DataError(
-            f"none of the {len(stories)} stories has all its images in {folder.root} (e.g. no file for "
-            f"photo_flickr_id {missing}); expected files named <photo_flickr_id>.jpg / .png"
-        )
-    ids = sorted({i.image_id for s in usable for i in s.items})
-    ids, matrix, unreadable = candidate_embeddings(
-        pipeline, ids, [folder.find(i) for i in ids], opts.out, batch_size=opts.batch_size, show_progress=opts.progress
-    )
-    position = {image_id: k for k, image_id in enumerate(ids)}
-    readable = [s for s in usable if all(i.image_id in position for i in s.items)]
-    run_key = {"model": pipeline.model.retrieval_fingerprint(), "data": str(opts.data), "candidates": len(ids)}
-    results = Results(opts.out, "vist-retrieval", run_key)
-    todo = [s for s in readable if s.story_id not in results]
-    for chunk in progress(
-        batched(todo, opts.batch_size), -(-len(todo) // opts.batch_size), "vist-retrieval", opts.progress
-    ):
-        for record in _evaluate(pipeline, chunk, folder, matrix, position, ids):
-            results.add(record)
-    done = [r for r in results if r["id"] in {s.story_id for s in readable}]
-    metrics = {s: recall_at([r["settings"][s]["rank"] for r in done]) for s in VIST_SETTINGS}
-    counts = {
-        "stories": len(stories),
-        "evaluated": len(done),
-        "skipped (an image missing from the folder)": len(stories) - len(usable) - short,
-        "skipped (an image that does not open)": len(usable) - len(readable),
-        "skipped (fewer than 2 items)": short,
-        "candidate images": len(ids),
-    }
-    notes = []
-    if unreadable:
-        notes.append(f"{len(unreadable)} image file(s) did not open and are no candidates (see the log)")
-    if opts.limit is not None:
-        notes.append(f"--limit {opts.limit}: candidates are the images of those stories only (the paper: all val)")
-    return EvalReport("vist-retrieval", model_name, metrics, counts, notes)
+class VistRetrieval(EvalTask):
+    name = "vist-retrieval"
+    help = "VIST contextual image retrieval, R@1/5/10 (3 settings)"
+
+    def read(self, opts: EvalOptions) -> tuple[list[Story], ImageFolder]:
+        stories = limited(read_vist(opts.data), opts.limit)
+        folder = ImageFolder(opts.need_images("<photo_flickr_id>.jpg"))
+        folder.require_some("the VIST images named by photo_flickr_id", "4368632.jpg")
+        if not any(len(s.items) >= 2 and all(folder.find(i.image_id) for i in s.items) for s in stories):
+            missing = next(
+                (i.image_id for s in stories for i in s.items if folder.find(i.image_id) is None), "(none: too short)"
+            )
+            raise DataError(
+                f"none of the {len(stories)} stories has all its images in {folder.root} (e.g. no file for "
+                f"photo_flickr_id {missing}); expected files named <photo_flickr_id>.jpg / .png"
+            )
+        return stories, folder
+
+    def id_of(self, example: Story) -> str:
+        return example.story_id
+
+    def plan(self, pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
+        stories, folder = data
+        usable = [s for s in stories if len(s.items) >= 2 and all(folder.find(i.image_id) for i in s.items)]
+        ids = sorted({i.image_id for s in usable for i in s.items})
+        with processes.main_first():  # rank 0 embeds the candidates once; the others read its cache
+            ids, matrix, unreadable = candidate_embeddings(
+                pipeline,
+                ids,
+                [folder.find(i) for i in ids],
+                opts.out,
+                batch_size=opts.batch_size,
+                show_progress=opts.progress and processes.is_main,
+            )
+        position = {image_id: k for k, image_id in enumerate(ids)}
+        readable = [s for s in usable if all(i.image_id in position for i in s.items)]
+        key = {"model": pipeline.model.retrieval_fingerprint(), "data": str(opts.data), "candidates": len(ids)}
+        fields = {"stories": stories, "usable": usable, "folder": folder, "matrix": matrix, "position": position}
+        return Plan(readable, key, {**fields, "ids": ids, "unreadable": unreadable})
+
+    def run_batch(self, pipeline, plan: Plan, batch: list[Story], opts: EvalOptions) -> list[dict]:
+        f = plan.fields
+        return _evaluate(pipeline, batch, f["folder"], f["matrix"], f["position"], f["ids"])
+
+    def report(self, pipeline, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+        f = plan.fields
+        stories, usable = f["stories"], f["usable"]
+        short = sum(len(s.items) < 2 for s in stories)
+        metrics = {s: recall_at([r["settings"][s]["rank"] for r in records]) for s in VIST_SETTINGS}
+        counts = {
+            "stories": len(stories),
+            "evaluated": len(records),
+            "skipped (an image missing from the folder)": len(stories) - len(usable) - short,
+            "skipped (an image that does not open)": len(usable) - len(plan.examples),
+            "skipped (fewer than 2 items)": short,
+            "candidate images": len(f["ids"]),
+        }
+        notes = []
+        if f["unreadable"]:
+            notes.append(f"{len(f['unreadable'])} image file(s) did not open and are no candidates (see the log)")
+        if opts.limit is not None:
+            notes.append(f"--limit {opts.limit}: candidates are the images of those stories only (the paper: all val)")
+        return EvalReport(self.name, model_name, metrics, counts, notes)
 
 
-def _evaluate(pipeline: Pipeline, stories: list[Story], folder: ImageFolder, matrix, position, ids) -> list[dict]:
+def _evaluate(pipeline, stories: list[Story], folder: ImageFolder, matrix, position, ids) -> list[dict]:
     tok = pipeline.tokenizer
     bos = () if tok.bos_token_id is None else (tok.bos_token_id,)
     captions = [[TokenIds((*bos, *tok(i.text, add_special_tokens=False).input_ids)) for i in s.items] for s in stories]
@@ -85,7 +104,7 @@ def _evaluate(pipeline: Pipeline, stories: list[Story], folder: ImageFolder, mat
         "1 caption": [c[-1:] for c in captions],
         "5 captions": captions,
         "5 captions + 4 images": [
-            [p for k, cap in enumerate(c[:-1]) for p in (cap, open_image(folder.find(s.items[k].image_id)))] + c[-1:]
+            [p for k, cap in enumerate(c[:-1]) for p in (cap, open_image(folder.path(s.items[k].image_id)))] + c[-1:]
             for s, c in zip(stories, captions, strict=True)
         ],
     }

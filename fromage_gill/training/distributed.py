@@ -3,8 +3,7 @@ DDP's view of the frozen backbones, and gathering rows across ranks.
 
 Under ``torchrun`` or ``accelerate launch`` accelerate's first ``Accelerator`` (its ``PartialState``) initialises the
 ``torch.distributed`` process group from the environment. ``training_accelerator`` destroys that group on the way
-out when it was created there: left alive, gloo's threads are still running at interpreter exit and take the process
-down ("terminate called without an active exception", SIGABRT) about one run in three on a 2-core machine.
+out when it was created there (``devices.owned_process_group`` says why).
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from ..devices import owned_process_group
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -29,26 +30,15 @@ def training_accelerator(*, cpu: bool, precision: str) -> Iterator[Accelerator]:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, KwargsHandler
 
-    had_group = _process_group_exists()
     mixed = {"fp32": "no"}.get(precision, precision)
     handlers: list[KwargsHandler] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    try:
+    with owned_process_group():
         try:
             accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
         except ValueError:  # an earlier run in this process fixed another precision: that part of the state resets
             AcceleratorState._reset_state()
             accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
         yield accelerator
-    finally:
-        if not had_group and _process_group_exists():
-            # accelerate's shared state is kept: a later Accelerator in this process then fails on its first
-            # collective with a clear error. Letting it set the group up again from the environment could hang:
-            # torch names the new default group like the old one, whose keys are still in torchrun's store.
-            torch.distributed.destroy_process_group()
-
-
-def _process_group_exists() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def ignore_frozen_backbones(module: nn.Module) -> None:
