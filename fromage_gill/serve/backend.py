@@ -28,6 +28,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
+from ..config import ModelConfig
 from ..generate.chat import Chat
 from ..generate.events import Event, TurnEnd
 from ..generate.limits import check_image_counts, kept_image
@@ -153,11 +154,16 @@ class Served:
 
 @dataclass(frozen=True)
 class Usage:
-    """The turn's token counts, yielded just before ``TurnEnd``: ``completion_tokens`` are exactly the tokens the
-    answer put in the context; ``prompt_tokens`` the positions the prompt took (images count their visual tokens)."""
+    """Yielded just before ``TurnEnd``: ``tokens``, exactly the tokens the answer put in the context (the ingress
+    gives them back when the client sends the answer again, so the next prompt repeats the cached positions);
+    ``prompt_tokens``, the positions the prompt took (an image counts its visual tokens)."""
 
     prompt_tokens: int
-    completion_tokens: int
+    tokens: tuple[int, ...]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
 
 
 StreamEvent = Event | Served | Usage
@@ -194,11 +200,12 @@ class ChatBackend(Protocol):
     - it is stateless: nothing about the request outlives the stream except caches keyed by content;
     - closing the generator early (``aclose()``, or its task cancelled: the client went away) stops the turn
       within a token or a diffusion step and frees its place.
-    ``model`` is the model's name; ``indexes`` the names a request's ``index`` may take (the first is the default;
+    ``config`` is the model's (its name, default settings and dialogue template: the ingress builds the request's
+    ``GenerationSettings`` from them); ``indexes`` the names a request's ``index`` may take (the first is the default;
     empty: no index). ``load()`` is cheap and thread-safe; ``aclose()`` refuses new requests (503) and frees workers.
     """
 
-    model: str
+    config: ModelConfig
     indexes: tuple[str, ...]
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]: ...
@@ -241,7 +248,7 @@ class ThreadedChatBackend:
                 f"concurrency must be >= 1, max_queue >= 0 and queue_timeout_s > 0; got {concurrency}, "
                 f"{max_queue}, {queue_timeout_s}"
             )
-        self.model = pipeline.config.name
+        self.config = pipeline.config
         views = dict(indexes or {})
         if not views and pipeline.index is not None:
             views = {"default": pipeline.index}
@@ -342,8 +349,8 @@ class ThreadedChatBackend:
             if cancelled.is_set():
                 chat.stop()
             if isinstance(ev, TurnEnd):  # the answer is in the history by now, with its exact tokens
-                answer = len(chat.history[-1].tokens or ())
-                emit(Usage(max(chat.cached_tokens - answer, 0), answer))
+                tokens = tuple(chat.history[-1].tokens or ())
+                emit(Usage(max(chat.cached_tokens - len(tokens), 0), tokens))
             emit(ev)
 
     async def aclose(self) -> None:
