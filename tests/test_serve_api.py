@@ -365,3 +365,24 @@ def test_over_capacity_requests_get_429_then_503_and_the_queue_recovers(tiny_gil
         backend.release.set()
         images.shutdown()
         s.stop()
+
+
+def test_the_chat_app_serves_the_same_api_from_its_own_server(tiny_gill):
+    """``python app.py --api``: gradio's launch() with ``gradio_app_kwargs`` answers /v1 beside the app."""
+    import gradio as gr
+
+    from fromage_gill.chat.options import AppOptions
+    from fromage_gill.serve.api import gradio_app_kwargs
+
+    with gr.Blocks() as demo:
+        gr.Markdown("chat")
+    port = free_port()
+    kwargs = gradio_app_kwargs(tiny_gill, AppOptions(), api_key=KEY)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, app_kwargs=kwargs, quiet=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny-gill"]
+        assert isinstance(create(client, [user("hi")]).choices[0].message.content, str)
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200  # the app is still there
+    finally:
+        demo.close()

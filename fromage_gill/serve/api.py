@@ -353,3 +353,24 @@ async def _sse(
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"
+
+
+def gradio_app_kwargs(pipeline, options, *, api_key: str | None = None) -> dict:
+    """``app_kwargs`` for gradio's ``launch()`` that serve this API at ``/v1`` from the chat app's own server (same
+    model, same indexes; its own queue of ``options.max_queue``). The key: ``api_key`` or $FROMAGE_GILL_API_KEY."""
+    import os
+
+    from starlette.routing import Mount
+
+    from ..retrieve.fetch import FetchConfig
+    from .backend import ThreadedChatBackend
+
+    backend = ThreadedChatBackend(
+        pipeline,
+        indexes=dict(options.indexes) if options.indexes else None,
+        concurrency=options.concurrency,
+        max_queue=options.max_queue,
+        fetch=FetchConfig(),
+    )
+    api = build_api(backend, api_key=api_key or os.environ.get("FROMAGE_GILL_API_KEY") or None)
+    return {"routes": [Mount("/v1", app=api)]}
