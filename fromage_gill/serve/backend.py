@@ -39,8 +39,11 @@ from ..settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
-# Which process answered: a replica's name in logs, response headers and the benchmarks' spread checks.
-PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+def process_id() -> str:
+    """``host:pid`` of the process answering: a replica's name in logs, response headers and spread checks. A
+    function, not a constant: Ray may pickle a deployment class by value, constants of the driver's process included."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ---------------------------------------------------------------------------------------------- the request
@@ -147,7 +150,7 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class Served:
-    """Which replica serves the request (``PROCESS_ID`` or a Ray replica's id); a backend may yield it first."""
+    """Which replica serves the request (``process_id()`` or a Ray replica's id); a backend may yield it first."""
 
     replica: str
 
@@ -241,7 +244,7 @@ class ThreadedChatBackend:
         max_queue: int = 16,
         queue_timeout_s: float = 300.0,
         fetch: FetchConfig | None = None,
-        replica: str = PROCESS_ID,
+        replica: str | None = None,
     ):
         if concurrency < 1 or max_queue < 0 or not queue_timeout_s > 0:
             raise ValueError(
@@ -257,7 +260,7 @@ class ThreadedChatBackend:
         self._pipeline = pipeline
         self.indexes = tuple(self._views)
         self.concurrency, self.max_queue, self.queue_timeout_s = concurrency, max_queue, queue_timeout_s
-        self.replica = replica
+        self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="chat")
         self._lock = threading.Lock()

@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..retrieve.fetch import FetchConfig
 from .api import build_app
-from .backend import PROCESS_ID, BackendLoad, ChatRequest, Overloaded, StreamEvent, ThreadedChatBackend
+from .backend import BackendLoad, ChatRequest, Overloaded, StreamEvent, ThreadedChatBackend, process_id
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ChatReplica:
             max_queue=spec.max_queue,
             queue_timeout_s=spec.queue_timeout_s,
             fetch=spec.fetch,
-            replica=f"{replica}@{PROCESS_ID}",
+            replica=f"{replica}@{process_id()}",
         )
 
     def info(self) -> dict:
