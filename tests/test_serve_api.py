@@ -386,3 +386,20 @@ def test_the_chat_app_serves_the_same_api_from_its_own_server(tiny_gill):
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200  # the app is still there
     finally:
         demo.close()
+
+
+def test_gpu_checks_serving_sweep_runs_tiny_on_the_cpu():
+    """``gpu_check.py --serving`` (the full-size sweep for a lent GPU) runs the same code on tiny-gill, so it cannot
+    rot: every sweep point answered, with tokens counted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_for_serving", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    args = ["--tiny", "--only", "bf16", "--new-tokens", "2", "--repeats", "1", "--steps", "1", "--turns", "2"]
+    serving = gpu_check.main([*args, "--serving"])["serving"]
+    assert [p["clients"] for p in serving["sweep"]] == [1, 2]
+    assert all(p["errors"] == [] and p["completion_tokens"] > 0 for p in serving["sweep"])
+    assert serving["long"]["turns"] == 2 and serving["abuse"]["statuses"] == ["200"]
