@@ -403,3 +403,32 @@ def test_gpu_checks_serving_sweep_runs_tiny_on_the_cpu():
     assert [p["clients"] for p in serving["sweep"]] == [1, 2]
     assert all(p["errors"] == [] and p["completion_tokens"] > 0 for p in serving["sweep"])
     assert serving["long"]["turns"] == 2 and serving["abuse"]["statuses"] == ["200"]
+
+
+def test_a_text_turn_does_not_wait_behind_another_requests_image_decoding(tiny_gill, images, monkeypatch):
+    from fromage_gill.serve.backend import ImageInput
+
+    decoding, release = threading.Event(), threading.Event()
+    load = ImageInput.load
+
+    def slow_load(self, fetcher):
+        decoding.set()
+        release.wait(30)
+        return load(self, fetcher)
+
+    monkeypatch.setattr(ImageInput, "load", slow_load)
+    s = Server(build_app(ThreadedChatBackend(tiny_gill, concurrency=1)))
+    try:
+        client = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=60)
+        heavy = threading.Thread(target=create, args=(client, [user("look", images[0])]), daemon=True)
+        heavy.start()
+        assert decoding.wait(10)
+        t0 = time.monotonic()
+        assert isinstance(create(client, [user("just text")]).choices[0].message.content, str)
+        assert heavy.is_alive() and time.monotonic() - t0 < 20  # answered while the picture is still decoding
+        release.set()
+        heavy.join(30)
+        assert not heavy.is_alive()
+    finally:
+        release.set()
+        s.stop()

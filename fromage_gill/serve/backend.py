@@ -232,8 +232,9 @@ _DONE = object()
 class ThreadedChatBackend:
     """One ``Chat`` per request, rebuilt from its messages, in a pool of ``concurrency`` threads (the turns in it
     share the model, not their forwards); at most ``max_queue`` more wait (429 past that; 503 after waiting
-    ``queue_timeout_s``). Pictures are decoded in the worker thread when the turn starts, so at most
-    ``concurrency`` full-size decodes happen at once, whatever the queue holds."""
+    ``queue_timeout_s``). Pictures are decoded on a line of their own, one at a time and by at most
+    ``concurrency + 1`` requests at once (each then keeps at most 8 pictures of 2 megapixels), so a queue of
+    requests holds compressed bytes, and text turns do not wait behind another request's decoding."""
 
     def __init__(
         self,
@@ -263,6 +264,8 @@ class ThreadedChatBackend:
         self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="chat")
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")  # one full-size picture at a time
+        self._image_slots = asyncio.Semaphore(concurrency + 1)
         self._lock = threading.Lock()
         self._inflight = 0
         self._running = 0
@@ -299,13 +302,13 @@ class ThreadedChatBackend:
         def emit(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
+        def work(turns: list[Turn]) -> None:
             with self._lock:
                 self._running += 1
             started.set()
             try:
                 if not cancelled.is_set():
-                    self._run(request, emit, cancelled, chats)
+                    self._run(request, turns, emit, cancelled, chats)
             except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
                 emit(_Failed(e))
             finally:
@@ -314,37 +317,57 @@ class ThreadedChatBackend:
                     self._inflight -= 1
                 emit(_DONE)
 
-        future = self._pool.submit(work)
+        def busy() -> Overloaded:
+            return Overloaded(
+                f"waited {self.queue_timeout_s:g} s in the queue without a turn; the server is busy, retry later",
+                status=503,
+            )
+
+        future = None
         deadline = loop.time() + self.queue_timeout_s
+        has_images = any(isinstance(p, ImageInput) for m in request.messages for p in m.parts)
         try:
             yield Served(self.replica)
-            while True:
+            # Pictures are decoded on a line of their own, one at a time, by at most concurrency + 1 requests at
+            # once (what they keep stays bounded), so text turns never wait behind another request's decoding
+            if has_images:
                 try:
-                    item = await asyncio.wait_for(queue.get(), None if started.is_set() else deadline - loop.time())
+                    await asyncio.wait_for(self._image_slots.acquire(), deadline - loop.time())
                 except asyncio.TimeoutError:
-                    if started.is_set():
-                        continue
-                    raise Overloaded(
-                        f"waited {self.queue_timeout_s:g} s in the queue without a turn; the server is busy, retry "
-                        f"later",
-                        status=503,
-                    ) from None
-                if item is _DONE:
-                    return
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
+                    raise busy() from None
+            try:
+                if has_images:
+                    decoding = loop.run_in_executor(self._decoder, request.decode_turns, self.fetcher)
+                    turns = await asyncio.wait_for(decoding, max(deadline - loop.time(), 1.0))
+                else:
+                    turns = request.decode_turns()
+                future = self._pool.submit(work, turns)
+                while True:
+                    try:
+                        timeout = None if started.is_set() else deadline - loop.time()
+                        item = await asyncio.wait_for(queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        if started.is_set():
+                            continue
+                        raise busy() from None
+                    if item is _DONE:
+                        return
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    yield item
+            finally:
+                if has_images:
+                    self._image_slots.release()
         finally:
             cancelled.set()
             for chat in chats:
                 chat.stop()
-            if future.cancel():  # still waiting (never started): its place is given back here
+            if future is None or future.cancel():  # never started: its place is given back here
                 with self._lock:
                     self._inflight -= 1
 
-    def _run(self, request: ChatRequest, emit, cancelled: threading.Event, chats: list[Chat]) -> None:
+    def _run(self, request: ChatRequest, turns: list[Turn], emit, cancelled: threading.Event, chats: list) -> None:
         pipeline = self.pipeline_for(request.index)
-        turns = request.decode_turns(self.fetcher)
         chat = Chat(pipeline)
         chat.history = turns[:-1]
         chats.append(chat)
@@ -360,5 +383,6 @@ class ThreadedChatBackend:
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         if self.fetcher is not None:
             self.fetcher.close()
