@@ -432,3 +432,32 @@ def test_a_text_turn_does_not_wait_behind_another_requests_image_decoding(tiny_g
     finally:
         release.set()
         s.stop()
+
+
+def test_an_answer_sent_back_edited_keeps_its_image_links_as_images(tiny_gill, images):
+    """Without the exact turn (the content was edited), an answer's links to the server's files become image
+    segments again: a retrieved one with its index id (so it is not shown twice), an unknown one as generated."""
+    from fromage_gill.generate.prompt import ImageSegment
+    from fromage_gill.serve.convert import to_chat_request
+    from fromage_gill.serve.files import AnswerMemo, FileStore
+    from fromage_gill.serve.schemas import ChatCompletionRequest
+
+    store = FileStore()
+    known, _ = store.put(ImageSegment(images[0], "retrieved", caption="a cat", index_id=5))
+    content = f"Edited. ![image 1](http://h/v1/files/{known}.png) and ![x](http://h/v1/files/{'0' * 32}.png) end"
+    req = ChatCompletionRequest(
+        model="tiny-gill",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "show me"},
+            {"role": "assistant", "content": content},
+            {"role": "user", "content": "more"},
+        ],
+    )
+    out = to_chat_request(req, tiny_gill.config, memo=AnswerMemo(), store=store, fetch_urls=False)
+    assert [m.role for m in out.messages] == ["user", "assistant", "user"]
+    assert out.messages[0].parts == ("Be brief.\n", "show me")
+    parts = out.messages[1].parts
+    assert parts[0] == "Edited. " and parts[2] == " and " and parts[4] == " end" and out.messages[1].tokens is None
+    assert (parts[1].source, parts[1].index_id, parts[1].caption) == ("retrieved", 5, "a cat")
+    assert (parts[3].source, parts[3].index_id) == ("generated", None)
