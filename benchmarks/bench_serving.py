@@ -222,7 +222,10 @@ def abuse(url: str, model: str, clients: int, images: int, side: int, rss: RSS, 
         "rss_before_mb": before,
         "rss_peak_mb": rss.peak_mb(mark),
         "rss_added_mb": round(rss.peak_mb(mark) - before, 1) if before and rss.peak_mb(mark) else None,
-        "text_turn_latency_s": text_turns,
+        "text_turns": len(text_turns),
+        "text_turn_p50_s": pct(text_turns, 0.5) if text_turns else None,
+        "text_turn_p95_s": pct(text_turns, 0.95) if text_turns else None,
+        "text_turn_max_s": max(text_turns, default=None),
     }
 
 
