@@ -102,10 +102,6 @@ class ChatReplica:
         async for ev in self.backend.stream(request):
             yield ev
 
-    def check_health(self) -> None:  # called by the controller every health_check_period_s
-        if self.backend.load() is None:
-            raise RuntimeError("backend gone")
-
 
 class RayChatBackend:
     """``ChatBackend`` over a handle to the ``ChatReplica`` deployment."""
