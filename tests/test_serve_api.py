@@ -464,3 +464,24 @@ def test_an_answer_sent_back_edited_keeps_its_image_links_as_images(tiny_gill, i
     assert parts[0] == "Edited. " and parts[2] == " and " and parts[4] == " end" and out.messages[1].tokens is None
     assert (parts[1].source, parts[1].index_id, parts[1].caption) == ("retrieved", 5, "a cat")
     assert (parts[3].source, parts[3].index_id) == ("generated", None)
+
+
+def test_app_py_api_flag_hands_gradio_the_v1_mount(monkeypatch):
+    """``python app.py --api``: serve() passes launch() the /v1 mount (without the flag: nothing)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import app
+
+    launched: list[dict] = []
+
+    class Demo:  # stands in for the Blocks: records what launch() got
+        def launch(self, **kwargs):
+            launched.append(kwargs)
+
+    monkeypatch.setattr(app, "build_demo", lambda pipeline, options: Demo())
+    assert app.main(["--model", "tiny-gill", "--port", "7998", "--api"]) == 0
+    assert app.main(["--model", "tiny-gill", "--port", "7998"]) == 0
+    (mount,) = launched[0]["app_kwargs"]["routes"]
+    assert mount.path == "/v1" and launched[1]["app_kwargs"] is None
