@@ -31,8 +31,8 @@ from PIL import Image
 from ..config import ModelConfig
 from ..generate.chat import Chat
 from ..generate.events import Event, TurnEnd
-from ..generate.limits import check_image_counts, kept_image
-from ..generate.prompt import ImageSegment, Turn
+from ..generate.limits import check_image_counts
+from ..generate.prompt import ImageSegment, Turn, kept_image
 from ..images import ImageError, load_image
 from ..retrieve.fetch import FetchConfig, ImageFetcher
 from ..settings import GenerationSettings
