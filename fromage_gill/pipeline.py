@@ -144,6 +144,8 @@ def _published_config(where: Path, args_path: Path, preset: str | None) -> Model
         raise ConfigError(f"{args_path} must hold a JSON object")
     preset = preset or ("gill" if "num_tokens" in args else "fromage")
     base = load_config(preset)
+    if not isinstance(base, ModelConfig):
+        raise ConfigError(f"preset {preset!r} is a MAGIC preset; a published checkpoint needs a fromage or gill preset")
     cfg = ckpt.config_from_published_args(args, base)
     return dataclasses.replace(cfg, weights=str(where), weights_format="published")
 

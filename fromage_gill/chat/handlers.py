@@ -16,14 +16,13 @@ import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..generate import Chat, GenerationSettings
 from ..generate.events import TurnEvents
-from ..generate.prompt import ImageSegment
 from ..pipeline import Pipeline
 from . import export
 from .controls import (
@@ -38,7 +37,7 @@ from .gate import ModelGate
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
-from .session import ChatSession, Note
+from .session import ChatSession, Note, UserPart
 from .store import (
     ConversationStore,
     StoredConversation,
@@ -128,7 +127,7 @@ class ChatHandlers:
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
-    def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
+    def send(self, session: ChatSession | None, message: dict[str, Any] | None, **ui: Any) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
         if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
@@ -167,7 +166,7 @@ class ChatHandlers:
         turn, part = where
         yield from self.edit(session, turn, text_of(value), part, **ui)
 
-    def _send(self, session: ChatSession, message: dict | None, ui: dict) -> Iterator[Reply]:
+    def _send(self, session: ChatSession, message: dict[str, Any] | None, ui: dict[str, Any]) -> Iterator[Reply]:
         message = message or {}
         try:
             self.use_index(session, ui.get("index"))
@@ -182,7 +181,7 @@ class ChatHandlers:
         session.settings = settings
         yield from self._run_turn(session, lambda: session.chat.send(segments, settings), segments)
 
-    def _regenerate(self, session: ChatSession, ui: dict) -> Iterator[Reply]:
+    def _regenerate(self, session: ChatSession, ui: dict[str, Any]) -> Iterator[Reply]:
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
             yield self._reply(session)
@@ -199,7 +198,7 @@ class ChatHandlers:
         yield from self._run_turn(session, lambda: session.chat.regenerate(settings), None)
 
     def _edit(
-        self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict
+        self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict[str, Any]
     ) -> Iterator[Reply]:
         history = session.chat.history
         try:
@@ -232,7 +231,7 @@ class ChatHandlers:
         self,
         session: ChatSession,
         start: Callable[[], TurnEvents],
-        pending_user: list[str | ImageSegment] | None,
+        pending_user: Sequence[UserPart] | None,
         shown_turns: int | None = None,
     ) -> Iterator[Reply]:
         """Wait for the model (showing the queue position), stream the turn, and fold errors into the chat."""
@@ -372,7 +371,7 @@ class ChatHandlers:
             if not path:
                 raise export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
             data = export.read_export(path)
-            chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            chat = Chat.from_dict(session.chat.pipeline, data)  # the view of the session's index
             settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
@@ -464,7 +463,7 @@ class ChatHandlers:
         session = self.new_session(owner=owner)
         try:
             data = record_chat(record)
-            session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            session.chat = Chat.from_dict(session.chat.pipeline, data)
             session.settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)

@@ -108,7 +108,9 @@ class ConversationStore:
 # -- a session as a stored record, and back --------------------------------------------------------------------
 
 
-def session_record(session: ChatSession, *, model_name: str, running: bool = False, partial: str = "") -> dict:
+def session_record(
+    session: ChatSession, *, model_name: str, running: bool = False, partial: str = ""
+) -> dict[str, Any]:  # JSON
     """What is stored of a session: its JSON export (each answer with its seed and why it ended), title, and while a
     turn runs ``running`` with the answer's text so far (``partial``), so that a crash leaves it marked as
     interrupted."""
@@ -122,7 +124,7 @@ def session_record(session: ChatSession, *, model_name: str, running: bool = Fal
     }
 
 
-def record_chat(record: dict[str, Any]) -> dict[str, Any]:
+def record_chat(record: object) -> dict[str, Any]:  # JSON, from a file
     """The JSON export of a stored record (checked by ``read_export``); a turn that was running when the app stopped
     becomes an answer of the text it had, whose end reason is "interrupted". A record stored before the answers held
     their end reasons keeps them in ``"reasons"`` (turn number -> reason): they are put on the turns."""
