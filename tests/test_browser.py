@@ -251,7 +251,7 @@ def test_export_html_and_json_then_load_back(page, tmp_path):
     with page.expect_file_chooser() as chooser:
         page.locator("#load_json").click()
     chooser.value.set_files(str(json_file))
-    page.get_by_text("Loaded a conversation of 4 turns").first.wait_for()
+    page.get_by_text("Loaded a conversation of 2 exchanges").first.wait_for()
     wait_idle(page)
     assert user_texts(page) == [QUESTION, "hello"]
     assert page.locator("#chatbot img").count() >= 3

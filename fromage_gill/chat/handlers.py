@@ -31,13 +31,17 @@ from .controls import (
     default_settings,
     make_settings,
     max_new_tokens_limit,
+    mode_choices,
+    settings_table,
 )
 from .gate import ModelGate
+from .live import LiveTurn
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
 from .session import ChatSession, Note
 from .store import (
+    TITLE_CHARS,
     ConversationStore,
     StoredConversation,
     browser_secret,
@@ -97,6 +101,19 @@ class ChatHandlers:
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
         self.browser_secret = browser_secret(self.options.cache_dir)
+        self.settings_table = settings_table(
+            max_new_tokens=self.max_new_tokens,
+            modes=mode_choices(pipeline, bool(indexes)),
+            decodings=self.decodings,
+            index_names=self.index_names,
+            index_size=min((len(i) for i in indexes.values()), default=None),
+        )
+        # Turns run on the server, not in the page that sent them (live.py): session id -> (session, its turns)
+        self._live: dict[str, tuple[ChatSession, list[LiveTurn]]] = {}
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # session id -> pages holding it besides the first (a reload mid-answer)
+        self._closing: set[str] = set()  # sessions whose page went away mid-answer: closed when the turn ends
+        self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
@@ -118,26 +135,83 @@ class ChatHandlers:
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
-        """The tab is gone (or starts another conversation): stop its turn, delete its images and exports."""
-        if session is not None:
-            session.stop()
-            session.close()
-            shutil.rmtree(self.export_root / session.id, ignore_errors=True)
+        """The tab is gone (or starts another conversation): delete its images and exports. A turn still running
+        goes on (a reload shows it): the session is closed when it ends, unless a page took it up again."""
+        if session is None:
+            return
+        with self._lock:
+            if self._held.get(session.id):
+                self._held[session.id] -= 1  # another page still shows it
+                return
+            if session.id in self._live:
+                self._closing.add(session.id)
+                return
+        session.close()
+        shutil.rmtree(self.export_root / session.id, ignore_errors=True)
+
+    # -- turns that run on the server, whatever happens to their page --------------------------------------------
+
+    def _in_background(self, session: ChatSession, replies: Iterator[Reply]) -> Iterator[Reply]:
+        """Run ``replies`` on the server (live.py) and show them while this page follows."""
+
+        def finished() -> None:
+            with self._lock:
+                runs = self._live.get(session.id, (session, []))[1]
+                runs[:] = [t for t in runs if not t.done]
+                if runs:
+                    return
+                self._live.pop(session.id, None)
+                closing = session.id in self._closing
+                self._closing.discard(session.id)
+            if closing:
+                self.close_session(session)
+
+        with self._lock:
+            turn = LiveTurn(replies, name=f"turn-{session.id[:8]}", on_done=finished)
+            self._live.setdefault(session.id, (session, []))[1].append(turn)
+        yield from turn.follow()
+
+    def follow(self, session: ChatSession | None) -> Iterator[Reply]:
+        """The replies of the session's running turns, from the latest on (a page reloaded mid-answer shows it)."""
+        if session is None:
+            return
+        with self._lock:
+            turns = list(self._live.get(session.id, (session, []))[1])
+        for turn in turns:
+            yield from turn.follow(max(turn.seq - 1, 0))
+
+    def _take_up(self, owner: str) -> ChatSession | None:
+        """The session of ``owner`` whose turn is running, for a page that (re)loads meanwhile."""
+        with self._lock:
+            for session, turns in reversed(list(self._live.values())):
+                if session.owner == owner and turns:
+                    if session.id in self._closing:
+                        self._closing.discard(session.id)  # the page that left is replaced by this one
+                    else:
+                        self._held[session.id] = self._held.get(session.id, 0) + 1
+                    return session
+        return None
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
     def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
-        if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
-            session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
-            yield self._reply(session)
-        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
+
+        def queued() -> Iterator[Reply]:
+            if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
+                session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
+                yield self._reply(session)
+            yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
+
+        yield from self._in_background(session, queued())
 
     def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+        yield from self._in_background(
+            session, session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+        )
 
     def edit(
         self,
@@ -150,7 +224,8 @@ class ChatHandlers:
         """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
         drop what came after it, and answer again."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+        turn = session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+        yield from self._in_background(session, turn)
 
     def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
@@ -305,7 +380,11 @@ class ChatHandlers:
         return self._reply(session)
 
     def clear(self, session: ChatSession | None) -> Reply:
-        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts."""
+        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts. The page
+        asks first (app.py)."""
+        if session is not None and session.running:
+            session.note("Still answering: press Stop first, then delete.", kind="error")
+            return self._reply(session)
         owner = session.owner if session is not None else None
         if session is not None and owner is not None:
             self.store.delete(owner, session.conversation)
@@ -376,7 +455,8 @@ class ChatHandlers:
         session.reasons = {}
         session.conversation = new_id()  # a conversation of its own in the sidebar's list
         self.save(session)
-        session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
+        exchanges = sum(t.role == "user" for t in chat.history)
+        session.note(f"Loaded a conversation of {exchanges} exchanges from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
     def _settings_of(self, data: dict[str, Any]) -> Any:
@@ -395,6 +475,8 @@ class ChatHandlers:
             return
         partial = "".join(s for s in session.live or [] if isinstance(s, str)) if running else ""
         record = session_record(session, model_name=self.model_name, running=running, partial=partial)
+        if session.conversation in self._titles:
+            record.update(title=self._titles[session.conversation], renamed=True)
         try:
             self.store.save(session.owner, session.conversation, record)
         except OSError as e:  # a full disk costs the restore after a restart, never the conversation itself
@@ -408,6 +490,9 @@ class ChatHandlers:
             owner = check_id(owner, "owner")
         except ValueError:
             owner = new_id()
+        running = self._take_up(owner)
+        if running is not None:
+            return running, {"owner": owner}
         for stored in self.store.list(owner):
             session = self._open(owner, stored.id)
             if session is not None:
@@ -450,6 +535,20 @@ class ChatHandlers:
         self.close_session(session)
         return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
 
+    def rename(self, session: ChatSession | None, title: str | None) -> Reply:
+        """Give the current conversation a title of its own (the sidebar shows it instead of its first words)."""
+        session = session or self.new_session()
+        title = " ".join((title or "").split())[:TITLE_CHARS]
+        if not title:
+            session.note("Type a name for the conversation first.", kind="error")
+        elif not session.chat.history or session.owner is None:
+            session.note("Send a message first: an empty conversation is not kept, so it cannot be named.", "error")
+        else:
+            self._titles[session.conversation] = title
+            self.save(session)
+            session.note(f"Renamed to “{title}”.")
+        return self._reply(session)
+
     def _open(self, owner: str, conversation: str) -> ChatSession | None:
         """A session on a stored conversation; a turn cut short by a crash is shown as interrupted (and stored so)."""
         record = self.store.load(owner, conversation)
@@ -465,6 +564,8 @@ class ChatHandlers:
             session.close()
             return None
         session.conversation = conversation
+        if record.get("renamed") and isinstance(record.get("title"), str):
+            self._titles[conversation] = record["title"]
         session.seeds, session.reasons = data["seeds"], reasons
         if record.get("running"):
             self.save(session)  # stored as it is now shown: an interrupted answer, no turn running
