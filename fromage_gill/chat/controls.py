@@ -269,3 +269,22 @@ def control_values(settings: GenerationSettings) -> dict[str, Any]:
     out = {key: values[key] for key in SETTING_KEYS if key in values}
     out["seed"] = "random" if values["seed"] is None else str(values["seed"])
     return out
+
+
+def kept_values(table: Sequence[Control], kept: Any) -> dict[str, Any]:
+    """The settings a browser kept (``{key: value}``) that still fit the table: a slider's value within its bounds,
+    a choice among its choices; the others are left out (the control keeps its starting value)."""
+    out: dict[str, Any] = {}
+    for c in table:
+        value = kept.get(c.key) if isinstance(kept, dict) else None
+        if value is None:
+            continue
+        if c.kind == "slider":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and c.bounds[0] <= value <= c.bounds[1]
+        elif c.kind == "text":
+            ok = isinstance(value, str) and len(value) < 40
+        else:
+            ok = value in [v for _, v in c.choices]
+        if ok:
+            out[c.key] = value
+    return out
