@@ -5,17 +5,15 @@
     python app.py --model tiny-gill            # offline plumbing check: tiny random model, gibberish answers
     fromage-gill serve --model gill --load-8bit --port 7860
 
-This file is the layout and its wiring: ``build_demo(pipeline)`` lays out the page (``lay_out``) and connects each
-event to its handler in ``fromage_gill/chat/handlers.py``, where the conversation logic lives without gradio
-(sessions, the model queue, messages, export; docs/app.md says which file holds what). The settings panel is made
-from the table in ``chat/controls.py``. Every button is also a named API endpoint for ``gradio_client`` (see
-``API_ENDPOINTS``).
+This file is the layout and its wiring: ``build_demo(pipeline)`` lays out the page (``lay_out``, the settings from
+the table in ``chat/controls.py``) and connects each event to its handler in ``fromage_gill/chat/handlers.py``,
+where the conversation logic lives without gradio (docs/app.md says which file holds what). Every button is also a
+named API endpoint for ``gradio_client`` (see ``API_ENDPOINTS``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import inspect
 import logging
@@ -23,65 +21,29 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from fromage_gill.chat import options as startup  # noqa: E402  (the flags, loading the model)
+from fromage_gill.chat import page as site  # noqa: E402  (the page's text, look and script)
 from fromage_gill.chat.controls import Control, kept_values, starting_value  # noqa: E402
 from fromage_gill.chat.handlers import ChatHandlers, Reply  # noqa: E402
 from fromage_gill.chat.messages import IMAGE_PLACEHOLDER  # noqa: E402
-from fromage_gill.chat.options import AppOptions, add_serve_args, load_app, load_indexes, loading_line  # noqa: E402
-from fromage_gill.chat.page import (  # noqa: E402
-    ASSETS,
-    PAGE_CSS,
-    PAGE_JS,
-    TOY_INDEXES,
-    conversation_label,
-    example_messages,
-    header_markdown,
-)
+from fromage_gill.chat.options import AppOptions, load_indexes  # noqa: E402
 from fromage_gill.chat.space import space_argv  # noqa: E402
 
 __all__ = ["API_ENDPOINTS", "AppOptions", "build_demo", "launch_style", "load_indexes", "main", "serve"]
 
 API_ENDPOINTS = ("send", "regenerate", "undo", "clear", "stop", "edit", "export_html", "export_json", "load_json")
 API_ENDPOINTS += ("history",)
+Page = SimpleNamespace  # the page's components, as lay_out names them
 QUICK = dict(concurrency_limit=None)  # actions that never wait for the model
 PRIVATE = dict(api_visibility="private")  # UI-only events: the API has its own endpoint for each
-
-
-@dataclasses.dataclass
-class Page:
-    """The page's components, by what they are for."""
-
-    state: Any
-    settings_kept: Any  # the settings, kept in the browser
-    browser: Any  # the browser's owner id (its conversations are stored on the server)
-    chatbot: Any
-    message: Any
-    stop: Any
-    regenerate: Any
-    undo: Any
-    clear: Any
-    confirm: Any  # "Delete this conversation?" with its two buttons
-    delete_yes: Any
-    delete_no: Any
-    new_chat: Any
-    saved: Any
-    rename_text: Any
-    rename: Any
-    delete: Any
-    controls: dict[str, Any]
-    export_html: Any
-    export_json: Any
-    load_json: Any
-    export_file: Any
-
-    @property
-    def buttons(self) -> list[Any]:
-        return [self.stop, self.regenerate, self.undo, self.clear]
+CONTROL_KINDS = {"slider": gr.Slider, "choice": gr.Radio, "dropdown": gr.Dropdown, "text": gr.Textbox}
 
 
 def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
@@ -100,66 +62,56 @@ def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
 
 
 def lay_out(h: ChatHandlers, pipeline) -> Page:
-    """The sidebar of conversations, the header, the chat and its message box, the buttons, the examples, the
-    settings and the export panel, top to bottom."""
-    state = gr.State(None, time_to_live=h.options.session_ttl_s, delete_callback=h.close_session)
-    settings_kept = gr.BrowserState({}, storage_key="fromage_gill_settings")
-    browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_secret)
+    """The page's components, top to bottom: the sidebar of conversations, the header, the chat, its message box
+    and buttons, the delete confirmation, the examples, the settings and the export panel."""
+    page = Page()
+    page.state = gr.State(None, time_to_live=h.options.session_ttl_s, delete_callback=h.close_session)
+    page.settings_kept = gr.BrowserState({}, storage_key="fromage_gill_settings")
+    # The browser keeps only its owner id; its conversations are stored on the server (chat/store.py).
+    page.browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_secret)
     with gr.Sidebar(open=True, elem_id="sidebar", label="Conversations"):
-        new_chat = gr.Button("New chat", elem_id="new_chat", variant="primary", size="sm")
-        saved = gr.Radio([], label="Earlier conversations", elem_id="conversations", interactive=True)
-        rename_text = gr.Textbox(label="Name this conversation", elem_id="rename_text", max_lines=1)
+        page.new_chat = gr.Button("New chat", elem_id="new_chat", variant="primary", size="sm")
+        page.saved = gr.Radio([], label="Earlier conversations", elem_id="conversations", interactive=True)
+        page.rename_text = gr.Textbox(label="Name this conversation", elem_id="rename_text", max_lines=1)
         with gr.Row():
-            rename = gr.Button("Rename", elem_id="rename", size="sm")
-            delete = gr.Button("Delete", elem_id="delete", size="sm", variant="stop")
-    gr.Markdown(header_markdown(pipeline, h.index_names), elem_id="header")
-    chatbot = gr.Chatbot(
-        elem_id="chatbot",
-        label="Conversation",
-        show_label=False,
-        height="68vh",
-        min_height=420,
-        editable="user",
-        group_consecutive_messages=False,
-        buttons=["copy", "copy_all"],
+            page.rename = gr.Button("Rename", elem_id="rename", size="sm")
+            page.delete = gr.Button("Delete", elem_id="delete", size="sm", variant="stop")
+    gr.Markdown(site.header_markdown(pipeline, h.index_names), elem_id="header")
+    page.chatbot = gr.Chatbot(
+        elem_id="chatbot", show_label=False, height="68vh", min_height=420, editable="user",
+        group_consecutive_messages=False, buttons=["copy", "copy_all"],
         placeholder="Attach one or more images and ask about them, or ask for a picture.",
-    )
+    )  # fmt: skip
     # No file_types filter: any file reaches the app, which explains why it cannot use it. The send arrow stays
-    # while an answer runs (what is sent then waits for it); the Stop button below stops the answer.
-    message = gr.MultimodalTextbox(
-        elem_id="message",
-        file_count="multiple",
-        sources=["upload"],
-        show_label=False,
-        autofocus=True,
-        max_plain_text_length=100_000,  # a long paste stays text (gradio's default turns >1000 chars into a file)
-        placeholder="Message (attach images with the clip, paste or drop them; "
-        f"{IMAGE_PLACEHOLDER} places an image within the text)",
-    )
+    # while an answer runs (what is sent then waits for it); the Stop button below stops the answer. A long paste
+    # stays text (gradio's default turns more than 1000 characters into a file).
+    page.message = gr.MultimodalTextbox(
+        elem_id="message", file_count="multiple", sources=["upload"], show_label=False, autofocus=True,
+        max_plain_text_length=100_000,
+        placeholder=f"Message (attach images with the clip, paste or drop them; {IMAGE_PLACEHOLDER} places an image "
+        "within the text)",
+    )  # fmt: skip
     with gr.Row(elem_id="buttons"):
-        stop = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", visible=False)
-        regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm")
-        undo = gr.Button("Undo", elem_id="undo", size="sm")
-        clear = gr.Button("Delete chat", elem_id="clear", size="sm")
-    with gr.Row(visible=False, elem_id="confirm") as confirm:
+        page.stop = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", visible=False)
+        page.regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm")
+        page.undo = gr.Button("Undo", elem_id="undo", size="sm")
+        page.clear = gr.Button("Delete chat", elem_id="clear", size="sm")
+    page.buttons = [page.stop, page.regenerate, page.undo, page.clear]
+    with gr.Row(visible=False, elem_id="confirm") as page.confirm:
         gr.Markdown("**Delete this conversation?** It is removed from the list and cannot be brought back.")
-        delete_yes = gr.Button("Delete", elem_id="confirm_delete", variant="stop", size="sm")
-        delete_no = gr.Button("Keep it", elem_id="keep", size="sm")
-    examples = example_messages(pipeline)
-    if examples:
-        gr.Examples([[e] for e in examples], inputs=[message], label="Examples (click, then send)", elem_id="examples")
+        page.delete_yes = gr.Button("Delete", elem_id="confirm_delete", variant="stop", size="sm")
+        page.delete_no = gr.Button("Keep it", elem_id="keep", size="sm")
+    if examples := [[e] for e in site.example_messages(pipeline)]:
+        gr.Examples(examples, inputs=[page.message], label="Examples (click, then send)", elem_id="examples")
     with gr.Accordion("Settings", open=False, elem_id="settings"):
-        controls = settings_controls(h.settings_table, h.defaults)
+        page.controls = settings_controls(h.settings_table, h.defaults)
     with gr.Accordion("Export / load", open=False, elem_id="export"):
         with gr.Row():
-            export_html = gr.Button("Export HTML", elem_id="export_html", size="sm")
-            export_json = gr.Button("Export JSON", elem_id="export_json", size="sm")
-            load_json = gr.UploadButton("Load JSON", file_types=[".json"], elem_id="load_json", size="sm")
-        export_file = gr.File(label="Download", elem_id="export_file", interactive=False, visible=False)
-    return Page(
-        state, settings_kept, browser, chatbot, message, stop, regenerate, undo, clear, confirm, delete_yes, delete_no,
-        new_chat, saved, rename_text, rename, delete, controls, export_html, export_json, load_json, export_file,
-    )  # fmt: skip
+            page.export_html = gr.Button("Export HTML", elem_id="export_html", size="sm")
+            page.export_json = gr.Button("Export JSON", elem_id="export_json", size="sm")
+            page.load_json = gr.UploadButton("Load JSON", file_types=[".json"], elem_id="load_json", size="sm")
+        page.export_file = gr.File(label="Download", elem_id="export_file", interactive=False)
+    return page
 
 
 def settings_controls(table: list[Control], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -169,15 +121,9 @@ def settings_controls(table: list[Control], defaults: dict[str, Any]) -> dict[st
         with gr.Row():
             for c in (c for c in table if c.row == row):
                 common = dict(label=c.label, info=c.help, elem_id=c.elem_id, visible=c.visible)
-                value = starting_value(c, defaults)
-                if c.kind == "slider":
-                    made[c.key] = gr.Slider(*c.bounds, value=value, step=c.step, **common)
-                elif c.kind == "choice":
-                    made[c.key] = gr.Radio(list(c.choices), value=value, **common)
-                elif c.kind == "dropdown":
-                    made[c.key] = gr.Dropdown(list(c.choices), value=value, **common)
-                else:
-                    made[c.key] = gr.Textbox(value=value, **common)
+                common.update(value=starting_value(c, defaults), **({"step": c.step} if c.kind == "slider" else {}))
+                first = c.bounds if c.kind == "slider" else [list(c.choices)] if c.choices else []
+                made[c.key] = CONTROL_KINDS[c.kind](*first, **common)
     return made
 
 
@@ -194,12 +140,8 @@ def wire_turns(h: ChatHandlers, page: Page) -> list[Any]:
         i = data.index if isinstance(data.index, int) else data.index[0]
         yield from h.edit_shown(session, i, data.value, **ui)
 
-    turn = dict(
-        outputs=[page.state, page.chatbot, page.message, *page.buttons],
-        inputs_kwargs=page.controls,
-        concurrency_id="model",
-        concurrency_limit=h.options.max_queue,
-    )
+    outputs, queue = [page.state, page.chatbot, page.message, *page.buttons], h.options.max_queue
+    turn = dict(outputs=outputs, inputs_kwargs=page.controls, concurrency_id="model", concurrency_limit=queue)
     s = page.state
     return [
         page.message.submit(shown(h.send), inputs=[s, page.message], api_name="send", trigger_mode="multiple", **turn),
@@ -224,18 +166,15 @@ def wire_actions(h: ChatHandlers, page: Page) -> list[Any]:
     page.export_html.click(exported(h.export_html), inputs=[s], outputs=out, api_name="export_html", **QUICK)
     page.export_json.click(exported(h.export_json), inputs=[s], outputs=out, api_name="export_json", **QUICK)
 
-    loaded = page.load_json.upload(
-        lambda session, file: switched(h.load_json(session, file), page),
-        inputs=[s, page.load_json],
-        outputs=[s, page.chatbot, *page.controls.values()],
-        api_name="load_json",
-        **QUICK,
-    )
+    def load(session, file):
+        return switched(h.load_json(session, file), page)
+
+    to = [s, page.chatbot, *page.controls.values()]
+    loaded = page.load_json.upload(load, inputs=[s, page.load_json], outputs=to, api_name="load_json", **QUICK)
     history_btn, history_json = gr.Button(visible=False), gr.JSON(visible=False)
     history_btn.click(h.history, inputs=[s], outputs=[history_json], api_name="history", **QUICK)
-    renamed = page.rename.click(
-        shown(h.rename, box=False), inputs=[s, page.rename_text], outputs=[s, page.chatbot], **PRIVATE, **QUICK
-    )
+    named = dict(inputs=[s, page.rename_text], outputs=[s, page.chatbot], **PRIVATE, **QUICK)
+    renamed = page.rename.click(shown(h.rename, box=False), **named)
     return [undone, cleared, loaded, renamed]
 
 
@@ -246,14 +185,14 @@ def wire_sidebar(h: ChatHandlers, page: Page, demo: gr.Blocks, changes: list[Any
     def listed(session):
         convs = h.conversations(session)
         current = session.conversation if session is not None else None
-        choices = [(conversation_label(c.title, c.updated), c.id) for c in convs]
+        choices = [(site.conversation_label(c.title, c.updated), c.id) for c in convs]
         return gr.update(choices=choices, value=current if current in {c.id for c in convs} else None)
 
     def restore(kept) -> Iterator[tuple]:
         session, kept = h.restore(kept)
         now = Reply(session, h.view(session), running=session.streaming)
         yield session, now.messages, kept, listed(session), *reply_values(now)[2:]
-        for reply in h.follow(session):
+        for reply in h.live.follow(session):
             yield reply.session, reply.messages, gr.update(), gr.update(), *reply_values(reply)[2:]
 
     def switch(handler):
@@ -261,29 +200,20 @@ def wire_sidebar(h: ChatHandlers, page: Page, demo: gr.Blocks, changes: list[Any
 
     box = [page.message, *page.buttons]
     demo.load(restore, inputs=[page.browser], outputs=[page.state, page.chatbot, page.browser, page.saved, *box])
-    keys = list(page.controls)
+    keys, controls = list(page.controls), list(page.controls.values())
 
     def settings_of(kept):  # those kept in this browser, if they still fit this model's ranges
         values = kept_values(h.settings_table, kept)
         return [values.get(k, gr.update()) for k in keys]
 
-    demo.load(settings_of, inputs=[page.settings_kept], outputs=list(page.controls.values()), **PRIVATE)
-    gr.on(
-        [c.change for c in page.controls.values()],
-        lambda *values: dict(zip(keys, values, strict=True)),
-        inputs=list(page.controls.values()),
-        outputs=[page.settings_kept],
-        **PRIVATE,
-        **QUICK,
-    )
+    demo.load(settings_of, inputs=[page.settings_kept], outputs=controls, **PRIVATE)
+    kept = [c.change for c in controls]
+    gr.on(kept, lambda *v: dict(zip(keys, v, strict=True)), inputs=controls, outputs=[page.settings_kept], **PRIVATE)
     out = [page.state, page.chatbot, page.saved, *page.controls.values()]
     page.new_chat.click(switch(h.new_chat), inputs=[page.state], outputs=out, **PRIVATE, **QUICK)
     page.saved.input(switch(h.open_conversation), inputs=[page.state, page.saved], outputs=out, **PRIVATE, **QUICK)
     for changed in changes:  # the list shows each conversation's title and the current one
         changed.then(listed, inputs=[page.state], outputs=[page.saved], **PRIVATE, **QUICK)
-
-
-# -- replies as the components' values ------------------------------------------------------------------------------
 
 
 def reply_values(reply: Reply, *, box: bool = True) -> tuple:
@@ -312,36 +242,29 @@ def toast(reply: Reply) -> None:
 
 
 def exported(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """An export handler: the file to download (the box shows only then); a refusal (too many at once) is a toast."""
+    """An export handler: the file to download (the box shows only then: page.py's CSS); a refusal is a toast."""
 
     @functools.wraps(handler)
     def run(session):
         path = handler(session)
-        if session is not None:
-            for note in session.take_notes():
-                gr.Warning(note.text, duration=8)
-        return gr.update(value=path, visible=path is not None)
+        toast(Reply(session, [], notes=session.take_notes() if session is not None else []))
+        return path
 
     return run
 
 
 def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any]:
-    """``handler`` with its Replies as ``reply_values``; its signature is kept, since gradio names the API's
-    parameters after it and passes the settings controls by name."""
-    if inspect.isgeneratorfunction(handler):
-
-        @functools.wraps(handler)
-        def streamed(*args, **kwargs):
-            for reply in handler(*args, **kwargs):
-                yield reply_values(reply, box=box)
-
-        return streamed
+    """``handler`` (returning a Reply or yielding Replies) with its Replies as ``reply_values``; its signature is
+    kept, since gradio names the API's parameters after it and passes the settings controls by name."""
+    if not inspect.isgeneratorfunction(handler):
+        return functools.wraps(handler)(lambda *args, **kwargs: reply_values(handler(*args, **kwargs), box=box))
 
     @functools.wraps(handler)
-    def returned(*args, **kwargs):
-        return reply_values(handler(*args, **kwargs), box=box)
+    def streamed(*args, **kwargs):
+        for reply in handler(*args, **kwargs):
+            yield reply_values(reply, box=box)
 
-    return returned
+    return streamed
 
 
 def launch_style() -> dict[str, Any]:
@@ -349,8 +272,8 @@ def launch_style() -> dict[str, Any]:
     photos."""
     # The system's fonts: the theme's default Google fonts would make every visitor's browser fetch from Google.
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    paths = [str(ASSETS), str(TOY_INDEXES)]
-    return dict(theme=theme, css=PAGE_CSS, js=PAGE_JS, allowed_paths=paths, max_file_size="50mb")
+    paths = [str(site.ASSETS), str(site.TOY_INDEXES)]
+    return dict(theme=theme, css=site.PAGE_CSS, js=site.PAGE_JS, allowed_paths=paths, max_file_size="50mb")
 
 
 # -- command line --------------------------------------------------------------------------------------------------
@@ -358,7 +281,7 @@ def launch_style() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="app.py", description="Chat with a FROMAGe / GILL model in the browser.")
-    add_serve_args(parser)
+    startup.add_serve_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     args = parser.parse_args(space_argv(argv))  # on a Hugging Face Space: fetch the weights, use ZeroGPU
     return serve(args)
@@ -369,28 +292,20 @@ def serve(args: argparse.Namespace) -> int:
     from fromage_gill.hub import HubUnavailableError
 
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.monotonic()
-    print(f"fromage_gill: {loading_line(args.model)}", file=sys.stderr)
+    print(f"fromage_gill: {startup.loading_line(args.model)}", file=sys.stderr)
     try:
-        pipeline, options = load_app(args)
-    except HubUnavailableError:
+        pipeline, options = startup.load_app(args)
+    except (HubUnavailableError, ValueError, OSError) as e:
         if verbose:
             raise
         print(
-            f"fromage_gill: the {args.model!r} weights are not on this machine and the Hugging Face Hub is "
-            f"unreachable; for the offline demo run: python app.py --model toy-gill  (details: add -v)",
+            f"fromage_gill: {startup.offline_hint(args.model) if isinstance(e, HubUnavailableError) else e}",
             file=sys.stderr,
         )
-        return 2
-    except (ValueError, OSError) as e:
-        if verbose:
-            raise
-        print(f"fromage_gill: {e}", file=sys.stderr)
         return 2
     print(f"fromage_gill: {args.model} loaded in {time.monotonic() - t0:.0f} s; starting the app", file=sys.stderr)
     demo = build_demo(pipeline, options)

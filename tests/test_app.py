@@ -55,7 +55,8 @@ def client(server):
     return Client(server, verbose=False)
 
 
-IMAGE_MD = re.compile(r"!\[[^\]]*\]\(/gradio_api/file=([^)\s]+)\)")
+# an inline image, as a link to itself (a click opens it full size)
+IMAGE_MD = re.compile(r"\[!\[[^\]]*\]\(/gradio_api/file=([^)\s]+)\)\]\(/gradio_api/file=[^)\s]+\)")
 
 
 def texts(message: dict) -> str:

@@ -208,7 +208,7 @@ def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
     first.close()  # the page that sent it went away: the answer goes on, on the server
     assert a.running
     h.stop(a)
-    list(h.follow(a))  # until it ends
+    list(h.live.follow(a))  # until it ends
     assert h.gate.busy == 0 and not a.running
 
 

@@ -186,7 +186,15 @@ def settings_table(
         ),
         slider("image_logit_bias", "Image nudge", 2, -20.0, 20.0, 0.5, elem_id="set_image_bias"),
         slider("max_images", "Images per answer, at most", 2, 0, MAX_IMAGES_PER_MESSAGE, 1),
-        slider("retrieval_candidates", "Images looked at when finding one", 3, 1, candidates, 1),
+        slider(
+            "retrieval_candidates",
+            "Images looked at when finding one",
+            3,
+            1,
+            max(candidates, 2),  # a slider needs two ends; with one image in the index it is hidden
+            1,
+            visible=candidates > 1,
+        ),
         slider("guidance_scale", "Drawing: follow the description", 3, 1.0, 20.0, 0.5),
         slider("num_inference_steps", "Drawing steps", 3, 1, MAX_DIFFUSION_STEPS, 1, elem_id="set_steps"),
         Control("seed", "Seed", "text", 4, h["seed"]),
@@ -288,3 +296,30 @@ def kept_values(table: Sequence[Control], kept: Any) -> dict[str, Any]:
         if ok:
             out[c.key] = value
     return out
+
+
+@dataclass
+class SettingsPanel:
+    """The settings panel of an app: the controls' starting values, the most new tokens an answer may take, the
+    decodings that can run, and the table of controls."""
+
+    defaults: dict[str, Any]
+    max_new_tokens: int
+    decodings: list[str]
+    table: list[Control]
+
+
+def settings_panel(pipeline: Pipeline, overrides: Mapping[str, Any], indexes: Mapping[str, Any]) -> SettingsPanel:
+    """The panel for ``pipeline`` and its ``indexes`` ({name: ImageIndex}), starting from ``overrides``."""
+    defaults = default_settings(pipeline, overrides)
+    limit = max_new_tokens_limit(pipeline, defaults)  # the control's range: what can fit
+    defaults["max_new_tokens"] = min(defaults["max_new_tokens"], limit)
+    decodings = decoding_choices(pipeline)  # only those that can run here
+    table = settings_table(
+        max_new_tokens=limit,
+        modes=mode_choices(pipeline, bool(indexes)),
+        decodings=decodings,
+        index_names=list(indexes),
+        index_size=min((len(i) for i in indexes.values()), default=None),
+    )
+    return SettingsPanel(defaults, limit, decodings, table)

@@ -4,8 +4,8 @@ load, history), on plain values and without gradio.
 A handler takes the tab's session (None before its first action), what it acts on (a message ``{"text",
 "files"}``, a turn, a file) and the settings controls' values as keyword arguments (``ui``, keyed as in
 ``controls.SETTING_KEYS`` plus ``seed`` and ``index``). It returns or yields a ``Reply``; ``app.py`` wires each
-handler to its gradio event and turns the Reply into the components' values. Bad input never raises: it becomes
-an error note in the chat, and the conversation stays as it was.
+handler to its gradio event. Bad input never raises: it becomes an error note, and the conversation stays as it was.
+The model-using handlers run their turn on the server (live.py): a page that reloads or closes does not stop it.
 """
 
 from __future__ import annotations
@@ -24,18 +24,9 @@ from typing import Any
 from ..generate import Chat
 from ..pipeline import Pipeline
 from . import export
-from .controls import (
-    NO_INDEX,
-    control_values,
-    decoding_choices,
-    default_settings,
-    make_settings,
-    max_new_tokens_limit,
-    mode_choices,
-    settings_table,
-)
+from .controls import NO_INDEX, control_values, make_settings, settings_panel
 from .gate import ModelGate
-from .live import LiveTurn
+from .live import LiveTurns
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
@@ -83,13 +74,12 @@ class ChatHandlers:
     def __init__(self, pipeline: Pipeline, options: AppOptions | None = None):
         self.options = options or AppOptions()
         self.model_name = pipeline.config.name
-        self.defaults = default_settings(pipeline, self.options.defaults)
-        self.max_new_tokens = max_new_tokens_limit(pipeline, self.defaults)  # the control's range: what can fit
-        self.defaults["max_new_tokens"] = min(self.defaults["max_new_tokens"], self.max_new_tokens)
-        self.decodings = decoding_choices(pipeline)  # only those that can run here
         indexes = dict(self.options.indexes) if self.options.indexes else {}
         if not indexes and pipeline.index is not None:
             indexes = {"default": pipeline.index}
+        panel = settings_panel(pipeline, self.options.defaults, indexes)  # the settings controls (controls.py)
+        self.defaults, self.max_new_tokens, self.decodings = panel.defaults, panel.max_new_tokens, panel.decodings
+        self.settings_table = panel.table
         self.index_names = list(indexes)
         # One Pipeline view per index (sharing the model): a session's Chat retrieves from the view it holds.
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
@@ -101,18 +91,7 @@ class ChatHandlers:
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
         self.browser_secret = browser_secret(self.options.cache_dir)
-        self.settings_table = settings_table(
-            max_new_tokens=self.max_new_tokens,
-            modes=mode_choices(pipeline, bool(indexes)),
-            decodings=self.decodings,
-            index_names=self.index_names,
-            index_size=min((len(i) for i in indexes.values()), default=None),
-        )
-        # Turns run on the server, not in the page that sent them (live.py): session id -> (session, its turns)
-        self._live: dict[str, tuple[ChatSession, list[LiveTurn]]] = {}
-        self._lock = threading.Lock()
-        self._held: dict[str, int] = {}  # session id -> pages holding it besides the first (a reload mid-answer)
-        self._closing: set[str] = set()  # sessions whose page went away mid-answer: closed when the turn ends
+        self.live = LiveTurns(self._close)  # turns run on the server, not in the page that sent them
         self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------
@@ -135,62 +114,13 @@ class ChatHandlers:
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
-        """The tab is gone (or starts another conversation): delete its images and exports. A turn still running
-        goes on (a reload shows it): the session is closed when it ends, unless a page took it up again."""
-        if session is None:
-            return
-        with self._lock:
-            if self._held.get(session.id):
-                self._held[session.id] -= 1  # another page still shows it
-                return
-            if session.id in self._live:
-                self._closing.add(session.id)
-                return
+        """The tab is gone or changes conversation: its files go, once its turn (if one runs) ends (live.py)."""
+        if session is not None:
+            self.live.release(session)
+
+    def _close(self, session: ChatSession) -> None:
         session.close()
         shutil.rmtree(self.export_root / session.id, ignore_errors=True)
-
-    # -- turns that run on the server, whatever happens to their page --------------------------------------------
-
-    def _in_background(self, session: ChatSession, replies: Iterator[Reply]) -> Iterator[Reply]:
-        """Run ``replies`` on the server (live.py) and show them while this page follows."""
-
-        def finished() -> None:
-            with self._lock:
-                runs = self._live.get(session.id, (session, []))[1]
-                runs[:] = [t for t in runs if not t.done]
-                if runs:
-                    return
-                self._live.pop(session.id, None)
-                closing = session.id in self._closing
-                self._closing.discard(session.id)
-            if closing:
-                self.close_session(session)
-
-        with self._lock:
-            turn = LiveTurn(replies, name=f"turn-{session.id[:8]}", on_done=finished)
-            self._live.setdefault(session.id, (session, []))[1].append(turn)
-        yield from turn.follow()
-
-    def follow(self, session: ChatSession | None) -> Iterator[Reply]:
-        """The replies of the session's running turns, from the latest on (a page reloaded mid-answer shows it)."""
-        if session is None:
-            return
-        with self._lock:
-            turns = list(self._live.get(session.id, (session, []))[1])
-        for turn in turns:
-            yield from turn.follow(max(turn.seq - 1, 0))
-
-    def _take_up(self, owner: str) -> ChatSession | None:
-        """The session of ``owner`` whose turn is running, for a page that (re)loads meanwhile."""
-        with self._lock:
-            for session, turns in reversed(list(self._live.values())):
-                if session.owner == owner and turns:
-                    if session.id in self._closing:
-                        self._closing.discard(session.id)  # the page that left is replaced by this one
-                    else:
-                        self._held[session.id] = self._held.get(session.id, 0) + 1
-                    return session
-        return None
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
@@ -204,12 +134,12 @@ class ChatHandlers:
                 yield self._reply(session)
             yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
 
-        yield from self._in_background(session, queued())
+        yield from self.live.start(session, queued())
 
     def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
         session = session or self.new_session(ui.get("index"))
-        yield from self._in_background(
+        yield from self.live.start(
             session, session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
         )
 
@@ -225,7 +155,7 @@ class ChatHandlers:
         drop what came after it, and answer again."""
         session = session or self.new_session(ui.get("index"))
         turn = session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
-        yield from self._in_background(session, turn)
+        yield from self.live.start(session, turn)
 
     def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
@@ -490,7 +420,7 @@ class ChatHandlers:
             owner = check_id(owner, "owner")
         except ValueError:
             owner = new_id()
-        running = self._take_up(owner)
+        running = self.live.take_up(owner)
         if running is not None:
             return running, {"owner": owner}
         for stored in self.store.list(owner):
@@ -539,10 +469,8 @@ class ChatHandlers:
         """Give the current conversation a title of its own (the sidebar shows it instead of its first words)."""
         session = session or self.new_session()
         title = " ".join((title or "").split())[:TITLE_CHARS]
-        if not title:
-            session.note("Type a name for the conversation first.", kind="error")
-        elif not session.chat.history or session.owner is None:
-            session.note("Send a message first: an empty conversation is not kept, so it cannot be named.", "error")
+        if not title or not session.chat.history or session.owner is None:
+            session.note("Type a name for a conversation that has a message (an empty one is not kept).", "error")
         else:
             self._titles[session.conversation] = title
             self.save(session)

@@ -77,3 +77,67 @@ class LiveTurn:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+
+class LiveTurns:
+    """The turns running on the server, by session (anything with an ``id`` and an ``owner``), and the pages that
+    show each session: a page that goes away mid-answer leaves its session to be closed when the turn ends, unless
+    another page (the same browser, reloaded) took it up meanwhile."""
+
+    def __init__(self, close: Callable[[Any], None]):
+        self._close = close  # deletes a session's files
+        self._lock = threading.Lock()
+        self._live: dict[str, tuple[Any, list[LiveTurn]]] = {}  # session id -> (session, its turns)
+        self._held: dict[str, int] = {}  # session id -> pages showing it besides the first
+        self._closing: set[str] = set()  # sessions whose page went away mid-answer
+
+    def start(self, session: Any, replies: Iterator[R]) -> Iterator[R]:
+        """Run ``replies`` on the server and show them while the calling page follows."""
+
+        def finished() -> None:
+            with self._lock:
+                runs = self._live.get(session.id, (session, []))[1]
+                runs[:] = [t for t in runs if not t.done]
+                if runs:
+                    return
+                self._live.pop(session.id, None)
+                closing = session.id in self._closing
+                self._closing.discard(session.id)
+            if closing:
+                self._close(session)
+
+        with self._lock:
+            turn = LiveTurn(replies, name=f"turn-{session.id[:8]}", on_done=finished)
+            self._live.setdefault(session.id, (session, []))[1].append(turn)
+        yield from turn.follow()
+
+    def follow(self, session: Any) -> Iterator[Any]:
+        """The replies of the session's running turns, from the latest one on."""
+        with self._lock:
+            turns = list(self._live.get(session.id, (session, []))[1])
+        for turn in turns:
+            yield from turn.follow(max(turn.seq - 1, 0))
+
+    def take_up(self, owner: str) -> Any | None:
+        """The session of ``owner`` whose turn runs, for a page that (re)loads meanwhile (None: there is none)."""
+        with self._lock:
+            for session, turns in reversed(list(self._live.values())):
+                if session.owner == owner and turns:
+                    if session.id in self._closing:
+                        self._closing.discard(session.id)  # the page that left is replaced by this one
+                    else:
+                        self._held[session.id] = self._held.get(session.id, 0) + 1
+                    return session
+        return None
+
+    def release(self, session: Any) -> None:
+        """A page showing ``session`` went away: close it, unless another page shows it or its turn runs (then it
+        is closed when the turn ends)."""
+        with self._lock:
+            if self._held.get(session.id):
+                self._held[session.id] -= 1
+                return
+            if session.id in self._live:
+                self._closing.add(session.id)
+                return
+        self._close(session)

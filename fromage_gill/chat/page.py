@@ -97,6 +97,8 @@ PAGE_CSS = """
 /* the chat's own trash icon deletes without asking: the Delete chat button asks first */
 #chatbot button[aria-label='Clear'] { display: none; }
 #buttons button { min-width: 0; }
+/* the download box shows once there is a file to download (empty, it took 250 px) */
+#export_file:not(:has(a)) { display: none; }
 /* the chat's own icons (copy all) get a row of their own above the messages, never on one */
 #chatbot .top-panel { position: static !important; display: flex; justify-content: flex-end; margin: 4px 8px 0 auto; }
 /* one toast at a time: the newest; the older ones would stack over the title */
