@@ -55,7 +55,8 @@ def client(server):
     return Client(server, verbose=False)
 
 
-IMAGE_MD = re.compile(r"!\[[^\]]*\]\(/gradio_api/file=([^)\s]+)\)")
+# an inline image, as a link to itself (a click opens it full size)
+IMAGE_MD = re.compile(r"\[!\[[^\]]*\]\(/gradio_api/file=([^)\s]+)\)\]\(/gradio_api/file=[^)\s]+\)")
 
 
 def texts(message: dict) -> str:
@@ -309,7 +310,7 @@ def test_export_json_loads_back_and_continues(server, client):
     assert settings_mode == "text"  # the settings come back too
     after = history(other)
     assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
-    assert "Loaded a conversation of 4 turns" in last_note(other) and len(chat) == 4
+    assert "Loaded a conversation of 2 exchanges" in last_note(other) and len(chat) == 4
     send(other, "and now?", mode="text", max_new_tokens=3)
     assert len(history(other)["turns"]) == 6
 

@@ -4,8 +4,8 @@ load, history), on plain values and without gradio.
 A handler takes the tab's session (None before its first action), what it acts on (a message ``{"text",
 "files"}``, a turn, a file) and the settings controls' values as keyword arguments (``ui``, keyed as in
 ``controls.SETTING_KEYS`` plus ``seed`` and ``index``). It returns or yields a ``Reply``; ``app.py`` wires each
-handler to its gradio event and turns the Reply into the components' values. Bad input never raises: it becomes
-an error note in the chat, and the conversation stays as it was.
+handler to its gradio event. Bad input never raises: it becomes an error note, and the conversation stays as it was.
+The model-using handlers run their turn on the server (live.py): a page that reloads or closes does not stop it.
 """
 
 from __future__ import annotations
@@ -25,20 +25,15 @@ from ..generate import Chat, GenerationSettings
 from ..generate.events import TurnEvents
 from ..pipeline import Pipeline
 from . import export
-from .controls import (
-    NO_INDEX,
-    control_values,
-    decoding_choices,
-    default_settings,
-    make_settings,
-    max_new_tokens_limit,
-)
+from .controls import NO_INDEX, control_values, make_settings, settings_panel
 from .gate import ModelGate
+from .live import LiveTurns
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
 from .session import ChatSession, Note, UserPart
 from .store import (
+    TITLE_CHARS,
     ConversationStore,
     StoredConversation,
     browser_secret,
@@ -80,13 +75,12 @@ class ChatHandlers:
     def __init__(self, pipeline: Pipeline, options: AppOptions | None = None):
         self.options = options or AppOptions()
         self.model_name = pipeline.config.name
-        self.defaults = default_settings(pipeline, self.options.defaults)
-        self.max_new_tokens = max_new_tokens_limit(pipeline, self.defaults)  # the control's range: what can fit
-        self.defaults["max_new_tokens"] = min(self.defaults["max_new_tokens"], self.max_new_tokens)
-        self.decodings = decoding_choices(pipeline)  # only those that can run here
         indexes = dict(self.options.indexes) if self.options.indexes else {}
         if not indexes and pipeline.index is not None:
             indexes = {"default": pipeline.index}
+        panel = settings_panel(pipeline, self.options.defaults, indexes)  # the settings controls (controls.py)
+        self.defaults, self.max_new_tokens, self.decodings = panel.defaults, panel.max_new_tokens, panel.decodings
+        self.settings_table = panel.table
         self.index_names = list(indexes)
         # One Pipeline view per index (sharing the model): a session's Chat retrieves from the view it holds.
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
@@ -98,6 +92,8 @@ class ChatHandlers:
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
         self.browser_secret = browser_secret(self.options.cache_dir)
+        self.live = LiveTurns(self._close)  # turns run on the server, not in the page that sent them
+        self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
@@ -119,26 +115,34 @@ class ChatHandlers:
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
-        """The tab is gone (or starts another conversation): stop its turn, delete its images and exports."""
+        """The tab is gone or changes conversation: its files go, once its turn (if one runs) ends (live.py)."""
         if session is not None:
-            session.stop()
-            session.close()
-            shutil.rmtree(self.export_root / session.id, ignore_errors=True)
+            self.live.release(session)
+
+    def _close(self, session: ChatSession) -> None:
+        session.close()
+        shutil.rmtree(self.export_root / session.id, ignore_errors=True)
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
     def send(self, session: ChatSession | None, message: dict[str, Any] | None, **ui: Any) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
-        if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
-            session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
-            yield self._reply(session)
-        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
+
+        def queued() -> Iterator[Reply]:
+            if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
+                session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
+                yield self._reply(session)
+            yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
+
+        yield from self.live.start(session, queued())
 
     def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+        yield from self.live.start(
+            session, session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+        )
 
     def edit(
         self,
@@ -151,7 +155,8 @@ class ChatHandlers:
         """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
         drop what came after it, and answer again."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+        turn = session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+        yield from self.live.start(session, turn)
 
     def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
@@ -312,7 +317,11 @@ class ChatHandlers:
         return self._reply(session)
 
     def clear(self, session: ChatSession | None) -> Reply:
-        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts."""
+        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts. The page
+        asks first (app.py)."""
+        if session is not None and session.running:
+            session.note("Still answering: press Stop first, then delete.", kind="error")
+            return self._reply(session)
         owner = session.owner if session is not None else None
         if session is not None and owner is not None:
             self.store.delete(owner, session.conversation)
@@ -381,7 +390,8 @@ class ChatHandlers:
         session.settings = settings
         session.conversation = new_id()  # a conversation of its own in the sidebar's list
         self.save(session)
-        session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
+        exchanges = sum(t.role == "user" for t in chat.history)
+        session.note(f"Loaded a conversation of {exchanges} exchanges from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
     def _settings_of(self, data: dict[str, Any]) -> GenerationSettings:
@@ -400,6 +410,8 @@ class ChatHandlers:
             return
         partial = "".join(s for s in session.live or [] if isinstance(s, str)) if running else ""
         record = session_record(session, model_name=self.model_name, running=running, partial=partial)
+        if session.conversation in self._titles:
+            record.update(title=self._titles[session.conversation], renamed=True)
         try:
             self.store.save(session.owner, session.conversation, record)
         except OSError as e:  # a full disk costs the restore after a restart, never the conversation itself
@@ -413,6 +425,9 @@ class ChatHandlers:
             owner = check_id(owner, "owner")
         except ValueError:
             owner = new_id()
+        running = self.live.take_up(owner)
+        if running is not None:
+            return running, {"owner": owner}
         for stored in self.store.list(owner):
             session = self._open(owner, stored.id)
             if session is not None:
@@ -455,6 +470,18 @@ class ChatHandlers:
         self.close_session(session)
         return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
 
+    def rename(self, session: ChatSession | None, title: str | None) -> Reply:
+        """Give the current conversation a title of its own (the sidebar shows it instead of its first words)."""
+        session = session or self.new_session()
+        title = " ".join((title or "").split())[:TITLE_CHARS]
+        if not title or not session.chat.history or session.owner is None:
+            session.note("Type a name for a conversation that has a message (an empty one is not kept).", "error")
+        else:
+            self._titles[session.conversation] = title
+            self.save(session)
+            session.note(f"Renamed to “{title}”.")
+        return self._reply(session)
+
     def _open(self, owner: str, conversation: str) -> ChatSession | None:
         """A session on a stored conversation; a turn cut short by a crash is shown as interrupted (and stored so)."""
         record = self.store.load(owner, conversation)
@@ -470,6 +497,8 @@ class ChatHandlers:
             session.close()
             return None
         session.conversation = conversation
+        if record.get("renamed") and isinstance(record.get("title"), str):
+            self._titles[conversation] = record["title"]
         if record.get("running"):
             self.save(session)  # stored as it is now shown: an interrupted answer, no turn running
         return session
