@@ -4,7 +4,7 @@ naming the field and the fix). Ground floor: the model config checks its preset'
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -110,14 +110,28 @@ class GenerationSettings:
         if self.decoding not in DECODINGS:
             raise bad("decoding", f"must be one of {', '.join(DECODINGS)}")
         if self.stop_strings is not None:
-            if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            stops = _nonempty_strings(self.stop_strings)
+            if stops is None:
                 raise bad("stop_strings", "must be None or a tuple of non-empty strings")
-            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+            object.__setattr__(self, "stop_strings", stops)
         if self.answer_style not in ("full", "published"):
             raise bad("answer_style", "must be 'full' (every word up to a stop) or 'published' (the authors' cut)")
         if self.history_layout not in ("exact", "published"):
             raise bad("history_layout", "must be 'exact' (the tokens generated) or 'published' (re-tokenized text)")
-        if self.decoding_options is not None and (
-            not isinstance(self.decoding_options, Mapping) or not all(isinstance(k, str) for k in self.decoding_options)
-        ):
+        if self.decoding_options is not None and not _is_options(self.decoding_options):
             raise bad("decoding_options", "must be None or a mapping of option names to values, e.g. {'k': 5}")
+
+
+# The checks take ``object``: a preset's JSON, the app or a caller may hand a field anything, whatever its annotation.
+
+
+def _nonempty_strings(value: object) -> tuple[str, ...] | None:
+    """``value`` as a tuple of non-empty strings, or None when it is not one (a lone str is not)."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return None
+    items = tuple(value)
+    return items if all(isinstance(s, str) and s for s in items) else None
+
+
+def _is_options(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)

@@ -93,3 +93,10 @@ def wait_idle(page):
         " && !document.querySelector('#stop.generating')"
     )
     page.wait_for_timeout(300)
+
+
+def delete_chat(page):
+    """The Delete chat button, then the confirmation it asks for; until the chat is empty."""
+    page.locator("#clear").click()
+    page.locator("#confirm_delete").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 0")

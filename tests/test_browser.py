@@ -25,6 +25,7 @@ from browser_helpers import (  # noqa: E402 (after the skips)
     answers_text,
     bot_messages,
     chat_text,
+    delete_chat,
     free_port,
     open_page,
     send,
@@ -128,8 +129,10 @@ def download(page, button: str, into: Path) -> Path:
 
 def test_empty_page(page):
     assert page.locator("#chatbot").is_visible() and page.locator("#message textarea").is_visible()
-    for elem_id in ("stop", "regenerate", "undo", "clear", "settings", "export"):
+    for elem_id in ("regenerate", "undo", "clear", "settings", "export"):
         assert page.locator(f"#{elem_id}").is_visible(), elem_id
+    assert not page.locator("#stop").is_visible(), "Stop shows only while an answer runs"
+    assert page.locator("#export_file").is_hidden(), "no empty download box"
     assert "tiny-gill" in page.locator("#header").inner_text()
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "empty.png"))
@@ -246,12 +249,11 @@ def test_export_html_and_json_then_load_back(page, tmp_path):
     data = json.loads(json_file.read_text())
     assert [t["role"] for t in data["turns"]] == ["user", "assistant"] * 2
 
-    page.locator("#clear").click()
-    page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 0")
+    delete_chat(page)
     with page.expect_file_chooser() as chooser:
         page.locator("#load_json").click()
     chooser.value.set_files(str(json_file))
-    page.get_by_text("Loaded a conversation of 4 turns").first.wait_for()
+    page.get_by_text("Loaded a conversation of 2 exchanges").first.wait_for()
     wait_idle(page)
     assert user_texts(page) == [QUESTION, "hello"]
     assert page.locator("#chatbot img").count() >= 3

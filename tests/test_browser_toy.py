@@ -84,8 +84,8 @@ def test_scene_is_held_out():
 
 def new_conversation(page):
     """The toy model answers the first request of a conversation best (its LM never saw an answer's image tokens
-    inside a dialogue; docs/toy.md), so each request starts a new one, as a user would with Clear."""
-    page.locator("#clear").click()
+    inside a dialogue; docs/toy.md), so each request starts a new one, as a user would with New chat."""
+    page.locator("#new_chat").click()
     page.wait_for_function("() => !document.querySelector('#chatbot .message-row')")
 
 

@@ -22,6 +22,7 @@ from fromage_gill.retrieve.index import ImageIndex
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "images"
 CAT = ASSETS / "chelsea.jpg"
 TEXT = dict(mode="text", max_new_tokens=4)
+FILE = "/gradio_api/file="
 IMAGES = dict(mode="retrieve", image_logit_bias=20.0, max_images=1, max_new_tokens=6)  # an image at once
 
 
@@ -71,11 +72,16 @@ def test_send_shows_the_message_and_streams_the_answer(h):
     assert cleared.count(True) == 1, "cleared once, when the model took the message"
     assert [r.running for r in replies] == [True] * (len(replies) - 1) + [False]
     assert [m["role"] for m in replies[-1].messages] == ["user", "user", "assistant"]  # image, text, answer
-    image = re.fullmatch(r"!\[image\]\(/gradio_api/file=(.+\.png)\)", shown_text(replies[-1], 0))
-    assert image and Path(image[1]).parent == session.image_dir and shown_text(replies[-1], 1) == "look"
+    # an image is a link to itself: a click opens it full size
+    image = re.fullmatch(r"\[!\[image\]\((/gradio_api/file=.+\.png)\)\]\(\1\)", shown_text(replies[-1], 0))
+    assert (
+        image and Path(image[1].removeprefix(FILE)).parent == session.image_dir and shown_text(replies[-1], 1) == "look"
+    )
     answer = shown_text(replies[-1])  # one message: text, the image inline, its label under it
     found = re.search(
-        r"!\[Retrieved \(score -?[0-9.]+\)[^\]]*\]\(/gradio_api/file=(\S+\.png)\)\n\n\*\*Retrieved\*\*", answer
+        r"!\[Retrieved \(score -?[0-9.]+\)[^\]]*\]\(/gradio_api/file=(\S+\.png)\)\]\(\S+\)\n\n"
+        r'<span class="image-label">\*\*Retrieved\*\*',
+        answer,
     )
     assert found and Path(found[1]).is_file() and Path(found[1]).parent == session.image_dir
     summary = h.history(session)
@@ -198,8 +204,11 @@ def test_busy_message_says_how_many_are_ahead(h, monkeypatch):
     withdrawn = last(waiting)
     assert [n.text for n in withdrawn.notes] == ["Stopped before the model started; nothing was sent."]
     assert b.chat.history == []
-    first.close()
-    assert h.gate.busy == 0
+    first.close()  # the page that sent it went away: the answer goes on, on the server
+    assert a.running
+    h.stop(a)
+    list(h.live.follow(a))  # until it ends
+    assert h.gate.busy == 0 and not a.running
 
 
 def test_sessions_are_isolated(h):
@@ -264,7 +273,7 @@ def test_export_json_loads_back_with_its_settings(h):
     after = h.history(reply.session)
     assert after["turns"] == before["turns"] and after["seeds"] == before["seeds"]
     assert reply.controls["mode"] == "text" and reply.controls["seed"] == "5" and "index" not in reply.controls
-    assert [n.text for n in reply.notes] == ["Loaded a conversation of 4 turns from conversation.json."]
+    assert [n.text for n in reply.notes] == ["Loaded a conversation of 2 exchanges from conversation.json."]
     last(h.send(reply.session, {"text": "and now?", "files": []}, **TEXT))
     assert len(reply.session.chat.history) == 6
 

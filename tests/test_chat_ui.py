@@ -3,6 +3,7 @@ all of fromage_gill.chat imports and runs without gradio."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from fromage_gill.chat.gate import ModelGate
 from fromage_gill.chat.labels import image_label
 from fromage_gill.chat.messages import MAX_IMAGES_PER_MESSAGE, build_message, edited_message
 from fromage_gill.chat.session import MIN_SHOWN_PX, ChatSession
+from fromage_gill.generate.prompt import Decision, ImageSegment
 from fromage_gill.images import ImageError
 
 
@@ -83,18 +85,15 @@ def test_edited_message(images):
 
 
 def test_image_label():
-    class Seg:
-        source, score, caption, url, decision, seed = "retrieved", 0.4567, "a *cat*", "https://x.org/c.jpg", None, None
-
-    assert image_label(Seg()) == r"**Retrieved** (score 0.457) · a \*cat\* · [source](https://x.org/c.jpg)"
-    Seg.url = "../../images/cat.jpg"  # a local path is not a link
-    assert "[source]" not in image_label(Seg())
-    Seg.source, Seg.seed, Seg.decision = "generated", 12, (0.7, 0.3)
-    assert image_label(Seg()) == (
+    seg = ImageSegment(Image.new("RGB", (4, 4)), "retrieved", 0.4567, "a *cat*", "https://x.org/c.jpg")
+    assert image_label(seg) == r"**Retrieved** (score 0.457) · a \*cat\* · [source](https://x.org/c.jpg)"
+    seg = dataclasses.replace(seg, url="../../images/cat.jpg")  # a local path is not a link
+    assert "[source]" not in image_label(seg)
+    seg = dataclasses.replace(seg, source="generated", seed=12, decision=Decision(0.7, 0.3))
+    assert image_label(seg) == (
         "**Generated** (seed 12)  \n<small>decision: p(generate) = 0.70, p(retrieve) = 0.30</small>"
     )
-    Seg.source = "user"
-    assert image_label(Seg()) == ""
+    assert image_label(dataclasses.replace(seg, source="user")) == ""
 
 
 @pytest.mark.parametrize(

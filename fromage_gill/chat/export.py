@@ -53,7 +53,7 @@ def read_export(source: str | Path | bytes) -> dict[str, Any]:  # JSON
         data = read_history_json(source, max_bytes=MAX_EXPORT_BYTES)
     except ValueError as e:  # its messages name the limit crossed and say to load a file saved with 'Export JSON'
         raise ChatExportError(str(e)) from None
-    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+    if data.get("format") != EXPORT_FORMAT:
         raise ChatExportError(
             f'the file is not a fromage_gill chat export (its "format" must be '
             f"{EXPORT_FORMAT!r}); load a file saved with 'Export JSON'"

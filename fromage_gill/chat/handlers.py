@@ -4,8 +4,8 @@ load, history), on plain values and without gradio.
 A handler takes the tab's session (None before its first action), what it acts on (a message ``{"text",
 "files"}``, a turn, a file) and the settings controls' values as keyword arguments (``ui``, keyed as in
 ``controls.SETTING_KEYS`` plus ``seed`` and ``index``). It returns or yields a ``Reply``; ``app.py`` wires each
-handler to its gradio event and turns the Reply into the components' values. Bad input never raises: it becomes
-an error note in the chat, and the conversation stays as it was.
+handler to its gradio event. Bad input never raises: it becomes an error note, and the conversation stays as it was.
+The model-using handlers run their turn on the server (live.py): a page that reloads or closes does not stop it.
 """
 
 from __future__ import annotations
@@ -19,30 +19,23 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..generate import Chat, GenerationSettings
 from ..generate.events import TurnEvents
-from ..generate.prompt import ImageSegment
 from ..pipeline import Pipeline
 from . import export
-from .controls import (
-    NO_INDEX,
-    control_values,
-    decoding_choices,
-    default_settings,
-    make_settings,
-    max_new_tokens_limit,
-)
+from .controls import NO_INDEX, control_values, make_settings, settings_panel
 from .gate import ModelGate
 from .kept import KeptConversations
+from .live import LiveTurns
 from .messages import build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
-from .session import ChatSession, Note
+from .session import ChatSession, Note, UserPart
 from .store import StoreError, new_id
 
 logger = logging.getLogger(__name__)
@@ -77,13 +70,12 @@ class ChatHandlers(KeptConversations):
     def __init__(self, pipeline: Pipeline, options: AppOptions | None = None):
         self.options = options or AppOptions()
         self.model_name = pipeline.config.name
-        self.defaults = default_settings(pipeline, self.options.defaults)
-        self.max_new_tokens = max_new_tokens_limit(pipeline, self.defaults)  # the control's range: what can fit
-        self.defaults["max_new_tokens"] = min(self.defaults["max_new_tokens"], self.max_new_tokens)
-        self.decodings = decoding_choices(pipeline)  # only those that can run here
         indexes = dict(self.options.indexes) if self.options.indexes else {}
         if not indexes and pipeline.index is not None:
             indexes = {"default": pipeline.index}
+        panel = settings_panel(pipeline, self.options.defaults, indexes)  # the settings controls (controls.py)
+        self.defaults, self.max_new_tokens, self.decodings = panel.defaults, panel.max_new_tokens, panel.decodings
+        self.settings_table = panel.table
         self.index_names = list(indexes)
         # One Pipeline view per index (sharing the model): a session's Chat retrieves from the view it holds.
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
@@ -98,6 +90,8 @@ class ChatHandlers(KeptConversations):
         self.export_root = scratch / "exports"  # one folder per session, removed with it
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.open_store()
+        self.live = LiveTurns(self._close)  # turns run on the server, not in the page that sent them
+        self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
@@ -119,26 +113,34 @@ class ChatHandlers(KeptConversations):
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
-        """The tab is gone (or starts another conversation): stop its turn, delete its images and exports."""
+        """The tab is gone or changes conversation: its files go, once its turn (if one runs) ends (live.py)."""
         if session is not None:
-            session.stop()
-            session.close()
-            shutil.rmtree(self.export_root / session.id, ignore_errors=True)
+            self.live.release(session)
+
+    def _close(self, session: ChatSession) -> None:
+        session.close()
+        shutil.rmtree(self.export_root / session.id, ignore_errors=True)
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
-    def send(self, session: ChatSession | None, message: dict | None, **ui: Any) -> Iterator[Reply]:
+    def send(self, session: ChatSession | None, message: dict[str, Any] | None, **ui: Any) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
-        if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
-            session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
-            yield self._reply(session)
-        yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
+
+        def queued() -> Iterator[Reply]:
+            if session.running:  # typed while an answer runs: sent when it ends, and kept in the box until then
+                session.note("Queued: your message is sent when this answer ends (it stays in the box until then).")
+                yield self._reply(session)
+            yield from session.exclusive(lambda: self._send(session, message, ui), self._refused(session), wait=True)
+
+        yield from self.live.start(session, queued())
 
     def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+        yield from self.live.start(
+            session, session.exclusive(lambda: self._regenerate(session, ui), self._refused(session))
+        )
 
     def edit(
         self,
@@ -151,7 +153,8 @@ class ChatHandlers(KeptConversations):
         """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
         drop what came after it, and answer again."""
         session = session or self.new_session(ui.get("index"))
-        yield from session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+        turn = session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
+        yield from self.live.start(session, turn)
 
     def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
@@ -166,7 +169,7 @@ class ChatHandlers(KeptConversations):
         turn, part = where
         yield from self.edit(session, turn, text_of(value), part, **ui)
 
-    def _send(self, session: ChatSession, message: dict | None, ui: dict) -> Iterator[Reply]:
+    def _send(self, session: ChatSession, message: dict[str, Any] | None, ui: dict[str, Any]) -> Iterator[Reply]:
         message = message or {}
         try:
             self.use_index(session, ui.get("index"))
@@ -181,7 +184,7 @@ class ChatHandlers(KeptConversations):
         session.settings = settings
         yield from self._run_turn(session, lambda: session.chat.send(segments, settings), segments)
 
-    def _regenerate(self, session: ChatSession, ui: dict) -> Iterator[Reply]:
+    def _regenerate(self, session: ChatSession, ui: dict[str, Any]) -> Iterator[Reply]:
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
             yield self._reply(session)
@@ -198,7 +201,7 @@ class ChatHandlers(KeptConversations):
         yield from self._run_turn(session, lambda: session.chat.regenerate(settings), None)
 
     def _edit(
-        self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict
+        self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict[str, Any]
     ) -> Iterator[Reply]:
         history = session.chat.history
         try:
@@ -231,7 +234,7 @@ class ChatHandlers(KeptConversations):
         self,
         session: ChatSession,
         start: Callable[[], TurnEvents],
-        pending_user: list[str | ImageSegment] | None,
+        pending_user: Sequence[UserPart] | None,
         shown_turns: int | None = None,
     ) -> Iterator[Reply]:
         """Wait for the model (showing the queue position), stream the turn, and fold errors into the chat."""
@@ -328,7 +331,11 @@ class ChatHandlers(KeptConversations):
         return self._reply(session)
 
     def clear(self, session: ChatSession | None) -> Reply:
-        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts."""
+        """Empty the chat: the conversation is deleted (from the sidebar's list too); a new one starts. The page
+        asks first (app.py)."""
+        if session is not None and session.running:
+            session.note("Still answering: press Stop first, then delete.", kind="error")
+            return self._reply(session)
         owner = session.owner if session is not None else None
         if session is not None and owner is not None:
             try:
@@ -391,7 +398,7 @@ class ChatHandlers(KeptConversations):
             if not path:
                 raise export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
             data = export.read_export(path)
-            chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            chat = Chat.from_dict(session.chat.pipeline, data)  # the view of the session's index
             settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
@@ -401,7 +408,8 @@ class ChatHandlers(KeptConversations):
         session.settings = settings
         session.conversation = new_id()  # a conversation of its own in the sidebar's list
         self.save(session)
-        session.note(f"Loaded a conversation of {len(chat.history)} turns from {Path(str(path)).name}.")
+        exchanges = sum(t.role == "user" for t in chat.history)
+        session.note(f"Loaded a conversation of {exchanges} exchanges from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
     def _settings_of(self, data: dict[str, Any]) -> GenerationSettings:

@@ -15,8 +15,9 @@ from typing import Any
 
 from ..generate import Chat
 from .controls import control_values
+from .live import LiveTurns
 from .owner import OwnerTokens
-from .records import record_chat, session_record
+from .records import TITLE_CHARS, record_chat, session_record
 from .session import ChatSession
 from .store import (
     ID,
@@ -38,6 +39,8 @@ class KeptConversations:
     store: ConversationStore
     owners: OwnerTokens
     browser_key: str
+    live: LiveTurns
+    _titles: dict[str, str]  # conversation id -> the title its owner gave it
     # provided by ChatHandlers
     options: Any
     model_name: str
@@ -79,6 +82,8 @@ class KeptConversations:
                 return None
             partial = "".join(s for s in session.live or [] if isinstance(s, str)) if running else ""
             record = session_record(session, model_name=self.model_name, running=running, partial=partial)
+            if session.conversation in self._titles:
+                record.update(title=self._titles[session.conversation], renamed=True)
             self.store.save(session.owner, session.conversation, record)
         except StoreError as e:
             logger.warning("conversation %s not stored: %s", session.conversation, e)
@@ -107,6 +112,9 @@ class KeptConversations:
                     "altered), so its earlier conversations cannot be shown here; they are not deleted"
                 )
         kept = {"owner": self.owners.token(owner)}
+        running = self.live.take_up(owner)  # a turn still running on the server: the page follows it
+        if running is not None:
+            return running, kept
         session = None
         try:
             listing = self.store.scan(owner)
@@ -174,6 +182,18 @@ class KeptConversations:
         self.close_session(session)
         return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
 
+    def rename(self, session: ChatSession | None, title: str | None) -> Any:
+        """Give the current conversation a title of its own (the sidebar shows it instead of its first words)."""
+        session = session or self.new_session()
+        title = " ".join((title or "").split())[:TITLE_CHARS]
+        if not title or not session.chat.history or session.owner is None:
+            session.note("Type a name for a conversation that has a message (an empty one is not kept).", "error")
+        else:
+            self._titles[session.conversation] = title
+            if self.save(session):
+                session.note(f"Renamed to “{title}”.")
+        return self._reply(session)
+
     def _open(self, owner: str, conversation: str) -> ChatSession | None:
         """A session on a stored conversation (None: there is none); a turn cut short by a crash is shown as
         interrupted (and stored so). ``UnreadableConversation`` says why a stored one cannot be shown."""
@@ -190,6 +210,8 @@ class KeptConversations:
             session.close()
             raise UnreadableConversation(str(e)) from None
         session.conversation = conversation
+        if record.get("renamed") and isinstance(record.get("title"), str):
+            self._titles[conversation] = record["title"]
         if record.get("running"):
             self._store(session)  # stored as it is now shown: an interrupted answer, no turn running
         return session

@@ -6,50 +6,47 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Any
+
+from PIL import Image
+
+from ..generate.prompt import ImageSegment
 
 
-def image_label(seg: Any) -> str:
+def image_label(seg: ImageSegment | Image.Image) -> str:
     """The markdown line under an image in the answer: where it came from, and the detail line ("" for the user's
-    own images)."""
-    source = getattr(seg, "source", None)
-    if source == "retrieved":
-        score = getattr(seg, "score", None)
-        head = "**Retrieved**" + (f" (score {score:.3f})" if score is not None else "")
-        caption = getattr(seg, "caption", None)
-        url = getattr(seg, "url", None)
-        if caption:
-            head += f" · {_md_escape(caption)}"
-        if url and url.startswith(("http://", "https://")):
-            head += f" · [source]({url})"
-    elif source == "generated":
-        seed = getattr(seg, "seed", None)
-        head = "**Generated**" + (f" (seed {seed})" if seed is not None else "")
+    own images, kept or as sent)."""
+    if not isinstance(seg, ImageSegment):
+        return ""
+    if seg.source == "retrieved":
+        head = "**Retrieved**" + (f" (score {seg.score:.3f})" if seg.score is not None else "")
+        if seg.caption:
+            head += f" · {_md_escape(seg.caption)}"
+        if seg.url and seg.url.startswith(("http://", "https://")):
+            head += f" · [source]({seg.url})"
+    elif seg.source == "generated":
+        head = "**Generated**" + (f" (seed {seg.seed})" if seg.seed is not None else "")
     else:
         return ""
-    decision = getattr(seg, "decision", None)
-    if decision is not None:
-        p_gen, p_ret = decision
+    if seg.decision is not None:
+        p_gen, p_ret = seg.decision
         head += f"  \n<small>decision: p(generate) = {p_gen:.2f}, p(retrieve) = {p_ret:.2f}</small>"
     return head
 
 
-def html_label(seg: Any) -> str:
+def html_label(seg: ImageSegment) -> str:
     """``image_label`` as HTML, for the exported page (a figure's caption)."""
-    source = getattr(seg, "source", None)
-    if source == "retrieved":
-        score = getattr(seg, "score", None)
-        text = "<b>Retrieved</b>" + (f" (score {score:.3f})" if score is not None else "")
-        if getattr(seg, "caption", None):
+    if seg.source == "retrieved":
+        text = "<b>Retrieved</b>" + (f" (score {seg.score:.3f})" if seg.score is not None else "")
+        if seg.caption:
             text += f" · {html.escape(seg.caption)}"
-        if (getattr(seg, "url", None) or "").startswith(("http://", "https://")):
-            text += f' · <a href="{html.escape(seg.url, quote=True)}">source</a>'
+        if (seg.url or "").startswith(("http://", "https://")):
+            text += f' · <a href="{html.escape(seg.url or "", quote=True)}">source</a>'
     else:
-        seed = getattr(seg, "seed", None)
-        text = "<b>Generated</b>" + (f" (seed {seed})" if seed is not None else "")
-    decision = getattr(seg, "decision", None)
-    if decision is not None:
-        text += f"<br>decision: p(generate) = {decision[0]:.2f}, p(retrieve) = {decision[1]:.2f}"
+        text = "<b>Generated</b>" + (f" (seed {seg.seed})" if seg.seed is not None else "")
+    if seg.decision is not None:
+        text += (
+            f"<br>decision: p(generate) = {seg.decision.p_generate:.2f}, p(retrieve) = {seg.decision.p_retrieve:.2f}"
+        )
     return text
 
 

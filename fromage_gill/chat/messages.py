@@ -7,6 +7,7 @@ of markdown strings and ``{"path": file, "alt_text": ...}`` image entries.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,18 @@ END_MARKS = {
 
 
 def image_markdown(url: str, alt: str) -> str:
-    """An inline image in a chat message; the alt text cannot break out of its brackets."""
-    alt = alt.replace("\\", "").replace("[", "(").replace("]", ")").replace("\n", " ")
-    return f"![{alt}]({url.replace(' ', '%20').replace(')', '%29')})"
+    """An inline image in a chat message, a link to itself (a click opens it full size, to save from there); the alt
+    text cannot break out of its brackets."""
+    alt = html.escape(alt.replace("\\", "").replace("[", "(").replace("]", ")").replace("\n", " "), quote=False)
+    url = url.replace(" ", "%20").replace(")", "%29")
+    return f"[![{alt}]({url})]({url})"
+
+
+def safe_markdown(text: str) -> str:
+    """Text of the conversation (typed, generated, stored or imported) as markdown that cannot add to the page: its
+    HTML is escaped (shown as typed, never a live form or script) and its images are shown as typed text, so that
+    the chat shows only the app's own images and the browser fetches nothing from another host."""
+    return html.escape(text, quote=False).replace("![", "!\\[")
 
 
 def _markdown(session: ChatSession, segments: Sequence[Any]) -> str:
@@ -159,7 +169,7 @@ def _markdown(session: ChatSession, segments: Sequence[Any]) -> str:
     for seg in segments:
         if isinstance(seg, str):
             if seg:
-                parts.append(seg)
+                parts.append(safe_markdown(seg))
         elif seg is PENDING:
             parts.append(session.progress_text())
         else:
@@ -168,6 +178,6 @@ def _markdown(session: ChatSession, segments: Sequence[Any]) -> str:
                 continue
             label = image_label(seg)
             parts.append(image_markdown(session.image_url(img), plain_text(label) or "image"))
-            if label:
-                parts.append(label)
+            if label:  # the app's own markup; its caption is escaped by image_label
+                parts.append(f'<span class="image-label">{label}</span>')
     return "\n\n".join(parts)

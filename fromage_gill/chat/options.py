@@ -64,6 +64,21 @@ class AppOptions:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
 
+def loading_line(model: str) -> str:
+    """The line printed while the model loads: the first start of a published model downloads its weights; the
+    toy and tiny presets ship theirs (or need none), and a folder is already here."""
+    local = model.startswith(("toy-", "tiny-")) or Path(model).is_dir()
+    return f"loading {model} (progress below" + (")" if local else "; the first start downloads the weights)")
+
+
+def offline_hint(model: str) -> str:
+    """What to do when the model's weights are neither here nor reachable."""
+    return (
+        f"the {model!r} weights are not on this machine and the Hugging Face Hub is unreachable; for the offline "
+        "demo run: python app.py --model toy-gill  (details: add -v)"
+    )
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The app's flags (shared by ``python app.py`` and ``fromage-gill serve``)."""
     add_model_args(p, default=os.environ.get("FROMAGE_GILL_MODEL", DEFAULT_MODEL))

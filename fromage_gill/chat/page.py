@@ -3,6 +3,8 @@ messages under the message box."""
 
 from __future__ import annotations
 
+import datetime
+import time
 from typing import Any
 
 from ..paths import CHECKOUT_ROOT
@@ -66,3 +68,74 @@ def example_messages(pipeline: Pipeline | None = None) -> list[dict[str, Any]]:
         for text, names in wanted
         if all(n in photos for n in names)
     ]
+
+
+def conversation_label(title: str, updated: float, now: float | None = None) -> str:
+    """A line of the sidebar's list: the conversation's title and when it last changed ("5 min ago", "yesterday",
+    an ISO date after a week), so that twelve chats that start alike can be told apart."""
+    seconds = max(0.0, (time.time() if now is None else now) - updated)
+    if seconds < 60:
+        when = "just now"
+    elif seconds < 3600:
+        when = f"{int(seconds // 60)} min ago"
+    elif seconds < 86400:
+        when = f"{int(seconds // 3600)} h ago"
+    elif seconds < 2 * 86400:
+        when = "yesterday"
+    elif seconds < 7 * 86400:
+        when = f"{int(seconds // 86400)} days ago"
+    else:
+        when = datetime.date.fromtimestamp(updated).isoformat()
+    return f"{title} · {when}"
+
+
+PAGE_CSS = """
+#chatbot .message-row img { max-height: 240px; max-width: 100%; width: auto; object-fit: contain; cursor: zoom-in; }
+#chatbot .message figcaption, #chatbot small, #chatbot .image-label { opacity: .8; }
+/* an image you sent is not text to edit: only the text parts of your messages get an Edit button */
+#chatbot .message-row.user-row:has(img) + .message-buttons button[aria-label='Edit'] { display: none; }
+/* the chat's own trash icon deletes without asking: the Delete chat button asks first */
+#chatbot button[aria-label='Clear'] { display: none; }
+#buttons button { min-width: 0; }
+/* the download box shows once there is a file to download (empty, it took 250 px) */
+#export_file:not(:has(a)) { display: none; }
+/* the chat's own icons (copy all) get a row of their own above the messages, never on one */
+#chatbot .top-panel { position: static !important; display: flex; justify-content: flex-end; margin: 4px 8px 0 auto; }
+/* one toast at a time: the newest; the older ones would stack over the title */
+.toast-wrap > :not(:last-child) { display: none !important; }
+/* a phone (390 px wide): a shorter chat keeps the message box on screen; images fit the bubble */
+@media (max-width: 480px) {
+  #chatbot { height: 58vh !important; min-height: 300px !important; }
+  #chatbot .message-row img { max-height: 180px; }
+  #header h2 { font-size: 1.05rem; }
+}
+"""
+
+# Copy (one message) and copy all put the words in the clipboard, as they read: without the images' server paths,
+# their labels or markup. Gradio's own buttons copy the message's markdown source; this runs after them.
+PAGE_JS = """
+() => {
+  const words = (el) => {
+    const c = el.cloneNode(true);
+    c.querySelectorAll('img, .image-label, button, .message-buttons').forEach((e) => e.remove());
+    return c.innerText.replace(/\\n{3,}/g, '\\n\\n').trim();
+  };
+  document.addEventListener('click', (ev) => {
+    const button = ev.target.closest && ev.target.closest('#chatbot button');
+    const name = button ? (button.getAttribute('aria-label') || button.title || '').toLowerCase() : '';
+    if (!name.includes('copy')) return;
+    let text;
+    const rows = [...document.querySelectorAll('#chatbot .message-row')];
+    if (name.includes('all') || button.closest('.top-panel')) {
+      text = rows.map((r) => (r.classList.contains('user-row') ? 'You: ' : 'Answer: ') + words(r))
+                 .filter((t) => !/^(You|Answer): $/.test(t)).join('\\n\\n');
+    } else {
+      const row = rows.filter((r) => r.compareDocumentPosition(button) & Node.DOCUMENT_POSITION_FOLLOWING).pop()
+               || button.closest('.message-row');
+      if (!row) return;
+      text = words(row);
+    }
+    setTimeout(() => navigator.clipboard.writeText(text), 150);
+  }, true);
+}
+"""

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ class _Pending:
 
 
 PENDING = _Pending()  # in the live answer: an image the engine is still making
+UserPart = str | Image.Image | ImageSegment  # a message as sent (chat.messages.build_message) or as kept
 LivePart = str | ImageSegment | _Pending  # what the answer being streamed holds (ImageResult is an ImageSegment)
 
 
@@ -64,7 +65,7 @@ class ChatSession:
     notes: list[Note] = field(default_factory=list)  # not yet shown (Reply.notes drains them)
     log: list[str] = field(default_factory=list)  # every note's text, for the API's /history (the last 50)
     live: list[LivePart] | None = None  # the assistant turn being streamed
-    pending_user: list[str | ImageSegment] | None = None  # the user message of the turn being streamed
+    pending_user: list[UserPart] | None = None  # the user message of the turn being streamed
     progress: tuple[int, int] | None = None  # (step, total) of the image being generated
     image_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fromage_gill_chat_")))
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -107,14 +108,14 @@ class ChatSession:
         finally:
             self._one_turn.release()
 
-    def start_streaming(self, pending_user: list[str | ImageSegment] | None, shown_turns: int | None = None) -> None:
+    def start_streaming(self, pending_user: Sequence[UserPart] | None, shown_turns: int | None = None) -> None:
         """Show the first ``shown_turns`` turns of history (default: all), then ``pending_user`` (None: regenerating
         the last answer), then the live answer, until ``end_streaming``; the engine updates its history meanwhile."""
         n = len(self.chat.history) if shown_turns is None else shown_turns
         if shown_turns is None and pending_user is None and n and self.chat.history[-1].role == "assistant":
             n -= 1  # regenerate replaces the last answer
         self._shown_turns = n
-        self.pending_user = pending_user
+        self.pending_user = list(pending_user) if pending_user is not None else None
         self.live = []
 
     def end_streaming(self) -> None:
@@ -147,7 +148,7 @@ class ChatSession:
             self.image_dir.mkdir(parents=True, exist_ok=True)
             if max(img.size) < MIN_SHOWN_PX:  # a tiny model's 64-px image would be a speck in the chat
                 scale = MIN_SHOWN_PX // max(img.size) + 1
-                img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+                img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
             img.save(path)
         return str(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -11,13 +12,26 @@ from ..settings import GenerationSettings
 from .events import GenerationOutput, Notice
 from .limits import check_settings, context_length, image_positions, too_long
 from .loop import DecodeLoop, Row, fresh_seed
-from .prompt import ImageSegment, Prompt, Turn, VisionCache, dialogue_pieces, encode_pieces, normalize_message
+from .prompt import (
+    ImageSegment,
+    Piece,
+    Prompt,
+    TokenIds,
+    Turn,
+    VisionCache,
+    dialogue_pieces,
+    encode_pieces,
+    normalize_message,
+)
 from .stream import TextStream
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from ..pipeline import Pipeline
 
 
 def generate_batch(
-    pipeline,
-    prompts: Sequence[Sequence[str | Image.Image]],
+    pipeline: Pipeline,
+    prompts: Sequence[Sequence[str | Image.Image | ImageSegment | TokenIds]],
     settings: GenerationSettings | None = None,
     *,
     dialogue: bool = False,
@@ -25,8 +39,8 @@ def generate_batch(
     """Decode several prompts together (left padding, attention mask, per-row positions).
 
     ``prompts``: each a list of str and images in order, and ``TokenIds`` for exact token prompts (no template unless
-    ``dialogue``: then each prompt is one user turn of the model's dialogue template). Under greedy decoding each
-    output equals the unbatched one.
+    ``dialogue``: then each prompt is one user turn of the model's dialogue template, text and images). Under greedy
+    decoding each output equals the unbatched one.
     """
     settings = settings or GenerationSettings.for_model(pipeline.config)
     check_settings(pipeline, settings)
@@ -38,8 +52,13 @@ def generate_batch(
     rows: list[Row] = []
     budget = context_length(pipeline) - settings.max_new_tokens - image_positions(pipeline, settings)
     for i, p in enumerate(prompts):
-        segs = normalize_message(p, name=f"prompts[{i}]", allow_token_ids=True)
-        pieces = dialogue_pieces([Turn("user", segs)], cfg.dialogue, m.image_token_ids) if dialogue else segs
+        pieces: Sequence[Piece]
+        if dialogue:  # one user turn of the dialogue template: text and images (token ids are for exact prompts)
+            pieces = dialogue_pieces(
+                [Turn("user", normalize_message(p, name=f"prompts[{i}]"))], cfg.dialogue, m.image_token_ids
+            )
+        else:
+            pieces = normalize_message(p, name=f"prompts[{i}]", allow_token_ids=True)
         prompt = encode_pieces(pipeline.tokenizer, pieces, cfg.n_visual_tokens)
         if len(prompt) > budget:
             raise too_long(pipeline, settings, len(prompt), f"prompts[{i}]")
@@ -48,7 +67,7 @@ def generate_batch(
             Row(
                 exclude=set(),
                 stream=TextStream(pipeline.tokenizer, stops),
-                images=[s.image for s in segs if isinstance(s, ImageSegment)],
+                images=[s.image for s in prompt.images()],
             )
         )
     seed = settings.seed if settings.seed is not None else fresh_seed()

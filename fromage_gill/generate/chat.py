@@ -106,7 +106,8 @@ class Chat:
     def truncate(self, n_turns: int) -> None:
         """Keep the first ``n_turns`` turns (e.g. to edit a past user message and branch from there)."""
         self._close_active()
-        if not isinstance(n_turns, int) or not 0 <= n_turns <= len(self.history):
+        # callers may pass anything (the app hands on a number from the page): the check is for them
+        if not isinstance(n_turns, int) or not 0 <= n_turns <= len(self.history):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"n_turns must be an integer in [0, {len(self.history)}], got {n_turns!r}")
         del self.history[n_turns:]
         self._first = min(self._first, n_turns)
@@ -130,7 +131,7 @@ class Chat:
         return history_to_dict(self.history, model=self.pipeline.config.name)
 
     @classmethod
-    def from_dict(cls, pipeline: Pipeline, data: Mapping[str, Any]) -> Chat:
+    def from_dict(cls, pipeline: Pipeline, data: Mapping[str, Any]) -> Chat:  # JSON, checked
         """Rebuild a chat from ``to_dict`` output; raises ``ValueError`` saying what is wrong."""
         chat = cls(pipeline)
         chat.history = history_from_dict(data, model=pipeline.config.name, vocab_size=pipeline.model.vocab_size)
@@ -261,10 +262,11 @@ class Chat:
         """Crop the cache to the prefix it shares with ``prompt``; embed the rest ((1, T_new, d))."""
         n_common = prompt.common_prefix(self._cache_keys) if self._cache is not None else 0
         n_common = min(n_common, len(prompt) - 1)  # at least one position runs, for the next-token logits
-        if n_common == 0:
+        cache = self._cache
+        if n_common == 0 or cache is None:
             self._reset_cache()
-        elif self._cache.get_seq_length() > n_common:
-            self._cache.crop(n_common - self._cache.get_seq_length())
+        elif cache.get_seq_length() > n_common:
+            cache.crop(n_common - cache.get_seq_length())
         self._cache_keys = self._cache_keys[:n_common]
         return prompt.embed(self.pipeline.model, self.vision_cache, start=n_common)[None]
 

@@ -88,20 +88,22 @@ def engine_strategy(decoding: str) -> DecodingFactory:
     def factory(pipeline: Pipeline, settings: GenerationSettings, images_per_row: list[list[Image.Image]]) -> Choose:
         s = engine_settings(decoding, settings)
         model, tokenizer = pipeline.model, pipeline.tokenizer
-        guides: list[ClipLogitsFn | None] = [None] * len(images_per_row)
+        guides: list[ClipLogitsFn] = []  # per prompt row, when CLIP steers (beta > 0)
         if s.beta > 0:
             guide = attached_clip(pipeline)
-            for i, images in enumerate(images_per_row):
+            for images in images_per_row:
                 if not images:
                     raise ValueError(
                         "magic decoding (beta > 0) needs an image in the conversation to steer "
                         "towards; add one, or use decoding='contrastive' for text only"
                     )
-                guides[i] = guide.logits_fn(images)
+                guides.append(guide.logits_fn(images))
         history: dict[int, torch.Tensor] = {}  # prompt row -> (T, d) hidden states seen so far
 
         def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=True)  # image tokens add no words for CLIP
+            text = tokenizer.decode(ids, skip_special_tokens=True)  # image tokens add no words for CLIP
+            assert isinstance(text, str), "one sequence of ids decodes to one text"
+            return text
 
         @torch.no_grad()
         def choose(state: StepState) -> torch.Tensor:

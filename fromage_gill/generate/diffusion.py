@@ -23,7 +23,7 @@ from PIL import Image
 from ..config import ModelConfig
 
 if TYPE_CHECKING:  # types only: importing diffusers is slow
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,15 @@ class ImageGenerator:
         generator = torch.Generator("cpu").manual_seed(int(seed))
         stopped = False
 
-        def on_step_end(p: StableDiffusionPipeline, step: int, timestep: object, tensors: dict[str, torch.Tensor]):
+        def on_step_end(
+            p: StableDiffusionPipeline, step: int, timestep: object, tensors: dict[str, torch.Tensor]
+        ) -> dict[str, torch.Tensor]:
             nonlocal stopped
             if on_step is not None:
                 on_step(step + 1, num_inference_steps)
             if interrupt is not None and interrupt():
                 stopped = True
-                p._interrupt = True  # diffusers' documented way to end the denoising loop early
+                p._interrupt = True  # pyright: ignore[reportPrivateUsage]  # diffusers' documented way to end early
             return tensors
 
         with self._lock:
@@ -108,8 +110,9 @@ class ImageGenerator:
                 num_inference_steps=num_inference_steps,
                 generator=generator,
                 output_type="latent",
-                callback_on_step_end=on_step_end,
-            ).images
+                # diffusers annotates the callback without the pipeline argument it passes first
+                callback_on_step_end=on_step_end,  # pyright: ignore[reportArgumentType]
+            ).images  # pyright: ignore[reportAttributeAccessIssue]  # return_dict=True (default): an output object
             if stopped:
                 return GeneratedImages([], [], interrupted=True)
             # Decoding here rather than inside the pipeline lets us skip the safety checker without reloading.
@@ -117,8 +120,10 @@ class ImageGenerator:
             nsfw = [False] * n
             if self.safety_checker and pipe.safety_checker is not None:
                 image, flags = pipe.run_safety_checker(image, pe.device, pe.dtype)
-                nsfw = [bool(f) for f in flags]
-            images = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[not f for f in nsfw])
+                nsfw = [bool(f) for f in flags] if flags is not None else nsfw
+            images: list[Image.Image] = pipe.image_processor.postprocess(  # pyright: ignore[reportAssignmentType]
+                image, output_type="pil", do_denormalize=[not f for f in nsfw]
+            )  # output_type="pil": a list of PIL images
         if any(nsfw):
             logger.info("the safety checker blanked %d of %d generated image(s)", sum(nsfw), n)
         return GeneratedImages(images, nsfw)

@@ -76,7 +76,7 @@ def read_history_json(
     max_bytes: int = MAX_HISTORY_BYTES,
     max_depth: int = MAX_HISTORY_DEPTH,
     max_values: int = MAX_HISTORY_VALUES,
-) -> dict:
+) -> JSON:
     """Parse a saved chat's JSON text (a file's bytes), refusing with a ``ValueError`` what would cost more than
     it could hold: more than ``max_bytes``, containers nested deeper than ``max_depth`` (``json.loads`` would
     recurse until ``RecursionError``), more than ``max_values`` values (200 MB of ``[],`` is 66 million empty
@@ -120,7 +120,7 @@ def read_history_json(
     return data
 
 
-def history_from_dict(data: Mapping[str, Any], *, model: str, vocab_size: int) -> list[Turn]:
+def history_from_dict(data: object, *, model: str, vocab_size: int) -> list[Turn]:
     """The turns of ``history_to_dict`` output; raises ``ValueError`` saying what is wrong. Token ids are kept only
     when ``data`` was saved by ``model`` (another model's tokens mean nothing here: its answers are re-encoded).
     The structure, role order and image counts are checked before any image is decoded."""
@@ -180,7 +180,7 @@ def _old_seeds(seeds: object) -> dict[int, int | None]:
         ) from None
 
 
-def _check_turns(turns: list[Any]) -> None:
+def _check_turns(turns: list[Any]) -> None:  # JSON, checked here
     """Roles, segment types and image counts, as live input has them, before anything is decoded."""
     images = 0
     for i, t in enumerate(turns):
@@ -226,7 +226,7 @@ def _decision(value: object, where: str) -> Decision | None:
     return Decision(float(pair[0]), float(pair[1]))  # pyright: ignore[reportArgumentType]  # numbers: checked
 
 
-def _segment_from_dict(s: Mapping[str, Any], where: str) -> str | ImageSegment:
+def _segment_from_dict(s: Mapping[str, Any], where: str) -> str | ImageSegment:  # JSON (_check_turns'd)
     if s["type"] == "text":
         if not isinstance(s.get("text"), str):
             raise ValueError(f"{where}.text must be a string")

@@ -14,7 +14,7 @@ import secrets
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from PIL import Image
@@ -30,6 +30,7 @@ from .sampling import image_token_logits, sample
 from .stream import TextStream, published_cut
 
 if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from transformers import PreTrainedModel
     from transformers.cache_utils import Cache
 
     from ..model import LMOutput
@@ -84,12 +85,14 @@ class DecodeLoop:
         self.eos = tok.eos_token_id if settings.stop_at_eos else None
         self.pad = pad_token_id(tok)
         self.image_ids = list(self.m.image_token_ids)
+        lm = cast("PreTrainedModel", self.m.lm)  # GroundedLM.lm is a transformers causal LM
+        self._text_rows = cast(torch.nn.Embedding, lm.get_input_embeddings())  # the LM's own rows for text tokens
         can_ret, can_gen = image_paths(pipeline, settings)
         self.images_on = settings.mode != "text" and (can_ret or can_gen)
         self.resolver = ImageResolver(
             pipeline, settings, seed=seed, can_retrieve=can_ret, can_generate=can_gen, stop_event=self.stop_event
         )
-        self.style = "fromage" if pipeline.config.kind == "fromage" else "gill"
+        self.style: Literal["fromage", "gill"] = "fromage" if pipeline.config.kind == "fromage" else "gill"
         # The published answer cut: decoding ends at the first newline (leading ones skipped, as the reference
         # strips them), each text run is shown once it ends, cut after its first full stop (_end_text_run)
         self.published = settings.answer_style == "published"
@@ -114,15 +117,15 @@ class DecodeLoop:
         out = self.m.forward_lm(
             embeds, self.mask, position_ids=pos.clamp(min=0), past_key_values=self.cache, use_cache=True, logits="last"
         )
-        self.cache = out.past_key_values
+        self.cache = cast("Cache | None", out.past_key_values)  # the LM's transformers Cache, given or made
         self.n_pos[self.active] += new_mask.sum(1)
         self.n_cached += embeds.shape[1]
         return out
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if int(ids.max()) < self.m.n_base:  # the common case, text tokens only: the LM's own rows, no masking
-            emb = self.m.lm.get_input_embeddings()
-            return emb(ids.to(emb.weight.device)).to(device=self.m.device, dtype=self.m.dtype)
+            rows = self._text_rows
+            return rows(ids.to(rows.weight.device)).to(device=self.m.device, dtype=self.m.dtype)
         return self.m.embed_tokens(ids.to(self.m.device))
 
     def _drop_finished(self) -> list[int] | None:
@@ -162,13 +165,18 @@ class DecodeLoop:
             out, last_mask = self._feed(feeds)
             yield from self._resolve_images(out, feeds)
             keep = self._drop_finished()
-            if keep and len(keep) < out.logits.shape[0]:  # the next step reads the kept rows' logits
-                out = dataclasses.replace(out, logits=out.logits[keep], hidden=out.hidden[keep])
+            if keep and len(keep) < out.hidden.shape[0]:  # the next step reads the kept rows' logits
+                out = dataclasses.replace(out, logits=self._logits(out)[keep], hidden=out.hidden[keep])
                 last_mask = last_mask[keep]
+
+    @staticmethod
+    def _logits(out: LMOutput) -> torch.Tensor:
+        assert out.logits is not None, "the loop's forwards compute the last position's logits"
+        return out.logits
 
     def _rule_logits(self, out: LMOutput) -> torch.Tensor:
         """(B', V) next-token logits of the active rows after the image-token rules (images allowed per row)."""
-        logits = out.logits[:, -1].float()
+        logits = self._logits(out)[:, -1].float()
         allow = torch.tensor(
             [
                 self.images_on
@@ -253,6 +261,7 @@ class DecodeLoop:
             return sample(
                 logits, temperature=self.s.temperature, top_p=self.s.top_p, top_k=self.s.top_k, generator=self.generator
             )
+        assert self.cache is not None, "a strategy chooses after the prompt's forward, which made the cache"
         state = StepState(
             model=self.m,
             logits=logits,

@@ -168,7 +168,7 @@ def normalize_message(
 ) -> list[str | ImageSegment | TokenIds]: ...
 def normalize_message(
     message: object, *, name: str = "message", allow_token_ids: bool = False
-) -> list[str | ImageSegment | TokenIds]:
+) -> list[str | ImageSegment] | list[str | ImageSegment | TokenIds]:
     """A user message (a list of str and images, in order) as the parts of a turn: the one place a message's
     images are decoded.
 
@@ -353,8 +353,9 @@ def encode_pieces(
     """Tokenize text pieces (consecutive strings joined first; an ``Alone`` on its own) and put BOS before the
     first text."""
     parts: list[tuple[int, ...] | ImageSegment] = []
-    bos_id = tokenizer.bos_token_id if bos else None
-    need_bos = bos_id is not None
+    bos_id = tokenizer.bos_token_id  # transformers types it loosely: one id, or None for a tokenizer without BOS
+    bos_ids: tuple[int, ...] = (bos_id,) if bos and isinstance(bos_id, int) else ()
+    need_bos = bool(bos_ids)
     text: list[str] = []
 
     def flush() -> None:
@@ -365,7 +366,7 @@ def encode_pieces(
         text.clear()
         ids = tuple(tokenizer(s, add_special_tokens=False).input_ids) if s else ()
         if need_bos:
-            ids, need_bos = (bos_id, *ids), False
+            ids, need_bos = (*bos_ids, *ids), False
         if ids:
             parts.append(ids)
 
@@ -380,7 +381,7 @@ def encode_pieces(
         elif isinstance(piece, TokenIds):
             ids = piece.ids
             if need_bos:
-                ids, need_bos = (bos_id, *ids), False
+                ids, need_bos = (*bos_ids, *ids), False
             if ids:
                 parts.append(tuple(ids))
         else:

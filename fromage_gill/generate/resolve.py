@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..backbones import pad_token_id
-from ..layout import layout, retrieval_rows
+from ..layout import Piece, layout, retrieval_rows
 from ..settings import MAX_SEED, GenerationSettings
 from .diffusion import GeneratedImages, image_generator
 from .events import Event, ImageProgress, ImageResult, Notice
@@ -31,7 +31,9 @@ def image_token_states(pipeline: Pipeline, texts: Sequence[str]) -> torch.Tensor
     ``map_to_diffusion`` (generation) read."""
     m, tok = pipeline.model, pipeline.tokenizer
     ids = tok(list(texts), add_special_tokens=False).input_ids
-    rows, first = retrieval_rows(ids, bos_id=tok.bos_token_id, image_token_ids=m.image_token_ids)
+    bos_id = tok.bos_token_id if isinstance(tok.bos_token_id, int) else None  # transformers types it loosely
+    token_rows, first = retrieval_rows(ids, bos_id=bos_id, image_token_ids=m.image_token_ids)
+    rows: list[list[Piece]] = [list(row) for row in token_rows]  # token ids only: no image in a caption row
     lay = layout(rows, n_visual=m.config.n_visual_tokens, pad_id=pad_token_id(tok), ignore_ids=frozenset())
     hidden = m(lay.input_ids, lay.attention_mask, logits="none").hidden
     r = len(m.image_token_ids)

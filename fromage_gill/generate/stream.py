@@ -4,12 +4,16 @@ published code's answer cut (``truncate_caption``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TextStream:
     """Incremental detokenization of one run of text tokens, holding back text that may begin a stop string."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]):
         self.tok = tokenizer
         self.stops = tuple(stop_strings)
         self.ids: list[int] = []
@@ -19,7 +23,9 @@ class TextStream:
         self.skip_leading = ""  # characters at the start of the text where no stop string is looked for
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert isinstance(text, str), "one sequence of ids decodes to one text"
+        return text
 
     def add(self, token: int) -> None:
         # Decode a small window so that a multi-byte character split over tokens appears once it is complete.
