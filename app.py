@@ -68,8 +68,7 @@ def lay_out(h: ChatHandlers, pipeline) -> Page:
     page = Page()
     page.state = gr.State(None, time_to_live=h.options.session_ttl_s, delete_callback=h.close_session)
     page.settings_kept = gr.BrowserState({}, storage_key="fromage_gill_settings")
-    # The browser keeps only its owner token, signed by the server (chat/owner.py); its conversations are stored
-    # on the server (chat/store.py). BrowserState's key is public (gradio sends it in /config).
+    # The browser keeps only an owner token the server signed (chat/owner.py); BrowserState's key is public.
     page.browser = gr.BrowserState({"owner": None}, storage_key="fromage_gill_chat", secret=h.browser_key)
     with gr.Sidebar(open=True, elem_id="sidebar", label="Conversations"):
         page.new_chat = gr.Button("New chat", elem_id="new_chat", variant="primary", size="sm")
@@ -192,9 +191,8 @@ def wire_sidebar(h: ChatHandlers, page: Page, demo: gr.Blocks, changes: list[Any
 
     def restore(kept) -> Iterator[tuple]:
         session, kept = h.restore(kept)
-        for note in session.take_notes():  # what could not be restored, and why: shown until closed
-            (gr.Warning if note.kind == "error" else gr.Info)(note.text, duration=None)
-        now = Reply(session, h.view(session), running=session.streaming)
+        now = Reply(session, h.view(session), running=session.streaming, notes=session.take_notes())
+        toast(now, duration=None)  # what could not be restored, and why: shown until closed
         yield session, now.messages, kept, listed(session), *reply_values(now)[2:]
         for reply in h.live.follow(session):
             yield reply.session, reply.messages, gr.update(), gr.update(), *reply_values(reply)[2:]
@@ -239,10 +237,10 @@ def switched(reply: Reply, page: Page, *, listed: Callable[..., Any] | None = No
     return (*head, *[values.get(k, gr.update()) for k in page.controls])
 
 
-def toast(reply: Reply) -> None:
-    """A reply's notes as toasts that clear themselves: errors as warnings, the rest as information."""
+def toast(reply: Reply, duration: float | None = 8) -> None:
+    """A reply's notes as toasts (errors as warnings, the rest as information) that clear themselves by default."""
     for note in reply.notes:
-        (gr.Warning if note.kind == "error" else gr.Info)(note.text, duration=8)
+        (gr.Warning if note.kind == "error" else gr.Info)(note.text, duration=duration)
 
 
 def exported(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -287,9 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="app.py", description="Chat with a FROMAGe / GILL model in the browser.")
     startup.add_serve_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    parser.add_argument(
-        "--api", action="store_true", help="also serve the OpenAI-compatible API at /v1 (docs/serving.md)"
-    )
     args = parser.parse_args(space_argv(argv))  # on a Hugging Face Space: fetch the weights, use ZeroGPU
     return serve(args)
 
@@ -316,7 +311,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     print(f"fromage_gill: {args.model} loaded in {time.monotonic() - t0:.0f} s; starting the app", file=sys.stderr)
     demo = build_demo(pipeline, options)
-    api = gradio_app_kwargs(pipeline, options) if getattr(args, "api", False) else None  # docs/serving.md
+    api = gradio_app_kwargs(pipeline, options) if args.api else None  # the /v1 API beside it (docs/serving.md)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, app_kwargs=api, **launch_style())
     return 0
 

@@ -101,6 +101,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="port to listen on (default 7860)",
     )
     p.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
+    p.add_argument("--api", action="store_true", help="also serve the OpenAI-compatible API at /v1 (docs/serving.md)")
     p.add_argument(
         "--max-queue",
         type=int,
