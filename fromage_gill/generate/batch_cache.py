@@ -1,0 +1,75 @@
+"""``BatchCache``: the KV cache of a batch whose rows join and leave between decode steps.
+
+One ``DynamicCache`` of B rows over L columns and a ``(B, L)`` attention mask saying which columns each row attends
+to. A row that joins brings its own positions only; the shorter of it and the batch is left-padded (masked). A step
+that feeds several tokens to one row (the r image tokens) pads the others in the middle of their sequences, which
+the mask also hides. A row leaves with exactly its own positions (``row``), and columns no remaining row attends to
+are dropped, so the batch is never wider than its longest row plus the padding still in use.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .prefix_cache import KV
+
+
+class BatchCache:
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)  # where the LM's cache lives
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, L) long, on the CPU
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def add(self, kv: KV) -> None:
+        """Append a row: ``kv`` per layer (1, heads, n, head_dim), all n positions its own."""
+        n = kv[0][0].shape[2]
+        ones = torch.ones(1, n, dtype=torch.long)
+        if self.cache is None:
+            self.cache, self.mask = DynamicCache(ddp_cache_data=kv), ones
+            return
+        width = max(self.mask.shape[1], n)
+        for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
+            layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(k, width)])
+            layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(v, width)])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(ones, width)])
+
+    def row(self, j: int) -> KV:
+        """Row j's KV over the columns it attends to: (1, heads, its positions, head_dim) per layer (a copy)."""
+        cols = self.mask[j].bool().to(self.device)
+        return [(layer.keys[j : j + 1, :, cols], layer.values[j : j + 1, :, cols]) for layer in self.cache.layers]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep ``rows`` (in that order); drop the columns none of them attends to."""
+        if not rows:
+            self.cache = self.mask = None
+            return
+        mask = self.mask[rows]
+        cols = mask.any(0)
+        idx = torch.tensor(rows, device=self.device)
+        trim = not bool(cols.all())
+        lm_cols = cols.to(self.device)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            if trim:
+                layer.keys, layer.values = layer.keys[:, :, lm_cols], layer.values[:, :, lm_cols]
+        self.mask = mask[:, cols] if trim else mask
+
+    def extend(self, new_mask: torch.Tensor) -> torch.Tensor:
+        """The mask for a forward that feeds ``new_mask`` (B, T) more columns (the forward appends their KV)."""
+        self.mask = torch.cat([self.mask, new_mask.to(torch.long)], dim=1)
+        return self.mask
+
+
+def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x``, a (B, L) mask or (B, H, L, D) KV, zero-padded on the left of its position axis to ``width``."""
+    dim = 1 if x.dim() == 2 else 2
+    n = width - x.shape[dim]
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
