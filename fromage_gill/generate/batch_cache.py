@@ -24,18 +24,29 @@ class BatchCache:
     def __len__(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def add(self, kv: KV) -> None:
-        """Append a row: ``kv`` per layer (1, heads, n, head_dim), all n positions its own."""
-        n = kv[0][0].shape[2]
-        ones = torch.ones(1, n, dtype=torch.long)
-        if self.cache is None:
-            self.cache, self.mask = DynamicCache(ddp_cache_data=kv), ones
+    def add(self, kvs: list[KV]) -> None:
+        """Append rows: each ``kv`` per layer (1, heads, n, head_dim), all n positions its own. One copy of the
+        batch for all of them (every join pads the whole batch once)."""
+        if not kvs:
             return
-        width = max(self.mask.shape[1], n)
-        for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
-            layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(k, width)])
-            layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(v, width)])
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(ones, width)])
+        old = [] if self.cache is None else [(layer.keys, layer.values) for layer in self.cache.layers]
+        widths = [kv[0][0].shape[2] for kv in kvs]
+        width = max([*widths, 0 if self.mask is None else self.mask.shape[1]])
+        parts = ([old] if old else []) + kvs
+        layers = [
+            (
+                torch.cat([_pad_left(kv[i][0], width) for kv in parts]),
+                torch.cat([_pad_left(kv[i][1], width) for kv in parts]),
+            )
+            for i in range(len(kvs[0]))
+        ]
+        masks = ([self.mask] if self.mask is not None else []) + [torch.ones(1, n, dtype=torch.long) for n in widths]
+        self.mask = torch.cat([_pad_left(m, width) for m in masks])
+        if self.cache is None:
+            self.cache = DynamicCache(ddp_cache_data=layers)
+        else:
+            for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
+                layer.keys, layer.values = k, v
 
     def row(self, j: int) -> KV:
         """Row j's KV over the columns it attends to: (1, heads, its positions, head_dim) per layer (a copy)."""
@@ -46,6 +57,8 @@ class BatchCache:
         """Keep ``rows`` (in that order); drop the columns none of them attends to."""
         if not rows:
             self.cache = self.mask = None
+            return
+        if rows == list(range(len(self))):  # the common step: nobody left, nothing to copy
             return
         mask = self.mask[rows]
         cols = mask.any(0)

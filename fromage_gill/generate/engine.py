@@ -117,6 +117,7 @@ class Engine:
         self._closed = False
         # the batch: rows, their cache (B rows x L columns) and which columns each row attends to
         self._active: list[_Row] = []
+        self._joining: list[_Row] = []  # ready to join at the end of this iteration's admissions
         self._batch = BatchCache(self.m.lm_device)
         self._steps = self._tokens = self._largest = 0
         self._thread = None
@@ -251,13 +252,14 @@ class Engine:
                 self._rejoin(row)
             for row in new:
                 self._admit(row)
+            self._join_all()
             if self._active:
                 self._step()
         except Exception as e:  # the batch is lost (e.g. out of memory): its requests fail, the engine goes on
             logger.exception("decode step failed; failing the %d requests in the batch", len(self._active))
             for row in self._active:
                 row.emit(e)
-            self._active, self._batch = [], BatchCache(self.m.lm_device)
+            self._active, self._joining, self._batch = [], [], BatchCache(self.m.lm_device)
         return True
 
     def _admit(self, row: _Row) -> None:
@@ -313,9 +315,15 @@ class Engine:
             self._join(row)
 
     def _join(self, row: _Row) -> None:
-        kv, row.kv = row.kv, None
-        self._batch.add(kv)
-        self._active.append(row)
+        self._joining.append(row)
+
+    def _join_all(self) -> None:
+        """The rows admitted or rejoining this iteration enter the batch together (one copy of its cache)."""
+        rows, self._joining = self._joining, []
+        self._batch.add([row.kv for row in rows])
+        for row in rows:
+            row.kv = None
+        self._active += rows
         self._largest = max(self._largest, len(self._active))
 
     def _keep(self, keep: list[int]) -> None:
@@ -328,11 +336,12 @@ class Engine:
     def _step(self) -> None:
         self._steps += 1
         feeds: dict[int, list[int]] = {}
+        tokens = self._choose()
         for j, row in enumerate(self._active):
             if row.req.stop_event.is_set():
                 self._finish(row, "stopped", j)
                 continue
-            feed = self._advance(row, j)
+            feed = self._advance(row, j, tokens[j])
             if feed is not None:
                 feeds[j] = feed
         self._keep(list(feeds))
@@ -382,20 +391,45 @@ class Engine:
 
         row.image.add_done_callback(done)
 
-    def _advance(self, row: _Row, j: int) -> list[int] | None:
-        """Choose row j's next token from its logits; the tokens to feed next, or None when the row is done."""
-        s = row.s
-        allow = row.images_on and row.n_images < s.max_images and row.n_sampled >= s.min_word_tokens
-        logits = image_token_logits(
-            row.logits[None].float(),
-            self._image_ids,
-            allow_image=allow,
-            style=self._style,
-            ret_scale_factor=s.ret_scale_factor,
-            gen_scale_factor=s.gen_scale_factor,
-            bias=s.image_logit_bias,
+    def _choose(self) -> list[int]:
+        """Every row's next token. The image-token rules run once for the rows that share their factors (all, as a
+        rule) and greedy rows share one argmax: elementwise work, so each row's numbers are its solo run's; a
+        sampling row draws from its own generator."""
+        logits = torch.stack([row.logits for row in self._active]).float()  # (B, V)
+        groups: dict[tuple, list[int]] = {}
+        for j, row in enumerate(self._active):
+            s = row.s
+            groups.setdefault((s.ret_scale_factor, s.gen_scale_factor, s.image_logit_bias), []).append(j)
+        allow = torch.tensor(
+            [
+                row.images_on and row.n_images < row.s.max_images and row.n_sampled >= row.s.min_word_tokens
+                for row in self._active
+            ]
         )
-        tok = int(sample(logits, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=row.generator)[0])
+        for (ret, gen, bias), rows in groups.items():
+            idx = torch.tensor(rows)
+            logits[idx] = image_token_logits(
+                logits[idx],
+                self._image_ids,
+                allow_image=allow[idx],
+                style=self._style,
+                ret_scale_factor=ret,
+                gen_scale_factor=gen,
+                bias=bias,
+            )
+        tokens = logits.argmax(-1).tolist()
+        for j, row in enumerate(self._active):
+            s = row.s
+            if s.temperature > 0:
+                draw = sample(
+                    logits[j : j + 1], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=row.generator
+                )
+                tokens[j] = int(draw[0])
+        return tokens
+
+    def _advance(self, row: _Row, j: int, tok: int) -> list[int] | None:
+        """Row j takes its next token ``tok``; the tokens to feed next, or None when the row is done."""
+        s = row.s
         self._tokens += 1
         if s.stop_at_eos and tok == self.pipeline.tokenizer.eos_token_id:
             self._finish(row, "eos", j)
