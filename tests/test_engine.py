@@ -304,3 +304,13 @@ def test_the_engine_backend_streams_a_turn_in_the_protocol(gill):
         asyncio.run(collect(big))
     assert err.value.status == 429
     asyncio.run(backend.aclose())
+
+
+def test_an_engine_chat_turn_left_early_keeps_its_answer_so_far(gill):
+    s = GenerationSettings(max_new_tokens=300, mode="text", **TEXT)
+    with Engine(gill) as engine:
+        chat = EngineChat(engine)
+        events = chat.send(["hello"], s)
+        assert isinstance(next(events), TextDelta)
+        events.close()  # the consumer goes away: the engine stops the row at its next step
+        assert chat.last_result.reason == "stopped" and 1 <= len(chat.history[-1].tokens) < 300

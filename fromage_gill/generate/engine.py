@@ -293,16 +293,12 @@ class Engine:
     def _rejoin(self, row: _Row) -> None:
         """A parked row's image is resolved: deliver it, then the row ends or decodes on."""
         try:
-            events = row.image.result()
+            row.segments += row.image.result()  # its events were delivered as they came
         except Exception as e:
             row.emit(e)
             return
         finally:
             row.image = None
-        for event in events:
-            if isinstance(event, ImageResult):
-                row.segments.append(event)
-            row.emit(event)
         row.n_images += 1
         s = row.s
         if row.req.stop_event.is_set():
@@ -371,9 +367,7 @@ class Engine:
                 row.run_start = len(row.tokens)
                 row.kv = self._batch.row(j)
                 hidden = out.hidden[j, width - r :]  # (r, d) at [IMG0..r-1]
-                row.image = self._images.submit(
-                    _resolve, row.resolver, row.n_images, hidden, list(row.segments), row.exclude
-                )
+                row.image = self._images.submit(_resolve, row, hidden)
                 self._park(row)
             else:
                 keep.append(j)
@@ -490,5 +484,12 @@ class Engine:
 
 
 @torch.no_grad()  # grad mode is per thread: the worker's must be off too
-def _resolve(resolver: ImageResolver, *args) -> list[Event]:
-    return resolver.resolve(*args)
+def _resolve(row: _Row, hidden: torch.Tensor) -> list[ImageResult]:
+    """Resolve a parked row's image in a worker thread. Its events go to its request as they come (the row is out of
+    the batch: nothing else emits for it meanwhile); the images are returned, for the row's answer."""
+    images = []
+    for event in row.resolver.resolve(row.n_images, hidden, list(row.segments), row.exclude):
+        if isinstance(event, ImageResult):
+            images.append(event)
+        row.emit(event)
+    return images

@@ -42,7 +42,9 @@ class EngineChat(Chat):
         removed = self.history.pop() if drop_last else None
         if add is not None:
             self.history.append(add)
-        self._stop.clear()
+        stop = self._stop_flag()
+        if not hasattr(self, "stop_requested"):  # Chat clears its stop flag as a turn runs (later: as it starts)
+            stop.clear()
         old_first, request, recorded = self._first, None, False
 
         def rollback() -> None:
@@ -70,7 +72,7 @@ class EngineChat(Chat):
                 settings,
                 exclude=exclude,
                 stop_strings=self.dialogue.stop_strings,
-                stop_event=self._stop,
+                stop_event=stop,
                 pipeline=self.pipeline,
             )
             self._first = first
@@ -95,6 +97,10 @@ class EngineChat(Chat):
                 self.history.pop()
             rollback()
             raise
+
+    def _stop_flag(self):
+        """The Chat's stop flag, which ``stop()`` sets (``_stop``; ``stop_requested`` once the seams refactor lands)."""
+        return getattr(self, "stop_requested", None) or self._stop
 
     def _record(self, request: EngineRequest) -> None:
         result = request.result
