@@ -4,8 +4,9 @@
     python benchmarks/bench_engine.py --model tiny-gill --clients 1 4 8 16 --tokens 32 --repeats 3
 
 Each client sends its own question (text mode, greedy, no stop) and reads its events as they stream; the figure is
-completion tokens of all clients / wall time from the first submit to the last TurnEnd. Also a follow-up turn's
-prefill with and without the prefix cache. Prints one JSON line per measurement and the ratio to one client.
+completion tokens of all clients / wall time from the first submit to the last TurnEnd. Then one conversation of
+``--turns`` turns through ``EngineChat`` (the prefix cache serving its history): each turn's prefilled positions and
+time to its first text. Prints one JSON line per measurement and the ratios.
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ def run_clients(engine, pipeline, n: int, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(counts)
 
 
+def conversation(engine, turns: int, tokens: int) -> list[dict]:
+    """One conversation of ``turns`` turns: per turn, prompt positions, positions prefilled, first-text seconds."""
+    from fromage_gill.generate import GenerationSettings, TextDelta
+    from fromage_gill.generate.engine_chat import EngineChat
+
+    s = GenerationSettings(max_new_tokens=tokens, mode="text", stop_at_eos=False, stop_strings=())
+    chat, out = EngineChat(engine), []
+    for t in range(turns):
+        t0 = time.perf_counter()
+        first = None
+        for event in chat.send([QUESTIONS[t % len(QUESTIONS)]], s):
+            if first is None and isinstance(event, TextDelta):
+                first = time.perf_counter() - t0
+        r = chat.last_result
+        out.append({"turn": t + 1, "prompt": r.n_prompt, "prefilled": r.n_prefilled, "first_text_s": first})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-gill")
@@ -73,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=64, help="max_new_tokens of every request")
     ap.add_argument("--repeats", type=int, default=3, help="runs per client count; the median is reported")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=20, help="turns of the conversation (0: skip it)")
     args = ap.parse_args(argv)
 
     import torch
@@ -100,10 +120,19 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
             )
+        turns = conversation(engine, args.turns, 8) if args.turns else []
+    for t in turns:
+        print(json.dumps(t))
     base = rates.get(1)
     if base:
         for n, r in rates.items():
             print(f"{n:>3} clients: {r:8.1f} tokens/s aggregate = {r / base:.2f}x one client")
+    if len(turns) > 1:
+        a, b = turns[0], turns[-1]
+        print(
+            f"turn {b['turn']}: prompt {b['prompt']} positions, {b['prefilled']} prefilled, first text "
+            f"{b['first_text_s'] * 1e3:.1f} ms; turn 1: {a['prefilled']} prefilled, {a['first_text_s'] * 1e3:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

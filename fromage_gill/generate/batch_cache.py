@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .prefix_cache import KV
 
@@ -24,12 +25,22 @@ class BatchCache:
     def __len__(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
+    def layers(self) -> KV:
+        """Per layer: the batch's keys and values, (B, heads, L, head_dim)."""
+        return [layer_kv(layer) for layer in self.cache.layers] if self.cache is not None else []
+
+    def _set(self, kv: KV) -> None:
+        assert self.cache is not None
+        for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
+            assert isinstance(layer, DynamicLayer), "the batch is a DynamicCache"
+            layer.keys, layer.values = k, v
+
     def add(self, kvs: list[KV]) -> None:
         """Append rows: each ``kv`` per layer (1, heads, n, head_dim), all n positions its own. One copy of the
         batch for all of them (every join pads the whole batch once)."""
         if not kvs:
             return
-        old = [] if self.cache is None else [(layer.keys, layer.values) for layer in self.cache.layers]
+        old = self.layers()
         widths = [kv[0][0].shape[2] for kv in kvs]
         width = max([*widths, 0 if self.mask is None else self.mask.shape[1]])
         parts = ([old] if old else []) + kvs
@@ -45,13 +56,13 @@ class BatchCache:
         if self.cache is None:
             self.cache = DynamicCache(ddp_cache_data=layers)
         else:
-            for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
-                layer.keys, layer.values = k, v
+            self._set(layers)
 
     def row(self, j: int) -> KV:
         """Row j's KV over the columns it attends to: (1, heads, its positions, head_dim) per layer (a copy)."""
+        assert self.mask is not None, "the batch has rows"
         cols = self.mask[j].bool().to(self.device)
-        return [(layer.keys[j : j + 1, :, cols], layer.values[j : j + 1, :, cols]) for layer in self.cache.layers]
+        return [(k[j : j + 1, :, cols], v[j : j + 1, :, cols]) for k, v in self.layers()]
 
     def keep(self, rows: list[int]) -> None:
         """Keep ``rows`` (in that order); drop the columns none of them attends to."""
@@ -60,21 +71,29 @@ class BatchCache:
             return
         if rows == list(range(len(self))):  # the common step: nobody left, nothing to copy
             return
+        assert self.mask is not None
         mask = self.mask[rows]
         cols = mask.any(0)
         idx = torch.tensor(rows, device=self.device)
-        trim = not bool(cols.all())
-        lm_cols = cols.to(self.device)
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-            if trim:
-                layer.keys, layer.values = layer.keys[:, :, lm_cols], layer.values[:, :, lm_cols]
-        self.mask = mask[:, cols] if trim else mask
+        kept = [(k[idx], v[idx]) for k, v in self.layers()]
+        if not bool(cols.all()):
+            lm_cols = cols.to(self.device)
+            kept = [(k[:, :, lm_cols], v[:, :, lm_cols]) for k, v in kept]
+            mask = mask[:, cols]
+        self._set(kept)
+        self.mask = mask
 
     def extend(self, new_mask: torch.Tensor) -> torch.Tensor:
         """The mask for a forward that feeds ``new_mask`` (B, T) more columns (the forward appends their KV)."""
+        assert self.mask is not None, "the batch has rows"
         self.mask = torch.cat([self.mask, new_mask.to(torch.long)], dim=1)
         return self.mask
+
+
+def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``DynamicCache`` layer's keys and values."""
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:

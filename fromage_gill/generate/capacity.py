@@ -13,7 +13,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from PIL import Image
 
@@ -39,7 +39,7 @@ class ImageBudget:
     no particular order."""
 
     def __init__(self, max_bytes: int):
-        if not isinstance(max_bytes, int) or max_bytes < 1:
+        if max_bytes < 1:
             raise ValueError(f"the image budget must be an integer number of bytes >= 1, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._used = 0
@@ -51,7 +51,7 @@ class ImageBudget:
             return self._used
 
     @contextlib.contextmanager
-    def reserve(self, nbytes: int, *, timeout: float | None = 0.0) -> Iterator[None]:
+    def reserve(self, nbytes: int, *, timeout: float | None = 0.0) -> Generator[None, None, None]:
         """Hold ``nbytes`` of the budget for the block. Waits up to ``timeout`` seconds for room (None: as long as it
         takes, 0: not at all), then raises ``OverCapacity``. A request larger than the whole budget fails at once."""
         if nbytes > self.max_bytes:

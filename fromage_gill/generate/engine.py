@@ -23,60 +23,31 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import DynamicCache
 
 from ..backbones import pad_token_id
 from ..settings import GenerationSettings
-from .batch_cache import BatchCache
-from .engine_request import EngineRequest, EngineStats, TurnResult
-from .events import Event, ImagePending, ImageResult, TextDelta, TurnEnd
+from .batch_cache import BatchCache, layer_kv
+from .engine_request import EngineRequest, EngineStats, Reason, RowState, TurnResult, resolve_image
+from .events import ImagePending, ImageResult, TextDelta, TurnEnd
 from .limits import check_settings, context_length, image_paths, image_positions, too_long
 from .loop import fresh_seed
 from .prefix_cache import KV, PrefixCache
-from .prompt import ImageSegment, Prompt, VisionCache
+from .prompt import Prompt, VisionCache
 from .resolve import ImageResolver
 from .sampling import image_token_logits, sample
-from .stream import TextStream, published_cut
+from .stream import TextStream
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
 __all__ = ["Engine", "EngineRequest", "EngineStats", "GiB", "TurnResult"]
-
-
-@dataclass(eq=False)
-class _Row:
-    """A request's decoding state; ``kv`` holds its cache while it is outside the batch (being admitted or parked)."""
-
-    req: EngineRequest
-    seed: int
-    generator: torch.Generator
-    resolver: ImageResolver
-    stream: TextStream
-    exclude: set[int]
-    images_on: bool
-    segments: list[str | ImageSegment] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    run_start: int = 0
-    fed: list[int] = field(default_factory=list)
-    n_sampled: int = 0
-    n_images: int = 0
-    reason: str | None = None
-    logits: torch.Tensor | None = None  # (V,) the next token's logits
-    n_pos: int = 0  # positions so far: the next one's id
-    n_reused: int = 0
-    kv: KV | None = None
-    image: concurrent.futures.Future | None = None
-
-    @property
-    def s(self) -> GenerationSettings:
-        return self.req.settings
-
-    def emit(self, event: Event) -> None:
-        self.req._queue.put(event)
 
 
 class Engine:
@@ -89,7 +60,7 @@ class Engine:
 
     def __init__(
         self,
-        pipeline,
+        pipeline: Pipeline,
         *,
         max_batch: int = 16,
         kv_cache_bytes: int = GiB,
@@ -97,9 +68,9 @@ class Engine:
         vision_cache_items: int = 1024,
         start: bool = True,
     ):
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if not isinstance(image_workers, int) or image_workers < 1:
+        if image_workers < 1:
             raise ValueError(f"image_workers must be an integer >= 1, got {image_workers!r}")
         self.pipeline = pipeline
         self.m = pipeline.model
@@ -109,15 +80,15 @@ class Engine:
         self._images = concurrent.futures.ThreadPoolExecutor(image_workers, thread_name_prefix="engine-image")
         self._pad = pad_token_id(pipeline.tokenizer)
         self._image_ids = list(self.m.image_token_ids)
-        self._style = "fromage" if pipeline.config.kind == "fromage" else "gill"
+        self._style: Literal["fromage", "gill"] = "fromage" if pipeline.config.kind == "fromage" else "gill"
         self._cond = threading.Condition()
-        self._inbox: list[_Row] = []
-        self._back: list[_Row] = []  # parked rows whose image is resolved
+        self._inbox: list[RowState] = []
+        self._back: list[RowState] = []  # parked rows whose image is resolved
         self._n_parked = 0
         self._closed = False
         # the batch: rows, their cache (B rows x L columns) and which columns each row attends to
-        self._active: list[_Row] = []
-        self._joining: list[_Row] = []  # ready to join at the end of this iteration's admissions
+        self._active: list[RowState] = []
+        self._joining: list[RowState] = []  # ready to join at the end of this iteration's admissions
         self._batch = BatchCache(self.m.lm_device)
         self._steps = self._tokens = self._largest = 0
         self._thread = None
@@ -135,7 +106,7 @@ class Engine:
         exclude: set[int] | None = None,
         stop_strings: tuple[str, ...] | None = None,
         stop_event: threading.Event | None = None,
-        pipeline=None,
+        pipeline: Pipeline | None = None,
     ) -> EngineRequest:
         """Queue one turn: ``prompt`` (a whole conversation's positions, as ``Chat`` encodes it) is continued with an
         answer. ``exclude``: index ids not to retrieve (images already in the conversation); ``stop_strings``: the
@@ -167,7 +138,7 @@ class Engine:
         stream = TextStream(self.pipeline.tokenizer, stops)
         if settings.answer_style == "published":  # as DecodeLoop: the answer ends at its first newline
             stream.stops, stream.skip_leading = (*stream.stops, "\n"), "\n"
-        row = _Row(
+        row = RowState(
             req=req,
             seed=seed,
             generator=torch.Generator("cpu").manual_seed(seed),
@@ -213,7 +184,7 @@ class Engine:
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def run_step(self, timeout: float | None = None) -> bool:
@@ -262,7 +233,7 @@ class Engine:
             self._active, self._joining, self._batch = [], [], BatchCache(self.m.lm_device)
         return True
 
-    def _admit(self, row: _Row) -> None:
+    def _admit(self, row: RowState) -> None:
         """Prefill a new request on top of its longest cached prefix (alone: its numbers match a solo run) and join."""
         if row.req.stop_event.is_set():
             self._finish(row, "stopped")
@@ -285,13 +256,15 @@ class Engine:
         except Exception as e:
             row.emit(e)
             return
-        row.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        assert isinstance(out.past_key_values, DynamicCache) and out.logits is not None
+        row.kv = [layer_kv(layer) for layer in out.past_key_values.layers]
         row.logits = out.logits[0, -1]
         row.n_pos, row.n_reused = len(prompt), n_common
         self._join(row)
 
-    def _rejoin(self, row: _Row) -> None:
+    def _rejoin(self, row: RowState) -> None:
         """A parked row's image is resolved: deliver it, then the row ends or decodes on."""
+        assert row.image is not None, "a rejoining row was parked with its image's future"
         try:
             row.segments += row.image.result()  # its events were delivered as they came
         except Exception as e:
@@ -310,13 +283,17 @@ class Engine:
         else:
             self._join(row)
 
-    def _join(self, row: _Row) -> None:
+    def _join(self, row: RowState) -> None:
         self._joining.append(row)
 
     def _join_all(self) -> None:
         """The rows admitted or rejoining this iteration enter the batch together (one copy of its cache)."""
         rows, self._joining = self._joining, []
-        self._batch.add([row.kv for row in rows])
+        kvs: list[KV] = []
+        for row in rows:
+            assert row.kv is not None, "a joining row brings its KV"
+            kvs.append(row.kv)
+        self._batch.add(kvs)
         for row in rows:
             row.kv = None
         self._active += rows
@@ -357,7 +334,8 @@ class Engine:
         out = self.m.forward_lm(
             self._embed(ids), mask, position_ids=pos, past_key_values=self._batch.cache, use_cache=True, logits="last"
         )
-        keep = []
+        assert out.logits is not None
+        keep: list[int] = []
         r = len(self._image_ids)
         for j, (row, f) in enumerate(zip(self._active, feeds_now, strict=True)):
             row.logits = out.logits[j, -1]
@@ -367,18 +345,19 @@ class Engine:
                 row.run_start = len(row.tokens)
                 row.kv = self._batch.row(j)
                 hidden = out.hidden[j, width - r :]  # (r, d) at [IMG0..r-1]
-                row.image = self._images.submit(_resolve, row, hidden)
+                row.image = self._images.submit(resolve_image, row, hidden)
                 self._park(row)
             else:
                 keep.append(j)
         if len(keep) < len(self._active):
             self._keep(keep)
 
-    def _park(self, row: _Row) -> None:
+    def _park(self, row: RowState) -> None:
+        assert row.image is not None
         with self._cond:
             self._n_parked += 1
 
-        def done(_: concurrent.futures.Future) -> None:
+        def done(_: concurrent.futures.Future[list[ImageResult]]) -> None:
             with self._cond:
                 self._back.append(row)
                 self._cond.notify_all()
@@ -389,8 +368,8 @@ class Engine:
         """Every row's next token. The image-token rules run once for the rows that share their factors (all, as a
         rule) and greedy rows share one argmax: elementwise work, so each row's numbers are its solo run's; a
         sampling row draws from its own generator."""
-        logits = torch.stack([row.logits for row in self._active]).float()  # (B, V)
-        groups: dict[tuple, list[int]] = {}
+        logits = torch.stack([row.next_logits() for row in self._active]).float()  # (B, V)
+        groups: dict[tuple[float, float, float], list[int]] = {}
         for j, row in enumerate(self._active):
             s = row.s
             groups.setdefault((s.ret_scale_factor, s.gen_scale_factor, s.image_logit_bias), []).append(j)
@@ -421,7 +400,7 @@ class Engine:
                 tokens[j] = int(draw[0])
         return tokens
 
-    def _advance(self, row: _Row, j: int, tok: int) -> list[int] | None:
+    def _advance(self, row: RowState, j: int, tok: int) -> list[int] | None:
         """Row j takes its next token ``tok``; the tokens to feed next, or None when the row is done."""
         s = row.s
         self._tokens += 1
@@ -430,7 +409,7 @@ class Engine:
             return None
         row.n_sampled += 1
         if tok == self._image_ids[0]:
-            self._end_text_run(row)
+            row.end_text_run(self.pipeline.tokenizer)
             row.emit(ImagePending(row.n_images))
             return list(self._image_ids)
         row.tokens.append(tok)
@@ -449,24 +428,11 @@ class Engine:
             return None
         return [tok]
 
-    def _end_text_run(self, row: _Row, *, last: bool = False) -> None:
-        delta = row.stream.delta(final=True)
-        text = row.stream.text
-        if row.s.answer_style == "published":  # the reference's cut, as DecodeLoop._end_text_run
-            start, end = (0, 0) if last and row.n_images else published_cut(text)
-            row.tokens[row.run_start :] = row.stream.cut(end) if end else []
-            delta = text = self.pipeline.tokenizer.clean_up_tokenization(text[start:end])
-        if delta:
-            row.emit(TextDelta(delta))
-        if text:
-            row.segments.append(text)
-        row.stream = TextStream(row.stream.tok, row.stream.stops)  # as DecodeLoop: stops kept, skip_leading not
-
-    def _finish(self, row: _Row, reason: str, j: int | None = None) -> None:
+    def _finish(self, row: RowState, reason: Reason, j: int | None = None) -> None:
         """End a row: its last text, its result, its KV to the prefix cache (``j``: its batch row, if in the batch)."""
         if row.reason is not None:
             return
-        self._end_text_run(row, last=True)
+        row.end_text_run(self.pipeline.tokenizer, last=True)
         row.reason = reason
         prompt = row.req.prompt
         kv = self._batch.row(j) if j is not None else row.kv
@@ -481,15 +447,3 @@ class Engine:
             emb = self.m.lm.get_input_embeddings()
             return emb(ids.to(emb.weight.device)).to(device=self.m.device, dtype=self.m.dtype)
         return self.m.embed_tokens(ids.to(self.m.device))
-
-
-@torch.no_grad()  # grad mode is per thread: the worker's must be off too
-def _resolve(row: _Row, hidden: torch.Tensor) -> list[ImageResult]:
-    """Resolve a parked row's image in a worker thread. Its events go to its request as they come (the row is out of
-    the batch: nothing else emits for it meanwhile); the images are returned, for the row's answer."""
-    images = []
-    for event in row.resolver.resolve(row.n_images, hidden, list(row.segments), row.exclude):
-        if isinstance(event, ImageResult):
-            images.append(event)
-        row.emit(event)
-    return images

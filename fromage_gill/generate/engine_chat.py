@@ -8,7 +8,9 @@ messages) holds its history only, and turn 30 still prefills only its new tokens
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..settings import GenerationSettings
 from .chat import Chat
@@ -17,6 +19,10 @@ from .events import Event, Notice, TurnEnd
 from .limits import image_paths
 from .prompt import Prompt, Turn
 
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from ..config import DialogueSpec
+    from ..pipeline import Pipeline
+
 
 class EngineChat(Chat):
     """A ``Chat`` (same methods, same events) decoded by ``engine``. ``pipeline``: a view of the engine's pipeline
@@ -24,7 +30,7 @@ class EngineChat(Chat):
     (its prompt size and how much of it the prefix cache served). Decoding strategies other than "default" are
     refused (``ValueError``): the engine samples each row on its own."""
 
-    def __init__(self, engine: Engine, pipeline=None, *, dialogue=None):
+    def __init__(self, engine: Engine, pipeline: Pipeline | None = None, *, dialogue: DialogueSpec | None = None):
         super().__init__(pipeline or engine.pipeline, dialogue=dialogue)
         self.engine = engine
         self.vision_cache = engine.vision_cache
@@ -79,7 +85,7 @@ class EngineChat(Chat):
             yield from notices
             for ev in request.events():
                 if isinstance(ev, TurnEnd):  # the answer is in the history by the time TurnEnd is seen
-                    self._record(request)
+                    self._record_result(request)
                     recorded = True
                 yield ev
         except GeneratorExit:
@@ -90,7 +96,7 @@ class EngineChat(Chat):
                     request.cancel()
                     for _ in request.events():  # to its TurnEnd("stopped"), at the engine's next step
                         pass
-                self._record(request)
+                self._record_result(request)
             raise
         except BaseException:
             if recorded:  # failed after recording the answer
@@ -98,11 +104,11 @@ class EngineChat(Chat):
             rollback()
             raise
 
-    def _stop_flag(self):
+    def _stop_flag(self) -> threading.Event:
         """The Chat's stop flag, which ``stop()`` sets (``_stop``; ``stop_requested`` once the seams refactor lands)."""
         return getattr(self, "stop_requested", None) or self._stop
 
-    def _record(self, request: EngineRequest) -> None:
+    def _record_result(self, request: EngineRequest) -> None:
         result = request.result
         assert result is not None
         self.last_result = result

@@ -1,16 +1,25 @@
 """What ``Engine.submit`` returns (``EngineRequest``: a turn's events as they are decoded, and its ``TurnResult``),
-and the engine's ``EngineStats``."""
+the engine's ``EngineStats``, and a request's decoding state inside the engine (``RowState``)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
 
 from ..settings import GenerationSettings
-from .events import Event, TurnEnd
+from .events import Event, ImageResult, TextDelta, TurnEnd
+from .prefix_cache import KV
 from .prompt import ImageSegment, Prompt
+from .resolve import ImageResolver
+from .stream import TextStream, published_cut
+
+Reason = Literal["eos", "turn_boundary", "max_new_tokens", "stopped", "image"]  # as TurnEnd.reason
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class EngineRequest:
         self.settings = settings
         self.stop_event = stop_event
         self.result: TurnResult | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
 
     def __iter__(self) -> Iterator[Event]:
         return self.events()
@@ -75,6 +84,73 @@ class EngineRequest:
             if self.result is None:
                 self.cancel()
 
+    def put(self, item: Event | BaseException) -> None:
+        """Deliver an event, or the error that ends the request (the engine's side)."""
+        self._queue.put(item)
+
     def cancel(self) -> None:
         self.stop_event.set()
         self._wake()
+
+
+@dataclass(eq=False)
+class RowState:
+    """A request's decoding state in the ``Engine``; ``kv`` holds its cache while it is outside the batch (being
+    admitted or parked)."""
+
+    req: EngineRequest
+    seed: int
+    generator: torch.Generator
+    resolver: ImageResolver
+    stream: TextStream
+    exclude: set[int]
+    images_on: bool
+    segments: list[str | ImageSegment] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    run_start: int = 0
+    fed: list[int] = field(default_factory=list)
+    n_sampled: int = 0
+    n_images: int = 0
+    reason: Reason | None = None
+    logits: torch.Tensor | None = None  # (V,) the next token's logits
+    n_pos: int = 0  # positions so far: the next one's id
+    n_reused: int = 0
+    kv: KV | None = None
+    image: concurrent.futures.Future[list[ImageResult]] | None = None
+
+    @property
+    def s(self) -> GenerationSettings:
+        return self.req.settings
+
+    def emit(self, event: Event | BaseException) -> None:
+        self.req.put(event)
+
+    def next_logits(self) -> torch.Tensor:
+        assert self.logits is not None, "a row in the batch has its next token's logits"
+        return self.logits
+
+    def end_text_run(self, tokenizer: Any, *, last: bool = False) -> None:
+        """The text run before an image (or the answer's last) ends: its held-back text goes out, as DecodeLoop's."""
+        delta = self.stream.delta(final=True)
+        text = self.stream.text
+        if self.s.answer_style == "published":  # the reference's cut
+            start, end = (0, 0) if last and self.n_images else published_cut(text)
+            self.tokens[self.run_start :] = self.stream.cut(end) if end else []
+            delta = text = tokenizer.clean_up_tokenization(text[start:end])
+        if delta:
+            self.emit(TextDelta(delta))
+        if text:
+            self.segments.append(text)
+        self.stream = TextStream(self.stream.tok, self.stream.stops)  # as DecodeLoop: stops kept, skip_leading not
+
+
+@torch.no_grad()  # grad mode is per thread: the worker's must be off too
+def resolve_image(row: RowState, hidden: torch.Tensor) -> list[ImageResult]:
+    """Resolve a parked row's image in a worker thread. Its events go to its request as they come (the row is out of
+    the batch: nothing else emits for it meanwhile); the images are returned, for the row's answer."""
+    images: list[ImageResult] = []
+    for event in row.resolver.resolve(row.n_images, hidden, list(row.segments), row.exclude):
+        if isinstance(event, ImageResult):
+            images.append(event)
+        row.emit(event)
+    return images

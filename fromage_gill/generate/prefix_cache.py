@@ -48,7 +48,7 @@ class PrefixCache:
     written to: the decode loop's cache appends by concatenation); ``store(keys, kv)`` keeps a finished turn's."""
 
     def __init__(self, max_bytes: int):
-        if not isinstance(max_bytes, int) or max_bytes < 0:
+        if max_bytes < 0:
             raise ValueError(f"the prefix cache's max_bytes must be an integer >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, tuple[tuple[Hashable, ...], KV, int]] = OrderedDict()
