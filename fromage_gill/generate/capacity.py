@@ -4,7 +4,7 @@ A compressed attachment is small and its decoded pixels are not: an 8000x8000 PN
 a copy while it is converted to RGB). Eight clients at once took a server from 1.5 GB to 19.7 GB when every upload was
 decoded as it arrived. The budget admits a decode only while the bytes its header announces fit under one server-wide
 bound; past it a request waits (up to a timeout) or gets ``OverCapacity``, which a server answers with 429. What is
-kept after decoding is bounded by ``limits.kept_image`` (at most ``MAX_KEPT_IMAGE_PIXELS``).
+kept after decoding is the caller's to bound (the chat keeps at most ``MAX_KEPT_IMAGE_PIXELS``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 from PIL import Image
 
 from ..images import MAX_IMAGE_PIXELS, ImageError, load_image
-from .limits import kept_image
 
 # While decoding, a pixel is held once as decoded (up to 4 bands: RGBA, CMYK) and once more as its RGB conversion.
 DECODE_BYTES_PER_PIXEL = 4 + 3
@@ -79,9 +78,11 @@ class ImageBudget:
                 self._used -= nbytes
                 self._cond.notify_all()
 
-    def decode(self, data: bytes, *, name: str = "image", timeout: float | None = 0.0) -> Image.Image:
-        """``data`` (an encoded image) decoded to RGB within the budget and kept at ``limits.MAX_KEPT_IMAGE_PIXELS``.
-        Raises ``ImageError`` for a bad image (before any reservation) and ``OverCapacity`` past the budget."""
+    @contextlib.contextmanager
+    def admit(self, data: bytes, *, name: str = "image", timeout: float | None = 0.0) -> Generator[None, None, None]:
+        """Hold, for the block, what decoding ``data`` (an encoded image) takes, as its header announces: decode it
+        inside. Raises ``ImageError`` for a bad or oversized image (before any reservation) and ``OverCapacity``
+        past the budget."""
         try:
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 w, h = header.size
@@ -91,4 +92,18 @@ class ImageBudget:
         if w * h > MAX_IMAGE_PIXELS:  # refused from its header (ImageError: bad input, not a full server)
             load_image(data, name=name)
         with self.reserve(w * h * DECODE_BYTES_PER_PIXEL, timeout=timeout):
-            return kept_image(load_image(data, name=name))
+            yield
+
+    def decode(
+        self,
+        data: bytes,
+        *,
+        name: str = "image",
+        timeout: float | None = 0.0,
+        keep: Callable[[Image.Image], Image.Image] | None = None,
+    ) -> Image.Image:
+        """``data`` decoded to RGB (``images.load_image``) under ``admit``; ``keep`` (e.g. ``kept_image``) shrinks it
+        before the reservation ends, so what outlives the decode is what is kept."""
+        with self.admit(data, name=name, timeout=timeout):
+            image = load_image(data, name=name)
+            return keep(image) if keep is not None else image

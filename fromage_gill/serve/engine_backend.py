@@ -95,7 +95,8 @@ class EngineBackend:
             for p in m.parts:
                 if isinstance(p, ImageInput) and p.data is not None:
                     try:
-                        image = self.image_budget.decode(p.data, name=p.name, timeout=self.image_wait_s)
+                        with self.image_budget.admit(p.data, name=p.name, timeout=self.image_wait_s):
+                            image = p.load(self.fetcher)  # decoded and kept small inside the reservation
                     except OverCapacity as e:
                         raise Overloaded(str(e), status=429, retry_after_s=e.retry_after_s) from None
                     segments.append(ImageSegment(image))
