@@ -443,7 +443,4 @@ class Engine:
         row.emit(TurnEnd(reason, row.seed))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if int(ids.max()) < self.m.n_base:  # text tokens only: the LM's own rows
-            emb = self.m.lm.get_input_embeddings()
-            return emb(ids.to(emb.weight.device)).to(device=self.m.device, dtype=self.m.dtype)
-        return self.m.embed_tokens(ids.to(self.m.device))
+        return self.m.embed_tokens(ids.to(self.m.device))  # the LM's rows for text, ours for image tokens

@@ -9,7 +9,7 @@ messages) holds its history only, and turn 30 still prefills only its new tokens
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 from ..settings import GenerationSettings
@@ -44,7 +44,7 @@ class EngineChat(Chat):
         *,
         add: Turn | None = None,
         drop_last: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         removed = self.history.pop() if drop_last else None
         if add is not None:
             self.history.append(add)
@@ -106,7 +106,7 @@ class EngineChat(Chat):
 
     def _stop_flag(self) -> threading.Event:
         """The Chat's stop flag, which ``stop()`` sets (``_stop``; ``stop_requested`` once the seams refactor lands)."""
-        return getattr(self, "stop_requested", None) or self._stop
+        return vars(self).get("stop_requested") or vars(self)["_stop"]
 
     def _record_result(self, request: EngineRequest) -> None:
         result = request.result
