@@ -314,3 +314,20 @@ def test_an_engine_chat_turn_left_early_keeps_its_answer_so_far(gill):
         assert isinstance(next(events), TextDelta)
         events.close()  # the consumer goes away: the engine stops the row at its next step
         assert chat.last_result.reason == "stopped" and 1 <= len(chat.history[-1].tokens) < 300
+
+
+def test_eager_attention_gets_the_same_tokens_alone_or_batched(make_pipeline):
+    pipe = make_pipeline("tiny-gill", load_diffusion_pipeline=False)
+    pipe.model.lm.set_attn_implementation("eager")  # the engine hands it an additive 4D mask instead of sdpa's bool
+    s = GenerationSettings(max_new_tokens=10, mode="text", **TEXT)
+    prompts = [encode(pipe, [user([t])]) for t in ("hi", "a longer question about the picture", "x y")]
+    alone = []
+    for p in prompts:
+        with Engine(pipe, start=False) as engine:
+            r = engine.submit(p, s)
+            drain(engine, [r])
+            alone.append(r.result.tokens)
+    with Engine(pipe, start=False) as engine:
+        reqs = [engine.submit(p, s) for p in prompts]
+        drain(engine, reqs)
+    assert [r.result.tokens for r in reqs] == alone

@@ -83,11 +83,22 @@ class BatchCache:
         self._set(kept)
         self.mask = mask
 
-    def extend(self, new_mask: torch.Tensor) -> torch.Tensor:
-        """The mask for a forward that feeds ``new_mask`` (B, T) more columns (the forward appends their KV)."""
+    def extend(self, new_mask: torch.Tensor, attention: str = "sdpa") -> torch.Tensor:
+        """The attention mask for a forward that feeds ``new_mask`` (B, T) more columns (the forward appends their
+        KV). For the LM's ``attention`` implementation "sdpa" (or "eager") it is the whole (B, 1, T, L) mask, causal
+        within the new columns, bool (or additive), which transformers uses as it is instead of building it from the
+        (B, L) one each step (a third of a small model's decode step; the same numbers); else the (B, L) mask."""
         assert self.mask is not None, "the batch has rows"
         self.mask = torch.cat([self.mask, new_mask.to(torch.long)], dim=1)
-        return self.mask
+        if attention not in ("sdpa", "eager"):
+            return self.mask
+        n, t = self.mask.shape[1], new_mask.shape[1]
+        causal = torch.arange(n)[None, :] <= torch.arange(n - t, n)[:, None]  # (T, L): column l is not after query t
+        allowed = (self.mask.bool()[:, None, None, :] & causal[None, None]).to(self.device)  # (B, 1, T, L)
+        if attention == "sdpa":
+            return allowed
+        dtype = self.layers()[0][0].dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:

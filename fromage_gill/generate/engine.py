@@ -79,6 +79,7 @@ class Engine:
         self.vision_cache = VisionCache(max_items=vision_cache_items)
         self._images = concurrent.futures.ThreadPoolExecutor(image_workers, thread_name_prefix="engine-image")
         self._pad = pad_token_id(pipeline.tokenizer)
+        self._attention = str(getattr(self.m.lm.config, "_attn_implementation", None))
         self._image_ids = list(self.m.image_token_ids)
         self._style: Literal["fromage", "gill"] = "fromage" if pipeline.config.kind == "fromage" else "gill"
         self._cond = threading.Condition()
@@ -330,7 +331,7 @@ class Engine:
             self._active[j].fed += f
         n_pos = torch.tensor([row.n_pos for row in self._active])
         pos = (n_pos[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
-        mask = self._batch.extend(new_mask)
+        mask = self._batch.extend(new_mask, self._attention)
         out = self.m.forward_lm(
             self._embed(ids), mask, position_ids=pos, past_key_values=self._batch.cache, use_cache=True, logits="last"
         )
