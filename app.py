@@ -33,6 +33,7 @@ from fromage_gill.chat.messages import IMAGE_PLACEHOLDER  # noqa: E402
 from fromage_gill.chat.options import AppOptions, add_serve_args, load_app, load_indexes  # noqa: E402
 from fromage_gill.chat.page import ASSETS, TOY_INDEXES, example_messages, header_markdown  # noqa: E402
 from fromage_gill.chat.space import space_argv  # noqa: E402
+from fromage_gill.serve.api import gradio_app_kwargs  # noqa: E402
 
 __all__ = ["API_ENDPOINTS", "AppOptions", "build_demo", "launch_style", "load_indexes", "main", "serve"]
 
@@ -434,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="app.py", description="Chat with a FROMAGe / GILL model in the browser.")
     add_serve_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument(
+        "--api", action="store_true", help="also serve the OpenAI-compatible API at /v1 (docs/serving.md)"
+    )
     args = parser.parse_args(space_argv(argv))  # on a Hugging Face Space: fetch the weights, use ZeroGPU
     return serve(args)
 
@@ -471,7 +475,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     print(f"fromage_gill: {args.model} loaded in {time.monotonic() - t0:.0f} s; starting the app", file=sys.stderr)
     demo = build_demo(pipeline, options)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_style())
+    api = gradio_app_kwargs(pipeline, options) if getattr(args, "api", False) else None  # docs/serving.md
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, app_kwargs=api, **launch_style())
     return 0
 
 

@@ -6,7 +6,9 @@ rest in fp16), built with ``load_pipeline("gill", random_weights=True)`` from th
 - peak GPU memory after loading and after the turns (``torch.cuda.max_memory_allocated``), and the build time;
 - decode ms/token of our KV-cached loop vs ``transformers`` ``generate`` on the same LM and prompt (greedy);
 - time to first token at turn 1 and at turn 10 of one conversation (the prefix cache reused);
-- one Stable Diffusion image at 512 px with 50 denoising steps (guidance 7.5), the published setting.
+- one Stable Diffusion image at 512 px with 50 denoising steps (guidance 7.5), the published setting;
+- with ``--serving``: ``bench_serving.py``'s sweep at full size (bf16 GILL behind the OpenAI-compatible API in this
+  process: 1, 4, 8, 16 clients x 5 turns of 32 text tokens, a 20-turn chat's first token, the attachment abuse).
 
 Sized to finish in under 8 minutes on one large GPU: ``--only`` picks configurations, ``--new-tokens`` and
 ``--steps`` shorten it. ``--dry-run`` prints the plan and builds nothing; ``--tiny`` runs the same code on tiny-gill
@@ -187,6 +189,59 @@ def run_config(name: str, args, device: torch.device) -> dict:
     return out
 
 
+def serving(args, device: torch.device) -> dict:
+    """bench_serving's sweep against this GPU: the model behind ``fromage-gill api``'s app, on 127.0.0.1 in a thread
+    (RSS is this process's, so it includes the clients). ``--tiny``: a few turns, for the test."""
+    import socket
+    import sys
+    import threading
+
+    import uvicorn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_serving
+
+    from fromage_gill.pipeline import load_pipeline
+    from fromage_gill.serve.api import build_app
+    from fromage_gill.serve.backend import ThreadedChatBackend
+
+    dtype = "fp32" if device.type == "cpu" else "bf16"
+    pipe = load_pipeline(args.model, random_weights=True, device=device, dtype=dtype)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(ThreadedChatBackend(pipe, max_queue=64)), port=port, log_level="warning")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.1)
+    if args.tiny:
+        flags = [
+            "--clients",
+            "1",
+            "2",
+            "--turns",
+            "1",
+            "--long-turns",
+            "2",
+            "--abuse-clients",
+            "1",
+            "--abuse-images",
+            "1",
+        ]
+        flags += ["--abuse-side", "256", "--max-tokens", "2"]
+    else:
+        flags = ["--max-tokens", "32"]
+    bench = bench_serving.parser().parse_args([*flags, "--mode", "text"])
+    rss = bench_serving.RSS(os.getpid())
+    try:
+        return bench_serving.run_all(f"http://127.0.0.1:{port}/v1", pipe.config.name, bench, rss)
+    finally:
+        rss.stop()
+        server.should_exit = True
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
@@ -198,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny-gill on the CPU: seconds, for the test")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, build nothing")
+    ap.add_argument("--serving", action="store_true", help="also bench_serving's sweep at full size (bf16)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     args.model = "tiny-gill" if args.tiny else "gill"
@@ -210,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
         "first_token": f"turns 1 and {args.turns} of one chat, 32-token answers",
         "diffusion": f"one 512 px image, {args.steps} steps, guidance 7.5",
     }
+    if args.serving:
+        plan["serving"] = "1, 4, 8, 16 clients x 5 turns of 32 tokens over HTTP; a 20-turn chat; 8 x 8 8000-px PNGs"
     print(f"# gpu_check: {json.dumps(plan)}", flush=True)
     if args.dry_run:
         return {"plan": plan}
@@ -222,6 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     for name in args.only:
         result[name] = run_config(name, args, device)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.serving:
+        result["serving"] = serving(args, device)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
     result["total_s"] = round(time.perf_counter() - t0, 1)

@@ -22,6 +22,7 @@ COMMANDS = [
     "caption",
     "train_lm",
     "serve",
+    "api",
     "generate",
     "eval",
 ]

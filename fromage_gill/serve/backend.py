@@ -28,6 +28,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
+from ..config import ModelConfig
 from ..generate.chat import Chat
 from ..generate.events import Event, TurnEnd
 from ..generate.limits import check_image_counts, kept_image
@@ -38,8 +39,11 @@ from ..settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
-# Which process answered: a replica's name in logs, response headers and the benchmarks' spread checks.
-PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+def process_id() -> str:
+    """``host:pid`` of the process answering: a replica's name in logs, response headers and spread checks. A
+    function, not a constant: Ray may pickle a deployment class by value, constants of the driver's process included."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ---------------------------------------------------------------------------------------------- the request
@@ -146,18 +150,23 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class Served:
-    """Which replica serves the request (``PROCESS_ID`` or a Ray replica's id); a backend may yield it first."""
+    """Which replica serves the request (``process_id()`` or a Ray replica's id); a backend may yield it first."""
 
     replica: str
 
 
 @dataclass(frozen=True)
 class Usage:
-    """The turn's token counts, yielded just before ``TurnEnd``: ``completion_tokens`` are exactly the tokens the
-    answer put in the context; ``prompt_tokens`` the positions the prompt took (images count their visual tokens)."""
+    """Yielded just before ``TurnEnd``: ``tokens``, exactly the tokens the answer put in the context (the ingress
+    gives them back when the client sends the answer again, so the next prompt repeats the cached positions);
+    ``prompt_tokens``, the positions the prompt took (an image counts its visual tokens)."""
 
     prompt_tokens: int
-    completion_tokens: int
+    tokens: tuple[int, ...]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
 
 
 StreamEvent = Event | Served | Usage
@@ -194,11 +203,12 @@ class ChatBackend(Protocol):
     - it is stateless: nothing about the request outlives the stream except caches keyed by content;
     - closing the generator early (``aclose()``, or its task cancelled: the client went away) stops the turn
       within a token or a diffusion step and frees its place.
-    ``model`` is the model's name; ``indexes`` the names a request's ``index`` may take (the first is the default;
+    ``config`` is the model's (its name, default settings and dialogue template: the ingress builds the request's
+    ``GenerationSettings`` from them); ``indexes`` the names a request's ``index`` may take (the first is the default;
     empty: no index). ``load()`` is cheap and thread-safe; ``aclose()`` refuses new requests (503) and frees workers.
     """
 
-    model: str
+    config: ModelConfig
     indexes: tuple[str, ...]
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]: ...
@@ -222,8 +232,9 @@ _DONE = object()
 class ThreadedChatBackend:
     """One ``Chat`` per request, rebuilt from its messages, in a pool of ``concurrency`` threads (the turns in it
     share the model, not their forwards); at most ``max_queue`` more wait (429 past that; 503 after waiting
-    ``queue_timeout_s``). Pictures are decoded in the worker thread when the turn starts, so at most
-    ``concurrency`` full-size decodes happen at once, whatever the queue holds."""
+    ``queue_timeout_s``). Pictures are decoded on a line of their own, one at a time and by at most
+    ``concurrency + 1`` requests at once (each then keeps at most 8 pictures of 2 megapixels), so a queue of
+    requests holds compressed bytes, and text turns do not wait behind another request's decoding."""
 
     def __init__(
         self,
@@ -234,14 +245,14 @@ class ThreadedChatBackend:
         max_queue: int = 16,
         queue_timeout_s: float = 300.0,
         fetch: FetchConfig | None = None,
-        replica: str = PROCESS_ID,
+        replica: str | None = None,
     ):
         if concurrency < 1 or max_queue < 0 or not queue_timeout_s > 0:
             raise ValueError(
                 f"concurrency must be >= 1, max_queue >= 0 and queue_timeout_s > 0; got {concurrency}, "
                 f"{max_queue}, {queue_timeout_s}"
             )
-        self.model = pipeline.config.name
+        self.config = pipeline.config
         views = dict(indexes or {})
         if not views and pipeline.index is not None:
             views = {"default": pipeline.index}
@@ -250,9 +261,11 @@ class ThreadedChatBackend:
         self._pipeline = pipeline
         self.indexes = tuple(self._views)
         self.concurrency, self.max_queue, self.queue_timeout_s = concurrency, max_queue, queue_timeout_s
-        self.replica = replica
+        self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="chat")
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")  # one full-size picture at a time
+        self._image_slots = asyncio.Semaphore(concurrency + 1)
         self._lock = threading.Lock()
         self._inflight = 0
         self._running = 0
@@ -289,13 +302,13 @@ class ThreadedChatBackend:
         def emit(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
+        def work(turns: list[Turn]) -> None:
             with self._lock:
                 self._running += 1
             started.set()
             try:
                 if not cancelled.is_set():
-                    self._run(request, emit, cancelled, chats)
+                    self._run(request, turns, emit, cancelled, chats)
             except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
                 emit(_Failed(e))
             finally:
@@ -304,37 +317,57 @@ class ThreadedChatBackend:
                     self._inflight -= 1
                 emit(_DONE)
 
-        future = self._pool.submit(work)
+        def busy() -> Overloaded:
+            return Overloaded(
+                f"waited {self.queue_timeout_s:g} s in the queue without a turn; the server is busy, retry later",
+                status=503,
+            )
+
+        future = None
         deadline = loop.time() + self.queue_timeout_s
+        has_images = any(isinstance(p, ImageInput) for m in request.messages for p in m.parts)
         try:
             yield Served(self.replica)
-            while True:
+            # Pictures are decoded on a line of their own, one at a time, by at most concurrency + 1 requests at
+            # once (what they keep stays bounded), so text turns never wait behind another request's decoding
+            if has_images:
                 try:
-                    item = await asyncio.wait_for(queue.get(), None if started.is_set() else deadline - loop.time())
+                    await asyncio.wait_for(self._image_slots.acquire(), deadline - loop.time())
                 except asyncio.TimeoutError:
-                    if started.is_set():
-                        continue
-                    raise Overloaded(
-                        f"waited {self.queue_timeout_s:g} s in the queue without a turn; the server is busy, retry "
-                        f"later",
-                        status=503,
-                    ) from None
-                if item is _DONE:
-                    return
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
+                    raise busy() from None
+            try:
+                if has_images:
+                    decoding = loop.run_in_executor(self._decoder, request.decode_turns, self.fetcher)
+                    turns = await asyncio.wait_for(decoding, max(deadline - loop.time(), 1.0))
+                else:
+                    turns = request.decode_turns()
+                future = self._pool.submit(work, turns)
+                while True:
+                    try:
+                        timeout = None if started.is_set() else deadline - loop.time()
+                        item = await asyncio.wait_for(queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        if started.is_set():
+                            continue
+                        raise busy() from None
+                    if item is _DONE:
+                        return
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    yield item
+            finally:
+                if has_images:
+                    self._image_slots.release()
         finally:
             cancelled.set()
             for chat in chats:
                 chat.stop()
-            if future.cancel():  # still waiting (never started): its place is given back here
+            if future is None or future.cancel():  # never started: its place is given back here
                 with self._lock:
                     self._inflight -= 1
 
-    def _run(self, request: ChatRequest, emit, cancelled: threading.Event, chats: list[Chat]) -> None:
+    def _run(self, request: ChatRequest, turns: list[Turn], emit, cancelled: threading.Event, chats: list) -> None:
         pipeline = self.pipeline_for(request.index)
-        turns = request.decode_turns(self.fetcher)
         chat = Chat(pipeline)
         chat.history = turns[:-1]
         chats.append(chat)
@@ -342,13 +375,14 @@ class ThreadedChatBackend:
             if cancelled.is_set():
                 chat.stop()
             if isinstance(ev, TurnEnd):  # the answer is in the history by now, with its exact tokens
-                answer = len(chat.history[-1].tokens or ())
-                emit(Usage(max(chat.cached_tokens - answer, 0), answer))
+                tokens = tuple(chat.history[-1].tokens or ())
+                emit(Usage(max(chat.cached_tokens - len(tokens), 0), tokens))
             emit(ev)
 
     async def aclose(self) -> None:
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         if self.fetcher is not None:
             self.fetcher.close()

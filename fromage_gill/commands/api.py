@@ -1,0 +1,138 @@
+"""``fromage-gill api``: the OpenAI-compatible API (``serve/api.py``) over the model, on uvicorn, or over N Ray Serve
+replicas with ``--ray`` (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .common import add_model_args
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "api",
+        help="an OpenAI-compatible chat-completions API (images in and out)",
+        description="Serve /v1/chat/completions and /v1/models (docs/serving.md).",
+    )
+    add_model_args(p, default=os.environ.get("FROMAGE_GILL_MODEL"))
+    p.add_argument("--index", action="append", metavar="[NAME=]DIR", help="image index to retrieve from (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FROMAGE_GILL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $FROMAGE_GILL_API_KEY; none: no key needed)",
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="turns decoding at once per model copy (default 1)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
+    p.add_argument("--queue-timeout", type=float, default=300.0, help="seconds a request may wait before a 503")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
+    p.add_argument("--file-store-mb", type=float, default=256.0, help="memory for answers' image files (256)")
+    p.add_argument("--no-fetch", action="store_true", help="refuse http(s) image URLs (data URLs only)")
+    p.add_argument(
+        "--fetch-private",
+        action="store_true",
+        help="let image URLs reach private and loopback addresses (an intranet image server); off by default",
+    )
+    r = p.add_argument_group("Ray Serve (pip install '.[serve]')")
+    r.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas behind one ingress")
+    r.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas instead")
+    r.add_argument("--target-ongoing", type=float, default=2.0, help="autoscaling: requests per replica (2)")
+    r.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if CUDA, else 0)")
+    r.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    r.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise ValueError("--model is required (or set $FROMAGE_GILL_MODEL), e.g. --model toy-gill")
+    from ..retrieve.fetch import FetchConfig
+
+    fetch = None if args.no_fetch else FetchConfig(allow_private=args.fetch_private)
+    ingress = dict(
+        api_key=args.api_key or None,
+        fetch_urls=fetch is not None,
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+    )
+    if args.ray:
+        return _run_ray(args, fetch, ingress)
+    import uvicorn
+
+    from ..serve.api import build_app
+    from ..serve.backend import ThreadedChatBackend
+    from ..serve.files import FileStore
+    from .common import load_from_args
+
+    pipeline = load_from_args(args)
+    from ..chat.options import load_indexes
+
+    backend = ThreadedChatBackend(
+        pipeline,
+        indexes=load_indexes(args.index, pipeline),
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout,
+        fetch=fetch,
+    )
+    app = build_app(backend, store=FileStore(int(args.file_store_mb * 1024 * 1024)), **ingress)
+    logger.info("serving %s at http://%s:%d/v1", pipeline.config.name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _run_ray(args: argparse.Namespace, fetch, ingress: dict) -> int:
+    try:
+        from ..serve.ray_app import ReplicaSpec, ServeSpec, run
+    except ImportError as e:
+        raise ValueError(f"--ray needs Ray Serve: pip install '.[serve]' ({e})") from None
+    import torch
+
+    autoscaling = None
+    if args.autoscale:
+        lo, _, hi = args.autoscale.partition(":")
+        if not (lo.isdigit() and hi.isdigit() and 0 <= int(lo) <= int(hi) and int(hi) >= 1):
+            raise ValueError(f"--autoscale {args.autoscale!r}: expected MIN:MAX replicas, e.g. 1:4")
+        autoscaling = {
+            "min_replicas": int(lo),
+            "max_replicas": int(hi),
+            "target_ongoing_requests": args.target_ongoing,
+        }
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+    pipeline_kwargs = dict(
+        device=args.device,
+        dtype=args.dtype,
+        quantization=quantization,
+        device_map=args.device_map,
+        weights=args.weights,
+        lm=args.lm,
+        vision=args.vision,
+        diffusion=args.diffusion,
+        decision_model=args.decision_model,
+    )
+    spec = ServeSpec(
+        replica=ReplicaSpec(
+            model=args.model,
+            pipeline_kwargs=pipeline_kwargs,
+            index=tuple(args.index or ()),
+            concurrency=args.concurrency,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout,
+            fetch=fetch,
+        ),
+        replicas=args.replicas,
+        num_gpus=args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available()),
+        num_cpus=args.num_cpus,
+        autoscaling=autoscaling,
+        ingress_options=ingress,
+    )
+    logger.info("serving %s on Ray Serve at http://%s:%d/v1", args.model, args.host, args.port)
+    run(spec, host=args.host, port=args.port, address=args.ray_address, blocking=True)
+    return 0

@@ -1,0 +1,56 @@
+"""``fromage-gill api`` as a user runs it: the whole command in a subprocess, reached with the ``openai`` client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from fromage_gill.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_api_refuses_a_bad_autoscale_with_the_flag_named(capsys):
+    pytest.importorskip("ray")
+    assert main(["api", "--model", "tiny-gill", "--ray", "--autoscale", "four"]) == 2
+    assert "--autoscale 'four': expected MIN:MAX replicas" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_api_command_serves_the_openai_client_and_wants_its_key():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fromage_gill.cli", "api", "--model", "tiny-gill", "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--api-key", "k3y"], env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "fromage-gill api exited"
+            assert time.monotonic() < deadline, "fromage-gill api did not answer within 120 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=url, api_key="k3y", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-gill"]
+        r = client.chat.completions.create(
+            model="tiny-gill", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+        )
+        assert isinstance(r.choices[0].message.content, str) and r.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="nope", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(30)
