@@ -20,7 +20,7 @@ from ..generate.engine_chat import EngineChat
 from ..generate.events import TurnEnd
 from ..generate.prompt import ImageSegment, Turn
 from ..retrieve.fetch import FetchConfig, ImageFetcher
-from .backend import PROCESS_ID, BackendLoad, ChatRequest, ImageInput, Overloaded, Served, StreamEvent, Usage
+from .backend import BackendLoad, ChatRequest, ImageInput, Overloaded, Served, StreamEvent, Usage, process_id
 
 _DONE = object()
 
@@ -47,7 +47,7 @@ class EngineBackend:
         image_wait_s: float = 10.0,
         image_workers: int = 1,
         fetch: FetchConfig | None = None,
-        replica: str = PROCESS_ID,
+        replica: str | None = None,
         engine: Engine | None = None,
     ):
         if max_queue < 0 or kv_cache_gb < 0 or not image_budget_gb > 0 or image_wait_s < 0:
@@ -55,7 +55,7 @@ class EngineBackend:
                 f"max_queue and kv_cache_gb must be >= 0, image_budget_gb > 0 and image_wait_s >= 0; got {max_queue}, "
                 f"{kv_cache_gb}, {image_budget_gb}, {image_wait_s}"
             )
-        self.model = pipeline.config.name
+        self.config = pipeline.config
         views = dict(indexes or {})
         if not views and pipeline.index is not None:
             views = {"default": pipeline.index}
@@ -68,7 +68,7 @@ class EngineBackend:
         self.capacity = self.engine.max_batch + max_queue
         self.image_budget = ImageBudget(max(int(image_budget_gb * GiB), 1))
         self.image_wait_s = image_wait_s
-        self.replica = replica
+        self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
         self._lock = threading.Lock()
         self._inflight = 0
@@ -141,7 +141,7 @@ class EngineBackend:
                 for ev in events:
                     if isinstance(ev, TurnEnd) and chat.last_result is not None:
                         r = chat.last_result
-                        emit(Usage(r.n_prompt, len(r.tokens)))
+                        emit(Usage(r.n_prompt, tuple(r.tokens)))
                     emit(ev)
             except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
                 emit(_Failed(e))
