@@ -20,6 +20,7 @@ from fromage_gill.generate.engine import Engine
 from fromage_gill.generate.engine_chat import EngineChat
 from fromage_gill.generate.prefix_cache import PrefixCache, kv_bytes
 from fromage_gill.generate.prompt import dialogue_pieces, encode_pieces, normalize_message
+from fromage_gill.generate.resolve import ImageResolver
 from fromage_gill.images import ImageError
 from fromage_gill.retrieve import ImageIndex
 from fromage_gill.serve.engine_backend import EngineBackend
@@ -121,6 +122,31 @@ def test_tokens_and_images_are_the_same_alone_or_joining_and_leaving_a_batch(gil
         chat = Chat(gill)
         list(chat.send(turns[-1].segments, s))
         assert list(chat.history[-1].tokens) == alone.result.tokens
+
+
+def test_text_rows_finish_while_another_rows_image_is_being_made(gill, monkeypatch):
+    release = threading.Event()
+    resolve = ImageResolver.resolve
+
+    def slow(self, *args, **kwargs):  # the image takes as long as the test says
+        assert release.wait(30), "the test never released the image"
+        return resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageResolver, "resolve", slow)
+    show = GenerationSettings(max_new_tokens=6, mode="retrieve", min_word_tokens=1, **FORCED)
+    with Engine(gill, start=False) as engine:
+        pic = engine.submit(encode(gill, [user(["show me a dog"])]), show)
+        story = GenerationSettings(max_new_tokens=10, mode="text", **TEXT)
+        text = engine.submit(encode(gill, [user(["tell me a story"])]), story)
+        drain(engine, [text])  # ten tokens while the image is still being found
+        assert pic.result is None and engine.stats().parked == 1
+        release.set()
+        events = drain(engine, [pic])[0]
+    assert [type(e).__name__ for e in events if not isinstance(e, TextDelta)] == [
+        "ImagePending",
+        "ImageResult",
+        "TurnEnd",
+    ]
 
 
 def test_sampled_tokens_follow_each_requests_own_seed(gill):
