@@ -15,7 +15,8 @@ mates: under greedy decoding (fp32) a request gets the same tokens alone or in a
 
 Why not transformers' own continuous batching (``generation/continuous_batching``, 5.25): requests are token ids only
 (no input embeddings, which our images are), the model runner keeps only logits (the hidden states at image tokens,
-which retrieval and generation read, are dropped), and sampling settings are one per manager, not per request.
+which retrieval and generation read, are dropped), and whether to sample is one setting per manager, with draws
+from the global RNG (temperature, top-k and top-p may vary per request; a seed may not).
 """
 
 from __future__ import annotations
