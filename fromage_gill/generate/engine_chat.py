@@ -1,0 +1,115 @@
+"""``EngineChat``: a ``Chat`` whose turns decode on a shared ``Engine`` (batched with every other conversation's).
+
+It keeps what a ``Chat`` keeps (history, validation, the prompt plan that leaves out the oldest exchanges) but no KV
+cache of its own: the engine's ``PrefixCache`` holds the conversation's, bounded in bytes with every other one, and
+the engine's ``VisionCache`` its images' features. So an app session (or a stateless API request rebuilt from its
+messages) holds its history only, and turn 30 still prefills only its new tokens while the prefix stays cached.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from typing import TYPE_CHECKING
+
+from ..settings import GenerationSettings
+from .chat import Chat
+from .engine import Engine, EngineRequest, TurnResult
+from .events import Event, Notice, TurnEnd
+from .limits import image_paths
+from .prompt import Prompt, Turn
+
+if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
+    from ..config import DialogueSpec
+    from ..pipeline import Pipeline
+
+
+class EngineChat(Chat):
+    """A ``Chat`` (same methods, same events) decoded by ``engine``. ``pipeline``: a view of the engine's pipeline
+    with another index (default: the engine's own). ``last_result`` is the last finished turn's ``TurnResult``
+    (its prompt size and how much of it the prefix cache served). Decoding strategies other than "default" are
+    refused (``ValueError``): the engine samples each row on its own."""
+
+    def __init__(self, engine: Engine, pipeline: Pipeline | None = None, *, dialogue: DialogueSpec | None = None):
+        super().__init__(pipeline or engine.pipeline, dialogue=dialogue)
+        self.engine = engine
+        self.vision_cache = engine.vision_cache
+        self.last_result: TurnResult | None = None
+
+    def _turn(
+        self,
+        prompt: Prompt,
+        first: int,
+        settings: GenerationSettings,
+        *,
+        add: Turn | None = None,
+        drop_last: bool = False,
+    ) -> Generator[Event, None, None]:
+        removed = self.history.pop() if drop_last else None
+        if add is not None:
+            self.history.append(add)
+        stop = self._stop_flag()
+        if not hasattr(self, "stop_requested"):  # Chat clears its stop flag as a turn runs (later: as it starts)
+            stop.clear()
+        old_first, request, recorded = self._first, None, False
+
+        def rollback() -> None:
+            self._first = old_first
+            if add is not None:
+                self.history.pop()
+            if removed is not None:
+                self.history.append(removed)
+
+        try:
+            notices = []
+            if first > self._first:
+                notices.append(
+                    Notice(
+                        f"the {first} oldest turn(s) were left out of the prompt to fit the LM's "
+                        f"context of {self.context_length} tokens"
+                    )
+                )
+            if settings.mode != "text" and not any(image_paths(self.pipeline, settings)) and not self._told_no_images:
+                self._told_no_images = True
+                notices.append(Notice("images are off: no image index is loaded and this model cannot generate them"))
+            exclude = {s.index_id for t in self.history for s in t.images if s.index_id is not None}
+            request = self.engine.submit(
+                prompt,
+                settings,
+                exclude=exclude,
+                stop_strings=self.dialogue.stop_strings,
+                stop_event=stop,
+                pipeline=self.pipeline,
+            )
+            self._first = first
+            yield from notices
+            for ev in request.events():
+                if isinstance(ev, TurnEnd):  # the answer is in the history by the time TurnEnd is seen
+                    self._record_result(request)
+                    recorded = True
+                yield ev
+        except GeneratorExit:
+            if request is None:
+                rollback()
+            elif not recorded:  # the consumer went away mid-turn: keep the answer so far
+                if request.result is None:
+                    request.cancel()
+                    for _ in request.events():  # to its TurnEnd("stopped"), at the engine's next step
+                        pass
+                self._record_result(request)
+            raise
+        except BaseException:
+            if recorded:  # failed after recording the answer
+                self.history.pop()
+            rollback()
+            raise
+
+    def _stop_flag(self) -> threading.Event:
+        """The Chat's stop flag, which ``stop()`` sets (``_stop``; ``stop_requested`` once the seams refactor lands)."""
+        return vars(self).get("stop_requested") or vars(self)["_stop"]
+
+    def _record_result(self, request: EngineRequest) -> None:
+        result = request.result
+        assert result is not None
+        self.last_result = result
+        self.history.append(Turn("assistant", list(result.segments), tuple(result.tokens)))

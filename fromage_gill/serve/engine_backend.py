@@ -1,0 +1,171 @@
+"""``EngineBackend``: the ``ChatBackend`` over ``generate.engine.Engine``: every client's turn decodes in one batch.
+
+Per request: its pictures are decoded under the server-wide ``ImageBudget`` (``OverCapacity`` past it becomes
+``Overloaded`` 429), the conversation is rebuilt as an ``EngineChat`` (history only: the KV of its prefix lives in
+the engine's byte-bounded prefix cache, shared by all conversations) and its turn is submitted to the engine. Nothing
+outlives the request but those caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Mapping
+
+from ..generate.capacity import ImageBudget, OverCapacity
+from ..generate.engine import Engine, GiB
+from ..generate.engine_chat import EngineChat
+from ..generate.events import TurnEnd
+from ..generate.prompt import ImageSegment, Turn
+from ..retrieve.fetch import FetchConfig, ImageFetcher
+from .backend import BackendLoad, ChatRequest, ImageInput, Overloaded, Served, StreamEvent, Usage, process_id
+
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class EngineBackend:
+    """``ChatBackend`` with continuous batching. ``max_batch`` turns decode together; ``max_queue`` more wait (429
+    past that). ``kv_cache_gb``: the prefix cache's bound; ``image_budget_gb``: image decoding at once, server-wide,
+    a request waiting up to ``image_wait_s`` for room before its 429."""
+
+    def __init__(
+        self,
+        pipeline,
+        *,
+        indexes: Mapping[str, object] | None = None,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        kv_cache_gb: float = 1.0,
+        image_budget_gb: float = 1.0,
+        image_wait_s: float = 10.0,
+        image_workers: int = 1,
+        fetch: FetchConfig | None = None,
+        replica: str | None = None,
+        engine: Engine | None = None,
+    ):
+        if max_queue < 0 or kv_cache_gb < 0 or not image_budget_gb > 0 or image_wait_s < 0:
+            raise ValueError(
+                f"max_queue and kv_cache_gb must be >= 0, image_budget_gb > 0 and image_wait_s >= 0; got {max_queue}, "
+                f"{kv_cache_gb}, {image_budget_gb}, {image_wait_s}"
+            )
+        self.config = pipeline.config
+        views = dict(indexes or {})
+        if not views and pipeline.index is not None:
+            views = {"default": pipeline.index}
+        self._views = {name: dataclasses.replace(pipeline, index=idx) for name, idx in views.items()}
+        self._pipeline = pipeline
+        self.indexes = tuple(self._views)
+        self.engine = engine or Engine(
+            pipeline, max_batch=max_batch, kv_cache_bytes=int(kv_cache_gb * GiB), image_workers=image_workers
+        )
+        self.capacity = self.engine.max_batch + max_queue
+        self.image_budget = ImageBudget(max(int(image_budget_gb * GiB), 1))
+        self.image_wait_s = image_wait_s
+        self.replica = replica or process_id()
+        self.fetcher = ImageFetcher(fetch) if fetch is not None else None
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._closed = False
+
+    def load(self) -> BackendLoad:
+        s = self.engine.stats()
+        return BackendLoad(s.active + s.parked, s.waiting, self.capacity)
+
+    def pipeline_for(self, index: str | None):
+        if index is None:
+            return next(iter(self._views.values()), self._pipeline)
+        if index not in self._views:
+            have = ", ".join(self.indexes) or "none (the server was started without --index)"
+            raise ValueError(f"index {index!r} is not loaded; this server has: {have}")
+        return self._views[index]
+
+    def decode_turns(self, request: ChatRequest) -> list[Turn]:
+        """``request.decode_turns`` with each data-URL picture decoded under the image budget (a URL's fetch has its
+        own size limits). Raises ``ImageError`` (400) or ``Overloaded`` (429)."""
+        turns = []
+        for m in request.messages:
+            segments: list = []
+            for p in m.parts:
+                if isinstance(p, ImageInput) and p.data is not None:
+                    try:
+                        with self.image_budget.admit(p.data, name=p.name, timeout=self.image_wait_s):
+                            image = p.load(self.fetcher)  # decoded and kept small inside the reservation
+                    except OverCapacity as e:
+                        raise Overloaded(str(e), status=429, retry_after_s=e.retry_after_s) from None
+                    segments.append(ImageSegment(image))
+                elif isinstance(p, ImageInput):
+                    segments.append(ImageSegment(p.load(self.fetcher)))
+                elif p:
+                    segments.append(p)
+            turns.append(Turn(m.role, segments, m.tokens))
+        if not any(isinstance(s, ImageSegment) or s.strip() for s in turns[-1].segments):
+            raise ValueError("the last user message is empty: send text or an image")
+        return turns
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        with self._lock:
+            if self._closed:
+                raise Overloaded("the server is shutting down", status=503)
+            if self._inflight >= self.capacity:
+                raise Overloaded(
+                    f"the server is full: {self._inflight} requests are decoding or waiting (at most "
+                    f"{self.capacity}); retry shortly",
+                    status=429,
+                )
+            self._inflight += 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        chats: list[EngineChat] = []
+        cancelled = threading.Event()
+
+        def emit(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the stream's event loop is gone: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                turns = self.decode_turns(request)
+                chat = EngineChat(self.engine, self.pipeline_for(request.index))
+                chat.history = turns[:-1]
+                chats.append(chat)
+                if cancelled.is_set():
+                    return
+                events = chat.send(turns[-1].segments, request.settings)
+                for ev in events:
+                    if isinstance(ev, TurnEnd) and chat.last_result is not None:
+                        r = chat.last_result
+                        emit(Usage(r.n_prompt, tuple(r.tokens)))
+                    emit(ev)
+            except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
+                emit(_Failed(e))
+            finally:
+                with self._lock:
+                    self._inflight -= 1
+                emit(_DONE)
+
+        # a thread per request only waits on the engine's queue (the engine's scheduler does the work)
+        threading.Thread(target=work, name=f"engine-request-{request.id[-8:]}", daemon=True).start()
+        try:
+            yield Served(self.replica)
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            cancelled.set()
+            for chat in chats:
+                chat.stop()
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._closed = True
+        await asyncio.to_thread(self.engine.close)
+        if self.fetcher is not None:
+            self.fetcher.close()
