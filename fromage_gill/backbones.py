@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import nn
 
-from .config import RANDOM, DiffusionSpec, LMSpec, VisionSpec
+from .config import RANDOM, ClipSpec, DiffusionSpec, LMSpec, VisionSpec
 from .hub import from_hub_or_path
 from .images import CLIP_MEAN, CLIP_STD, ImageProcessor
 from .typed_json import JSONValue
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 Quantization = Literal["8bit", "4bit"] | None
 
 
-def inline_config(spec: LMSpec | VisionSpec | DiffusionSpec) -> Mapping[str, JSONValue]:
+def inline_config(spec: LMSpec | VisionSpec | DiffusionSpec | ClipSpec) -> Mapping[str, JSONValue]:
     """The inline config a ``source == "random"`` component is built from (the spec's validation requires it)."""
     if spec.config is None:
         raise ValueError(f"{spec.source!r} needs an inline config to be built with random weights")
@@ -300,7 +300,7 @@ def load_vision(
             )
             with torch.device("meta"):
                 model = CLIPVisionModel(config)
-            processor = ImageProcessor(size=_side(config.image_size))
+            processor = ImageProcessor(size=image_side(config.image_size))
             return VisionEncoder(model.eval().requires_grad_(False), "hf_clip", config.hidden_size, processor)
         if spec.source == RANDOM:
             torch.manual_seed(seed + 1)
@@ -312,7 +312,7 @@ def load_vision(
                 lambda s: _clip_vision_from_pretrained(s, revision=spec.revision, dtype=dtype),
             )
             _check_clip_vision(spec.source, info)  # here, not in the loader: a hub error it is not
-        processor = ImageProcessor(size=_side(model.config.image_size), mean=CLIP_MEAN, std=CLIP_STD)
+        processor = ImageProcessor(size=image_side(model.config.image_size), mean=CLIP_MEAN, std=CLIP_STD)
         out_dim = model.config.hidden_size
     elif spec.backend == "open_clip":
         import open_clip
@@ -329,7 +329,7 @@ def load_vision(
             )
         # open_clip's visual towers (ViT, ModifiedResNet, timm) share no typed base class with these attributes
         model = cast(nn.Module, full.visual)
-        size = _side(getattr(model, "image_size"))  # noqa: B009
+        size = image_side(getattr(model, "image_size"))  # noqa: B009
         pp = getattr(model, "preprocess_cfg", {}) or {}
         processor = ImageProcessor(size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD)))
         out_dim = int(getattr(model, "output_dim"))  # noqa: B009
@@ -340,7 +340,7 @@ def load_vision(
     return VisionEncoder(backbone, spec.backend, out_dim, processor)
 
 
-def _side(image_size: object) -> int:
+def image_side(image_size: object) -> int:
     """A square image's side from a config's ``image_size`` (an int, or a (height, width) pair)."""
     if isinstance(image_size, int):
         return image_size
