@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import sd_scheduler
 from ..images import CLIP_MEAN, CLIP_STD
+from ..typed_json import JSONValue
 from . import world as W
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class Recipe:
 @dataclass
 class StageReport:
     stage: str
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, JSONValue] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -389,7 +389,7 @@ def clip_embed_texts(model, tok, texts: list[str], batch: int = 256) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, Any]:
+def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, JSONValue]:
     """On held-out scenes: caption -> image retrieval (a hit is any image whose attributes match the caption's,
     R@1/5/10 with chance), and zero-shot colour / shape classification of one-shape images."""
     scenes, pixels = image_pool(recipe.eval_images, split="test", seed=recipe.seed + 99, progress=False)
@@ -397,7 +397,7 @@ def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, Any]:
     txt = clip_embed_texts(model, tok, [s.caption for s in scenes])
     ranks = (txt @ img.T).argsort(dim=1, descending=True)
     keys = [s.key for s in scenes]
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, JSONValue] = {}
     for k in (1, 5, 10):
         hits = [any(keys[j] == keys[i] for j in ranks[i, :k].tolist()) for i in range(len(scenes))]
         metrics[f"retrieval_R@{k}"] = round(float(np.mean(hits)), 3)
@@ -489,7 +489,7 @@ def _batch(tok, docs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 @torch.no_grad()
-def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
+def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, JSONValue]:
     """Held-out perplexity, and in-context answers: given an image's description in the context (as in the
     corpus), does greedy decoding name its colour and shape?"""
     docs = [_doc_ids(tok, t) for t in corpus(400, split="test", seed=recipe.seed, bos=tok.bos_token)]
@@ -549,7 +549,7 @@ def generate_text(
 # ------------------------------------------------------------------------------------------------ diffusion
 
 
-def vae_config(recipe: Recipe) -> dict[str, Any]:
+def vae_config(recipe: Recipe) -> dict[str, JSONValue]:
     n = len(recipe.vae_channels)
     return dict(
         in_channels=3,
@@ -611,7 +611,7 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     )
 
 
-def unet_config(recipe: Recipe, cross_attention_dim: int) -> dict[str, Any]:
+def unet_config(recipe: Recipe, cross_attention_dim: int) -> dict[str, JSONValue]:
     n = len(recipe.unet_channels)
     return dict(
         sample_size=W.IMAGE_SIZE // 4,
@@ -694,7 +694,7 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
 
 
 @torch.no_grad()
-def evaluate_diffusion(pipe, out: Path, recipe: Recipe, guidance: float = 4.0) -> dict[str, Any]:
+def evaluate_diffusion(pipe, out: Path, recipe: Recipe, guidance: float = 4.0) -> dict[str, JSONValue]:
     """Text -> image for held-out one-shape prompts: does the dominant colour match, and does the small CLIP
     pick the requested shape among the six? Saves a grid of the samples (``diffusion_samples.png``)."""
     from transformers import CLIPModel
