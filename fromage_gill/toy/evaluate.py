@@ -312,18 +312,17 @@ def requests(
     judged = dict(
         zip(
             (id(im) for _, im in drawn),
-            shape_judge(
-                _judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [d.turns[1].target for d, _ in drawn]
-            ),
+            shape_judge(_judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [_target(d) for d, _ in drawn]),
             strict=True,
         )
     )
 
     def matches(d: W.Dialogue, im: ImageResult | None) -> bool:
-        want = d.turns[1].target.things[0]
+        want = _target(d).things[0]
         if im is None or im.source != ("retrieved" if d.kind == "show" else "generated"):
             return False
         if d.kind == "show":
+            assert im.index_id is not None, "a retrieved image names its gallery row"
             got = gallery[im.index_id].things
             if im.caption and not all(t.colour in im.caption and t.shape in im.caption for t in got):
                 raise ValueError(
@@ -352,12 +351,19 @@ def requests(
     return out, samples
 
 
+def _target(d: W.Dialogue) -> W.Scene:
+    """The scene a "show" / "draw" dialogue asks for (its second turn's)."""
+    target = d.turns[1].target
+    assert target is not None, "a show / draw dialogue's answer shows a scene"
+    return target
+
+
 def _right_kind_and_colour(d: W.Dialogue, image: ImageResult | None) -> bool:
     """A "show" / "draw" request answered with an image from the right source, of the asked dominant colour."""
     return (
         image is not None
         and image.source == ("retrieved" if d.kind == "show" else "generated")
-        and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour
+        and W.dominant_colour(image.image) == _target(d).things[0].colour
     )
 
 
