@@ -108,7 +108,9 @@ class ConversationStore:
 # -- a session as a stored record, and back --------------------------------------------------------------------
 
 
-def session_record(session: ChatSession, *, model_name: str, running: bool = False, partial: str = "") -> dict:
+def session_record(
+    session: ChatSession, *, model_name: str, running: bool = False, partial: str = ""
+) -> dict[str, Any]:
     """What is stored of a session: its JSON export, title, why each answer ended, and while a turn runs
     ``running`` with the answer's text so far (``partial``), so that a crash leaves it marked as interrupted."""
     first = next((t.text for t in session.chat.history if t.role == "user" and t.text.strip()), "")
@@ -122,7 +124,7 @@ def session_record(session: ChatSession, *, model_name: str, running: bool = Fal
     }
 
 
-def record_chat(record: dict[str, Any]) -> tuple[dict[str, Any], dict[int, str]]:
+def record_chat(record: object) -> tuple[dict[str, Any], dict[int, str]]:  # a stored record, read from disk
     """The JSON export of a stored record (checked by ``read_export``) and the end reason of each answer; a turn
     that was running when the app stopped becomes an answer of the text it had, marked "interrupted"."""
     if not isinstance(record, dict) or not isinstance(record.get("chat"), dict):
