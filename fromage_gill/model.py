@@ -18,13 +18,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import VisionEncoder, cache_argument
+from .backbones import VisionEncoder, cache_argument, input_embeddings
 from .config import ModelConfig
 from .devices import execution_device
 from .layout import splice_visual
@@ -43,12 +43,6 @@ class LMOutput:
     logits: torch.Tensor | None  # (B, T', n_base + r) float32; T' = T, or 1 with last_only
     hidden: torch.Tensor  # (B, T, d) last-layer hidden states (after the LM's final norm)
     past_key_values: object | None  # the LM's cache, to continue decoding
-
-
-def input_embeddings(lm: PreTrainedModel) -> nn.Embedding:
-    """The LM's token embedding table. transformers types it as any Module; every causal LM we load uses an
-    ``nn.Embedding`` (or a subclass), whose ``num_embeddings`` / ``embedding_dim`` / ``weight`` we read."""
-    return cast("nn.Embedding", lm.get_input_embeddings())
 
 
 class GroundedLM(nn.Module):

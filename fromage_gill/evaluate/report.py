@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from ..typed_json import JSONValue
 from .papers import PAPERS
 from .shards import ONE, Processes
 
@@ -31,7 +31,7 @@ class Results:
     or ``out/results.rank<R>-of-<N>.jsonl`` (rank R of N, ``shards.py``). Every results file of the folder counts
     as done, whichever process count wrote it, so a run resumes with more or fewer processes."""
 
-    def __init__(self, out: str | Path, task: str, run_key: Mapping[str, Any], processes: Processes = ONE):
+    def __init__(self, out: str | Path, task: str, run_key: Mapping[str, JSONValue], processes: Processes = ONE):
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         name = RESULTS_FILE if processes.world == 1 else f"results.rank{processes.rank}-of-{processes.world}.jsonl"
@@ -141,7 +141,7 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+def _columns(rows: Iterable[Mapping[str, JSONValue]]) -> list[str]:
     seen: list[str] = []
     for values in rows:
         seen += [k for k in values if k not in seen]
