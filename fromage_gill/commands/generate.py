@@ -10,6 +10,7 @@ from pathlib import Path
 from .common import add_model_args, load_from_args
 
 logger = logging.getLogger(__name__)
+DEFAULT_OUT = "fromage-gill-images"  # a folder of its own: never files dropped among the user's
 
 
 def register(sub) -> None:
@@ -71,7 +72,13 @@ def register(sub) -> None:
         metavar="DIR",
         help="image index to retrieve from (default: the shipped index of a tiny preset, if any)",
     )
-    p.add_argument("--out", default=".", metavar="DIR", help="where images are written (default: current folder)")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"folder the answer's images are written to, created when needed; each image's path is printed "
+        f"(default: ./{DEFAULT_OUT})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming text")
     p.set_defaults(func=run)
 
