@@ -258,7 +258,7 @@ class ChatHandlers:
             events = iter(start())  # a refusal (too long, bad settings) raises here: the box keeps the message
             first = next(events, None)
             self.save(session, running=True)  # from now on a crash leaves this turn marked as interrupted
-            yield self._reply(session, clear_box=True)
+            yield self._reply(session, clear_box=pending_user is not None and shown_turns is None)  # a send's box
             if first is not None:
                 session.apply(first)
             for _ in turn_updates(session, events, save=lambda: self.save(session, running=True)):
