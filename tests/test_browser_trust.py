@@ -262,3 +262,13 @@ def test_settings_stay_with_the_browser(server):
         assert "logits" not in help_text.lower() and "published" not in help_text.lower()
         limit = re.search(r"Up to (\d+): what the model's context leaves", help_text)
         assert limit and int(limit[1]) % 16 == 0, "the answer-length range is round and says where its end comes from"
+
+
+def test_the_sidebar_is_open_on_a_desktop_and_closed_on_a_phone(server):
+    with open_page(server) as page:
+        assert "open" in page.locator("#sidebar").get_attribute("class")
+        page.set_viewport_size({"width": 390, "height": 800})
+        page.reload()
+        page.wait_for_selector("#message textarea")
+        page.wait_for_function("() => !document.querySelector('#sidebar').classList.contains('open')")
+        assert page.locator("#message textarea").is_visible()
