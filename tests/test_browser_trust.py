@@ -187,7 +187,7 @@ def test_an_imported_conversation_runs_nothing_and_fetches_nothing_outside(serve
         with page.expect_file_chooser() as chooser:
             page.locator("#load_json").click()
         chooser.value.set_files(str(path))
-        page.get_by_text("Loaded a conversation of 1 exchanges").first.wait_for()
+        page.get_by_text("Loaded a conversation of 1 exchange from").first.wait_for()
         wait_idle(page)
         page.reload()  # and as stored
         page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length >= 4")

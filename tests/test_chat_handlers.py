@@ -507,3 +507,20 @@ def test_exports_are_limited_and_removed_with_their_session(h, monkeypatch):
         h._exports.release()
     h.close_session(session)
     assert not path.parent.exists() and not list(Path(tempfile.gettempdir()).glob(f"*{session.id}*"))
+
+
+def test_an_imported_answer_without_text_is_no_blank_bubble_and_exchanges_are_counted(h, tmp_path):
+    import dataclasses
+
+    session = last(h.send(None, {"text": "hi", "files": []}, **TEXT)).session
+    for k in range(2):
+        last(h.send(session, {"text": f"more {k}", "files": []}, **TEXT))
+    # an answer cut off before its first word (as an app that died mid-turn leaves it)
+    history = session.chat.history
+    history[-1] = dataclasses.replace(history[-1], segments=[], tokens=None)
+    path = Path(h.export_json(session))
+    reply = h.load_json(None, {"path": str(path)})
+    assert [n.text for n in reply.notes] == ["Loaded a conversation of 3 exchanges from conversation.json."]
+    answers = [m["content"] for m in reply.messages if m["role"] == "assistant"]
+    assert len(answers) == 3 and answers[-1] == "*(no text: the answer ended before its first word)*"
+    assert all(a.strip() for a in answers)

@@ -385,8 +385,8 @@ class ChatHandlers:
         session.reasons = {}
         session.conversation = new_id()  # a conversation of its own in the sidebar's list
         self.save(session)
-        exchanges = sum(t.role == "user" for t in chat.history)
-        session.note(f"Loaded a conversation of {exchanges} exchanges from {Path(str(path)).name}.")
+        n = sum(t.role == "user" for t in chat.history)  # exchanges, as the chat shows them (not turns)
+        session.note(f"Loaded a conversation of {n} exchange{'s' * (n != 1)} from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
     def _settings_of(self, data: dict[str, Any]) -> Any:
