@@ -101,9 +101,13 @@ def test_the_sidebar_renames_and_dates_conversations(server):
         send(page, "a message to rename")
         wait_idle(page)
         page.locator("#sidebar").get_by_text("a message to rename · just now").first.wait_for()
+        page.locator("#rename").click()  # no name typed: a warning
+        page.locator(".toast-wrap").get_by_text("Type a name").first.wait_for()
         page.locator("#rename_text textarea, #rename_text input").first.fill("Cats, day one")
-        page.locator("#rename").click()
+        page.locator("#rename").click()  # then a notice: one toast at a time, the newest
         page.locator("#sidebar").get_by_text("Cats, day one · just now").first.wait_for()
+        page.locator(".toast-wrap").get_by_text("Renamed to").first.wait_for()
+        assert page.locator(".toast-wrap .toast-body:visible").count() == 1
         send(page, "and more")  # a new turn keeps the name
         wait_idle(page)
         page.reload()

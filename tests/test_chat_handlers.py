@@ -524,3 +524,11 @@ def test_an_imported_answer_without_text_is_no_blank_bubble_and_exchanges_are_co
     answers = [m["content"] for m in reply.messages if m["role"] == "assistant"]
     assert len(answers) == 3 and answers[-1] == "*(no text: the answer ended before its first word)*"
     assert all(a.strip() for a in answers)
+
+
+def test_the_loading_line_speaks_of_a_download_only_for_the_published_models(tmp_path):
+    from fromage_gill.chat.options import loading_line
+
+    assert "downloads" in loading_line("gill")
+    for shipped in ("toy-gill", "tiny-gill", str(tmp_path)):
+        assert "download" not in loading_line(shipped), shipped
