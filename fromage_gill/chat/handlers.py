@@ -91,7 +91,7 @@ class ChatHandlers:
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.store = ConversationStore(self.options.cache_dir / "conversations", self.options.conversation_ttl_s)
         self.browser_secret = browser_secret(self.options.cache_dir)
-        self.live = LiveTurns(self._close)  # turns run on the server, not in the page that sent them
+        self.live: LiveTurns[Reply] = LiveTurns(self._close)  # turns run on the server, not in the page
         self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------
