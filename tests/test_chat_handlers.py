@@ -532,3 +532,24 @@ def test_the_loading_line_speaks_of_a_download_only_for_the_published_models(tmp
     assert "downloads" in loading_line("gill")
     for shipped in ("toy-gill", "tiny-gill", str(tmp_path)):
         assert "download" not in loading_line(shipped), shipped
+
+
+def test_the_settings_table_takes_its_bounds_from_the_model_the_index_and_the_limits(h, indexes):
+    from fromage_gill.generate.limits import MAX_IMAGES_PER_MESSAGE
+
+    table = {c.key: c for c in h.settings_table}
+    assert set(table) == {*controls.SETTING_KEYS, "seed", "index"}
+    assert table["max_images"].bounds == (0, MAX_IMAGES_PER_MESSAGE)
+    assert table["max_new_tokens"].bounds == (1, h.max_new_tokens) and h.max_new_tokens % controls.ROUND_TOKENS == 0
+    smallest = min(len(i) for i in indexes.values())
+    assert table["retrieval_candidates"].bounds[1] == max(2, min(controls.MAX_CANDIDATES, smallest))
+    assert "magic" not in table["decoding"].help and "contrastive" in table["decoding"].help  # only what is offered
+    for c in h.settings_table:
+        value = controls.starting_value(c, h.defaults)
+        if c.kind == "slider":
+            assert c.bounds[0] <= value <= c.bounds[1], c.key
+            assert isinstance(value, int) == (c.step == 1 and float(value).is_integer()), c.key
+    words = " ".join(c.label + " " + c.help for c in h.settings_table).lower()
+    assert "logit" not in words and "published" not in words
+    kept = controls.kept_values(h.settings_table, {"temperature": 0.7, "max_images": 99, "mode": "nonsense"})
+    assert kept == {"temperature": 0.7}, "a kept value outside this model's ranges is left out"

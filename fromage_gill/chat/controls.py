@@ -232,7 +232,7 @@ def starting_value(control: Control, defaults: Mapping[str, Any]) -> float | str
     value = defaults[control.key]  # default_settings holds every setting
     if control.kind == "slider":
         lo, hi = control.bounds
-        clipped = min(max(float(value), lo), hi)
+        clipped = float(min(max(float(value), lo), hi))
         return int(clipped) if control.step == 1 and clipped.is_integer() else clipped  # 24 tokens, not 24.0
     values = [v for _, v in control.choices]
     return value if value in values else values[0]
