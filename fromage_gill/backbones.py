@@ -38,6 +38,16 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["8bit", "4bit"] | None
 
+# Lines that importing diffusers / transformers / faiss prints at every command and are not the user's business:
+# bitsandbytes (imported by diffusers' quantizers whether or not anything is quantized) tries to fetch a CPU 4-bit
+# kernel from the Hub, and faiss's loader reports each SIMD build it could not load before the one it uses.
+for _noisy, _level in {
+    "bitsandbytes.backends.cpu.ops": logging.ERROR,
+    "kernels._internals.hf_hub": logging.ERROR,
+    "faiss.loader": logging.WARNING,
+}.items():
+    logging.getLogger(_noisy).setLevel(_level)
+
 
 def inline_config(spec: LMSpec | VisionSpec | DiffusionSpec | ClipSpec) -> Mapping[str, JSONValue]:
     """The inline config a ``source == "random"`` component is built from (the spec's validation requires it)."""

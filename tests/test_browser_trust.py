@@ -16,11 +16,12 @@ from urllib.parse import urlparse
 import pytest
 
 pytest.importorskip("gradio")
-pytest.importorskip("playwright.sync_api")
+playwright_api = pytest.importorskip("playwright.sync_api")
 
 from browser_helpers import (  # noqa: E402 (after the skips)
     MARKS,
     bot_messages,
+    chat_text,
     delete_chat,
     free_port,
     open_page,
@@ -100,9 +101,13 @@ def test_the_sidebar_renames_and_dates_conversations(server):
         send(page, "a message to rename")
         wait_idle(page)
         page.locator("#sidebar").get_by_text("a message to rename · just now").first.wait_for()
+        page.locator("#rename").click()  # no name typed: a warning
+        page.locator(".toast-wrap").get_by_text("Type a name").first.wait_for()
         page.locator("#rename_text textarea, #rename_text input").first.fill("Cats, day one")
-        page.locator("#rename").click()
+        page.locator("#rename").click()  # then a notice: one toast at a time, the newest
         page.locator("#sidebar").get_by_text("Cats, day one · just now").first.wait_for()
+        page.locator(".toast-wrap").get_by_text("Renamed to").first.wait_for()
+        assert page.locator(".toast-wrap .toast-body:visible").count() == 1
         send(page, "and more")  # a new turn keeps the name
         wait_idle(page)
         page.reload()
@@ -131,9 +136,8 @@ def test_text_sent_mid_answer_is_sent_after_it(server, how):
             LM_DELAY_S["value"] = 0.0
         try:
             page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row.bot-row').length >= 2")
-        except Exception:
-            page.screenshot(path="/tmp/regen_fail.png", full_page=True)
-            raise AssertionError(page.locator("#chatbot").inner_text()) from None
+        except playwright_api.TimeoutError:
+            raise AssertionError(f"the second message was not sent; the chat shows {chat_text(page)!r}") from None
         wait_idle(page)
         assert user_texts(page) == ["first", "second, typed meanwhile"]
         assert page.locator("#message textarea").input_value() == "", "sent, so no longer in the box"
@@ -187,7 +191,7 @@ def test_an_imported_conversation_runs_nothing_and_fetches_nothing_outside(serve
         with page.expect_file_chooser() as chooser:
             page.locator("#load_json").click()
         chooser.value.set_files(str(path))
-        page.get_by_text("Loaded a conversation of 1 exchanges").first.wait_for()
+        page.get_by_text("Loaded a conversation of 1 exchange from").first.wait_for()
         wait_idle(page)
         page.reload()  # and as stored
         page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length >= 4")
@@ -262,3 +266,13 @@ def test_settings_stay_with_the_browser(server):
         assert "logits" not in help_text.lower() and "published" not in help_text.lower()
         limit = re.search(r"Up to (\d+): what the model's context leaves", help_text)
         assert limit and int(limit[1]) % 16 == 0, "the answer-length range is round and says where its end comes from"
+
+
+def test_the_sidebar_is_open_on_a_desktop_and_closed_on_a_phone(server):
+    with open_page(server) as page:
+        assert "open" in page.locator("#sidebar").get_attribute("class")
+        page.set_viewport_size({"width": 390, "height": 800})
+        page.reload()
+        page.wait_for_selector("#message textarea")
+        page.wait_for_function("() => !document.querySelector('#sidebar').classList.contains('open')")
+        assert page.locator("#message textarea").is_visible()

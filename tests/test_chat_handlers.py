@@ -495,3 +495,49 @@ def test_exports_are_limited_and_removed_with_their_session(h, monkeypatch):
         h._exports.release()
     h.close_session(session)
     assert not path.parent.exists() and not list(Path(tempfile.gettempdir()).glob(f"*{session.id}*"))
+
+
+def test_an_imported_answer_without_text_is_no_blank_bubble_and_exchanges_are_counted(h, tmp_path):
+    import dataclasses
+
+    session = last(h.send(None, {"text": "hi", "files": []}, **TEXT)).session
+    for k in range(2):
+        last(h.send(session, {"text": f"more {k}", "files": []}, **TEXT))
+    # an answer cut off before its first word (as an app that died mid-turn leaves it)
+    history = session.chat.history
+    history[-1] = dataclasses.replace(history[-1], segments=[], tokens=None)
+    path = Path(h.export_json(session))
+    reply = h.load_json(None, {"path": str(path)})
+    assert [n.text for n in reply.notes] == ["Loaded a conversation of 3 exchanges from conversation.json."]
+    answers = [m["content"] for m in reply.messages if m["role"] == "assistant"]
+    assert len(answers) == 3 and answers[-1] == "*(no text: the answer ended before its first word)*"
+    assert all(a.strip() for a in answers)
+
+
+def test_the_loading_line_speaks_of_a_download_only_for_the_published_models(tmp_path):
+    from fromage_gill.chat.options import loading_line
+
+    assert "downloads" in loading_line("gill")
+    for shipped in ("toy-gill", "tiny-gill", str(tmp_path)):
+        assert "download" not in loading_line(shipped), shipped
+
+
+def test_the_settings_table_takes_its_bounds_from_the_model_the_index_and_the_limits(h, indexes):
+    from fromage_gill.generate.limits import MAX_IMAGES_PER_MESSAGE
+
+    table = {c.key: c for c in h.settings_table}
+    assert set(table) == {*controls.SETTING_KEYS, "seed", "index"}
+    assert table["max_images"].bounds == (0, MAX_IMAGES_PER_MESSAGE)
+    assert table["max_new_tokens"].bounds == (1, h.max_new_tokens) and h.max_new_tokens % controls.ROUND_TOKENS == 0
+    smallest = min(len(i) for i in indexes.values())
+    assert table["retrieval_candidates"].bounds[1] == max(2, min(controls.MAX_CANDIDATES, smallest))
+    assert "magic" not in table["decoding"].help and "contrastive" in table["decoding"].help  # only what is offered
+    for c in h.settings_table:
+        value = controls.starting_value(c, h.defaults)
+        if c.kind == "slider":
+            assert c.bounds[0] <= value <= c.bounds[1], c.key
+            assert isinstance(value, int) == (c.step == 1 and float(value).is_integer()), c.key
+    words = " ".join(c.label + " " + c.help for c in h.settings_table).lower()
+    assert "logit" not in words and "published" not in words
+    kept = controls.kept_values(h.settings_table, {"temperature": 0.7, "max_images": 99, "mode": "nonsense"})
+    assert kept == {"temperature": 0.7}, "a kept value outside this model's ranges is left out"

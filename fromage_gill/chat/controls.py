@@ -223,16 +223,17 @@ def settings_table(
     ]
 
 
-def starting_value(control: Control, defaults: Mapping[str, Any]) -> Any:
+def starting_value(control: Control, defaults: Mapping[str, Any]) -> float | str:
     """The value a control starts with: the default setting, clipped into a slider's bounds."""
     if control.key == "seed":
         return "random" if defaults.get("seed") is None else str(defaults["seed"])
     if control.key == "index":
         return control.choices[0][1]
-    value = defaults.get(control.key)
+    value = defaults[control.key]  # default_settings holds every setting
     if control.kind == "slider":
         lo, hi = control.bounds
-        return min(max(value, lo), hi)
+        clipped = float(min(max(float(value), lo), hi))
+        return int(clipped) if control.step == 1 and clipped.is_integer() else clipped  # 24 tokens, not 24.0
     values = [v for _, v in control.choices]
     return value if value in values else values[0]
 
@@ -279,10 +280,10 @@ def control_values(settings: GenerationSettings) -> dict[str, Any]:
     return out
 
 
-def kept_values(table: Sequence[Control], kept: Any) -> dict[str, Any]:
+def kept_values(table: Sequence[Control], kept: object) -> dict[str, float | str]:
     """The settings a browser kept (``{key: value}``) that still fit the table: a slider's value within its bounds,
     a choice among its choices; the others are left out (the control keeps its starting value)."""
-    out: dict[str, Any] = {}
+    out: dict[str, float | str] = {}
     for c in table:
         value = kept.get(c.key) if isinstance(kept, dict) else None
         if value is None:

@@ -90,7 +90,7 @@ class ChatHandlers(KeptConversations):
         self.export_root = scratch / "exports"  # one folder per session, removed with it
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.open_store()
-        self.live = LiveTurns(self._close)  # turns run on the server, not in the page that sent them
+        self.live: LiveTurns[Reply] = LiveTurns(self._close)  # turns run on the server, not in the page
         self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class ChatHandlers(KeptConversations):
                 session.note(f"Not sent: {failure}. Your message is still in the box.", kind="error")
                 yield self._reply(session)
                 return
-            yield self._reply(session, clear_box=True)
+            yield self._reply(session, clear_box=pending_user is not None and shown_turns is None)  # a send's box
             if first is not None:
                 session.apply(first)
 
@@ -408,8 +408,8 @@ class ChatHandlers(KeptConversations):
         session.settings = settings
         session.conversation = new_id()  # a conversation of its own in the sidebar's list
         self.save(session)
-        exchanges = sum(t.role == "user" for t in chat.history)
-        session.note(f"Loaded a conversation of {exchanges} exchanges from {Path(str(path)).name}.")
+        n = sum(t.role == "user" for t in chat.history)  # exchanges, as the chat shows them (not turns)
+        session.note(f"Loaded a conversation of {n} exchange{'s' * (n != 1)} from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
     def _settings_of(self, data: dict[str, Any]) -> GenerationSettings:

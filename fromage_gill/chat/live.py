@@ -5,41 +5,45 @@ after a reload). A page that goes away stops following; the turn goes on, and is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from .session import ChatSession, Note
 
 logger = logging.getLogger(__name__)
 
 
 class Shown(Protocol):
-    """What a follower sees: a dataclass whose ``notes`` are shown once and ``clear_box`` empties the message box."""
+    """What a follower sees (handlers.Reply): notes to show once, whether the message box empties."""
 
-    notes: list[Any]
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass: a follower gets a copy with the notes it missed
+    notes: list[Note]
     clear_box: bool
 
 
 R = TypeVar("R", bound=Shown)
 
 
-class LiveTurn:
+class LiveTurn(Generic[R]):
     """Runs ``replies`` to its end in a thread of its own and calls ``on_done`` then. A follower sees the latest
     reply each time it wakes: the replies it missed are folded in (their notes kept, a cleared box still cleared),
     so a slow page costs no memory and misses no notice."""
 
     def __init__(self, replies: Iterator[R], *, name: str, on_done: Callable[[], None] = lambda: None):
         self._cond = threading.Condition()
-        self._latest: Any = None
+        self._latest: R | None = None
         self._seq = 0
-        self._notes: list[tuple[int, Any]] = []  # (seq, note): a follower takes those after the last seq it saw
+        self._notes: list[tuple[int, Note]] = []  # (seq, note): a follower takes those after the last seq it saw
         self._cleared = -1  # the last seq whose reply cleared the message box
         self.done = False
         self._on_done = on_done
         self._thread = threading.Thread(target=self._run, args=(replies,), name=name, daemon=True)
         self._thread.start()
 
-    def _run(self, replies: Iterator[Any]) -> None:
+    def _run(self, replies: Iterator[R]) -> None:
         try:
             for reply in replies:
                 with self._cond:
@@ -57,17 +61,20 @@ class LiveTurn:
                 self._cond.notify_all()
             self._on_done()
 
-    def follow(self, seen: int = 0) -> Iterator[Any]:
+    def follow(self, seen: int = 0) -> Iterator[R]:
         """The replies from after ``seen`` on, until the turn ends (0: all of them, folded into the latest)."""
         while True:
             with self._cond:
-                self._cond.wait_for(lambda seen=seen: self._seq > seen or self.done)
-                if self._seq == seen:
+                self._cond.wait_for(functools.partial(self._moved, seen))
+                if self._seq == seen or self._latest is None:
                     return
                 notes = [n for s, n in self._notes if s > seen]
                 reply = dataclasses.replace(self._latest, notes=notes, clear_box=self._cleared > seen)
                 seen = self._seq
             yield reply
+
+    def _moved(self, seen: int) -> bool:
+        return self._seq > seen or self.done
 
     @property
     def seq(self) -> int:
@@ -79,19 +86,19 @@ class LiveTurn:
         self._thread.join(timeout)
 
 
-class LiveTurns:
-    """The turns running on the server, by session (anything with an ``id`` and an ``owner``), and the pages that
-    show each session: a page that goes away mid-answer leaves its session to be closed when the turn ends, unless
-    another page (the same browser, reloaded) took it up meanwhile."""
+class LiveTurns(Generic[R]):
+    """The turns running on the server, by session, and the pages that show each session: a page that goes away
+    mid-answer leaves its session to be closed when the turn ends, unless another page (the same browser, reloaded)
+    took it up meanwhile."""
 
-    def __init__(self, close: Callable[[Any], None]):
+    def __init__(self, close: Callable[[ChatSession], None]):
         self._close = close  # deletes a session's files
         self._lock = threading.Lock()
-        self._live: dict[str, tuple[Any, list[LiveTurn]]] = {}  # session id -> (session, its turns)
+        self._live: dict[str, tuple[ChatSession, list[LiveTurn[R]]]] = {}  # session id -> (session, its turns)
         self._held: dict[str, int] = {}  # session id -> pages showing it besides the first
         self._closing: set[str] = set()  # sessions whose page went away mid-answer
 
-    def start(self, session: Any, replies: Iterator[R]) -> Iterator[R]:
+    def start(self, session: ChatSession, replies: Iterator[R]) -> Iterator[R]:
         """Run ``replies`` on the server and show them while the calling page follows."""
 
         def finished() -> None:
@@ -111,14 +118,14 @@ class LiveTurns:
             self._live.setdefault(session.id, (session, []))[1].append(turn)
         yield from turn.follow()
 
-    def follow(self, session: Any) -> Iterator[Any]:
+    def follow(self, session: ChatSession) -> Iterator[R]:
         """The replies of the session's running turns, from the latest one on."""
         with self._lock:
             turns = list(self._live.get(session.id, (session, []))[1])
         for turn in turns:
             yield from turn.follow(max(turn.seq - 1, 0))
 
-    def take_up(self, owner: str) -> Any | None:
+    def take_up(self, owner: str) -> ChatSession | None:
         """The session of ``owner`` whose turn runs, for a page that (re)loads meanwhile (None: there is none)."""
         with self._lock:
             for session, turns in reversed(list(self._live.values())):
@@ -130,7 +137,7 @@ class LiveTurns:
                     return session
         return None
 
-    def release(self, session: Any) -> None:
+    def release(self, session: ChatSession) -> None:
         """A page showing ``session`` went away: close it, unless another page shows it or its turn runs (then it
         is closed when the turn ends)."""
         with self._lock:

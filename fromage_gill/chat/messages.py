@@ -131,7 +131,7 @@ def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
         mark = END_MARKS.get(turn.end_reason or "")
         if mark:
             text = f"{text} {mark}" if text else mark
-        out.append({"role": "assistant", "content": text or " "})
+        out.append({"role": "assistant", "content": text or EMPTY_ANSWER})
         where.append(None)
     if session.pending_user is not None:
         add_user(session.pending_user, None)
@@ -142,6 +142,7 @@ def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
     return out
 
 
+EMPTY_ANSWER = "*(no text: the answer ended before its first word)*"  # never a blank bubble
 END_MARKS = {
     "stopped": "*(stopped)*",
     "interrupted": "*(interrupted: the app stopped before this answer was complete)*",

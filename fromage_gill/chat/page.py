@@ -111,10 +111,18 @@ PAGE_CSS = """
 }
 """
 
-# Copy (one message) and copy all put the words in the clipboard, as they read: without the images' server paths,
-# their labels or markup. Gradio's own buttons copy the message's markdown source; this runs after them.
+# The sidebar closed on a phone. Copy (one message) and copy all put the words in the clipboard, as they read:
+# without the images' server paths, their labels or markup. Gradio's own buttons copy the message's markdown source;
+# this runs after them.
 PAGE_JS = """
 () => {
+  // The conversations' sidebar starts open on a desktop; on a phone it would cover the chat.
+  const closeOnPhone = (tries) => {
+    const bar = document.querySelector('#sidebar');
+    if (!bar) { if (tries) setTimeout(() => closeOnPhone(tries - 1), 100); return; }
+    if (window.innerWidth < 700 && bar.classList.contains('open')) bar.querySelector('.toggle-button')?.click();
+  };
+  closeOnPhone(50);
   const words = (el) => {
     const c = el.cloneNode(true);
     c.querySelectorAll('img, .image-label, button, .message-buttons').forEach((e) => e.remove());

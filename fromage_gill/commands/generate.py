@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..retrieve import ImageIndex
 
 logger = logging.getLogger(__name__)
+DEFAULT_OUT = "fromage-gill-images"  # a folder of its own: never files dropped among the user's
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +81,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="image index to retrieve from (default: the shipped index of a tiny preset, if any)",
     )
-    p.add_argument("--out", default=".", metavar="DIR", help="where images are written (default: current folder)")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"folder the answer's images are written to, created when needed; each image's path is printed "
+        f"(default: ./{DEFAULT_OUT})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of streaming text")
     p.set_defaults(func=run)
 
