@@ -452,10 +452,21 @@ def test_a_turn_cut_short_by_a_crash_is_marked_interrupted(tiny_gill, tmp_path):
     h = ChatHandlers(tiny_gill, AppOptions(cache_dir=tmp_path))
     session, kept = h.restore(None)
     last(h.send(session, {"text": "hello", "files": []}, **TEXT))
+    # The turn runs on in a server thread (live.py) whether or not its page reads it: the process "dies" once the
+    # turn is stored as running, i.e. nothing it does after that reaches the disk.
+    real_store, stored, gone = h._store, [], threading.Event()
+
+    def store_then_die(s, *, running=False):
+        if stored:
+            gone.wait()  # this write never happens (until the test ends: then it is skipped)
+            return None
+        stored.append(running)
+        return real_store(s, running=running)
+
+    h._store = store_then_die
     turn = h.send(session, {"text": "tell me a long story", "files": []}, mode="text", max_new_tokens=200)
     while not next(turn).clear_box:  # the model took the message: it is stored as a running turn
         pass
-    # The process dies here: the generator is never finished (nor closed).
     restarted = ChatHandlers(tiny_gill, AppOptions(cache_dir=tmp_path))
     restored, _ = restarted.restore(kept)
     h_ = restarted.history(restored)
@@ -463,7 +474,10 @@ def test_a_turn_cut_short_by_a_crash_is_marked_interrupted(tiny_gill, tmp_path):
     assert "*(interrupted" in chatbot_messages(restored)[-1]["content"]
     assert user_texts(restored) == ["hello", "tell me a long story"]
     assert not restarted.store.load(restored.owner, restored.conversation)["running"], "stored as shown now"
+    gone.set()
     turn.close()
+    for _ in h.live.follow(session):  # the turn's thread ends before the test does
+        pass
 
 
 def test_new_chat_keeps_the_old_one_in_the_list_and_clear_deletes(h):

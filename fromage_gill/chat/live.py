@@ -4,10 +4,13 @@ after a reload). A page that goes away stops following; the turn goes on, and is
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -97,6 +100,19 @@ class LiveTurns(Generic[R]):
         self._live: dict[str, tuple[ChatSession, list[LiveTurn[R]]]] = {}  # session id -> (session, its turns)
         self._held: dict[str, int] = {}  # session id -> pages showing it besides the first
         self._closing: set[str] = set()  # sessions whose page went away mid-answer
+        _EVERY.add(self)
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop every running turn at its next token and wait for it (at most ``timeout_s`` in all), so that the
+        process does not exit while a turn's thread is inside the model (the interpreter would abort)."""
+        with self._lock:
+            running = [(session, list(turns)) for session, turns in self._live.values()]
+        for session, _ in running:
+            session.chat.stop()
+        deadline = time.monotonic() + timeout_s
+        for _, turns in running:
+            for turn in turns:
+                turn.join(max(0.0, deadline - time.monotonic()))
 
     def start(self, session: ChatSession, replies: Iterator[R]) -> Iterator[R]:
         """Run ``replies`` on the server and show them while the calling page follows."""
@@ -148,3 +164,13 @@ class LiveTurns(Generic[R]):
                 self._closing.add(session.id)
                 return
         self._close(session)
+
+
+_EVERY: weakref.WeakSet[LiveTurns[Any]] = weakref.WeakSet()
+EXIT_WAIT_S = 10.0
+
+
+@atexit.register
+def _stop_running_turns() -> None:
+    for live in list(_EVERY):
+        live.shutdown(EXIT_WAIT_S)
