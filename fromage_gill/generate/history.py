@@ -36,7 +36,8 @@ MAX_HISTORY_VALUES = 2_000_000  # strings, numbers, literals and containers: the
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|[^\s,:\[\]{}"]+')
 
 
-# A saved chat is JSON: its values are whatever a file holds until ``history_from_dict`` has checked them.
+# A JSON object (a saved chat, an export, the API's plain data): its values are whatever a file or a client holds
+# until a reader (``history_from_dict`` here) has checked them, so they are Any.
 JSON = dict[str, Any]
 
 
