@@ -10,30 +10,57 @@ from __future__ import annotations
 import gc
 import logging
 import tempfile
+from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
 
-from .config import RANDOM, DiffusionSpec, LMSpec, VisionSpec
+from .config import RANDOM, ClipSpec, DiffusionSpec, LMSpec, VisionSpec
 from .hub import from_hub_or_path
 from .images import CLIP_MEAN, CLIP_STD, ImageProcessor
+from .typed_json import JSONValue
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from transformers import (
+        BitsAndBytesConfig,
+        CLIPVisionModel,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["8bit", "4bit"] | None
 
 
+def inline_config(spec: LMSpec | VisionSpec | DiffusionSpec | ClipSpec) -> Mapping[str, JSONValue]:
+    """The inline config a ``source == "random"`` component is built from (the spec's validation requires it)."""
+    if spec.config is None:
+        raise ValueError(f"{spec.source!r} needs an inline config to be built with random weights")
+    return spec.config
+
+
+def input_embeddings(lm: PreTrainedModel) -> nn.Embedding:
+    """The LM's token embedding table. transformers types it as any Module; every causal LM we load uses an
+    ``nn.Embedding`` (or a subclass), whose ``num_embeddings`` / ``embedding_dim`` / ``weight`` we read."""
+    return cast("nn.Embedding", lm.get_input_embeddings())
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def load_tokenizer(spec: LMSpec):
+def load_tokenizer(spec: LMSpec) -> PreTrainedTokenizerBase:
     """The LM's tokenizer. For a random LM: a byte-level BPE trained on the shipped corpus (deterministic)."""
     from transformers import AutoTokenizer
 
     if spec.source == RANDOM and spec.tokenizer is None:
-        return train_tiny_tokenizer(int(spec.config.get("vocab_size", 512)))
+        return train_tiny_tokenizer(int(inline_config(spec).get("vocab_size", 512)))
     source = spec.tokenizer or spec.source
     tok = from_hub_or_path("tokenizer", source, lambda s: AutoTokenizer.from_pretrained(s, revision=spec.revision))
     if tok.pad_token is None:
@@ -43,16 +70,16 @@ def load_tokenizer(spec: LMSpec):
     return tok
 
 
-def pad_token_id(tokenizer) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id put at padded positions: the tokenizer's pad token, else EOS, else 0. Padded positions are always
     masked out of attention and labels, so any id works; one rule keeps every batch built the same way."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
+        if isinstance(tid, int):  # None when the tokenizer has no such token
             return tid
     return 0
 
 
-def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
+def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -83,7 +110,7 @@ def train_tiny_tokenizer(vocab_size: int, model_max_length: int = 512):
 
 def load_lm(
     spec: LMSpec,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     dtype: torch.dtype,
     device: torch.device | str,
@@ -93,7 +120,7 @@ def load_lm(
     skeleton: bool = False,
     max_memory: dict | None = None,
     offload_folder: str | None = None,
-):
+) -> PreTrainedModel:
     """A frozen causal LM in eval mode. ``device_map`` (e.g. "auto") spreads it with accelerate.
     ``skeleton``: only the architecture, on the meta device (no weights read): enough to check and convert
     checkpoints of the trained layers without the memory a 7B LM needs."""
@@ -101,7 +128,7 @@ def load_lm(
 
     if skeleton:
         if spec.source == RANDOM:
-            config = AutoConfig.for_model(**dict(spec.config))
+            config = AutoConfig.for_model(**dict(inline_config(spec)))
         else:
             config = from_hub_or_path(
                 "language model config", spec.source, lambda s: AutoConfig.from_pretrained(s, revision=spec.revision)
@@ -121,7 +148,7 @@ def load_lm(
         kwargs.update(max_memory=max_memory, offload_folder=offload_folder)
 
     if spec.source == RANDOM:
-        cfg = dict(spec.config)
+        cfg = dict(inline_config(spec))
         cfg.update(
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
@@ -142,7 +169,7 @@ def load_lm(
             del lm  # freed before the reload, so the peak is one copy of the LM, not two
             gc.collect()
             lm = AutoModelForCausalLM.from_pretrained(tmp.name, **kwargs)
-            lm._fromage_gill_weights_dir = tmp
+            vars(lm)["_fromage_gill_weights_dir"] = tmp  # not a submodule: nn.Module.__setattr__ is for those
         else:
             lm = lm.to(device=device, dtype=dtype)
     else:
@@ -152,7 +179,7 @@ def load_lm(
             lambda s: AutoModelForCausalLM.from_pretrained(s, revision=spec.revision, **kwargs),
         )
         if "device_map" not in kwargs:
-            lm = lm.to(device)
+            cast(nn.Module, lm).to(device)  # in place (transformers' typing of .to is generation's)
     lm.eval().requires_grad_(False)
     return lm
 
@@ -160,7 +187,7 @@ def load_lm(
 _INIT_FP32_MAX = 500_000_000  # parameters; above this a random LM is initialised in its own dtype
 
 
-def _n_params(config) -> int:
+def _n_params(config: PretrainedConfig) -> int:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -181,10 +208,10 @@ def cache_argument(base: nn.Module) -> str:
     return name
 
 
-_CACHE_ARGUMENT: dict[Any, str] = {}
+_CACHE_ARGUMENT: dict[object, str] = {}  # forward function -> its cache argument's name
 
 
-def _bnb_config(quantization: str, dtype: torch.dtype):
+def _bnb_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -221,7 +248,9 @@ class VisionEncoder(nn.Module):
 _CLIP_TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale", "visual_projection.")
 
 
-def _clip_vision_from_pretrained(source: str, *, revision: str | None, dtype: torch.dtype):
+def _clip_vision_from_pretrained(
+    source: str, *, revision: str | None, dtype: torch.dtype
+) -> tuple[CLIPVisionModel, dict[str, list[str]]]:
     """CLIPVisionModel.from_pretrained without transformers' load report (``_check_clip_vision`` says what
     matters), and what it loaded."""
     from transformers import CLIPVisionModel
@@ -230,12 +259,15 @@ def _clip_vision_from_pretrained(source: str, *, revision: str | None, dtype: to
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return CLIPVisionModel.from_pretrained(source, revision=revision, dtype=dtype, output_loading_info=True)
+        kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}  # from_pretrained's **kwargs
+        if revision is not None:
+            kwargs["revision"] = revision
+        return cast("tuple[CLIPVisionModel, dict[str, list[str]]]", CLIPVisionModel.from_pretrained(source, **kwargs))
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
-def _check_clip_vision(source: str, info: dict) -> None:
+def _check_clip_vision(source: str, info: dict[str, list[str]]) -> None:
     """Quiet about a full CLIP checkpoint's text tower, strict about the vision tower: a missing or mis-shaped
     vision weight is an error naming it."""
     missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
@@ -258,21 +290,21 @@ def load_vision(
 
         if skeleton:
             config = (
-                CLIPVisionConfig(**spec.config)
+                CLIPVisionConfig(**inline_config(spec))
                 if spec.source == RANDOM
                 else from_hub_or_path(
                     "vision encoder config",
                     spec.source,
-                    lambda s: CLIPVisionConfig.from_pretrained(s, revision=spec.revision),
+                    lambda s: CLIPVisionConfig.from_pretrained(s, revision=spec.revision or "main"),
                 )
             )
             with torch.device("meta"):
                 model = CLIPVisionModel(config)
-            processor = ImageProcessor(size=config.image_size)
+            processor = ImageProcessor(size=image_side(config.image_size))
             return VisionEncoder(model.eval().requires_grad_(False), "hf_clip", config.hidden_size, processor)
         if spec.source == RANDOM:
             torch.manual_seed(seed + 1)
-            model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
+            model = CLIPVisionModel(CLIPVisionConfig(**inline_config(spec)))
         else:
             model, info = from_hub_or_path(
                 "vision encoder",
@@ -280,14 +312,14 @@ def load_vision(
                 lambda s: _clip_vision_from_pretrained(s, revision=spec.revision, dtype=dtype),
             )
             _check_clip_vision(spec.source, info)  # here, not in the loader: a hub error it is not
-        processor = ImageProcessor(size=model.config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
+        processor = ImageProcessor(size=image_side(model.config.image_size), mean=CLIP_MEAN, std=CLIP_STD)
         out_dim = model.config.hidden_size
     elif spec.backend == "open_clip":
         import open_clip
 
         if spec.source == RANDOM:
             torch.manual_seed(seed + 1)
-            cfg = dict(spec.config)
+            cfg = dict(inline_config(spec))
             full = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
         else:
             full = from_hub_or_path(
@@ -295,23 +327,33 @@ def load_vision(
                 spec.source,
                 lambda s: open_clip.create_model(s, pretrained=spec.pretrained),
             )
-        model = full.visual
-        size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
+        # open_clip's visual towers (ViT, ModifiedResNet, timm) share no typed base class with these attributes
+        model = cast(nn.Module, full.visual)
+        size = image_side(getattr(model, "image_size"))  # noqa: B009
         pp = getattr(model, "preprocess_cfg", {}) or {}
         processor = ImageProcessor(size=size, mean=tuple(pp.get("mean", CLIP_MEAN)), std=tuple(pp.get("std", CLIP_STD)))
-        out_dim = model.output_dim
+        out_dim = int(getattr(model, "output_dim"))  # noqa: B009
     else:  # validated by the config; kept for a clear message if a caller builds a spec by hand
         raise ValueError(f"vision.backend must be 'hf_clip' or 'open_clip', got {spec.backend!r}")
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return VisionEncoder(model, spec.backend, out_dim, processor)
+    backbone = cast(nn.Module, model)  # transformers' typing of .to is generation's
+    backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)  # in place
+    return VisionEncoder(backbone, spec.backend, out_dim, processor)
+
+
+def image_side(image_size: object) -> int:
+    """A square image's side from a config's ``image_size`` (an int, or a (height, width) pair)."""
+    if isinstance(image_size, int):
+        return image_size
+    assert isinstance(image_size, list | tuple), f"image_size {image_size!r}"
+    return int(image_size[0])
 
 
 # ------------------------------------------------------------------------------------------ diffusion
 
 
-def sd_scheduler():
+def sd_scheduler() -> DDIMScheduler:
     """Stable Diffusion v1's DDIM scheduler (its published ``scheduler_config.json``), for pipelines built here."""
-    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     return DDIMScheduler(
         beta_start=0.00085,
@@ -323,16 +365,24 @@ def sd_scheduler():
     )
 
 
-def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+def load_diffusion(
+    spec: DiffusionSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
     """A diffusers StableDiffusionPipeline (frozen). ``tokenizer`` is used only for a random text encoder."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
     if spec.source == RANDOM:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         torch.manual_seed(seed + 2)
-        cfg = spec.config
+        cfg = inline_config(spec)
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
@@ -341,14 +391,16 @@ def load_diffusion(spec: DiffusionSpec, tokenizer, *, dtype: torch.dtype, device
             int(cfg["text_encoder"].get("vocab_size", 512)),
             model_max_length=int(cfg["text_encoder"].get("max_position_embeddings", 77)),
         )
+        # diffusers annotates a CLIPTokenizer, a Karras scheduler and a safety checker; it takes any tokenizer,
+        # DDIM, and None for the checker and feature extractor (requires_safety_checker=False)
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
-            tokenizer=sd_tok,
+            tokenizer=sd_tok,  # pyright: ignore[reportArgumentType]
             unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
+            scheduler=scheduler,  # pyright: ignore[reportArgumentType]
+            safety_checker=None,  # pyright: ignore[reportArgumentType]
+            feature_extractor=None,  # pyright: ignore[reportArgumentType]
             requires_safety_checker=False,
         )
     else:

@@ -15,17 +15,19 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .typed_json import JSONValue
 
 if TYPE_CHECKING:
     from .model import GroundedLM
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -111,7 +113,7 @@ def atomic_write(path: Path, write) -> None:
 # ------------------------------------------------------------------------------------------ published
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path) -> Any:  # whatever the pickle holds (dicts of tensors, in our files)
     """``torch.load(weights_only=True)`` on CPU; a pickle holding code is refused, never loaded unsafely."""
     path = Path(path)
     if not path.is_file():
@@ -227,22 +229,24 @@ def read_decision_model(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def config_from_published_args(args: dict[str, Any], base: ModelConfig) -> ModelConfig:
+def config_from_published_args(args: dict[str, JSONValue], base: ModelConfig) -> ModelConfig:
     """Apply a published ``model_args.json`` to a preset. Backbone names are taken from ``base``: a user who
     passes local paths keeps them. Legacy fields (task, input_prompt, use_pooler, ...) are ignored."""
 
-    def need(key: str, typ: type) -> Any:
+    def need(key: str, typ: type[T]) -> T:
         if key not in args:
             raise ConfigError(f"model_args.json lacks {key!r}")
-        if not isinstance(args[key], typ) or isinstance(args[key], bool):
-            raise ConfigError(f"model_args.json field {key!r} must be {typ.__name__}, got {args[key]!r}")
-        return args[key]
+        value = args[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise ConfigError(f"model_args.json field {key!r} must be {typ.__name__}, got {value!r}")
+        return value
 
-    changes: dict[str, Any] = {"n_visual_tokens": need("n_visual_tokens", int)}
+    changes: dict[str, object] = {"n_visual_tokens": need("n_visual_tokens", int)}
     if base.kind == "gill":
         changes["retrieval_dim"] = need("ret_emb_dim", int)
         r = need("num_tokens", int)
         changes["image_tokens"] = tuple(f"[IMG{i}]" for i in range(r))
+        assert base.mapper is not None, "a GILL preset has a mapper (ModelConfig checks it)"
         mapper = dataclasses.replace(
             base.mapper, num_queries=need("num_clip_tokens", int), out_dim=need("gen_emb_dim", int)
         )

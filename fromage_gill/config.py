@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from .settings import GenerationSettings
-from .typed_json import ConfigError, build, check_inline_config, is_number, require_int, to_jsonable
+from .typed_json import ConfigError, JSONValue, build, check_inline_config, is_int, is_number, require_int, to_jsonable
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 RANDOM = "random"  # component source meaning "build from the inline config with seeded random weights"
 
@@ -28,29 +31,31 @@ class LMSpec:
     """The frozen causal language model and its tokenizer."""
 
     source: str  # hub id, local directory, or "random"
-    config: Mapping[str, Any] | None = None  # transformers config kwargs incl. model_type, for source="random"
+    # transformers config kwargs incl. model_type, for source="random"
+    config: Mapping[str, JSONValue] | None = None
     tokenizer: str | None = None  # hub id or directory; defaults to `source`. For "random": a BPE trained offline
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source == RANDOM and not (self.config and "model_type" in self.config):
+        if self.source != RANDOM:
+            return
+        config = self.config
+        if not (config and "model_type" in config):
             raise ConfigError("lm.config must be a transformers config with a 'model_type' when lm.source is 'random'")
-        if self.source == RANDOM:
-            from transformers import CONFIG_MAPPING, AutoConfig
+        from transformers import CONFIG_MAPPING, AutoConfig
 
-            model_type = self.config["model_type"]
-            if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-                raise ConfigError(
-                    f"lm.config.model_type {model_type!r} is not a transformers model type (e.g. "
-                    f"'gpt2', 'opt', 'llama')"
-                )
-            # the special-token ids come from the tokenizer when the LM is built (the checks would warn about the
-            # model type's defaults, e.g. GPT-2's 50256, being outside a tiny vocabulary)
-            tokens = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"))
-            check_inline_config(
-                f"lm.config (a transformers {model_type!r} config)",
-                lambda: AutoConfig.for_model(**{**tokens, **self.config}),
+        model_type = config["model_type"]
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"lm.config.model_type {model_type!r} is not a transformers model type (e.g. 'gpt2', 'opt', 'llama')"
             )
+        # the special-token ids come from the tokenizer when the LM is built (the checks would warn about the
+        # model type's defaults, e.g. GPT-2's 50256, being outside a tiny vocabulary)
+        options = {**dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id")), **config}
+        del options["model_type"]
+        check_inline_config(
+            f"lm.config (a transformers {model_type!r} config)", lambda: AutoConfig.for_model(model_type, **options)
+        )
 
 
 @dataclass(frozen=True)
@@ -61,22 +66,24 @@ class VisionSpec:
     backend: Literal["hf_clip", "open_clip"]
     source: str  # hub id / directory (hf_clip), architecture name (open_clip), or "random"
     pretrained: str | None = None  # open_clip pretrained tag or checkpoint file
-    config: Mapping[str, Any] | None = None  # CLIPVisionConfig kwargs (hf_clip) or open_clip vision_cfg, for "random"
+    # CLIPVisionConfig kwargs (hf_clip) or open_clip vision_cfg, for source="random"
+    config: Mapping[str, JSONValue] | None = None
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source == RANDOM and not self.config:
+        if self.source != RANDOM:
+            return
+        config = self.config
+        if not config:
             raise ConfigError("vision.config is required when vision.source is 'random'")
-        if self.source == RANDOM and self.backend == "hf_clip":
+        if self.backend == "hf_clip":
             from transformers import CLIPVisionConfig
 
-            check_inline_config(
-                "vision.config (a transformers CLIPVisionConfig)", lambda: CLIPVisionConfig(**self.config)
-            )
-        elif self.source == RANDOM:  # open_clip.CLIP(embed_dim, vision_cfg, text_cfg)
-            require_int("vision.config.embed_dim", self.config.get("embed_dim"), 1)
+            check_inline_config("vision.config (a transformers CLIPVisionConfig)", lambda: CLIPVisionConfig(**config))
+        else:  # open_clip.CLIP(embed_dim, vision_cfg, text_cfg)
+            require_int("vision.config.embed_dim", config.get("embed_dim"), 1)
             for part in ("vision_cfg", "text_cfg"):
-                if not isinstance(self.config.get(part), Mapping):
+                if not isinstance(config.get(part), Mapping):
                     raise ConfigError(
                         f"vision.config.{part} must be an object (an open_clip {part}) when "
                         f"vision.backend is 'open_clip' and vision.source is 'random'"
@@ -88,27 +95,28 @@ class DiffusionSpec:
     """The frozen Stable Diffusion pipeline GILL conditions on (its text-encoder width = mapper.out_dim)."""
 
     source: str  # hub id, local directory, or "random"
-    config: Mapping[str, Any] | None = None  # {"unet": {...}, "vae": {...}, "text_encoder": {...}} for "random"
+    # {"unet": {...}, "vae": {...}, "text_encoder": {...}}, for source="random"
+    config: Mapping[str, JSONValue] | None = None
     revision: str | None = None
     safety_checker: bool = True
 
     def __post_init__(self) -> None:
-        if self.source == RANDOM and not (self.config and {"unet", "vae", "text_encoder"} <= set(self.config)):
+        if self.source != RANDOM:
+            return
+        config = self.config
+        if not (config and {"unet", "vae", "text_encoder"} <= set(config)):
             raise ConfigError(
                 "diffusion.config needs 'unet', 'vae' and 'text_encoder' when diffusion.source is 'random'"
             )
-        if self.source == RANDOM:
-            for part in ("unet", "vae", "text_encoder"):
-                if not isinstance(self.config[part], Mapping):
-                    raise ConfigError(
-                        f"diffusion.config.{part} must be an object, got {type(self.config[part]).__name__}"
-                    )
-            from transformers import CLIPTextConfig
+        for part in ("unet", "vae", "text_encoder"):
+            if not isinstance(config[part], Mapping):
+                raise ConfigError(f"diffusion.config.{part} must be an object, got {type(config[part]).__name__}")
+        from transformers import CLIPTextConfig
 
-            check_inline_config(
-                "diffusion.config.text_encoder (a transformers CLIPTextConfig)",
-                lambda: CLIPTextConfig(**self.config["text_encoder"]),
-            )
+        check_inline_config(
+            "diffusion.config.text_encoder (a transformers CLIPTextConfig)",
+            lambda: CLIPTextConfig(**config["text_encoder"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -157,9 +165,7 @@ class DialogueSpec:
     max_exchanges: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_exchanges is not None and (
-            isinstance(self.max_exchanges, bool) or not isinstance(self.max_exchanges, int)
-        ):
+        if self.max_exchanges is not None and not is_int(self.max_exchanges):
             raise ConfigError(
                 f"dialogue.max_exchanges must be an integer >= 0 or null (all), got "
                 f"{type(self.max_exchanges).__name__} {self.max_exchanges!r}"
@@ -189,7 +195,7 @@ class ModelConfig:
     dialogue: DialogueSpec = field(default_factory=DialogueSpec)
     # This model's defaults for GenerationSettings fields (e.g. {"image_logit_bias": 4.0}): what its demo should
     # start from, as the published demos set their own ret_scale_factor. Whatever a user sets still wins.
-    generation: Mapping[str, Any] | None = None
+    generation: Mapping[str, JSONValue] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -204,7 +210,7 @@ class ModelConfig:
             raise ConfigError(f"kind must be 'fromage' or 'gill', got {self.kind!r}")
         for name in ("n_visual_tokens", "retrieval_dim"):
             require_int(name, getattr(self, name), 1)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {type(self.seed).__name__} {self.seed!r}")
         if not self.image_tokens or len(set(self.image_tokens)) != len(self.image_tokens):
             raise ConfigError(
@@ -241,7 +247,7 @@ class ModelConfig:
         For tests of real shapes and for benchmarks; the trained layers are untouched (set ``weights`` apart).
         Stable Diffusion's safety checker is off: it has no architecture here and nothing to check random images."""
 
-        def random(spec: Any, part: str) -> Any:
+        def random(spec: LMSpec | VisionSpec | DiffusionSpec, part: str) -> LMSpec | VisionSpec | DiffusionSpec:
             if spec.source == RANDOM:
                 return spec
             extra = {"safety_checker": False} if isinstance(spec, DiffusionSpec) else {}
@@ -252,11 +258,11 @@ class ModelConfig:
             self, lm=random(self.lm, "lm"), vision=random(self.vision, "vision"), diffusion=diffusion
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JSONValue]:
         return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: Mapping[str, JSONValue]) -> ModelConfig:
         return build(cls, data, path="")
 
     def save(self, path: str | Path) -> None:
@@ -271,16 +277,19 @@ class ClipSpec:
     """A full CLIP (image and text towers) that scores image-text pairs during MAGIC decoding."""
 
     source: str  # hub id, local directory, or "random"
-    config: Mapping[str, Any] | None = None  # CLIPConfig kwargs (text_config, vision_config, projection_dim) for random
+    # CLIPConfig kwargs (text_config, vision_config, projection_dim), for source="random"
+    config: Mapping[str, JSONValue] | None = None
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source == RANDOM and not (self.config and {"text_config", "vision_config"} <= set(self.config)):
+        if self.source != RANDOM:
+            return
+        config = self.config
+        if not (config and {"text_config", "vision_config"} <= set(config)):
             raise ConfigError("clip.config needs 'text_config' and 'vision_config' when clip.source is 'random'")
-        if self.source == RANDOM:
-            from transformers import CLIPConfig
+        from transformers import CLIPConfig
 
-            check_inline_config("clip.config (a transformers CLIPConfig)", lambda: CLIPConfig(**self.config))
+        check_inline_config("clip.config (a transformers CLIPConfig)", lambda: CLIPConfig(**config))
 
 
 @dataclass(frozen=True)
@@ -298,7 +307,7 @@ class MagicDecoding:
     max_length: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if not is_int(self.k) or self.k < 1:
             raise ConfigError(f"k (the number of candidates) must be an integer >= 1, got {self.k!r}")
         if not is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha (the degeneration penalty weight) must be in [0, 1], got {self.alpha!r}")
@@ -348,16 +357,17 @@ class MagicConfig:
     def reduced(self) -> MagicConfig:
         """This preset's decoding settings and prompt on the offline ``tiny-magic`` backbones (for tests)."""
         tiny = load_config("tiny-magic")
+        assert isinstance(tiny, MagicConfig), "the shipped tiny-magic preset is a MAGIC config"
         # The tiny BPE spells a start token such as "<-start_of_text->" in many pieces: a length that counts the
         # prompt (max_length) means nothing there, so max_new_tokens alone bounds the continuation
         decoding = dataclasses.replace(self.decoding, max_length=None)
         return dataclasses.replace(self, lm=tiny.lm, clip=tiny.clip, decoding=decoding)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JSONValue]:
         return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MagicConfig:
+    def from_dict(cls, data: Mapping[str, JSONValue]) -> MagicConfig:
         return build(cls, data, path="")
 
     def save(self, path: str | Path) -> None:
@@ -367,7 +377,7 @@ class MagicConfig:
 # ---------------------------------------------------------------------------------------------- presets
 
 
-def _preset_dir() -> resources.abc.Traversable:
+def _preset_dir() -> Traversable:
     return resources.files("fromage_gill") / "presets"
 
 
@@ -401,20 +411,20 @@ def load_preset(name: str) -> ModelConfig | MagicConfig:
     return _read_config(preset.read_text(), f"preset {name!r}")
 
 
-def _architecture_dir() -> resources.abc.Traversable:
+def _architecture_dir() -> Traversable:
     return _preset_dir() / "architectures"
 
 
 def list_architectures() -> dict[str, str]:
     """The shipped architectures of the published backbones: Hub id -> architecture name (its JSON's stem)."""
-    out = {}
+    out: dict[str, str] = {}
     for p in sorted(_architecture_dir().iterdir(), key=lambda p: p.name):
         if p.name.endswith(".json"):
             out[json.loads(p.read_text())["describes"]] = p.name[: -len(".json")]
     return out
 
 
-def architecture(source: str, part: str = "component") -> dict[str, Any]:
+def architecture(source: str, part: str = "component") -> dict[str, JSONValue]:
     """The config a random ``source`` is built from (transformers / diffusers kwargs), from the architecture file
     that describes Hub id ``source``. ``part`` names the component in the error."""
     known = list_architectures()

@@ -58,7 +58,7 @@ def load_image(
     """
     limits = (max_pixels, max_side, max_aspect_ratio)
     if isinstance(source, Image.Image):
-        name = name or getattr(source, "filename", "") or "image"
+        name = name or str(getattr(source, "filename", "") or "image")
         if getattr(source, "tile", None) and source.format not in _formats():  # lazy: its decoder has not run yet
             raise ImageError(
                 f"{name}: not a readable image ({source.format} is not PNG, JPEG, GIF, WebP, BMP, TIFF or AVIF)"
@@ -207,12 +207,12 @@ class ImageProcessor:
         if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
             raise ImageError(f"a {w}x{h}-pixel image is more than {MAX_ASPECT_RATIO}:1; crop it before preprocessing")
         if self.resize == "squash":
-            img = img.resize((self.size, self.size), Image.BICUBIC)
+            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
         else:
             # Truncated, and computed in this order, as CLIP's processor does: rounding instead makes a 640x480
             # photo 299 px wide where CLIP's is 298, and moves every pixel of the crop.
             long = int(self.size * max(w, h) / min(w, h))
-            img = img.resize((self.size, long) if w <= h else (long, self.size), Image.BICUBIC)
+            img = img.resize((self.size, long) if w <= h else (long, self.size), Image.Resampling.BICUBIC)
         w, h = img.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))

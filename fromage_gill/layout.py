@@ -10,6 +10,7 @@ so does a chat prompt's ``Prompt.embed``). Right padding keeps every row's posit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ def _width(piece: Piece, n_visual: int) -> int:
     return n_visual if isinstance(piece, Visual) else len(piece.ids) if isinstance(piece, Context) else 1
 
 
-def layout(rows: list[list[Piece]], *, n_visual: int, pad_id: int, ignore_ids: frozenset[int]) -> Layout:
+def layout(rows: Sequence[Sequence[Piece]], *, n_visual: int, pad_id: int, ignore_ids: frozenset[int]) -> Layout:
     length = max(sum(_width(p, n_visual) for p in row) for row in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -18,17 +18,21 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import VisionEncoder, cache_argument
+from .backbones import VisionEncoder, cache_argument, input_embeddings
 from .config import ModelConfig
 from .devices import execution_device
 from .layout import splice_visual
 from .mapper import GILLMapper
 from .paths import portable_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DECISION_GENERATE, DECISION_RETRIEVE = 0, 1  # output order of the published decision head
 FROZEN = ("lm", "vision")
@@ -42,7 +46,7 @@ class LMOutput:
 
 
 class GroundedLM(nn.Module):
-    def __init__(self, config: ModelConfig, lm: nn.Module, vision: VisionEncoder, image_token_ids: list[int]):
+    def __init__(self, config: ModelConfig, lm: PreTrainedModel, vision: VisionEncoder, image_token_ids: list[int]):
         super().__init__()
         r = config.num_image_tokens
         if len(image_token_ids) != r or image_token_ids != list(range(image_token_ids[0], image_token_ids[0] + r)):
@@ -52,7 +56,7 @@ class GroundedLM(nn.Module):
         self.vision = vision
         self.n_base = image_token_ids[0]
         self.image_token_ids = list(image_token_ids)
-        emb = lm.get_input_embeddings()
+        emb = input_embeddings(lm)
         out = lm.get_output_embeddings()
         if self.n_base > emb.num_embeddings:
             raise ValueError(
@@ -120,7 +124,7 @@ class GroundedLM(nn.Module):
     @property
     def lm_device(self) -> torch.device:
         """Where the LM takes its inputs (with accelerate offloading, the hook's execution device)."""
-        return execution_device(self.lm.get_input_embeddings())
+        return execution_device(input_embeddings(self.lm))
 
     def retrieval_fingerprint(self) -> str:
         """Identifies the image side of the retrieval space: an index built by another model is refused."""
@@ -179,7 +183,7 @@ class GroundedLM(nn.Module):
         """(B, T) ids in [0, vocab_size) -> (B, T, d) on the trained layers' device; new tokens use their own rows."""
         if input_ids.numel() and int(input_ids.max()) >= self.vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} is beyond the vocabulary of {self.vocab_size}")
-        emb = self.lm.get_input_embeddings()
+        emb = input_embeddings(self.lm)
         is_new = (input_ids >= self.n_base).to(self.device)
         base = emb(input_ids.masked_fill(input_ids >= self.n_base, 0).to(self.lm_device))
         new = self.image_token_embeddings[(input_ids.to(self.device) - self.n_base).clamp(min=0)]
@@ -221,13 +225,14 @@ class GroundedLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, n_base + r) float32: the LM head's rows for real tokens, ours for the new ones."""
         head = self.lm.get_output_embeddings()
+        assert head is not None, "a causal LM has an output head"
         base = head(hidden.to(execution_device(head)))[..., : self.n_base].float()
-        rows = self.image_token_embeddings if self.tied else self.image_token_output
+        rows = self.image_token_output if self.image_token_output is not None else self.image_token_embeddings
         new = hidden.to(device=rows.device, dtype=rows.dtype) @ rows.T
         return torch.cat([base, new.float().to(base.device)], dim=-1)
 
     def _lm_dtype(self) -> torch.dtype:
-        return self.lm.get_input_embeddings().weight.dtype
+        return input_embeddings(self.lm).weight.dtype
 
     # ------------------------------------------------------------------------------------ outputs
 

@@ -5,6 +5,7 @@ whatever the working directory."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import overload
 
 CHECKOUT_PREFIX = "repo:"  # "repo:checkpoints/toy/lm"
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent  # the folder above fromage_gill/
@@ -21,6 +22,10 @@ def portable_source(source: str | None) -> str | None:
         return source
 
 
+@overload
+def checkout_path(source: str, *, must_exist: bool = True) -> str: ...
+@overload
+def checkout_path(source: None, *, must_exist: bool = True) -> None: ...
 def checkout_path(source: str | None, *, must_exist: bool = True) -> str | None:
     """``repo:REL`` -> the absolute path of REL in the repository checkout; anything else unchanged."""
     if source is None or not source.startswith(CHECKOUT_PREFIX):

@@ -29,7 +29,7 @@ from .model import GroundedLM
 from .paths import checkout_path
 
 if TYPE_CHECKING:  # types only: loading them at import would pull in transformers and diffusers eagerly
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from transformers import PreTrainedTokenizerBase
 
     from .magic.clip import ClipGuide
@@ -96,7 +96,7 @@ class Pipeline:
             f" {m.vision.processor.size}px) -> {c.n_visual_tokens} visual token(s)",
             f"  trained layers: {n_trained:,} parameters; retrieval dim {c.retrieval_dim}",
         ]
-        if self.diffusion is not None:
+        if self.diffusion is not None and c.diffusion is not None and c.mapper is not None:
             lines.append(f"  diffusion: {c.diffusion.source} (conditioning {c.mapper.num_queries}x{c.mapper.out_dim})")
         if self.index is not None:
             lines.append(f"  index: {self.index}")
@@ -145,7 +145,7 @@ def _published_config(where: Path, args_path: Path, preset: str | None) -> Model
     preset = preset or ("gill" if "num_tokens" in args else "fromage")
     base = load_config(preset)
     if not isinstance(base, ModelConfig):
-        raise ConfigError(f"preset {preset!r} is a MAGIC preset; a published checkpoint needs a fromage or gill preset")
+        raise ConfigError(f"--preset {preset} is a MAGIC preset; a published checkpoint needs 'fromage' or 'gill'")
     cfg = ckpt.config_from_published_args(args, base)
     return dataclasses.replace(cfg, weights=str(where), weights_format="published")
 
@@ -281,6 +281,7 @@ def build_pipeline(
         logger.info("loading %s: diffusion %s", cfg.name, cfg.diffusion.source)
         sd = load_diffusion(cfg.diffusion, tokenizer, dtype=dtype, device=device, seed=cfg.seed)
         enc_width = sd.text_encoder.config.hidden_size
+        assert cfg.mapper is not None, "a config with a diffusion model has a mapper (ModelConfig checks it)"
         if enc_width != cfg.mapper.out_dim:
             raise ConfigError(
                 f"mapper.out_dim is {cfg.mapper.out_dim} but the diffusion text encoder is {enc_width} wide; "
@@ -298,6 +299,7 @@ def in_checkout(cfg: ModelConfig) -> ModelConfig:
 
 
 def load_weights(model: GroundedLM, cfg: ModelConfig) -> None:
+    assert cfg.weights is not None, "load_pipeline loads weights only where the config names them"
     if cfg.weights_format == "native":
         path = fetch_file(cfg.weights, ckpt.WEIGHTS_NAME, what="trained layers")
         ckpt.load_trained_layers(model, ckpt.read_native(path), source=str(path))

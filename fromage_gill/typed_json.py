@@ -9,26 +9,39 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# A value read from or written to JSON (a preset, an inline transformers/diffusers config, an architecture file):
+# arbitrary by nature. Code that reads one checks it (require_int, coerce, check_inline_config) before trusting it.
+JSONValue = Any
+D = TypeVar("D", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
     """A preset or config file that cannot describe a model; the message names the field and the fix."""
 
 
-def require_int(name: str, value: Any, minimum: int) -> None:
+def is_int(value: object) -> bool:
+    """A whole number, not a bool (which Python counts as an int: ``true`` in a config is a mistake, not a 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_int(name: str, value: object, minimum: int) -> None:
     """``value`` is a whole number >= ``minimum``. A float is refused, not truncated: 2.7 is a mistake, not a 2."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def check_inline_config(where: str, make: Callable[[], Any]) -> None:
+def check_inline_config(where: str, make: Callable[[], object]) -> None:
     """Make the transformers config object an inline ``config`` describes (no weights, no download), so that a wrongly
     typed field is a ConfigError naming it when the preset loads, not huggingface_hub's
     StrictDataclassFieldValidationError traceback when the model is built."""
@@ -40,7 +53,7 @@ def check_inline_config(where: str, make: Callable[[], Any]) -> None:
         raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 
-def to_jsonable(value: Any) -> Any:
+def to_jsonable(value: JSONValue) -> JSONValue:
     if isinstance(value, Mapping):
         return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -48,7 +61,7 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def build(cls: type, data: Any, path: str) -> Any:
+def build(cls: type[D], data: object, path: str) -> D:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'} must be an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -56,7 +69,7 @@ def build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
+    kwargs: dict[str, object] = {}
     for name, f in fields.items():
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -66,13 +79,14 @@ def build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-def coerce(tp: Any, value: Any, path: str) -> Any:
+# tp is any type hint (a class, a Union, a Literal, Mapping[...]...): typing has no type for "a type hint"
+def coerce(tp: Any, value: object, path: str) -> object:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[str] = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(arg, value, path)
@@ -93,7 +107,7 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, path + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -13,10 +13,13 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..pipeline import Pipeline, load_pipeline
 from .messages import MAX_IMAGES_PER_MESSAGE
+
+if TYPE_CHECKING:
+    from ..retrieve.index import ImageIndex
 
 DEFAULT_MODEL = "gill"  # the published GILL model; offline, use --model toy-gill
 
@@ -33,8 +36,8 @@ class AppOptions:
 
     max_queue: int = 16
     concurrency: int = 1  # turns using the model at the same time
-    indexes: Mapping[str, Any] | None = None  # name -> ImageIndex; None = the pipeline's own index
-    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # GenerationSettings overrides
+    indexes: Mapping[str, ImageIndex] | None = None  # None = the pipeline's own index
+    defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)  # GenerationSettings overrides
     max_images_per_message: int = MAX_IMAGES_PER_MESSAGE
     session_ttl_s: float = 6 * 3600
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
@@ -132,7 +135,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = None) ->
     )
 
 
-def load_from_args(args: argparse.Namespace, **extra) -> Pipeline:
+def load_from_args(args: argparse.Namespace, *, load_diffusion_pipeline: bool = True) -> Pipeline:
     """The pipeline the ``add_model_args`` flags name."""
     quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
     return load_pipeline(
@@ -146,7 +149,7 @@ def load_from_args(args: argparse.Namespace, **extra) -> Pipeline:
         vision=args.vision,
         diffusion=args.diffusion,
         decision_model=args.decision_model,
-        **extra,
+        load_diffusion_pipeline=load_diffusion_pipeline,
     )
 
 
@@ -160,7 +163,7 @@ def load_app(args: argparse.Namespace) -> tuple[Pipeline, AppOptions]:
     return pipeline, AppOptions(max_queue=args.max_queue, concurrency=args.concurrency, indexes=indexes or None)
 
 
-def load_indexes(specs: list[str] | None, pipeline: Pipeline) -> dict[str, Any]:
+def load_indexes(specs: list[str] | None, pipeline: Pipeline) -> dict[str, ImageIndex]:
     """``--index`` values (``DIR`` or ``NAME=DIR``) -> {name: ImageIndex}; with none, the tiny presets' shipped
     index."""
     from ..retrieve.index import ImageIndex, shipped_index_dir  # when used: the CLI's parser imports this module
@@ -171,7 +174,7 @@ def load_indexes(specs: list[str] | None, pipeline: Pipeline) -> dict[str, Any]:
         if pipeline.index is None and shipped is not None:
             return {"assets": ImageIndex.load(shipped, expected_fingerprint=fingerprint)}
         return {}
-    out = {}
+    out: dict[str, ImageIndex] = {}
     for spec in specs:
         name, _, directory = spec.rpartition("=")
         name = name or Path(directory).name

@@ -80,11 +80,13 @@ def cache_dir(env: Mapping[str, str] = os.environ, persistent: Path = PERSISTENT
     return None, False
 
 
-def _snapshot(repo: str, patterns: list[str], cache: Path | None, download: Callable) -> Path:
+def _snapshot(repo: str, patterns: list[str], cache: Path | None, download: Callable[..., str]) -> Path:
     return Path(download(repo_id=repo, allow_patterns=patterns, cache_dir=cache))
 
 
-def fetch_repo(repo: str, cache: Path | None, *, diffusers: bool = False, download: Callable | None = None) -> Path:
+def fetch_repo(
+    repo: str, cache: Path | None, *, diffusers: bool = False, download: Callable[..., str] | None = None
+) -> Path:
     """A local snapshot of ``repo`` with what loading reads; progress bars from huggingface_hub."""
     if Path(repo).is_dir():
         return Path(repo)
@@ -99,7 +101,7 @@ def fetch_repo(repo: str, cache: Path | None, *, diffusers: bool = False, downlo
     return path
 
 
-def fetch_embeddings(spec: str, cache: Path | None, download: Callable | None = None) -> Path:
+def fetch_embeddings(spec: str, cache: Path | None, download: Callable[..., str] | None = None) -> Path:
     """``FROMAGE_GILL_EMBEDDINGS``: a local file, or ``hf://[datasets/|spaces/]OWNER/NAME/PATH/IN/REPO``."""
     if not spec.startswith("hf://"):
         path = Path(spec)
@@ -129,8 +131,8 @@ def prepare_space(
     env: Mapping[str, str] = os.environ,
     *,
     persistent: Path = PERSISTENT,
-    snapshot: Callable | None = None,
-    file_download: Callable | None = None,
+    snapshot: Callable[..., str] | None = None,
+    file_download: Callable[..., str] | None = None,
     import_embeddings: Callable[[Path, Path, str, SpaceAssets], None] | None = None,
 ) -> SpaceAssets:
     """Fetch everything ``model`` (a preset naming Hub repos) needs into the Space's cache. ``snapshot`` /
@@ -225,7 +227,7 @@ def _spaces_module():
         return None
 
 
-def gpu(fn: Callable | None = None, *, duration: int = DEFAULT_GPU_SECONDS) -> Callable:
+def gpu(fn: Callable[..., object] | None = None, *, duration: int = DEFAULT_GPU_SECONDS) -> Callable[..., object]:
     """``spaces.GPU(duration=...)(fn)`` when the ``spaces`` package is installed (ZeroGPU attaches a GPU for each
     call), else ``fn`` unchanged. Usable bare (``@gpu``) or with arguments (``@gpu(duration=60)``)."""
     if fn is None:
@@ -247,6 +249,6 @@ def use_zero_gpu(handlers_cls: type | None = None, *, duration: int = DEFAULT_GP
         method = getattr(handlers_cls, name)  # AttributeError: a renamed handler must be listed in GPU_METHODS
         if not getattr(method, "_fromage_gill_gpu", False):
             wrapped = gpu(method, duration=duration)
-            wrapped._fromage_gill_gpu = True
+            vars(wrapped)["_fromage_gill_gpu"] = True
             setattr(handlers_cls, name, wrapped)
     return True

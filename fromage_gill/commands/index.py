@@ -14,10 +14,17 @@ if TYPE_CHECKING:
     from ..pipeline import Pipeline
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("index", help="build, import, inspect and search image retrieval indexes")
     sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    _register_build(sub)
+    _register_import(sub)
+    _register_info(sub)
+    _register_search(sub)
+    _register_faiss(sub)
 
+
+def _register_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("build", help="embed a folder / list / tar shards of images into an index")
     add_model_args(b)
     b.add_argument(
@@ -60,6 +67,8 @@ def register(subparsers) -> None:
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_build)
 
+
+def _register_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i = sub.add_parser("import", help="convert the published cc3m_embeddings pickles into an index")
     i.add_argument(
         "pickles",
@@ -86,11 +95,15 @@ def register(subparsers) -> None:
     i.add_argument("--overwrite", action="store_true")
     i.set_defaults(func=_import)
 
+
+def _register_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     n = sub.add_parser("info", help="count, dimensions, model fingerprint and size of an index")
     n.add_argument("dir")
     n.add_argument("--json", action="store_true", help="machine-readable output")
     n.set_defaults(func=_info)
 
+
+def _register_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("search", help="top-k images of an index for a text (or an image)")
     s.add_argument("dir")
     add_model_args(s)
@@ -101,6 +114,8 @@ def register(subparsers) -> None:
     s.add_argument("--method", choices=["auto", "exact", "faiss"], default="auto")
     s.set_defaults(func=_search)
 
+
+def _register_faiss(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = sub.add_parser("faiss", help="build (or replace) the FAISS index of an index folder")
     f.add_argument("dir")
     f.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="hnsw")

@@ -38,6 +38,7 @@ def find_app() -> Path:
 def run(args: argparse.Namespace) -> int:
     path = find_app()
     spec = importlib.util.spec_from_file_location("fromage_gill_app", path)
+    assert spec is not None and spec.loader is not None, f"{path} is a Python file"
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # as if imported: whatever looks the module up by name (type hints) finds it
     spec.loader.exec_module(module)

@@ -116,14 +116,18 @@ def _run(
     key |= {"steps": opts.num_inference_steps, "guidance": opts.guidance_scale}
     results = Results(opts.out, task, key)
     todo = [e for e in examples if e.id not in results]
-    settings = dict(guidance_scale=opts.guidance_scale, num_inference_steps=opts.num_inference_steps, seed=opts.seed)
+
+    def draw(prompt_embeds: torch.Tensor) -> Image.Image:
+        steps, guidance = opts.num_inference_steps, opts.guidance_scale
+        return generator(prompt_embeds, guidance_scale=guidance, num_inference_steps=steps, seed=opts.seed).images[0]
+
     for chunk in progress(batched(todo, opts.batch_size), -(-len(todo) // opts.batch_size), task, opts.progress):
         prompts: list[PromptLike] = [e.prompt for e in chunk]
         ours = generation_embeddings(pipeline, prompts, batch_size=opts.batch_size).embeddings
         for e, pe in zip(chunk, ours, strict=True):
             images = {
-                "gill": generator(pe[None], **settings).images[0],
-                "sd": generator(_sd_embeds(pipeline, e.text), **settings).images[0],
+                "gill": draw(pe[None]),
+                "sd": draw(_sd_embeds(pipeline, e.text)),
             }
             truth = open_image(e.truth)
             record = {"id": e.id, "truth": str(e.truth)}

@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 LPIPS_WEIGHTS = {  # torchvision's file name for each LPIPS backbone
     "alex": "alexnet-owt-7be5be79.pth",
@@ -97,7 +101,7 @@ def fid_metric(feature: int | nn.Module = 2048, *, device: torch.device | str = 
 
 def to_uint8(images: Sequence[Image.Image], size: int = 299) -> torch.Tensor:
     """(N, 3, size, size) uint8, each image resized (bicubic) to a square, as FID's extractor expects."""
-    arrs = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC)) for img in images]
+    arrs = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for img in images]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -119,7 +123,7 @@ def lpips_distances(metric: nn.Module, a: Sequence[Image.Image], b: Sequence[Ima
 
 
 @torch.no_grad()
-def fid(metric: nn.Module, real: Sequence[Image.Image], fake: Sequence[Image.Image]) -> float:
+def fid(metric: Metric, real: Sequence[Image.Image], fake: Sequence[Image.Image]) -> float:
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images on each side, got {len(real)} and {len(fake)}")
     metric.reset()

@@ -21,7 +21,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from ..typed_json import JSONValue
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
@@ -30,7 +31,7 @@ class DataError(ValueError):
     """An evaluation file is missing or not in the format the task reads."""
 
 
-def read_json(path: str | Path, what: str) -> Any:
+def read_json(path: str | Path, what: str) -> JSONValue:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path} (pass the file with --data)")
@@ -40,7 +41,7 @@ def read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{path} is not valid JSON ({e}); expected the {what}") from None
 
 
-def _need(obj: Any, key: str, path: Path, where: str, expected: str, kind: type | None = None) -> Any:
+def _need(obj: JSONValue, key: str, path: Path, where: str, expected: str, kind: type | None = None) -> JSONValue:
     """``obj[key]``, refused naming the file and the place when ``obj`` has no such key or (``kind``) its value
     is of another type: a file in another format fails here, not as a TypeError deep in a task."""
     if not isinstance(obj, dict) or key not in obj:

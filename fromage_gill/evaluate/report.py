@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from ..typed_json import JSONValue
 from .papers import PAPERS
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.json"
 class Results:
     """Per-example results of one task in ``out/results.jsonl``, by example id."""
 
-    def __init__(self, out: str | Path, task: str, run_key: Mapping[str, Any]):
+    def __init__(self, out: str | Path, task: str, run_key: Mapping[str, JSONValue]):
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / RESULTS_FILE
@@ -116,7 +116,7 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+def _columns(rows: Iterable[Mapping[str, JSONValue]]) -> list[str]:
     seen: list[str] = []
     for values in rows:
         seen += [k for k in values if k not in seen]

@@ -8,29 +8,40 @@ engine's "magic" decoding reads back with ``attached_clip``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..backbones import train_tiny_tokenizer
-from ..config import RANDOM, ClipSpec, ConfigError, MagicConfig, load_config
+from ..backbones import image_side, inline_config, train_tiny_tokenizer
+from ..config import RANDOM, ClipSpec, ConfigError, MagicConfig, ModelConfig, load_config
 from ..hub import from_hub_or_path
 from ..images import CLIP_MEAN, CLIP_STD, ImageProcessor
 from .search import ClipLogitsFn
+
+if TYPE_CHECKING:
+    from transformers import (
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 
 class ClipGuide(nn.Module):
     """A frozen full CLIP: images embedded once, then any number of text batches scored against them."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, processor: ImageProcessor):
+    def __init__(self, model: CLIPModel, tokenizer: PreTrainedTokenizerBase, processor: ImageProcessor):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False)  # in place
+        self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
-        self.max_length = min(int(tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
+        text_config = cast("CLIPTextConfig", model.config.text_config)  # a CLIPModel's config holds both towers'
+        self.max_length = min(int(tokenizer.model_max_length), int(text_config.max_position_embeddings))
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +77,7 @@ class ClipGuide(nn.Module):
         return lambda texts: self.text_logits(image_embeds, texts)
 
 
-def tiny_clip_tokenizer(vocab_size: int, model_max_length: int = 77):
+def tiny_clip_tokenizer(vocab_size: int, model_max_length: int = 77) -> PreTrainedTokenizerFast:
     """The offline tokenizer of a random CLIP: the shipped BPE, ending every text with </s> (CLIP pools at EOS)."""
     from tokenizers.processors import TemplateProcessing
 
@@ -82,28 +93,40 @@ def load_clip(spec: ClipSpec, *, device: torch.device | str, dtype: torch.dtype,
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     if spec.source == RANDOM:
-        cfg = dict(spec.config)
+        cfg = dict(inline_config(spec))
         torch.manual_seed(seed + 1)
         model = CLIPModel(CLIPConfig(**cfg))
-        tokenizer = tiny_clip_tokenizer(
+        tokenizer: PreTrainedTokenizerBase = tiny_clip_tokenizer(
             int(cfg["text_config"].get("vocab_size", 512)), int(cfg["text_config"].get("max_position_embeddings", 77))
         )
     else:
         model = from_hub_or_path(
-            "CLIP model", spec.source, lambda s: CLIPModel.from_pretrained(s, revision=spec.revision, dtype=dtype)
+            "CLIP model",
+            spec.source,
+            lambda s: CLIPModel.from_pretrained(s, revision=spec.revision or "main", dtype=dtype),
         )
         tokenizer = from_hub_or_path(
             "CLIP tokenizer", spec.source, lambda s: AutoTokenizer.from_pretrained(s, revision=spec.revision)
         )
-    size = model.config.vision_config.image_size
-    model = model.to(device=device, dtype=dtype)
+    size = image_side(cast("CLIPVisionConfig", model.config.vision_config).image_size)
+    cast(nn.Module, model).to(device=device, dtype=dtype)  # in place (transformers' typing of .to is generation's)
     return ClipGuide(model, tokenizer, ImageProcessor(size=size, mean=CLIP_MEAN, std=CLIP_STD))
 
 
 # ------------------------------------------------------------------------------------------ on a FROMAGe/GILL pipeline
 
 
-def attach_clip(pipeline: Any, source: str | ClipSpec | ClipGuide | None = None) -> ClipGuide:
+class ClipHost(Protocol):
+    """What ``attach_clip`` needs of a FROMAGe/GILL ``Pipeline``. A protocol, because pipeline.py imports this
+    module (its ``clip`` field's type) and magic/ does not import pipeline.py back."""
+
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    clip: ClipGuide | None
+
+
+def attach_clip(pipeline: ClipHost, source: str | ClipSpec | ClipGuide | None = None) -> ClipGuide:
     """Give a FROMAGe/GILL pipeline the full CLIP magic decoding scores with. ``source``: a Hub id or directory of
     a transformers CLIPModel, a MAGIC preset name (its CLIP, e.g. "tiny-magic"), a ClipSpec or a loaded ClipGuide.
     Default: the pipeline's own vision encoder, when it names a full CLIP (openai/clip-vit-large-patch14 does)."""
@@ -130,7 +153,7 @@ def attach_clip(pipeline: Any, source: str | ClipSpec | ClipGuide | None = None)
     return guide
 
 
-def attached_clip(pipeline: Any) -> ClipGuide:
+def attached_clip(pipeline: ClipHost) -> ClipGuide:
     """The full CLIP attached to a pipeline, or a clear error saying how to attach one."""
     guide = pipeline.clip
     if guide is None:
@@ -138,7 +161,7 @@ def attached_clip(pipeline: Any) -> ClipGuide:
     return guide
 
 
-def _no_text_tower(pipeline: Any) -> str:
+def _no_text_tower(pipeline: ClipHost) -> str:
     src = pipeline.config.vision.source
     hint = "openai/clip-vit-large-patch14" if src == RANDOM else src
     return (

@@ -10,19 +10,21 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from torch import nn
 
-from ..backbones import load_lm, load_tokenizer
+from ..backbones import input_embeddings, load_lm, load_tokenizer
 from ..config import MagicConfig, MagicDecoding, load_config
 from ..devices import default_device, parse_dtype
 from ..images import load_image
 from .clip import ClipGuide, load_clip
 from .search import MagicStep, hf_step, magic_search, resolve_decoding
 from .simctg import START_TOKEN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,8 @@ class MagicModel:
     """A plain causal LM + a full CLIP, frozen: zero-shot captioning and image-grounded text generation."""
 
     config: MagicConfig
-    lm: nn.Module
-    tokenizer: Any
+    lm: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     clip: ClipGuide
     device: torch.device
     dtype: torch.dtype
@@ -95,7 +97,7 @@ class MagicModel:
             step,
             start,
             settings,
-            decode=self.tokenizer.decode,
+            decode=lambda ids: str(self.tokenizer.decode(ids)),  # one sequence in, one str out
             clip_logits=clip_logits,
             stop_ids=self.stop_ids,
             trace=trace,
@@ -120,7 +122,7 @@ class MagicModel:
         transformers 4.7); a caption with its runs of spaces made one, a story cut to its first sentences."""
         start = self.tokenizer.convert_tokens_to_ids(START_TOKEN) if START_TOKEN in self.tokenizer.get_vocab() else -1
         ids = [t for t in token_ids if t != start]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True))
         text = text.replace(START_TOKEN, "")  # spelled by ordinary tokens, where the tokenizer has no such token
         if self.config.story_sentences is not None:
             return story_cut(text.strip(), self.config.story_sentences)
@@ -172,11 +174,12 @@ class MagicModel:
                     f"{self.config.name}: the prompt is empty and the tokenizer has no BOS token; pass a prompt"
                 )
             ids = [self.tokenizer.bos_token_id]
-        return torch.tensor([ids], device=self.lm.get_input_embeddings().weight.device)
+        return torch.tensor([ids], device=input_embeddings(self.lm).weight.device)
 
     @property
     def stop_ids(self) -> list[int]:
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else []
 
 
 def load_magic(

@@ -21,14 +21,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbones import cache_argument
 from ..config import ConfigError, MagicDecoding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ..model import GroundedLM
 
 # What a plain LM + CLIP can decode with (``resolve_decoding``); the engine's own list is ``settings.DECODINGS``.
 DECODING_MODES: tuple[str, ...] = ("magic", "contrastive", "greedy")
@@ -185,6 +189,7 @@ def _search(
         guide = None
         if settings.beta > 0:
             texts = [decode(continuation_ids(generated, v, settings.clip_text_max_tokens)) for v in top_ids.tolist()]
+            assert clip_logits is not None, "magic_search refuses beta > 0 without CLIP"
             guide = clip_logits(texts)
         scores, best = magic_choice(top_logits, probs, penalty, guide, settings.alpha, settings.beta)
 
@@ -213,9 +218,10 @@ def _cache_device(cache: Any) -> torch.device | None:
     return None
 
 
-def hf_step(lm: nn.Module) -> StepFn:
+def hf_step(lm: PreTrainedModel) -> StepFn:
     """A plain transformers causal LM as a ``StepFn``: last-layer hidden states from its base model."""
     base, head = lm.base_model, lm.get_output_embeddings()
+    assert head is not None, "a causal LM has an output head"
     cache_name = cache_argument(base)
 
     def step(input_ids: torch.Tensor, cache: Any) -> LMStep:
@@ -229,11 +235,12 @@ def hf_step(lm: nn.Module) -> StepFn:
     return step
 
 
-def grounded_step(model: nn.Module) -> StepFn:
+def grounded_step(model: GroundedLM) -> StepFn:
     """A FROMAGe/GILL ``GroundedLM`` as a ``StepFn`` (its own rows for the image tokens)."""
 
     def step(input_ids: torch.Tensor, cache: Any) -> LMStep:
         out = model.forward_lm(model.embed_tokens(input_ids), past_key_values=cache, use_cache=True, logits="last")
+        assert out.logits is not None, 'logits="last" computes them'
         return LMStep(logits=out.logits[:, -1], hidden=out.hidden, past_key_values=out.past_key_values)
 
     return step

@@ -30,13 +30,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..backbones import load_lm, load_tokenizer, pad_token_id
 from ..config import ConfigError, LMSpec, MagicConfig, load_config
+from ..model import input_embeddings
 from ..resume_state import load_state, save_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +211,54 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
 
     out = Path(tc.out)
     device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
     # 1. Check every input before writing anything.
+    run = _prepare_run(tc, out, device)
+    lm = run.lm
+    # 2. Optimizer; a resumed run continues from its step, optimizer and rng.
+    lm.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=tc.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / tc.warmup) if tc.warmup else 1.0
+    )
+    step = 0 if run.resume is None else _resume(run.resume, optimizer, scheduler, tc.trust_pickle)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+
+    # 3. The loop.
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train-lm", unit="step", disable=not tc.progress)
+    t0, seen = time.perf_counter(), 0
+    while step < tc.max_steps:
+        batch = [run.seqs[i] for i in batch_indices(len(run.seqs), tc.batch_size, tc.seed, step)]
+        record = _train_step(run, batch, optimizer, scheduler, tc, device)
+        step += 1
+        seen += len(batch)
+        history.append(record)
+        bar.set_postfix(
+            loss=f"{record['total']:.3f}",
+            cl=f"{record['contrastive']:.3f}",
+            ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}",
+        )
+        bar.update(1)
+        if step % tc.save_every == 0 or step == tc.max_steps:
+            save_checkpoint(out, step, lm, run.tokenizer, optimizer, scheduler, keep=tc.keep_checkpoints)
+    bar.close()
+    lm.eval().requires_grad_(False)
+    return SimCTGResult(out=out, step=step, history=history, lm=lm, tokenizer=run.tokenizer)
+
+
+@dataclass
+class _Run:
+    """What a train-lm run trains on, checked before anything is written."""
+
+    lm: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    seqs: list[list[int]]  # encoded captions: [start] + tokens + [eos]
+    pad_id: int
+    resume: Path | None  # the checkpoint to continue from
+
+
+def _prepare_run(tc: SimCTGConfig, out: Path, device: torch.device) -> _Run:
     captions = read_captions(tc.data)
     resume = resolve_resume(Path(tc.resume)) if tc.resume else None
     if resume is None and (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()):
@@ -221,12 +272,13 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
     if tc.start_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([tc.start_token])  # an ordinary added token, as the published caption LMs have it
     lm = load_lm(spec, tokenizer, dtype=torch.float32, device=device, seed=seed)
-    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+    if len(tokenizer) > input_embeddings(lm).num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
     start_id = tokenizer.convert_tokens_to_ids(tc.start_token)
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError(f"the tokenizer of {spec.source} has no EOS token: captions could never end")
+    assert isinstance(start_id, int) and isinstance(eos_id, int), "one token in, one id out"
     seqs = encode_captions(captions, tokenizer, start_id=start_id, eos_id=eos_id, max_len=tc.max_len)
     if len(seqs) < tc.batch_size:
         raise CorpusError(
@@ -234,54 +286,45 @@ def train_lm(tc: SimCTGConfig) -> SimCTGResult:
             f"({tc.batch_size}); lower --batch-size or add captions"
         )
     pad_id = pad_token_id(tokenizer)  # EOS is known to exist here, so backbones' last resort (0) never applies
+    return _Run(lm=lm, tokenizer=tokenizer, seqs=seqs, pad_id=pad_id, resume=resume)
 
-    # 2. Optimizer; a resumed run continues from its step, optimizer and rng.
-    lm.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=tc.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / tc.warmup) if tc.warmup else 1.0
-    )
-    step = 0
-    if resume is not None:
-        state = load_state(resume / TRAINER_STATE, trust_pickle=tc.trust_pickle)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        torch.set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d", resume, step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
 
-    # 3. The loop.
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train-lm", unit="step", disable=not tc.progress)
-    t0, seen = time.perf_counter(), 0
-    while step < tc.max_steps:
-        batch = [seqs[i] for i in batch_indices(len(seqs), tc.batch_size, tc.seed, step)]
-        inputs, labels, mask = (t.to(device) for t in collate(batch, pad_id))
-        hidden = lm.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
-        parts = simctg_loss(lm.get_output_embeddings()(hidden), hidden, labels, mask, tc.margin)
-        parts["total"].backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += len(batch)
-        record = {k: float(v.detach()) for k, v in parts.items()}
-        record["lr"] = scheduler.get_last_lr()[0]
-        history.append(record)
-        bar.set_postfix(
-            loss=f"{record['total']:.3f}",
-            cl=f"{record['contrastive']:.3f}",
-            ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}",
-        )
-        bar.update(1)
-        if step % tc.save_every == 0 or step == tc.max_steps:
-            save_checkpoint(out, step, lm, tokenizer, optimizer, scheduler, keep=tc.keep_checkpoints)
-    bar.close()
-    lm.eval().requires_grad_(False)
-    return SimCTGResult(out=out, step=step, history=history, lm=lm, tokenizer=tokenizer)
+def _resume(
+    resume: Path, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, trust_pickle: bool
+) -> int:
+    """Load the optimizer, scheduler and rng state of checkpoint ``resume``; -> its step."""
+    state = load_state(resume / TRAINER_STATE, trust_pickle=trust_pickle)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step = int(state["step"])
+    torch.set_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d", resume, step)
+    return step
+
+
+def _train_step(
+    run: _Run,
+    batch: list[list[int]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    tc: SimCTGConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """One optimizer step on ``batch``; -> its losses (total, mle, contrastive) and the learning rate it used."""
+    lm = run.lm
+    inputs, labels, mask = (t.to(device) for t in collate(batch, run.pad_id))
+    hidden = lm.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
+    head = lm.get_output_embeddings()
+    assert head is not None, "a causal LM has an output head"
+    parts = simctg_loss(head(hidden), hidden, labels, mask, tc.margin)
+    parts["total"].backward()
+    torch.nn.utils.clip_grad_norm_(lm.parameters(), tc.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    record = {k: float(v.detach()) for k, v in parts.items()}
+    record["lr"] = float(scheduler.get_last_lr()[0])
+    return record
 
 
 def resolve_resume(path: Path) -> Path:

@@ -7,6 +7,7 @@ import http.client
 import socket
 import ssl
 import time
+from typing import cast
 
 # ------------------------------------------------------------------------------------------ one deadline
 
@@ -67,7 +68,7 @@ class DeadlineSSLSocket(ssl.SSLSocket):
         return super().recv(buflen, flags)
 
 
-def open_socket(address: str, port: int, deadline: Deadline, connect_timeout: float) -> socket.socket:
+def open_socket(address: str, port: int, deadline: Deadline, connect_timeout: float) -> DeadlineSocket:
     raw = socket.create_connection((address, port), deadline.timeout(connect_timeout))
     sock = DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
     sock.settimeout(deadline.timeout(connect_timeout))  # for the TLS handshake and sending the request
@@ -79,10 +80,10 @@ class PinnedHTTPConnection(http.client.HTTPConnection):
 
     def __init__(self, host: str, port: int, address: str, deadline: Deadline, connect_timeout: float):
         super().__init__(host, port, timeout=connect_timeout)
-        self._address, self._deadline = address, deadline
+        self._address, self._deadline, self._connect_timeout = address, deadline, connect_timeout
 
     def connect(self):
-        self.sock = open_socket(self._address, self.port, self._deadline, self.timeout)
+        self.sock = open_socket(self._address, self.port, self._deadline, self._connect_timeout)
         self.sock.deadline = self._deadline
 
 
@@ -91,10 +92,12 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
         self, host: str, port: int, address: str, deadline: Deadline, connect_timeout: float, context: ssl.SSLContext
     ):
         super().__init__(host, port, timeout=connect_timeout, context=context)
-        self._address, self._deadline = address, deadline
+        self._address, self._deadline, self._connect_timeout = address, deadline, connect_timeout
+        self._pinned_context = context
 
     def connect(self):
-        sock = open_socket(self._address, self.port, self._deadline, self.timeout)
-        sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the host
-        sock.deadline = self._deadline  # a DeadlineSSLSocket: the context's sslsocket_class
+        sock = open_socket(self._address, self.port, self._deadline, self._connect_timeout)
+        # the certificate is checked for the host; the context's sslsocket_class makes a DeadlineSSLSocket
+        sock = cast(DeadlineSSLSocket, self._pinned_context.wrap_socket(sock, server_hostname=self.host))
+        sock.deadline = self._deadline
         self.sock = sock

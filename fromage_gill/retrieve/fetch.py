@@ -182,6 +182,7 @@ class ImageFetcher:
             if source.url is not None:
                 return self.fetch_url(source.url)
             if source.member is None:
+                assert source.path is not None, "an ImageItem without a url has a path"
                 return load_image(
                     self._resolve(source.path),
                     max_pixels=self.config.max_pixels,

@@ -29,6 +29,7 @@ from .storage import (
     META_FILE,
     BrokenIndexError,
     FingerprintMismatchError,
+    Records,
     check_normalised,
     new_meta,
     normalize_rows,
@@ -80,12 +81,12 @@ class ImageIndex:
     def __init__(
         self,
         vectors: np.ndarray,
-        records: Sequence[dict],
+        records: Records,
         fingerprint: str,
         *,
         model: str | None = None,
         directory: Path | None = None,
-        faiss_index: Any = None,
+        faiss_index: Any = None,  # a faiss.Index: faiss ships no type information
         faiss_settings: dict | None = None,
         fetch_config: FetchConfig | None = None,
     ):

@@ -8,6 +8,7 @@ the file trusted (``trust_pickle=True``), and even then only arrays, tensors and
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import pickle
 from collections.abc import Iterator, Sequence
@@ -192,3 +193,6 @@ class _LazyRecords:
 
     def __iter__(self) -> Iterator[dict]:
         return self.factory()
+
+    def __getitem__(self, i: int) -> dict:
+        return next(itertools.islice(self.factory(), i, None))

@@ -25,6 +25,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -132,7 +133,8 @@ def read_meta(directory: Path) -> dict:
         )
     for key, kind in META_FIELDS.items():
         value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0) or value == "":
+        negative = isinstance(value, int) and value < 0  # kind int: a count or a size
+        if not isinstance(value, kind) or isinstance(value, bool) or negative or value == "":
             raise _broken(
                 d, path, f"field {key!r} must be a {'non-negative integer' if kind is int else 'string'}, got {value!r}"
             )
@@ -292,6 +294,14 @@ def check_normalised(x: np.ndarray, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ records
+
+
+class Records(Protocol):
+    """What an index reads its records through: a list of dicts, or ``JsonlRecords`` (read on demand)."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[dict]: ...
+    def __getitem__(self, i: int, /) -> dict: ...
 
 
 class JsonlRecords:

@@ -25,6 +25,7 @@ import os
 import time
 import traceback
 from dataclasses import asdict
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
@@ -138,7 +139,7 @@ def _run_parallel(
     logs.mkdir(exist_ok=True)
     done = {s for s in STAGES if s not in wanted}  # not asked for: _check_inputs found their outputs on disk
     pending = [s for s in PRIORITY if s in wanted]
-    running: dict[str, multiprocessing.process.BaseProcess] = {}
+    running: dict[str, BaseProcess] = {}
     report: dict = {}
     with tqdm(total=len(pending), desc="toy build", unit="stage", dynamic_ncols=True) as bar:
         try:

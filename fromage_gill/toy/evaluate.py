@@ -91,7 +91,7 @@ def evaluate(
     return res
 
 
-GREEDY = dict(max_new_tokens=20, temperature=0.0, mode="text", seed=0)
+GREEDY = GenerationSettings(max_new_tokens=20, temperature=0.0, mode="text", seed=0)
 
 
 def held_out_singles(n: int, seed: int = 0) -> list[W.Scene]:
@@ -102,7 +102,7 @@ def held_out_singles(n: int, seed: int = 0) -> list[W.Scene]:
 def captioning(pipe, n: int, *, seed: int = 0) -> tuple[tuple[float, float, float], list[str]]:
     """[image][BOS] -> text, as trained: (colour, shape, both) correct on ``n`` single-shape held-out images."""
     singles = held_out_singles(n, seed)
-    outs = generate_batch(pipe, [[s.render(), TokenIds(())] for s in singles], GenerationSettings(**GREEDY))
+    outs = generate_batch(pipe, [[s.render(), TokenIds(())] for s in singles], GREEDY)
     texts = [o.text.strip() for o in outs]
     colour = [first_match(_COLOUR_RE, t) == s.things[0].colour for t, s in zip(texts, singles, strict=True)]
     shape = [first_match(_SHAPE_RE, t) == s.things[0].shape for t, s in zip(texts, singles, strict=True)]
@@ -115,9 +115,7 @@ def captioning(pipe, n: int, *, seed: int = 0) -> tuple[tuple[float, float, floa
 def colour_question(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
     """One shown image and "What colour is the shape?", through the chat template."""
     singles = held_out_singles(n, seed)
-    outs = generate_batch(
-        pipe, [[s.render(), "What colour is the shape?"] for s in singles], GenerationSettings(**GREEDY), dialogue=True
-    )
+    outs = generate_batch(pipe, [[s.render(), "What colour is the shape?"] for s in singles], GREEDY, dialogue=True)
     answers = [o.text.strip() for o in outs]
     return _mean(
         [first_match(_COLOUR_RE, a) == s.things[0].colour for a, s in zip(answers, singles, strict=True)]
@@ -145,7 +143,7 @@ def comparison(pipe, n: int, *, seed: int = 0) -> tuple[float, list[str]]:
     """Two shown images and a yes/no comparison, through the chat template: the answer's first word is right."""
     pairs = comparison_dialogues(n, seed=seed)
     prompts = [[*(s.render() for s in d.turns[0].images), d.turns[0].text] for d in pairs]
-    outs = generate_batch(pipe, prompts, GenerationSettings(**GREEDY), dialogue=True)
+    outs = generate_batch(pipe, prompts, GREEDY, dialogue=True)
     answers = [o.text.strip().lower() for o in outs]
     return _mean(_yes_no_right(answers, pairs)), [
         f"{d.turns[0].text} -> {a}" for d, a in zip(pairs[:6], answers[:6], strict=True)
@@ -314,18 +312,17 @@ def requests(
     judged = dict(
         zip(
             (id(im) for _, im in drawn),
-            shape_judge(
-                _judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [d.turns[1].target for d, _ in drawn]
-            ),
+            shape_judge(_judge_dir(pipe, clip_dir), [im.image for _, im in drawn], [_target(d) for d, _ in drawn]),
             strict=True,
         )
     )
 
     def matches(d: W.Dialogue, im: ImageResult | None) -> bool:
-        want = d.turns[1].target.things[0]
+        want = _target(d).things[0]
         if im is None or im.source != ("retrieved" if d.kind == "show" else "generated"):
             return False
         if d.kind == "show":
+            assert im.index_id is not None, "a retrieved image names its gallery row"
             got = gallery[im.index_id].things
             if im.caption and not all(t.colour in im.caption and t.shape in im.caption for t in got):
                 raise ValueError(
@@ -354,12 +351,19 @@ def requests(
     return out, samples
 
 
+def _target(d: W.Dialogue) -> W.Scene:
+    """The scene a "show" / "draw" dialogue asks for (its second turn's)."""
+    target = d.turns[1].target
+    assert target is not None, "a show / draw dialogue's answer shows a scene"
+    return target
+
+
 def _right_kind_and_colour(d: W.Dialogue, image: ImageResult | None) -> bool:
     """A "show" / "draw" request answered with an image from the right source, of the asked dominant colour."""
     return (
         image is not None
         and image.source == ("retrieved" if d.kind == "show" else "generated")
-        and W.dominant_colour(image.image) == d.turns[1].target.things[0].colour
+        and W.dominant_colour(image.image) == _target(d).things[0].colour
     )
 
 

@@ -35,6 +35,7 @@ def method_config(kind: str, out: Path) -> ModelConfig:
     """The ``toy-<kind>`` preset; for backbones elsewhere than the shipped ones (a smoke build, another recipe),
     the same preset pointed at ``out`` with the mapper sized to its diffusion text encoder."""
     cfg = load_preset(f"toy-{kind}")  # not load_config: a ./toy-gill folder would shadow the preset
+    assert isinstance(cfg, ModelConfig), f"toy-{kind} is a FROMAGe/GILL preset"
     if out.resolve() == Path(checkout_path(DEFAULT_OUT, must_exist=False)).resolve():
         return cfg
     text = json.loads((out / "clip" / "config.json").read_text())["text_config"]

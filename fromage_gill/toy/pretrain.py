@@ -12,6 +12,11 @@ Each returns a ``StageReport`` with the quality it reached on held-out world dat
 seeded; on the same machine and torch version a rebuild gives the same weights.
 """
 
+# The toy trains diffusers and transformers models directly, and those libraries type every model output as
+# `SomeOutput | tuple` (the return_dict switch) and configs as dicts: each `.latent_dist`, `.sample`,
+# `.pooler_output` or `config.scaling_factor` below would need a cast. Checked in pyright's standard mode otherwise.
+# pyright: reportAttributeAccessIssue=false, reportArgumentType=false
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,7 +34,11 @@ from tqdm.auto import tqdm
 
 from ..backbones import sd_scheduler
 from ..images import CLIP_MEAN, CLIP_STD
+from ..typed_json import JSONValue
 from . import world as W
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +145,7 @@ class Recipe:
 @dataclass
 class StageReport:
     stage: str
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, JSONValue] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -371,7 +380,7 @@ def pretrain_clip(out: Path, recipe: Recipe) -> StageReport:
 
 
 @torch.no_grad()
-def clip_embed_images(model, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def clip_embed_images(model: CLIPModel, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     out = [
         model.get_image_features(pixel_values=clip_pixels(pixels[i : i + batch])).pooler_output
         for i in range(0, len(pixels), batch)
@@ -380,7 +389,9 @@ def clip_embed_images(model, pixels: torch.Tensor, batch: int = 256) -> torch.Te
 
 
 @torch.no_grad()
-def clip_embed_texts(model, tok, texts: list[str], batch: int = 256) -> torch.Tensor:
+def clip_embed_texts(
+    model: CLIPModel, tok: PreTrainedTokenizerBase, texts: list[str], batch: int = 256
+) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch):
         ids = tok(texts[i : i + batch], padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -389,7 +400,7 @@ def clip_embed_texts(model, tok, texts: list[str], batch: int = 256) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, Any]:
+def evaluate_clip(model: CLIPModel, tok: PreTrainedTokenizerBase, recipe: Recipe) -> dict[str, JSONValue]:
     """On held-out scenes: caption -> image retrieval (a hit is any image whose attributes match the caption's,
     R@1/5/10 with chance), and zero-shot colour / shape classification of one-shape images."""
     scenes, pixels = image_pool(recipe.eval_images, split="test", seed=recipe.seed + 99, progress=False)
@@ -397,7 +408,7 @@ def evaluate_clip(model, tok, recipe: Recipe) -> dict[str, Any]:
     txt = clip_embed_texts(model, tok, [s.caption for s in scenes])
     ranks = (txt @ img.T).argsort(dim=1, descending=True)
     keys = [s.key for s in scenes]
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, JSONValue] = {}
     for k in (1, 5, 10):
         hits = [any(keys[j] == keys[i] for j in ranks[i, :k].tolist()) for i in range(len(scenes))]
         metrics[f"retrieval_R@{k}"] = round(float(np.mean(hits)), 3)
@@ -437,7 +448,7 @@ def pretrain_lm(out: Path, recipe: Recipe) -> StageReport:
         max_position_embeddings=512,
         dropout=0.0,
         attention_dropout=0.0,
-        activation_dropout=0.0,
+        activation_dropout=0.0,  # pyright: ignore[reportCallIssue] -- an OPT config field, taken through **kwargs
         layerdrop=0.0,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
@@ -489,7 +500,7 @@ def _batch(tok, docs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 @torch.no_grad()
-def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
+def evaluate_lm(model: PreTrainedModel, tok: PreTrainedTokenizerBase, recipe: Recipe) -> dict[str, JSONValue]:
     """Held-out perplexity, and in-context answers: given an image's description in the context (as in the
     corpus), does greedy decoding name its colour and shape?"""
     docs = [_doc_ids(tok, t) for t in corpus(400, split="test", seed=recipe.seed, bos=tok.bos_token)]
@@ -526,13 +537,20 @@ def evaluate_lm(model, tok, recipe: Recipe) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate_text(
-    model, tok, prompt: str, *, max_new_tokens: int, sample: bool = False, rng: np.random.Generator | None = None
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    sample: bool = False,
+    rng: np.random.Generator | None = None,
 ) -> str:
     ids = torch.tensor([_doc_ids(tok, prompt, end=False)])
     out = []
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids).logits[0, -1]
         if sample:
+            assert rng is not None, "sampling draws from rng"
             probs = torch.softmax(logits.double(), -1).numpy()
             nxt = int(rng.choice(len(probs), p=probs / probs.sum()))
         else:
@@ -543,13 +561,13 @@ def generate_text(
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         if "\n" in tok.decode(out[-1:]):
             break
-    return tok.decode(out)
+    return str(tok.decode(out))  # one sequence in, one str out
 
 
 # ------------------------------------------------------------------------------------------------ diffusion
 
 
-def vae_config(recipe: Recipe) -> dict[str, Any]:
+def vae_config(recipe: Recipe) -> dict[str, JSONValue]:
     n = len(recipe.vae_channels)
     return dict(
         in_channels=3,
@@ -568,7 +586,7 @@ def vae_config(recipe: Recipe) -> dict[str, Any]:
 def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     """AutoencoderKL (64x64 -> 4 x 16 x 16) with an L1 + MSE reconstruction loss and a small KL term; then
     sets ``scaling_factor`` so that scaled latents have unit variance, as Stable Diffusion's VAE does."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(**vae_config(recipe))
@@ -611,7 +629,7 @@ def pretrain_vae(out: Path, recipe: Recipe) -> StageReport:
     )
 
 
-def unet_config(recipe: Recipe, cross_attention_dim: int) -> dict[str, Any]:
+def unet_config(recipe: Recipe, cross_attention_dim: int) -> dict[str, JSONValue]:
     n = len(recipe.unet_channels)
     return dict(
         sample_size=W.IMAGE_SIZE // 4,
@@ -633,7 +651,10 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
     """A text-conditioned UNet2DConditionModel on the VAE's latents (epsilon prediction, DDPM schedule of
     Stable Diffusion), conditioned on the frozen CLIP text tower's last hidden states. 10% of captions are
     dropped to "" so that classifier-free guidance works. Saves the whole StableDiffusionPipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
     from transformers import CLIPTextModel
 
     tok = load_clip_tokenizer(out)
@@ -694,7 +715,7 @@ def pretrain_unet(out: Path, recipe: Recipe) -> StageReport:
 
 
 @torch.no_grad()
-def evaluate_diffusion(pipe, out: Path, recipe: Recipe, guidance: float = 4.0) -> dict[str, Any]:
+def evaluate_diffusion(pipe, out: Path, recipe: Recipe, guidance: float = 4.0) -> dict[str, JSONValue]:
     """Text -> image for held-out one-shape prompts: does the dominant colour match, and does the small CLIP
     pick the requested shape among the six? Saves a grid of the samples (``diffusion_samples.png``)."""
     from transformers import CLIPModel

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -138,12 +138,18 @@ def distinct_scenes(n: int, *, split: Split, seed: int) -> list[Scene]:
     return unique[:n]
 
 
+def _position(scene: Scene) -> str:
+    position = scene.position
+    assert position is not None, "a one-shape scene has a position (Scene checks it)"
+    return position
+
+
 def describe(scene: Scene, *, size: bool = True, where: bool = True, background: bool = True) -> str:
     """A caption naming every attribute that is asked for; colour and shape are always named."""
     if len(scene.things) == 1:
         text = f"a {scene.things[0].phrase(size=size)}"
         if where:
-            text += f" {_POSITION_WORDS[scene.position]}"
+            text += f" {_POSITION_WORDS[_position(scene)]}"
     else:
         a, b = (t.phrase(size=size) for t in scene.things)
         text = f"a {a} to the left of a {b}" if scene.relation == "left of" else f"a {a} above a {b}"
@@ -217,7 +223,7 @@ def render(scene: Scene) -> Image.Image:
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float64)
     img[:] = _jitter_colour(BACKGROUNDS[scene.background], rng, 10)
     if len(scene.things) == 1:
-        cx, cy = _CENTRES[scene.position]
+        cx, cy = _CENTRES[_position(scene)]
         placed = [(scene.things[0], cx, cy, _RADIUS[scene.things[0].size])]
     else:
         a, b = scene.things
@@ -351,12 +357,12 @@ def compare_dialogue(a: Scene, b: Scene, rng: np.random.Generator, kind: str | N
     """Two one-shape images and a yes/no question about them (``kind``, else drawn from ``rng``); the answer starts
     with "yes" or "no"."""
     ta, tb = a.things[0], b.things[0]
-    kind = COMPARISONS.index(kind) if kind is not None else int(rng.integers(3))
-    if kind == 0:
+    k = COMPARISONS.index(kind) if kind is not None else int(rng.integers(3))
+    if k == 0:
         same = ta.colour == tb.colour
         q = "Are these the same colour?"
         a_ = f"yes, both are {ta.colour}." if same else f"no, the first is {ta.colour} and the second is {tb.colour}."
-    elif kind == 1:
+    elif k == 1:
         same = ta.shape == tb.shape
         q = "Are these the same shape?"
         a_ = f"yes, both are {ta.shape}s." if same else f"no, the first is a {ta.shape} and the second is a {tb.shape}."
@@ -416,7 +422,7 @@ def dialogues(n: int, *, split: Split, seed: int, gallery: Sequence[Scene] | Non
             out.append(compare_dialogue(singles[rng.integers(len(singles))], singles[rng.integers(len(singles))], rng))
         elif kind == 2:
             source = gallery if gallery else pool
-            out.append(show_dialogue(source[rng.integers(len(source))], rng))
+            out.append(show_dialogue(source[int(rng.integers(len(source)))], rng))
         else:
             out.append(draw_dialogue(pool[rng.integers(len(pool))], rng))
     return out
@@ -449,7 +455,7 @@ def export_captions(
     captions_per_image: int = 1,
     answer_share: float = 0.0,
     prompt_share: float = 0.0,
-    progress: Callable[[Iterator], Iterator] = iter,
+    progress: Callable[[Iterator[tuple[int, Scene]]], Iterable[tuple[int, Scene]]] = iter,
 ) -> Path:
     """Write ``items`` as PNGs plus a CC3M-style ``captions.tsv`` (``caption<TAB>image``, image relative to
     ``directory``): the format ``fromage-gill train --data`` reads. With ``answer_share``, that share of the images
@@ -511,6 +517,7 @@ def decision_prompts(n: int, *, split: Split, seed: int, earlier_share: float = 
         detail = {k: bool(rng.random() < 0.5) for k in ("size", "where", "background")}
         d = show_dialogue(scene, rng, detail) if i % 2 == 0 else draw_dialogue(scene, rng, detail)
         label = d.turns[1].output
+        assert label is not None, "a show / draw answer is retrieved or generated"
         if earlier_share and earlier.random() < earlier_share:
             before = scenes(1, split=split, seed=int(earlier.integers(2**31)))[0]
             first = show_dialogue(before, earlier) if earlier.random() < 0.5 else draw_dialogue(before, earlier)

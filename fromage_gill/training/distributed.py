@@ -11,23 +11,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 @contextlib.contextmanager
-def training_accelerator(*, cpu: bool, precision: str) -> Iterator:
+def training_accelerator(*, cpu: bool, precision: str) -> Iterator[Accelerator]:
     """An ``accelerate.Accelerator`` for one training run (``precision``: fp32, bf16 or fp16 autocast), whose process
     group, if this call created it, is destroyed when the run ends, normally or not. A group that already existed
     is left to its owner: a caller that needs torch.distributed after training sets it up before."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, KwargsHandler
 
     had_group = _process_group_exists()
     mixed = {"fp32": "no"}.get(precision, precision)
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    handlers: list[KwargsHandler] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     try:
         try:
             accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)

@@ -62,6 +62,8 @@ from .precompute import PrecomputedStore
 from .validation import validate
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
     from ..model import GroundedLM
     from ..pipeline import Pipeline
 
@@ -213,7 +215,7 @@ class _Data:
 
     dataset: torch.utils.data.Dataset
     batches: Iterator[Batch]
-    writer: object | None  # torch.utils.tensorboard.SummaryWriter, main process only
+    writer: SummaryWriter | None  # main process only
 
 
 def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
@@ -221,6 +223,8 @@ def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
 
     out = Path(tc.out)
     cfg = resolve_config(tc.model)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"--model {tc.model} is a MAGIC preset (a plain LM + CLIP): it has no layers to train here")
     if cfg.weights is None or tc.from_scratch:
         cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights, or asked: start from scratch
     records = read_records(tc.data, tc.image_root, allow_outside_root=tc.allow_images_outside_root)
@@ -258,7 +262,7 @@ def _build_model(tc: TrainConfig, plan: _Plan, accelerator) -> tuple[Pipeline, l
     model = pipe.model
     model.trained_layers_to(accelerator.device, torch.float32)  # master weights in fp32; autocast does the rest
     check_vocabulary(model, pipe.tokenizer)
-    if cfg.kind == "gill" and pipe.diffusion is not None:
+    if cfg.mapper is not None and pipe.diffusion is not None:  # GILL (ModelConfig: a mapper is GILL's)
         q = pipe.diffusion.tokenizer.model_max_length
         if q != cfg.mapper.num_queries:
             raise ValueError(
@@ -400,16 +404,17 @@ def _run_steps(tc: TrainConfig, plan: _Plan, opt: _Optimisation, data: _Data, ac
     bar.close()
     if data.writer is not None:
         data.writer.close()
+    n_skipped = len(skipped)
     if world > 1:  # the same example may fail on two processes in different epochs: count it once
         from accelerate.utils import gather_object
 
-        skipped = dict.fromkeys(gather_object(list(skipped)))
+        n_skipped = len(set(gather_object(list(skipped))))
     return TrainResult(
         out=plan.out,
         step=opt.step,
         history=history,
         validation=validation,
-        skipped=plan.records.skipped.total + len(skipped),
+        skipped=plan.records.skipped.total + n_skipped,
         model=opt.model,
         step_seconds=step_seconds,
         is_main_process=main,
@@ -447,7 +452,7 @@ def _optimizer_step(tc: TrainConfig, opt: _Optimisation, batches: Iterator[Batch
             done.counts[k] = done.counts.get(k, 0) + 1
         done.seen += len(batch)
     accelerator.clip_grad_norm_(opt.trained, tc.grad_clip)
-    done.lr = opt.scheduler.get_last_lr()[0]
+    done.lr = float(opt.scheduler.get_last_lr()[0])
     opt.optimizer.step()
     renormalize_image_tokens(opt.model, opt.token_norm)
     opt.scheduler.step()

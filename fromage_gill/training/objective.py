@@ -24,6 +24,7 @@ from torch import nn
 
 from ..backbones import pad_token_id
 from ..layout import caption_rows, layout, retrieval_rows
+from ..model import input_embeddings
 from .distributed import gather_with_grad
 from .losses import LossWeights, contrastive_loss, l2_loss, next_token_loss, token_accuracy
 from .precompute import encode_captions_for_diffusion
@@ -178,7 +179,7 @@ class Objective(nn.Module):
         if all_text.shape[0]:
             out["contrastive"] = contrastive_loss(all_text, all_image, m.logit_scale)
             total = total + w.contrastive * out["contrastive"]
-        out["total"] = total
+        out["total"] = torch.as_tensor(total)  # already a tensor unless no parameter trains
         return out
 
 
@@ -209,8 +210,9 @@ def mean_embedding_norm(model: GroundedLM) -> tuple[float, float | None]:
     def mean_norm(weight: torch.Tensor) -> float:
         return float(weight[: model.n_base].float().norm(dim=-1).mean())
 
-    out = None if model.tied else mean_norm(model.lm.get_output_embeddings().weight)
-    return mean_norm(model.lm.get_input_embeddings().weight), out
+    head = model.lm.get_output_embeddings()
+    out = None if model.tied or head is None else mean_norm(head.weight)
+    return mean_norm(input_embeddings(model.lm).weight), out
 
 
 @torch.no_grad()
@@ -218,6 +220,7 @@ def renormalize_image_tokens(model: GroundedLM, norms: tuple[float, float | None
     """Rescale every trained image-token row to ``norms`` (from ``mean_embedding_norm``): input rows, output rows."""
     rows = [(model.image_token_embeddings, norms[0])]
     if model.image_token_output is not None:
+        assert norms[1] is not None, "an untied LM's output rows have a norm (mean_embedding_norm)"
         rows.append((model.image_token_output, norms[1]))
     for param, norm in rows:
         param.mul_(norm / param.float().norm(dim=-1, keepdim=True).clamp(min=1e-12))
