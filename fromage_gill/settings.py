@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
+
+from .typed_json import JSONValue
 
 MODES = ("auto", "retrieve", "generate", "text")
 MAX_SEED = 2**63 - 1
@@ -19,7 +21,7 @@ class WithGenerationDefaults(Protocol):
     imported); values are a preset JSON's, arbitrary until the settings check them."""
 
     @property
-    def generation(self) -> Mapping[str, Any] | None: ...
+    def generation(self) -> Mapping[str, JSONValue] | None: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class GenerationSettings:
     stop_at_eos: bool = True
     stop_strings: tuple[str, ...] | None = None  # None = the model's dialogue stop strings
     # passed to the decoding strategy (generate/decoding.py says which options each takes); values are arbitrary JSON
-    decoding_options: Mapping[str, Any] | None = None
+    decoding_options: Mapping[str, JSONValue] | None = None
     # How the answer is cut (docs/fidelity.md): "full" (the project's) keeps every word up to a stop; "published"
     # as the authors' code: decoding ends at the first newline, each text run is cut after its first full stop
     # (utils.truncate_caption), the text after the answer's last image is dropped, and text is shown a run at a time
@@ -61,7 +63,7 @@ class GenerationSettings:
     history_layout: Literal["exact", "published"] = "exact"
 
     @classmethod
-    def for_model(cls, config: WithGenerationDefaults, **overrides: Any) -> GenerationSettings:  # Any: a field's value
+    def for_model(cls, config: WithGenerationDefaults, **overrides: JSONValue) -> GenerationSettings:
         """The model's defaults (``ModelConfig.generation``) with ``overrides`` on top."""
         return cls(**{**(config.generation or {}), **overrides})
 

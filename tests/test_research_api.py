@@ -22,7 +22,7 @@ from fromage_gill.generate import (
     context_length,
     image_token_states,
 )
-from fromage_gill.generate.diffusion import GeneratedImages
+from fromage_gill.generate.diffusion import GeneratedImages, ImageGenerator
 from fromage_gill.generate.prompt import dialogue_pieces, normalize_message
 from fromage_gill.layout import Context, Visual, layout
 from fromage_gill.retrieve import ImageIndex
@@ -89,11 +89,12 @@ def test_generation_embeddings_are_the_prompt_embeds_the_engine_gives_stable_dif
     pipe = make_pipeline("tiny-gill")
     seen = []
 
-    def record(prompt_embeds, **kwargs):
-        seen.append(prompt_embeds.detach().clone())
-        return GeneratedImages([Image.new("RGB", (8, 8))], [False])
+    class Recording(ImageGenerator):  # what the engine hands Stable Diffusion, without running it
+        def __call__(self, prompt_embeds, **kwargs):
+            seen.append(prompt_embeds.detach().clone())
+            return GeneratedImages([Image.new("RGB", (8, 8))], [False])
 
-    pipe.image_generator = record
+    pipe.image_generator = Recording(pipe.diffusion)
     message = ["draw something like", images[2]]
     list(Chat(pipe).send(message, GenerationSettings(mode="generate", num_inference_steps=1, **FORCE_IMAGE)))
     got = fg.generation_embeddings(pipe, [_chat_prompt(pipe, message), "a plain prompt"])

@@ -9,13 +9,12 @@ import datetime
 import html
 import io
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from ..generate.history import FORMAT as EXPORT_FORMAT
+from ..generate.history import JSON, read_history_json
 from ..generate.history import VERSION as EXPORT_VERSION
-from ..generate.history import read_history_json
 from .labels import html_label, image_label, plain_text
 from .session import ChatSession, settings_dict
 
@@ -26,7 +25,7 @@ class ChatExportError(ValueError):
     """A conversation export that cannot be loaded; the message says what is wrong with it."""
 
 
-def export_json(session: ChatSession, *, model_name: str) -> dict[str, Any]:  # JSON
+def export_json(session: ChatSession, *, model_name: str) -> JSON:
     """Everything needed to continue the chat elsewhere: the engine's saved chat (``Chat.to_dict``: text, images as
     PNG, their labels, each answer's tokens, seed and end reason) plus the settings last used."""
     data = session.chat.to_dict()
@@ -40,7 +39,7 @@ def export_json(session: ChatSession, *, model_name: str) -> dict[str, Any]:  # 
     return data
 
 
-def read_export(source: str | Path | bytes) -> dict[str, Any]:  # JSON
+def read_export(source: str | Path | bytes) -> JSON:
     """Parse a JSON export and check what the app adds to the engine's saved chat (``Chat.from_dict`` checks the
     turns, and the ``seeds`` of an older export); ``ChatExportError`` says what is wrong. ``settings`` comes back
     as a dict."""

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,18 @@ class ChatHandlers(KeptConversations):
         session.start_streaming(pending_user, shown_turns)
         ticket = self.gate.join()
         try:
-            if not (yield from self._wait_for_model(session, ticket)):
-                return
+            session.chat.stop_requested.clear()  # a Stop from now on withdraws this message
+            while not self.gate.wait(ticket, WAIT_POLL_S):
+                if session.chat.stop_requested.is_set():
+                    session.end_streaming()
+                    session.note("Stopped before the model started; nothing was sent.")
+                    yield self._reply(session)
+                    return
+                ahead = self.gate.ahead(ticket)
+                session.live = [
+                    f"*Busy: {ahead} ahead of you.* Your message starts when they finish *(press Stop to withdraw it)*"
+                ]
+                yield self._reply(session)
             session.live = []
             events = start()  # a refusal (too long, bad settings) raises here or at its first event
             first = next(events, None)
@@ -279,22 +289,6 @@ class ChatHandlers(KeptConversations):
             session.end_streaming()
         self.save(session)
         yield self._reply(session)
-
-    def _wait_for_model(self, session: ChatSession, ticket: int) -> Generator[Reply, None, bool]:
-        """Show the queue position until ``ticket`` may use the model (True), or the user withdrew it (False)."""
-        session.chat.stop_requested.clear()  # a Stop from now on withdraws this message
-        while not self.gate.wait(ticket, WAIT_POLL_S):
-            if session.chat.stop_requested.is_set():
-                session.end_streaming()
-                session.note("Stopped before the model started; nothing was sent.")
-                yield self._reply(session)
-                return False
-            ahead = self.gate.ahead(ticket)
-            session.live = [
-                f"*Busy: {ahead} ahead of you.* Your message starts when they finish *(press Stop to withdraw it)*"
-            ]
-            yield self._reply(session)
-        return True
 
     def _refused(self, session: ChatSession) -> Callable[[], Iterator[Reply]]:
         def still_answering() -> Iterator[Reply]:

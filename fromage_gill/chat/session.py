@@ -12,12 +12,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from PIL import Image
 
 from ..generate import Chat, Event, GenerationSettings, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
 from ..generate.events import ImageProgress
+from ..generate.history import JSON
 from ..generate.prompt import ImageSegment
 from ..images import image_hash
 from .labels import image_label, plain_text
@@ -169,10 +170,10 @@ class ChatSession:
             return self.message_turns[message_index]
         return None
 
-    def summary(self) -> dict[str, Any]:  # JSON
+    def summary(self) -> JSON:
         """The conversation as plain data (the API's ``/history``): per turn its role, text and image labels; the
         seed and end reason of each answer, by turn number."""
-        turns: list[dict[str, Any]] = []
+        turns: list[JSON] = []
         for turn in self.chat.history:
             segs = [
                 {"text": seg}
@@ -220,6 +221,6 @@ class ChatSession:
                 pass
 
 
-def settings_dict(settings: GenerationSettings | None) -> dict[str, Any]:  # JSON
+def settings_dict(settings: GenerationSettings | None) -> JSON:
     """GenerationSettings as a plain dict ({} before the first turn)."""
     return dataclasses.asdict(settings) if settings is not None else {}

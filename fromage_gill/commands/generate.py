@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..generate.events import Event, ImagePending, ImageResult, Notice, TextDelta, TurnEnd
+from ..generate.history import JSON
 from ..images import load_image
 from ..settings import GenerationSettings
 from .common import add_model_args, load_from_args
@@ -152,7 +153,7 @@ class _Answer:
 
     def __init__(self, out_dir: Path, *, echo: bool):
         self.out_dir, self.echo = out_dir, echo
-        self.segments: list[dict[str, Any]] = []  # JSON
+        self.segments: list[JSON] = []
         self.notices: list[str] = []
         self.end: TurnEnd | None = None
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from PIL import Image
@@ -18,7 +18,7 @@ from PIL import Image
 from ..config import DialogueSpec
 from ..settings import GenerationSettings
 from .events import Notice, TurnEnd, TurnEvents
-from .history import history_from_dict, history_to_dict
+from .history import JSON, history_from_dict, history_to_dict
 from .limits import check_image_counts, check_settings, context_length, image_paths, image_positions, too_long
 from .loop import DecodeLoop, Row, fresh_seed
 from .prompt import (
@@ -126,12 +126,12 @@ class Chat:
 
     # -- export / import ---------------------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:  # JSON
+    def to_dict(self) -> JSON:
         """JSON-able: text, images as PNG base64 with their metadata, and each answer's tokens, seed, end reason."""
         return history_to_dict(self.history, model=self.pipeline.config.name)
 
     @classmethod
-    def from_dict(cls, pipeline: Pipeline, data: Mapping[str, Any]) -> Chat:  # JSON, checked
+    def from_dict(cls, pipeline: Pipeline, data: JSON) -> Chat:
         """Rebuild a chat from ``to_dict`` output; raises ``ValueError`` saying what is wrong."""
         chat = cls(pipeline)
         chat.history = history_from_dict(data, model=pipeline.config.name, vocab_size=pipeline.model.vocab_size)

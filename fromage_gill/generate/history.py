@@ -22,9 +22,9 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ..images import load_image
+from ..typed_json import JSONValue
 from .limits import MAX_IMAGES_PER_MESSAGE, check_image_counts
 from .prompt import SOURCES, Decision, ImageSegment, Turn, kept_image
 
@@ -36,8 +36,9 @@ MAX_HISTORY_VALUES = 2_000_000  # strings, numbers, literals and containers: the
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|[^\s,:\[\]{}"]+')
 
 
-# A saved chat is JSON: its values are whatever a file holds until ``history_from_dict`` has checked them.
-JSON = dict[str, Any]
+# A JSON object (a saved chat, an export, the API's plain data): its values are whatever a file or a client holds
+# until a reader (``history_from_dict`` here) has checked them.
+JSON = dict[str, JSONValue]
 
 
 def history_to_dict(history: Sequence[Turn], *, model: str) -> JSON:
@@ -180,7 +181,7 @@ def _old_seeds(seeds: object) -> dict[int, int | None]:
         ) from None
 
 
-def _check_turns(turns: list[Any]) -> None:  # JSON, checked here
+def _check_turns(turns: list[JSONValue]) -> None:
     """Roles, segment types and image counts, as live input has them, before anything is decoded."""
     images = 0
     for i, t in enumerate(turns):
@@ -226,7 +227,7 @@ def _decision(value: object, where: str) -> Decision | None:
     return Decision(float(pair[0]), float(pair[1]))  # pyright: ignore[reportArgumentType]  # numbers: checked
 
 
-def _segment_from_dict(s: Mapping[str, Any], where: str) -> str | ImageSegment:  # JSON (_check_turns'd)
+def _segment_from_dict(s: Mapping[str, JSONValue], where: str) -> str | ImageSegment:  # _check_turns'd
     if s["type"] == "text":
         if not isinstance(s.get("text"), str):
             raise ValueError(f"{where}.text must be a string")

@@ -30,7 +30,6 @@ from .sampling import image_token_logits, sample
 from .stream import TextStream, published_cut
 
 if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
-    from transformers import PreTrainedModel
     from transformers.cache_utils import Cache
 
     from ..model import LMOutput
@@ -85,8 +84,7 @@ class DecodeLoop:
         self.eos = tok.eos_token_id if settings.stop_at_eos else None
         self.pad = pad_token_id(tok)
         self.image_ids = list(self.m.image_token_ids)
-        lm = cast("PreTrainedModel", self.m.lm)  # GroundedLM.lm is a transformers causal LM
-        self._text_rows = cast(torch.nn.Embedding, lm.get_input_embeddings())  # the LM's own rows for text tokens
+        self._text_rows = cast(torch.nn.Embedding, self.m.lm.get_input_embeddings())  # the LM's rows for text tokens
         can_ret, can_gen = image_paths(pipeline, settings)
         self.images_on = settings.mode != "text" and (can_ret or can_gen)
         self.resolver = ImageResolver(

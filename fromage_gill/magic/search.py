@@ -21,14 +21,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbones import cache_argument
 from ..config import ConfigError, MagicDecoding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import Cache
+
+    from ..model import GroundedLM
 
 # What a plain LM + CLIP can decode with (``resolve_decoding``); the engine's own list is ``settings.DECODINGS``.
 DECODING_MODES: tuple[str, ...] = ("magic", "contrastive", "greedy")
@@ -109,7 +114,7 @@ class LMStep:
 
     logits: torch.Tensor  # (B, V) float32
     hidden: torch.Tensor  # (B, T, d) last layer (after the final norm)
-    past_key_values: Any
+    past_key_values: Cache
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ class MagicStep:
     scores: list[float]  # (1 - alpha) p - alpha penalty + beta clip
 
 
-StepFn = Callable[[torch.Tensor, Any], LMStep]  # (B, 1) token ids, cache -> LMStep
+StepFn = Callable[[torch.Tensor, "Cache | None"], LMStep]  # (B, 1) token ids, cache (None: none yet) -> LMStep
 ClipLogitsFn = Callable[[list[str]], torch.Tensor]  # k texts -> (k,) image-text logits
 
 
@@ -185,6 +190,7 @@ def _search(
         guide = None
         if settings.beta > 0:
             texts = [decode(continuation_ids(generated, v, settings.clip_text_max_tokens)) for v in top_ids.tolist()]
+            assert clip_logits is not None, "magic_search refuses beta > 0 without CLIP"
             guide = clip_logits(texts)
         scores, best = magic_choice(top_logits, probs, penalty, guide, settings.alpha, settings.beta)
 
@@ -206,19 +212,20 @@ def _device_of(step: LMStep) -> torch.device:
     return step.logits.device
 
 
-def _cache_device(cache: Any) -> torch.device | None:
+def _cache_device(cache: Cache) -> torch.device | None:
     layers = getattr(cache, "layers", None)
     if layers and getattr(layers[0], "keys", None) is not None:
         return layers[0].keys.device
     return None
 
 
-def hf_step(lm: nn.Module) -> StepFn:
+def hf_step(lm: PreTrainedModel) -> StepFn:
     """A plain transformers causal LM as a ``StepFn``: last-layer hidden states from its base model."""
     base, head = lm.base_model, lm.get_output_embeddings()
+    assert head is not None, "a causal LM has an output head"
     cache_name = cache_argument(base)
 
-    def step(input_ids: torch.Tensor, cache: Any) -> LMStep:
+    def step(input_ids: torch.Tensor, cache: Cache | None) -> LMStep:
         past = cache.get_seq_length() if cache is not None else 0
         # An explicit mask: a generated id may equal the pad id, which must not make the LM mask it out.
         mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
@@ -229,11 +236,13 @@ def hf_step(lm: nn.Module) -> StepFn:
     return step
 
 
-def grounded_step(model: nn.Module) -> StepFn:
+def grounded_step(model: GroundedLM) -> StepFn:
     """A FROMAGe/GILL ``GroundedLM`` as a ``StepFn`` (its own rows for the image tokens)."""
 
-    def step(input_ids: torch.Tensor, cache: Any) -> LMStep:
+    def step(input_ids: torch.Tensor, cache: Cache | None) -> LMStep:
         out = model.forward_lm(model.embed_tokens(input_ids), past_key_values=cache, use_cache=True, logits="last")
-        return LMStep(logits=out.logits[:, -1], hidden=out.hidden, past_key_values=out.past_key_values)
+        assert out.logits is not None, 'logits="last" computes them'
+        cache = cast("Cache", out.past_key_values)  # use_cache=True: the LM's transformers Cache
+        return LMStep(logits=out.logits[:, -1], hidden=out.hidden, past_key_values=cache)
 
     return step

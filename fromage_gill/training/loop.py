@@ -223,6 +223,8 @@ def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
 
     out = Path(tc.out)
     cfg = resolve_config(tc.model)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"--model {tc.model} is a MAGIC preset (a plain LM + CLIP): it has no layers to train here")
     if cfg.weights is None or tc.from_scratch:
         cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights, or asked: start from scratch
     records = read_records(tc.data, tc.image_root, allow_outside_root=tc.allow_images_outside_root)
