@@ -261,9 +261,8 @@ class ChatHandlers(KeptConversations):
             # sent: it is withdrawn (nothing half-stored) and the message stays in the box.
             failure = self._store(session, running=True)
             if failure is not None:
-                if isinstance(events, Generator):
-                    with contextlib.suppress(StoreError):
-                        events.throw(StoreError(failure))  # the engine rolls the turn back
+                with contextlib.suppress(StoreError):
+                    events.throw(StoreError(failure))  # the engine rolls the turn back
                 session.chat.history[:] = before
                 session.end_streaming()
                 session.note(f"Not sent: {failure}. Your message is still in the box.", kind="error")
