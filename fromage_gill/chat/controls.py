@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from PIL import Image
 
@@ -15,6 +15,9 @@ from ..generate.limits import MAX_IMAGES_PER_MESSAGE, context_length, image_path
 from ..generate.prompt import Turn, dialogue_pieces, encode_pieces, normalize_message
 from ..pipeline import Pipeline
 from ..settings import DECODINGS
+
+if TYPE_CHECKING:
+    from ..retrieve.index import ImageIndex
 
 # One line per setting, shown under its control in the app: what it does, in plain words.
 SETTINGS_HELP: dict[str, str] = {
@@ -64,8 +67,12 @@ SETTING_KEYS = (
 )
 _INTEGER_KEYS = ("max_new_tokens", "max_images", "retrieval_candidates", "num_inference_steps")
 
+# A setting's value as a control or an API call gives it: arbitrary (a browser sends what it likes) until
+# GenerationSettings checks it in __post_init__, which names the setting and its range when a value does not fit.
+SettingValue: TypeAlias = Any
 
-def default_settings(pipeline: Pipeline, overrides: Mapping[str, Any]) -> dict[str, Any]:
+
+def default_settings(pipeline: Pipeline, overrides: Mapping[str, SettingValue]) -> dict[str, SettingValue]:
     """The controls' starting values: the model's own settings, then ``overrides`` (``AppOptions.defaults``)."""
     values = dataclasses.asdict(GenerationSettings.for_model(pipeline.config))
     if pipeline.config.is_random:  # the tiny offline demo: short answers and few diffusion steps keep it snappy
@@ -88,7 +95,7 @@ MAX_CANDIDATES = 20  # retrieval candidates offered (fewer when the index holds 
 MAX_DIFFUSION_STEPS = 100  # beyond this Stable Diffusion's DDIM output no longer changes visibly
 
 
-def max_new_tokens_limit(pipeline: Pipeline, settings: Mapping[str, Any]) -> int:
+def max_new_tokens_limit(pipeline: Pipeline, settings: Mapping[str, SettingValue]) -> int:
     """The most new tokens a first message of one image and a few words leaves room for in the LM's context (with
     the image tokens an answer's images may take), rounded down to a multiple of ``ROUND_TOKENS``: the Max new
     tokens control goes no higher, so that no value it offers fails every message with "needs N positions, but the
@@ -167,11 +174,24 @@ def settings_table(
         f"{h['max_new_tokens']} Up to {max_new_tokens}: what the model's context leaves after a short message."
     )
 
-    def slider(key: str, label: str, row: int, lo: float, hi: float, step: float, help_key: str = "", **kw: Any):
-        return Control(key, label, "slider", row, h[help_key or key], (lo, hi), step, **kw)
+    def slider(
+        key: str,
+        label: str,
+        row: int,
+        lo: float,
+        hi: float,
+        step: float,
+        help_key: str = "",
+        *,
+        elem_id: str = "",
+        visible: bool = True,
+    ) -> Control:
+        return Control(key, label, "slider", row, h[help_key or key], (lo, hi), step, visible=visible, elem_id=elem_id)
 
-    def choice(key: str, label: str, row: int, pairs: Sequence[tuple[str, str]], **kw: Any) -> Control:
-        return Control(key, label, "choice", row, kw.pop("help", h[key]), choices=tuple(pairs), **kw)
+    def choice(
+        key: str, label: str, row: int, pairs: Sequence[tuple[str, str]], *, help: str = "", visible: bool = True
+    ) -> Control:
+        return Control(key, label, "choice", row, help or h[key], choices=tuple(pairs), visible=visible)
 
     return [
         choice("mode", "Images in answers", 0, [(MODE_LABELS[m], m) for m in modes]),
@@ -223,7 +243,7 @@ def settings_table(
     ]
 
 
-def starting_value(control: Control, defaults: Mapping[str, Any]) -> float | str:
+def starting_value(control: Control, defaults: Mapping[str, SettingValue]) -> float | str:
     """The value a control starts with: the default setting, clipped into a slider's bounds."""
     if control.key == "seed":
         return "random" if defaults.get("seed") is None else str(defaults["seed"])
@@ -238,7 +258,7 @@ def starting_value(control: Control, defaults: Mapping[str, Any]) -> float | str
     return value if value in values else values[0]
 
 
-def _whole(key: str, value: Any) -> int:
+def _whole(key: str, value: SettingValue) -> int:
     """A control's value as a whole number, refusing 2.7 or "abc" with the setting's name (int() would take 2.7 as 2,
     and "abc" would reach the user as gradio's generic error)."""
     try:
@@ -250,7 +270,7 @@ def _whole(key: str, value: Any) -> int:
     return int(number)
 
 
-def make_settings(base: Mapping[str, Any], ui: Mapping[str, Any]) -> GenerationSettings:
+def make_settings(base: Mapping[str, SettingValue], ui: Mapping[str, SettingValue]) -> GenerationSettings:
     """GenerationSettings from the controls' values over ``base`` (ValueError, naming the setting, when one is out
     of range). The seed is text: a whole number, or "random" / empty for a new one each turn."""
     values = dict(base)
@@ -272,7 +292,7 @@ def make_settings(base: Mapping[str, Any], ui: Mapping[str, Any]) -> GenerationS
     return GenerationSettings(**values)
 
 
-def control_values(settings: GenerationSettings) -> dict[str, Any]:
+def control_values(settings: GenerationSettings) -> dict[str, SettingValue]:
     """The controls' values that show ``settings`` (the inverse of ``make_settings``), keyed like its ``ui``."""
     values = dataclasses.asdict(settings)
     out = {key: values[key] for key in SETTING_KEYS if key in values}
@@ -304,13 +324,15 @@ class SettingsPanel:
     """The settings panel of an app: the controls' starting values, the most new tokens an answer may take, the
     decodings that can run, and the table of controls."""
 
-    defaults: dict[str, Any]
+    defaults: dict[str, SettingValue]
     max_new_tokens: int
     decodings: list[str]
     table: list[Control]
 
 
-def settings_panel(pipeline: Pipeline, overrides: Mapping[str, Any], indexes: Mapping[str, Any]) -> SettingsPanel:
+def settings_panel(
+    pipeline: Pipeline, overrides: Mapping[str, SettingValue], indexes: Mapping[str, ImageIndex]
+) -> SettingsPanel:
     """The panel for ``pipeline`` and its ``indexes`` ({name: ImageIndex}), starting from ``overrides``."""
     defaults = default_settings(pipeline, overrides)
     limit = max_new_tokens_limit(pipeline, defaults)  # the control's range: what can fit
