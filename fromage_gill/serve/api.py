@@ -138,7 +138,12 @@ def build_api(
     @api.get("/health")
     async def health() -> dict:
         load = backend.load()
-        return {"model": config.name, "running": load.running, "waiting": load.waiting, "capacity": load.capacity}
+        out: dict = {"model": config.name, "running": load.running, "waiting": load.waiting, "capacity": load.capacity}
+        engine = getattr(backend, "engine", None)  # a batching backend: how much its forwards were shared
+        if engine is not None:
+            s = engine.stats()
+            out["engine"] = {"steps": s.steps, "tokens": s.tokens, "largest_batch": s.largest_batch}
+        return out
 
     @api.post("/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request) -> Response:
