@@ -25,6 +25,20 @@ def test_api_refuses_a_bad_autoscale_with_the_flag_named(capsys):
     assert "--autoscale 'four': expected MIN:MAX replicas" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-batch", "0", "--max-batch must be >= 1, got 0"),
+        ("--kv-cache-gb", "-1", "--kv-cache-gb must be >= 0 (0: no prefix cache), got -1.0"),
+        ("--image-budget-gb", "0", "--image-budget-gb must be > 0, got 0.0"),
+        ("--image-workers", "0", "--image-workers must be >= 1, got 0"),
+    ],
+)
+def test_api_refuses_a_bad_engine_flag_before_loading_the_model(capsys, flag, value, message):
+    assert main(["api", "--model", "tiny-gill", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_api_command_serves_the_openai_client_and_wants_its_key():
     with socket.socket() as s:

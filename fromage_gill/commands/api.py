@@ -34,6 +34,9 @@ def register(sub) -> None:
         "--image-budget-gb", type=float, default=1.0, help="memory for decoding attached pictures at once, GB (1)"
     )
     e.add_argument(
+        "--image-workers", type=int, default=1, help="answers' pictures retrieved or generated at once (default 1)"
+    )
+    e.add_argument(
         "--no-engine",
         action="store_true",
         help="no batching: one Chat per request, --concurrency at a time (MAGIC / contrastive requests always are)",
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--model is required (or set $FROMAGE_GILL_MODEL), e.g. --model toy-gill")
     from ..retrieve.fetch import FetchConfig
 
+    engine = None if args.no_engine else engine_kwargs(args)  # a bad flag is named before the model loads
     fetch = None if args.no_fetch else FetchConfig(allow_private=args.fetch_private)
     ingress = dict(
         api_key=args.api_key or None,
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
     )
     if args.ray:
-        return _run_ray(args, fetch, ingress)
+        return _run_ray(args, fetch, ingress, engine)
     import uvicorn
 
     from ..serve.api import build_app
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             fetch=fetch,
         )
     else:
-        backend = EngineBackend(pipeline, indexes=indexes, fetch=fetch, **engine_kwargs(args))
+        backend = EngineBackend(pipeline, indexes=indexes, fetch=fetch, **(engine or {}))
     app = build_app(backend, store=FileStore(int(args.file_store_mb * 1024 * 1024)), **ingress)
     logger.info("serving %s at http://%s:%d/v1", pipeline.config.name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -112,7 +116,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--image-budget-gb must be > 0, got {args.image_budget_gb}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.image_workers < 1:
+        raise ValueError(f"--image-workers must be >= 1, got {args.image_workers}")
     return dict(
+        image_workers=args.image_workers,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         kv_cache_gb=args.kv_cache_gb,
@@ -120,7 +127,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _run_ray(args: argparse.Namespace, fetch, ingress: dict) -> int:
+def _run_ray(args: argparse.Namespace, fetch, ingress: dict, engine: dict | None) -> int:
     try:
         from ..serve.ray_app import ReplicaSpec, ServeSpec, run
     except ImportError as e:
@@ -160,7 +167,7 @@ def _run_ray(args: argparse.Namespace, fetch, ingress: dict) -> int:
             max_queue=args.max_queue,
             queue_timeout_s=args.queue_timeout,
             fetch=fetch,
-            engine=None if args.no_engine else engine_kwargs(args),
+            engine=engine,
         ),
         replicas=args.replicas,
         num_gpus=args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available()),

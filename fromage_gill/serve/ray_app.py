@@ -193,7 +193,7 @@ def run(spec: ServeSpec, *, host: str, port: int, address: str | None = None, bl
     """Start (or join, ``address``) a Ray cluster, deploy the application on ``host:port``, and serve."""
     from ..pipeline import resolve_config
 
-    config, _ = resolve_config(spec.replica.model)
+    config = resolve_config(spec.replica.model)
     if spec.replica.pipeline_kwargs.get("decision_model") is False:
         config = dataclasses.replace(config, decision_head=False)
     indexes = index_names(spec.replica.index, config.name)
