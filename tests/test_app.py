@@ -434,7 +434,7 @@ def test_clip_flag_attaches_magic_clip(monkeypatch):
         def launch(self, **kwargs):
             seen["launched"] = kwargs
 
-    def build_demo(pipeline, options):
+    def build_demo(pipeline, options, handlers=None):
         seen["pipeline"] = pipeline
         return Demo()
 
