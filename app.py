@@ -47,9 +47,10 @@ PRIVATE = dict(api_visibility="private")  # UI-only events: the API has its own 
 CONTROL_KINDS = {"slider": gr.Slider, "choice": gr.Radio, "dropdown": gr.Dropdown, "text": gr.Textbox}
 
 
-def build_demo(pipeline, options: AppOptions | None = None) -> gr.Blocks:
-    """The chat UI for ``pipeline``; every action is also an API endpoint named in ``API_ENDPOINTS``."""
-    h = ChatHandlers(pipeline, options)
+def build_demo(pipeline, options: AppOptions | None = None, handlers: ChatHandlers | None = None) -> gr.Blocks:
+    """The chat UI for ``pipeline``; every action is also an API endpoint named in ``API_ENDPOINTS``. ``handlers``:
+    ones made already (whose engine the ``--api`` mount shares)."""
+    h = handlers or ChatHandlers(pipeline, options)
     gr.set_static_paths([h.image_root])  # the chat shows its images as links to these files (messages.py)
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
         page = lay_out(h, pipeline)
@@ -310,8 +311,10 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     print(f"fromage_gill: {args.model} loaded in {time.monotonic() - t0:.0f} s; starting the app", file=sys.stderr)
-    demo = build_demo(pipeline, options)
-    api = gradio_app_kwargs(pipeline, options) if args.api else None  # the /v1 API beside it (docs/serving.md)
+    handlers = ChatHandlers(pipeline, options)
+    demo = build_demo(pipeline, options, handlers=handlers)
+    # the /v1 API beside it (docs/serving.md), its requests batched with the visitors' turns on the same engine
+    api = gradio_app_kwargs(pipeline, options, engine=handlers.engine) if args.api else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, app_kwargs=api, **launch_style())
     return 0
 

@@ -42,7 +42,10 @@ def server(tiny_gill):
     astronaut = ImageIndex(photos.vectors[:1], [photos.record(0)], photos.fingerprint, directory=photos.directory)
     indexes = {"photos": photos, "astronaut only": astronaut}  # two indexes: the app offers the choice
     demo = app.build_demo(
-        tiny_gill, app.AppOptions(indexes=indexes, max_queue=8, defaults=dict(max_new_tokens=8, num_inference_steps=2))
+        tiny_gill,
+        app.AppOptions(
+            indexes=indexes, max_queue=8, concurrency=1, defaults=dict(max_new_tokens=8, num_inference_steps=2)
+        ),
     )
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -431,7 +434,7 @@ def test_clip_flag_attaches_magic_clip(monkeypatch):
         def launch(self, **kwargs):
             seen["launched"] = kwargs
 
-    def build_demo(pipeline, options):
+    def build_demo(pipeline, options, handlers=None):
         seen["pipeline"] = pipeline
         return Demo()
 

@@ -35,7 +35,10 @@ def indexes(tiny_gill):
 
 @pytest.fixture
 def h(tiny_gill, indexes, tmp_path):
-    options = AppOptions(indexes=indexes, defaults=dict(num_inference_steps=2), cache_dir=tmp_path / "cache")
+    # one turn at a time, so a second visitor finds the model busy (test_busy_message_says_how_many_are_ahead)
+    options = AppOptions(
+        indexes=indexes, concurrency=1, defaults=dict(num_inference_steps=2), cache_dir=tmp_path / "cache"
+    )
     return ChatHandlers(tiny_gill, options)
 
 
@@ -225,18 +228,20 @@ def test_switching_the_index_keeps_the_chat_and_its_caches(h):
     session = last(h.send(None, {"text": "look", "files": [str(CAT)]}, index="photos", **IMAGES)).session
     chat = session.chat
     photo = chat.history[0].images[0].key
-    cached, n_images, encoded = chat.cached_tokens, len(chat.vision_cache), chat.vision_cache.n_encoded
-    assert cached > 0 and photo in chat.vision_cache and session.index_name == "photos"
+    n_images, encoded = len(chat.vision_cache), chat.vision_cache.n_encoded
+    assert chat.last_result is not None and photo in chat.vision_cache and session.index_name == "photos"
+    first_turn = chat.last_result.n_prompt + len(chat.history[1].tokens or ())  # the positions turn 2 can reuse
 
     h.use_index(session, "astronaut only")
     assert session.chat is chat and session.index_name == "astronaut only"
-    assert chat.cached_tokens == cached, "the KV cache of the conversation so far is kept"
     assert photo in chat.vision_cache and len(chat.vision_cache) == n_images
     assert chat.pipeline.index is h.pipelines["astronaut only"].index
 
     reply = last(h.send(session, {"text": "another", "files": []}, index="astronaut only", **IMAGES))
     assert "astronaut Eileen Collins" in shown_text(reply), "retrieved from the new index"
     assert chat.vision_cache.n_encoded == encoded, "the first turn's photo was not encoded again"
+    # the KV of the conversation so far was kept (the engine's prefix cache): turn 2 prefilled only what is new
+    assert chat.last_result is not None and chat.last_result.n_reused >= first_turn - 1
     assert len(chat.history) == 4
 
     h.use_index(session, "no such index")  # an unknown name changes nothing

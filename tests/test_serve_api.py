@@ -480,7 +480,7 @@ def test_app_py_api_flag_hands_gradio_the_v1_mount(monkeypatch):
         def launch(self, **kwargs):
             launched.append(kwargs)
 
-    monkeypatch.setattr(app, "build_demo", lambda pipeline, options: Demo())
+    monkeypatch.setattr(app, "build_demo", lambda pipeline, options, **kw: Demo())
     assert app.main(["--model", "tiny-gill", "--port", "7998", "--api"]) == 0
     assert app.main(["--model", "tiny-gill", "--port", "7998"]) == 0
     (mount,) = launched[0]["app_kwargs"]["routes"]

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..generate import Chat, GenerationSettings
+from ..generate.engine import Engine, GiB
+from ..generate.engine_chat import EngineChat
 from ..generate.events import TurnEvents
 from ..pipeline import Pipeline
 from . import export
@@ -80,7 +82,13 @@ class ChatHandlers(KeptConversations):
         # One Pipeline view per index (sharing the model): a session's Chat retrieves from the view it holds.
         self.pipelines = {name: dataclasses.replace(pipeline, index=idx) for name, idx in indexes.items()}
         self.pipelines = self.pipelines or {NO_INDEX: pipeline}
+        # Every session's turns decode on one Engine, batched: the gate admits as many turns as the engine's batch
+        # holds, so visitors' turns decode together and the rest wait with "Busy: N ahead of you". Made at the
+        # first session (a scheduler thread), shared by all.
         self.gate = ModelGate(self.options.concurrency)
+        self._pipeline = pipeline
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
         # What the tabs show and download lives as long as their sessions: in a private temporary folder (0700, an
         # unpredictable name) that gradio may serve files from; what outlives the app is in the store (cache_dir).
         scratch = Path(tempfile.mkdtemp(prefix="fromage_gill_app_"))
@@ -98,8 +106,36 @@ class ChatHandlers(KeptConversations):
     def new_session(self, index_name: str | None = None, owner: str | None = None) -> ChatSession:
         name = index_name if index_name in self.pipelines else next(iter(self.pipelines))
         sid = uuid.uuid4().hex  # unguessable: the session's image URLs contain it
-        chat = Chat(self.pipelines[name])
+        chat = self.make_chat(self.pipelines[name])
         return ChatSession(chat, index_name=name, id=sid, image_dir=self.image_root / sid, owner=owner)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine all sessions' turns decode on (made on first use)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(
+                    self._pipeline,
+                    max_batch=self.options.concurrency,
+                    kv_cache_bytes=int(self.options.kv_cache_gb * GiB),
+                )
+            return self._engine
+
+    def make_chat(self, pipeline: Pipeline, data: dict[str, Any] | None = None) -> Chat:
+        """A session's conversation on the shared engine (``data``: a saved chat to continue, ``Chat.to_dict``'s
+        shape, checked as ``Chat.from_dict`` checks it). MAGIC and contrastive turns decode as a plain ``Chat``'s
+        (``EngineChat`` falls back for them), beside the batch."""
+        chat = EngineChat(self.engine, pipeline)
+        if data is not None:
+            chat.history = Chat.from_dict(pipeline, data).history
+        return chat
+
+    def close_engine(self) -> None:
+        """Stop the engine's scheduler (tests, shutdown); a later session makes a new one."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
 
     def use_index(self, session: ChatSession, index_name: str | None) -> None:
         """Retrieve from another index from now on. The same Chat goes on (the engine reads ``pipeline.index`` at
@@ -225,7 +261,7 @@ class ChatHandlers(KeptConversations):
                 yield from session.chat.send(segments, settings)
             except ValueError:
                 # Refused (e.g. too long): put back the turns that truncate() removed.
-                session.chat = Chat.from_dict(session.chat.pipeline, saved)
+                session.chat = self.make_chat(session.chat.pipeline, saved)
                 raise
 
         yield from self._run_turn(session, start, segments, shown_turns=i)

@@ -46,6 +46,7 @@ class KeptConversations:
     model_name: str
     pipelines: dict[str, Any]
     new_session: Callable[..., ChatSession]
+    make_chat: Callable[..., Chat]
     close_session: Callable[[ChatSession | None], None]
     _settings_of: Callable[[dict[str, Any]], Any]
     _reply: Callable[..., Any]
@@ -203,7 +204,7 @@ class KeptConversations:
         session = self.new_session(owner=owner)
         try:
             data = record_chat(record)
-            session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            session.chat = self.make_chat(self.pipelines[session.index_name], data)
             session.settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)

@@ -44,7 +44,8 @@ class AppOptions:
     """How the app serves: queue size, model concurrency, the indexes to choose from, default settings."""
 
     max_queue: int = 16
-    concurrency: int = 1  # turns using the model at the same time
+    concurrency: int = 8  # turns decoded together: the shared engine's batch (and the model gate's slots)
+    kv_cache_gb: float = 1.0  # the engine's prefix cache of the conversations' KV, all sessions together
     indexes: Mapping[str, ImageIndex] | None = None  # None = the pipeline's own index
     defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)  # GenerationSettings overrides
     max_images_per_message: int = MAX_IMAGES_PER_MESSAGE
@@ -59,6 +60,8 @@ class AppOptions:
             raise ValueError(f"--max-queue must be >= 1, got {self.max_queue}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not self.kv_cache_gb >= 0:
+            raise ValueError(f"--kv-cache-gb must be >= 0 (0: no prefix cache), got {self.kv_cache_gb}")
         if self.max_exports < 1:
             raise ValueError(f"max_exports must be >= 1, got {self.max_exports}")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -108,7 +111,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=16,
         help="requests that may wait for the model; more are refused with 'queue is full' (default 16)",
     )
-    p.add_argument("--concurrency", type=int, default=1, help="turns using the model at the same time (default 1)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="visitors' turns decoded together in one batch; more wait their turn (default 8)",
+    )
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=1.0,
+        help="memory for the conversations' cached KV, all visitors together, GB (default 1)",
+    )
     p.add_argument(
         "--db-url",
         default=default_db_url(),
@@ -181,6 +195,7 @@ def load_app(args: argparse.Namespace) -> tuple[Pipeline, AppOptions]:
     return pipeline, AppOptions(
         max_queue=args.max_queue,
         concurrency=args.concurrency,
+        kv_cache_gb=getattr(args, "kv_cache_gb", 1.0),
         indexes=indexes or None,
         db_url=getattr(args, "db_url", None) or default_db_url(),
     )

@@ -27,7 +27,21 @@ def register(sub) -> None:
         default=os.environ.get("FROMAGE_GILL_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $FROMAGE_GILL_API_KEY; none: no key needed)",
     )
-    p.add_argument("--concurrency", type=int, default=1, help="turns decoding at once per model copy (default 1)")
+    e = p.add_argument_group("the batching engine (default; docs/serving.md)")
+    e.add_argument("--max-batch", type=int, default=16, help="turns decoded together per model copy (default 16)")
+    e.add_argument("--kv-cache-gb", type=float, default=1.0, help="prefix cache of conversations' KV, GB (default 1)")
+    e.add_argument(
+        "--image-budget-gb", type=float, default=1.0, help="memory for decoding attached pictures at once, GB (1)"
+    )
+    e.add_argument(
+        "--image-workers", type=int, default=1, help="answers' pictures retrieved or generated at once (default 1)"
+    )
+    e.add_argument(
+        "--no-engine",
+        action="store_true",
+        help="no batching: one Chat per request, --concurrency at a time (MAGIC / contrastive requests always are)",
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="with --no-engine: turns at once per model copy (1)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
     p.add_argument("--queue-timeout", type=float, default=300.0, help="seconds a request may wait before a 503")
     p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
@@ -54,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--model is required (or set $FROMAGE_GILL_MODEL), e.g. --model toy-gill")
     from ..retrieve.fetch import FetchConfig
 
+    engine = None if args.no_engine else engine_kwargs(args)  # a bad flag is named before the model loads
     fetch = None if args.no_fetch else FetchConfig(allow_private=args.fetch_private)
     ingress = dict(
         api_key=args.api_key or None,
@@ -61,32 +76,58 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
     )
     if args.ray:
-        return _run_ray(args, fetch, ingress)
+        return _run_ray(args, fetch, ingress, engine)
     import uvicorn
 
     from ..serve.api import build_app
     from ..serve.backend import ThreadedChatBackend
+    from ..serve.engine_backend import EngineBackend
     from ..serve.files import FileStore
     from .common import load_from_args
 
     pipeline = load_from_args(args)
     from ..chat.options import load_indexes
 
-    backend = ThreadedChatBackend(
-        pipeline,
-        indexes=load_indexes(args.index, pipeline),
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        queue_timeout_s=args.queue_timeout,
-        fetch=fetch,
-    )
+    indexes = load_indexes(args.index, pipeline)
+    if args.no_engine:
+        backend = ThreadedChatBackend(
+            pipeline,
+            indexes=indexes,
+            concurrency=args.concurrency,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout,
+            fetch=fetch,
+        )
+    else:
+        backend = EngineBackend(pipeline, indexes=indexes, fetch=fetch, **(engine or {}))
     app = build_app(backend, store=FileStore(int(args.file_store_mb * 1024 * 1024)), **ingress)
     logger.info("serving %s at http://%s:%d/v1", pipeline.config.name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
-def _run_ray(args: argparse.Namespace, fetch, ingress: dict) -> int:
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """``EngineBackend`` keywords from the flags, each checked here so a bad one names its flag."""
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.kv_cache_gb < 0:
+        raise ValueError(f"--kv-cache-gb must be >= 0 (0: no prefix cache), got {args.kv_cache_gb}")
+    if not args.image_budget_gb > 0:
+        raise ValueError(f"--image-budget-gb must be > 0, got {args.image_budget_gb}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.image_workers < 1:
+        raise ValueError(f"--image-workers must be >= 1, got {args.image_workers}")
+    return dict(
+        image_workers=args.image_workers,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        kv_cache_gb=args.kv_cache_gb,
+        image_budget_gb=args.image_budget_gb,
+    )
+
+
+def _run_ray(args: argparse.Namespace, fetch, ingress: dict, engine: dict | None) -> int:
     try:
         from ..serve.ray_app import ReplicaSpec, ServeSpec, run
     except ImportError as e:
@@ -126,6 +167,7 @@ def _run_ray(args: argparse.Namespace, fetch, ingress: dict) -> int:
             max_queue=args.max_queue,
             queue_timeout_s=args.queue_timeout,
             fetch=fetch,
+            engine=engine,
         ),
         replicas=args.replicas,
         num_gpus=args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available()),

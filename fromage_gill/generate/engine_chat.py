@@ -27,8 +27,10 @@ if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
 class EngineChat(Chat):
     """A ``Chat`` (same methods, same events) decoded by ``engine``. ``pipeline``: a view of the engine's pipeline
     with another index (default: the engine's own). ``last_result`` is the last finished turn's ``TurnResult``
-    (its prompt size and how much of it the prefix cache served). Decoding strategies other than "default" are
-    refused (``ValueError``): the engine samples each row on its own."""
+    (its prompt size and how much of it the prefix cache served). A turn with another decoding strategy than
+    "default" (MAGIC, contrastive: they score candidates on a cache of their own, which a batch row has not) decodes
+    as a plain ``Chat``'s turn, in the caller's thread beside the engine's batch, and its KV is dropped when it ends
+    (the next engine turn prefills what the prefix cache does not hold)."""
 
     def __init__(self, engine: Engine, pipeline: Pipeline | None = None, *, dialogue: DialogueSpec | None = None):
         super().__init__(pipeline or engine.pipeline, dialogue=dialogue)
@@ -45,6 +47,12 @@ class EngineChat(Chat):
         add: Turn | None = None,
         drop_last: bool = False,
     ) -> Generator[Event, None, None]:
+        if settings.decoding != "default":
+            try:
+                yield from super()._turn(prompt, first, settings, add=add, drop_last=drop_last)
+            finally:
+                self._cache, self._cache_keys = None, []  # nothing of the plain turn outlives it
+            return
         removed = self.history.pop() if drop_last else None
         if add is not None:
             self.history.append(add)
@@ -112,4 +120,4 @@ class EngineChat(Chat):
         result = request.result
         assert result is not None
         self.last_result = result
-        self.history.append(Turn("assistant", list(result.segments), tuple(result.tokens)))
+        self.history.append(Turn("assistant", list(result.segments), tuple(result.tokens), result.seed, result.reason))

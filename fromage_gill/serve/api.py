@@ -138,7 +138,12 @@ def build_api(
     @api.get("/health")
     async def health() -> dict:
         load = backend.load()
-        return {"model": config.name, "running": load.running, "waiting": load.waiting, "capacity": load.capacity}
+        out: dict = {"model": config.name, "running": load.running, "waiting": load.waiting, "capacity": load.capacity}
+        engine = getattr(backend, "engine", None)  # a batching backend: how much its forwards were shared
+        if engine is not None:
+            s = engine.stats()
+            out["engine"] = {"steps": s.steps, "tokens": s.tokens, "largest_batch": s.largest_batch}
+        return out
 
     @api.post("/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request) -> Response:
@@ -355,22 +360,26 @@ async def _sse(
     yield "data: [DONE]\n\n"
 
 
-def gradio_app_kwargs(pipeline, options, *, api_key: str | None = None) -> dict:
+def gradio_app_kwargs(pipeline, options, *, api_key: str | None = None, engine=None) -> dict:
     """``app_kwargs`` for gradio's ``launch()`` that serve this API at ``/v1`` from the chat app's own server (same
-    model, same indexes; its own queue of ``options.max_queue``). The key: ``api_key`` or $FROMAGE_GILL_API_KEY."""
+    model, same indexes; its own queue of ``options.max_queue``), on an ``EngineBackend``: ``engine``, the app's
+    sessions' own ``Engine`` (so API requests and visitors' turns decode in one batch), or a new one of
+    ``options.concurrency`` rows. The key: ``api_key`` or $FROMAGE_GILL_API_KEY."""
     import os
 
     from starlette.routing import Mount
 
     from ..retrieve.fetch import FetchConfig
-    from .backend import ThreadedChatBackend
+    from .engine_backend import EngineBackend
 
-    backend = ThreadedChatBackend(
+    backend = EngineBackend(
         pipeline,
         indexes=dict(options.indexes) if options.indexes else None,
-        concurrency=options.concurrency,
+        max_batch=options.concurrency,
         max_queue=options.max_queue,
+        kv_cache_gb=options.kv_cache_gb,
         fetch=FetchConfig(),
+        engine=engine,
     )
     api = build_api(backend, api_key=api_key or os.environ.get("FROMAGE_GILL_API_KEY") or None)
     return {"routes": [Mount("/v1", app=api)]}

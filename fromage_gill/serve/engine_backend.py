@@ -4,6 +4,10 @@ Per request: its pictures are decoded under the server-wide ``ImageBudget`` (``O
 ``Overloaded`` 429), the conversation is rebuilt as an ``EngineChat`` (history only: the KV of its prefix lives in
 the engine's byte-bounded prefix cache, shared by all conversations) and its turn is submitted to the engine. Nothing
 outlives the request but those caches.
+
+A request the engine cannot serve (a MAGIC or contrastive ``decoding``: they score candidates on a cache of their
+own) is handed to a ``ThreadedChatBackend`` on the same model, made at its first such request: one turn at a time,
+beside the batch, so the rest of the server keeps batching.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from ..generate.capacity import ImageBudget, OverCapacity
 from ..generate.engine import Engine, GiB
@@ -20,7 +25,17 @@ from ..generate.engine_chat import EngineChat
 from ..generate.events import TurnEnd
 from ..generate.prompt import ImageSegment, Turn
 from ..retrieve.fetch import FetchConfig, ImageFetcher
-from .backend import BackendLoad, ChatRequest, ImageInput, Overloaded, Served, StreamEvent, Usage, process_id
+from .backend import (
+    BackendLoad,
+    ChatRequest,
+    ImageInput,
+    Overloaded,
+    Served,
+    StreamEvent,
+    ThreadedChatBackend,
+    Usage,
+    process_id,
+)
 
 _DONE = object()
 
@@ -33,7 +48,8 @@ class _Failed:
 class EngineBackend:
     """``ChatBackend`` with continuous batching. ``max_batch`` turns decode together; ``max_queue`` more wait (429
     past that). ``kv_cache_gb``: the prefix cache's bound; ``image_budget_gb``: image decoding at once, server-wide,
-    a request waiting up to ``image_wait_s`` for room before its 429."""
+    a request waiting up to ``image_wait_s`` for room before its 429. Requests with another ``decoding`` than
+    "default" go to ``fallback`` (made on first use: a ``ThreadedChatBackend``, one turn at a time)."""
 
     def __init__(
         self,
@@ -49,6 +65,7 @@ class EngineBackend:
         fetch: FetchConfig | None = None,
         replica: str | None = None,
         engine: Engine | None = None,
+        fallback: ThreadedChatBackend | None = None,
     ):
         if max_queue < 0 or kv_cache_gb < 0 or not image_budget_gb > 0 or image_wait_s < 0:
             raise ValueError(
@@ -68,8 +85,14 @@ class EngineBackend:
         self.capacity = self.engine.max_batch + max_queue
         self.image_budget = ImageBudget(max(int(image_budget_gb * GiB), 1))
         self.image_wait_s = image_wait_s
+        # Pictures are decoded on one thread of their own: decoded in each request's thread, every thread's malloc
+        # arena kept what its 8000 x 8000 picture had used (measured: +1.5 GB of RSS for the attachment abuse in
+        # docs/serving.md, against +0.5 GB decoded on one thread), whatever the budget admitted at once.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
+        self._fetch, self._indexes = fetch, indexes
+        self.fallback = fallback
         self._lock = threading.Lock()
         self._inflight = 0
         self._closed = False
@@ -96,7 +119,8 @@ class EngineBackend:
                 if isinstance(p, ImageInput) and p.data is not None:
                     try:
                         with self.image_budget.admit(p.data, name=p.name, timeout=self.image_wait_s):
-                            image = p.load(self.fetcher)  # decoded and kept small inside the reservation
+                            # decoded and kept small inside the reservation
+                            image = self._decoder.submit(p.load, self.fetcher).result()
                     except OverCapacity as e:
                         raise Overloaded(str(e), status=429, retry_after_s=e.retry_after_s) from None
                     segments.append(ImageSegment(image))
@@ -109,7 +133,25 @@ class EngineBackend:
             raise ValueError("the last user message is empty: send text or an image")
         return turns
 
+    def fallback_backend(self) -> ThreadedChatBackend:
+        """The backend of the decodings the engine does not serve, made on first use."""
+        with self._lock:
+            if self.fallback is None:
+                self.fallback = ThreadedChatBackend(
+                    self._pipeline,
+                    indexes=self._indexes,
+                    concurrency=1,
+                    max_queue=max(self.capacity - 1, 0),
+                    fetch=self._fetch,
+                    replica=self.replica,
+                )
+            return self.fallback
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        if request.settings.decoding != "default":
+            async for ev in self.fallback_backend().stream(request):
+                yield ev
+            return
         with self._lock:
             if self._closed:
                 raise Overloaded("the server is shutting down", status=503)
@@ -167,5 +209,8 @@ class EngineBackend:
         with self._lock:
             self._closed = True
         await asyncio.to_thread(self.engine.close)
+        if self.fallback is not None:
+            await self.fallback.aclose()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         if self.fetcher is not None:
             self.fetcher.close()

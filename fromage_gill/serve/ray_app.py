@@ -23,6 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..retrieve.fetch import FetchConfig
 from .api import build_app
 from .backend import BackendLoad, ChatRequest, Overloaded, StreamEvent, ThreadedChatBackend, process_id
+from .engine_backend import EngineBackend
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ except ImportError:  # pragma: no cover
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """What each replica loads and how it serves: ``load_pipeline`` arguments, ``--index`` values, the backend's
-    concurrency and queue, and the URL-fetch policy."""
+    """What each replica loads and how it serves: ``load_pipeline`` arguments, ``--index`` values, the backend
+    (``engine``: ``EngineBackend`` keywords, the default; None: a ``ThreadedChatBackend`` of ``concurrency``
+    turns), its queue, and the URL-fetch policy."""
 
     model: str
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -48,6 +50,7 @@ class ReplicaSpec:
     max_queue: int = 16
     queue_timeout_s: float = 300.0
     fetch: FetchConfig | None = FetchConfig()
+    engine: Mapping[str, Any] | None = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,15 +82,21 @@ class ChatReplica:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 -- only a name for logs and headers
             replica = "replica"
-        self.backend = ThreadedChatBackend(
-            pipeline,
-            indexes=indexes,
-            concurrency=spec.concurrency,
-            max_queue=spec.max_queue,
-            queue_timeout_s=spec.queue_timeout_s,
-            fetch=spec.fetch,
-            replica=f"{replica}@{process_id()}",
-        )
+        name = f"{replica}@{process_id()}"
+        self.backend: ThreadedChatBackend | EngineBackend
+        if spec.engine is None:
+            self.backend = ThreadedChatBackend(
+                pipeline,
+                indexes=indexes,
+                concurrency=spec.concurrency,
+                max_queue=spec.max_queue,
+                queue_timeout_s=spec.queue_timeout_s,
+                fetch=spec.fetch,
+                replica=name,
+            )
+        else:
+            kwargs = {"max_queue": spec.max_queue, **spec.engine}
+            self.backend = EngineBackend(pipeline, indexes=indexes, fetch=spec.fetch, replica=name, **kwargs)
 
     def info(self) -> dict:
         return {"config": self.backend.config, "indexes": self.backend.indexes, "replica": self.backend.replica}
@@ -159,7 +168,7 @@ def build_application(spec: ServeSpec, config, indexes: tuple[str, ...]):
     r = spec.replica
     options: dict[str, Any] = dict(
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-        max_ongoing_requests=r.concurrency + r.max_queue,
+        max_ongoing_requests=(r.concurrency if r.engine is None else r.engine.get("max_batch", 16)) + r.max_queue,
         health_check_period_s=spec.health_check_period_s,
         health_check_timeout_s=max(10.0, 5 * spec.health_check_period_s),
     )
@@ -184,7 +193,7 @@ def run(spec: ServeSpec, *, host: str, port: int, address: str | None = None, bl
     """Start (or join, ``address``) a Ray cluster, deploy the application on ``host:port``, and serve."""
     from ..pipeline import resolve_config
 
-    config, _ = resolve_config(spec.replica.model)
+    config = resolve_config(spec.replica.model)
     if spec.replica.pipeline_kwargs.get("decision_model") is False:
         config = dataclasses.replace(config, decision_head=False)
     indexes = index_names(spec.replica.index, config.name)
