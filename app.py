@@ -48,8 +48,7 @@ CONTROL_KINDS = {"slider": gr.Slider, "choice": gr.Radio, "dropdown": gr.Dropdow
 
 
 def build_demo(pipeline, options: AppOptions | None = None, handlers: ChatHandlers | None = None) -> gr.Blocks:
-    """The chat UI for ``pipeline``; every action is also an API endpoint named in ``API_ENDPOINTS``. ``handlers``:
-    ones made already (whose engine the ``--api`` mount shares)."""
+    """The chat UI for ``pipeline`` (``handlers``: made already); every action is an endpoint of ``API_ENDPOINTS``."""
     h = handlers or ChatHandlers(pipeline, options)
     gr.set_static_paths([h.image_root])  # the chat shows its images as links to these files (messages.py)
     with gr.Blocks(title=f"fromage_gill · {h.model_name}", delete_cache=(1800, 3600)) as demo:
@@ -271,8 +270,7 @@ def shown(handler: Callable[..., Any], *, box: bool = True) -> Callable[..., Any
 
 
 def launch_style() -> dict[str, Any]:
-    """``launch()`` arguments for the look (Gradio 6 takes theme, CSS and scripts at launch) and the example
-    photos."""
+    """``launch()`` arguments for the look (Gradio 6 takes theme, CSS and scripts at launch) and the photos."""
     # The system's fonts: the theme's default Google fonts would make every visitor's browser fetch from Google.
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     paths = [str(site.ASSETS), str(site.TOY_INDEXES)]
@@ -311,9 +309,8 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     print(f"fromage_gill: {args.model} loaded in {time.monotonic() - t0:.0f} s; starting the app", file=sys.stderr)
-    handlers = ChatHandlers(pipeline, options)
-    demo = build_demo(pipeline, options, handlers=handlers)
-    # the /v1 API beside it (docs/serving.md), its requests batched with the visitors' turns on the same engine
+    demo = build_demo(pipeline, options, handlers=(handlers := ChatHandlers(pipeline, options)))
+    # the /v1 API (docs/serving.md): its requests decode in one batch with the visitors' turns, on one engine
     api = gradio_app_kwargs(pipeline, options, engine=handlers.engine) if args.api else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, app_kwargs=api, **launch_style())
     return 0
