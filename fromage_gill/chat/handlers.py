@@ -22,19 +22,19 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..generate import Chat, GenerationSettings
 from ..generate.engine import Engine, GiB
 from ..generate.engine_chat import EngineChat
 from ..generate.events import TurnEvents
+from ..generate.history import JSON
 from ..pipeline import Pipeline
 from . import export
-from .controls import NO_INDEX, control_values, make_settings, settings_panel
+from .controls import NO_INDEX, SettingValue, control_values, make_settings, settings_panel
 from .gate import ModelGate
 from .kept import KeptConversations
 from .live import LiveTurns
-from .messages import build_message, chatbot_messages, edited_message, text_of
+from .messages import ChatMessage, build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
 from .running import turn_updates
 from .session import ChatSession, Note, UserPart
@@ -54,9 +54,9 @@ class Reply:
     new values (None: unchanged)."""
 
     session: ChatSession
-    messages: list[dict[str, Any]]
+    messages: list[ChatMessage]
     clear_box: bool = False
-    controls: dict[str, Any] | None = None
+    controls: dict[str, SettingValue] | None = None
     notes: list[Note] = dataclasses.field(default_factory=list)
     running: bool = False
 
@@ -121,7 +121,7 @@ class ChatHandlers(KeptConversations):
                 )
             return self._engine
 
-    def make_chat(self, pipeline: Pipeline, data: dict[str, Any] | None = None) -> Chat:
+    def make_chat(self, pipeline: Pipeline, data: JSON | None = None) -> Chat:
         """A session's conversation on the shared engine (``data``: a saved chat to continue, ``Chat.to_dict``'s
         shape, checked as ``Chat.from_dict`` checks it). MAGIC and contrastive turns decode as a plain ``Chat``'s
         (``EngineChat`` falls back for them), beside the batch."""
@@ -145,7 +145,7 @@ class ChatHandlers(KeptConversations):
         session.chat.pipeline = self.pipelines[index_name]
         session.index_name = index_name
 
-    def view(self, session: ChatSession | None) -> list[dict[str, Any]]:
+    def view(self, session: ChatSession | None) -> list[ChatMessage]:
         return [] if session is None else chatbot_messages(session)
 
     def close_session(self, session: ChatSession | None) -> None:
@@ -159,7 +159,9 @@ class ChatHandlers(KeptConversations):
 
     # -- the model-using actions (streamed) ---------------------------------------------------------------------
 
-    def send(self, session: ChatSession | None, message: dict[str, Any] | None, **ui: Any) -> Iterator[Reply]:
+    def send(
+        self, session: ChatSession | None, message: dict[str, object] | None, **ui: SettingValue
+    ) -> Iterator[Reply]:
         """A new user message (its text and attached files) and the answer, streamed."""
         session = session or self.new_session(ui.get("index"))
 
@@ -171,7 +173,7 @@ class ChatHandlers(KeptConversations):
 
         yield from self.live.start(session, queued())
 
-    def regenerate(self, session: ChatSession | None, **ui: Any) -> Iterator[Reply]:
+    def regenerate(self, session: ChatSession | None, **ui: SettingValue) -> Iterator[Reply]:
         """Another answer to the last message, with a new seed."""
         session = session or self.new_session(ui.get("index"))
         yield from self.live.start(
@@ -184,7 +186,7 @@ class ChatHandlers(KeptConversations):
         turn_index: float | None,
         text: str | None,
         part: int | None = None,
-        **ui: Any,
+        **ui: SettingValue,
     ) -> Iterator[Reply]:
         """Branch from a past user message: replace its text (or only text segment ``part``), keep its images,
         drop what came after it, and answer again."""
@@ -192,7 +194,9 @@ class ChatHandlers(KeptConversations):
         turn = session.exclusive(lambda: self._edit(session, turn_index, text, part, ui), self._refused(session))
         yield from self.live.start(session, turn)
 
-    def edit_shown(self, session: ChatSession | None, message_index: int, value: Any, **ui: Any) -> Iterator[Reply]:
+    def edit_shown(
+        self, session: ChatSession | None, message_index: int, value: object, **ui: SettingValue
+    ) -> Iterator[Reply]:
         """``edit`` from the chat's own editor: the text of shown message ``message_index`` became ``value``."""
         where = session.turn_of_message(message_index) if session is not None else None
         if where is None:
@@ -205,13 +209,18 @@ class ChatHandlers(KeptConversations):
         turn, part = where
         yield from self.edit(session, turn, text_of(value), part, **ui)
 
-    def _send(self, session: ChatSession, message: dict[str, Any] | None, ui: dict[str, Any]) -> Iterator[Reply]:
+    def _send(
+        self, session: ChatSession, message: dict[str, object] | None, ui: dict[str, SettingValue]
+    ) -> Iterator[Reply]:
         message = message or {}
         try:
             self.use_index(session, ui.get("index"))
             settings = make_settings(self.defaults, ui)
+            text, files = message.get("text"), message.get("files")  # gr.MultimodalTextbox's value
             segments = build_message(
-                message.get("text"), message.get("files"), max_images=self.options.max_images_per_message
+                text if isinstance(text, str) else None,
+                files if isinstance(files, (list, tuple)) else None,
+                max_images=self.options.max_images_per_message,
             )
         except ValueError as e:
             session.note(str(e), kind="error")
@@ -220,7 +229,7 @@ class ChatHandlers(KeptConversations):
         session.settings = settings
         yield from self._run_turn(session, lambda: session.chat.send(segments, settings), segments)
 
-    def _regenerate(self, session: ChatSession, ui: dict[str, Any]) -> Iterator[Reply]:
+    def _regenerate(self, session: ChatSession, ui: dict[str, SettingValue]) -> Iterator[Reply]:
         if not any(t.role == "assistant" for t in session.chat.history):
             session.note("Nothing to regenerate yet: send a message first.", kind="error")
             yield self._reply(session)
@@ -237,7 +246,12 @@ class ChatHandlers(KeptConversations):
         yield from self._run_turn(session, lambda: session.chat.regenerate(settings), None)
 
     def _edit(
-        self, session: ChatSession, turn_index: float | None, text: str | None, part: int | None, ui: dict[str, Any]
+        self,
+        session: ChatSession,
+        turn_index: float | None,
+        text: str | None,
+        part: int | None,
+        ui: dict[str, SettingValue],
     ) -> Iterator[Reply]:
         history = session.chat.history
         try:
@@ -333,9 +347,16 @@ class ChatHandlers(KeptConversations):
         return still_answering
 
     @staticmethod
-    def _reply(session: ChatSession, **kwargs: Any) -> Reply:
+    def _reply(
+        session: ChatSession, *, clear_box: bool = False, controls: dict[str, SettingValue] | None = None
+    ) -> Reply:
         return Reply(
-            session, chatbot_messages(session), notes=session.take_notes(), running=session.streaming, **kwargs
+            session,
+            chatbot_messages(session),
+            clear_box=clear_box,
+            controls=controls,
+            notes=session.take_notes(),
+            running=session.streaming,
         )
 
     # -- quick actions ------------------------------------------------------------------------------------------
@@ -375,7 +396,7 @@ class ChatHandlers(KeptConversations):
         self.close_session(session)
         return Reply(self.new_session(owner=owner), [], clear_box=True)
 
-    def history(self, session: ChatSession | None) -> dict[str, Any]:
+    def history(self, session: ChatSession | None) -> JSON:
         """The conversation as JSON-friendly data: turns (text and image labels), seeds, settings."""
         if session is None:
             return {"turns": [], "seeds": {}, "settings": {}}
@@ -415,7 +436,7 @@ class ChatHandlers(KeptConversations):
         finally:
             self._exports.release()
 
-    def load_json(self, session: ChatSession | None, file: Any) -> Reply:
+    def load_json(self, session: ChatSession | None, file: object) -> Reply:
         """Continue a conversation from a JSON export (a path, ``{"path": ...}`` or an object with ``.path``); its
         settings come back as the controls' values."""
         session = session or self.new_session()
@@ -424,7 +445,7 @@ class ChatHandlers(KeptConversations):
             session.note("Still answering: press Stop before loading a conversation.", kind="error")
             return self._reply(session)
         try:
-            if not path:
+            if not isinstance(path, (str, Path)) or not path:
                 raise export.ChatExportError("No file: choose a JSON file saved with 'Export JSON'.")
             data = export.read_export(path)
             chat = Chat.from_dict(session.chat.pipeline, data)  # the view of the session's index
@@ -441,7 +462,7 @@ class ChatHandlers(KeptConversations):
         session.note(f"Loaded a conversation of {n} exchange{'s' * (n != 1)} from {Path(str(path)).name}.")
         return self._reply(session, controls=control_values(settings))
 
-    def _settings_of(self, data: dict[str, Any]) -> GenerationSettings:
+    def _settings_of(self, data: JSON) -> GenerationSettings:
         """The GenerationSettings of a JSON export (ValueError naming a bad one)."""
         seed = data["settings"].get("seed")
         return make_settings(self.defaults, {**data["settings"], "seed": "random" if seed is None else seed})

@@ -10,20 +10,24 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
 from PIL import Image
 
 from ..generate.limits import MAX_IMAGES_PER_MESSAGE
+from ..generate.prompt import ImageSegment
 from ..images import ImageError, load_image
 from .labels import image_label, plain_text
-from .session import PENDING, ChatSession
+from .session import ChatSession, LivePart, UserPart
+
+# A message as gr.Chatbot takes it: {"role": "user" | "assistant", "content": markdown}
+ChatMessage: TypeAlias = dict[str, str]
 
 IMAGE_PLACEHOLDER = "<image>"  # in a message's text: where the next attached image goes
 
 
 def build_message(
-    text: str | None, files: Sequence[Any] | None, *, max_images: int = MAX_IMAGES_PER_MESSAGE
+    text: str | None, files: Sequence[object] | None, *, max_images: int = MAX_IMAGES_PER_MESSAGE
 ) -> list[str | Image.Image]:
     """The user's text and attached images as one interleaved message for ``Chat.send``.
 
@@ -54,7 +58,7 @@ def build_message(
     return segments
 
 
-def edited_message(segments: Sequence[Any], text: str, part: int | None = None) -> list[Any]:
+def edited_message(segments: Sequence[UserPart], text: str, part: int | None = None) -> list[UserPart]:
     """A past user message with new text: ``part`` = the index of the text segment to replace (None: all its text
     becomes ``text``, where the first text was). Images stay where they were. ValueError if nothing is left."""
     segments = list(segments)
@@ -74,7 +78,7 @@ def edited_message(segments: Sequence[Any], text: str, part: int | None = None) 
     return out
 
 
-def text_of(value: Any) -> str:
+def text_of(value: object) -> str:
     """The text of an edited chat message as the chat sends it back (a string, or content parts)."""
     if isinstance(value, list):
         return " ".join(text_of(v) for v in value)
@@ -83,7 +87,7 @@ def text_of(value: Any) -> str:
     return str(value or "")
 
 
-def _open_attachment(f: Any) -> Image.Image:
+def _open_attachment(f: object) -> Image.Image:
     """A gradio file (path string, ``{"path": ...}`` dict or object with ``.path``) or a PIL image, decoded safely."""
     if isinstance(f, Image.Image):
         return load_image(f)
@@ -101,7 +105,7 @@ def _open_attachment(f: Any) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
+def chatbot_messages(session: ChatSession) -> list[ChatMessage]:
     """What the chat shows: the turns and the live exchange (notes and errors are toasts, not messages).
 
     A user turn is shown as one chat message per segment (grouped into one bubble by the chat), so that each text
@@ -111,11 +115,11 @@ def chatbot_messages(session: ChatSession) -> list[dict[str, Any]]:
     history's images: each update costs the same at turn 30 as at turn 1. Records in ``session.message_turns``
     which user text each message shows.
     """
-    out: list[dict[str, Any]] = []
+    out: list[ChatMessage] = []
     where: list[tuple[int, int] | None] = []
     history = session.chat.history
 
-    def add_user(segments: Sequence[Any], i: int | None) -> None:
+    def add_user(segments: Sequence[UserPart], i: int | None) -> None:
         for j, seg in enumerate(segments):
             text = _markdown(session, [seg])
             if text:
@@ -164,21 +168,19 @@ def safe_markdown(text: str) -> str:
     return html.escape(text, quote=False).replace("![", "!\\[")
 
 
-def _markdown(session: ChatSession, segments: Sequence[Any]) -> str:
+def _markdown(session: ChatSession, segments: Sequence[UserPart | LivePart]) -> str:
     """Segments as one markdown text: texts, images inline with the label under each, a pending image's progress."""
     parts: list[str] = []
     for seg in segments:
         if isinstance(seg, str):
             if seg:
                 parts.append(safe_markdown(seg))
-        elif seg is PENDING:
-            parts.append(session.progress_text())
-        else:
-            img = seg if isinstance(seg, Image.Image) else getattr(seg, "image", None)
-            if img is None:
-                continue
+        elif isinstance(seg, (Image.Image, ImageSegment)):
+            img = seg if isinstance(seg, Image.Image) else seg.image
             label = image_label(seg)
             parts.append(image_markdown(session.image_url(img), plain_text(label) or "image"))
             if label:  # the app's own markup; its caption is escaped by image_label
                 parts.append(f'<span class="image-label">{label}</span>')
+        else:  # PENDING: an image the engine is still making
+            parts.append(session.progress_text())
     return "\n\n".join(parts)
