@@ -203,7 +203,7 @@ class KeptConversations:
         session = self.new_session(owner=owner)
         try:
             data = record_chat(record)
-            session.chat = Chat.from_dict(self.pipelines[session.index_name], data)
+            session.chat = Chat.from_dict(session.chat.pipeline, data)  # the pipeline of the session's index
             session.settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)

@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,7 +319,7 @@ class ConversationStore:
             logger.warning("stored conversation %s/%s cannot be read (%s); it is skipped", owner, conversation, reason)
 
     @contextmanager
-    def _failing(self, what: str) -> Iterator[None]:
+    def _failing(self, what: str) -> Generator[None, None, None]:
         try:
             yield
         except SQLAlchemyError as e:
