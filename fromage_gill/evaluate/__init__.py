@@ -16,6 +16,8 @@ and writing a metrics JSON (``report.py``) beside the papers' figures (``papers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .captioning import Captioning
 from .common import EvalOptions
 from .generation import VisdialGeneration, VistGeneration
@@ -27,10 +29,16 @@ from .visdial_rank import VisdialRank
 from .visdial_t2i import VisdialT2I
 from .vist_retrieval import VistRetrieval
 
-TASKS: dict[str, EvalTask] = {}
+if TYPE_CHECKING:  # types only: the caller loads the model
+    from ..magic.model import MagicModel
+    from ..pipeline import Pipeline
+
+# Tasks of either model kind (EvalTask[Pipeline], EvalTask[MagicModel]): no one type parameter holds both, since a
+# task's model is an argument; ``needs`` says which one a task takes and the CLI loads that.
+TASKS: dict[str, EvalTask[Any]] = {}
 
 
-def register(task: EvalTask) -> EvalTask:
+def register(task: EvalTask[Any]) -> EvalTask[Any]:
     """Add ``task`` to ``TASKS`` (the CLI's list) under ``task.name``; a name already taken is refused."""
     if task.name in TASKS and TASKS[task.name] is not task:
         raise ValueError(f"an evaluation task named {task.name!r} is already registered: choose another name")
@@ -43,8 +51,8 @@ for _task in (VistRetrieval(), VisdialT2I(), VisdialRank(), VistGeneration(), Vi
 
 
 def evaluate(
-    task: str | EvalTask,
-    model,
+    task: str | EvalTask[Any],
+    model: Pipeline | MagicModel,
     opts: EvalOptions,
     *,
     model_name: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -30,6 +30,10 @@ from .report import EvalReport
 from .shards import Processes
 from .task import EvalTask, Plan
 from .visdial_t2i import visdial_images
+
+if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
+    from ..pipeline import Pipeline
+
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +84,14 @@ def visdial_examples(opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
     return out, {"dialogues": len(dialogs), "skipped (image missing from the folder)": missing}
 
 
-class _Generation(EvalTask):
+class _Generation(EvalTask["Pipeline"]):
     """GILL and Stable Diffusion alone on the same text and seed, ``--batch-size`` prompts per diffusion call."""
 
     needs = "gill"
 
     def plan(
         self,
-        pipeline,
+        pipeline: Pipeline,
         data,
         opts: EvalOptions,
         processes: Processes,
@@ -117,7 +121,7 @@ class _Generation(EvalTask):
         fields = {"generator": generator, "lpips": lpips, "judge": judge, "notes": notes, "dirs": dirs}
         return Plan(examples, key, {**fields, "counts": counts, "fid_feature": fid_feature})
 
-    def run_batch(self, pipeline, plan: Plan, batch: list[Example], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, pipeline: Pipeline, plan: Plan, batch: list[Example], opts: EvalOptions) -> list[dict]:
         f = plan.fields
         size = pipeline.image_processor.size
         settings = dict(
@@ -147,7 +151,9 @@ class _Generation(EvalTask):
             records.append(record)
         return records
 
-    def report(self, pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(
+        self, pipeline: Pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str
+    ) -> EvalReport:
         f = plan.fields
         notes = list(f["notes"])
         metrics = {s: _means([r[s] for r in done]) for s in SYSTEMS}
@@ -180,9 +186,11 @@ class VisdialGeneration(_Generation):
 
 
 @torch.no_grad()
-def _sd_embeds(pipeline, texts: list[str]) -> torch.Tensor:
+def _sd_embeds(pipeline: Pipeline, texts: list[str]) -> torch.Tensor:
     """(B, L, D) Stable Diffusion's own text-encoder output for ``texts`` (each truncated to its 77 tokens)."""
     sd = pipeline.diffusion
+    if sd is None:
+        raise ValueError(f"{pipeline.config.name} has no diffusion model loaded: contextual generation needs GILL's")
     embeds, _ = sd.encode_prompt(texts, sd.text_encoder.device, 1, False)
     return embeds
 
