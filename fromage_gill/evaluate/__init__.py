@@ -16,7 +16,7 @@ and writing a metrics JSON (``report.py``) beside the papers' figures (``papers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .captioning import Captioning
 from .common import EvalOptions
@@ -24,7 +24,7 @@ from .generation import VisdialGeneration, VistGeneration
 from .readers import DataError
 from .report import EvalReport
 from .shards import Processes
-from .task import EvalTask, Plan, run_task
+from .task import AnyTask, EvalTask, Plan, run_task
 from .visdial_rank import VisdialRank
 from .visdial_t2i import VisdialT2I
 from .vist_retrieval import VistRetrieval
@@ -33,12 +33,10 @@ if TYPE_CHECKING:  # types only: the caller loads the model
     from ..magic.model import MagicModel
     from ..pipeline import Pipeline
 
-# Tasks of either model kind (EvalTask[Pipeline], EvalTask[MagicModel]): no one type parameter holds both, since a
-# task's model is an argument; ``needs`` says which one a task takes and the CLI loads that.
-TASKS: dict[str, EvalTask[Any]] = {}
+TASKS: dict[str, AnyTask] = {}
 
 
-def register(task: EvalTask[Any]) -> EvalTask[Any]:
+def register(task: AnyTask) -> AnyTask:
     """Add ``task`` to ``TASKS`` (the CLI's list) under ``task.name``; a name already taken is refused."""
     if task.name in TASKS and TASKS[task.name] is not task:
         raise ValueError(f"an evaluation task named {task.name!r} is already registered: choose another name")
@@ -51,7 +49,7 @@ for _task in (VistRetrieval(), VisdialT2I(), VisdialRank(), VistGeneration(), Vi
 
 
 def evaluate(
-    task: str | EvalTask[Any],
+    task: str | AnyTask,
     model: Pipeline | MagicModel,
     opts: EvalOptions,
     *,

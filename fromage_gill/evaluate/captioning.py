@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
 logger = logging.getLogger(__name__)
 
 
-class Captioning(EvalTask["MagicModel"]):
+class Captioning(EvalTask["MagicModel", CaptionedImage]):
     name = "captioning"
     help = "MAGIC captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"
     needs = "magic"

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ..generate.diffusion import image_generator
 from ..probe import PromptLike, generation_embeddings
+from ..typed_json import JSONValue
 from .common import EvalOptions, limited, open_image
 from .image_metrics import MetricUnavailable, clip_similarities, fid, fid_metric, lpips_distances, lpips_metric
 from .readers import DataError, ImageFolder, read_visdial, read_vist
@@ -84,7 +85,7 @@ def visdial_examples(opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
     return out, {"dialogues": len(dialogs), "skipped (image missing from the folder)": missing}
 
 
-class _Generation(EvalTask["Pipeline"]):
+class _Generation(EvalTask["Pipeline", Example]):
     """GILL and Stable Diffusion alone on the same text and seed, ``--batch-size`` prompts per diffusion call."""
 
     needs = "gill"
@@ -138,7 +139,7 @@ class _Generation(EvalTask["Pipeline"]):
         records = []
         for b, e in enumerate(batch):
             truth = open_image(e.truth)
-            record: dict[str, Any] = {"id": e.id, "truth": str(e.truth)}
+            record: dict[str, JSONValue] = {"id": e.id, "truth": str(e.truth)}
             for system in SYSTEMS:
                 image = images[system][b]
                 image.save(f["dirs"][system] / f"{e.id}.png")

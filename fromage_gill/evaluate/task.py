@@ -34,19 +34,20 @@ if TYPE_CHECKING:  # types only: evaluation loads its model through the CLI or t
 
 # What a task runs on: a FROMAGe/GILL Pipeline, or a MagicModel (captioning); each task names its own.
 M = TypeVar("M", bound="Pipeline | MagicModel")
+E = TypeVar("E")  # a task's example (a Story, a Dialog, ...)
 
 
 @dataclass
-class Plan:
+class Plan(Generic[E]):
     """The examples of one run (``id_of`` names each one), the key a resumed run must match, and anything the
     task's batches share (subclass it: ``fields``)."""
 
-    examples: Sequence[Any]  # each task's own example type (Story, Dialog, ...)
+    examples: Sequence[E]
     key: Mapping[str, JSONValue]
     fields: dict[str, Any] = field(default_factory=dict)  # each task's own shared values
 
 
-class EvalTask(Generic[M]):
+class EvalTask(Generic[M, E]):
     """One benchmark. Subclasses set the class attributes and implement ``read``, ``plan``, ``run_batch`` and
     ``report``; ``register`` adds one to ``TASKS``, the CLI's list."""
 
@@ -59,26 +60,32 @@ class EvalTask(Generic[M]):
     def read(self, opts: EvalOptions, /) -> object:
         raise NotImplementedError
 
-    def plan(self, model: M, data: Any, opts: EvalOptions, processes: Processes, /) -> Plan:
+    def plan(self, model: M, data: Any, opts: EvalOptions, processes: Processes, /) -> Plan[E]:
         """(A task may take keyword arguments after these: ``evaluate(..., **extra)`` passes them on.)"""
         raise NotImplementedError
 
-    def id_of(self, example: Any, /) -> str:
-        return str(example.id)
+    def id_of(self, example: E, /) -> str:
+        """The example's ``id`` (a task whose examples name it otherwise overrides this)."""
+        return str(getattr(example, "id"))  # noqa: B009 (E is any type: the attribute is looked up at run time)
 
     def batch_size(self, opts: EvalOptions, /) -> int:
         """Examples per ``run_batch`` call (default ``--batch-size``)."""
         return opts.batch_size
 
-    def run_batch(self, model: M, plan: Plan, batch: list[Any], opts: EvalOptions, /) -> list[dict]:
+    def run_batch(self, model: M, plan: Plan[E], batch: list[E], opts: EvalOptions, /) -> list[dict]:
         raise NotImplementedError
 
-    def report(self, model: M, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str, /) -> EvalReport:
+    def report(self, model: M, plan: Plan[E], records: list[dict], opts: EvalOptions, model_name: str, /) -> EvalReport:
         raise NotImplementedError
+
+
+# A task of either model kind (EvalTask[Pipeline] or EvalTask[MagicModel]), as the registry holds them: no one type
+# argument covers both, since a task's model is an argument; ``needs`` says which one a task takes (the CLI loads it).
+AnyTask = EvalTask[Any, Any]
 
 
 def run_task(
-    task: EvalTask[M],
+    task: EvalTask[M, E],
     model: M,
     opts: EvalOptions,
     *,

@@ -92,7 +92,7 @@ def option_scores(pipeline: Pipeline, image, dialog: Dialog, i: int, scoring: st
     return score_candidates(pipeline, [image, context], [" " + o for o in options], batch_size=batch_size).summed
 
 
-class VisdialRank(EvalTask["Pipeline"]):
+class VisdialRank(EvalTask["Pipeline", Dialog]):
     name = "visdial-rank"
     help = "VisDial answer ranking: R@1/5/10, MRR, NDCG (--scoring published, the default, or next-token)"
 

@@ -47,7 +47,7 @@ def visdial_images(opts: EvalOptions, dialogs: list[Dialog]) -> tuple[ImageFolde
     return folder, found, len(dialogs) - len(found)
 
 
-class VisdialT2I(EvalTask["Pipeline"]):
+class VisdialT2I(EvalTask["Pipeline", Dialog]):
     name = "visdial-t2i"
     help = "VisDial text-to-image retrieval, R@1/5/10"
 

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 TOP = 10
 
 
-class VistRetrieval(EvalTask["Pipeline"]):
+class VistRetrieval(EvalTask["Pipeline", Story]):
     name = "vist-retrieval"
     help = "VIST contextual image retrieval, R@1/5/10 (3 settings)"
 
