@@ -12,7 +12,7 @@ import logging
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
@@ -146,7 +146,7 @@ def load_lm(
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, object] = {"dtype": dtype}
     if quantization is not None:
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
         kwargs["device_map"] = device_map or {"": str(device)}
@@ -296,10 +296,11 @@ def _clip_vision_from_pretrained(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}  # from_pretrained's **kwargs
-        if revision is not None:
-            kwargs["revision"] = revision
-        return cast("tuple[CLIPVisionModel, dict[str, list[str]]]", CLIPVisionModel.from_pretrained(source, **kwargs))
+        # "main" is from_pretrained's own default revision
+        loaded = CLIPVisionModel.from_pretrained(
+            source, dtype=dtype, output_loading_info=True, revision=revision if revision is not None else "main"
+        )
+        return cast("tuple[CLIPVisionModel, dict[str, list[str]]]", loaded)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import overload
 
 import torch
@@ -54,7 +54,7 @@ def process_group_exists() -> bool:
 
 
 @contextlib.contextmanager
-def owned_process_group() -> Iterator[None]:
+def owned_process_group() -> Generator[None, None, None]:
     """Destroy, on the way out, the ``torch.distributed`` process group created inside the block (accelerate's first
     ``PartialState`` creates it from the ``torchrun`` / ``accelerate launch`` environment). Left alive, gloo's threads
     are still running at interpreter exit and take the process down ("terminate called without an active

@@ -29,7 +29,7 @@ from .model import GroundedLM
 from .paths import checkout_path
 
 if TYPE_CHECKING:  # types only: loading them at import would pull in transformers and diffusers eagerly
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from transformers import PreTrainedTokenizerBase
 
     from .magic.clip import ClipGuide
@@ -96,7 +96,7 @@ class Pipeline:
             f" {m.vision.processor.size}px) -> {c.n_visual_tokens} visual token(s)",
             f"  trained layers: {n_trained:,} parameters; retrieval dim {c.retrieval_dim}",
         ]
-        if self.diffusion is not None:
+        if self.diffusion is not None and c.diffusion is not None and c.mapper is not None:
             lines.append(f"  diffusion: {c.diffusion.source} (conditioning {c.mapper.num_queries}x{c.mapper.out_dim})")
         if self.index is not None:
             lines.append(f"  index: {self.index}")
@@ -281,6 +281,8 @@ def build_pipeline(
         logger.info("loading %s: diffusion %s", cfg.name, cfg.diffusion.source)
         sd = load_diffusion(cfg.diffusion, tokenizer, dtype=dtype, device=device, seed=cfg.seed)
         enc_width = sd.text_encoder.config.hidden_size
+        if cfg.mapper is None:
+            raise ConfigError(f"{cfg.name!r} has a diffusion model but no mapper to condition it; add a mapper section")
         if enc_width != cfg.mapper.out_dim:
             raise ConfigError(
                 f"mapper.out_dim is {cfg.mapper.out_dim} but the diffusion text encoder is {enc_width} wide; "
@@ -298,6 +300,8 @@ def in_checkout(cfg: ModelConfig) -> ModelConfig:
 
 
 def load_weights(model: GroundedLM, cfg: ModelConfig) -> None:
+    if cfg.weights is None:  # load_pipeline refuses it first, with the fix; a direct caller gets told too
+        raise ValueError(f"{cfg.name!r} names no trained weights to load (pass weights=DIR)")
     if cfg.weights_format == "native":
         path = fetch_file(cfg.weights, ckpt.WEIGHTS_NAME, what="trained layers")
         ckpt.load_trained_layers(model, ckpt.read_native(path), source=str(path))

@@ -215,6 +215,17 @@ def test_missing_or_inconsistent_folders_are_explained(tmp_path):
 # ------------------------------------------------------------------------------------------ sources
 
 
+def test_a_long_cell_in_a_headerless_cc3m_tsv_names_the_line(tmp_path):
+    # CC3M's TSV has no header: its first row is data, chained back before the csv reader's rows. The error must
+    # still name the reader's line (the chain has no line_num: this was an AttributeError in the error's handler).
+    long = "a red circle " * 11_000  # 143,000 characters: over csv's 131,072
+    (tmp_path / "cc3m.tsv").write_text(
+        f"a red car\thttps://x.org/1.jpg\nok\thttps://x.org/2.jpg\n{long}\thttps://x.org/3.jpg\n"
+    )
+    with pytest.raises(ValueError, match=r"cc3m\.tsv:3: field larger than field limit"):
+        list(iter_image_caption_items(tmp_path / "cc3m.tsv"))
+
+
 def test_sources_read_lists_tables_and_shards(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "list.txt").write_text("# comment\na.jpg\nhttps://example.org/b.png\na dog\thttp://example.org/c.jpg\n")

@@ -595,3 +595,12 @@ def test_precomputed_store_survives_pickling_for_worker_processes(tmp_path):
     copy = pickle.loads(pickle.dumps(store))
     for i in range(5):
         assert torch.equal(copy.get(i)["features"], store.get(i)["features"])
+
+
+def test_training_a_magic_model_is_refused_before_anything_is_read(tmp_path):
+    # MAGIC has no trained layers; its config has no weights to start from (was an AttributeError on .weights).
+    from fromage_gill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tiny-magic is a MAGIC model: .*nothing to train; pick a FROMAGe or GILL"):
+        train(TrainConfig(model="tiny-magic", data=str(tmp_path / "none.tsv"), out=str(tmp_path / "o")))
+    _assert_nothing_written(tmp_path / "o")

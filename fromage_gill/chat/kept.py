@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
-from ..generate import Chat
+from ..generate import Chat, GenerationSettings
+from ..pipeline import Pipeline
+from ..typed_json import JSONValue
 from .controls import control_values
 from .live import LiveTurns
+from .options import AppOptions
 from .owner import OwnerTokens
 from .records import TITLE_CHARS, record_chat, session_record
 from .session import ChatSession
@@ -33,6 +36,14 @@ from .store_migrate import BROWSER_KEY
 logger = logging.getLogger(__name__)
 
 
+class ShownReply(Protocol):
+    """What these handlers return: ``ChatHandlers``' ``Reply`` (handlers.py imports this module, so it is not named
+    here), of which they only need that it shows a session."""
+
+    @property
+    def session(self) -> ChatSession: ...
+
+
 class KeptConversations:
     """Saving, restoring, listing and opening the conversations of a browser (see the module's docstring)."""
 
@@ -42,14 +53,14 @@ class KeptConversations:
     live: LiveTurns
     _titles: dict[str, str]  # conversation id -> the title its owner gave it
     # provided by ChatHandlers
-    options: Any
+    options: AppOptions
     model_name: str
-    pipelines: dict[str, Any]
+    pipelines: dict[str, Pipeline]
     new_session: Callable[..., ChatSession]
     make_chat: Callable[..., Chat]
     close_session: Callable[[ChatSession | None], None]
-    _settings_of: Callable[[dict[str, Any]], Any]
-    _reply: Callable[..., Any]
+    _settings_of: Callable[[dict[str, JSONValue]], GenerationSettings]
+    _reply: Callable[..., ShownReply]
 
     def open_store(self) -> None:
         """The store of ``options.cache_dir`` / ``options.db_url``, its owner key, the browsers' value key."""
@@ -91,7 +102,7 @@ class KeptConversations:
             return str(e)
         return None
 
-    def restore(self, saved: Any) -> tuple[ChatSession, dict[str, str]]:
+    def restore(self, saved: JSONValue) -> tuple[ChatSession, dict[str, str]]:
         """On page load: the browser's kept value (``{"owner": token}``) -> the tab's session, its most recent
         stored conversation (or a new one), and the value for the browser to keep (a new signed owner token the
         first time). Only a token the server signed names an owner (owner.py): a bare or forged id gets a new
@@ -158,7 +169,7 @@ class KeptConversations:
         except StoreError:
             return []
 
-    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> Any:
+    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> ShownReply:
         """Go back to a stored conversation of this browser (only its own: the owner is the session's)."""
         session = session or self.new_session()
         if session.running:
@@ -183,7 +194,7 @@ class KeptConversations:
         self.close_session(session)
         return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
 
-    def rename(self, session: ChatSession | None, title: str | None) -> Any:
+    def rename(self, session: ChatSession | None, title: str | None) -> ShownReply:
         """Give the current conversation a title of its own (the sidebar shows it instead of its first words)."""
         session = session or self.new_session()
         title = " ".join((title or "").split())[:TITLE_CHARS]

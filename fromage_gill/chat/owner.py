@@ -27,6 +27,11 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
+def _is_key(value: object) -> bool:
+    """Checked at run time whatever the annotation says: a key read from a store or an option may be anything."""
+    return isinstance(value, str) and KEY.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class OwnerTokens:
     """Issues and checks owner tokens ``o1.<owner id>.<signature>`` with ``key`` (64 hexadecimal digits)."""
@@ -34,7 +39,7 @@ class OwnerTokens:
     key: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, str) or not KEY.fullmatch(self.key):
+        if not _is_key(self.key):
             raise ValueError("the owner key must be 64 hexadecimal digits (32 random bytes)")
 
     def new(self) -> tuple[str, str]:

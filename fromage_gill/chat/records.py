@@ -4,8 +4,8 @@ ended, and while a turn runs the answer's text so far, so that a crash leaves it
 from __future__ import annotations
 
 import json
-from typing import Any
 
+from ..typed_json import JSONValue
 from .export import ChatExportError, export_json, read_export
 from .session import ChatSession
 
@@ -14,7 +14,7 @@ TITLE_CHARS = 48  # of the first message, as the sidebar shows a conversation
 
 def session_record(
     session: ChatSession, *, model_name: str, running: bool = False, partial: str = ""
-) -> dict[str, Any]:  # JSON
+) -> dict[str, JSONValue]:
     """What is stored of a session: its JSON export (each answer with its seed and why it ended), title, and while a
     turn runs ``running`` with the answer's text so far (``partial``), so that a crash leaves it marked as
     interrupted."""
@@ -28,7 +28,7 @@ def session_record(
     }
 
 
-def record_chat(record: object) -> dict[str, Any]:  # JSON, from a file
+def record_chat(record: object) -> dict[str, JSONValue]:  # from a file
     """The JSON export of a stored record (checked by ``read_export``); a turn that was running when the app stopped
     becomes an answer of the text it had, whose end reason is "interrupted". A record stored before the answers held
     their end reasons keeps them in ``"reasons"`` (turn number -> reason): they are put on the turns."""

@@ -28,18 +28,28 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..typed_json import JSONValue
 from .owner import new_key
 from .store_files import private_dir, private_file, remove_stale_temporaries, write_atomic
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    DialectInsert = postgresql.Insert | sqlite.Insert  # the INSERTs with an ON CONFLICT clause
+
+Record = dict[str, JSONValue]  # a conversation as stored (a JSON object)
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +122,7 @@ def new_id() -> str:
     return secrets.token_hex(16)
 
 
-def check_id(value: Any, what: str) -> str:
+def check_id(value: object, what: str) -> str:
     if not isinstance(value, str) or not ID.fullmatch(value):
         raise ValueError(f"{what} must be 32 hexadecimal digits, got {value!r}")
     return value
@@ -178,7 +188,7 @@ class ConversationStore:
 
     # -- conversations -------------------------------------------------------------------------------------------
 
-    def save(self, owner: str, conversation: str, record: dict[str, Any]) -> None:
+    def save(self, owner: str, conversation: str, record: Record) -> None:
         """Store ``record`` (JSON-able; its ``chat.turns[].segments[]`` images as base64 PNG) as ``conversation``
         of ``owner``, replacing its previous version: all of it or, on ``StoreError``, none of it."""
         folder = self._folder(owner, conversation)
@@ -206,7 +216,7 @@ class ConversationStore:
                 path.unlink(missing_ok=True)
             raise StoreError(f"could not store the conversation: {_reason(e)}") from e
 
-    def load(self, owner: str, conversation: str) -> dict[str, Any] | None:
+    def load(self, owner: str, conversation: str) -> Record | None:
         """The record as saved (images back as base64 PNG, plus ``updated``), None when there is none;
         ``UnreadableConversation`` when its row or an image file is damaged (logged)."""
         folder = self._folder(owner, conversation)
@@ -279,7 +289,7 @@ class ConversationStore:
         with self._failing("check the owner"), self.engine.begin() as c:
             return c.execute(sa.delete(legacy_owners).where(legacy_owners.c.owner == owner)).rowcount == 1
 
-    def import_record(self, owner: str, conversation: str, record: dict[str, Any], updated: float) -> bool:
+    def import_record(self, owner: str, conversation: str, record: Record, updated: float) -> bool:
         """Insert a migrated conversation unless it is already there (so a repeated migration changes nothing)."""
         folder = self._folder(owner, conversation)
         body, images = _split_images(record)
@@ -319,14 +329,14 @@ class ConversationStore:
             logger.warning("stored conversation %s/%s cannot be read (%s); it is skipped", owner, conversation, reason)
 
     @contextmanager
-    def _failing(self, what: str) -> Iterator[None]:
+    def _failing(self, what: str) -> Generator[None, None, None]:
         try:
             yield
         except SQLAlchemyError as e:
             raise StoreError(f"could not {what} ({self.where}): {_reason(e)}") from e
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     """WAL: readers never wait for the writer, and a write interrupted by a crash is rolled back at the next open;
     FULL: a committed turn is on disk; a busy timeout: several processes may share the file."""
     cursor = dbapi_connection.cursor()
@@ -336,16 +346,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _insert_ignore(engine: sa.Engine, table: sa.Table, keys: list[str]) -> Any:
+def _insert_ignore(engine: sa.Engine, table: sa.Table, keys: list[str]) -> DialectInsert:
     return _dialect_insert(engine, table).on_conflict_do_nothing(index_elements=keys)
 
 
-def _upsert(engine: sa.Engine, table: sa.Table, keys: list[str], columns: list[str]) -> Any:
+def _upsert(engine: sa.Engine, table: sa.Table, keys: list[str], columns: list[str]) -> DialectInsert:
     insert = _dialect_insert(engine, table)
     return insert.on_conflict_do_update(index_elements=keys, set_={c: insert.excluded[c] for c in columns})
 
 
-def _dialect_insert(engine: sa.Engine, table: sa.Table) -> Any:
+def _dialect_insert(engine: sa.Engine, table: sa.Table) -> DialectInsert:
     name = engine.dialect.name
     if name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -366,8 +376,10 @@ def _reason(e: BaseException) -> str:
     return text[:300]
 
 
-def _body(text: Any) -> dict[str, Any]:
+def _body(text: str | bytes | None) -> Record:
     """A row's record; ``UnreadableConversation`` saying what is wrong with it."""
+    if text is None:
+        raise UnreadableConversation("its stored data is empty")
     try:
         record = json.loads(text)
     except (TypeError, ValueError) as e:
@@ -377,7 +389,7 @@ def _body(text: Any) -> dict[str, Any]:
     return record
 
 
-def _image_segments(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _image_segments(record: Record) -> Iterator[Record]:
     turns = record.get("chat", {}).get("turns") if isinstance(record.get("chat"), dict) else None
     for turn in turns if isinstance(turns, list) else []:
         segments = turn.get("segments") if isinstance(turn, dict) else None
@@ -386,7 +398,7 @@ def _image_segments(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 yield seg
 
 
-def _split_images(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _split_images(record: Record) -> tuple[Record, dict[str, bytes]]:
     """The record with each image's base64 PNG replaced by a file name (its SHA-256), and {name: PNG bytes}."""
     body = _copy_image_segments(record)  # the caller's record stays as it was
     images: dict[str, bytes] = {}
@@ -403,14 +415,14 @@ def _split_images(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, byt
     return body, images
 
 
-def _copy_image_segments(record: dict[str, Any]) -> dict[str, Any]:
+def _copy_image_segments(record: Record) -> Record:
     """``record`` with new dicts down to each image segment (and the rest shared): what ``_split_images`` edits,
     without copying megabytes of text and PNG that stay as they are."""
     chat = record.get("chat")
     if not isinstance(chat, dict) or not isinstance(chat.get("turns"), list):
         return dict(record)
 
-    def turn_copy(turn: Any) -> Any:
+    def turn_copy(turn: JSONValue) -> JSONValue:
         if not isinstance(turn, dict) or not isinstance(turn.get("segments"), list):
             return turn
         return {**turn, "segments": [dict(s) if isinstance(s, dict) else s for s in turn["segments"]]}
@@ -418,7 +430,7 @@ def _copy_image_segments(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "chat": {**chat, "turns": [turn_copy(t) for t in chat["turns"]]}}
 
 
-def _join_images(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _join_images(record: Record, folder: Path) -> Record:
     for seg in _image_segments(record):
         name = seg.pop("png_file", None)
         if name is None:

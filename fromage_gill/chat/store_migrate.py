@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
+from ..typed_json import JSONValue
 from .owner import OWNER_ID as ID  # conversation ids have the same form
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,17 @@ def legacy_folders(root: Path, old_default: Path = OLD_DEFAULT) -> list[Path]:
     return folders
 
 
-def migrate_json_conversations(store: Any, folders: list[Path] | None = None) -> int:
+class MigrationTarget(Protocol):
+    """What migrating needs of ``store.ConversationStore`` (which imports this module, so it is not named here)."""
+
+    root: Path
+
+    def key(self, name: str, make: Callable[[], str]) -> str: ...
+
+    def import_record(self, owner: str, conversation: str, record: dict[str, JSONValue], updated: float) -> bool: ...
+
+
+def migrate_json_conversations(store: MigrationTarget, folders: list[Path] | None = None) -> int:
     """Move the JSON conversations found under ``folders`` (default ``legacy_folders``) into ``store`` (a
     ``store.ConversationStore``, which calls this as it opens); returns how many rows were added."""
     added = 0

@@ -40,7 +40,7 @@ def run(args) -> int:
     import dataclasses
 
     from ..checkpoint import save_native
-    from ..config import ModelConfig
+    from ..config import ConfigError, MagicConfig
     from ..pipeline import load_pipeline, resolve_config
 
     pipe = load_pipeline(
@@ -58,7 +58,8 @@ def run(args) -> int:
     config = pipe.config
     if args.random_weights:  # the layers were checked against random stand-ins; they belong to the real backbones
         real = resolve_config(args.src, preset=args.preset)
-        assert isinstance(real, ModelConfig), "load_pipeline above refused a MAGIC preset"
+        if isinstance(real, MagicConfig):  # load_pipeline took it, so its preset has trained layers: not MAGIC
+            raise ConfigError(f"{args.src} is a MAGIC model: it has no trained layers to convert")
         config = dataclasses.replace(config, lm=real.lm, vision=real.vision, diffusion=real.diffusion)
     out = save_native(pipe.model, args.out, config)
     n = sum(p.numel() for p in pipe.model.trained_parameters().values())

@@ -6,6 +6,8 @@ Many GPUs / nodes: ``accelerate launch [--num_processes N] -m fromage_gill.cli t
 
 from __future__ import annotations
 
+import argparse
+
 from ..retrieve.sources import unescape_text
 
 
@@ -18,6 +20,16 @@ def register(sub) -> None:
         "1e-3 with 2000 warm-up steps (GILL). Run under `accelerate launch` for several "
         "processes.",
     )
+    _data_arguments(p)
+    _optimizer_arguments(p)
+    _checkpoint_arguments(p)
+    _caption_arguments(p)
+    _run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    """What to train and on what: the model, the data and its images, the run directory."""
     p.add_argument("--model", required=True, help="preset, config JSON, or model directory to start from")
     p.add_argument(
         "--data",
@@ -37,6 +49,10 @@ def register(sub) -> None:
         "out); by default they are refused, so a data file cannot make training read any file on this machine",
     )
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final trained layers)")
+
+
+def _optimizer_arguments(p: argparse.ArgumentParser) -> None:
+    """Steps, batches and AdamW's schedule (defaults: the published recipe)."""
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per process and micro-step (default 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
@@ -51,11 +67,19 @@ def register(sub) -> None:
         default="fp32",
         help="mixed precision of the forward pass (trained weights stay fp32); default fp32",
     )
+
+
+def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """Validation, checkpoints and logs."""
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share for validation (default 0.05)")
     p.add_argument("--val-every", type=int, default=500, help="validate every N steps (and at the end)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
     p.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars every N steps")
+
+
+def _caption_arguments(p: argparse.ArgumentParser) -> None:
+    """How captions become training text."""
     p.add_argument("--max-caption-tokens", type=int, default=32, help="captions are cut to this many tokens")
     p.add_argument(
         "--concat-prob",
@@ -71,6 +95,10 @@ def register(sub) -> None:
         "understood): the chat's end of turn, so a shown image's description ends in words rather "
         "than with an image token (default: nothing, as in the papers)",
     )
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """Resuming, starting over, precomputed features and the process's own settings."""
     p.add_argument("--resume", help="run or checkpoint directory to continue from (same --model)")
     p.add_argument(
         "--trust-pickle",
@@ -92,7 +120,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -16,21 +16,27 @@ and writing a metrics JSON (``report.py``) beside the papers' figures (``papers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .captioning import Captioning
 from .common import EvalOptions
 from .generation import VisdialGeneration, VistGeneration
 from .readers import DataError
 from .report import EvalReport
 from .shards import Processes
-from .task import EvalTask, Plan, run_task
+from .task import AnyTask, EvalTask, Plan, run_task
 from .visdial_rank import VisdialRank
 from .visdial_t2i import VisdialT2I
 from .vist_retrieval import VistRetrieval
 
-TASKS: dict[str, EvalTask] = {}
+if TYPE_CHECKING:  # types only: the caller loads the model
+    from ..magic.model import MagicModel
+    from ..pipeline import Pipeline
+
+TASKS: dict[str, AnyTask] = {}
 
 
-def register(task: EvalTask) -> EvalTask:
+def register(task: AnyTask) -> AnyTask:
     """Add ``task`` to ``TASKS`` (the CLI's list) under ``task.name``; a name already taken is refused."""
     if task.name in TASKS and TASKS[task.name] is not task:
         raise ValueError(f"an evaluation task named {task.name!r} is already registered: choose another name")
@@ -43,8 +49,8 @@ for _task in (VistRetrieval(), VisdialT2I(), VisdialRank(), VistGeneration(), Vi
 
 
 def evaluate(
-    task: str | EvalTask,
-    model,
+    task: str | AnyTask,
+    model: Pipeline | MagicModel,
     opts: EvalOptions,
     *,
     model_name: str,

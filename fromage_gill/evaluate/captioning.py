@@ -11,6 +11,7 @@ where only the first N images are captioned. The table prints the paper's MSCOCO
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .caption_metrics import score_captions
 from .common import EvalOptions, limited, open_image
@@ -19,10 +20,14 @@ from .report import EvalReport
 from .shards import Processes
 from .task import EvalTask, Plan
 
+if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
+    from ..magic.model import MagicModel
+
+
 logger = logging.getLogger(__name__)
 
 
-class Captioning(EvalTask):
+class Captioning(EvalTask["MagicModel", CaptionedImage]):
     name = "captioning"
     help = "MAGIC captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"
     needs = "magic"
@@ -47,17 +52,19 @@ class Captioning(EvalTask):
             logger.info("MAGIC decodes one image at a time (its CLIP re-ranks each step's candidates): no --batch-size")
         return 1
 
-    def plan(self, magic, data, opts: EvalOptions, processes: Processes) -> Plan:
+    def plan(self, magic: MagicModel, data, opts: EvalOptions, processes: Processes) -> Plan:
         items, folder = data
         key = {"model": magic.config.name, "settings": str(magic.config.decoding), "data": str(opts.data)}
         return Plan(items, {**key, "split": opts.split}, {"folder": folder})
 
-    def run_batch(self, magic, plan: Plan, batch: list[CaptionedImage], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, magic: MagicModel, plan: Plan, batch: list[CaptionedImage], opts: EvalOptions) -> list[dict]:
         it = batch[0]
         caption = magic.generate([open_image(plan.fields["folder"].find(it.file))]).text
         return [{"id": it.image_id, "file": it.file, "caption": caption, "references": list(it.references)}]
 
-    def report(self, magic, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(
+        self, magic: MagicModel, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str
+    ) -> EvalReport:
         items = plan.examples
         done = {r["id"]: r for r in records}
         predictions = {it.image_id: done[it.image_id]["caption"] for it in items}

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ..generate.diffusion import image_generator
 from ..probe import PromptLike, generation_embeddings
+from ..typed_json import JSONValue
 from .common import EvalOptions, limited, open_image
 from .image_metrics import MetricUnavailable, clip_similarities, fid, fid_metric, lpips_distances, lpips_metric
 from .readers import DataError, ImageFolder, read_visdial, read_vist
@@ -30,6 +31,10 @@ from .report import EvalReport
 from .shards import Processes
 from .task import EvalTask, Plan
 from .visdial_t2i import visdial_images
+
+if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
+    from ..pipeline import Pipeline
+
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +85,14 @@ def visdial_examples(opts: EvalOptions) -> tuple[list[Example], dict[str, int]]:
     return out, {"dialogues": len(dialogs), "skipped (image missing from the folder)": missing}
 
 
-class _Generation(EvalTask):
+class _Generation(EvalTask["Pipeline", Example]):
     """GILL and Stable Diffusion alone on the same text and seed, ``--batch-size`` prompts per diffusion call."""
 
     needs = "gill"
 
     def plan(
         self,
-        pipeline,
+        pipeline: Pipeline,
         data,
         opts: EvalOptions,
         processes: Processes,
@@ -117,7 +122,7 @@ class _Generation(EvalTask):
         fields = {"generator": generator, "lpips": lpips, "judge": judge, "notes": notes, "dirs": dirs}
         return Plan(examples, key, {**fields, "counts": counts, "fid_feature": fid_feature})
 
-    def run_batch(self, pipeline, plan: Plan, batch: list[Example], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, pipeline: Pipeline, plan: Plan, batch: list[Example], opts: EvalOptions) -> list[dict]:
         f = plan.fields
         size = pipeline.image_processor.size
         settings = dict(
@@ -134,7 +139,7 @@ class _Generation(EvalTask):
         records = []
         for b, e in enumerate(batch):
             truth = open_image(e.truth)
-            record: dict[str, Any] = {"id": e.id, "truth": str(e.truth)}
+            record: dict[str, JSONValue] = {"id": e.id, "truth": str(e.truth)}
             for system in SYSTEMS:
                 image = images[system][b]
                 image.save(f["dirs"][system] / f"{e.id}.png")
@@ -147,7 +152,9 @@ class _Generation(EvalTask):
             records.append(record)
         return records
 
-    def report(self, pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(
+        self, pipeline: Pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str
+    ) -> EvalReport:
         f = plan.fields
         notes = list(f["notes"])
         metrics = {s: _means([r[s] for r in done]) for s in SYSTEMS}
@@ -180,9 +187,11 @@ class VisdialGeneration(_Generation):
 
 
 @torch.no_grad()
-def _sd_embeds(pipeline, texts: list[str]) -> torch.Tensor:
+def _sd_embeds(pipeline: Pipeline, texts: list[str]) -> torch.Tensor:
     """(B, L, D) Stable Diffusion's own text-encoder output for ``texts`` (each truncated to its 77 tokens)."""
     sd = pipeline.diffusion
+    if sd is None:
+        raise ValueError(f"{pipeline.config.name} has no diffusion model loaded: contextual generation needs GILL's")
     embeds, _ = sd.encode_prompt(texts, sd.text_encoder.device, 1, False)
     return embeds
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from torch import nn
 if TYPE_CHECKING:
     from torchmetrics import Metric
 
-LPIPS_WEIGHTS = {  # torchvision's file name for each LPIPS backbone
+LPIPSNet = Literal["alex", "vgg", "squeeze"]
+LPIPS_WEIGHTS: dict[LPIPSNet, str] = {  # torchvision's file name for each LPIPS backbone
     "alex": "alexnet-owt-7be5be79.pth",
     "vgg": "vgg16-397923af.pth",
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
@@ -52,6 +53,14 @@ def _unavailable(metric: str, name: str, e: Exception | None = None) -> MetricUn
     )
 
 
+def _lpips_net(backbone: str) -> LPIPSNet | None:
+    """``backbone`` as the Literal torchmetrics takes, or None when it names no LPIPS backbone."""
+    for net in LPIPS_WEIGHTS:
+        if net == backbone:
+            return net
+    return None
+
+
 def lpips_metric(backbone: str = "alex", *, device: torch.device | str = "cpu") -> nn.Module:
     """torchmetrics' LPIPS (inputs in [-1, 1]). ``backbone="random"``: AlexNet with random weights and the shipped
     LPIPS layers, built offline (distances are then not the published LPIPS)."""
@@ -61,13 +70,14 @@ def lpips_metric(backbone: str = "alex", *, device: torch.device | str = "cpu") 
         from torchmetrics.functional.image.lpips import _LPIPS
 
         return _RandomLPIPS(_LPIPS(pretrained=True, net="alex", pnet_rand=True)).to(device)
-    if backbone not in LPIPS_WEIGHTS:
+    net = _lpips_net(backbone)
+    if net is None:
         raise ValueError(f"LPIPS backbone must be one of {', '.join(LPIPS_WEIGHTS)} or 'random', got {backbone!r}")
-    name = LPIPS_WEIGHTS[backbone]
+    name = LPIPS_WEIGHTS[net]
     if _offline() and not _hub_file(name).is_file():
         raise _unavailable("LPIPS", name)
     try:
-        return LearnedPerceptualImagePatchSimilarity(net_type=backbone, normalize=False).to(device)
+        return LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=False).to(device)
     except OSError as e:  # urllib's URLError is an OSError
         raise _unavailable("LPIPS", name, e) from e
 
@@ -82,7 +92,7 @@ class _RandomLPIPS(nn.Module):
         return self.net(a, b, normalize=False).flatten().mean()
 
 
-def fid_metric(feature: int | nn.Module = 2048, *, device: torch.device | str = "cpu") -> nn.Module:
+def fid_metric(feature: int | nn.Module = 2048, *, device: torch.device | str = "cpu") -> Metric:
     """torchmetrics' FrechetInceptionDistance over uint8 images; ``feature`` an int picks Inception v3's layer
     (downloaded), an ``nn.Module`` (uint8 (N, 3, H, W) -> (N, F)) is used as the feature extractor."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -114,10 +124,11 @@ def to_lpips_input(images: Sequence[Image.Image], size: int = LPIPS_SIZE) -> tor
 def lpips_distances(metric: nn.Module, a: Sequence[Image.Image], b: Sequence[Image.Image]) -> list[float]:
     """LPIPS of each pair (a[i], b[i]), lower is closer; identical images give 0."""
     device = next(metric.parameters()).device
+    reset = getattr(metric, "reset", None)  # torchmetrics' LPIPS accumulates over calls; the random stand-in does not
     out = []
     for x, y in zip(a, b, strict=True):
-        if hasattr(metric, "reset"):
-            metric.reset()
+        if callable(reset):
+            reset()
         out.append(float(metric(to_lpips_input([x]).to(device), to_lpips_input([y]).to(device))))
     return out
 

@@ -120,10 +120,12 @@ def read_vist(path: str | Path) -> list[Story]:
     for i, ann in enumerate(anns):
         a = ann[0] if isinstance(ann, list) and len(ann) == 1 else ann
         where = f"annotations[{i}]"
-        for key in ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "text"):
-            _need(a, key, path, where, "story_id, photo_flickr_id, worker_arranged_photo_order and text")
-        stories[str(a["story_id"])].append(
-            (int(a["worker_arranged_photo_order"]), StoryItem(str(a["photo_flickr_id"]), str(a["text"])))
+        row = {
+            key: _need(a, key, path, where, "story_id, photo_flickr_id, worker_arranged_photo_order and text")
+            for key in ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "text")
+        }
+        stories[str(row["story_id"])].append(
+            (int(row["worker_arranged_photo_order"]), StoryItem(str(row["photo_flickr_id"]), str(row["text"])))
         )
     if not stories:
         raise DataError(f"{path} holds no stories (its annotations list is empty)")

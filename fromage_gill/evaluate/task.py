@@ -21,24 +21,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from ..typed_json import JSONValue
 from .common import EvalOptions, batched, progress
 from .report import EvalReport, Results
 from .shards import ONE, Processes
 
+if TYPE_CHECKING:  # types only: evaluation loads its model through the CLI or the caller
+    from ..magic.model import MagicModel
+    from ..pipeline import Pipeline
+
+# What a task runs on: a FROMAGe/GILL Pipeline, or a MagicModel (captioning); each task names its own.
+M = TypeVar("M", bound="Pipeline | MagicModel")
+E = TypeVar("E")  # a task's example (a Story, a Dialog, ...)
+
 
 @dataclass
-class Plan:
+class Plan(Generic[E]):
     """The examples of one run (``id_of`` names each one), the key a resumed run must match, and anything the
     task's batches share (subclass it: ``fields``)."""
 
-    examples: Sequence[Any]
-    key: Mapping[str, Any]
-    fields: dict[str, Any] = field(default_factory=dict)
+    examples: Sequence[E]
+    key: Mapping[str, JSONValue]
+    fields: dict[str, Any] = field(default_factory=dict)  # each task's own shared values
 
 
-class EvalTask:
+class EvalTask(Generic[M, E]):
     """One benchmark. Subclasses set the class attributes and implement ``read``, ``plan``, ``run_batch`` and
     ``report``; ``register`` adds one to ``TASKS``, the CLI's list."""
 
@@ -48,34 +57,40 @@ class EvalTask:
     # The papers' rows printed beside a run, {row name: {metric: value}}; the built-in tasks' are in papers.py.
     paper: ClassVar[dict[str, dict[str, float]]] = {}
 
-    def read(self, opts: EvalOptions, /) -> Any:
+    def read(self, opts: EvalOptions, /) -> object:
         raise NotImplementedError
 
-    def plan(self, model: Any, data: Any, opts: EvalOptions, processes: Processes, /) -> Plan:
+    def plan(self, model: M, data: Any, opts: EvalOptions, processes: Processes, /) -> Plan[E]:
         """(A task may take keyword arguments after these: ``evaluate(..., **extra)`` passes them on.)"""
         raise NotImplementedError
 
-    def id_of(self, example: Any, /) -> str:
-        return str(example.id)
+    def id_of(self, example: E, /) -> str:
+        """The example's ``id`` (a task whose examples name it otherwise overrides this)."""
+        return str(getattr(example, "id"))  # noqa: B009 (E is any type: the attribute is looked up at run time)
 
     def batch_size(self, opts: EvalOptions, /) -> int:
         """Examples per ``run_batch`` call (default ``--batch-size``)."""
         return opts.batch_size
 
-    def run_batch(self, model: Any, plan: Plan, batch: list[Any], opts: EvalOptions, /) -> list[dict]:
+    def run_batch(self, model: M, plan: Plan[E], batch: list[E], opts: EvalOptions, /) -> list[dict]:
         raise NotImplementedError
 
-    def report(self, model: Any, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str, /) -> EvalReport:
+    def report(self, model: M, plan: Plan[E], records: list[dict], opts: EvalOptions, model_name: str, /) -> EvalReport:
         raise NotImplementedError
+
+
+# A task of either model kind (EvalTask[Pipeline] or EvalTask[MagicModel]), as the registry holds them: no one type
+# argument covers both, since a task's model is an argument; ``needs`` says which one a task takes (the CLI loads it).
+AnyTask = EvalTask[Any, Any]
 
 
 def run_task(
-    task: EvalTask,
-    model,
+    task: EvalTask[M, E],
+    model: M,
     opts: EvalOptions,
     *,
     model_name: str,
-    data: Any = None,
+    data: object = None,
     processes: Processes = ONE,
     **extra,
 ) -> EvalReport | None:

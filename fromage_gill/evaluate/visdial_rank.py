@@ -21,6 +21,7 @@ The published script indexes the dense round with ``round_id`` as if it were 0-b
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,10 @@ from .report import EvalReport
 from .shards import Processes
 from .task import EvalTask, Plan
 from .visdial_t2i import visdial_images
+
+if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
+    from ..pipeline import Pipeline
+
 
 SCORINGS = ("published", "next-token")
 KS = (1, 5, 10, 20)  # the published script's top-k
@@ -51,7 +56,7 @@ def round_context(dialog: Dialog, i: int, scoring: str = "published") -> str:
 
 
 @torch.no_grad()
-def published_scores(pipeline, image, context: str, options: list[str], *, batch_size: int) -> torch.Tensor:
+def published_scores(pipeline: Pipeline, image, context: str, options: list[str], *, batch_size: int) -> torch.Tensor:
     """(C,) minus each option's loss as the published script computes it (module docstring): higher is better."""
     m, tok = pipeline.model, pipeline.tokenizer
     pieces = normalize_message(
@@ -78,7 +83,7 @@ def published_scores(pipeline, image, context: str, options: list[str], *, batch
     return torch.cat(scores)
 
 
-def option_scores(pipeline, image, dialog: Dialog, i: int, scoring: str, batch_size: int) -> torch.Tensor:
+def option_scores(pipeline: Pipeline, image, dialog: Dialog, i: int, scoring: str, batch_size: int) -> torch.Tensor:
     """(C,) the scores of round ``i``'s options under ``scoring``; higher ranks first."""
     options = list(dialog.rounds[i].options)
     context = round_context(dialog, i, scoring)
@@ -87,7 +92,7 @@ def option_scores(pipeline, image, dialog: Dialog, i: int, scoring: str, batch_s
     return score_candidates(pipeline, [image, context], [" " + o for o in options], batch_size=batch_size).summed
 
 
-class VisdialRank(EvalTask):
+class VisdialRank(EvalTask["Pipeline", Dialog]):
     name = "visdial-rank"
     help = "VisDial answer ranking: R@1/5/10, MRR, NDCG (--scoring published, the default, or next-token)"
 
@@ -102,12 +107,12 @@ class VisdialRank(EvalTask):
     def batch_size(self, opts: EvalOptions) -> int:
         return 1  # a dialogue at a time; --batch-size is the number of options per forward
 
-    def plan(self, pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
+    def plan(self, pipeline: Pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
         dialogs, dense, folder, found, missing = data
         key = {"model": pipeline.model.retrieval_fingerprint(), "data": str(opts.data), "scoring": opts.scoring}
         return Plan(found, key, {"dialogs": dialogs, "dense": dense, "folder": folder, "missing": missing})
 
-    def run_batch(self, pipeline, plan: Plan, batch: list[Dialog], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, pipeline: Pipeline, plan: Plan, batch: list[Dialog], opts: EvalOptions) -> list[dict]:
         records = []
         for d in batch:
             try:
@@ -130,7 +135,9 @@ class VisdialRank(EvalTask):
             records.append({"id": d.image_id, "rounds": rounds})
         return records
 
-    def report(self, pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(
+        self, pipeline: Pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str
+    ) -> EvalReport:
         dense = plan.fields["dense"]
         unreadable = sum(bool(r.get("unreadable")) for r in done)
         done = [r for r in done if not r.get("unreadable")]

@@ -9,6 +9,8 @@ score matrix along its text axis (for each image, the dialogues); ``i2t R@k`` re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..probe import embed_prompts
@@ -18,6 +20,9 @@ from .readers import DataError, Dialog, ImageFolder, read_visdial
 from .report import EvalReport
 from .shards import Processes
 from .task import EvalTask, Plan
+
+if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
+    from ..pipeline import Pipeline
 
 
 def dialogue_text(dialog: Dialog) -> str:
@@ -42,7 +47,7 @@ def visdial_images(opts: EvalOptions, dialogs: list[Dialog]) -> tuple[ImageFolde
     return folder, found, len(dialogs) - len(found)
 
 
-class VisdialT2I(EvalTask):
+class VisdialT2I(EvalTask["Pipeline", Dialog]):
     name = "visdial-t2i"
     help = "VisDial text-to-image retrieval, R@1/5/10"
 
@@ -53,7 +58,7 @@ class VisdialT2I(EvalTask):
     def id_of(self, example: Dialog) -> str:
         return str(example.image_id)
 
-    def plan(self, pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
+    def plan(self, pipeline: Pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
         dialogs, folder, found, missing = data
         with processes.main_first():  # rank 0 embeds the candidates once; the others read its cache
             ok, matrix, unreadable = candidate_embeddings(
@@ -71,7 +76,7 @@ class VisdialT2I(EvalTask):
         fields = {"dialogs": dialogs, "missing": missing, "unreadable": unreadable, "ok": ok}
         return Plan(usable, key, {**fields, "matrix": matrix, "position": position})
 
-    def run_batch(self, pipeline, plan: Plan, batch: list[Dialog], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, pipeline: Pipeline, plan: Plan, batch: list[Dialog], opts: EvalOptions) -> list[dict]:
         matrix, position, ok = plan.fields["matrix"], plan.fields["position"], plan.fields["ok"]
         query = embed_prompts(pipeline, [dialogue_text(d) for d in batch], batch_size=opts.batch_size)
         scores = query.embeddings @ matrix.T
@@ -88,7 +93,9 @@ class VisdialT2I(EvalTask):
             )
         return records
 
-    def report(self, pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(
+        self, pipeline: Pipeline, plan: Plan, done: list[dict], opts: EvalOptions, model_name: str
+    ) -> EvalReport:
         f = plan.fields
         metrics = {"t2i": recall_at([r["rank"] for r in done])}
         if done:  # the published orientation: for each image, the rank of its dialogue among all dialogues

@@ -13,6 +13,7 @@ A story whose images are not all in the folder is skipped and counted, as the sc
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,12 +27,18 @@ from .report import EvalReport
 from .shards import Processes
 from .task import EvalTask, Plan
 
+if TYPE_CHECKING:  # types only: the task runs on the model its caller loaded
+    from transformers import PreTrainedTokenizerBase
+
+    from ..pipeline import Pipeline
+
+
 logger = logging.getLogger(__name__)
 
 TOP = 10
 
 
-class VistRetrieval(EvalTask):
+class VistRetrieval(EvalTask["Pipeline", Story]):
     name = "vist-retrieval"
     help = "VIST contextual image retrieval, R@1/5/10 (3 settings)"
 
@@ -52,7 +59,7 @@ class VistRetrieval(EvalTask):
     def id_of(self, example: Story) -> str:
         return example.story_id
 
-    def plan(self, pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
+    def plan(self, pipeline: Pipeline, data, opts: EvalOptions, processes: Processes) -> Plan:
         stories, folder = data
         usable = [s for s in stories if len(s.items) >= 2 and all(folder.find(i.image_id) for i in s.items)]
         ids = sorted({i.image_id for s in usable for i in s.items})
@@ -71,11 +78,13 @@ class VistRetrieval(EvalTask):
         fields = {"stories": stories, "usable": usable, "folder": folder, "matrix": matrix, "position": position}
         return Plan(readable, key, {**fields, "ids": ids, "unreadable": unreadable})
 
-    def run_batch(self, pipeline, plan: Plan, batch: list[Story], opts: EvalOptions) -> list[dict]:
+    def run_batch(self, pipeline: Pipeline, plan: Plan, batch: list[Story], opts: EvalOptions) -> list[dict]:
         f = plan.fields
         return _evaluate(pipeline, batch, f["folder"], f["matrix"], f["position"], f["ids"])
 
-    def report(self, pipeline, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str) -> EvalReport:
+    def report(
+        self, pipeline: Pipeline, plan: Plan, records: list[dict], opts: EvalOptions, model_name: str
+    ) -> EvalReport:
         f = plan.fields
         stories, usable = f["stories"], f["usable"]
         short = sum(len(s.items) < 2 for s in stories)
@@ -96,10 +105,10 @@ class VistRetrieval(EvalTask):
         return EvalReport(self.name, model_name, metrics, counts, notes)
 
 
-def _evaluate(pipeline, stories: list[Story], folder: ImageFolder, matrix, position, ids) -> list[dict]:
+def _evaluate(pipeline: Pipeline, stories: list[Story], folder: ImageFolder, matrix, position, ids) -> list[dict]:
     tok = pipeline.tokenizer
-    bos = () if tok.bos_token_id is None else (tok.bos_token_id,)
-    captions = [[TokenIds((*bos, *tok(i.text, add_special_tokens=False).input_ids)) for i in s.items] for s in stories]
+    bos = (tok.bos_token_id,) if isinstance(tok.bos_token_id, int) else ()  # None: the tokenizer has none
+    captions = [[TokenIds((*bos, *_ids(tok, i.text))) for i in s.items] for s in stories]
     prompts = {
         "1 caption": [c[-1:] for c in captions],
         "5 captions": captions,
@@ -121,3 +130,8 @@ def _evaluate(pipeline, stories: list[Story], folder: ImageFolder, matrix, posit
                 "top": [ids[int(k)] for k in top],
             }
     return records
+
+
+def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """``text``'s token ids, no special tokens (``encode``'s declared result also covers batched input)."""
+    return [int(t) for t in tok.encode(text, add_special_tokens=False)]

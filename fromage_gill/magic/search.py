@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..backbones import cache_argument
 from ..config import ConfigError, MagicDecoding
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: transformers is imported by the loaders, not by the search rule
     from transformers import PreTrainedModel
     from transformers.cache_utils import Cache
 
@@ -89,7 +89,7 @@ def continuation_ids(generated: Sequence[int], candidate: int, max_tokens: int) 
     return [*generated, int(candidate)][-max_tokens:]
 
 
-def resolve_decoding(decoding: str, base: MagicDecoding, **overrides: Any) -> MagicDecoding:
+def resolve_decoding(decoding: str, base: MagicDecoding, **overrides: float | None) -> MagicDecoding:
     """The settings one decoding mode uses: "magic" (as given), "contrastive" (beta = 0) or "greedy" (k = 1,
     alpha = beta = 0). ``overrides`` (k, alpha, beta, max_new_tokens; None = keep) are validated as a whole."""
     if decoding not in DECODING_MODES:
@@ -129,7 +129,7 @@ class MagicStep:
     scores: list[float]  # (1 - alpha) p - alpha penalty + beta clip
 
 
-StepFn = Callable[[torch.Tensor, "Cache | None"], LMStep]  # (B, 1) token ids, cache (None: none yet) -> LMStep
+StepFn = Callable[[torch.Tensor, "Cache | None"], LMStep]  # (B, 1) token ids, cache -> LMStep
 ClipLogitsFn = Callable[[list[str]], torch.Tensor]  # k texts -> (k,) image-text logits
 
 
@@ -188,7 +188,7 @@ def _search(
         cand_hidden = out.hidden[:, -1]  # (k, d)
         penalty = degeneration_penalty(cand_hidden, context) if settings.alpha > 0 else torch.zeros_like(probs)
         guide = None
-        if settings.beta > 0:
+        if settings.beta > 0 and clip_logits is not None:  # magic_search refused beta > 0 without it
             texts = [decode(continuation_ids(generated, v, settings.clip_text_max_tokens)) for v in top_ids.tolist()]
             assert clip_logits is not None, "magic_search refuses beta > 0 without CLIP"
             guide = clip_logits(texts)
@@ -222,7 +222,8 @@ def _cache_device(cache: Cache) -> torch.device | None:
 def hf_step(lm: PreTrainedModel) -> StepFn:
     """A plain transformers causal LM as a ``StepFn``: last-layer hidden states from its base model."""
     base, head = lm.base_model, lm.get_output_embeddings()
-    assert head is not None, "a causal LM has an output head"
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embeddings (LM head); MAGIC needs a causal LM")
     cache_name = cache_argument(base)
 
     def step(input_ids: torch.Tensor, cache: Cache | None) -> LMStep:
@@ -240,9 +241,11 @@ def grounded_step(model: GroundedLM) -> StepFn:
     """A FROMAGe/GILL ``GroundedLM`` as a ``StepFn`` (its own rows for the image tokens)."""
 
     def step(input_ids: torch.Tensor, cache: Cache | None) -> LMStep:
+        from transformers.cache_utils import Cache  # loaded already: the model's LM is a transformers one
+
         out = model.forward_lm(model.embed_tokens(input_ids), past_key_values=cache, use_cache=True, logits="last")
-        assert out.logits is not None, 'logits="last" computes them'
-        cache = cast("Cache", out.past_key_values)  # use_cache=True: the LM's transformers Cache
-        return LMStep(logits=out.logits[:, -1], hidden=out.hidden, past_key_values=cache)
+        if out.logits is None or not isinstance(out.past_key_values, Cache):
+            raise RuntimeError("GroundedLM.forward_lm(use_cache=True, logits='last') returned no logits or no cache")
+        return LMStep(logits=out.logits[:, -1], hidden=out.hidden, past_key_values=out.past_key_values)
 
     return step

@@ -282,6 +282,8 @@ class ImageIndex:
             result = self._faiss_search(q, k, ex)
         if np.isnan(result.scores).any():  # a NaN row the sampled check at load did not meet (queries are finite)
             row = first_non_finite(self.vectors)  # an error path: the full scan is worth naming the row
+            if row is None:  # every row finite: the NaN came from elsewhere (the query, the search backend)
+                raise BrokenIndexError("a search gave NaN scores though every embeddings row is finite")
             if self.directory is not None:
                 raise non_finite_error(self.directory, row)
             raise BrokenIndexError(f"embeddings row {row} holds NaN values: rebuild the index")

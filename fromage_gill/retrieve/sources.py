@@ -24,7 +24,7 @@ import csv
 import json
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +70,13 @@ class ImageItem:
     source: str | None = None
     query: str | None = None  # a table's optional query column (training's [RET]/[IMG] text)
     prompt: str | None = None  # a table's optional prompt column (training's captioning context)
+
+    @property
+    def file(self) -> str:
+        """``path``, for an item known to be local (a URL item has no file to read)."""
+        if self.path is None:
+            raise ValueError(f"{self.name} is a URL ({self.url}), not a local file: download the images first")
+        return self.path
 
     def __post_init__(self):
         if (self.path is None) == (self.url is None):
@@ -199,7 +206,7 @@ def _item_for(ref: str, root: Path, **fields) -> ImageItem:
 
 
 @contextmanager
-def text_list_errors(path: Path, line: Callable[[], int | None] = lambda: None) -> Iterator[None]:
+def text_list_errors(path: Path, line: Callable[[], int | None] = lambda: None) -> Generator[None, None, None]:
     """A codec or csv error while reading the list ``path`` -> a ValueError naming the file, the line and the fix
     (``line``: where a csv reader is, for the csv errors)."""
     try:
@@ -253,9 +260,14 @@ def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
 
 
 def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
-    rows = None
-    with open(path, encoding="utf-8", newline="") as f, text_list_errors(path, lambda: rows and rows.line_num):
-        rows = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    reader = None  # the csv reader knows its line; ``rows`` may become a chain that does not
+
+    def line() -> int | None:
+        return reader.line_num if reader is not None else None
+
+    with open(path, encoding="utf-8", newline="") as f, text_list_errors(path, line):
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        rows: Iterator[list[str]] = reader
         header = next(rows, None)
         if header is None:
             return

@@ -136,11 +136,11 @@ def read_records(
             skipped.add("URL (download the images first, e.g. with img2dataset)", it.name)
         elif not caption:
             skipped.add("no caption", it.name)
-        elif it.member is None and not Path(it.path).is_file():
+        elif it.member is None and not Path(it.file).is_file():
             skipped.add("missing image", it.name)
         else:
             if it.member is None:  # the size joins the data fingerprint: a replaced image invalidates features
-                it = replace(it, size=Path(it.path).stat().st_size, caption=caption)
+                it = replace(it, size=Path(it.file).stat().st_size, caption=caption)
             # a table's cells come stripped, an empty one as None
             records.append(
                 Record(
@@ -197,7 +197,8 @@ def check_inside_root(items: Sequence[ImageItem], root: Path, data: str | Path, 
     """Refuse local images that resolve (``..``, absolute paths and symlinks followed) outside ``root``: a data
     file from someone else must not make training read any file on this machine."""
     base = root.resolve()
-    outside = [it.path for it in items if it.member is None and not Path(it.path).resolve().is_relative_to(base)]
+    local = [it.path for it in items if it.member is None and it.path is not None]  # a URL is no file to read here
+    outside = [p for p in local if not Path(p).resolve().is_relative_to(base)]
     if outside:
         raise DataError(
             f"--data {data}: {len(outside)} image path(s) resolve outside the image root {root} "
@@ -346,7 +347,7 @@ class MicroBatches:
         return max(0, self.stop - self.start)
 
     def __iter__(self):
-        epoch, perm = -1, None
+        epoch, perm = -1, torch.empty(0, dtype=torch.long)  # replaced at the first u: no epoch is -1
         for u in range(self.start, self.stop):
             e, j = divmod(u, self.per_epoch)
             if e != epoch:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, MagicConfig, ModelConfig
 from .checkpoints import (
     check_fresh_run,
     check_resume,
@@ -223,8 +223,11 @@ def _check_inputs(tc: TrainConfig, world: int) -> _Plan:
 
     out = Path(tc.out)
     cfg = resolve_config(tc.model)
-    if not isinstance(cfg, ModelConfig):
-        raise ValueError(f"--model {tc.model} is a MAGIC preset (a plain LM + CLIP): it has no layers to train here")
+    if isinstance(cfg, MagicConfig):
+        raise ConfigError(
+            f"{tc.model} is a MAGIC model: it has no trained layers (an unmodified LM guided by CLIP), so there is "
+            f"nothing to train; pick a FROMAGe or GILL preset"
+        )
     if cfg.weights is None or tc.from_scratch:
         cfg = dataclasses.replace(cfg, weights="random")  # a preset without weights, or asked: start from scratch
     records = read_records(tc.data, tc.image_root, allow_outside_root=tc.allow_images_outside_root)
