@@ -20,7 +20,6 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..generate import Chat, GenerationSettings
@@ -36,33 +35,14 @@ from .kept import KeptConversations
 from .live import LiveTurns
 from .messages import ChatMessage, build_message, chatbot_messages, edited_message, text_of
 from .options import AppOptions
+from .reply import Reply
 from .running import turn_updates
-from .session import ChatSession, Note, UserPart
+from .session import ChatSession, UserPart
 from .store import StoreError, new_id
 
 logger = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5  # how often a queued request refreshes its "N ahead of you" message
-
-
-@dataclass
-class Reply:
-    """What a handler shows: the tab's session, the chat's messages, whether the message box is cleared (the model
-    took the message; every other reply keeps what is typed there, to fix and send again or to send next), the
-    notes to show once as toasts (errors, the engine's notices), whether a turn is running (the app then turns Send
-    into Stop and disables the buttons that cannot act), and after loading a conversation the settings controls'
-    new values (None: unchanged)."""
-
-    session: ChatSession
-    messages: list[ChatMessage]
-    clear_box: bool = False
-    controls: dict[str, SettingValue] | None = None
-    notes: list[Note] = dataclasses.field(default_factory=list)
-    running: bool = False
-
-    @property
-    def errors(self) -> list[str]:
-        return [n.text for n in self.notes if n.kind == "error"]
 
 
 class ChatHandlers(KeptConversations):
@@ -98,7 +78,7 @@ class ChatHandlers(KeptConversations):
         self.export_root = scratch / "exports"  # one folder per session, removed with it
         self._exports = threading.BoundedSemaphore(self.options.max_exports)
         self.open_store()
-        self.live: LiveTurns[Reply] = LiveTurns(self._close)  # turns run on the server, not in the page
+        self.live = LiveTurns[Reply](self._close)  # turns run on the server, not in the page
         self._titles: dict[str, str] = {}  # conversation id -> the title its owner gave it
 
     # -- sessions -----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Protocol
 
 from ..generate import Chat, GenerationSettings
 from ..pipeline import Pipeline
@@ -21,6 +20,7 @@ from .live import LiveTurns
 from .options import AppOptions
 from .owner import OwnerTokens
 from .records import TITLE_CHARS, record_chat, session_record
+from .reply import Reply
 from .session import ChatSession
 from .store import (
     ID,
@@ -36,21 +36,13 @@ from .store_migrate import BROWSER_KEY
 logger = logging.getLogger(__name__)
 
 
-class ShownReply(Protocol):
-    """What these handlers return: ``ChatHandlers``' ``Reply`` (handlers.py imports this module, so it is not named
-    here), of which they only need that it shows a session."""
-
-    @property
-    def session(self) -> ChatSession: ...
-
-
 class KeptConversations:
     """Saving, restoring, listing and opening the conversations of a browser (see the module's docstring)."""
 
     store: ConversationStore
     owners: OwnerTokens
     browser_key: str
-    live: LiveTurns
+    live: LiveTurns[Reply]
     _titles: dict[str, str]  # conversation id -> the title its owner gave it
     # provided by ChatHandlers
     options: AppOptions
@@ -60,7 +52,7 @@ class KeptConversations:
     make_chat: Callable[..., Chat]
     close_session: Callable[[ChatSession | None], None]
     _settings_of: Callable[[dict[str, JSONValue]], GenerationSettings]
-    _reply: Callable[..., ShownReply]
+    _reply: Callable[..., Reply]
 
     def open_store(self) -> None:
         """The store of ``options.cache_dir`` / ``options.db_url``, its owner key, the browsers' value key."""
@@ -169,7 +161,7 @@ class KeptConversations:
         except StoreError:
             return []
 
-    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> ShownReply:
+    def open_conversation(self, session: ChatSession | None, conversation: str | None) -> Reply:
         """Go back to a stored conversation of this browser (only its own: the owner is the session's)."""
         session = session or self.new_session()
         if session.running:
@@ -194,7 +186,7 @@ class KeptConversations:
         self.close_session(session)
         return self._reply(opened, controls=control_values(opened.settings) if opened.settings else None)
 
-    def rename(self, session: ChatSession | None, title: str | None) -> ShownReply:
+    def rename(self, session: ChatSession | None, title: str | None) -> Reply:
         """Give the current conversation a title of its own (the sidebar shows it instead of its first words)."""
         session = session or self.new_session()
         title = " ".join((title or "").split())[:TITLE_CHARS]
@@ -215,7 +207,7 @@ class KeptConversations:
         session = self.new_session(owner=owner)
         try:
             data = record_chat(record)
-            session.chat = self.make_chat(self.pipelines[session.index_name], data)
+            session.chat = self.make_chat(session.chat.pipeline, data)  # the view of the session's index
             session.settings = self._settings_of(data)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             logger.warning("stored conversation %s/%s cannot be restored: %s", owner, conversation, e)

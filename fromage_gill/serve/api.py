@@ -15,11 +15,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pydantic
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, params
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..generate.events import ImageResult, Notice, TextDelta, TurnEnd
@@ -78,12 +78,20 @@ def build_api(
     """The ``/v1`` application (its routes are relative: mount it at ``/v1``)."""
     store = store or FileStore()
     memo = memo or AnswerMemo()
-    config = backend.config
     api = FastAPI(title="fromage_gill", openapi_url=None, docs_url=None, redoc_url=None)
 
     @api.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError) -> JSONResponse:
         return e.response()
+
+    authorized = Depends(_authorizer(api_key))
+    _info_routes(api, backend, store, authorized)
+    _chat_route(api, backend, store, memo, authorized, fetch_urls=fetch_urls, max_request_bytes=max_request_bytes)
+    return api
+
+
+def _authorizer(api_key: str | None) -> Callable[[Request], None]:
+    """The dependency that checks a request's ``Authorization: Bearer`` key (none when ``api_key`` is None)."""
 
     def authorized(request: Request) -> None:
         if api_key is None:
@@ -99,6 +107,13 @@ def build_api(
                 code="invalid_api_key",
             )
 
+    return authorized
+
+
+def _info_routes(api: FastAPI, backend: ChatBackend, store: FileStore, authorized: params.Depends) -> None:
+    """``/models``, ``/models/{id}``, the answers' image files and ``/health``."""
+    config = backend.config
+
     def model_entry() -> dict:
         return {
             "id": config.name,
@@ -108,11 +123,11 @@ def build_api(
             "fromage_gill": {"kind": config.kind, "indexes": list(backend.indexes)},
         }
 
-    @api.get("/models", dependencies=[Depends(authorized)])
+    @api.get("/models", dependencies=[authorized])
     async def models() -> dict:
         return {"object": "list", "data": [model_entry()]}
 
-    @api.get("/models/{model_id}", dependencies=[Depends(authorized)])
+    @api.get("/models/{model_id}", dependencies=[authorized])
     async def model(model_id: str) -> dict:
         if model_id != config.name:
             raise APIError(
@@ -145,11 +160,25 @@ def build_api(
             out["engine"] = {"steps": s.steps, "tokens": s.tokens, "largest_batch": s.largest_batch}
         return out
 
-    @api.post("/chat/completions", dependencies=[Depends(authorized)])
+
+def _chat_route(
+    api: FastAPI,
+    backend: ChatBackend,
+    store: FileStore,
+    memo: AnswerMemo,
+    authorized: params.Depends,
+    *,
+    fetch_urls: bool,
+    max_request_bytes: int,
+) -> None:
+    """``/chat/completions``, streamed (server-sent events) or not."""
+    config = backend.config
+
+    @api.post("/chat/completions", dependencies=[authorized])
     async def chat_completions(request: Request) -> Response:
         body = await _read_body(request, max_request_bytes)
         req, chat_request = await asyncio.to_thread(_parse, body, config, memo, store, fetch_urls)
-        events = aiter(backend.stream(chat_request))
+        events = backend.stream(chat_request)
         try:
             replica, first = await _first_event(events)
         except BaseException as e:
@@ -190,8 +219,6 @@ def build_api(
             "fromage_gill": {"replica": replica, "seed": answer.seed, "notices": answer.notices},
         }
         return JSONResponse(body, headers=headers)
-
-    return api
 
 
 def build_app(backend: ChatBackend, **kwargs) -> FastAPI:
@@ -276,7 +303,7 @@ def _validation_error(e: pydantic.ValidationError) -> APIError:
     return APIError(400, message[:500], type="invalid_request_error", param=param, code="invalid_value")
 
 
-async def _first_event(events: AsyncIterator[StreamEvent]) -> tuple[str, StreamEvent]:
+async def _first_event(events: AsyncGenerator[StreamEvent, None]) -> tuple[str, StreamEvent]:
     """The serving replica and the first event that is not ``Served``: errors in the request come before it."""
     replica = "unknown"
     while True:
@@ -287,7 +314,7 @@ async def _first_event(events: AsyncIterator[StreamEvent]) -> tuple[str, StreamE
         return replica, ev
 
 
-async def _chain(first: StreamEvent, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+async def _chain(first: StreamEvent, events: AsyncGenerator[StreamEvent, None]) -> AsyncGenerator[StreamEvent, None]:
     yield first
     if isinstance(first, TurnEnd):
         return
@@ -318,7 +345,7 @@ async def _sse(
     model: str,
     replica: str,
     first: StreamEvent,
-    events: AsyncIterator[StreamEvent],
+    events: AsyncGenerator[StreamEvent, None],
     answer: Answer,
     store: FileStore,
     memo: AnswerMemo,

@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -211,7 +211,7 @@ class ChatBackend(Protocol):
     config: ModelConfig
     indexes: tuple[str, ...]
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]: ...
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]: ...
 
     def load(self) -> BackendLoad: ...
 
@@ -283,7 +283,7 @@ class ThreadedChatBackend:
             raise ValueError(f"index {index!r} is not loaded; this server has: {have}")
         return self._views[index]
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         with self._lock:
             if self._closed:
                 raise Overloaded("the server is shutting down", status=503)

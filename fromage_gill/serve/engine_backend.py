@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from ..generate.capacity import ImageBudget, OverCapacity
@@ -147,7 +147,7 @@ class EngineBackend:
                 )
             return self.fallback
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         if request.settings.decoding != "default":
             async for ev in self.fallback_backend().stream(request):
                 yield ev

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +107,7 @@ class ChatReplica:
     def pid(self) -> int:
         return os.getpid()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         async for ev in self.backend.stream(request):
             yield ev
 
@@ -119,7 +119,7 @@ class RayChatBackend:
         self.handle, self.config, self.indexes = handle, config, indexes
         self._running = 0
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
         self._running += 1
         gen = self.handle.options(stream=True).stream.remote(request)
         try:
@@ -176,7 +176,8 @@ def build_application(spec: ServeSpec, config, indexes: tuple[str, ...]):
         options["autoscaling_config"] = dict(spec.autoscaling)
     else:
         options["num_replicas"] = spec.replicas
-    replicas = ChatReplica.options(**options).bind(r)
+    # serve.deployment turns the class into a Deployment; Ray's annotations say it returns a function
+    replicas = ChatReplica.options(**options).bind(r)  # pyright: ignore[reportFunctionMemberAccess]
     return Ingress.bind(replicas, config, tuple(indexes), dict(spec.ingress_options))
 
 
