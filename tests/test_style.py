@@ -92,23 +92,19 @@ def test_the_seam_counters_see_what_they_count(tmp_path):
     assert long_functions(pkg) == [f"fromage_gill/m.py:2 f ({MAX_FUNCTION_LINES + 1} lines)"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 25: the seams branches (seams-types, seams-core) bring Any down to 30")
 def test_any_is_kept_for_values_that_really_are_arbitrary():
     found = any_annotations()
     assert len(found) <= MAX_ANY, f"{len(found)} uses of Any (at most {MAX_ANY}): {', '.join(found)}"
 
 
-@pytest.mark.xfail(strict=False, reason="issue 25: generate/ and chat/ are typed on the seams-core branch")
 def test_every_pipeline_model_and_settings_parameter_is_typed():
     assert untyped_seam_parameters() == []
 
 
-@pytest.mark.xfail(strict=False, reason="issue 25: app.py's and generate/'s long functions are split on other branches")
 def test_no_library_function_outside_toy_is_longer_than_80_lines():
     assert long_functions() == []
 
 
-@pytest.mark.xfail(strict=False, reason="issue 25: app.py goes back to layout and wiring on the app branch")
 def test_app_py_is_layout_and_wiring():
     lines = len((ROOT / "app.py").read_text().splitlines())
     assert lines <= MAX_APP_LINES, f"app.py has {lines} lines (at most {MAX_APP_LINES}: layout and wiring only)"

@@ -155,6 +155,20 @@ MODE_LABELS = {
 }
 
 
+def _slider(
+    key: str, label: str, row: int, lo: float, hi: float, step: float, help_key: str = "", *, elem_id: str = "",
+    visible: bool = True,
+) -> Control:  # fmt: skip
+    help_line = SETTINGS_HELP[help_key or key]
+    return Control(key, label, "slider", row, help_line, (lo, hi), step, visible=visible, elem_id=elem_id)
+
+
+def _choice(
+    key: str, label: str, row: int, pairs: Sequence[tuple[str, str]], *, help: str = "", visible: bool = True
+) -> Control:
+    return Control(key, label, "choice", row, help or SETTINGS_HELP[key], choices=tuple(pairs), visible=visible)
+
+
 def settings_table(
     *,
     max_new_tokens: int,
@@ -174,39 +188,20 @@ def settings_table(
         f"{h['max_new_tokens']} Up to {max_new_tokens}: what the model's context leaves after a short message."
     )
 
-    def slider(
-        key: str,
-        label: str,
-        row: int,
-        lo: float,
-        hi: float,
-        step: float,
-        help_key: str = "",
-        *,
-        elem_id: str = "",
-        visible: bool = True,
-    ) -> Control:
-        return Control(key, label, "slider", row, h[help_key or key], (lo, hi), step, visible=visible, elem_id=elem_id)
-
-    def choice(
-        key: str, label: str, row: int, pairs: Sequence[tuple[str, str]], *, help: str = "", visible: bool = True
-    ) -> Control:
-        return Control(key, label, "choice", row, help or h[key], choices=tuple(pairs), visible=visible)
-
     return [
-        choice("mode", "Images in answers", 0, [(MODE_LABELS[m], m) for m in modes]),
+        _choice("mode", "Images in answers", 0, [(MODE_LABELS[m], m) for m in modes]),
         Control("max_new_tokens", "Longest answer (tokens)", "slider", 1, tokens_help, (1, max_new_tokens), 1),
-        slider("temperature", "Variety (temperature)", 1, 0.0, 2.0, 0.05),
-        slider("top_p", "Word choice breadth (top-p)", 1, 0.05, 1.0, 0.05),
-        slider(
+        _slider("temperature", "Variety (temperature)", 1, 0.0, 2.0, 0.05),
+        _slider("top_p", "Word choice breadth (top-p)", 1, 0.05, 1.0, 0.05),
+        _slider(
             "ret_scale_factor", "How often: found images", 2, 0.0, 5.0, 0.1, "image_frequency", elem_id="set_ret_scale"
         ),
-        slider(
+        _slider(
             "gen_scale_factor", "How often: drawn images", 2, 0.0, 5.0, 0.1, "image_frequency", elem_id="set_gen_scale"
         ),
-        slider("image_logit_bias", "Image nudge", 2, -20.0, 20.0, 0.5, elem_id="set_image_bias"),
-        slider("max_images", "Images per answer, at most", 2, 0, MAX_IMAGES_PER_MESSAGE, 1),
-        slider(
+        _slider("image_logit_bias", "Image nudge", 2, -20.0, 20.0, 0.5, elem_id="set_image_bias"),
+        _slider("max_images", "Images per answer, at most", 2, 0, MAX_IMAGES_PER_MESSAGE, 1),
+        _slider(
             "retrieval_candidates",
             "Images looked at when finding one",
             3,
@@ -215,8 +210,8 @@ def settings_table(
             1,
             visible=candidates > 1,
         ),
-        slider("guidance_scale", "Drawing: follow the description", 3, 1.0, 20.0, 0.5),
-        slider("num_inference_steps", "Drawing steps", 3, 1, MAX_DIFFUSION_STEPS, 1, elem_id="set_steps"),
+        _slider("guidance_scale", "Drawing: follow the description", 3, 1.0, 20.0, 0.5),
+        _slider("num_inference_steps", "Drawing steps", 3, 1, MAX_DIFFUSION_STEPS, 1, elem_id="set_steps"),
         Control("seed", "Seed", "text", 4, h["seed"]),
         Control(
             "index",
@@ -227,14 +222,14 @@ def settings_table(
             choices=tuple((n, n) for n in names),
             visible=len(names) > 1,
         ),
-        choice("decoding", "Decoding", 4, [(d, d) for d in decodings], help=decoding_help, visible=len(decodings) > 1),
-        choice(
+        _choice("decoding", "Decoding", 4, [(d, d) for d in decodings], help=decoding_help, visible=len(decodings) > 1),
+        _choice(
             "answer_style",
             "Answer length",
             5,
             [("whole answer", "full"), ("first sentence, as in the papers' demo", "published")],
         ),
-        choice(
+        _choice(
             "history_layout",
             "Earlier answers read back",
             5,

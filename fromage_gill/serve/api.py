@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import pydantic
 from fastapi import Depends, FastAPI, Request, params
@@ -27,6 +28,11 @@ from .backend import ChatBackend, Overloaded, Served, StreamEvent, Usage
 from .convert import Answer, BadRequest, to_chat_request
 from .files import AnswerMemo, FileStore
 from .schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from ..chat.options import AppOptions
+    from ..generate.engine import Engine
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +393,9 @@ async def _sse(
     yield "data: [DONE]\n\n"
 
 
-def gradio_app_kwargs(pipeline, options, *, api_key: str | None = None, engine=None) -> dict:
+def gradio_app_kwargs(
+    pipeline: Pipeline, options: AppOptions, *, api_key: str | None = None, engine: Engine | None = None
+) -> dict:
     """``app_kwargs`` for gradio's ``launch()`` that serve this API at ``/v1`` from the chat app's own server (same
     model, same indexes; its own queue of ``options.max_queue``), on an ``EngineBackend``: ``engine``, the app's
     sessions' own ``Engine`` (so API requests and visitors' turns decode in one batch), or a new one of

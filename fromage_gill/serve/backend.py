@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -36,6 +36,9 @@ from ..generate.prompt import ImageSegment, Turn, kept_image
 from ..images import ImageError, load_image
 from ..retrieve.fetch import FetchConfig, ImageFetcher
 from ..settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +241,7 @@ class ThreadedChatBackend:
 
     def __init__(
         self,
-        pipeline,
+        pipeline: Pipeline,
         *,
         indexes: Mapping[str, object] | None = None,
         concurrency: int = 1,
@@ -283,7 +286,8 @@ class ThreadedChatBackend:
             raise ValueError(f"index {index!r} is not loaded; this server has: {have}")
         return self._views[index]
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
+    def _admit(self) -> None:
+        """Take a place in the queue, or refuse: 503 while shutting down, 429 when it is full."""
         with self._lock:
             if self._closed:
                 raise Overloaded("the server is shutting down", status=503)
@@ -294,6 +298,15 @@ class ThreadedChatBackend:
                     status=429,
                 )
             self._inflight += 1
+
+    def _busy(self) -> Overloaded:
+        return Overloaded(
+            f"waited {self.queue_timeout_s:g} s in the queue without a turn; the server is busy, retry later",
+            status=503,
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
+        self._admit()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled, started = threading.Event(), threading.Event()
@@ -317,12 +330,6 @@ class ThreadedChatBackend:
                     self._inflight -= 1
                 emit(_DONE)
 
-        def busy() -> Overloaded:
-            return Overloaded(
-                f"waited {self.queue_timeout_s:g} s in the queue without a turn; the server is busy, retry later",
-                status=503,
-            )
-
         future = None
         deadline = loop.time() + self.queue_timeout_s
         has_images = any(isinstance(p, ImageInput) for m in request.messages for p in m.parts)
@@ -334,7 +341,7 @@ class ThreadedChatBackend:
                 try:
                     await asyncio.wait_for(self._image_slots.acquire(), deadline - loop.time())
                 except asyncio.TimeoutError:
-                    raise busy() from None
+                    raise self._busy() from None
             try:
                 if has_images:
                     decoding = loop.run_in_executor(self._decoder, request.decode_turns, self.fetcher)
@@ -349,7 +356,7 @@ class ThreadedChatBackend:
                     except asyncio.TimeoutError:
                         if started.is_set():
                             continue
-                        raise busy() from None
+                        raise self._busy() from None
                     if item is _DONE:
                         return
                     if isinstance(item, _Failed):

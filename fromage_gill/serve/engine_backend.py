@@ -18,6 +18,7 @@ import dataclasses
 import threading
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ..generate.capacity import ImageBudget, OverCapacity
 from ..generate.engine import Engine, GiB
@@ -37,6 +38,9 @@ from .backend import (
     process_id,
 )
 
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
 _DONE = object()
 
 
@@ -53,7 +57,7 @@ class EngineBackend:
 
     def __init__(
         self,
-        pipeline,
+        pipeline: Pipeline,
         *,
         indexes: Mapping[str, object] | None = None,
         max_batch: int = 16,
