@@ -126,7 +126,17 @@ def test_a_reload_and_a_restart_restore_the_conversation(slowed, server, cache):
         demo.close()
 
 
-def test_an_answer_with_an_image_is_one_message_and_drawing_shows_progress(slowed, cache):
+def test_an_answer_with_an_image_is_one_message_and_drawing_shows_progress(slowed, cache, monkeypatch):
+    # Each denoising step takes a noticeable time, as on a real model: the page shows the latest reply when it
+    # catches up, so a 4-step drawing of the tiny UNet (milliseconds) could end before any step is shown.
+    unet = slowed.image_generator.pipe.unet
+    step = unet.forward
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.15)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", slow_step)
     demo, url = launch(slowed, cache, mode="generate", image_logit_bias=20.0, max_images=1, max_new_tokens=6)
     try:
         with open_page(url, height=1000) as page:
