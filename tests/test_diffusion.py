@@ -94,3 +94,106 @@ def test_image_generator_errors(tiny_fromage, tiny_gill, embeds):
     gen = image_generator(tiny_gill)
     with pytest.raises(ValueError, match="num_inference_steps"):
         gen(embeds, num_inference_steps=0)
+
+
+def _batched(gen, calls):
+    """Run ``calls`` (kwargs for ``gen``) from threads that all queue while the generator is busy, so they run as
+    batches; their outcomes (or errors) in call order."""
+    import threading
+    import time
+
+    outcomes: list = [None] * len(calls)
+
+    def one(i, kw):
+        try:
+            outcomes[i] = gen(**kw)
+        except Exception as e:  # noqa: BLE001 -- compared by the test
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, kw)) for i, kw in enumerate(calls)]
+    with gen._lock:  # the generator is busy: every call waits in the queue
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(gen._pending) < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(gen._pending) == len(calls)
+    for t in threads:
+        t.join(60)
+    return outcomes
+
+
+def test_concurrent_calls_run_as_one_batch_each_with_its_solo_image(tiny_gill):
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False)
+    hidden = torch.randn(3, 8, tiny_gill.model.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        embeds = tiny_gill.model.map_to_diffusion(hidden)
+    calls = [
+        dict(prompt_embeds=embeds[:1], num_inference_steps=3, guidance_scale=4.0, seed=11),
+        dict(prompt_embeds=embeds[1:], num_inference_steps=3, guidance_scale=4.0, seed=12),  # two images
+    ]
+    solo = [gen(**kw) for kw in calls]
+    assert gen.batches == [1, 2]
+    batched = _batched(gen, calls)
+    assert gen.batches[-1] == 3  # one UNet batch for both calls
+    for alone, together in zip(solo, batched, strict=True):
+        assert len(together.images) == len(alone.images) and not together.interrupted
+        for a, b in zip(alone.images, together.images, strict=True):
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+            assert diff.max() <= 1  # the same seeded noise and conditioning: equal up to float rounding
+    # the two calls' images differ (their own noise and conditioning, not a copy of the batch's first)
+    assert not np.array_equal(np.asarray(batched[0].images[0]), np.asarray(batched[1].images[0]))
+
+
+def test_only_calls_diffusers_runs_alike_batch_and_max_batch_bounds_a_batch(tiny_gill, embeds):
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False, max_batch=2)
+    calls = [
+        dict(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=4.0, seed=0),
+        dict(prompt_embeds=embeds, num_inference_steps=3, guidance_scale=4.0, seed=0),  # other step count
+        dict(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=1.0, seed=0),  # other guidance
+        dict(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=4.0, seed=1),
+        dict(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=4.0, seed=2),  # past max_batch
+    ]
+    out = _batched(gen, calls)
+    assert all(len(o.images) == 1 for o in out)
+    assert sorted(gen.batches) == [1, 1, 1, 2]
+    with pytest.raises(ValueError, match="max_batch"):
+        ImageGenerator(tiny_gill.diffusion, max_batch=0)
+
+
+def test_a_stopped_call_leaves_its_batch_mates_running(tiny_gill, embeds):
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False)
+    steps: list[int] = []
+    kw = dict(prompt_embeds=embeds, num_inference_steps=4, guidance_scale=4.0)
+    calls = [
+        dict(kw, seed=0, interrupt=lambda: True),
+        dict(kw, seed=1, on_step=lambda s, _: steps.append(s)),
+    ]
+    stopped, finished = _batched(gen, calls)
+    assert stopped.interrupted and stopped.images == []
+    assert not finished.interrupted and len(finished.images) == 1 and steps == [1, 2, 3, 4]
+    alone = gen(embeds, num_inference_steps=4, guidance_scale=4.0, seed=1)
+    diff = np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(finished.images[0], dtype=int))
+    assert diff.max() <= 1
+
+
+def test_a_failed_batch_is_retried_call_by_call_so_an_error_is_its_own(tiny_gill, embeds, monkeypatch):
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False)
+    pipe_cls = tiny_gill.diffusion.__class__
+    orig = pipe_cls.__call__
+
+    def fragile(self, **kw):  # fails at batch 2 (as out of memory would), and for seed 5's call alone
+        if kw["prompt_embeds"].shape[0] > 1 or kw["generator"].initial_seed() == 5:
+            raise RuntimeError("out of memory")
+        return orig(self, **kw)
+
+    monkeypatch.setattr(pipe_cls, "__call__", fragile)
+    ok, bad = _batched(
+        gen,
+        [
+            dict(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=4.0, seed=4),
+            dict(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=4.0, seed=5),
+        ],
+    )
+    assert len(ok.images) == 1
+    assert isinstance(bad, RuntimeError) and "out of memory" in str(bad)

@@ -149,6 +149,30 @@ def test_text_rows_finish_while_another_rows_image_is_being_made(gill, monkeypat
     ]
 
 
+def test_parked_rows_diffusions_run_as_one_batch_with_their_solo_images(gill):
+    gen = gill.image_generator
+    draw = GenerationSettings(max_new_tokens=8, mode="generate", min_word_tokens=2, **FORCED)
+    turns = [[user([f"draw a {thing}"])] for thing in ("cat", "dog", "bird")]
+    solo = []
+    for t in turns:
+        with Engine(gill, start=False) as engine:
+            r = engine.submit(encode(gill, t), dataclasses.replace(draw, seed=len(solo)))
+            solo.append(images_of(drain(engine, [r])[0]))
+    with Engine(gill, start=False) as engine:
+        with gen._lock:  # a diffusion is running: the rows that park meanwhile wait for it together
+            reqs = [engine.submit(encode(gill, t), dataclasses.replace(draw, seed=k)) for k, t in enumerate(turns)]
+            deadline = time.monotonic() + 30
+            while len(gen._pending) < 3 and time.monotonic() < deadline:
+                engine.run_step(timeout=0.05)
+            assert engine.stats().parked == 3 and len(gen._pending) == 3
+        events = drain(engine, reqs)
+    assert gen.batches[-1] == 3  # one UNet batch for the three rows' images
+    for alone, batched in zip(solo, map(images_of, events), strict=True):
+        assert [(i.source, i.seed) for i in batched] == [(i.source, i.seed) for i in alone]
+        diff = np.abs(np.asarray(alone[0].image, dtype=int) - np.asarray(batched[0].image, dtype=int))
+        assert diff.max() <= 1  # each row's own seeded noise: its solo image up to float rounding
+
+
 def test_sampled_tokens_follow_each_requests_own_seed(gill):
     s = GenerationSettings(max_new_tokens=10, mode="text", temperature=1.0, seed=11, **TEXT)
     other = dataclasses.replace(s, seed=12)

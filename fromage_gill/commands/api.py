@@ -34,7 +34,10 @@ def register(sub) -> None:
         "--image-budget-gb", type=float, default=1.0, help="memory for decoding attached pictures at once, GB (1)"
     )
     e.add_argument(
-        "--image-workers", type=int, default=1, help="answers' pictures retrieved or generated at once (default 1)"
+        "--image-workers",
+        type=int,
+        default=None,
+        help="answers' pictures retrieved or generated at once (default: --max-batch; waiting diffusions run batched)",
     )
     e.add_argument(
         "--no-engine",
@@ -116,7 +119,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--image-budget-gb must be > 0, got {args.image_budget_gb}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.image_workers < 1:
+    if args.image_workers is not None and args.image_workers < 1:
         raise ValueError(f"--image-workers must be >= 1, got {args.image_workers}")
     return dict(
         image_workers=args.image_workers,

@@ -35,24 +35,54 @@ class GeneratedImages:
     interrupted: bool = False
 
 
+@dataclass(eq=False)
+class _Job:
+    """One call's generation, waiting to run in a batch with the calls made meanwhile."""
+
+    prompt_embeds: torch.Tensor  # (n, L, D), padded to the text encoder's length, on the UNet's device and dtype
+    negative: torch.Tensor | None  # (n, L, D), or None without guidance
+    guidance_scale: float
+    num_inference_steps: int
+    generator: torch.Generator
+    interrupt: Callable[[], bool] | None
+    on_step: Callable[[int, int], None] | None
+    stopped: bool = False
+    outcome: GeneratedImages | BaseException | None = None
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Calls batch together only when diffusers runs them alike (one guidance scale, one step count)."""
+        pe = self.prompt_embeds
+        return (self.guidance_scale, self.num_inference_steps, self.negative is None, pe.shape[1:], pe.dtype, pe.device)
+
+
 class ImageGenerator:
     """Runs a diffusers ``StableDiffusionPipeline`` from ready-made ``prompt_embeds``.
 
     ``safety_checker``: run the pipeline's safety checker when it has one (a pipeline loaded without one cannot
-    be checked; see ``DiffusionSpec.safety_checker``). Calls are serialised: one pipeline, one generation at a time.
-    A ``Pipeline`` makes one for its diffusion pipeline (``Pipeline.image_generator``).
+    be checked; see ``DiffusionSpec.safety_checker``). Calls from several threads are batched: while one generation
+    runs, the calls that arrive wait, then run as one batch of up to ``max_batch`` images (those with the same
+    guidance scale and step count), each from its own seeded noise, so a call's image does not depend on what it was
+    batched with (up to float rounding). A ``Pipeline`` makes one for its diffusion pipeline
+    (``Pipeline.image_generator``).
     """
 
-    def __init__(self, sd_pipe: StableDiffusionPipeline, *, safety_checker: bool = True):
+    def __init__(self, sd_pipe: StableDiffusionPipeline, *, safety_checker: bool = True, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.pipe = sd_pipe
         self.safety_checker = safety_checker
-        self._lock = threading.Lock()  # one generation at a time: the pipeline's scheduler holds its state
+        self.max_batch = max_batch
+        self._lock = threading.Lock()  # one batch at a time: the pipeline's scheduler holds its state
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Job] = []
+        self._negative_lock = threading.Lock()
         self._negative: torch.Tensor | None = None
+        self.batches: list[int] = []  # images per UNet batch, the last 64 (what batching achieved)
 
     @torch.no_grad()
     def negative_prompt_embeds(self) -> torch.Tensor:
         """``(1, L, D)`` text-encoder output of the empty prompt, computed once."""
-        with self._lock:
+        with self._negative_lock:
             if self._negative is None:
                 self._negative, _ = self.pipe.encode_prompt("", self.pipe.text_encoder.device, 1, False)
             return self._negative
@@ -75,8 +105,7 @@ class ImageGenerator:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        pipe = self.pipe
-        unet_param = next(pipe.unet.parameters())
+        unet_param = next(self.pipe.unet.parameters())
         pe = prompt_embeds.to(device=unet_param.device, dtype=unet_param.dtype)
         n = pe.shape[0]
         neg = None
@@ -89,44 +118,112 @@ class ImageGenerator:
                 raise ValueError(f"prompt_embeds has {pe.shape[1]} tokens, more than the text encoder's {neg.shape[1]}")
             neg = neg.expand(n, -1, -1)
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        stopped = False
+        job = _Job(pe, neg, guidance_scale, num_inference_steps, generator, interrupt, on_step)
+        with self._pending_lock:
+            self._pending.append(job)
+        while job.outcome is None:
+            with self._lock:  # whoever holds it runs the oldest waiting batch, which may hold this call's job
+                if job.outcome is None:
+                    self._run(self._take())
+        if isinstance(job.outcome, BaseException):
+            raise job.outcome
+        return job.outcome
+
+    def _take(self) -> list[_Job]:
+        """The oldest waiting call and the later ones that batch with it, up to ``max_batch`` images."""
+        with self._pending_lock:
+            first = self._pending[0]
+            batch, size = [], 0
+            for job in self._pending:
+                n = job.prompt_embeds.shape[0]
+                if job.batch_key() == first.batch_key() and (not batch or size + n <= self.max_batch):
+                    batch.append(job)
+                    size += n
+            self._pending = [job for job in self._pending if job not in batch]
+            return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        """Run a batch; every job gets its outcome. A batch that fails (e.g. out of memory) is retried job by job,
+        so one call's error is its own."""
+        try:
+            self._generate(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].outcome = e
+                return
+            logger.warning("a batch of %d generations failed (%s); running them one at a time", len(batch), e)
+            for job in batch:
+                try:
+                    self._generate([job])
+                except Exception as one:
+                    job.outcome = one
+        finally:  # e.g. KeyboardInterrupt: the callers waiting on this batch are told, not left waiting
+            for job in batch:
+                if job.outcome is None:
+                    job.outcome = RuntimeError("the generation was abandoned before it finished")
+
+    def _generate(self, batch: list[_Job]) -> None:
+        pipe, first = self.pipe, batch[0]
+        steps = first.num_inference_steps
+        pe = torch.cat([job.prompt_embeds for job in batch])
+        neg = None if first.negative is None else torch.cat([job.negative for job in batch if job.negative is not None])
+        # Each call's noise comes from its own generator, drawn as diffusers draws it for that call alone.
+        latents = torch.cat([initial_noise(pipe, job.prompt_embeds.shape[0], job.generator, pe) for job in batch])
+        # A scheduler that adds noise at each step (not DDIM with eta=0) draws it per image.
+        generators = [job.generator for job in batch for _ in range(job.prompt_embeds.shape[0])]
 
         def on_step_end(
             p: StableDiffusionPipeline, step: int, timestep: object, tensors: dict[str, torch.Tensor]
         ) -> dict[str, torch.Tensor]:
-            nonlocal stopped
-            if on_step is not None:
-                on_step(step + 1, num_inference_steps)
-            if interrupt is not None and interrupt():
-                stopped = True
+            for job in batch:
+                if job.stopped:
+                    continue
+                if job.on_step is not None:
+                    job.on_step(step + 1, steps)
+                if job.interrupt is not None and job.interrupt():
+                    job.stopped = True
+            if all(job.stopped for job in batch):
                 p._interrupt = True  # pyright: ignore[reportPrivateUsage]  # diffusers' documented way to end early
             return tensors
 
-        with self._lock:
-            latents = pipe(
-                prompt_embeds=pe,
-                negative_prompt_embeds=neg,
-                guidance_scale=guidance_scale,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                output_type="latent",
-                # diffusers annotates the callback without the pipeline argument it passes first
-                callback_on_step_end=on_step_end,  # pyright: ignore[reportArgumentType]
-            ).images  # pyright: ignore[reportAttributeAccessIssue]  # return_dict=True (default): an output object
-            if stopped:
-                return GeneratedImages([], [], interrupted=True)
-            # Decoding here rather than inside the pipeline lets us skip the safety checker without reloading.
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            nsfw = [False] * n
-            if self.safety_checker and pipe.safety_checker is not None:
-                image, flags = pipe.run_safety_checker(image, pe.device, pe.dtype)
-                nsfw = [bool(f) for f in flags] if flags is not None else nsfw
-            images: list[Image.Image] = pipe.image_processor.postprocess(  # pyright: ignore[reportAssignmentType]
-                image, output_type="pil", do_denormalize=[not f for f in nsfw]
-            )  # output_type="pil": a list of PIL images
+        self.batches = [*self.batches[-63:], pe.shape[0]]
+        latents = pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=neg,
+            guidance_scale=first.guidance_scale,
+            num_inference_steps=steps,
+            generator=generators if len(batch) > 1 else first.generator,
+            latents=latents,
+            output_type="latent",
+            # diffusers annotates the callback without the pipeline argument it passes first
+            callback_on_step_end=on_step_end,  # pyright: ignore[reportArgumentType]
+        ).images  # pyright: ignore[reportAttributeAccessIssue]  # return_dict=True (default): an output object
+        for job in batch:
+            if job.stopped:
+                job.outcome = GeneratedImages([], [], interrupted=True)
+        running = [j for j, job in enumerate(batch) if not job.stopped]
+        if not running:
+            return
+        sizes = [job.prompt_embeds.shape[0] for job in batch]
+        starts = [sum(sizes[:j]) for j in range(len(batch))]
+        rows = torch.tensor([starts[j] + i for j in running for i in range(sizes[j])])
+        # Decoding here rather than inside the pipeline lets us skip the safety checker without reloading.
+        image = pipe.vae.decode(
+            latents[rows] / pipe.vae.config.scaling_factor, return_dict=False, generator=first.generator
+        )[0]
+        nsfw = [False] * len(rows)
+        if self.safety_checker and pipe.safety_checker is not None:
+            image, flags = pipe.run_safety_checker(image, pe.device, pe.dtype)
+            nsfw = [bool(f) for f in flags] if flags is not None else nsfw
+        images: list[Image.Image] = pipe.image_processor.postprocess(  # pyright: ignore[reportAssignmentType]
+            image, output_type="pil", do_denormalize=[not f for f in nsfw]
+        )  # output_type="pil": a list of PIL images
         if any(nsfw):
-            logger.info("the safety checker blanked %d of %d generated image(s)", sum(nsfw), n)
-        return GeneratedImages(images, nsfw)
+            logger.info("the safety checker blanked %d of %d generated image(s)", sum(nsfw), len(nsfw))
+        at = 0
+        for j in running:
+            batch[j].outcome = GeneratedImages(images[at : at + sizes[j]], nsfw[at : at + sizes[j]])
+            at += sizes[j]
 
     def steps(
         self,
@@ -175,6 +272,20 @@ class ImageGenerator:
         finally:
             abandoned.set()
             worker.join()
+
+
+def initial_noise(
+    pipe: StableDiffusionPipeline, n: int, generator: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
+    """The starting latents diffusers draws for ``n`` images at the UNet's default size from ``generator`` (before
+    the scheduler's ``init_noise_sigma``, which the pipeline applies to given latents too)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    scale = pipe.vae_scale_factor  # diffusers' default height is sample_size * scale, then // scale for latents
+    shape = (n, pipe.unet.config.in_channels, int(h * scale) // scale, int(w * scale) // scale)
+    return randn_tensor(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 class WithImageGenerator(Protocol):

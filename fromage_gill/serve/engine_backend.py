@@ -65,7 +65,7 @@ class EngineBackend:
         kv_cache_gb: float = 1.0,
         image_budget_gb: float = 1.0,
         image_wait_s: float = 10.0,
-        image_workers: int = 1,
+        image_workers: int | None = None,
         fetch: FetchConfig | None = None,
         replica: str | None = None,
         engine: Engine | None = None,
