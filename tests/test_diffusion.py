@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -79,8 +81,12 @@ def test_interrupt_stops_between_steps(tiny_gill, embeds, monkeypatch):
     steps = []
     orig = tiny_gill.diffusion.unet.forward
     monkeypatch.setattr(tiny_gill.diffusion.unet, "forward", lambda *a, **k: steps.append(1) or orig(*a, **k))
-    out = ImageGenerator(tiny_gill.diffusion)(embeds, num_inference_steps=5, seed=0, interrupt=lambda: True)
+    gen = ImageGenerator(tiny_gill.diffusion)
+    out = gen(embeds, num_inference_steps=5, seed=0, interrupt=lambda: len(steps) >= 1)
     assert out.interrupted and out.images == [] and len(steps) == 1
+    steps.clear()  # a call interrupted before it starts never runs
+    out = gen(embeds, num_inference_steps=5, seed=0, interrupt=lambda: True)
+    assert out.interrupted and out.images == [] and steps == []
 
 
 def test_image_generator_errors(tiny_fromage, tiny_gill, embeds):
@@ -96,9 +102,9 @@ def test_image_generator_errors(tiny_fromage, tiny_gill, embeds):
         gen(embeds, num_inference_steps=0)
 
 
-def _batched(gen, calls):
+def _batched(gen, calls, after=None):
     """Run ``calls`` (kwargs for ``gen``) from threads that all queue while the generator is busy, so they run as
-    batches; their outcomes (or errors) in call order."""
+    batches; their outcomes (or errors) in call order. ``after(i)`` runs in call i's thread as soon as it returns."""
     import threading
     import time
 
@@ -109,6 +115,8 @@ def _batched(gen, calls):
             outcomes[i] = gen(**kw)
         except Exception as e:  # noqa: BLE001 -- compared by the test
             outcomes[i] = e
+        if after is not None:
+            after(i)
 
     threads = [threading.Thread(target=one, args=(i, kw)) for i, kw in enumerate(calls)]
     with gen._lock:  # the generator is busy: every call waits in the queue
@@ -161,18 +169,21 @@ def test_only_calls_diffusers_runs_alike_batch_and_max_batch_bounds_a_batch(tiny
         ImageGenerator(tiny_gill.diffusion, max_batch=0)
 
 
-def test_a_stopped_call_leaves_its_batch_mates_running(tiny_gill, embeds):
+def test_a_stopped_call_returns_at_its_step_and_leaves_its_batch_mates_running(tiny_gill, embeds):
     gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False)
     steps: list[int] = []
-    kw = dict(prompt_embeds=embeds, num_inference_steps=4, guidance_scale=4.0)
+    seen_at_return: list[int] = []
+    kw = dict(prompt_embeds=embeds, num_inference_steps=6, guidance_scale=4.0)
     calls = [
-        dict(kw, seed=0, interrupt=lambda: True),
-        dict(kw, seed=1, on_step=lambda s, _: steps.append(s)),
+        dict(kw, seed=0, interrupt=lambda: len(steps) >= 1),  # stops after the batch's first step
+        dict(kw, seed=1, on_step=lambda s, _: steps.append(s) or time.sleep(0.05)),  # a step takes 50 ms
     ]
-    stopped, finished = _batched(gen, calls)
+    stopped, finished = _batched(gen, calls, after=lambda i: seen_at_return.append(len(steps)) if i == 0 else None)
+    assert gen.batches[-1] == 2  # they ran together
     assert stopped.interrupted and stopped.images == []
-    assert not finished.interrupted and len(finished.images) == 1 and steps == [1, 2, 3, 4]
-    alone = gen(embeds, num_inference_steps=4, guidance_scale=4.0, seed=1)
+    assert seen_at_return[0] < 6  # the stopped call returned while its batch mate was still denoising
+    assert not finished.interrupted and len(finished.images) == 1 and steps == [1, 2, 3, 4, 5, 6]
+    alone = gen(embeds, num_inference_steps=6, guidance_scale=4.0, seed=1)
     diff = np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(finished.images[0], dtype=int))
     assert diff.max() <= 1
 

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -48,6 +48,15 @@ class _Job:
     on_step: Callable[[int, int], None] | None
     stopped: bool = False
     outcome: GeneratedImages | BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    on_end: Callable[[], None] | None = None
+
+    def end(self, outcome: GeneratedImages | BaseException) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.done.set()
+            if self.on_end is not None:
+                self.on_end()
 
     def batch_key(self) -> tuple[object, ...]:
         """Calls batch together only when diffusers runs them alike (one guidance scale, one step count)."""
@@ -59,10 +68,11 @@ class ImageGenerator:
     """Runs a diffusers ``StableDiffusionPipeline`` from ready-made ``prompt_embeds``.
 
     ``safety_checker``: run the pipeline's safety checker when it has one (a pipeline loaded without one cannot
-    be checked; see ``DiffusionSpec.safety_checker``). Calls from several threads are batched: while one generation
-    runs, the calls that arrive wait, then run as one batch of up to ``max_batch`` images (those with the same
-    guidance scale and step count), each from its own seeded noise, so a call's image does not depend on what it was
-    batched with (up to float rounding). A ``Pipeline`` makes one for its diffusion pipeline
+    be checked; see ``DiffusionSpec.safety_checker``). Calls from several threads are batched: one thread of the
+    generator's own runs the pipeline; while a batch runs, the calls that arrive wait, then run as one batch of up to
+    ``max_batch`` images (those with the same guidance scale and step count), each from its own seeded noise, so a
+    call's image does not depend on what it was batched with (up to float rounding). A call that is interrupted
+    returns at that step while its batch mates go on. A ``Pipeline`` makes one for its diffusion pipeline
     (``Pipeline.image_generator``).
     """
 
@@ -72,9 +82,10 @@ class ImageGenerator:
         self.pipe = sd_pipe
         self.safety_checker = safety_checker
         self.max_batch = max_batch
-        self._lock = threading.Lock()  # one batch at a time: the pipeline's scheduler holds its state
-        self._pending_lock = threading.Lock()
+        self._lock = pipeline_lock(sd_pipe)  # held while a batch runs: the pipeline's scheduler holds its state
+        self._pending_lock = threading.Condition()
         self._pending: list[_Job] = []
+        self._runner: threading.Thread | None = None
         self._negative_lock = threading.Lock()
         self._negative: torch.Tensor | None = None
         self.batches: list[int] = []  # images per UNet batch, the last 64 (what batching achieved)
@@ -101,6 +112,32 @@ class ImageGenerator:
         """``prompt_embeds``: ``(N, Q, D)``. ``interrupt``: a callable checked after every denoising step; when it
         returns True the generation stops and ``interrupted`` is set (no images). ``on_step(step, steps)``: called
         after each denoising step (step counts from 1)."""
+        job = self._submit(
+            prompt_embeds,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            interrupt=interrupt,
+            on_step=on_step,
+        )
+        job.done.wait()
+        if isinstance(job.outcome, BaseException):
+            raise job.outcome
+        assert job.outcome is not None, "a finished job has its outcome"
+        return job.outcome
+
+    def _submit(
+        self,
+        prompt_embeds: torch.Tensor,
+        *,
+        guidance_scale: float,
+        num_inference_steps: int,
+        seed: int,
+        interrupt: Callable[[], bool] | None,
+        on_step: Callable[[int, int], None] | None,
+        on_end: Callable[[], None] | None = None,
+    ) -> _Job:
+        """Check a call and queue it for the runner (started on first use)."""
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
@@ -119,28 +156,45 @@ class ImageGenerator:
             neg = neg.expand(n, -1, -1)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         job = _Job(pe, neg, guidance_scale, num_inference_steps, generator, interrupt, on_step)
+        job.on_end = on_end
         with self._pending_lock:
             self._pending.append(job)
-        while job.outcome is None:
-            with self._lock:  # whoever holds it runs the oldest waiting batch, which may hold this call's job
-                if job.outcome is None:
-                    self._run(self._take())
-        if isinstance(job.outcome, BaseException):
-            raise job.outcome
-        return job.outcome
+            if self._runner is None:
+                self._runner = threading.Thread(target=self._serve, name="diffusion-batches", daemon=True)
+                self._runner.start()
+            self._pending_lock.notify()
+        return job
+
+    @torch.no_grad()  # grad mode is per thread: the runner's must be off too
+    def _serve(self) -> None:
+        """The runner: the oldest waiting call's batch, then the next, for as long as the process lives (an idle
+        runner waits on a condition, costing nothing)."""
+        while True:
+            with self._pending_lock:
+                self._pending_lock.wait_for(lambda: bool(self._pending))
+            with self._lock:  # the calls that arrive until it is free join this batch
+                with self._pending_lock:
+                    batch = self._take()
+                if batch:
+                    self._run(batch)
 
     def _take(self) -> list[_Job]:
-        """The oldest waiting call and the later ones that batch with it, up to ``max_batch`` images."""
-        with self._pending_lock:
-            first = self._pending[0]
-            batch, size = [], 0
-            for job in self._pending:
-                n = job.prompt_embeds.shape[0]
-                if job.batch_key() == first.batch_key() and (not batch or size + n <= self.max_batch):
-                    batch.append(job)
-                    size += n
-            self._pending = [job for job in self._pending if job not in batch]
-            return batch
+        """The oldest waiting call and the later ones that batch with it, up to ``max_batch`` images (the caller
+        holds ``_pending_lock``)."""
+        for job in [job for job in self._pending if job.interrupt is not None and job.interrupt()]:
+            job.end(GeneratedImages([], [], interrupted=True))  # interrupted while waiting: it never runs
+        self._pending = [job for job in self._pending if job.outcome is None]
+        if not self._pending:
+            return []
+        first = self._pending[0]
+        batch, size = [], 0
+        for job in self._pending:
+            n = job.prompt_embeds.shape[0]
+            if job.batch_key() == first.batch_key() and (not batch or size + n <= self.max_batch):
+                batch.append(job)
+                size += n
+        self._pending = [job for job in self._pending if job not in batch]
+        return batch
 
     def _run(self, batch: list[_Job]) -> None:
         """Run a batch; every job gets its outcome. A batch that fails (e.g. out of memory) is retried job by job,
@@ -149,18 +203,17 @@ class ImageGenerator:
             self._generate(batch)
         except Exception as e:
             if len(batch) == 1:
-                batch[0].outcome = e
+                batch[0].end(e)
                 return
             logger.warning("a batch of %d generations failed (%s); running them one at a time", len(batch), e)
             for job in batch:
                 try:
                     self._generate([job])
                 except Exception as one:
-                    job.outcome = one
-        finally:  # e.g. KeyboardInterrupt: the callers waiting on this batch are told, not left waiting
+                    job.end(one)
+        finally:  # whatever happened, no caller is left waiting
             for job in batch:
-                if job.outcome is None:
-                    job.outcome = RuntimeError("the generation was abandoned before it finished")
+                job.end(RuntimeError("the generation was abandoned before it finished"))
 
     def _generate(self, batch: list[_Job]) -> None:
         pipe, first = self.pipe, batch[0]
@@ -181,7 +234,8 @@ class ImageGenerator:
                 if job.on_step is not None:
                     job.on_step(step + 1, steps)
                 if job.interrupt is not None and job.interrupt():
-                    job.stopped = True
+                    job.stopped = True  # its caller returns now; the batch goes on for the others
+                    job.end(GeneratedImages([], [], interrupted=True))
             if all(job.stopped for job in batch):
                 p._interrupt = True  # pyright: ignore[reportPrivateUsage]  # diffusers' documented way to end early
             return tensors
@@ -198,9 +252,6 @@ class ImageGenerator:
             # diffusers annotates the callback without the pipeline argument it passes first
             callback_on_step_end=on_step_end,  # pyright: ignore[reportArgumentType]
         ).images  # pyright: ignore[reportAttributeAccessIssue]  # return_dict=True (default): an output object
-        for job in batch:
-            if job.stopped:
-                job.outcome = GeneratedImages([], [], interrupted=True)
         running = [j for j, job in enumerate(batch) if not job.stopped]
         if not running:
             return
@@ -222,7 +273,7 @@ class ImageGenerator:
             logger.info("the safety checker blanked %d of %d generated image(s)", sum(nsfw), len(nsfw))
         at = 0
         for j in running:
-            batch[j].outcome = GeneratedImages(images[at : at + sizes[j]], nsfw[at : at + sizes[j]])
+            batch[j].end(GeneratedImages(images[at : at + sizes[j]], nsfw[at : at + sizes[j]]))
             at += sizes[j]
 
     def steps(
@@ -235,43 +286,49 @@ class ImageGenerator:
         interrupt: Callable[[], bool] | None = None,
     ) -> Iterator[int | GeneratedImages]:
         """The same generation as calling this generator, yielding the number of each finished denoising step (from
-        1) while it runs, then the ``GeneratedImages``. diffusers reports a step through a callback, in the middle
-        of its loop, so the generation runs in a helper thread and hands the steps over; closing the iterator
-        early interrupts the generation and waits for it to end."""
-        handed: queue.SimpleQueue[int | GeneratedImages | BaseException] = queue.SimpleQueue()
+        1) while it runs, then the ``GeneratedImages``. The generator's runner thread hands the steps over as
+        diffusers reports them; closing the iterator early interrupts the call and waits for it to end (at once if
+        it was still waiting; running, at its next step, while its batch mates go on)."""
+        handed: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # steps, then None when the call has ended
         abandoned = threading.Event()  # the consumer went away: nobody wants the image any more
 
         def stop() -> bool:
             return abandoned.is_set() or (interrupt is not None and interrupt())
 
-        def work() -> None:
-            try:
-                handed.put(
-                    self(
-                        prompt_embeds,
-                        guidance_scale=guidance_scale,
-                        num_inference_steps=num_inference_steps,
-                        seed=seed,
-                        interrupt=stop,
-                        on_step=lambda step, _: handed.put(step),
-                    )
-                )
-            except BaseException as e:  # raised in the consumer's thread
-                handed.put(e)
-
-        worker = threading.Thread(target=work, name="diffusion", daemon=True)
-        worker.start()
+        job = self._submit(
+            prompt_embeds,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            interrupt=stop,
+            on_step=lambda step, _: handed.put(step),
+            on_end=lambda: handed.put(None),
+        )
         try:
-            while True:
-                item = handed.get()
-                if isinstance(item, BaseException):
-                    raise item
+            while (item := handed.get()) is not None:
                 yield item
-                if isinstance(item, GeneratedImages):
-                    return
+            if isinstance(job.outcome, BaseException):
+                raise job.outcome
+            assert job.outcome is not None, "a finished job has its outcome"
+            yield job.outcome
         finally:
-            abandoned.set()
-            worker.join()
+            abandoned.set()  # a running call ends at its next step; its batch mates go on
+            with self._pending_lock:
+                if job in self._pending:  # still waiting: it never runs
+                    self._pending.remove(job)
+                    job.end(GeneratedImages([], [], interrupted=True))
+            job.done.wait()
+
+
+_PIPE_LOCKS: dict[int, threading.Lock] = {}
+_PIPE_LOCKS_GUARD = threading.Lock()
+
+
+def pipeline_lock(pipe: object) -> threading.Lock:
+    """One lock per diffusers pipeline object, whichever ``ImageGenerator`` drives it: a pipeline call keeps its
+    scheduler's timesteps and its interrupt flag on the pipeline, so two calls must never overlap."""
+    with _PIPE_LOCKS_GUARD:
+        return _PIPE_LOCKS.setdefault(id(pipe), threading.Lock())
 
 
 def initial_noise(
