@@ -208,3 +208,22 @@ def test_a_failed_batch_is_retried_call_by_call_so_an_error_is_its_own(tiny_gill
     )
     assert len(ok.images) == 1
     assert isinstance(bad, RuntimeError) and "out of memory" in str(bad)
+
+
+def test_a_call_stopped_while_waiting_returns_at_once_and_never_runs(tiny_gill, embeds):
+    import threading
+
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False)
+    stop = threading.Event()
+    out: list = []
+    kw = dict(num_inference_steps=2, seed=0, interrupt=stop.is_set)
+    call = threading.Thread(target=lambda: out.append(gen(embeds, **kw)))
+    with gen._lock:  # another batch is running
+        call.start()
+        deadline = time.monotonic() + 10
+        while not gen._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        call.join(5)  # returns while the generator is still busy
+        assert not call.is_alive() and out[0].interrupted and out[0].images == []
+        assert gen._pending == []

@@ -49,14 +49,11 @@ class _Job:
     stopped: bool = False
     outcome: GeneratedImages | BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    on_end: Callable[[], None] | None = None
 
     def end(self, outcome: GeneratedImages | BaseException) -> None:
         if self.outcome is None:
             self.outcome = outcome
             self.done.set()
-            if self.on_end is not None:
-                self.on_end()
 
     def batch_key(self) -> tuple[object, ...]:
         """Calls batch together only when diffusers runs them alike (one guidance scale, one step count)."""
@@ -120,7 +117,9 @@ class ImageGenerator:
             interrupt=interrupt,
             on_step=on_step,
         )
-        job.done.wait()
+        while not job.done.wait(0.05):
+            if interrupt is not None and interrupt():
+                self._withdraw(job)  # still waiting: it never runs (running: it ends at its next step)
         if isinstance(job.outcome, BaseException):
             raise job.outcome
         assert job.outcome is not None, "a finished job has its outcome"
@@ -135,7 +134,6 @@ class ImageGenerator:
         seed: int,
         interrupt: Callable[[], bool] | None,
         on_step: Callable[[int, int], None] | None,
-        on_end: Callable[[], None] | None = None,
     ) -> _Job:
         """Check a call and queue it for the runner (started on first use)."""
         if num_inference_steps < 1:
@@ -156,7 +154,6 @@ class ImageGenerator:
             neg = neg.expand(n, -1, -1)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         job = _Job(pe, neg, guidance_scale, num_inference_steps, generator, interrupt, on_step)
-        job.on_end = on_end
         with self._pending_lock:
             self._pending.append(job)
             if self._runner is None:
@@ -164,6 +161,12 @@ class ImageGenerator:
                 self._runner.start()
             self._pending_lock.notify()
         return job
+
+    def _withdraw(self, job: _Job) -> None:
+        with self._pending_lock:
+            if job in self._pending:
+                self._pending.remove(job)
+                job.end(GeneratedImages([], [], interrupted=True))
 
     @torch.no_grad()  # grad mode is per thread: the runner's must be off too
     def _serve(self) -> None:
@@ -286,38 +289,43 @@ class ImageGenerator:
         interrupt: Callable[[], bool] | None = None,
     ) -> Iterator[int | GeneratedImages]:
         """The same generation as calling this generator, yielding the number of each finished denoising step (from
-        1) while it runs, then the ``GeneratedImages``. The generator's runner thread hands the steps over as
-        diffusers reports them; closing the iterator early interrupts the call and waits for it to end (at once if
-        it was still waiting; running, at its next step, while its batch mates go on)."""
-        handed: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # steps, then None when the call has ended
+        1) while it runs, then the ``GeneratedImages``. The call waits in a helper thread, which hands the steps
+        over as diffusers reports them; closing the iterator early interrupts the call and waits for it to end (at
+        once if it was still waiting; running, at its next step, while its batch mates go on)."""
+        handed: queue.SimpleQueue[int | GeneratedImages | BaseException] = queue.SimpleQueue()
         abandoned = threading.Event()  # the consumer went away: nobody wants the image any more
 
         def stop() -> bool:
             return abandoned.is_set() or (interrupt is not None and interrupt())
 
-        job = self._submit(
-            prompt_embeds,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            seed=seed,
-            interrupt=stop,
-            on_step=lambda step, _: handed.put(step),
-            on_end=lambda: handed.put(None),
-        )
+        def work() -> None:
+            try:
+                handed.put(
+                    self(
+                        prompt_embeds,
+                        guidance_scale=guidance_scale,
+                        num_inference_steps=num_inference_steps,
+                        seed=seed,
+                        interrupt=stop,
+                        on_step=lambda step, _: handed.put(step),
+                    )
+                )
+            except BaseException as e:  # raised in the consumer's thread
+                handed.put(e)
+
+        worker = threading.Thread(target=work, name="diffusion", daemon=True)
+        worker.start()
         try:
-            while (item := handed.get()) is not None:
+            while True:
+                item = handed.get()
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
-            if isinstance(job.outcome, BaseException):
-                raise job.outcome
-            assert job.outcome is not None, "a finished job has its outcome"
-            yield job.outcome
+                if isinstance(item, GeneratedImages):
+                    return
         finally:
-            abandoned.set()  # a running call ends at its next step; its batch mates go on
-            with self._pending_lock:
-                if job in self._pending:  # still waiting: it never runs
-                    self._pending.remove(job)
-                    job.end(GeneratedImages([], [], interrupted=True))
-            job.done.wait()
+            abandoned.set()  # the call ends at its next step (or at once if still waiting); its batch mates go on
+            worker.join()
 
 
 _PIPE_LOCKS: dict[int, threading.Lock] = {}
