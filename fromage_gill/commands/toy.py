@@ -50,8 +50,21 @@ def register(sub) -> None:
     e.add_argument("--n", type=int, default=60, help="examples per measure (default 60)")
     e.add_argument("--gallery", type=int, default=300, help="held-out gallery size for retrieval (default 300)")
     e.add_argument("--steps", type=int, default=25, help="denoising steps for the generation measure (default 25)")
+    e.add_argument(
+        "--drawings",
+        default="repo:assets/drawings",
+        metavar="DIR",
+        help="the drawings set to describe beside the world's test split (default: the checked-in "
+        "assets/drawings; '' skips it)",
+    )
     e.add_argument("--json", action="store_true", help="print the full results (with samples) as JSON")
     e.set_defaults(func=run_eval)
+    d = toy.add_parser(
+        "drawings", help="write the held-out drawings set (shapes drawn apart from the world's renderer) again"
+    )
+    d.add_argument("--out", default="assets/drawings", help="output directory (default: assets/drawings)")
+    d.add_argument("--seed", type=int, default=0, help="the set's seed (default 0, the checked-in set's)")
+    d.set_defaults(func=run_drawings)
 
 
 def run_build(args) -> int:
@@ -75,7 +88,8 @@ def run_eval(args) -> int:
     results = []
     for name in args.models or ["toy-fromage", "toy-gill"]:
         pipe = load_pipeline(name, device="cpu", dtype="fp32")
-        results.append(evaluate(pipe, n=args.n, gallery=args.gallery, steps=args.steps).to_dict())
+        res = evaluate(pipe, n=args.n, gallery=args.gallery, steps=args.steps, drawings_dir=args.drawings or None)
+        results.append(res.to_dict())
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -112,7 +126,22 @@ def run_eval(args) -> int:
         ("generation: shape (GILL)", lambda r: r["generation"].get("gill_shape")),
         ("generation: colour (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_colour")),
         ("generation: shape (diffusion alone)", lambda r: r["generation"].get("diffusion_alone_shape")),
+        ("drawings 'What is in this image?': colour named right", lambda r: r["drawings"].get("colour")),
+        ("drawings 'What is in this image?': colour and shape named right", lambda r: r["drawings"].get("both")),
+        ("drawings set: no image in the answer", lambda r: r["drawings"].get("no_image")),
+        ("drawings set, out-of-world images: no colour and shape made up", lambda r: r["drawings"].get("out_of_world")),
     ]
     for label, get in rows:
         print(f"| {label} | " + " | ".join("-" if get(r) is None else f"{get(r):.3f}" for r in results) + " |")
+    if results[0]["drawings"]:
+        d = results[0]["drawings"]
+        print(f"\ndrawings set: {d['n']} drawings, {d['out_of_world_n']} out-of-world images ({args.drawings})")
+    return 0
+
+
+def run_drawings(args) -> int:
+    from ..toy.drawings import write
+
+    examples = write(args.out, seed=args.seed)
+    print(f"wrote {len(examples)} images and labels.jsonl to {args.out}")
     return 0

@@ -14,7 +14,8 @@ run is the same on every machine. Measured, as the toy-world issue asks:
   encoder (GILL's comparison with Stable Diffusion alone);
 - decision (GILL): "show me ..." vs "draw ..." prompts routed to retrieval vs generation;
 - dialogue: two shown images and a yes/no comparison question, answered through the chat engine's dialogue
-  template; also a one-image "What colour is the shape?" question.
+  template; also a one-image "What colour is the shape?" question;
+- drawings: "What is in this image?" about the drawings set (``drawings.py``: the world's shapes as people draw them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from PIL import Image
 
 from ..generate import Chat, GenerationSettings, ImageResult, TextDelta, generate_batch, image_token_states
 from ..generate.prompt import TokenIds
+from . import drawings as D
 from . import world as W
 
 EVAL_SEED = 95  # offset from the recipe seed for the evaluation's own held-out scenes
@@ -52,6 +54,7 @@ class ToyEval:
     compare: float = 0.0
     compare_from_descriptions: float = 0.0  # the frozen LM told the images' descriptions instead of shown them
     chat_colour: float = 0.0
+    drawings: dict[str, float] = field(default_factory=dict)  # "What is in this image?" about the drawings set
     samples: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -71,9 +74,11 @@ def evaluate(
     steps: int = 25,
     guidance: float = 4.0,
     clip_dir: str | Path | None = None,
+    drawings_dir: str | Path | None = D.DRAWINGS_DIR,
     seed: int = 0,
 ) -> ToyEval:
-    """Every measure for ``pipe`` (a toy-fromage or toy-gill pipeline); ``n`` examples per measure."""
+    """Every measure for ``pipe`` (a toy-fromage or toy-gill pipeline); ``n`` examples per measure, and every
+    image of the drawings set in ``drawings_dir`` (None: not measured)."""
     res = ToyEval(model=pipe.config.name)
     (res.caption_colour, res.caption_shape, res.caption_both), res.samples["captions"] = captioning(pipe, n, seed=seed)
     res.retrieval = retrieval(pipe, W.gallery_scenes(gallery, seed), seed=seed)
@@ -81,6 +86,10 @@ def evaluate(
     res.compare, res.samples["compare"] = comparison(pipe, n, seed=seed)
     res.compare_from_descriptions = comparison_from_descriptions(pipe, n, seed=seed)
     res.n = {"caption": n, "gallery": gallery, "dialogue": n}
+    if drawings_dir is not None:
+        res.drawings, res.samples["drawings"] = describe_drawings(
+            pipe, drawings_dir, steps=steps, guidance=guidance, seed=seed
+        )
     if pipe.config.kind == "gill":
         res.decision = decision(pipe, n, seed=seed)
         res.requests, res.samples["requests"] = requests(
@@ -247,13 +256,7 @@ def requests(
     question mark, answered with an image of the right source and the asked dominant colour (``typed_right``;
     ``plain_right`` the same for them as written). And ``n/6`` conversations of three such requests in a row: the
     second and third answered with an image of the right source and the asked dominant colour (``later_right``)."""
-    if pipe.index is None:
-        from ..retrieve import ImageIndex, shipped_index_dir
-
-        shipped = shipped_index_dir(pipe.config.name)
-        if shipped is None:
-            raise FileNotFoundError(f"no gallery index for {pipe.config.name}: build it (fromage-gill toy build)")
-        pipe.index = ImageIndex.load(shipped, expected_fingerprint=pipe.model.retrieval_fingerprint())
+    _load_gallery(pipe)
     rng = np.random.default_rng([seed, EVAL_SEED, 3])
     targets = [s for s in W.gallery_scenes(len(pipe.index), seed) if len(s.things) == 1]
     fresh = W.scenes(n, split="test", seed=seed + EVAL_SEED + 2, two=False)
@@ -351,6 +354,17 @@ def requests(
     return out, samples
 
 
+def _load_gallery(pipe) -> None:
+    """The model's shipped gallery index as ``pipe.index``, unless it has one: what a chat retrieves from."""
+    if pipe.index is None:
+        from ..retrieve import ImageIndex, shipped_index_dir
+
+        shipped = shipped_index_dir(pipe.config.name)
+        if shipped is None:
+            raise FileNotFoundError(f"no gallery index for {pipe.config.name}: build it (fromage-gill toy build)")
+        pipe.index = ImageIndex.load(shipped, expected_fingerprint=pipe.model.retrieval_fingerprint())
+
+
 def _target(d: W.Dialogue) -> W.Scene:
     """The scene a "show" / "draw" dialogue asks for (its second turn's)."""
     target = d.turns[1].target
@@ -440,3 +454,47 @@ def generation(
         shape = [j == s.things[0].shape for j, s in zip(judged, targets, strict=True)]
         out[f"{name}_colour"], out[f"{name}_shape"] = _mean(colour), _mean(shape)
     return out
+
+
+_NEGATION_RE = re.compile(r"\b(not|no|nothing|none|isn't|doesn't|don't|can't|cannot)\b")
+_PAIR_RE = re.compile(_COLOUR_RE.pattern + r"(?:\W+\w+){0,2}?\W+" + _SHAPE_RE.pattern)  # "red circle", "red big ring"
+
+
+def describes_drawing(answer: str, colour: str | None, shape: str | None) -> tuple[bool, bool]:
+    """(colour right, both right): the answer's first colour word and first shape word, as captioning is scored."""
+    right = first_match(_COLOUR_RE, answer.lower()) == colour
+    return right, right and first_match(_SHAPE_RE, answer.lower()) == shape
+
+
+def answers_out_of_world(answer: str) -> bool:
+    """An image from outside the world answered as such: the answer names no colour-and-shape pair (a colour word
+    followed within three words by a shape word: "a red circle", "a large red ring") or says no ("not", "nothing",
+    "isn't", ...). "it is red." passes, "a small red circle on the left." fails: the model made up a shape."""
+    return _PAIR_RE.search(answer.lower()) is None or _NEGATION_RE.search(answer.lower()) is not None
+
+
+@torch.no_grad()
+def describe_drawings(
+    pipe, directory: str | Path = D.DRAWINGS_DIR, *, steps: int, guidance: float, seed: int = 0
+) -> tuple[dict[str, float], list[str]]:
+    """ "What is in this image?" about each image of the drawings set in ``directory``, in a new ``Chat`` each, as
+    ``requests`` asks it: drawings named with the right ``colour`` / colour and shape (``both``) over ``n``;
+    out-of-world images answered as such over ``out_of_world_n``; no image in the answer over ``no_image_n``."""
+    _load_gallery(pipe)
+    settings = GenerationSettings.for_model(
+        pipe.config, seed=seed, num_inference_steps=steps, guidance_scale=guidance, max_new_tokens=24
+    )
+    named, outside, quiet, samples = [], [], [], []
+    for ex in D.load(directory):
+        events = list(Chat(pipe).send([D.open_image(directory, ex), "What is in this image?"], settings))
+        text = "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
+        quiet.append(not any(isinstance(e, ImageResult) for e in events))
+        if ex.kind == "drawing":
+            named.append(describes_drawing(text, ex.colour, ex.shape))
+        else:
+            outside.append(answers_out_of_world(text))
+        if len(samples) < 6 or (ex.kind == "out_of_world" and len(samples) < 12):
+            samples.append(f"{ex.file} -> {text!r}")
+    out = {"colour": _mean([c for c, _ in named]), "both": _mean([b for _, b in named]), "n": len(named)}
+    out.update(out_of_world=_mean(outside), out_of_world_n=len(outside), no_image=_mean(quiet), no_image_n=len(quiet))
+    return out, samples
