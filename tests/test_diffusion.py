@@ -227,3 +227,28 @@ def test_a_call_stopped_while_waiting_returns_at_once_and_never_runs(tiny_gill, 
         call.join(5)  # returns while the generator is still busy
         assert not call.is_alive() and out[0].interrupted and out[0].images == []
         assert gen._pending == []
+
+
+def test_an_idle_generator_lets_its_runner_go_and_can_itself_be_collected(tiny_gill, embeds):
+    import gc
+    import threading
+    import weakref
+
+    gen = ImageGenerator(tiny_gill.diffusion, safety_checker=False, idle_s=0.2)
+
+    name = f"diffusion-batches-{id(gen):x}"
+
+    def runners():
+        return [t for t in threading.enumerate() if t.name == name]
+
+    for _ in range(2):  # the second call starts a runner again
+        assert len(gen(embeds, num_inference_steps=1, seed=0).images) == 1
+        for t in runners():
+            t.join(10)  # it ends 0.2 s after its last batch
+        assert runners() == [] and gen._runner is None
+    ref = weakref.ref(gen)
+    del gen
+    gc.collect()
+    assert ref() is None  # nothing keeps an unused generator (and its pipeline) alive
+    with pytest.raises(ValueError, match="idle_s"):
+        ImageGenerator(tiny_gill.diffusion, idle_s=0)

@@ -73,9 +73,13 @@ class ImageGenerator:
     (``Pipeline.image_generator``).
     """
 
-    def __init__(self, sd_pipe: StableDiffusionPipeline, *, safety_checker: bool = True, max_batch: int = 8):
+    def __init__(
+        self, sd_pipe: StableDiffusionPipeline, *, safety_checker: bool = True, max_batch: int = 8, idle_s: float = 30.0
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not idle_s > 0:
+            raise ValueError(f"idle_s must be > 0, got {idle_s!r}")
         self.pipe = sd_pipe
         self.safety_checker = safety_checker
         self.max_batch = max_batch
@@ -83,6 +87,9 @@ class ImageGenerator:
         self._pending_lock = threading.Condition()
         self._pending: list[_Job] = []
         self._runner: threading.Thread | None = None
+        # The runner ends after idle_s without work (the next call starts another): a running thread would keep the
+        # generator, and the pipeline's gigabytes, alive after its owner let them go.
+        self.idle_s = idle_s
         self._negative_lock = threading.Lock()
         self._negative: torch.Tensor | None = None
         self.batches: list[int] = []  # images per UNet batch, the last 64 (what batching achieved)
@@ -157,7 +164,8 @@ class ImageGenerator:
         with self._pending_lock:
             self._pending.append(job)
             if self._runner is None:
-                self._runner = threading.Thread(target=self._serve, name="diffusion-batches", daemon=True)
+                name = f"diffusion-batches-{id(self):x}"
+                self._runner = threading.Thread(target=self._serve, name=name, daemon=True)
                 self._runner.start()
             self._pending_lock.notify()
         return job
@@ -170,11 +178,12 @@ class ImageGenerator:
 
     @torch.no_grad()  # grad mode is per thread: the runner's must be off too
     def _serve(self) -> None:
-        """The runner: the oldest waiting call's batch, then the next, for as long as the process lives (an idle
-        runner waits on a condition, costing nothing)."""
+        """The runner: the oldest waiting call's batch, then the next, until ``idle_s`` pass without a call."""
         while True:
             with self._pending_lock:
-                self._pending_lock.wait_for(lambda: bool(self._pending))
+                if not self._pending_lock.wait_for(lambda: bool(self._pending), timeout=self.idle_s):
+                    self._runner = None  # under the lock a caller checks before starting a runner
+                    return
             with self._lock:  # the calls that arrive until it is free join this batch
                 with self._pending_lock:
                     batch = self._take()
