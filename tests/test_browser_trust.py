@@ -255,9 +255,12 @@ def test_settings_stay_with_the_browser(server):
     with open_page(server) as page:
         page.locator("#settings").get_by_text("Settings").first.click()
         box = page.locator("#set_temperature input[type=number]")
+        kept = "() => window.localStorage.getItem('fromage_gill_settings')"
+        before = page.evaluate(kept)
         box.fill("0.7")
         box.press("Tab")
-        page.wait_for_timeout(800)
+        # the browser keeps the change once the server's answer reaches it (a fixed wait lost it on a loaded machine)
+        page.wait_for_function(f"before => ({kept})() !== before", arg=before, timeout=30_000)
         page.reload()
         page.wait_for_selector("#message textarea")
         page.locator("#settings").get_by_text("Settings").first.click()
