@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,14 +41,15 @@ def test_api_refuses_a_bad_engine_flag_before_loading_the_model(capsys, flag, va
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_the_api_command_serves_the_openai_client_and_wants_its_key():
+@contextlib.contextmanager
+def api_server(*flags: str) -> Iterator[str]:
+    """``fromage-gill api --model tiny-gill`` with ``flags`` in a subprocess, once it answers; its /v1 address."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fromage_gill.cli", "api", "--model", "tiny-gill", "--device", "cpu"]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--api-key", "k3y"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([*cmd, "--port", str(port), *flags], env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120
@@ -58,6 +61,15 @@ def test_the_api_command_serves_the_openai_client_and_wants_its_key():
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_the_api_command_serves_the_openai_client_and_wants_its_key():
+    with api_server("--api-key", "k3y") as url:
         client = openai.OpenAI(base_url=url, api_key="k3y", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny-gill"]
         r = client.chat.completions.create(
@@ -66,32 +78,13 @@ def test_the_api_command_serves_the_openai_client_and_wants_its_key():
         assert isinstance(r.choices[0].message.content, str) and r.usage.completion_tokens == 3
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="nope", max_retries=0).models.list()
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.mark.slow
 def test_the_api_command_batches_concurrent_requests_by_default():
     """Without flags the server is the batching engine: four concurrent answers share decode steps (the engine's
     counters on /health), and each is the answer it gets alone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fromage_gill.cli", "api", "--model", "tiny-gill", "--device", "cpu"]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--max-batch", "4"], env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "fromage-gill api exited"
-            assert time.monotonic() < deadline, "fromage-gill api did not answer within 120 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    with api_server("--max-batch", "4") as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
         def ask(q: str) -> tuple[str, int]:
@@ -112,6 +105,3 @@ def test_the_api_command_batches_concurrent_requests_by_default():
         assert tokens > 4 and after["tokens"] - before["tokens"] == tokens
         assert after["largest_batch"] >= 2
         assert after["steps"] - before["steps"] < tokens  # some steps decoded several answers at once
-    finally:
-        proc.terminate()
-        proc.wait(30)

@@ -12,8 +12,9 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
+from ..backbones import Quantization
 from ..pipeline import Pipeline, load_pipeline
 from .messages import MAX_IMAGES_PER_MESSAGE
 
@@ -167,11 +168,24 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = None) ->
     )
 
 
-def load_from_args(args: argparse.Namespace, *, load_diffusion_pipeline: bool = True) -> Pipeline:
-    """The pipeline the ``add_model_args`` flags name."""
-    quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    return load_pipeline(
-        args.model,
+class PipelineKwargs(TypedDict):
+    """``load_pipeline``'s keyword arguments that the ``add_model_args`` flags set (the model name aside)."""
+
+    device: str | None
+    dtype: str | None
+    quantization: Quantization
+    device_map: str | None
+    weights: str | None
+    lm: str | None
+    vision: str | None
+    diffusion: str | None
+    decision_model: bool
+
+
+def pipeline_kwargs(args: argparse.Namespace) -> PipelineKwargs:
+    """``load_pipeline``'s keyword arguments from the ``add_model_args`` flags (the model name aside)."""
+    quantization: Quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+    return PipelineKwargs(
         device=args.device,
         dtype=args.dtype,
         quantization=quantization,
@@ -181,8 +195,12 @@ def load_from_args(args: argparse.Namespace, *, load_diffusion_pipeline: bool = 
         vision=args.vision,
         diffusion=args.diffusion,
         decision_model=args.decision_model,
-        load_diffusion_pipeline=load_diffusion_pipeline,
     )
+
+
+def load_from_args(args: argparse.Namespace, *, load_diffusion_pipeline: bool = True) -> Pipeline:
+    """The pipeline the ``add_model_args`` flags name."""
+    return load_pipeline(args.model, **pipeline_kwargs(args), load_diffusion_pipeline=load_diffusion_pipeline)
 
 
 def load_app(args: argparse.Namespace) -> tuple[Pipeline, AppOptions]:

@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 
-from .common import add_model_args
+from .common import add_model_args, pipeline_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -149,22 +149,10 @@ def _run_ray(args: argparse.Namespace, fetch, ingress: dict, engine: dict | None
         }
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    pipeline_kwargs = dict(
-        device=args.device,
-        dtype=args.dtype,
-        quantization=quantization,
-        device_map=args.device_map,
-        weights=args.weights,
-        lm=args.lm,
-        vision=args.vision,
-        diffusion=args.diffusion,
-        decision_model=args.decision_model,
-    )
     spec = ServeSpec(
         replica=ReplicaSpec(
             model=args.model,
-            pipeline_kwargs=pipeline_kwargs,
+            pipeline_kwargs=pipeline_kwargs(args),
             index=tuple(args.index or ()),
             concurrency=args.concurrency,
             max_queue=args.max_queue,

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ..chat.options import add_model_args, load_from_args
+from ..chat.options import add_model_args, load_from_args, pipeline_kwargs
 
-__all__ = ["add_model_args", "load_from_args"]
+__all__ = ["add_model_args", "load_from_args", "pipeline_kwargs"]

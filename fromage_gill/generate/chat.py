@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -195,31 +195,11 @@ class Chat:
         add: Turn | None = None,
         drop_last: bool = False,
     ) -> TurnEvents:
-        removed = self.history.pop() if drop_last else None
-        if add is not None:
-            self.history.append(add)
+        rollback = self._enter_turn(add, drop_last)
         seed = settings.seed if settings.seed is not None else fresh_seed()
-        old_first, loop = self._first, None
-
-        def rollback() -> None:
-            self._first = old_first
-            if add is not None:
-                self.history.pop()
-            if removed is not None:
-                self.history.append(removed)
-
+        loop = None
         try:
-            notices = []
-            if first > self._first:
-                notices.append(
-                    Notice(
-                        f"the {first} oldest turn(s) were left out of the prompt to fit the LM's "
-                        f"context of {self.context_length} tokens"
-                    )
-                )
-            if settings.mode != "text" and not any(image_paths(self.pipeline, settings)) and not self._told_no_images:
-                self._told_no_images = True
-                notices.append(Notice("images are off: no image index is loaded and this model cannot generate them"))
+            notices = self._turn_notices(first, settings)
             self._first = first
             row = self._row(settings, prompt)
             embeds = self._prefill_embeds(prompt)
@@ -251,6 +231,38 @@ class Chat:
                 self.history.pop()
             rollback()
             raise
+
+    def _enter_turn(self, add: Turn | None, drop_last: bool) -> Callable[[], None]:
+        """Put the turn's message in the history (``drop_last``: in place of the last turn, as a regenerate does);
+        returns what undoes it, the prompt's first kept turn included, for a turn that fails."""
+        removed = self.history.pop() if drop_last else None
+        if add is not None:
+            self.history.append(add)
+        old_first = self._first
+
+        def rollback() -> None:
+            self._first = old_first
+            if add is not None:
+                self.history.pop()
+            if removed is not None:
+                self.history.append(removed)
+
+        return rollback
+
+    def _turn_notices(self, first: int, settings: GenerationSettings) -> list[Notice]:
+        """What a turn says before its answer: turns left out of the prompt, and (once) that images are off."""
+        notices = []
+        if first > self._first:
+            notices.append(
+                Notice(
+                    f"the {first} oldest turn(s) were left out of the prompt to fit the LM's "
+                    f"context of {self.context_length} tokens"
+                )
+            )
+        if settings.mode != "text" and not any(image_paths(self.pipeline, settings)) and not self._told_no_images:
+            self._told_no_images = True
+            notices.append(Notice("images are off: no image index is loaded and this model cannot generate them"))
+        return notices
 
     def _row(self, settings: GenerationSettings, prompt: Prompt) -> Row:
         stops = settings.stop_strings if settings.stop_strings is not None else self.dialogue.stop_strings

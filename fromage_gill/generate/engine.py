@@ -41,7 +41,7 @@ from .prefix_cache import KV, PrefixCache
 from .prompt import Prompt, VisionCache
 from .resolve import ImageResolver
 from .sampling import image_token_logits, sample
-from .stream import TextStream
+from .stream import TextStream, take_token
 
 if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
     from ..pipeline import Pipeline
@@ -418,12 +418,7 @@ class Engine:
             row.end_text_run(self.pipeline.tokenizer)
             row.emit(ImagePending(row.n_images))
             return list(self._image_ids)
-        row.tokens.append(tok)
-        row.stream.add(tok)
-        at = row.stream.find_stop()
-        if at is not None:
-            row.tokens[row.run_start :] = row.stream.cut(at)
-            row.stream.truncate(at)
+        if take_token(row.stream, row.tokens, row.run_start, tok):
             self._finish(row, "turn_boundary", j)
             return None
         delta = "" if s.answer_style == "published" else row.stream.delta()

@@ -8,15 +8,13 @@ messages) holds its history only, and turn 30 still prefills only its new tokens
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 from ..settings import GenerationSettings
 from .chat import Chat
 from .engine import Engine, EngineRequest, TurnResult
-from .events import Event, Notice, TurnEnd
-from .limits import image_paths
+from .events import Event, TurnEnd
 from .prompt import Prompt, Turn
 
 if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
@@ -53,40 +51,17 @@ class EngineChat(Chat):
             finally:
                 self._cache, self._cache_keys = None, []  # nothing of the plain turn outlives it
             return
-        removed = self.history.pop() if drop_last else None
-        if add is not None:
-            self.history.append(add)
-        stop = self._stop_flag()
-        if not hasattr(self, "stop_requested"):  # Chat clears its stop flag as a turn runs (later: as it starts)
-            stop.clear()
-        old_first, request, recorded = self._first, None, False
-
-        def rollback() -> None:
-            self._first = old_first
-            if add is not None:
-                self.history.pop()
-            if removed is not None:
-                self.history.append(removed)
-
+        rollback = self._enter_turn(add, drop_last)
+        request, recorded = None, False
         try:
-            notices = []
-            if first > self._first:
-                notices.append(
-                    Notice(
-                        f"the {first} oldest turn(s) were left out of the prompt to fit the LM's "
-                        f"context of {self.context_length} tokens"
-                    )
-                )
-            if settings.mode != "text" and not any(image_paths(self.pipeline, settings)) and not self._told_no_images:
-                self._told_no_images = True
-                notices.append(Notice("images are off: no image index is loaded and this model cannot generate them"))
+            notices = self._turn_notices(first, settings)
             exclude = {s.index_id for t in self.history for s in t.images if s.index_id is not None}
             request = self.engine.submit(
                 prompt,
                 settings,
                 exclude=exclude,
                 stop_strings=self.dialogue.stop_strings,
-                stop_event=stop,
+                stop_event=self.stop_requested,
                 pipeline=self.pipeline,
             )
             self._first = first
@@ -111,10 +86,6 @@ class EngineChat(Chat):
                 self.history.pop()
             rollback()
             raise
-
-    def _stop_flag(self) -> threading.Event:
-        """The Chat's stop flag, which ``stop()`` sets (``_stop``; ``stop_requested`` once the seams refactor lands)."""
-        return vars(self).get("stop_requested") or vars(self)["_stop"]
 
     def _record_result(self, request: EngineRequest) -> None:
         result = request.result

@@ -27,7 +27,7 @@ from .limits import image_paths
 from .prompt import ImageSegment
 from .resolve import ImageResolver
 from .sampling import image_token_logits, sample
-from .stream import TextStream, published_cut
+from .stream import TextStream, published_cut, take_token
 
 if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
     from transformers.cache_utils import Cache
@@ -204,12 +204,7 @@ class DecodeLoop:
             yield from self._end_text_run(b)
             yield b, ImagePending(row.n_images)
             return list(self.image_ids)
-        row.tokens.append(tok)
-        row.stream.add(tok)
-        at = row.stream.find_stop()
-        if at is not None:
-            row.tokens[row.run_start :] = row.stream.cut(at)
-            row.stream.truncate(at)
+        if take_token(row.stream, row.tokens, row.run_start, tok):
             yield from self._finish(b, "turn_boundary")
             return None
         delta = "" if self.published else row.stream.delta()

@@ -100,3 +100,16 @@ def truncate_caption(text: str) -> str:
     """The published code's answer cut (see ``published_cut``): ``"A dog. It runs."`` -> ``"A dog."``."""
     start, end = published_cut(text)
     return text[start:end]
+
+
+def take_token(stream: TextStream, tokens: list[int], run_start: int, tok: int) -> bool:
+    """A text token joins the answer's ``tokens`` and its text run (``tokens[run_start:]``); True when it completes a
+    stop string, the run then cut before it (the decode loop's and the engine's rule)."""
+    tokens.append(tok)
+    stream.add(tok)
+    at = stream.find_stop()
+    if at is None:
+        return False
+    tokens[run_start:] = stream.cut(at)
+    stream.truncate(at)
+    return True

@@ -224,12 +224,37 @@ class ChatBackend(Protocol):
 # ---------------------------------------------------------------------------------------------- the simple backend
 
 
-class _Failed:
+class Failed:
+    """An error met in a backend's worker thread, handed to the request's stream to be raised there."""
+
     def __init__(self, error: BaseException):
         self.error = error
 
 
-_DONE = object()
+DONE = object()  # the end of a worker thread's items for a request's stream
+
+
+class IndexViews:
+    """One ``Pipeline`` view per loaded index, sharing the model (as the app's handlers hold them); ``indexes``
+    default: the pipeline's own, named "default"."""
+
+    def __init__(self, pipeline: Pipeline, indexes: Mapping[str, object] | None):
+        views = dict(indexes or {})
+        if not views and pipeline.index is not None:
+            views = {"default": pipeline.index}
+        self._views = {name: dataclasses.replace(pipeline, index=idx) for name, idx in views.items()}
+        self._pipeline = pipeline
+        self.names = tuple(self._views)
+
+    def get(self, index: str | None) -> Pipeline:
+        """The view of ``index`` (None: the first, or the pipeline itself without an index), or a ValueError naming
+        the loaded ones."""
+        if index is None:
+            return next(iter(self._views.values()), self._pipeline)
+        if index not in self._views:
+            have = ", ".join(self.names) or "none (the server was started without --index)"
+            raise ValueError(f"index {index!r} is not loaded; this server has: {have}")
+        return self._views[index]
 
 
 class ThreadedChatBackend:
@@ -256,13 +281,8 @@ class ThreadedChatBackend:
                 f"{max_queue}, {queue_timeout_s}"
             )
         self.config = pipeline.config
-        views = dict(indexes or {})
-        if not views and pipeline.index is not None:
-            views = {"default": pipeline.index}
-        # One Pipeline view per index, sharing the model (as the app's handlers hold them)
-        self._views = {name: dataclasses.replace(pipeline, index=idx) for name, idx in views.items()}
-        self._pipeline = pipeline
-        self.indexes = tuple(self._views)
+        self._views = IndexViews(pipeline, indexes)
+        self.indexes = self._views.names
         self.concurrency, self.max_queue, self.queue_timeout_s = concurrency, max_queue, queue_timeout_s
         self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
@@ -278,13 +298,8 @@ class ThreadedChatBackend:
         with self._lock:
             return BackendLoad(self._running, self._inflight - self._running, self.concurrency + self.max_queue)
 
-    def pipeline_for(self, index: str | None):
-        if index is None:
-            return next(iter(self._views.values()), self._pipeline)
-        if index not in self._views:
-            have = ", ".join(self.indexes) or "none (the server was started without --index)"
-            raise ValueError(f"index {index!r} is not loaded; this server has: {have}")
-        return self._views[index]
+    def pipeline_for(self, index: str | None) -> Pipeline:
+        return self._views.get(index)
 
     def _admit(self) -> None:
         """Take a place in the queue, or refuse: 503 while shutting down, 429 when it is full."""
@@ -323,12 +338,12 @@ class ThreadedChatBackend:
                 if not cancelled.is_set():
                     self._run(request, turns, emit, cancelled, chats)
             except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
-                emit(_Failed(e))
+                emit(Failed(e))
             finally:
                 with self._lock:
                     self._running -= 1
                     self._inflight -= 1
-                emit(_DONE)
+                emit(DONE)
 
         future = None
         deadline = loop.time() + self.queue_timeout_s
@@ -357,9 +372,9 @@ class ThreadedChatBackend:
                         if started.is_set():
                             continue
                         raise self._busy() from None
-                    if item is _DONE:
+                    if item is DONE:
                         return
-                    if isinstance(item, _Failed):
+                    if isinstance(item, Failed):
                         raise item.error
                     yield item
             finally:

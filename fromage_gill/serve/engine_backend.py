@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +26,12 @@ from ..generate.events import TurnEnd
 from ..generate.prompt import ImageSegment, Turn
 from ..retrieve.fetch import FetchConfig, ImageFetcher
 from .backend import (
+    DONE,
     BackendLoad,
     ChatRequest,
+    Failed,
     ImageInput,
+    IndexViews,
     Overloaded,
     Served,
     StreamEvent,
@@ -40,13 +42,6 @@ from .backend import (
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
-
-_DONE = object()
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 class EngineBackend:
@@ -77,12 +72,9 @@ class EngineBackend:
                 f"{kv_cache_gb}, {image_budget_gb}, {image_wait_s}"
             )
         self.config = pipeline.config
-        views = dict(indexes or {})
-        if not views and pipeline.index is not None:
-            views = {"default": pipeline.index}
-        self._views = {name: dataclasses.replace(pipeline, index=idx) for name, idx in views.items()}
+        self._views = IndexViews(pipeline, indexes)
         self._pipeline = pipeline
-        self.indexes = tuple(self._views)
+        self.indexes = self._views.names
         self.engine = engine or Engine(
             pipeline, max_batch=max_batch, kv_cache_bytes=int(kv_cache_gb * GiB), image_workers=image_workers
         )
@@ -105,13 +97,8 @@ class EngineBackend:
         s = self.engine.stats()
         return BackendLoad(s.active + s.parked, s.waiting, self.capacity)
 
-    def pipeline_for(self, index: str | None):
-        if index is None:
-            return next(iter(self._views.values()), self._pipeline)
-        if index not in self._views:
-            have = ", ".join(self.indexes) or "none (the server was started without --index)"
-            raise ValueError(f"index {index!r} is not loaded; this server has: {have}")
-        return self._views[index]
+    def pipeline_for(self, index: str | None) -> Pipeline:
+        return self._views.get(index)
 
     def decode_turns(self, request: ChatRequest) -> list[Turn]:
         """``request.decode_turns`` with each data-URL picture decoded under the image budget (a URL's fetch has its
@@ -190,18 +177,18 @@ class EngineBackend:
                         emit(Usage(r.n_prompt, tuple(r.tokens)))
                     emit(ev)
             except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
-                emit(_Failed(e))
+                emit(Failed(e))
             finally:
                 with self._lock:
                     self._inflight -= 1
-                emit(_DONE)
+                emit(DONE)
 
         # a thread per request only waits on the engine's queue (the engine's scheduler does the work)
         threading.Thread(target=work, name=f"engine-request-{request.id[-8:]}", daemon=True).start()
         try:
             yield Served(self.replica)
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, _Failed):
+            while (item := await queue.get()) is not DONE:
+                if isinstance(item, Failed):
                     raise item.error
                 yield item
         finally:
