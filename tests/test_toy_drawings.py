@@ -152,3 +152,33 @@ def test_toy_eval_describes_the_checked_in_set_by_default():
     args = build_parser().parse_args(["toy", "eval"])
     assert checkout_path(args.drawings) == str(CHECKED_IN)
     assert build_parser().parse_args(["toy", "eval", "--drawings", ""]).drawings == ""
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("not json", "Expecting value"),
+        ("[1, 2]", "expected an object, got list"),
+        ('{"file": "a.png"}', "kind"),
+        ('{"file": "x.png", "kind": "drawing", "colour": "red", "shape": "circle"}', "its image 'x.png' is missing"),
+    ],
+)
+def test_a_damaged_label_file_is_named_with_its_line_before_any_model_loads(
+    tmp_path, monkeypatch, capsys, line, problem
+):
+    from fromage_gill import pipeline
+    from fromage_gill.cli import main
+
+    shutil.copy(CHECKED_IN / "d000_red_circle.png", tmp_path / "d000_red_circle.png")
+    good = '{"file": "d000_red_circle.png", "kind": "drawing", "colour": "red", "shape": "circle"}'
+    (tmp_path / D.LABELS).write_text(f"{good}\n\n{line}\n")
+    with pytest.raises(ValueError, match=f"{D.LABELS}:3: not a drawings-set label") as err:
+        D.load(tmp_path)
+    assert problem in str(err.value) and "fromage-gill toy drawings --out DIR" in str(err.value)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the drawings set was checked")
+
+    monkeypatch.setattr(pipeline, "load_pipeline", no_model)
+    assert main(["toy", "eval", "--model", "toy-gill", "--drawings", str(tmp_path)]) == 2
+    assert f"{D.LABELS}:3" in capsys.readouterr().err

@@ -85,6 +85,10 @@ def run_eval(args) -> int:
 
     if args.n < 2 or args.gallery < 10:
         raise ValueError(f"--n must be >= 2 and --gallery >= 10, got {args.n} and {args.gallery}")
+    if args.drawings:  # a bad set is named before any model loads
+        from ..toy.drawings import load
+
+        load(args.drawings)
     results = []
     for name in args.models or ["toy-fromage", "toy-gill"]:
         pipe = load_pipeline(name, device="cpu", dtype="fp32")

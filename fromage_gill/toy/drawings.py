@@ -316,8 +316,24 @@ def load(directory: str | Path = DRAWINGS_DIR) -> list[Example]:
     labels = Path(checkout_path(str(directory))) / LABELS
     if not labels.is_file():
         raise FileNotFoundError(f"{labels} not found: write the set with `fromage-gill toy drawings --out DIR`")
+    examples = []
     with open(labels, encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected an object, got {type(row).__name__}")
+                examples.append(Example(**row))
+                if not (labels.parent / examples[-1].file).is_file():
+                    raise ValueError(f"its image {examples[-1].file!r} is missing")
+            except (ValueError, TypeError) as e:  # json's errors are ValueErrors; unknown or missing keys TypeErrors
+                raise ValueError(
+                    f"{labels}:{i}: not a drawings-set label ({e}); write the set again with "
+                    f"`fromage-gill toy drawings --out DIR`"
+                ) from None
+    return examples
 
 
 def open_image(directory: str | Path, example: Example) -> Image.Image:
