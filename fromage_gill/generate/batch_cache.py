@@ -5,6 +5,9 @@ to. A row that joins brings its own positions only; the shorter of it and the ba
 that feeds several tokens to one row (the r image tokens) pads the others in the middle of their sequences, which
 the mask also hides. A row leaves with exactly its own positions (``row``), and columns no remaining row attends to
 are dropped, so the batch is never wider than its longest row plus the padding still in use.
+
+Its layers are ``SpareLayer``s: a decode step writes its new columns into spare room instead of copying the whole
+cache (transformers' ``DynamicLayer`` concatenates, copying every row's every position at every step).
 """
 
 from __future__ import annotations
@@ -14,6 +17,41 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .prefix_cache import KV
+
+SPARE_COLUMNS = 64  # room made for the steps to come whenever a layer's buffer is (re)made
+
+
+class SpareLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of buffers with ``spare`` more columns. ``update`` writes
+    the new columns in place while they fit (a copy of the cache every ``spare`` steps, not every step: at batch 8 x
+    500 positions of OPT-6.7B in fp16 that copy is 2 GB a step). ``assign`` sets new keys and values (a batch that
+    changed rows); the next ``update`` makes buffers for them. The views handed out never see a later write: writes
+    go to columns past them."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE_COLUMNS):
+        super().__init__()
+        self.spare = spare
+        self.assign(keys, values)
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.device, self.is_initialized = keys.device, True
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None, "a SpareLayer is made with its keys and values"
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        if self._buffers is None or n + t > self._buffers[0].shape[-2]:
+            shape = (*self.keys.shape[:-2], n + t + self.spare, self.keys.shape[-1])
+            k, v = self.keys.new_empty(shape), self.values.new_empty(shape)
+            k[..., :n, :], v[..., :n, :] = self.keys, self.values
+            self._buffers = (k, v)
+        k, v = self._buffers
+        k[..., n : n + t, :], v[..., n : n + t, :] = key_states, value_states
+        self.keys, self.values = k[..., : n + t, :], v[..., : n + t, :]
+        return self.keys, self.values
 
 
 class BatchCache:
@@ -32,8 +70,8 @@ class BatchCache:
     def _set(self, kv: KV) -> None:
         assert self.cache is not None
         for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
-            assert isinstance(layer, DynamicLayer), "the batch is a DynamicCache"
-            layer.keys, layer.values = k, v
+            assert isinstance(layer, SpareLayer), "the batch's layers are SpareLayers"
+            layer.assign(k, v)
 
     def add(self, kvs: list[KV]) -> None:
         """Append rows: each ``kv`` per layer (1, heads, n, head_dim), all n positions its own. One copy of the
@@ -54,7 +92,8 @@ class BatchCache:
         masks = ([self.mask] if self.mask is not None else []) + [torch.ones(1, n, dtype=torch.long) for n in widths]
         self.mask = torch.cat([_pad_left(m, width) for m in masks])
         if self.cache is None:
-            self.cache = DynamicCache(ddp_cache_data=layers)
+            self.cache = DynamicCache()
+            self.cache.layers.extend(SpareLayer(k, v) for k, v in layers)
         else:
             self._set(layers)
 
