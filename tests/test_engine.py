@@ -247,6 +247,68 @@ def test_a_follow_up_turn_prefills_only_its_new_tokens(gill, monkeypatch):
     assert r3.result.n_reused == 0 and r3.result.tokens == r2.result.tokens
 
 
+def test_a_follow_up_joining_a_batch_is_prefilled_in_its_step_with_its_solo_tokens(gill, monkeypatch):
+    s = GenerationSettings(max_new_tokens=6, mode="text", **TEXT)
+    story = GenerationSettings(max_new_tokens=12, mode="text", temperature=1.0, seed=3, **TEXT)
+    first = [user(["what is in", gill.pictures[1], "this picture?"])]
+
+    def follow_up(engine):  # turn 1 alone (its KV to the prefix cache); turn 2 adds a picture and a question
+        r1 = engine.submit(encode(gill, first), s)
+        drain(engine, [r1])
+        answer = Turn("assistant", list(r1.result.segments), tuple(r1.result.tokens))
+        return encode(gill, [*first, answer, user(["and", gill.pictures[2], "this one?"])])
+
+    with Engine(gill, start=False) as engine:
+        prompt2 = follow_up(engine)
+        alone = engine.submit(prompt2, s)
+        drain(engine, [alone])
+        other_alone = engine.submit(encode(gill, [user(["tell me a story"])]), story)
+        drain(engine, [other_alone])
+    shapes: list[tuple[int, int]] = []  # (rows, positions) of each forward
+    forward = gill.model.forward_lm
+
+    def counted(embeds, *a, **k):
+        shapes.append(tuple(embeds.shape[:2]))
+        return forward(embeds, *a, **k)
+
+    with Engine(gill, start=False) as engine:
+        prompt2 = follow_up(engine)
+        other = engine.submit(encode(gill, [user(["tell me a story"])]), story)  # a sampling row, decoding
+        engine.run_step()
+        engine.run_step()
+        monkeypatch.setattr(gill.model, "forward_lm", counted)
+        joined = engine.submit(prompt2, s)
+        drain(engine, [other, joined])
+    new = len(prompt2) - joined.result.n_reused
+    assert joined.result.n_reused > 0 and 1 < new <= engine.mixed_prefill
+    # no forward of its own: the first step after it joined fed its prompt and the other row's next token
+    # (left-padded), then every step one token a row
+    assert shapes[0] == (2, new) and all(t == 1 for _, t in shapes[1:])
+    assert joined.result.tokens == alone.result.tokens and joined.result.text == alone.result.text
+    assert other.result.tokens == other_alone.result.tokens  # its seeded draws untouched by the joining row
+
+
+def test_with_mixed_prefill_off_a_follow_up_prefills_alone(gill, monkeypatch):
+    s = GenerationSettings(max_new_tokens=4, mode="text", **TEXT)
+    with Engine(gill, start=False, mixed_prefill=0) as engine:
+        r1 = engine.submit(encode(gill, [user(["hello there"])]), s)
+        drain(engine, [r1])
+        turns = [user(["hello there"]), Turn("assistant", list(r1.result.segments), tuple(r1.result.tokens))]
+        prompt2 = encode(gill, [*turns, user(["and then?"])])
+        calls: list[bool] = []  # per forward: without a batch mask (a prefill of its own)
+        forward = gill.model.forward_lm
+
+        def counted(embeds, mask, **k):
+            calls.append(mask is None)
+            return forward(embeds, mask, **k)
+
+        monkeypatch.setattr(gill.model, "forward_lm", counted)
+        r2 = engine.submit(prompt2, s)
+        drain(engine, [r2])
+    assert calls[0] and not any(calls[1:])  # a prefill of its own (no batch mask), then the steps
+    assert r2.result.n_reused > 0
+
+
 def kv(n: int, value: float = 0.0):
     return [(torch.full((1, 2, n, 4), value), torch.full((1, 2, n, 4), value)) for _ in range(2)]
 

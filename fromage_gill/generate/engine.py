@@ -3,8 +3,11 @@
 One scheduler thread owns the model. Requests (a ``Prompt`` and its ``GenerationSettings``) wait in an inbox; between
 decode steps the scheduler admits them (up to ``max_batch`` rows), prefills each on top of the longest prefix of it
 that the ``PrefixCache`` holds, and merges its KV into the running batch; a row that finishes leaves at once and its
-KV goes to the prefix cache for the conversation's next turn. Each request streams the events a ``Chat`` turn streams
-(``TextDelta``, ``ImagePending``, ``ImageResult``, ``Notice``, ``TurnEnd``).
+KV goes to the prefix cache for the conversation's next turn. A prompt whose new positions (beyond its cached prefix)
+are few, as a follow-up turn's are, joins with its prefix and is prefilled inside the next decode step, beside the
+other rows' tokens, instead of in a forward of its own (``mixed_prefill``): at a small batch a forward costs about
+the same whatever it carries, so each admission no longer costs the batch a forward. Each request streams the events
+a ``Chat`` turn streams (``TextDelta``, ``ImagePending``, ``ImageResult``, ``Notice``, ``TurnEnd``).
 
 The batch's KV is a ``BatchCache`` (rows of different lengths, padded and masked); position ids are each row's own.
 
@@ -58,7 +61,8 @@ class Engine:
     ``max_batch``: rows decoded together (parked rows count: they hold their KV); more requests wait.
     ``kv_cache_bytes``: the prefix cache's bound. ``image_workers``: images resolved at once (retrieval, diffusion;
     default ``max_batch``: every parked row's at once, and the pipeline's ``ImageGenerator`` runs the diffusions that
-    wait together as one batch).
+    wait together as one batch). ``mixed_prefill``: a prompt with at most this many positions beyond its cached
+    prefix (at least one cached) is prefilled inside a decode step; 0: every prompt has a forward of its own.
     ``start=False`` runs no thread: call ``run_step`` to drive the scheduler (tests, benchmarks).
     """
 
@@ -70,6 +74,7 @@ class Engine:
         kv_cache_bytes: int = GiB,
         image_workers: int | None = None,
         vision_cache_items: int = 1024,
+        mixed_prefill: int = 64,
         start: bool = True,
     ):
         if max_batch < 1:
@@ -80,6 +85,7 @@ class Engine:
         self.pipeline = pipeline
         self.m = pipeline.model
         self.max_batch = max_batch
+        self.mixed_prefill = mixed_prefill
         self.prefix_cache = PrefixCache(kv_cache_bytes)
         self.vision_cache = VisionCache(max_items=vision_cache_items)
         self._images = concurrent.futures.ThreadPoolExecutor(image_workers, thread_name_prefix="engine-image")
@@ -248,6 +254,12 @@ class Engine:
             prompt = row.req.prompt
             n_common, kv = self.prefix_cache.lookup(prompt.keys)
             n_common = min(n_common, len(prompt) - 1)  # at least one position runs, for the next-token logits
+            if n_common and len(prompt) - n_common <= self.mixed_prefill:  # fed in the next step, with the batch
+                row.pending = prompt.embed(self.m, self.vision_cache, start=n_common)
+                row.kv = [(k[:, :, :n_common], v[:, :, :n_common]) for k, v in kv]
+                row.n_pos = row.n_reused = n_common
+                self._join(row)
+                return
             cache = (
                 DynamicCache(ddp_cache_data=[(k[:, :, :n_common], v[:, :, :n_common]) for k, v in kv])
                 if n_common
@@ -314,13 +326,13 @@ class Engine:
     @torch.no_grad()
     def _step(self) -> None:
         self._steps += 1
-        feeds: dict[int, list[int]] = {}
+        feeds: dict[int, list[int] | torch.Tensor] = {}  # token ids, or a joining prompt's embeddings (T, d)
         tokens = self._choose()
         for j, row in enumerate(self._active):
             if row.req.stop_event.is_set():
                 self._finish(row, "stopped", j)
                 continue
-            feed = self._advance(row, j, tokens[j])
+            feed = row.pending if row.pending is not None else self._advance(row, j, tokens[j])
             if feed is not None:
                 feeds[j] = feed
         self._keep(list(feeds))
@@ -331,14 +343,20 @@ class Engine:
         ids = torch.full((len(feeds_now), width), self._pad, dtype=torch.long)
         new_mask = torch.zeros(len(feeds_now), width, dtype=torch.long)
         for j, f in enumerate(feeds_now):
-            ids[j, width - len(f) :] = torch.tensor(f)
+            if isinstance(f, list):
+                ids[j, width - len(f) :] = torch.tensor(f)
+                self._active[j].fed += f
             new_mask[j, width - len(f) :] = 1
-            self._active[j].fed += f
         n_pos = torch.tensor([row.n_pos for row in self._active])
         pos = (n_pos[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
         mask = self._batch.extend(new_mask, self._attention)
+        embeds = self._embed(ids)
+        for j, f in enumerate(feeds_now):
+            if isinstance(f, torch.Tensor):  # a prompt prefilled in this step, left-padded as the others' tokens
+                embeds[j, width - len(f) :] = f
+                self._active[j].pending = None
         out = self.m.forward_lm(
-            self._embed(ids), mask, position_ids=pos, past_key_values=self._batch.cache, use_cache=True, logits="last"
+            embeds, mask, position_ids=pos, past_key_values=self._batch.cache, use_cache=True, logits="last"
         )
         assert out.logits is not None
         keep: list[int] = []
@@ -346,7 +364,7 @@ class Engine:
         for j, (row, f) in enumerate(zip(self._active, feeds_now, strict=True)):
             row.logits = out.logits[j, -1]
             row.n_pos += len(f)
-            if f[0] == self._image_ids[0]:  # park the row while its image is resolved; the others go on
+            if isinstance(f, list) and f[0] == self._image_ids[0]:  # park the row while its image is resolved
                 row.tokens += self._image_ids
                 row.run_start = len(row.tokens)
                 row.kv = self._batch.row(j)
@@ -371,22 +389,27 @@ class Engine:
         row.image.add_done_callback(done)
 
     def _choose(self) -> list[int]:
-        """Every row's next token. The image-token rules run once for the rows that share their factors (all, as a
-        rule) and greedy rows share one argmax: elementwise work, so each row's numbers are its solo run's; a
-        sampling row draws from its own generator."""
-        logits = torch.stack([row.next_logits() for row in self._active]).float()  # (B, V)
+        """Every row's next token (a row whose prompt is still to be fed: none, 0). The image-token rules run once
+        for the rows that share their factors (all, as a rule) and greedy rows share one argmax: elementwise work, so
+        each row's numbers are its solo run's; a sampling row draws from its own generator."""
+        tokens = [0] * len(self._active)
+        ready = [j for j, row in enumerate(self._active) if row.pending is None]
+        if not ready:
+            return tokens
+        rows = [self._active[j] for j in ready]
+        logits = torch.stack([row.next_logits() for row in rows]).float()  # (B', V)
         groups: dict[tuple[float, float, float], list[int]] = {}
-        for j, row in enumerate(self._active):
+        for i, row in enumerate(rows):
             s = row.s
-            groups.setdefault((s.ret_scale_factor, s.gen_scale_factor, s.image_logit_bias), []).append(j)
+            groups.setdefault((s.ret_scale_factor, s.gen_scale_factor, s.image_logit_bias), []).append(i)
         allow = torch.tensor(
             [
                 row.images_on and row.n_images < row.s.max_images and row.n_sampled >= row.s.min_word_tokens
-                for row in self._active
+                for row in rows
             ]
         )
-        for (ret, gen, bias), rows in groups.items():
-            idx = torch.tensor(rows)
+        for (ret, gen, bias), members in groups.items():
+            idx = torch.tensor(members)
             logits[idx] = image_token_logits(
                 logits[idx],
                 self._image_ids,
@@ -396,14 +419,16 @@ class Engine:
                 gen_scale_factor=gen,
                 bias=bias,
             )
-        tokens = logits.argmax(-1).tolist()
-        for j, row in enumerate(self._active):
+        chosen = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
             s = row.s
             if s.temperature > 0:
                 draw = sample(
-                    logits[j : j + 1], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=row.generator
+                    logits[i : i + 1], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=row.generator
                 )
-                tokens[j] = int(draw[0])
+                chosen[i] = int(draw[0])
+        for j, tok in zip(ready, chosen, strict=True):
+            tokens[j] = tok
         return tokens
 
     def _advance(self, row: RowState, j: int, tok: int) -> list[int] | None:
@@ -437,7 +462,7 @@ class Engine:
         row.reason = reason
         prompt = row.req.prompt
         kv = self._batch.row(j) if j is not None else row.kv
-        if kv:
+        if kv and row.pending is None:  # (a row stopped before its prompt was fed holds its cached prefix only)
             self.prefix_cache.store([*prompt.keys, *row.fed], kv)
         row.kv = None
         row.req.result = TurnResult(list(row.segments), list(row.tokens), reason, row.seed, len(prompt), row.n_reused)

@@ -113,6 +113,7 @@ class RowState:
     n_images: int = 0
     reason: Reason | None = None
     logits: torch.Tensor | None = None  # (V,) the next token's logits
+    pending: torch.Tensor | None = None  # (T, d) prompt embeddings to feed in the next step (a mixed prefill)
     n_pos: int = 0  # positions so far: the next one's id
     n_reused: int = 0
     kv: KV | None = None
