@@ -3,8 +3,14 @@
 1. Sweep: 1, 4, 8, 16 concurrent clients x 5 turns each, every client its own stateless conversation (each turn
    sends the whole history, the answers as the client got them); aggregate completion tokens/s (all clients'
    completion tokens over the wall time of the sweep point), p50 / p95 turn latency (request to the stream's end),
-   p50 / p95 first-token latency (request to the first content), the server's resident memory (RSS, sampled).
-2. Long conversation: one client, 20 turns; first-token latency at turn 20 against turn 1.
+   p50 / p95 first-token latency (request to the first content), the server's resident memory (RSS, sampled), and
+   the CPU time per completion token of the server and of the benchmark's clients. Each point runs ``--repeats``
+   times, the client counts interleaved (a burst of load from elsewhere hits them alike); each figure is the median
+   of its runs (one run at 1 client lasts a tenth of a second: alone it swings 1.5x between runs).
+2. Long conversation: one client, 20 turns, ``--repeats`` times; first-token latency at turn 20 against turn 1
+   (medians over the runs), timed from the call and from the moment the request left the client (an httpx request
+   hook): the ``openai`` client itself takes milliseconds more to build a request of 39 messages than of one, which
+   the first figure counts and the server never sees.
 3. Attachment abuse: 8 clients at once, each sending eight 8000 x 8000 PNGs in one message, while a well-behaved
    client sends text turns; the server's peak RSS above its level before, and the text turns' latency.
 
@@ -41,7 +47,7 @@ QUESTIONS = [
 
 
 class RSS:
-    """Samples a process's resident memory every 50 ms in a thread; ``peak_since(mark)`` after ``mark()``."""
+    """Samples a process's resident memory every 50 ms in a thread; ``peak_mb(since)``; ``cpu_s()``: its CPU time."""
 
     def __init__(self, pid: int | None):
         import psutil
@@ -60,6 +66,12 @@ class RSS:
                 return
             time.sleep(0.05)
 
+    def cpu_s(self) -> float | None:
+        if self.proc is None:
+            return None
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
     def now_mb(self) -> float | None:
         return round(self.proc.memory_info().rss / 2**20, 1) if self.proc else None
 
@@ -76,10 +88,27 @@ def pct(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))], 3)
 
 
+_sent = threading.local()  # when this thread's last request left the client (httpx's request hook)
+
+
+def make_client(url: str, **kwargs):
+    """An ``openai`` client whose httpx transport notes when each request is sent (``_sent.t``)."""
+    import httpx
+    import openai
+
+    def note(request: httpx.Request) -> None:
+        _sent.t = time.perf_counter()
+
+    key = os.environ.get("FROMAGE_GILL_API_KEY", "none")
+    http = httpx.Client(event_hooks={"request": [note]}, timeout=3600)
+    return openai.OpenAI(base_url=url, api_key=key, timeout=3600, http_client=http, **kwargs)
+
+
 def turn(client, model: str, messages: list[dict], settings: dict) -> dict:
-    """One streamed turn: its latency, first-token latency, completion tokens and the answer's content."""
+    """One streamed turn: its latency, first-token latency (from the call, and from the request leaving the client),
+    completion tokens and the answer's content."""
     t0 = time.perf_counter()
-    first = None
+    first = after_send = None
     content = ""
     tokens = 0
     stream = client.chat.completions.create(
@@ -89,6 +118,7 @@ def turn(client, model: str, messages: list[dict], settings: dict) -> dict:
         if chunk.choices and chunk.choices[0].delta.content:
             if first is None:
                 first = time.perf_counter() - t0
+                after_send = time.perf_counter() - _sent.t
             content += chunk.choices[0].delta.content
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
@@ -96,6 +126,7 @@ def turn(client, model: str, messages: list[dict], settings: dict) -> dict:
     return {
         "latency_s": total,
         "first_token_s": first if first is not None else total,
+        "first_token_after_send_s": after_send if after_send is not None else total,
         "tokens": tokens,
         "content": content,
     }
@@ -115,9 +146,7 @@ def conversation(client, model: str, k: int, turns: int, settings: dict, out: li
 
 
 def sweep_point(url: str, model: str, clients: int, turns: int, settings: dict, rss: RSS) -> dict:
-    import openai
-
-    client = openai.OpenAI(base_url=url, api_key=os.environ.get("FROMAGE_GILL_API_KEY", "none"), timeout=3600)
+    client = make_client(url)
     results: list[dict] = []
     errors: list[str] = []
     start = threading.Barrier(clients + 1)
@@ -128,14 +157,18 @@ def sweep_point(url: str, model: str, clients: int, turns: int, settings: dict, 
     for t in threads:
         t.start()
     mark = time.monotonic()
+    server_cpu, own_cpu = rss.cpu_s(), sum(os.times()[:2])
     t0 = time.perf_counter()
     start.wait()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    own_cpu = sum(os.times()[:2]) - own_cpu
+    server_cpu = rss.cpu_s() - server_cpu if server_cpu is not None else None
     lat = [r["latency_s"] for r in results]
     first = [r["first_token_s"] for r in results]
     tokens = sum(r["tokens"] for r in results)
+    per_token = lambda cpu: round(cpu / tokens * 1e3, 3) if tokens and cpu is not None else None  # noqa: E731
     return {
         "clients": clients,
         "turns": len(results),
@@ -147,27 +180,47 @@ def sweep_point(url: str, model: str, clients: int, turns: int, settings: dict, 
         "latency_p95_s": pct(lat, 0.95) if lat else None,
         "first_token_p50_s": pct(first, 0.5) if first else None,
         "first_token_p95_s": pct(first, 0.95) if first else None,
+        "first_token_after_send_p50_s": pct([r["first_token_after_send_s"] for r in results], 0.5) if first else None,
         "rss_peak_mb": rss.peak_mb(mark),
+        "server_cpu_ms_per_token": per_token(server_cpu),
+        "client_cpu_ms_per_token": per_token(own_cpu),
     }
 
 
-def long_conversation(url: str, model: str, turns: int, settings: dict) -> dict:
-    import openai
+def median_point(runs: list[dict]) -> dict:
+    """One sweep point from its repeated runs: each figure the median of the runs' (tokens/s of every run kept)."""
+    import statistics
 
-    client = openai.OpenAI(base_url=url, api_key=os.environ.get("FROMAGE_GILL_API_KEY", "none"), timeout=3600)
-    results: list[dict] = []
+    out = {"clients": runs[0]["clients"], "runs": len(runs), "errors": [e for r in runs for e in r["errors"]]}
+    for key, value in runs[0].items():
+        if key not in out and isinstance(value, int | float):
+            values = [r[key] for r in runs if r[key] is not None]
+            out[key] = round(statistics.median(values), 3) if values else None
+    out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
+def long_conversation(url: str, model: str, turns: int, settings: dict, repeats: int = 1) -> dict:
+    """``repeats`` conversations of ``turns`` turns, one after another; per turn, the median first-token latency."""
+    import statistics
+
+    client = make_client(url)
+    runs: list[list[dict]] = []
     errors: list[str] = []
-    start = threading.Barrier(1)
-    conversation(client, model, 0, turns, settings, results, errors, start)
-    firsts = [r["first_token_s"] for r in results]
-    return {
-        "turns": len(results),
-        "errors": errors,
-        "first_token_s": [round(f, 3) for f in firsts],
-        "turn1_first_token_s": round(firsts[0], 3) if firsts else None,
-        "last_first_token_s": round(firsts[-1], 3) if firsts else None,
-        "ratio": round(firsts[-1] / firsts[0], 2) if firsts else None,
-    }
+    for _ in range(repeats):
+        results: list[dict] = []
+        conversation(client, model, len(runs), turns, settings, results, errors, threading.Barrier(1))
+        runs.append(results)
+    out: dict = {"turns": min(map(len, runs)), "runs": repeats, "errors": errors}
+    for key, name in (("first_token_s", "from_call"), ("first_token_after_send_s", "after_send")):
+        firsts = [statistics.median(r[t][key] for r in runs) for t in range(out["turns"])]
+        out[name] = {
+            "first_token_s": [round(f, 4) for f in firsts],
+            "turn1_s": round(firsts[0], 4) if firsts else None,
+            "last_s": round(firsts[-1], 4) if firsts else None,
+            "ratio": round(firsts[-1] / firsts[0], 2) if firsts else None,
+        }
+    return out
 
 
 def big_png(side: int) -> bytes:
@@ -183,8 +236,7 @@ def big_png(side: int) -> bytes:
 def abuse(url: str, model: str, clients: int, images: int, side: int, rss: RSS, settings: dict) -> dict:
     import openai
 
-    key = os.environ.get("FROMAGE_GILL_API_KEY", "none")
-    client = openai.OpenAI(base_url=url, api_key=key, timeout=3600, max_retries=0)
+    client = make_client(url, max_retries=0)
     data = "data:image/png;base64," + base64.b64encode(big_png(side)).decode()
     content = [{"type": "text", "text": "What is in these pictures?"}] + [
         {"type": "image_url", "image_url": {"url": data}} for _ in range(images)
@@ -258,20 +310,20 @@ def run_all(url: str, model: str, args, rss: RSS) -> dict:
     settings = {"max_tokens": args.max_tokens, "temperature": 0, "extra_body": {"mode": args.mode}}
     out: dict = {"model": model, "url": url, "settings": {"max_tokens": args.max_tokens, "mode": args.mode}}
     out["rss_idle_mb"] = rss.now_mb()
-    turn(
-        __import__("openai").OpenAI(base_url=url, api_key="none"), model, [{"role": "user", "content": "hi"}], settings
-    )
-    out["sweep"] = []
-    for n in args.clients:
-        point = sweep_point(url, model, n, args.turns, settings, rss)
+    turn(make_client(url), model, [{"role": "user", "content": "hi"}], settings)
+    runs: dict[int, list[dict]] = {n: [] for n in args.clients}
+    for _ in range(args.repeats):  # interleaved: a burst of load from elsewhere hits every client count alike
+        for n in args.clients:
+            runs[n].append(sweep_point(url, model, n, args.turns, settings, rss))
+    out["sweep"] = [median_point(runs[n]) for n in args.clients]
+    for point in out["sweep"]:
         print(json.dumps(point), flush=True)
-        out["sweep"].append(point)
     base = out["sweep"][0]
     for p in out["sweep"]:
         p["tokens_per_s_vs_1"] = round(p["tokens_per_s"] / base["tokens_per_s"], 2) if base["tokens_per_s"] else None
         p["p95_vs_1_p50"] = round(p["latency_p95_s"] / base["latency_p50_s"], 2) if base["latency_p50_s"] else None
     if args.long_turns:
-        out["long"] = long_conversation(url, model, args.long_turns, settings)
+        out["long"] = long_conversation(url, model, args.long_turns, settings, args.repeats)
         print(json.dumps(out["long"]), flush=True)
     if args.abuse_clients:
         text = {"max_tokens": args.max_tokens, "temperature": 0, "extra_body": {"mode": "text"}}
@@ -289,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--server-arg", action="append", default=[], help="another flag for the started server")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="runs of each sweep point (and of the long chat): medians")
     ap.add_argument("--long-turns", type=int, default=20, help="0: skip the long conversation")
     ap.add_argument("--abuse-clients", type=int, default=8, help="0: skip the attachment abuse")
     ap.add_argument("--abuse-images", type=int, default=8)
@@ -303,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     if args.quick:
-        args.clients, args.turns, args.long_turns = [1, 4], 2, 4
+        args.clients, args.turns, args.long_turns, args.repeats = [1, 4], 2, 4, 1
         args.abuse_clients, args.abuse_images, args.abuse_side = 2, 2, 2000
     proc = None
     if args.url:
