@@ -9,7 +9,12 @@ interleaved; the median and the best run of each are reported (on a shared CPU t
 Run it with ``OMP_NUM_THREADS=1``: a toy model's ops are too small to split, and on a busy CPU two threads per op
 wait on each other (a solo turn measured 10x slower with 2). Then one conversation of
 ``--turns`` turns through ``EngineChat`` (the prefix cache serving its history): each turn's prefilled positions and
-time to its first text. Prints one JSON line per measurement and the ratios.
+time to its first text. Then ``--follow-ups``: the client counts again, each client a conversation of 5 turns
+through ``EngineChat`` (turns 2-5 join with their history cached), with the follow-ups' prompts prefilled inside
+the batch's step (``mixed_prefill``, the default) and in a forward of their own (``mixed_prefill=0``), interleaved;
+``--full-history`` keeps every exchange in the prompt (the toy presets keep the last one), so a follow-up's new
+positions are its question and the answer's last token.
+Prints one JSON line per measurement and the ratios.
 """
 
 from __future__ import annotations
@@ -89,6 +94,59 @@ def conversation(engine, turns: int, tokens: int) -> list[dict]:
     return out
 
 
+def conversations(engine, n: int, turns: int = 5, *, full_history: bool = False) -> float:
+    """Aggregate tokens/s of ``n`` simultaneous conversations of ``turns`` turns each (answers as the model ends
+    them, greedy), through ``EngineChat``: from turn 2 on, each prompt's history is in the prefix cache."""
+    import dataclasses
+
+    from fromage_gill.generate import GenerationSettings
+    from fromage_gill.generate.engine_chat import EngineChat
+
+    config = engine.pipeline.config
+    s = dataclasses.replace(GenerationSettings.for_model(config), mode="text", temperature=0.0)
+    dialogue = dataclasses.replace(config.dialogue, max_exchanges=None) if full_history else None
+    engine.prefix_cache.clear()
+    counts = [0] * n
+    start = threading.Barrier(n + 1)
+
+    def client(k: int) -> None:
+        chat = EngineChat(engine, dialogue=dialogue)
+        start.wait()
+        for t in range(turns):
+            for _ in chat.send([QUESTIONS[(k + t) % len(QUESTIONS)]], s):
+                pass
+            counts[k] += len(chat.last_result.tokens)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def follow_ups(engine, clients: list[int], repeats: int, full_history: bool) -> None:
+    """``conversations`` with mixed prefill on (the engine's default) and off, interleaved; medians and ratios."""
+    default = engine.mixed_prefill
+    rates: dict[tuple[int, int], list[float]] = {}
+    for _ in range(repeats):
+        for mixed in (default, 0):
+            engine.mixed_prefill = mixed
+            for n in clients:
+                rates.setdefault((mixed, n), []).append(conversations(engine, n, full_history=full_history))
+    engine.mixed_prefill = default
+    for (mixed, n), runs in sorted(rates.items()):
+        line = {"follow_ups": True, "mixed_prefill": mixed, "clients": n}
+        print(json.dumps({**line, "tokens_per_s_median": round(statistics.median(runs), 1)}))
+    for mixed in (default, 0):
+        base = statistics.median(rates[(mixed, clients[0])])
+        for n in clients[1:]:
+            r = statistics.median(rates[(mixed, n)])
+            print(f"mixed_prefill={mixed}: {n} conversations {r:.1f} tokens/s = {r / base:.2f}x {clients[0]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-gill")
@@ -97,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per client count; the median is reported")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--turns", type=int, default=20, help="turns of the conversation (0: skip it)")
+    ap.add_argument("--follow-ups", action="store_true", help="5-turn conversations, mixed prefill on and off")
+    ap.add_argument("--full-history", action="store_true", help="with --follow-ups: every exchange in the prompt")
     args = ap.parse_args(argv)
 
     import torch
@@ -121,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             line = {"model": args.model, "clients": n, "tokens_per_s_median": round(rates[n], 1)}
             print(json.dumps({**line, "tokens_per_s_best": round(bests[n], 1), "wall_s": walls}))
         turns = conversation(engine, args.turns, 8) if args.turns else []
+        if args.follow_ups:
+            follow_ups(engine, args.clients, args.repeats, args.full_history)
     for t in turns:
         print(json.dumps(t))
     base = rates.get(1)

@@ -280,7 +280,7 @@ def test_a_follow_up_joining_a_batch_is_prefilled_in_its_step_with_its_solo_toke
         joined = engine.submit(prompt2, s)
         drain(engine, [other, joined])
     new = len(prompt2) - joined.result.n_reused
-    assert joined.result.n_reused > 0 and 1 < new <= engine.mixed_prefill
+    assert joined.result.n_reused > 0 and new > 1 and 2 * new <= engine.mixed_prefill  # 2 rows x its positions
     # no forward of its own: the first step after it joined fed its prompt and the other row's next token
     # (left-padded), then every step one token a row
     assert shapes[0] == (2, new) and all(t == 1 for _, t in shapes[1:])
@@ -288,25 +288,34 @@ def test_a_follow_up_joining_a_batch_is_prefilled_in_its_step_with_its_solo_toke
     assert other.result.tokens == other_alone.result.tokens  # its seeded draws untouched by the joining row
 
 
-def test_with_mixed_prefill_off_a_follow_up_prefills_alone(gill, monkeypatch):
+@pytest.mark.parametrize("budget", ["off", "over"])
+def test_a_follow_up_over_the_step_budget_prefills_alone(gill, monkeypatch, budget):
+    with pytest.raises(ValueError, match="mixed_prefill must be an integer >= 0"):
+        Engine(gill, start=False, mixed_prefill=-1)
     s = GenerationSettings(max_new_tokens=4, mode="text", **TEXT)
-    with Engine(gill, start=False, mixed_prefill=0) as engine:
+    with Engine(gill, start=False) as engine:
         r1 = engine.submit(encode(gill, [user(["hello there"])]), s)
         drain(engine, [r1])
         turns = [user(["hello there"]), Turn("assistant", list(r1.result.segments), tuple(r1.result.tokens))]
         prompt2 = encode(gill, [*turns, user(["and then?"])])
-        calls: list[bool] = []  # per forward: without a batch mask (a prefill of its own)
+        new = len(prompt2) - (len(encode(gill, turns[:1])) + len(r1.result.tokens) - 1)
+        # off: never in a step; over: alone it would fit, but beside a running row the step is 2 x new positions
+        engine.mixed_prefill = 0 if budget == "off" else new
+        other = engine.submit(encode(gill, [user(["tell me a story"])]), s)
+        engine.run_step()
+        shapes: list[tuple[int, int, bool]] = []  # per forward: rows, positions, without a batch mask
         forward = gill.model.forward_lm
 
         def counted(embeds, mask, **k):
-            calls.append(mask is None)
+            shapes.append((*embeds.shape[:2], mask is None))
             return forward(embeds, mask, **k)
 
         monkeypatch.setattr(gill.model, "forward_lm", counted)
         r2 = engine.submit(prompt2, s)
-        drain(engine, [r2])
-    assert calls[0] and not any(calls[1:])  # a prefill of its own (no batch mask), then the steps
-    assert r2.result.n_reused > 0
+        drain(engine, [r2, other])
+    assert r2.result.n_reused > 0 and r2.result.n_prefilled == new
+    assert shapes[0] == (1, new, True)  # a prefill of its own (no batch mask), then the steps of one token a row
+    assert all(t == 1 and not alone for _, t, alone in shapes[1:])
 
 
 def kv(n: int, value: float = 0.0):

@@ -5,9 +5,11 @@ decode steps the scheduler admits them (up to ``max_batch`` rows), prefills each
 that the ``PrefixCache`` holds, and merges its KV into the running batch; a row that finishes leaves at once and its
 KV goes to the prefix cache for the conversation's next turn. A prompt whose new positions (beyond its cached prefix)
 are few, as a follow-up turn's are, joins with its prefix and is prefilled inside the next decode step, beside the
-other rows' tokens, instead of in a forward of its own (``mixed_prefill``): at a small batch a forward costs about
-the same whatever it carries, so each admission no longer costs the batch a forward. Each request streams the events
-a ``Chat`` turn streams (``TextDelta``, ``ImagePending``, ``ImageResult``, ``Notice``, ``TurnEnd``).
+other rows' tokens, instead of in a forward of its own, while that step's rows x positions stay within
+``mixed_prefill``: every row is padded to the widest feed, so past a budget of positions the padding costs more than
+the forward it saves (measured on the toy LM on a CPU: a batch of 8 gains with 8 new positions, loses with 16;
+on a GPU, where a decode step is bound by reading the weights, the budget can be far larger). Each request streams
+the events a ``Chat`` turn streams (``TextDelta``, ``ImagePending``, ``ImageResult``, ``Notice``, ``TurnEnd``).
 
 The batch's KV is a ``BatchCache`` (rows of different lengths, padded and masked); position ids are each row's own.
 
@@ -61,8 +63,8 @@ class Engine:
     ``max_batch``: rows decoded together (parked rows count: they hold their KV); more requests wait.
     ``kv_cache_bytes``: the prefix cache's bound. ``image_workers``: images resolved at once (retrieval, diffusion;
     default ``max_batch``: every parked row's at once, and the pipeline's ``ImageGenerator`` runs the diffusions that
-    wait together as one batch). ``mixed_prefill``: a prompt with at most this many positions beyond its cached
-    prefix (at least one cached) is prefilled inside a decode step; 0: every prompt has a forward of its own.
+    wait together as one batch). ``mixed_prefill``: a prompt with a cached prefix is prefilled inside a decode step
+    when that step's rows x widest feed stays within this many positions; 0: every prompt has a forward of its own.
     ``start=False`` runs no thread: call ``run_step`` to drive the scheduler (tests, benchmarks).
     """
 
@@ -79,6 +81,8 @@ class Engine:
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if mixed_prefill < 0:
+            raise ValueError(f"mixed_prefill must be an integer >= 0 (0: no prompt in a step), got {mixed_prefill!r}")
         image_workers = max_batch if image_workers is None else image_workers
         if image_workers < 1:
             raise ValueError(f"image_workers must be an integer >= 1, got {image_workers!r}")
@@ -254,7 +258,7 @@ class Engine:
             prompt = row.req.prompt
             n_common, kv = self.prefix_cache.lookup(prompt.keys)
             n_common = min(n_common, len(prompt) - 1)  # at least one position runs, for the next-token logits
-            if n_common and len(prompt) - n_common <= self.mixed_prefill:  # fed in the next step, with the batch
+            if n_common and self._fits_step(len(prompt) - n_common):  # fed in the next step, with the batch
                 row.pending = prompt.embed(self.m, self.vision_cache, start=n_common)
                 row.kv = [(k[:, :, :n_common], v[:, :, :n_common]) for k, v in kv]
                 row.n_pos = row.n_reused = n_common
@@ -279,6 +283,12 @@ class Engine:
         row.logits = out.logits[0, -1]
         row.n_pos, row.n_reused = len(prompt), n_common
         self._join(row)
+
+    def _fits_step(self, new: int) -> bool:
+        """Whether a prompt of ``new`` positions can be fed in the next step: its rows (those in the batch, those
+        joining and this one) times its widest feed (this prompt, another joining one) within ``mixed_prefill``."""
+        width = max([new, *(len(r.pending) for r in self._joining if r.pending is not None)])
+        return (len(self._active) + len(self._joining) + 1) * width <= self.mixed_prefill
 
     def _rejoin(self, row: RowState) -> None:
         """A parked row's image is resolved: deliver it, then the row ends or decodes on."""
