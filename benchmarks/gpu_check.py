@@ -233,7 +233,8 @@ def serving(args, device: torch.device) -> dict:
         flags += ["--abuse-side", "256", "--max-tokens", "2"]
     else:
         flags = ["--max-tokens", "32"]
-    bench = bench_serving.parser().parse_args([*flags, "--mode", "text"])
+    # one run of each point: the full-size sweep is sized to the lent GPU's minutes (the CPU figures take 5)
+    bench = bench_serving.parser().parse_args([*flags, "--mode", "text", "--repeats", "1"])
     rss = bench_serving.RSS(os.getpid())
     try:
         return bench_serving.run_all(f"http://127.0.0.1:{port}/v1", pipe.config.name, bench, rss)
