@@ -424,6 +424,37 @@ def test_the_engine_backend_streams_a_turn_in_the_protocol(gill):
     with pytest.raises(Overloaded, match="image budget") as err:
         asyncio.run(collect(big))
     assert err.value.status == 429
+    assert backend._inflight == 0  # the refused request gave its place back
+    asyncio.run(backend.aclose())
+
+
+def test_an_engine_backend_request_left_mid_answer_stops_and_gives_its_place_back(gill):
+    from fromage_gill.serve.backend import ChatMessage, ChatRequest, Overloaded
+
+    backend = EngineBackend(gill, max_batch=1, max_queue=0)  # room for one request
+    long = GenerationSettings(max_new_tokens=300, mode="text", **TEXT)
+    short = GenerationSettings(max_new_tokens=3, mode="text", **TEXT)
+
+    async def scenario():
+        first = backend.stream(ChatRequest((ChatMessage("user", ("tell me a long story",)),), long))
+        seen = [type(await anext(first)).__name__ for _ in range(3)]  # Served, then its first words
+        with pytest.raises(Overloaded, match="the server is full"):  # its place is taken meanwhile
+            await anext(backend.stream(ChatRequest((ChatMessage("user", ("hi",)),), short)))
+        await first.aclose()  # the client leaves: the turn ends at the engine's next step, its place comes back
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                events = [e async for e in backend.stream(ChatRequest((ChatMessage("user", ("hi",)),), short))]
+                break
+            except Overloaded:
+                assert time.monotonic() < deadline, "the place of the request that left never came back"
+                await asyncio.sleep(0.01)
+        return seen, events
+
+    seen, events = asyncio.run(scenario())
+    assert seen == ["Served", "TextDelta", "TextDelta"]
+    assert isinstance(events[-1], TurnEnd) and events[-1].reason == "max_new_tokens"
+    assert backend.engine.stats().tokens < 300 + 3  # the long turn stopped early
     asyncio.run(backend.aclose())
 
 

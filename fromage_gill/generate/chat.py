@@ -71,12 +71,19 @@ class Chat:
         ``prompt.MAX_KEPT_IMAGE_PIXELS`` are kept (and seen) scaled down to it."""
         settings = settings or GenerationSettings.for_model(self.pipeline.config)
         self._close_active()
+        user, prompt, first = self._prepare(message, settings)
+        return self._start(self._turn(prompt, first, settings, add=user))
+
+    def _prepare(
+        self, message: Sequence[str | Image.Image | ImageSegment | bytes], settings: GenerationSettings
+    ) -> tuple[Turn, Prompt, int]:
+        """A new message checked and laid out after the history: its turn, the prompt and its first kept turn."""
         check_settings(self.pipeline, settings)
         items = message_items(message)  # the image limits before any image is decoded
         check_image_counts(sum(len(t.images) for t in self.history), sum(not isinstance(m, str) for m in items))
         user = Turn("user", normalize_message(items))
         prompt, first = self._plan([*self.history, user], settings)
-        return self._start(self._turn(prompt, first, settings, add=user))
+        return user, prompt, first
 
     def regenerate(self, settings: GenerationSettings | None = None) -> TurnEvents:
         """Run the last answer again (a new seed unless ``settings.seed`` is set)."""
@@ -266,9 +273,12 @@ class Chat:
 
     def _row(self, settings: GenerationSettings, prompt: Prompt) -> Row:
         stops = settings.stop_strings if settings.stop_strings is not None else self.dialogue.stop_strings
-        exclude = {s.index_id for t in self.history for s in t.images if s.index_id is not None}
         images = [s.image for s in prompt.images()]
-        return Row(exclude=exclude, stream=TextStream(self.pipeline.tokenizer, stops), images=images)
+        return Row(exclude=self._shown(), stream=TextStream(self.pipeline.tokenizer, stops), images=images)
+
+    def _shown(self) -> set[int]:
+        """The index ids of the images in the history: not to be retrieved again."""
+        return {s.index_id for t in self.history for s in t.images if s.index_id is not None}
 
     def _prefill_embeds(self, prompt: Prompt) -> torch.Tensor:
         """Crop the cache to the prefix it shares with ``prompt``; embed the rest ((1, T_new, d))."""

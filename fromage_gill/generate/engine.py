@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -39,7 +40,7 @@ from ..backbones import pad_token_id
 from ..settings import GenerationSettings
 from .batch_cache import BatchCache, layer_kv
 from .engine_request import EngineRequest, EngineStats, Reason, RowState, TurnResult, resolve_image
-from .events import ImagePending, ImageResult, TextDelta, TurnEnd
+from .events import Event, ImagePending, ImageResult, TextDelta, TurnEnd
 from .limits import check_settings, context_length, image_paths, image_positions, too_long
 from .loop import fresh_seed
 from .prefix_cache import KV, PrefixCache
@@ -123,12 +124,14 @@ class Engine:
         stop_strings: tuple[str, ...] | None = None,
         stop_event: threading.Event | None = None,
         pipeline: Pipeline | None = None,
+        listener: Callable[[Event | BaseException], None] | None = None,
     ) -> EngineRequest:
         """Queue one turn: ``prompt`` (a whole conversation's positions, as ``Chat`` encodes it) is continued with an
         answer. ``exclude``: index ids not to retrieve (images already in the conversation); ``stop_strings``: the
         dialogue's, when ``settings.stop_strings`` is None (default: the model's). Raises ``ValueError`` at once for
         settings the pipeline cannot serve or a prompt too long for the context. ``pipeline``: a view of the engine's
-        pipeline with another image index (the same model) for this request to retrieve from."""
+        pipeline with another image index (the same model) for this request to retrieve from. ``listener``: takes the
+        request's events as they come, from the engine's threads, instead of ``events()``."""
         pipeline = pipeline or self.pipeline
         if pipeline.model is not self.m:
             raise ValueError(
@@ -146,7 +149,7 @@ class Engine:
         budget = context_length(pipeline) - settings.max_new_tokens - image_positions(pipeline, settings)
         if len(prompt) > budget:
             raise too_long(pipeline, settings, len(prompt), "the prompt")
-        req = EngineRequest(prompt, settings, stop_event or threading.Event(), wake=self._wake)
+        req = EngineRequest(prompt, settings, stop_event or threading.Event(), wake=self._wake, listener=listener)
         seed = settings.seed if settings.seed is not None else fresh_seed()
         can_ret, can_gen = image_paths(pipeline, settings)
         stops = settings.stop_strings if settings.stop_strings is not None else stop_strings

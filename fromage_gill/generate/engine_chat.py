@@ -8,14 +8,16 @@ messages) holds its history only, and turn 30 still prefills only its new tokens
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING
+
+from PIL import Image
 
 from ..settings import GenerationSettings
 from .chat import Chat
 from .engine import Engine, EngineRequest, TurnResult
-from .events import Event, TurnEnd
-from .prompt import Prompt, Turn
+from .events import Event, Notice, TurnEnd
+from .prompt import ImageSegment, Prompt, Turn
 
 if TYPE_CHECKING:  # types only: the pipeline module imports the whole package
     from ..config import DialogueSpec
@@ -55,11 +57,10 @@ class EngineChat(Chat):
         request, recorded = None, False
         try:
             notices = self._turn_notices(first, settings)
-            exclude = {s.index_id for t in self.history for s in t.images if s.index_id is not None}
             request = self.engine.submit(
                 prompt,
                 settings,
-                exclude=exclude,
+                exclude=self._shown(),
                 stop_strings=self.dialogue.stop_strings,
                 stop_event=self.stop_requested,
                 pipeline=self.pipeline,
@@ -86,6 +87,31 @@ class EngineChat(Chat):
                 self.history.pop()
             rollback()
             raise
+
+    def submit(
+        self,
+        message: Sequence[str | Image.Image | ImageSegment | bytes],
+        settings: GenerationSettings,
+        *,
+        listener: Callable[[Event | BaseException], None],
+    ) -> tuple[list[Notice], EngineRequest]:
+        """A turn for a server that holds the conversation itself (a stateless API request): ``message`` after the
+        history, its events handed to ``listener`` from the engine's threads as they are made (no thread of the
+        caller's waits on them). Returns the notices the turn says first, and the request (``result`` is set before
+        its ``TurnEnd``). The history is left as it is. Raises ``ValueError`` for what ``send`` refuses, and for a
+        ``decoding`` the engine does not serve."""
+        _, prompt, first = self._prepare(message, settings)
+        notices = self._turn_notices(first, settings)
+        request = self.engine.submit(
+            prompt,
+            settings,
+            exclude=self._shown(),
+            stop_strings=self.dialogue.stop_strings,
+            stop_event=self.stop_requested,
+            pipeline=self.pipeline,
+            listener=listener,
+        )
+        return notices, request
 
     def _record_result(self, request: EngineRequest) -> None:
         result = request.result

@@ -56,22 +56,31 @@ class EngineRequest:
     """One submitted turn. Iterate it (``events()``) for its events, up to and including ``TurnEnd``; an error the
     engine met for this request is raised from the iteration. ``cancel()`` ends it at the next step (what streamed so
     far is kept, ``TurnEnd("stopped")``); leaving the iteration early cancels it too. ``result`` is set before
-    ``TurnEnd`` is delivered."""
+    ``TurnEnd`` is delivered. With a ``listener`` the events (and the error) are handed to it instead, in order, from
+    the engine's threads (e.g. onto an event loop: no thread of the caller's waits on the request)."""
 
     def __init__(
-        self, prompt: Prompt, settings: GenerationSettings, stop_event: threading.Event, *, wake: Callable[[], None]
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings,
+        stop_event: threading.Event,
+        *,
+        wake: Callable[[], None],
+        listener: Callable[[Event | BaseException], None] | None = None,
     ):
         self._wake = wake  # tells the engine's scheduler to look (it may be waiting for work)
         self.prompt = prompt
         self.settings = settings
         self.stop_event = stop_event
         self.result: TurnResult | None = None
+        self._listener = listener
         self._queue: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
 
     def __iter__(self) -> Iterator[Event]:
         return self.events()
 
     def events(self) -> Iterator[Event]:
+        assert self._listener is None, "a request with a listener hands its events to it"
         try:
             while True:
                 item = self._queue.get()
@@ -86,7 +95,10 @@ class EngineRequest:
 
     def put(self, item: Event | BaseException) -> None:
         """Deliver an event, or the error that ends the request (the engine's side)."""
-        self._queue.put(item)
+        if self._listener is not None:
+            self._listener(item)
+        else:
+            self._queue.put(item)
 
     def cancel(self) -> None:
         self.stop_event.set()

@@ -20,13 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..generate.capacity import ImageBudget, OverCapacity
-from ..generate.engine import Engine, GiB
+from ..generate.engine import Engine, EngineRequest, GiB
 from ..generate.engine_chat import EngineChat
-from ..generate.events import TurnEnd
+from ..generate.events import Notice, TurnEnd
 from ..generate.prompt import ImageSegment, Turn
 from ..retrieve.fetch import FetchConfig, ImageFetcher
 from .backend import (
-    DONE,
     BackendLoad,
     ChatRequest,
     Failed,
@@ -155,46 +154,62 @@ class EngineBackend:
             self._inflight += 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        chats: list[EngineChat] = []
+        released = threading.Event()
         cancelled = threading.Event()
 
-        def emit(item) -> None:
+        def release() -> None:  # the request's place, given back once: when its turn ends or it fails
+            if not released.is_set():
+                released.set()
+                with self._lock:
+                    self._inflight -= 1
+
+        def deliver(item) -> None:  # from the engine's threads: straight onto this request's event loop
+            if isinstance(item, BaseException):
+                item = Failed(item)
+            if isinstance(item, TurnEnd | Failed):
+                release()
             with contextlib.suppress(RuntimeError):  # the stream's event loop is gone: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
+        def start() -> tuple[list[Notice], EngineRequest] | None:
             try:
-                turns = self.decode_turns(request)
+                turns = self.decode_turns(request)  # pictures decoded under the budget, off the event loop
                 chat = EngineChat(self.engine, self.pipeline_for(request.index))
                 chat.history = turns[:-1]
-                chats.append(chat)
-                if cancelled.is_set():
-                    return
-                events = chat.send(turns[-1].segments, request.settings)
-                for ev in events:
-                    if isinstance(ev, TurnEnd) and chat.last_result is not None:
-                        r = chat.last_result
-                        emit(Usage(r.n_prompt, tuple(r.tokens)))
-                    emit(ev)
-            except BaseException as e:  # noqa: BLE001 -- handed to the request's own stream, raised there
-                emit(Failed(e))
-            finally:
-                with self._lock:
-                    self._inflight -= 1
-                emit(DONE)
+                if cancelled.is_set():  # the client left while its pictures were decoded
+                    release()
+                    return None
+                started = chat.submit(turns[-1].segments, request.settings, listener=deliver)
+            except BaseException:
+                release()
+                raise
+            if cancelled.is_set():
+                started[1].cancel()
+            return started
 
-        # a thread per request only waits on the engine's queue (the engine's scheduler does the work)
-        threading.Thread(target=work, name=f"engine-request-{request.id[-8:]}", daemon=True).start()
+        try:
+            started = await asyncio.to_thread(start)
+        except BaseException:
+            cancelled.set()
+            raise
+        assert started is not None, "only a cancelled stream starts nothing"
+        notices, submitted = started
         try:
             yield Served(self.replica)
-            while (item := await queue.get()) is not DONE:
+            for notice in notices:
+                yield notice
+            while True:
+                item = await queue.get()
                 if isinstance(item, Failed):
                     raise item.error
+                if isinstance(item, TurnEnd) and submitted.result is not None:
+                    r = submitted.result
+                    yield Usage(r.n_prompt, tuple(r.tokens))
                 yield item
+                if isinstance(item, TurnEnd):
+                    return
         finally:
-            cancelled.set()
-            for chat in chats:
-                chat.stop()
+            submitted.cancel()  # a turn the client left ends at the engine's next step (its place comes back then)
 
     async def aclose(self) -> None:
         with self._lock:
