@@ -84,6 +84,10 @@ class EngineBackend:
         # arena kept what its 8000 x 8000 picture had used (measured: +1.5 GB of RSS for the attachment abuse in
         # docs/serving.md, against +0.5 GB decoded on one thread), whatever the budget admitted at once.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        # A request's setup (its pictures waiting for the budget and decoded, its prompt laid out) runs on a pool of
+        # its own, one worker per place: on asyncio's shared default pool (6 threads on 2 cores) eight requests
+        # waiting for image budget held every thread, and a text request's parsing waited 36 s behind them.
+        self._setup = ThreadPoolExecutor(self.capacity, thread_name_prefix="engine-setup")
         self.replica = replica or process_id()
         self.fetcher = ImageFetcher(fetch) if fetch is not None else None
         self._fetch, self._indexes = fetch, indexes
@@ -188,7 +192,7 @@ class EngineBackend:
             return started
 
         try:
-            started = await asyncio.to_thread(start)
+            started = await loop.run_in_executor(self._setup, start)
         except BaseException:
             cancelled.set()
             raise
@@ -218,5 +222,6 @@ class EngineBackend:
         if self.fallback is not None:
             await self.fallback.aclose()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._setup.shutdown(wait=False, cancel_futures=True)
         if self.fetcher is not None:
             self.fetcher.close()
