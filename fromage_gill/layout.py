@@ -97,26 +97,47 @@ def splice_visual(embeds: torch.Tensor, visual: torch.Tensor | None, visual_slot
 
 
 def caption_rows(
-    captions: list[list[int]], *, bos_id: int | None, concat: bool, prompts: list[list[int]] | None = None
+    captions: list[list[int]],
+    *,
+    bos_id: int | None,
+    concat: bool,
+    prompts: list[list[int]] | None = None,
+    histories: list[list[int]] | None = None,
 ) -> list[list[Piece]]:
     """[Visual(i); BOS; prompt_i; caption_i] (the prompt read, not predicted; most data has none); with ``concat``
     (FROMAGe/GILL's interleaving, 50% of steps) each row is followed by the next example's image, prompt and
-    caption: [Visual(i); BOS; prompt_i; caption_i; Visual(j); BOS; prompt_j; caption_j]."""
+    caption: [Visual(i); BOS; prompt_i; caption_i; Visual(j); BOS; prompt_j; caption_j]. A row with a history
+    (earlier turns, read and not predicted) is laid out as a chat lays out a later turn's image:
+    [BOS; history_i; Visual(i); prompt_i; caption_i]."""
     bos = [bos_id] if bos_id is not None else []
     prompts = prompts or [[] for _ in captions]
-    rows: list[list[Piece]] = [
-        [Visual(i), *bos, *([Context(tuple(p))] if p else []), *cap]
-        for i, (cap, p) in enumerate(zip(captions, prompts, strict=True))
-    ]
+    histories = histories or [[] for _ in captions]
+
+    def row(i: int, cap: list[int], p: list[int], h: list[int]) -> list[Piece]:
+        prompt: list[Piece] = [Context(tuple(p))] if p else []
+        if h:
+            return [*bos, Context(tuple(h)), Visual(i), *prompt, *cap]
+        return [Visual(i), *bos, *prompt, *cap]
+
+    rows = [row(i, *parts) for i, parts in enumerate(zip(captions, prompts, histories, strict=True))]
     if concat and len(rows) > 1:
         rows = [rows[i] + rows[(i + 1) % len(rows)] for i in range(len(rows))]
     return rows
 
 
 def retrieval_rows(
-    captions: list[list[int]], *, bos_id: int | None, image_token_ids: list[int]
-) -> tuple[list[list[int]], list[int]]:
-    """[BOS; caption; [RET]] or [BOS; caption; [IMG0..r-1]], and the position of the first image token per row."""
+    captions: list[list[int]],
+    *,
+    bos_id: int | None,
+    image_token_ids: list[int],
+    histories: list[list[int]] | None = None,
+) -> tuple[list[list[Piece]], list[int]]:
+    """[BOS; caption; [RET]] or [BOS; caption; [IMG0..r-1]], and the position of the first image token per row.
+    A row with a history reads it first, not predicted: [BOS; history; caption; [IMG0..r-1]]."""
     bos = [bos_id] if bos_id is not None else []
-    rows = [[*bos, *cap, *image_token_ids] for cap in captions]
-    return rows, [len(bos) + len(cap) for cap in captions]
+    histories = histories or [[] for _ in captions]
+    rows: list[list[Piece]] = [
+        [*bos, *([Context(tuple(h))] if h else []), *cap, *image_token_ids]
+        for cap, h in zip(captions, histories, strict=True)
+    ]
+    return rows, [len(bos) + len(h) + len(cap) for cap, h in zip(captions, histories, strict=True)]

@@ -50,7 +50,7 @@ def test_labels_parse_and_cover_every_colour_and_shape_twice():
     drawings = [ex for ex in examples if ex.kind == "drawing"]
     assert Counter((ex.colour, ex.shape) for ex in drawings) == {(c, s): 2 for c in COLOURS for s in SHAPES}
     outside = [ex for ex in examples if ex.kind == "out_of_world"]
-    assert len(outside) >= 12 and all(ex.colour is None and ex.shape is None for ex in outside)
+    assert len(outside) >= 60 and all(ex.colour is None and ex.shape is None for ex in outside)  # figures over 60+
     assert {ex.params["content"] for ex in outside} >= {"noise", "text", "stripes", "checkerboard", "photo"}
     for line in (CHECKED_IN / D.LABELS).read_text().splitlines():
         assert set(json.loads(line)) == {"file", "kind", "colour", "shape", "params"}
@@ -148,10 +148,35 @@ def test_the_describe_measures_on_toy_gill_count_every_image(toy_gill, tmp_path)
     assert len(samples) == 10 and samples[0].startswith(part[0].file)
 
 
+def test_repeated_words_and_answers_worded_as_the_user_are_found():
+    assert E.repeats_a_word("the the the yellow circle")
+    assert E.repeats_a_word("a red red, red ring")
+    assert not E.repeats_a_word("the red circle is the one on the left of the ring")
+    assert not E.repeats_a_word("a large large ring")
+    for user_like in ("Can you draw a green ring?", "Draw a new picture of a red cross.", "Q: what is it", "show me x"):
+        assert E.speaks_as_user(user_like), user_like
+    for answer in ("here is a drawing of a red cross.", "it is red.", "a small blue ring on the left.", ""):
+        assert not E.speaks_as_user(answer), answer
+
+
+def test_long_conversations_compare_the_first_and_last_turn_of_each_kind(toy_gill):
+    # 4 conversations of 3 turns: each kind asked at a first and a last turn once, one of each in the middle
+    res, samples = E.long_conversations(toy_gill, conversations=4, turns=3, steps=2, guidance=4.0)
+    assert (res["conversations"], res["turns"], res["answers"]) == (4, 3, 12)
+    for key in ("describe_both", "describe_no_image", "out_of_world", "show_match", "draw_colour", "draw_shape"):
+        assert 0.0 <= res[f"{key}_first"] <= 1.0 and 0.0 <= res[f"{key}_last"] <= 1.0, key
+        assert res[f"{key}_n"] == 1, key
+    assert res["routed_n"] == 2  # show and draw
+    assert 0.0 <= res["repeats"] <= 1.0 and 0.0 <= res["as_user"] <= 1.0
+    assert len(samples) == 4 and samples[0].startswith("conversation 0 turn 1: What is in this image? -> ")
+    assert "turn 3:" in samples[1]
+
+
 def test_toy_eval_describes_the_checked_in_set_by_default():
     args = build_parser().parse_args(["toy", "eval"])
     assert checkout_path(args.drawings) == str(CHECKED_IN)
     assert build_parser().parse_args(["toy", "eval", "--drawings", ""]).drawings == ""
+    assert (args.conversations, args.turns) == (60, 20)  # the long conversations run by default, for toy-gill
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,30 @@ def test_a_prompt_column_reaches_the_batch_unescaped(tmp_path):
     assert records_fingerprint(read_records(without).items) == records_fingerprint(plain.items)
 
 
+def test_a_history_column_reaches_the_batch_unescaped(tmp_path):
+    """An optional ``history`` column (a chat's earlier turns; escapes read as newlines, empty = none) reaches every
+    batch as ``histories``; the rest does not change, and the fingerprint follows the histories."""
+    from fromage_gill.training.data import records_fingerprint
+
+    data = make_shapes(tmp_path / "d", 3, fmt="tsv")
+    rows = data.read_text().splitlines()
+    plain = read_records(data)
+    earlier = "Q: Draw a red ring.\\nA: here is a drawing of a red ring.\\n"
+    with_history = tmp_path / "d" / "history.tsv"
+    with_history.write_text(
+        "\n".join([rows[0] + "\thistory", rows[1] + "\t", rows[2] + f"\t{earlier}", rows[3] + "\t"]) + "\n"
+    )
+    recs = read_records(with_history)
+    assert [r.history for r in recs.items] == [None, "Q: Draw a red ring.\nA: here is a drawing of a red ring.\n", None]
+    batch = collate([ImageCaptionDataset(recs.items, ImageProcessor(32))[i] for i in range(3)])
+    assert batch.captions == batch.queries == [r.caption for r in plain.items] and batch.prompts == ["", "", ""]
+    assert batch.histories == ["", "Q: Draw a red ring.\nA: here is a drawing of a red ring.\n", ""]
+    assert records_fingerprint(recs.items) != records_fingerprint(plain.items)
+    without = tmp_path / "d" / "nohistory.tsv"
+    without.write_text("\n".join([rows[0] + "\thistory", *(r + "\t" for r in rows[1:])]) + "\n")
+    assert records_fingerprint(read_records(without).items) == records_fingerprint(plain.items)
+
+
 def test_empty_dataset_is_an_error(tmp_path):
     empty = tmp_path / "empty.tsv"
     empty.write_text("caption\timage\n")

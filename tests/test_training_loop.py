@@ -488,6 +488,41 @@ def test_a_prompt_is_read_before_the_caption_but_never_a_target(tiny_gill):
         assert torch.equal(asked[k], plain[k]), k
 
 
+def test_a_history_is_read_before_the_image_and_the_query_but_never_a_target(tiny_gill):
+    """With a history, the captioning targets are the caption's tokens after [BOS; history; visual] and the
+    image-token states those after [BOS; history; query] (direct computations); a row without one is as before."""
+    import torch.nn.functional as F
+
+    m, tok = tiny_gill.model, tiny_gill.tokenizer
+    obj = _objective(tiny_gill, _OneProcess())
+    feats = torch.randn(2, m.vision.out_dim, generator=torch.Generator().manual_seed(3))
+    captions, history = ["a red circle", "a blue square on a table"], "Q: Draw a ring.\nA: here is a ring.\n"
+    h = tok(history, add_special_tokens=False)["input_ids"]
+    cap = tok(captions[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        plain = obj.local_parts(feats, captions, None, False)
+        later = obj.local_parts(feats, captions, None, False, histories=[history, ""])
+        bos = m.embed_tokens(torch.tensor([tok.bos_token_id]))
+        emb = torch.cat(
+            [bos, m.embed_tokens(torch.tensor(h)), m.visual_tokens(feats[:1])[0], m.embed_tokens(torch.tensor(cap))]
+        )
+        logits = m.forward_lm(emb[None]).logits[0]
+        start = 1 + len(h) + m.config.n_visual_tokens - 1  # the last visual token predicts the caption's first
+        first = F.cross_entropy(logits[start:-1], torch.tensor(cap), reduction="sum")
+        second, n_second = _direct_caption_loss(
+            tiny_gill, feats[1:], [tok(captions[1], add_special_tokens=False)["input_ids"]]
+        )
+        row = torch.tensor([[tok.bos_token_id, *h, *cap, *m.image_token_ids]])
+        states = m(row, torch.ones_like(row), logits="none").hidden[0, 1 + len(h) + len(cap)]
+    assert later["caption_counted"].item() == len(cap) + n_second == plain["caption_counted"].item()
+    assert later["caption"].item() == pytest.approx(
+        (first.item() + second * n_second) / (len(cap) + n_second), rel=1e-5
+    )
+    torch.testing.assert_close(later["text_emb"][0], m.text_embedding(states[None])[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(later["text_emb"][1], plain["text_emb"][1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(later["text_emb"][0], plain["text_emb"][0])
+
+
 def test_caption_end_that_the_loss_cannot_supervise_is_refused(tiny_gill):
     eos = tiny_gill.tokenizer.eos_token
     with pytest.raises(ValueError, match="--caption-end.*cannot supervise"):

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from fromage_gill.layout import IGNORE_INDEX, Visual, caption_rows, layout, mask_labels, retrieval_rows, splice_visual
+from fromage_gill.layout import (
+    IGNORE_INDEX,
+    Context,
+    Visual,
+    caption_rows,
+    layout,
+    mask_labels,
+    retrieval_rows,
+    splice_visual,
+)
 from fromage_gill.training.losses import (
     LossWeights,
     contrastive_loss,
@@ -94,6 +103,19 @@ def test_caption_rows_concatenate_the_next_example():
         [Visual(1), 9, 3, Visual(0), 9, 1, 2],
     ]
     assert caption_rows(caps, bos_id=None, concat=False) == [[Visual(0), 1, 2], [Visual(1), 3]]
+
+
+def test_a_history_is_read_first_as_a_chat_lays_out_a_later_turn():
+    caps, prompts, histories = [[1, 2], [3]], [[4], []], [[7, 8], []]
+    rows = caption_rows(caps, bos_id=9, concat=False, prompts=prompts, histories=histories)
+    assert rows == [[9, Context((7, 8)), Visual(0), Context((4,)), 1, 2], [Visual(1), 9, 3]]
+    lay = layout(rows, n_visual=2, pad_id=0, ignore_ids=frozenset({9, 0}))
+    assert lay.visual_slot.tolist()[0] == [-1, -1, -1, 0, 1, -1, -1, -1]  # the image after BOS and its history
+    assert lay.labels.tolist()[0] == [X, X, X, X, X, X, 1, 2]  # history, image and prompt read, not predicted
+    rows, first = retrieval_rows([[1, 2], [3]], bos_id=9, image_token_ids=[50, 51], histories=histories)
+    assert rows == [[9, Context((7, 8)), 1, 2, 50, 51], [9, 3, 50, 51]] and first == [5, 2]
+    lay = layout(rows, n_visual=1, pad_id=0, ignore_ids=frozenset({9, 0}))
+    assert lay.labels.tolist() == [[X, X, X, 1, 2, 50, 51], [X, 3, 50, 51, X, X, X]]
 
 
 def test_retrieval_rows_append_every_image_token():

@@ -57,6 +57,14 @@ def register(sub) -> None:
         help="the drawings set to describe beside the world's test split (default: the checked-in "
         "assets/drawings; '' skips it)",
     )
+    e.add_argument(
+        "--conversations",
+        type=int,
+        default=60,
+        help="toy-gill: scripted conversations over the drawings set whose first and last turns are compared "
+        "(default 60; 0 skips them)",
+    )
+    e.add_argument("--turns", type=int, default=20, help="turns of each scripted conversation (default 20)")
     e.add_argument("--json", action="store_true", help="print the full results (with samples) as JSON")
     e.set_defaults(func=run_eval)
     d = toy.add_parser(
@@ -85,6 +93,8 @@ def run_eval(args) -> int:
 
     if args.n < 2 or args.gallery < 10:
         raise ValueError(f"--n must be >= 2 and --gallery >= 10, got {args.n} and {args.gallery}")
+    if args.conversations < 0 or args.turns < 2:
+        raise ValueError(f"--conversations must be >= 0 and --turns >= 2, got {args.conversations} and {args.turns}")
     if args.drawings:  # a bad set is named before any model loads
         from ..toy.drawings import load
 
@@ -92,7 +102,15 @@ def run_eval(args) -> int:
     results = []
     for name in args.models or ["toy-fromage", "toy-gill"]:
         pipe = load_pipeline(name, device="cpu", dtype="fp32")
-        res = evaluate(pipe, n=args.n, gallery=args.gallery, steps=args.steps, drawings_dir=args.drawings or None)
+        res = evaluate(
+            pipe,
+            n=args.n,
+            gallery=args.gallery,
+            steps=args.steps,
+            drawings_dir=args.drawings or None,
+            conversations=args.conversations,
+            turns=args.turns,
+        )
         results.append(res.to_dict())
     if args.json:
         print(json.dumps(results, indent=2))
@@ -140,7 +158,38 @@ def run_eval(args) -> int:
     if results[0]["drawings"]:
         d = results[0]["drawings"]
         print(f"\ndrawings set: {d['n']} drawings, {d['out_of_world_n']} out-of-world images ({args.drawings})")
+    for r in results:
+        if r["long"]:
+            _print_long(r["model"], r["long"])
     return 0
+
+
+LONG_FIGURES = (
+    ("describe_both", "describe a drawing: colour and shape named"),
+    ("describe_no_image", "describe a drawing: no image in the answer"),
+    ("out_of_world", "out-of-world image: answered as such"),
+    ("show_match", "'show me': the colour and shape asked for"),
+    ("draw_colour", "'draw': the colour asked for"),
+    ("draw_shape", "'draw': the shape asked for (CLIP judge)"),
+    ("routed", "show / draw routed to retrieval / generation"),
+)
+
+
+def _print_long(model: str, long: dict) -> None:
+    """The scripted conversations' first turn against their last, per figure, with the ratio."""
+    turns = int(long["turns"])
+    print(f"\n{model}: {long['conversations']} conversations of {turns} turns over the drawings set")
+    print(f"| measure | turn 1 | turn {turns} | ratio | examples each |")
+    print("|---|---|---|---|---|")
+    for key, label in LONG_FIGURES:
+        if f"{key}_first" in long:
+            first, last = long[f"{key}_first"], long[f"{key}_last"]
+            ratio = f"{last / first:.2f}" if first else "-"
+            print(f"| {label} | {first:.3f} | {last:.3f} | {ratio} | {long[f'{key}_n']} |")
+    print(
+        f"| every answer ({long['answers']}): a word three times in a row / worded as the user's turn | "
+        f"{long['repeats']:.3f} / {long['as_user']:.3f} | | | |"
+    )
 
 
 def run_drawings(args) -> int:

@@ -34,6 +34,7 @@ IMAGE_COLUMNS = ("image", "url", "path", "filepath", "file", "filename", "image_
 CAPTION_COLUMNS = ("caption", "text", "title", "alt")
 QUERY_COLUMNS = ("query",)  # training only: the text the image tokens follow (default: the caption)
 PROMPT_COLUMNS = ("prompt",)  # training only: unsupervised text between the image and its caption
+HISTORY_COLUMNS = ("history",)  # training only: unsupervised earlier turns of a chat, read before the image
 _ESCAPES = (("\\n", "\n"), ("\\t", "\t"))
 LICENSE_COLUMNS = ("license", "licence")
 SOURCE_COLUMNS = ("source",)
@@ -70,6 +71,7 @@ class ImageItem:
     source: str | None = None
     query: str | None = None  # a table's optional query column (training's [RET]/[IMG] text)
     prompt: str | None = None  # a table's optional prompt column (training's captioning context)
+    history: str | None = None  # a table's optional history column (training: the chat before the example)
 
     @property
     def file(self) -> str:
@@ -274,7 +276,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
         col_img = _pick(header, IMAGE_COLUMNS)
         if col_img is None:
             if delimiter == "\t" and len(header) == 2:  # CC3M: caption<TAB>url, no header row
-                col_img, col_cap, col_lic, col_src, col_query, col_prompt = 1, 0, None, None, None, None
+                col_img, col_cap, col_lic, col_src, col_query, col_prompt, col_history = 1, 0, *(None,) * 5
                 rows = _chain([header], rows)
             else:
                 raise ValueError(
@@ -287,6 +289,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
             col_src = _pick(header, SOURCE_COLUMNS)
             col_query = _pick(header, QUERY_COLUMNS)
             col_prompt = _pick(header, PROMPT_COLUMNS)
+            col_history = _pick(header, HISTORY_COLUMNS)
         for row in rows:
             if not row or col_img >= len(row) or not row[col_img].strip():
                 continue
@@ -302,6 +305,7 @@ def _iter_table(path: Path, root: Path, delimiter: str) -> Iterator[ImageItem]:
                 source=get(col_src),
                 query=get(col_query),
                 prompt=get(col_prompt),
+                history=get(col_history),
             )
 
 

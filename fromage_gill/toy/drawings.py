@@ -34,6 +34,7 @@ DRAWINGS_DIR = "repo:assets/drawings"
 PHOTOS_DIR = "repo:assets/images"
 LABELS = "labels.jsonl"
 REPEATS = 2  # drawings of each colour x shape pair
+OUT_OF_WORLD_REPEATS = 3  # rounds of OUT_OF_WORLD's images: 72, so each figure is over 60 examples or more
 SUPERSAMPLE = 4  # masks are drawn this many times larger, then downsampled: anti-aliased edges
 
 # Each colour name's range in HLS: hue in degrees and lightness (saturation is shared). The ranges stay clear of
@@ -283,7 +284,7 @@ def generate(seed: int = SEED) -> list[tuple[Example, Image.Image]]:
         params["jpeg_quality"] = quality
         name = f"d{i:03d}_{colour}_{shape}.{'jpg' if quality else 'png'}"
         out.append((Example(name, "drawing", colour, shape, {k: _rounded(v) for k, v in params.items()}), img))
-    for j, kind in enumerate(OUT_OF_WORLD):
+    for j, kind in enumerate(OUT_OF_WORLD * OUT_OF_WORLD_REPEATS):
         rng = np.random.default_rng([seed, len(pairs) + j])
         img, params = not_a_shape(kind, j, rng)
         quality = int(rng.integers(60, 92)) if kind in ("noise", "photo", "clutter") else None  # keeps them small

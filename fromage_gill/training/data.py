@@ -55,6 +55,9 @@ class Record:
     # Text put between the image and its caption in the captioning loss, not itself a target (a table's ``prompt``
     # column, e.g. a chat's question: the caption is then the answer)
     prompt: str | None = None
+    # Text read first, before the image in the captioning loss and before the query in the retrieval loss, not
+    # itself a target (a table's ``history`` column, e.g. a chat's earlier exchange: a later turn's layout)
+    history: str | None = None
 
     @property
     def image_query(self) -> str:
@@ -149,6 +152,7 @@ def read_records(
                     item=it,
                     query=it.query,
                     prompt=unescape_text(it.prompt) if it.prompt else None,
+                    history=unescape_text(it.history) if it.history else None,
                 )
             )
     if not allow_outside_root:
@@ -216,10 +220,11 @@ def records_fingerprint(records: Sequence[Record]) -> str:
     """Identifies a record list (keys, captions and image sizes, in order): precomputed features must match it."""
     h = hashlib.sha256()
     for r in records:
-        # absent for data without queries or prompts: their fingerprint is unchanged
+        # absent for data without queries, prompts or histories: their fingerprint is unchanged
         query = f"\0{r.query}" if r.query else ""
         prompt = f"\0\1{r.prompt}" if r.prompt else ""
-        h.update(f"{r.key}\0{r.caption}\0{r.item.size}{query}{prompt}\n".encode())
+        history = f"\0\2{r.history}" if r.history else ""
+        h.update(f"{r.key}\0{r.caption}\0{r.item.size}{query}{prompt}{history}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -248,6 +253,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "caption": r.caption,
             "query": r.image_query,
             "prompt": r.prompt or "",
+            "history": r.history or "",
             "pixels": pixels,
             "key": r.key,
         }
@@ -275,7 +281,15 @@ class PrecomputedDataset(torch.utils.data.Dataset):
                 "error": "unreadable at precompute",
                 "key": r.key,
             }
-        return {"index": i, "caption": r.caption, "query": r.image_query, "prompt": r.prompt or "", "key": r.key, **row}
+        return {
+            "index": i,
+            "caption": r.caption,
+            "query": r.image_query,
+            "prompt": r.prompt or "",
+            "history": r.history or "",
+            "key": r.key,
+            **row,
+        }
 
 
 @dataclass
@@ -284,6 +298,7 @@ class Batch:
     captions: list[str]
     queries: list[str] = field(default_factory=list)  # what the image tokens follow (the caption unless given)
     prompts: list[str] = field(default_factory=list)  # captioning context before each caption ("" for none)
+    histories: list[str] = field(default_factory=list)  # read before each image and each query ("" for none)
     pixels: torch.Tensor | None = None  # (B, 3, S, S)
     features: torch.Tensor | None = None  # (B, vision_dim), precomputed
     text_cond: torch.Tensor | None = None  # (B, Q, D) diffusion text-encoder outputs, precomputed
@@ -311,6 +326,7 @@ def collate(items: list[dict]) -> Batch:
         captions=[it["caption"] for it in good],
         queries=[it["query"] for it in good],
         prompts=[it["prompt"] for it in good],
+        histories=[it["history"] for it in good],
         skipped=bad,
     )
     if good and good[0].get("pixels") is not None:

@@ -448,7 +448,9 @@ def _optimizer_step(tc: TrainConfig, opt: _Optimisation, batches: Iterator[Batch
         # Gradients are averaged across processes once per step, on the last micro-batch.
         sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(opt.wrapped)
         with sync:
-            parts = opt.wrapped(features, batch.captions, batch.text_cond, concat, batch.queries, batch.prompts)
+            parts = opt.wrapped(
+                features, batch.captions, batch.text_cond, concat, batch.queries, batch.prompts, batch.histories
+            )
             accelerator.backward(parts["total"] / tc.grad_accum)
         for k, v in parts.items():
             done.sums[k] = done.sums.get(k, 0.0) + float(v.detach())

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from ..model import GroundedLM
 
 LOSS_NAMES = ("caption", "retrieval_lm", "contrastive", "generation")
+# A history is a chat's earlier exchange: a question and its answer, each about as long as a caption, and their
+# layout; longer ones keep their end (the turn just before)
+MAX_HISTORY_TOKENS = 128
 
 
 class Objective(nn.Module):
@@ -76,6 +79,10 @@ class Objective(nn.Module):
             "input_ids"
         ]
 
+    def tokenize_history(self, history: str) -> list[int]:
+        """A history's ids, cut to ``MAX_HISTORY_TOKENS`` keeping its end (the turn just before)."""
+        return self.tokenizer(history, add_special_tokens=False)["input_ids"][-MAX_HISTORY_TOKENS:] if history else []
+
     def prompted(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
         """The ids of a captioning prompt and of the caption after it, tokenized as one text (the caption after a
         space unless the prompt ends in whitespace: ``Q: ...\\nA:`` + `` a cat``, as a chat lays out an answer), so
@@ -98,12 +105,14 @@ class Objective(nn.Module):
         concat: bool,
         queries: list[str] | None = None,
         prompts: list[str] | None = None,
+        histories: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The per-process losses of a non-empty batch, and the [RET]/[IMG0] text and image embeddings for the
         contrastive loss. features (B, vision_dim) frozen image features. ``queries``: the text the image tokens
         follow in the retrieval and generation parts (default: the captions); captioning and the diffusion target
         always use the captions. ``prompts``: text read between each image and its caption in the captioning
-        part ("" or None: none)."""
+        part ("" or None: none). ``histories``: text read first in both parts, before the image and before the
+        query (a chat's earlier turns; "" or None: none)."""
         m = self.model
         cfg = m.config
         ids = self.tokenize(captions)
@@ -116,8 +125,10 @@ class Objective(nn.Module):
             if prompt:
                 heads[i], targets[i] = self.prompted(prompt, captions[i])
         ended = [cap + self.caption_end_ids for cap in targets] if self.caption_end_ids else targets
+        # Tokenized on its own, as a chat tokenizes the text before an image
+        before = [self.tokenize_history(h) for h in histories] if histories and any(histories) else None
         lay = layout(
-            caption_rows(ended, bos_id=self.bos_id, concat=concat, prompts=heads),
+            caption_rows(ended, bos_id=self.bos_id, concat=concat, prompts=heads, histories=before),
             n_visual=cfg.n_visual_tokens,
             pad_id=self.pad_id,
             ignore_ids=self.ignore_ids,
@@ -131,7 +142,7 @@ class Objective(nn.Module):
 
         # 2. Retrieval LM: [BOS; caption (or query); [RET] | [IMG0..r-1]] -- teaches emitting the image tokens.
         query_ids = ids if queries is None or queries == captions else self.tokenize(queries)
-        rows, first = retrieval_rows(query_ids, bos_id=self.bos_id, image_token_ids=m.image_token_ids)
+        rows, first = retrieval_rows(query_ids, bos_id=self.bos_id, image_token_ids=m.image_token_ids, histories=before)
         lay = layout(rows, n_visual=cfg.n_visual_tokens, pad_id=self.pad_id, ignore_ids=self.ignore_ids)
         lm_out = m(lay.input_ids, lay.attention_mask)
         out["retrieval_lm"] = next_token_loss(lm_out.logits, lay.labels.to(lm_out.logits.device))
@@ -158,6 +169,7 @@ class Objective(nn.Module):
         concat: bool,
         queries: list[str] | None = None,
         prompts: list[str] | None = None,
+        histories: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The weighted ``total`` and each loss for this process's batch. B may be 0 on a process whose images
         were all unreadable: it still takes part in the gather of the contrastive loss."""
@@ -166,7 +178,7 @@ class Objective(nn.Module):
         total = sum(p.sum() for p in m.parameters() if p.requires_grad) * 0.0
         out: dict[str, torch.Tensor] = {}
         if features.shape[0]:
-            out = self.local_parts(features, captions, text_cond, concat, queries, prompts)
+            out = self.local_parts(features, captions, text_cond, concat, queries, prompts, histories)
             text_emb, image_emb = out.pop("text_emb"), out.pop("image_emb")
             total = total + w.caption * out["caption"] + w.retrieval_lm * out["retrieval_lm"]
             if "generation" in out:

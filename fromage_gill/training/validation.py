@@ -31,7 +31,9 @@ def validate(objective: Objective, dataset, val_idx: list[int], *, batch_size: i
         if n == 0:
             continue
         with accelerator.autocast():
-            parts = objective.local_parts(feats, batch.captions, batch.text_cond, False, batch.queries, batch.prompts)
+            parts = objective.local_parts(
+                feats, batch.captions, batch.text_cond, False, batch.queries, batch.prompts, batch.histories
+            )
         sums[0] += float(parts["caption"]) * n
         sums[1] += float(parts["retrieval_lm"]) * n
         sums[2] += float(parts.get("generation", torch.tensor(0.0))) * n
