@@ -13,6 +13,7 @@ import pytest
 
 from fromage_gill.cli import build_parser
 from fromage_gill.paths import checkout_path
+from fromage_gill.toy import conversations as C
 from fromage_gill.toy import drawings as D
 from fromage_gill.toy import evaluate as E
 from fromage_gill.toy.world import COLOURS, SHAPES
@@ -149,19 +150,19 @@ def test_the_describe_measures_on_toy_gill_count_every_image(toy_gill, tmp_path)
 
 
 def test_repeated_words_and_answers_worded_as_the_user_are_found():
-    assert E.repeats_a_word("the the the yellow circle")
-    assert E.repeats_a_word("a red red, red ring")
-    assert not E.repeats_a_word("the red circle is the one on the left of the ring")
-    assert not E.repeats_a_word("a large large ring")
+    assert C.repeats_a_word("the the the yellow circle")
+    assert C.repeats_a_word("a red red, red ring")
+    assert not C.repeats_a_word("the red circle is the one on the left of the ring")
+    assert not C.repeats_a_word("a large large ring")
     for user_like in ("Can you draw a green ring?", "Draw a new picture of a red cross.", "Q: what is it", "show me x"):
-        assert E.speaks_as_user(user_like), user_like
+        assert C.speaks_as_user(user_like), user_like
     for answer in ("here is a drawing of a red cross.", "it is red.", "a small blue ring on the left.", ""):
-        assert not E.speaks_as_user(answer), answer
+        assert not C.speaks_as_user(answer), answer
 
 
 def test_long_conversations_compare_the_first_and_last_turn_of_each_kind(toy_gill):
     # 4 conversations of 3 turns: each kind asked at a first and a last turn once, one of each in the middle
-    res, samples = E.long_conversations(toy_gill, conversations=4, turns=3, steps=2, guidance=4.0)
+    res, samples = C.long_conversations(toy_gill, conversations=4, turns=3, steps=2, guidance=4.0)
     assert (res["conversations"], res["turns"], res["answers"]) == (4, 3, 12)
     for key in ("describe_both", "describe_no_image", "out_of_world", "show_match", "draw_colour", "draw_shape"):
         assert 0.0 <= res[f"{key}_first"] <= 1.0 and 0.0 <= res[f"{key}_last"] <= 1.0, key

@@ -108,9 +108,13 @@ def run_eval(args) -> int:
             gallery=args.gallery,
             steps=args.steps,
             drawings_dir=args.drawings or None,
-            conversations=args.conversations,
-            turns=args.turns,
         )
+        if pipe.config.kind == "gill" and args.conversations and args.drawings:
+            from ..toy.conversations import long_conversations
+
+            res.long, res.samples["long"] = long_conversations(
+                pipe, args.drawings, conversations=args.conversations, turns=args.turns, steps=args.steps, guidance=4.0
+            )
         results.append(res.to_dict())
     if args.json:
         print(json.dumps(results, indent=2))
