@@ -63,6 +63,15 @@ class Record:
     def image_query(self) -> str:
         return self.query or self.caption
 
+    def texts(self) -> dict[str, str]:
+        """The texts a batch reads ("" for none): what both datasets hand to ``collate``."""
+        return {
+            "caption": self.caption,
+            "query": self.image_query,
+            "prompt": self.prompt or "",
+            "history": self.history or "",
+        }
+
 
 @dataclass
 class SkipLog:
@@ -248,15 +257,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             pixels = self.processor([load_record_image(r)])[0]
         except ImageError as e:
             return {"index": i, "caption": r.caption, "pixels": None, "error": str(e), "key": r.key}
-        return {
-            "index": i,
-            "caption": r.caption,
-            "query": r.image_query,
-            "prompt": r.prompt or "",
-            "history": r.history or "",
-            "pixels": pixels,
-            "key": r.key,
-        }
+        return {"index": i, **r.texts(), "pixels": pixels, "key": r.key}
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
@@ -281,15 +282,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
                 "error": "unreadable at precompute",
                 "key": r.key,
             }
-        return {
-            "index": i,
-            "caption": r.caption,
-            "query": r.image_query,
-            "prompt": r.prompt or "",
-            "history": r.history or "",
-            "key": r.key,
-            **row,
-        }
+        return {"index": i, **r.texts(), "key": r.key, **row}
 
 
 @dataclass
